@@ -1,0 +1,318 @@
+//! Map names, keys and values. One definition for the kernel and for userspace.
+
+/// An address in IPv6 form, network byte order. IPv4 is stored v4-mapped (`::ffff:a.b.c.d`), so
+/// one key layout serves both families and a dual-stack socket dialing `::ffff:a.b.c.d` needs no
+/// special case.
+pub type Addr = [u8; 16];
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// Most proxy uids (and, separately, gids) a pod may list with `-u`/`-g`. istio emits one set of
+/// rules per entry in list order; the kernel walks them in that order, so they live in the config
+/// value rather than in a set map.
+pub const MAX_OWNERS: usize = 8;
+
+/// Pinned map names (also the file names under the agent's bpffs folder).
+pub mod names {
+    pub const PODS: &str = "SM_PODS";
+    pub const MEMBERS: &str = "SM_MEMBERS";
+    pub const CIDRS: &str = "SM_CIDRS";
+    pub const LOCAL_ADDRS: &str = "SM_LOCAL_ADDRS";
+    pub const ORIG_DST: &str = "SM_ORIG_DST";
+    pub const SOCK_DST: &str = "SM_SOCK_DST";
+    pub const COUNTERS: &str = "SM_COUNTERS";
+    pub const ALL: [&str; 7] = [PODS, MEMBERS, CIDRS, LOCAL_ADDRS, ORIG_DST, SOCK_DST, COUNTERS];
+}
+
+/// Map sizes. Per-pod sets share one map keyed by netns cookie, so there is no per-pod cap other
+/// than the map's total.
+pub mod sizes {
+    pub const PODS: u32 = 16_384;
+    pub const MEMBERS: u32 = 262_144;
+    pub const CIDRS: u32 = 262_144;
+    pub const LOCAL_ADDRS: u32 = 65_536;
+    pub const ORIG_DST: u32 = 262_144;
+    pub const COUNTERS: u32 = 65_536;
+}
+
+/// `PodConfig::flags` bits.
+pub mod flags {
+    /// `-i '*'`: every TCP destination not excluded goes to the outbound port.
+    pub const OUTBOUND_ALL: u32 = 1 << 0;
+    /// IPv6 rules exist for this pod (istio: first non-loopback address is v6, or `--dual-stack`
+    /// with a v6 address present). Without it IPv6 traffic is never touched.
+    pub const IPV6: u32 = 1 << 1;
+    /// An `-i` entry (of either family) is a loopback address: istio leaves the
+    /// "-o lo ! --uid-owner U -j RETURN" rules (and the gid ones) out of both tables.
+    pub const NO_LO_RETURN: u32 = 1 << 2;
+    /// `ISTIO_OUTBOUND_OWNER_GROUPS` is a list (not `*`): capture only those gids.
+    pub const OWNER_GROUPS_INCLUDE: u32 = 1 << 4;
+    /// `ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE` is set (and the include list is `*`).
+    pub const OWNER_GROUPS_EXCLUDE: u32 = 1 << 5;
+    /// `-b '*'`: inbound capture of every port but the `-d` list (recorded; see docs).
+    pub const INBOUND_ALL: u32 = 1 << 6;
+    /// `-b p1,p2`: inbound capture of the listed ports (recorded; see docs).
+    pub const INBOUND_LIST: u32 = 1 << 7;
+}
+
+/// A registered pod's settings in istio terms. Value of the `PODS` map, keyed by netns cookie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodConfig {
+    pub flags: u32,
+    /// `-p`: outbound capture port.
+    pub outbound_port: u16,
+    /// `-z`: inbound capture port.
+    pub inbound_port: u16,
+    /// `-e`: inbound tunnel (HBONE) port, never IN_REDIRECTed.
+    pub tunnel_port: u16,
+    /// Prefix length of `ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR`.
+    pub loopback_v4_prefix: u8,
+    pub n_uids: u8,
+    pub n_gids: u8,
+    pub _pad: [u8; 3],
+    /// Address of `ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR`, network order.
+    pub loopback_v4: [u8; 4],
+    pub uids: [u32; MAX_OWNERS],
+    pub gids: [u32; MAX_OWNERS],
+}
+
+impl PodConfig {
+    pub const fn has(&self, flag: u32) -> bool {
+        self.flags & flag != 0
+    }
+}
+
+/// Which per-pod set a `MemberKey` belongs to.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
+pub enum MemberKind {
+    /// `-o`: local outbound ports never captured (tcp and udp).
+    OutboundExcludePort = 1,
+    /// `-q`: TCP ports always sent to the outbound port.
+    OutboundIncludePort = 2,
+    /// `-b` list: inbound ports captured.
+    InboundPort = 3,
+    /// `-d`: inbound ports skipped with `-b '*'`.
+    InboundExcludePort = 4,
+    /// `ISTIO_OUTBOUND_OWNER_GROUPS`.
+    OwnerGroupInclude = 5,
+    /// `ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE`.
+    OwnerGroupExclude = 6,
+}
+
+impl MemberKind {
+    pub const ALL: [MemberKind; 6] = [
+        MemberKind::OutboundExcludePort,
+        MemberKind::OutboundIncludePort,
+        MemberKind::InboundPort,
+        MemberKind::InboundExcludePort,
+        MemberKind::OwnerGroupInclude,
+        MemberKind::OwnerGroupExclude,
+    ];
+
+    pub const fn from_u32(v: u32) -> Option<Self> {
+        match v {
+            1 => Some(Self::OutboundExcludePort),
+            2 => Some(Self::OutboundIncludePort),
+            3 => Some(Self::InboundPort),
+            4 => Some(Self::InboundExcludePort),
+            5 => Some(Self::OwnerGroupInclude),
+            6 => Some(Self::OwnerGroupExclude),
+            _ => None,
+        }
+    }
+
+    /// The istio-iptables flag or variable this set comes from.
+    pub const fn istio_name(self) -> &'static str {
+        match self {
+            Self::OutboundExcludePort => "-o",
+            Self::OutboundIncludePort => "-q",
+            Self::InboundPort => "-b",
+            Self::InboundExcludePort => "-d",
+            Self::OwnerGroupInclude => "ISTIO_OUTBOUND_OWNER_GROUPS",
+            Self::OwnerGroupExclude => "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE",
+        }
+    }
+}
+
+/// Key of the `MEMBERS` hash: "is `value` in set `kind` of pod `netns`".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MemberKey {
+    pub netns: u64,
+    pub kind: u32,
+    pub value: u32,
+}
+
+/// Which per-pod CIDR list a `CidrKey` belongs to. Families are separate lists, as istio keeps
+/// separate iptables and ip6tables rules.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
+pub enum CidrKind {
+    /// `-x`, IPv4 entries.
+    ExcludeV4 = 1,
+    /// `-x`, IPv6 entries.
+    ExcludeV6 = 2,
+    /// `-i`, IPv4 entries.
+    IncludeV4 = 3,
+    /// `-i`, IPv6 entries.
+    IncludeV6 = 4,
+}
+
+impl CidrKind {
+    pub const fn from_u32(v: u32) -> Option<Self> {
+        match v {
+            1 => Some(Self::ExcludeV4),
+            2 => Some(Self::ExcludeV6),
+            3 => Some(Self::IncludeV4),
+            4 => Some(Self::IncludeV6),
+            _ => None,
+        }
+    }
+
+    pub const fn is_v6(self) -> bool {
+        matches!(self, Self::ExcludeV6 | Self::IncludeV6)
+    }
+}
+
+/// Data part of an LPM-trie key in the `CIDRS` map. The prefix length of the trie key is
+/// `CIDR_KEY_FIXED_BITS` plus the CIDR's own prefix length; for IPv4 the address sits in the
+/// first four bytes of `addr`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CidrKey {
+    pub netns: [u8; 8],
+    pub kind: [u8; 4],
+    pub addr: [u8; 16],
+}
+
+/// Bits of `CidrKey` before the address: netns cookie and kind always match exactly.
+pub const CIDR_KEY_FIXED_BITS: u32 = 96;
+
+impl CidrKey {
+    /// The key for `kind` of pod `netns`; `addr` is in [`Addr`] form (v4-mapped for IPv4).
+    pub fn new(netns: u64, kind: CidrKind, addr: &Addr) -> Self {
+        let mut a = [0u8; 16];
+        if kind.is_v6() {
+            a = *addr;
+        } else {
+            a[0] = addr[12];
+            a[1] = addr[13];
+            a[2] = addr[14];
+            a[3] = addr[15];
+        }
+        CidrKey {
+            netns: netns.to_be_bytes(),
+            kind: (kind as u32).to_be_bytes(),
+            addr: a,
+        }
+    }
+}
+
+/// Key of `LOCAL_ADDRS`: an address assigned to an interface of pod `netns` (its pod IPs, `::6`).
+/// 127/8 and `::1` are local everywhere and not stored.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LocalAddrKey {
+    pub netns: u64,
+    pub addr: Addr,
+}
+
+/// Key of `ORIG_DST`: a redirected connection as the client sees it, so the proxy's accepted
+/// socket finds it by (its peer, its local address) and its netns.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    pub netns: u64,
+    pub client: Addr,
+    pub server: Addr,
+    pub client_port: u16,
+    pub server_port: u16,
+    pub _pad: u32,
+}
+
+/// Value of `ORIG_DST` and of the per-socket `SOCK_DST` storage: where the connection was going.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OrigDst {
+    pub addr: Addr,
+    pub port: u16,
+    /// `AF_INET` when the original destination was IPv4 (also when dialed v4-mapped).
+    pub family: u16,
+    /// The [`Reason`] that redirected it.
+    pub reason: u32,
+}
+
+/// Key of the per-CPU `COUNTERS` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CounterKey {
+    pub netns: u64,
+    pub counter: u32,
+    pub _pad: u32,
+}
+
+/// Counters kept per pod besides one per decision [`Reason`] (those use the reason's value).
+pub mod counters {
+    /// SO_ORIGINAL_DST answered from a redirect record.
+    pub const ORIG_DST_HIT: u32 = 100;
+    /// SO_ORIGINAL_DST answered with the socket's own local address (not redirected, as conntrack).
+    pub const ORIG_DST_LOCAL: u32 = 101;
+    /// getpeername rewritten to the original destination.
+    pub const PEERNAME_REWRITE: u32 = 102;
+    /// A redirect record could not be stored (map full): the connect was refused.
+    pub const ORIG_DST_STORE_FAILED: u32 = 103;
+    /// A redirect record was removed when its socket closed.
+    pub const ORIG_DST_RELEASED: u32 = 104;
+
+    pub const fn name(c: u32) -> Option<&'static str> {
+        match c {
+            ORIG_DST_HIT => Some("orig_dst_hit"),
+            ORIG_DST_LOCAL => Some("orig_dst_local"),
+            PEERNAME_REWRITE => Some("getpeername_rewritten"),
+            ORIG_DST_STORE_FAILED => Some("orig_dst_store_failed"),
+            ORIG_DST_RELEASED => Some("orig_dst_released"),
+            _ => None,
+        }
+    }
+}
+
+/// `::ffff:a.b.c.d` from four octets.
+pub const fn v4_mapped(o: [u8; 4]) -> Addr {
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, o[0], o[1], o[2], o[3]]
+}
+
+pub const fn is_v4_mapped(a: &Addr) -> bool {
+    a[0] == 0
+        && a[1] == 0
+        && a[2] == 0
+        && a[3] == 0
+        && a[4] == 0
+        && a[5] == 0
+        && a[6] == 0
+        && a[7] == 0
+        && a[8] == 0
+        && a[9] == 0
+        && a[10] == 0xff
+        && a[11] == 0xff
+}
+
+pub const fn v4_octets(a: &Addr) -> [u8; 4] {
+    [a[12], a[13], a[14], a[15]]
+}
+
+#[cfg(feature = "user")]
+mod pod_impls {
+    // SAFETY: all of these are #[repr(C)] plain data with explicit padding.
+    unsafe impl aya::Pod for super::PodConfig {}
+    unsafe impl aya::Pod for super::MemberKey {}
+    unsafe impl aya::Pod for super::CidrKey {}
+    unsafe impl aya::Pod for super::LocalAddrKey {}
+    unsafe impl aya::Pod for super::ConnKey {}
+    unsafe impl aya::Pod for super::OrigDst {}
+    unsafe impl aya::Pod for super::CounterKey {}
+}

@@ -1,0 +1,470 @@
+use core::{
+    ffi::c_void,
+    ptr::{self, addr_of_mut},
+};
+
+use aya_ebpf::{
+    bindings::{
+        bpf_sock, BPF_F_NO_PREALLOC, BPF_NOEXIST,
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_TCP_CLOSE,
+    },
+    btf_maps::SkStorage,
+    helpers::{
+        bpf_get_current_uid_gid,
+        generated::{bpf_get_netns_cookie, bpf_sk_storage_get, bpf_sock_ops_cb_flags_set},
+    },
+    macros::{btf_map, cgroup_sock_addr, cgroup_sockopt, map, sock_ops},
+    maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuHashMap},
+    programs::{SockAddrContext, SockOpsContext, SockoptContext},
+    EbpfContext,
+};
+use sockmesh_common::{
+    counters, decide, is_v4_mapped, sizes, v4_mapped, Addr, CidrKey, CidrKind, Conn, ConnKey,
+    CounterKey, LocalAddrKey, MemberKey, MemberKind, OrigDst, PodConfig, Proto, Rules, Verdict,
+    AF_INET, AF_INET6, CIDR_KEY_FIXED_BITS,
+};
+
+#[map(name = "SM_PODS")]
+static PODS: HashMap<u64, PodConfig> = HashMap::with_max_entries(sizes::PODS, 0);
+
+#[map(name = "SM_MEMBERS")]
+static MEMBERS: HashMap<MemberKey, u8> = HashMap::with_max_entries(sizes::MEMBERS, 0);
+
+#[map(name = "SM_CIDRS")]
+static CIDRS: LpmTrie<CidrKey, u8> = LpmTrie::with_max_entries(sizes::CIDRS, BPF_F_NO_PREALLOC);
+
+#[map(name = "SM_LOCAL_ADDRS")]
+static LOCAL_ADDRS: HashMap<LocalAddrKey, u8> = HashMap::with_max_entries(sizes::LOCAL_ADDRS, 0);
+
+#[map(name = "SM_ORIG_DST")]
+static ORIG_DST: LruHashMap<ConnKey, OrigDst> = LruHashMap::with_max_entries(sizes::ORIG_DST, 0);
+
+#[map(name = "SM_COUNTERS")]
+static COUNTERS: PerCpuHashMap<CounterKey, u64> =
+    PerCpuHashMap::with_max_entries(sizes::COUNTERS, 0);
+
+/// The original destination of a redirected socket, for as long as the socket lives.
+#[btf_map(name = "SM_SOCK_DST")]
+static SOCK_DST: SkStorage<OrigDst> = SkStorage::new();
+
+const SOL_IP: i32 = 0;
+const SOL_IPV6: i32 = 41;
+const SO_ORIGINAL_DST: i32 = 80;
+const IPPROTO_TCP: u32 = 6;
+const SOCK_STREAM: u32 = 1;
+
+const V4_LOCALHOST: [u8; 4] = [127, 0, 0, 1];
+const V6_LOCALHOST: Addr = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+
+/// Set lookups of one pod, answered from the maps.
+struct PodRules {
+    netns: u64,
+}
+
+impl Rules for PodRules {
+    #[inline(always)]
+    fn member(&self, kind: MemberKind, value: u32) -> bool {
+        let key = MemberKey {
+            netns: self.netns,
+            kind: kind as u32,
+            value,
+        };
+        unsafe { MEMBERS.get(&key) }.is_some()
+    }
+
+    #[inline(always)]
+    fn cidr(&self, kind: CidrKind, addr: &Addr) -> bool {
+        let bits = if kind.is_v6() { 128 } else { 32 };
+        let key = Key::new(CIDR_KEY_FIXED_BITS + bits, CidrKey::new(self.netns, kind, addr));
+        CIDRS.get(&key).is_some()
+    }
+}
+
+#[inline(always)]
+fn count(netns: u64, counter: u32) {
+    let key = CounterKey {
+        netns,
+        counter,
+        _pad: 0,
+    };
+    match COUNTERS.get_ptr_mut(&key) {
+        Some(v) => unsafe { *v += 1 },
+        None => {
+            let _ = COUNTERS.insert(&key, &1, BPF_NOEXIST as u64);
+        }
+    }
+}
+
+#[inline(always)]
+fn addr_from_words(w: [u32; 4]) -> Addr {
+    let mut a = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let b = w[i].to_ne_bytes();
+        a[i * 4] = b[0];
+        a[i * 4 + 1] = b[1];
+        a[i * 4 + 2] = b[2];
+        a[i * 4 + 3] = b[3];
+        i += 1;
+    }
+    a
+}
+
+#[inline(always)]
+fn words_from_addr(a: &Addr) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+        u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+        u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+    ]
+}
+
+#[inline(always)]
+fn is_zero(a: &Addr) -> bool {
+    let w = words_from_addr(a);
+    w[0] == 0 && w[1] == 0 && w[2] == 0 && w[3] == 0
+}
+
+/// Whether `dst` is an address of this netns, i.e. the route would leave through `lo`.
+#[inline(always)]
+fn is_local(netns: u64, dst: &Addr) -> bool {
+    if is_v4_mapped(dst) {
+        if dst[12] == 127 {
+            return true;
+        }
+    } else if words_from_addr(dst) == words_from_addr(&V6_LOCALHOST) {
+        return true;
+    }
+    let key = LocalAddrKey { netns, addr: *dst };
+    unsafe { LOCAL_ADDRS.get(&key) }.is_some()
+}
+
+// ---------------------------------------------------------------------------------------------
+// connect4 / connect6
+
+#[cgroup_sock_addr(connect4)]
+pub fn sockmesh_connect4(ctx: SockAddrContext) -> i32 {
+    try_connect(&ctx, false)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn sockmesh_connect6(ctx: SockAddrContext) -> i32 {
+    try_connect(&ctx, true)
+}
+
+/// Returns 1 to let the connect proceed (rewritten or not), 0 to refuse it with EPERM: only when
+/// a captured connect could not be recorded, so nothing escapes capture.
+#[inline(always)]
+fn try_connect(ctx: &SockAddrContext, v6: bool) -> i32 {
+    let sa = ctx.sock_addr;
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let Some(cfg) = (unsafe { PODS.get(&netns) }) else {
+        return 1;
+    };
+    let (proto, sk) = unsafe { ((*sa).type_, (*sa).__bindgen_anon_1.sk) };
+    if proto != SOCK_STREAM {
+        // Outbound capture is TCP only; UDP (DNS) capture has its own programs.
+        return 1;
+    }
+    let (mut dst, src) = if v6 {
+        let dst = unsafe { addr_from_words((*sa).user_ip6) };
+        let src = unsafe { addr_from_words((*sk).src_ip6) };
+        (dst, src)
+    } else {
+        let dst = v4_mapped(unsafe { (*sa).user_ip4 }.to_ne_bytes());
+        let src = v4_mapped(unsafe { (*sk).src_ip4 }.to_ne_bytes());
+        (dst, src)
+    };
+    // connect() to 0.0.0.0 / :: goes to localhost.
+    if is_zero(&dst) || (is_v4_mapped(&dst) && dst[12..16] == [0, 0, 0, 0]) {
+        dst = if v6 && !is_v4_mapped(&dst) {
+            V6_LOCALHOST
+        } else {
+            v4_mapped(V4_LOCALHOST)
+        };
+    }
+    let dport = u16::from_be(unsafe { (*sa).user_port } as u16);
+    let ids = bpf_get_current_uid_gid();
+    let conn = Conn {
+        proto: Proto::Tcp,
+        dst,
+        dport,
+        src,
+        uid: ids as u32,
+        gid: (ids >> 32) as u32,
+        dst_is_local: is_local(netns, &dst),
+    };
+    let verdict = decide(cfg, &PodRules { netns }, &conn);
+    count(netns, verdict.reason() as u32);
+    let Verdict::Redirect { port, reason } = verdict else {
+        return 1;
+    };
+    let mut record = OrigDst {
+        addr: dst,
+        port: dport,
+        family: if is_v4_mapped(&dst) { AF_INET } else { AF_INET6 },
+        reason: reason as u32,
+    };
+    let stored = unsafe { SOCK_DST.get_or_insert_ptr_mut(ctx, Some(&mut record)) };
+    if stored.is_null() {
+        count(netns, counters::ORIG_DST_STORE_FAILED);
+        return 0;
+    }
+    unsafe { *stored = record };
+    let port = (port.to_be() as u32).to_ne_bytes();
+    let port = u32::from_ne_bytes(port);
+    unsafe {
+        if record.family == AF_INET && !v6 {
+            ptr::write_volatile(addr_of_mut!((*sa).user_ip4), u32::from_ne_bytes(V4_LOCALHOST));
+        } else {
+            let target = if record.family == AF_INET {
+                v4_mapped(V4_LOCALHOST)
+            } else {
+                V6_LOCALHOST
+            };
+            let w = words_from_addr(&target);
+            ptr::write_volatile(addr_of_mut!((*sa).user_ip6[0]), w[0]);
+            ptr::write_volatile(addr_of_mut!((*sa).user_ip6[1]), w[1]);
+            ptr::write_volatile(addr_of_mut!((*sa).user_ip6[2]), w[2]);
+            ptr::write_volatile(addr_of_mut!((*sa).user_ip6[3]), w[3]);
+        }
+        ptr::write_volatile(addr_of_mut!((*sa).user_port), port);
+    }
+    1
+}
+
+// ---------------------------------------------------------------------------------------------
+// getpeername4 / getpeername6: the app sees where it meant to go, as with NAT.
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn sockmesh_getpeername4(ctx: SockAddrContext) -> i32 {
+    try_getpeername(&ctx, false);
+    1
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn sockmesh_getpeername6(ctx: SockAddrContext) -> i32 {
+    try_getpeername(&ctx, true);
+    1
+}
+
+#[inline(always)]
+fn try_getpeername(ctx: &SockAddrContext, v6: bool) {
+    let record = unsafe { SOCK_DST.get_ptr_mut(ctx) };
+    if record.is_null() {
+        return;
+    }
+    let record = unsafe { *record };
+    let sa = ctx.sock_addr;
+    let port = u32::from_ne_bytes(((record.port.to_be()) as u32).to_ne_bytes());
+    unsafe {
+        if v6 {
+            let w = words_from_addr(&record.addr);
+            ptr::write_volatile(addr_of_mut!((*sa).user_ip6[0]), w[0]);
+            ptr::write_volatile(addr_of_mut!((*sa).user_ip6[1]), w[1]);
+            ptr::write_volatile(addr_of_mut!((*sa).user_ip6[2]), w[2]);
+            ptr::write_volatile(addr_of_mut!((*sa).user_ip6[3]), w[3]);
+        } else {
+            let a = &record.addr;
+            let ip = u32::from_ne_bytes([a[12], a[13], a[14], a[15]]);
+            ptr::write_volatile(addr_of_mut!((*sa).user_ip4), ip);
+        }
+        ptr::write_volatile(addr_of_mut!((*sa).user_port), port);
+    }
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    count(netns, counters::PEERNAME_REWRITE);
+}
+
+// ---------------------------------------------------------------------------------------------
+// sock_ops: publish the record under the 4-tuple once established; forget it on close.
+
+#[sock_ops]
+pub fn sockmesh_sockops(ctx: SockOpsContext) -> u32 {
+    try_sockops(&ctx);
+    1
+}
+
+#[inline(always)]
+fn sockops_conn_key(ctx: &SockOpsContext, netns: u64) -> ConnKey {
+    let (client, server) = if ctx.family() == AF_INET as u32 {
+        (
+            v4_mapped(ctx.local_ip4().to_ne_bytes()),
+            v4_mapped(ctx.remote_ip4().to_ne_bytes()),
+        )
+    } else {
+        (addr_from_words(ctx.local_ip6()), addr_from_words(ctx.remote_ip6()))
+    };
+    ConnKey {
+        netns,
+        client,
+        server,
+        client_port: ctx.local_port() as u16,
+        server_port: u32::from_be(ctx.remote_port()) as u16,
+        _pad: 0,
+    }
+}
+
+#[inline(always)]
+fn try_sockops(ctx: &SockOpsContext) {
+    let op = ctx.op();
+    if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_STATE_CB {
+        return;
+    }
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if op == BPF_SOCK_OPS_STATE_CB {
+        if ctx.arg(1) == BPF_TCP_CLOSE {
+            let key = sockops_conn_key(ctx, netns);
+            if ORIG_DST.remove(&key).is_ok() {
+                count(netns, counters::ORIG_DST_RELEASED);
+            }
+        }
+        return;
+    }
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return;
+    }
+    let map = ptr::from_ref(&SOCK_DST).cast_mut().cast::<c_void>();
+    let record = unsafe { bpf_sk_storage_get(map, sk.cast(), ptr::null_mut(), 0) };
+    if record.is_null() {
+        return;
+    }
+    let record = unsafe { *record.cast::<OrigDst>() };
+    let key = sockops_conn_key(ctx, netns);
+    if ORIG_DST.insert(&key, &record, 0).is_err() {
+        count(netns, counters::ORIG_DST_STORE_FAILED);
+        return;
+    }
+    unsafe { bpf_sock_ops_cb_flags_set(ctx.ops, BPF_SOCK_OPS_STATE_CB_FLAG as i32) };
+}
+
+// ---------------------------------------------------------------------------------------------
+// getsockopt: SO_ORIGINAL_DST (SOL_IP, 80) and IP6T_SO_ORIGINAL_DST (SOL_IPV6, 80).
+
+#[cgroup_sockopt(getsockopt)]
+pub fn sockmesh_getsockopt(ctx: SockoptContext) -> i32 {
+    try_getsockopt(&ctx);
+    1
+}
+
+#[inline(always)]
+fn try_getsockopt(ctx: &SockoptContext) {
+    let so = ctx.sockopt;
+    let (level, optname) = unsafe { ((*so).level, (*so).optname) };
+    if optname != SO_ORIGINAL_DST || (level != SOL_IP && level != SOL_IPV6) {
+        return;
+    }
+    let sk: *mut bpf_sock = unsafe { (*so).__bindgen_anon_1.sk };
+    if sk.is_null() {
+        return;
+    }
+    let (family, protocol) = unsafe { ((*sk).family, (*sk).protocol) };
+    if protocol != IPPROTO_TCP {
+        return;
+    }
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let Some(cfg) = (unsafe { PODS.get(&netns) }) else {
+        return;
+    };
+    let (client, server) = unsafe {
+        if family == AF_INET as u32 {
+            (
+                v4_mapped((*sk).dst_ip4.to_ne_bytes()),
+                v4_mapped((*sk).src_ip4.to_ne_bytes()),
+            )
+        } else {
+            (addr_from_words((*sk).dst_ip6), addr_from_words((*sk).src_ip6))
+        }
+    };
+    let client_port = u16::from_be(unsafe { (*sk).dst_port });
+    if client_port == 0 {
+        // Not connected: conntrack has nothing for it either.
+        return;
+    }
+    let server_port = unsafe { (*sk).src_port } as u16;
+    // conntrack answers SOL_IP for IPv4 flows (v4 sockets, or v6 sockets with a v4-mapped peer)
+    // and SOL_IPV6 for IPv6 flows.
+    let v4_flow = is_v4_mapped(&client);
+    if (level == SOL_IP) != v4_flow {
+        return;
+    }
+    let key = ConnKey {
+        netns,
+        client,
+        server,
+        client_port,
+        server_port,
+        _pad: 0,
+    };
+    let (addr, port, counter) = match unsafe { ORIG_DST.get(&key) } {
+        Some(o) => (o.addr, o.port, counters::ORIG_DST_HIT),
+        None => {
+            // A flow that was not redirected: conntrack reports its own destination, but only
+            // where the pod has rules for that family.
+            if !v4_flow && !cfg.has(sockmesh_common::flags::IPV6) {
+                return;
+            }
+            (server, server_port, counters::ORIG_DST_LOCAL)
+        }
+    };
+    let optval = unsafe { (*so).__bindgen_anon_2.optval }.cast::<u8>();
+    let optval_end = unsafe { (*so).__bindgen_anon_3.optval_end }.cast::<u8>();
+    let len: usize = if v4_flow { 16 } else { 28 };
+    if (optval as usize) + len > optval_end as usize {
+        return;
+    }
+    unsafe {
+        if (*so).optlen < len as i32 {
+            return;
+        }
+        if v4_flow {
+            write_sockaddr_in(optval, &addr, port);
+        } else {
+            write_sockaddr_in6(optval, &addr, port);
+        }
+        ptr::write_volatile(addr_of_mut!((*so).optlen), len as i32);
+        ptr::write_volatile(addr_of_mut!((*so).retval), 0);
+    }
+    count(netns, counter);
+}
+
+/// `struct sockaddr_in` into the first 16 bytes of `out` (bounds checked by the caller).
+#[inline(always)]
+unsafe fn write_sockaddr_in(out: *mut u8, addr: &Addr, port: u16) {
+    let fam = AF_INET.to_ne_bytes();
+    let p = port.to_be_bytes();
+    let bytes: [u8; 16] = [
+        fam[0], fam[1], p[0], p[1], addr[12], addr[13], addr[14], addr[15], 0, 0, 0, 0, 0, 0, 0,
+        0,
+    ];
+    let mut i = 0;
+    while i < 16 {
+        unsafe { ptr::write_volatile(out.add(i), bytes[i]) };
+        i += 1;
+    }
+}
+
+/// `struct sockaddr_in6` into the first 28 bytes of `out` (bounds checked by the caller).
+#[inline(always)]
+unsafe fn write_sockaddr_in6(out: *mut u8, addr: &Addr, port: u16) {
+    let fam = AF_INET6.to_ne_bytes();
+    let p = port.to_be_bytes();
+    let head: [u8; 8] = [fam[0], fam[1], p[0], p[1], 0, 0, 0, 0];
+    let mut i = 0;
+    while i < 8 {
+        unsafe { ptr::write_volatile(out.add(i), head[i]) };
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 16 {
+        unsafe { ptr::write_volatile(out.add(8 + i), addr[i]) };
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 4 {
+        unsafe { ptr::write_volatile(out.add(24 + i), 0) };
+        i += 1;
+    }
+}

@@ -1,0 +1,252 @@
+//! `sockmesh agent`: load and pin the programs, own the maps, serve registrations.
+
+use std::{
+    fs,
+    net::IpAddr,
+    os::{
+        fd::{AsFd, BorrowedFd, OwnedFd},
+        unix::{fs::PermissionsExt, net::{UnixListener, UnixStream}},
+    },
+    path::{Path, PathBuf},
+    process::Command,
+    sync::{Arc, Mutex},
+};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use sockmesh_common::flags;
+use tracing::{info, warn};
+
+use crate::{
+    bpf::{self, PinnedMaps},
+    registry,
+    spec::PodSpec,
+    sys,
+    wire::{self, Request, Response},
+};
+
+#[derive(Args, Debug, Clone)]
+pub struct AgentArgs {
+    /// cgroup v2 directory to attach the programs to (the cgroup2 root on a node; a child
+    /// cgroup in tests).
+    #[arg(long, default_value = "/sys/fs/cgroup")]
+    pub cgroup: PathBuf,
+    /// Folder on a bpf filesystem for pinned maps and links.
+    #[arg(long, default_value = "/sys/fs/bpf/sockmesh")]
+    pub bpffs: PathBuf,
+    /// Unix socket for the registration API; it appears once the agent is ready.
+    #[arg(long, default_value = "/run/sockmesh/agent.sock")]
+    pub socket: PathBuf,
+}
+
+struct State {
+    maps: Mutex<PinnedMaps>,
+    own_netns: u64,
+}
+
+/// Block SIGTERM/SIGINT in every thread and return a thread that waits for them: on either, it
+/// removes the socket and exits, leaving the pinned programs and maps (capture) in place.
+fn handle_signals(socket: PathBuf) {
+    // SAFETY: sigset manipulation on a local set; pthread_sigmask on the calling thread before
+    // any other thread is spawned, so every later thread inherits the mask.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
+    std::thread::spawn(move || {
+        let mut sig: libc::c_int = 0;
+        // SAFETY: set is a valid, initialised signal set.
+        unsafe { libc::sigwait(&set, &mut sig) };
+        info!(signal = sig, "stopping; programs and maps stay pinned, capture stays in force");
+        let _ = fs::remove_file(&socket);
+        std::process::exit(0);
+    });
+}
+
+pub fn run(args: AgentArgs) -> anyhow::Result<()> {
+    handle_signals(args.socket.clone());
+    bpf::prepare_bpffs(&args.bpffs)?;
+    let cgroup = bpf::open_cgroup2(&args.cgroup)?;
+    let mut ebpf = bpf::load(&args.bpffs)?;
+    let actions = bpf::attach_all(&mut ebpf, cgroup.as_fd(), &args.bpffs)?;
+    for (link, action) in &actions {
+        info!(link, ?action, cgroup = %args.cgroup.display(), "program in force");
+    }
+    let maps = PinnedMaps::open(&args.bpffs)?;
+    let state = Arc::new(State {
+        maps: Mutex::new(maps),
+        own_netns: sys::current_netns_cookie()?,
+    });
+    let listener = bind_socket(&args.socket)?;
+    info!(socket = %args.socket.display(), bpffs = %args.bpffs.display(), "agent ready");
+    for stream in listener.incoming() {
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "accept failed");
+                continue;
+            }
+        };
+        let state = state.clone();
+        std::thread::spawn(move || serve(&state, stream));
+    }
+    Ok(())
+}
+
+/// Bind under a temporary name and rename into place, so the socket path exists only once the
+/// agent accepts connections.
+fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if path.exists() {
+        match UnixStream::connect(path) {
+            Ok(_) => bail!(
+                "another agent is already serving {}: stop it first or pass another --socket",
+                path.display()
+            ),
+            Err(_) => fs::remove_file(path)
+                .with_context(|| format!("removing stale socket {}", path.display()))?,
+        }
+    }
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let _ = fs::remove_file(&tmp);
+    let listener =
+        UnixListener::bind(&tmp).with_context(|| format!("binding {}", tmp.display()))?;
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o660))?;
+    fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    Ok(listener)
+}
+
+fn serve(state: &State, stream: UnixStream) {
+    let peer = sys::peer_cred(stream.as_fd())
+        .map(|c| format!("pid={} uid={} gid={}", c.pid, c.uid, c.gid))
+        .unwrap_or_else(|e| format!("unknown ({e})"));
+    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(10)));
+    let resp = match wire::receive(&stream) {
+        Err(e) => Response::error(format!("reading the request failed: {e}")),
+        Ok((body, fd)) => match serde_json::from_slice::<Request>(trim_newline(&body)) {
+            Err(e) => Response::error(format!("malformed request: {e}")),
+            Ok(req) => handle(state, req, fd, &peer),
+        },
+    };
+    if !resp.ok {
+        warn!(peer, error = %resp.message, "request refused");
+    }
+    let _ = wire::answer(&stream, &resp);
+}
+
+fn trim_newline(b: &[u8]) -> &[u8] {
+    b.strip_suffix(b"\n").unwrap_or(b)
+}
+
+fn pod_netns(state: &State, fd: Option<&OwnedFd>) -> Result<u64, String> {
+    let fd = fd.ok_or("no network namespace fd came with the request (send /proc/self/ns/net with SCM_RIGHTS)")?;
+    if !sys::is_netns_fd(fd) {
+        return Err("the fd sent is not a network namespace".into());
+    }
+    let cookie = sys::netns_cookie(fd.as_fd()).map_err(|e| e.to_string())?;
+    if cookie == state.own_netns {
+        return Err(
+            "refusing to capture the agent's own network namespace (the node's): only pod \
+             namespaces can be registered"
+                .into(),
+        );
+    }
+    Ok(cookie)
+}
+
+fn handle(state: &State, req: Request, fd: Option<OwnedFd>, peer: &str) -> Response {
+    match req {
+        Request::Register { spec } => {
+            let netns = match pod_netns(state, fd.as_ref()) {
+                Ok(n) => n,
+                Err(e) => return Response::error(e),
+            };
+            let Some(fd) = fd else { unreachable!("checked by pod_netns") };
+            match register(state, netns, fd.as_fd(), &spec) {
+                Ok(()) => {
+                    info!(peer, netns, "pod registered");
+                    Response {
+                        ok: true,
+                        netns_cookie: Some(netns),
+                        registered: Some(true),
+                        message: String::new(),
+                    }
+                }
+                Err(e) => Response::error(e),
+            }
+        }
+        Request::Unregister => {
+            let netns = match pod_netns(state, fd.as_ref()) {
+                Ok(n) => n,
+                Err(e) => return Response::error(e),
+            };
+            let mut maps = state.maps.lock().expect("maps lock");
+            match registry::unregister(&mut maps, netns) {
+                Ok(was) => {
+                    info!(peer, netns, was_registered = was, "pod unregistered");
+                    Response {
+                        ok: true,
+                        netns_cookie: Some(netns),
+                        registered: Some(false),
+                        message: String::new(),
+                    }
+                }
+                Err(e) => Response::error(e.to_string()),
+            }
+        }
+        Request::Status => {
+            let netns = match fd.as_ref() {
+                Some(_) => match pod_netns(state, fd.as_ref()) {
+                    Ok(n) => Some(n),
+                    Err(e) => return Response::error(e),
+                },
+                None => None,
+            };
+            let maps = state.maps.lock().expect("maps lock");
+            Response {
+                ok: true,
+                netns_cookie: netns,
+                registered: netns.map(|n| registry::config(&maps, n).is_some()),
+                message: String::new(),
+            }
+        }
+    }
+}
+
+fn register(state: &State, netns: u64, fd: BorrowedFd<'_>, spec: &PodSpec) -> Result<(), String> {
+    spec.validate().map_err(|e| format!("invalid settings: {e}"))?;
+    let ipv6 = spec.config.has(flags::IPV6);
+    // In the pod's netns: add ::6 to lo when IPv6 capture is on (as istio-iptables does, so the
+    // proxy can bind its inbound passthrough source), then read the pod's addresses.
+    let addrs = sys::in_netns(fd, move || -> Result<Vec<IpAddr>, String> {
+        if ipv6 {
+            add_v6_passthrough()?;
+        }
+        let addrs = sys::interface_addrs().map_err(|e| e.to_string())?;
+        Ok(addrs.into_iter().map(|a| a.ip).collect())
+    })
+    .map_err(|e| e.to_string())??;
+    let mut maps = state.maps.lock().expect("maps lock");
+    registry::register(&mut maps, netns, spec, &addrs).map_err(|e| e.to_string())
+}
+
+/// `ip -6 addr replace ::6/128 dev lo`, run in the calling thread's netns.
+fn add_v6_passthrough() -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(["-6", "addr", "replace", "::6/128", "dev", "lo"])
+        .output()
+        .map_err(|e| format!("running ip (iproute2) to add ::6 to lo failed: {e}; install iproute2"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "adding ::6/128 to lo failed: {} (is IPv6 disabled in the pod?)",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}

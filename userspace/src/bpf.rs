@@ -1,0 +1,350 @@
+//! Loading the kernel object, pinning its maps, and attaching its cgroup programs through pinned
+//! BPF links.
+//!
+//! Links are made and pinned with the raw `bpf(2)` commands (aya 0.14 cannot pin a getsockopt
+//! link). A link that is already pinned is updated in place with `BPF_LINK_UPDATE`, so a restarted
+//! or upgraded agent swaps programs atomically and capture never lapses.
+
+use std::{
+    fs,
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{lpm_trie::LpmTrie, HashMap, Map, MapData, MapError, PerCpuHashMap},
+    programs::{CgroupSockAddr, CgroupSockopt, ProgramError, SockOps},
+    Ebpf, EbpfLoader,
+};
+use sockmesh_common::{
+    names, CidrKey, ConnKey, CounterKey, LocalAddrKey, MemberKey, OrigDst, PodConfig,
+};
+
+use crate::sys::{self, SyscallError};
+
+/// The kernel object, built by build.rs.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sockmesh"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum BpfError {
+    #[error(transparent)]
+    Syscall(#[from] SyscallError),
+    #[error("loading the kernel object failed: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("map {name} at {path}: {source}")]
+    Map {
+        name: &'static str,
+        path: PathBuf,
+        #[source]
+        source: MapError,
+    },
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// The cgroup programs and where each is attached.
+pub struct Attachment {
+    pub program: &'static str,
+    pub attach_type: u32,
+    pub link_name: &'static str,
+    kind: ProgKind,
+}
+
+#[derive(Clone, Copy)]
+enum ProgKind {
+    SockAddr,
+    SockOps,
+    Sockopt,
+}
+
+// enum bpf_attach_type (include/uapi/linux/bpf.h).
+const BPF_CGROUP_SOCK_OPS: u32 = 3;
+const BPF_CGROUP_INET4_CONNECT: u32 = 10;
+const BPF_CGROUP_INET6_CONNECT: u32 = 11;
+const BPF_CGROUP_GETSOCKOPT: u32 = 21;
+const BPF_CGROUP_INET4_GETPEERNAME: u32 = 29;
+const BPF_CGROUP_INET6_GETPEERNAME: u32 = 30;
+
+pub const ATTACHMENTS: [Attachment; 6] = [
+    Attachment {
+        program: "sockmesh_connect4",
+        attach_type: BPF_CGROUP_INET4_CONNECT,
+        link_name: "connect4",
+        kind: ProgKind::SockAddr,
+    },
+    Attachment {
+        program: "sockmesh_connect6",
+        attach_type: BPF_CGROUP_INET6_CONNECT,
+        link_name: "connect6",
+        kind: ProgKind::SockAddr,
+    },
+    Attachment {
+        program: "sockmesh_getpeername4",
+        attach_type: BPF_CGROUP_INET4_GETPEERNAME,
+        link_name: "getpeername4",
+        kind: ProgKind::SockAddr,
+    },
+    Attachment {
+        program: "sockmesh_getpeername6",
+        attach_type: BPF_CGROUP_INET6_GETPEERNAME,
+        link_name: "getpeername6",
+        kind: ProgKind::SockAddr,
+    },
+    Attachment {
+        program: "sockmesh_sockops",
+        attach_type: BPF_CGROUP_SOCK_OPS,
+        link_name: "sockops",
+        kind: ProgKind::SockOps,
+    },
+    Attachment {
+        program: "sockmesh_getsockopt",
+        attach_type: BPF_CGROUP_GETSOCKOPT,
+        link_name: "getsockopt",
+        kind: ProgKind::Sockopt,
+    },
+];
+
+pub fn maps_dir(bpffs: &Path) -> PathBuf {
+    bpffs.join("maps")
+}
+
+pub fn links_dir(bpffs: &Path) -> PathBuf {
+    bpffs.join("links")
+}
+
+/// Check that `dir` is (inside) a mounted bpf filesystem, creating it if needed.
+pub fn prepare_bpffs(dir: &Path) -> Result<(), BpfError> {
+    let parent = dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    if sys::fs_magic(parent)? != sys::BPF_FS_MAGIC {
+        return Err(BpfError::Setup(format!(
+            "{} is not on a bpf filesystem: mount one first (mount -t bpf bpf {}) or pass \
+             --bpffs with a folder under a bpffs mount",
+            dir.display(),
+            parent.display()
+        )));
+    }
+    for d in [maps_dir(dir), links_dir(dir)] {
+        fs::create_dir_all(&d).map_err(|e| {
+            BpfError::Setup(format!("cannot create {}: {e}", d.display()))
+        })?;
+    }
+    Ok(())
+}
+
+/// Open `dir` as a cgroup v2 directory.
+pub fn open_cgroup2(dir: &Path) -> Result<fs::File, BpfError> {
+    let magic = sys::fs_magic(dir).map_err(|e| {
+        BpfError::Setup(format!("--cgroup {}: {e}", dir.display()))
+    })?;
+    if magic != sys::CGROUP2_SUPER_MAGIC {
+        return Err(BpfError::Setup(format!(
+            "--cgroup {} is not a cgroup v2 directory (cgroup v1 cannot carry socket programs): \
+             pass the cgroup2 mount or a folder under it (see `mount -t cgroup2`)",
+            dir.display()
+        )));
+    }
+    fs::File::open(dir)
+        .map_err(|e| BpfError::Setup(format!("--cgroup {}: cannot open: {e}", dir.display())))
+}
+
+/// Load the object with every map pinned (or reused) under `bpffs/maps`.
+pub fn load(bpffs: &Path) -> Result<Ebpf, BpfError> {
+    let dir = maps_dir(bpffs);
+    let mut loader = EbpfLoader::new();
+    let paths: Vec<(&'static str, PathBuf)> =
+        names::ALL.iter().map(|n| (*n, dir.join(n))).collect();
+    for (name, path) in &paths {
+        loader.map_pin_path(name, path.clone());
+    }
+    Ok(loader.load(OBJECT)?)
+}
+
+fn bpf_syscall(cmd: u32, attr: &mut [u64; 8], call: &'static str) -> Result<i64, SyscallError> {
+    // SAFETY: attr is a zeroed, 64-byte bpf_attr prefix laid out for `cmd`.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd as libc::c_long,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(attr) as libc::c_long,
+        )
+    };
+    if rc < 0 {
+        Err(sys::last_err(call))
+    } else {
+        Ok(rc)
+    }
+}
+
+const BPF_OBJ_PIN: u32 = 6;
+const BPF_OBJ_GET: u32 = 7;
+const BPF_LINK_CREATE: u32 = 28;
+const BPF_LINK_UPDATE: u32 = 29;
+
+fn u32_pair(lo: u32, hi: u32) -> u64 {
+    lo as u64 | ((hi as u64) << 32)
+}
+
+fn cpath(p: &Path) -> std::ffi::CString {
+    std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).expect("path without NUL")
+}
+
+/// BPF_LINK_CREATE for a cgroup program.
+fn link_create(prog: BorrowedFd<'_>, cgroup: BorrowedFd<'_>, attach_type: u32) -> Result<OwnedFd, SyscallError> {
+    let mut attr = [0u64; 8];
+    attr[0] = u32_pair(prog.as_raw_fd() as u32, cgroup.as_raw_fd() as u32);
+    attr[1] = u32_pair(attach_type, 0);
+    let fd = bpf_syscall(BPF_LINK_CREATE, &mut attr, "bpf(BPF_LINK_CREATE)")?;
+    // SAFETY: the kernel returned a new fd.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> Result<(), SyscallError> {
+    let c = cpath(path);
+    let mut attr = [0u64; 8];
+    attr[0] = c.as_ptr() as u64;
+    attr[1] = u32_pair(fd.as_raw_fd() as u32, 0);
+    bpf_syscall(BPF_OBJ_PIN, &mut attr, "bpf(BPF_OBJ_PIN)").map(|_| ())
+}
+
+fn obj_get(path: &Path) -> Result<OwnedFd, SyscallError> {
+    let c = cpath(path);
+    let mut attr = [0u64; 8];
+    attr[0] = c.as_ptr() as u64;
+    let fd = bpf_syscall(BPF_OBJ_GET, &mut attr, "bpf(BPF_OBJ_GET)")?;
+    // SAFETY: the kernel returned a new fd.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> Result<(), SyscallError> {
+    let mut attr = [0u64; 8];
+    attr[0] = u32_pair(link.as_raw_fd() as u32, prog.as_raw_fd() as u32);
+    bpf_syscall(BPF_LINK_UPDATE, &mut attr, "bpf(BPF_LINK_UPDATE)").map(|_| ())
+}
+
+/// How a program came to be in force.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkAction {
+    Created,
+    Updated,
+}
+
+/// Load every cgroup program and put it in force on `cgroup` through a link pinned under
+/// `bpffs/links`: a new link if none is pinned, else the pinned link is switched to the new
+/// program atomically.
+pub fn attach_all(
+    ebpf: &mut Ebpf,
+    cgroup: BorrowedFd<'_>,
+    bpffs: &Path,
+) -> Result<Vec<(&'static str, LinkAction)>, BpfError> {
+    let mut done = Vec::new();
+    for a in &ATTACHMENTS {
+        let prog = ebpf.program_mut(a.program).ok_or_else(|| {
+            BpfError::Setup(format!("the kernel object has no program {}", a.program))
+        })?;
+        let wrap = |source| BpfError::Program { name: a.program, source };
+        let fd = match a.kind {
+            ProgKind::SockAddr => {
+                let p: &mut CgroupSockAddr = prog.try_into().map_err(wrap)?;
+                p.load().map_err(wrap)?;
+                p.fd().map_err(wrap)?.as_fd().try_clone_to_owned()
+            }
+            ProgKind::SockOps => {
+                let p: &mut SockOps = prog.try_into().map_err(wrap)?;
+                p.load().map_err(wrap)?;
+                p.fd().map_err(wrap)?.as_fd().try_clone_to_owned()
+            }
+            ProgKind::Sockopt => {
+                let p: &mut CgroupSockopt = prog.try_into().map_err(wrap)?;
+                p.load().map_err(wrap)?;
+                p.fd().map_err(wrap)?.as_fd().try_clone_to_owned()
+            }
+        }
+        .map_err(|source| SyscallError { call: "dup(prog)", source })?;
+        let pin = links_dir(bpffs).join(a.link_name);
+        let action = if pin.exists() {
+            let link = obj_get(&pin)?;
+            link_update(link.as_fd(), fd.as_fd())?;
+            LinkAction::Updated
+        } else {
+            let link = link_create(fd.as_fd(), cgroup, a.attach_type)?;
+            obj_pin(link.as_fd(), &pin)?;
+            LinkAction::Created
+        };
+        done.push((a.link_name, action));
+    }
+    Ok(done)
+}
+
+/// Remove every pinned link (detaching the programs) and pinned map under `bpffs`.
+pub fn remove_pins(bpffs: &Path) -> std::io::Result<()> {
+    for dir in [links_dir(bpffs), maps_dir(bpffs)] {
+        if let Ok(rd) = fs::read_dir(&dir) {
+            for e in rd.flatten() {
+                fs::remove_file(e.path())?;
+            }
+            fs::remove_dir(&dir)?;
+        }
+    }
+    Ok(())
+}
+
+/// Typed handles on the pinned maps.
+pub struct PinnedMaps {
+    pub pods: HashMap<MapData, u64, PodConfig>,
+    pub members: HashMap<MapData, MemberKey, u8>,
+    pub cidrs: LpmTrie<MapData, CidrKey, u8>,
+    pub local_addrs: HashMap<MapData, LocalAddrKey, u8>,
+    pub orig_dst: HashMap<MapData, ConnKey, OrigDst>,
+    pub counters: PerCpuHashMap<MapData, CounterKey, u64>,
+}
+
+fn open_map(bpffs: &Path, name: &'static str) -> Result<Map, BpfError> {
+    let path = maps_dir(bpffs).join(name);
+    let err = |source| BpfError::Map {
+        name,
+        path: path.clone(),
+        source,
+    };
+    let data = MapData::from_pin(&path).map_err(err)?;
+    Map::from_map_data(data).map_err(err)
+}
+
+impl PinnedMaps {
+    pub fn open(bpffs: &Path) -> Result<Self, BpfError> {
+        let typed = |name: &'static str, e: MapError| BpfError::Map {
+            name,
+            path: maps_dir(bpffs).join(name),
+            source: e,
+        };
+        Ok(PinnedMaps {
+            pods: open_map(bpffs, names::PODS)?
+                .try_into()
+                .map_err(|e| typed(names::PODS, e))?,
+            members: open_map(bpffs, names::MEMBERS)?
+                .try_into()
+                .map_err(|e| typed(names::MEMBERS, e))?,
+            cidrs: open_map(bpffs, names::CIDRS)?
+                .try_into()
+                .map_err(|e| typed(names::CIDRS, e))?,
+            local_addrs: open_map(bpffs, names::LOCAL_ADDRS)?
+                .try_into()
+                .map_err(|e| typed(names::LOCAL_ADDRS, e))?,
+            orig_dst: open_map(bpffs, names::ORIG_DST)?
+                .try_into()
+                .map_err(|e| typed(names::ORIG_DST, e))?,
+            counters: open_map(bpffs, names::COUNTERS)?
+                .try_into()
+                .map_err(|e| typed(names::COUNTERS, e))?,
+        })
+    }
+}

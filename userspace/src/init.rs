@@ -1,0 +1,174 @@
+//! `sockmesh init istio`: register the pod's network namespace with the agent.
+
+use std::{
+    ffi::OsString,
+    net::IpAddr,
+    os::fd::AsFd,
+    path::Path,
+    time::Duration,
+};
+
+use sockmesh_common::{decide, flags, Conn, Proto, Verdict};
+
+use crate::{
+    istio::{IfAddr, IstioArgs, ProcessEnv},
+    spec::{ip_to_addr, PodSpec},
+    sys,
+    wire::{self, Request},
+};
+
+const AGENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Run `init istio` with `argv` (argv[0] first). Returns the process exit code; errors are
+/// printed as one line on stderr.
+pub fn istio_main(argv: Vec<OsString>) -> i32 {
+    match istio(argv) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("sockmesh init istio: {e}");
+            1
+        }
+    }
+}
+
+fn istio(argv: Vec<OsString>) -> Result<(), String> {
+    let args = match IstioArgs::parse_argv(argv) {
+        Ok(a) => a,
+        Err(e) if e.starts_with("Capture a pod") || e.contains("Usage:") => {
+            // --help
+            print!("{e}");
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    let netns_path = if args.network_namespace.is_empty() {
+        Path::new("/proc/self/ns/net").to_path_buf()
+    } else {
+        Path::new(&args.network_namespace).to_path_buf()
+    };
+    let netns = sys::open_netns(&netns_path)
+        .map_err(|e| format!("--network-namespace {}: {e}", netns_path.display()))?;
+    if !sys::is_netns_fd(&netns) {
+        return Err(format!(
+            "--network-namespace {}: not a network namespace",
+            netns_path.display()
+        ));
+    }
+    let addrs = sys::in_netns(netns.as_fd(), sys::interface_addrs)
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let if_addrs: Vec<IfAddr> = addrs.iter().map(|a| IfAddr { ip: a.ip }).collect();
+    let (spec, action) = args
+        .into_spec(&ProcessEnv, &if_addrs)
+        .map_err(|e| e.to_string())?;
+    for note in &action.notes {
+        eprintln!("sockmesh init istio: note: {note}");
+    }
+    if action.dry_run {
+        let local: Vec<IpAddr> = addrs.iter().map(|a| a.ip).collect();
+        print!("{}", decision_table(&spec, &local));
+        return Ok(());
+    }
+    let sock = &action.agent_socket;
+    let req = if action.cleanup_only {
+        Request::Unregister
+    } else {
+        Request::Register { spec }
+    };
+    let resp = wire::call(sock, &req, Some(netns.as_fd()), AGENT_TIMEOUT).map_err(|e| {
+        format!(
+            "cannot reach the sockmesh agent at {}: {e}: start it (sockmesh agent) and make \
+             its socket available here (--agent-socket / SOCKMESH_AGENT_SOCKET)",
+            sock.display()
+        )
+    })?;
+    if !resp.ok {
+        return Err(format!("the agent refused: {}", resp.message));
+    }
+    let cookie = resp.netns_cookie.unwrap_or_default();
+    if action.cleanup_only {
+        println!("sockmesh: capture removed for netns cookie {cookie}");
+    } else {
+        println!("sockmesh: capture in force for netns cookie {cookie}");
+    }
+    Ok(())
+}
+
+/// The settings, and the decision for representative connections, computed by the same
+/// function the kernel runs.
+pub fn decision_table(spec: &PodSpec, local: &[IpAddr]) -> String {
+    let mut out = String::from("# sockmesh capture settings (istio-iptables terms)\n");
+    for (k, v) in spec.describe() {
+        out.push_str(&format!("{k:<36} {v}\n"));
+    }
+    let c = &spec.config;
+    let proxy_uid = if c.n_uids > 0 { c.uids[0] } else { 1337 };
+    let proxy_gid = if c.n_gids > 0 { c.gids[0] } else { 1337 };
+    let pod_ip = local
+        .iter()
+        .copied()
+        .find(|ip| !ip.is_loopback() && ip.is_ipv4())
+        .or_else(|| local.iter().copied().find(|ip| !ip.is_loopback()));
+    let mut dsts: Vec<(IpAddr, u16, &str)> = vec![
+        ("127.0.0.1".parse().unwrap(), 8080, "localhost"),
+        ("127.0.0.2".parse().unwrap(), 8080, "127.0.0.2"),
+        ("198.51.100.7".parse().unwrap(), 80, "remote"),
+        ("198.51.100.7".parse().unwrap(), 15008, "remote tunnel port"),
+    ];
+    if let Some(ip) = pod_ip {
+        dsts.push((ip, 8080, "own pod IP"));
+    }
+    if c.has(flags::IPV6) {
+        dsts.push(("::1".parse().unwrap(), 8080, "localhost v6"));
+        dsts.push(("2001:db8::7".parse().unwrap(), 80, "remote v6"));
+    }
+    for (kind, cidr) in &spec.cidrs {
+        dsts.push((cidr.addr, 80, if matches!(*kind as u32, 1 | 2) { "-x CIDR" } else { "-i CIDR" }));
+    }
+    for (kind, port) in &spec.members {
+        if *kind == sockmesh_common::MemberKind::OutboundIncludePort {
+            dsts.push(("198.51.100.7".parse().unwrap(), *port as u16, "-q port"));
+        }
+        if *kind == sockmesh_common::MemberKind::OutboundExcludePort {
+            dsts.push(("198.51.100.7".parse().unwrap(), *port as u16, "-o port"));
+        }
+    }
+    let who: [(&str, u32, u32, Option<IpAddr>); 5] = [
+        ("app 1000:1000", 1000, 1000, None),
+        ("root 0:0", 0, 0, None),
+        ("proxy uid", proxy_uid, proxy_uid, None),
+        ("proxy gid only", 1000, proxy_gid, None),
+        ("from 127.0.0.6", 1000, 1000, Some("127.0.0.6".parse().unwrap())),
+    ];
+    out.push_str("\n# decisions (tcp)\n");
+    out.push_str(&format!("{:<18} {:<34} {:<20} {}\n", "caller", "destination", "verdict", "rule"));
+    for (dst, port, label) in &dsts {
+        for (wname, uid, gid, src) in &who {
+            let dst_is_local = dst.is_loopback() || local.contains(dst);
+            let src = src.map(ip_to_addr).unwrap_or([0; 16]);
+            let conn = Conn {
+                proto: Proto::Tcp,
+                dst: ip_to_addr(*dst),
+                dport: *port,
+                src,
+                uid: *uid,
+                gid: *gid,
+                dst_is_local,
+            };
+            let v = decide(c, spec, &conn);
+            let verdict = match v {
+                Verdict::Pass(_) => "pass".to_string(),
+                Verdict::Redirect { port, .. } => format!("redirect :{port}"),
+            };
+            let target = match dst {
+                IpAddr::V6(_) => format!("[{dst}]:{port} ({label})"),
+                IpAddr::V4(_) => format!("{dst}:{port} ({label})"),
+            };
+            out.push_str(&format!(
+                "{wname:<18} {target:<34} {verdict:<20} {}\n",
+                v.reason().rule()
+            ));
+        }
+    }
+    out
+}

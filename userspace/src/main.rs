@@ -1,0 +1,103 @@
+//! `sockmesh`: node agent, init container, and CLI of the sockmesh capture.
+
+mod agent;
+mod bpf;
+mod dump;
+mod init;
+mod istio;
+mod registry;
+mod spec;
+mod sys;
+mod wire;
+
+use std::{ffi::OsString, path::Path, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "sockmesh", version, about = "Transparent sidecar capture with eBPF at the socket layer")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the node agent: load and pin the programs, serve registrations.
+    Agent(agent::AgentArgs),
+    /// Register the calling pod, taking istio-iptables' (`init istio`) flags.
+    Init {
+        /// `istio` (then istio-iptables' flags follow).
+        #[arg(value_name = "PROFILE")]
+        profile: String,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+        rest: Vec<OsString>,
+    },
+    /// Print the redirection maps, decoded.
+    Dump(dump::DumpArgs),
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SOCKMESH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn exit(code: i32) -> ExitCode {
+    ExitCode::from(code.clamp(0, 255) as u8)
+}
+
+fn main() -> ExitCode {
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    let invoked_as = argv
+        .first()
+        .and_then(|a| Path::new(a).file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    // Istio's injection template runs `istio-iptables ...`: behave as `sockmesh init istio`.
+    if invoked_as == "istio-iptables" {
+        return exit(init::istio_main(argv));
+    }
+    // `init istio` hands its arguments to the istio-iptables parser untouched.
+    if argv.get(1).is_some_and(|a| a == "init") {
+        match argv.get(2).and_then(|p| p.to_str()) {
+            Some("istio") => {
+                let mut rest = vec![OsString::from("sockmesh init istio")];
+                rest.extend(argv[3..].iter().cloned());
+                return exit(init::istio_main(rest));
+            }
+            Some("linkerd") => {
+                eprintln!(
+                    "sockmesh init linkerd: the linkerd proxy-init profile is not implemented \
+                     yet; use `sockmesh init istio`"
+                );
+                return exit(2);
+            }
+            Some(other) if !other.starts_with('-') => {
+                eprintln!("sockmesh init: unknown profile '{other}': use `init istio`");
+                return exit(2);
+            }
+            _ => {}
+        }
+    }
+    let cli = Cli::parse();
+    init_tracing();
+    let result = match cli.command {
+        Command::Agent(a) => agent::run(a),
+        Command::Dump(d) => dump::run(d),
+        Command::Init { profile, .. } => {
+            eprintln!("sockmesh init: unknown profile '{profile}': use `init istio`");
+            return exit(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sockmesh: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,217 @@
+//! Writing a pod's capture into the maps, all or nothing.
+//!
+//! Order matters: a pod's sets (ports, gids, CIDRs, local addresses) are written first and its
+//! `SM_PODS` entry last, because the kernel looks at nothing until that entry exists. Replacing a
+//! registration writes the new sets, switches the config, then drops what the new sets do not
+//! have. Any failure undoes what this call wrote, so a pod is captured completely or not at all.
+
+use std::{collections::BTreeSet, net::IpAddr};
+
+use aya::maps::{lpm_trie::Key, MapError};
+use sockmesh_common::{
+    names, CidrKey, LocalAddrKey, MemberKey, PodConfig, CIDR_KEY_FIXED_BITS,
+};
+
+use crate::{
+    bpf::PinnedMaps,
+    spec::{ip_to_addr, PodSpec},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error(
+        "map {map} is full ({source}): raise its size or register fewer pods/entries; \
+         nothing was changed for this pod"
+    )]
+    Full {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("map {map}: {source}; nothing was changed for this pod")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+}
+
+fn map_err(map: &'static str, source: MapError) -> RegistryError {
+    let full = matches!(
+        &source,
+        MapError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::E2BIG)
+    );
+    if full {
+        RegistryError::Full { map, source }
+    } else {
+        RegistryError::Map { map, source }
+    }
+}
+
+type CidrEntry = ([u8; 8], [u8; 4], [u8; 16], u32);
+
+/// Everything stored for one pod, as map keys.
+#[derive(Default, Debug, PartialEq, Eq)]
+pub struct PodKeys {
+    pub members: BTreeSet<(u32, u32)>,
+    pub cidrs: BTreeSet<CidrEntry>,
+    pub local_addrs: BTreeSet<[u8; 16]>,
+}
+
+impl PodKeys {
+    fn from_spec(netns: u64, spec: &PodSpec, local: &[IpAddr]) -> Self {
+        let members = spec
+            .members
+            .iter()
+            .map(|(k, v)| (*k as u32, *v))
+            .collect();
+        let cidrs = spec
+            .cidrs
+            .iter()
+            .map(|(kind, c)| {
+                let k = CidrKey::new(netns, *kind, &ip_to_addr(c.addr));
+                (k.netns, k.kind, k.addr, CIDR_KEY_FIXED_BITS + c.prefix as u32)
+            })
+            .collect();
+        let local_addrs = local.iter().map(|ip| ip_to_addr(*ip)).collect();
+        PodKeys {
+            members,
+            cidrs,
+            local_addrs,
+        }
+    }
+
+    /// What the maps hold for `netns` now.
+    pub fn read(maps: &PinnedMaps, netns: u64) -> Self {
+        let mut keys = PodKeys::default();
+        for k in maps.members.keys().flatten() {
+            if k.netns == netns {
+                keys.members.insert((k.kind, k.value));
+            }
+        }
+        let ns = netns.to_be_bytes();
+        for k in maps.cidrs.keys().flatten() {
+            let d = k.data();
+            if d.netns == ns {
+                keys.cidrs.insert((d.netns, d.kind, d.addr, k.prefix_len()));
+            }
+        }
+        for k in maps.local_addrs.keys().flatten() {
+            if k.netns == netns {
+                keys.local_addrs.insert(k.addr);
+            }
+        }
+        keys
+    }
+}
+
+fn member_key(netns: u64, (kind, value): (u32, u32)) -> MemberKey {
+    MemberKey { netns, kind, value }
+}
+
+fn cidr_key((netns, kind, addr, len): CidrEntry) -> Key<CidrKey> {
+    Key::new(len, CidrKey { netns, kind, addr })
+}
+
+/// What this call wrote, to undo on failure.
+#[derive(Default)]
+struct Undo {
+    members: Vec<(u32, u32)>,
+    cidrs: Vec<CidrEntry>,
+    local_addrs: Vec<[u8; 16]>,
+}
+
+impl Undo {
+    fn run(self, maps: &mut PinnedMaps, netns: u64) {
+        for m in self.members {
+            let _ = maps.members.remove(&member_key(netns, m));
+        }
+        for c in self.cidrs {
+            let _ = maps.cidrs.remove(&cidr_key(c));
+        }
+        for a in self.local_addrs {
+            let _ = maps.local_addrs.remove(&LocalAddrKey { netns, addr: a });
+        }
+    }
+}
+
+/// Register (or re-register) pod `netns` with `spec`; `local` are the pod's interface addresses.
+pub fn register(
+    maps: &mut PinnedMaps,
+    netns: u64,
+    spec: &PodSpec,
+    local: &[IpAddr],
+) -> Result<(), RegistryError> {
+    let old = PodKeys::read(maps, netns);
+    let new = PodKeys::from_spec(netns, spec, local);
+    let mut undo = Undo::default();
+    if let Err(e) = write_sets(maps, netns, &old, &new, &mut undo) {
+        undo.run(maps, netns);
+        return Err(e);
+    }
+    if let Err(e) = maps.pods.insert(netns, spec.config, 0) {
+        undo.run(maps, netns);
+        return Err(map_err(names::PODS, e));
+    }
+    // The new config is in force; drop what only the old one had.
+    for m in old.members.difference(&new.members) {
+        let _ = maps.members.remove(&member_key(netns, *m));
+    }
+    for c in old.cidrs.difference(&new.cidrs) {
+        let _ = maps.cidrs.remove(&cidr_key(*c));
+    }
+    for a in old.local_addrs.difference(&new.local_addrs) {
+        let _ = maps.local_addrs.remove(&LocalAddrKey { netns, addr: *a });
+    }
+    Ok(())
+}
+
+fn write_sets(
+    maps: &mut PinnedMaps,
+    netns: u64,
+    old: &PodKeys,
+    new: &PodKeys,
+    undo: &mut Undo,
+) -> Result<(), RegistryError> {
+    for m in new.members.difference(&old.members) {
+        maps.members
+            .insert(member_key(netns, *m), 1, 0)
+            .map_err(|e| map_err(names::MEMBERS, e))?;
+        undo.members.push(*m);
+    }
+    for c in new.cidrs.difference(&old.cidrs) {
+        maps.cidrs
+            .insert(&cidr_key(*c), 1, 0)
+            .map_err(|e| map_err(names::CIDRS, e))?;
+        undo.cidrs.push(*c);
+    }
+    for a in new.local_addrs.difference(&old.local_addrs) {
+        maps.local_addrs
+            .insert(LocalAddrKey { netns, addr: *a }, 1, 0)
+            .map_err(|e| map_err(names::LOCAL_ADDRS, e))?;
+        undo.local_addrs.push(*a);
+    }
+    Ok(())
+}
+
+/// Stop capturing pod `netns` and forget its sets. Returns whether it was registered.
+pub fn unregister(maps: &mut PinnedMaps, netns: u64) -> Result<bool, RegistryError> {
+    let was = match maps.pods.remove(&netns) {
+        Ok(()) => true,
+        Err(MapError::KeyNotFound) => false,
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => false,
+        Err(e) => return Err(map_err(names::PODS, e)),
+    };
+    let old = PodKeys::read(maps, netns);
+    Undo {
+        members: old.members.into_iter().collect(),
+        cidrs: old.cidrs.into_iter().collect(),
+        local_addrs: old.local_addrs.into_iter().collect(),
+    }
+    .run(maps, netns);
+    Ok(was)
+}
+
+pub fn config(maps: &PinnedMaps, netns: u64) -> Option<PodConfig> {
+    maps.pods.get(&netns, 0).ok()
+}

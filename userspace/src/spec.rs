@@ -1,0 +1,269 @@
+//! A pod's capture settings as userspace holds them: the `PodConfig` map value plus its sets,
+//! with a host implementation of [`Rules`] so the kernel's decision runs here unchanged.
+
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use serde::{Deserialize, Serialize};
+use sockmesh_common::{
+    flags, is_v4_mapped, v4_mapped, v4_octets, Addr, CidrKind, MemberKind, PodConfig, Rules,
+    MAX_OWNERS,
+};
+
+/// An IP prefix, host bits cleared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    pub fn new(addr: IpAddr, prefix: u8) -> Self {
+        let addr = match addr {
+            IpAddr::V4(a) => {
+                let m = if prefix == 0 { 0 } else { u32::MAX << (32 - prefix as u32) };
+                IpAddr::V4(Ipv4Addr::from(u32::from(a) & m))
+            }
+            IpAddr::V6(a) => {
+                let m = if prefix == 0 { 0 } else { u128::MAX << (128 - prefix as u32) };
+                IpAddr::V6(Ipv6Addr::from(u128::from(a) & m))
+            }
+        };
+        Cidr { addr, prefix }
+    }
+
+    /// The address as given (before masking, for the loopback check it is the same class).
+    pub fn ip(&self) -> IpAddr {
+        self.addr
+    }
+
+    pub fn is_v6(&self) -> bool {
+        self.addr.is_ipv6()
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(_), IpAddr::V4(_)) | (IpAddr::V6(_), IpAddr::V6(_)) => {
+                Cidr::new(ip, self.prefix).addr == self.addr
+            }
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// Everything the agent writes for one pod.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodSpec {
+    #[serde(with = "config_serde")]
+    pub config: PodConfig,
+    pub members: Vec<(MemberKind, u32)>,
+    pub cidrs: Vec<(CidrKind, Cidr)>,
+}
+
+impl PodSpec {
+    pub fn new(
+        config: PodConfig,
+        mut members: Vec<(MemberKind, u32)>,
+        cidrs: Vec<(CidrKind, Cidr)>,
+    ) -> Self {
+        members.sort();
+        members.dedup();
+        PodSpec {
+            config,
+            members,
+            cidrs,
+        }
+    }
+
+    /// Check what the wire may have mangled: sizes, kinds matching families, prefix lengths.
+    pub fn validate(&self) -> Result<(), String> {
+        let c = &self.config;
+        if c.n_uids as usize > MAX_OWNERS || c.n_gids as usize > MAX_OWNERS {
+            return Err(format!("at most {MAX_OWNERS} proxy uids and gids"));
+        }
+        if c.outbound_port == 0 || c.inbound_port == 0 || c.tunnel_port == 0 {
+            return Err("capture and tunnel ports must be 1-65535".into());
+        }
+        if !(8..=32).contains(&c.loopback_v4_prefix) || c.loopback_v4[0] != 127 {
+            return Err("loopback CIDR must be 127.x.x.x with a prefix of 8 to 32".into());
+        }
+        for (kind, cidr) in &self.cidrs {
+            let max = if cidr.is_v6() { 128 } else { 32 };
+            if kind.is_v6() != cidr.is_v6() || cidr.prefix > max {
+                return Err(format!("CIDR {cidr} does not fit list {kind:?}"));
+            }
+        }
+        for (kind, v) in &self.members {
+            let port_kind = !matches!(
+                kind,
+                MemberKind::OwnerGroupInclude | MemberKind::OwnerGroupExclude
+            );
+            if port_kind && (*v == 0 || *v > 65535) {
+                return Err(format!("{}: {v} is not a port", kind.istio_name()));
+            }
+        }
+        Ok(())
+    }
+
+    fn has_member(&self, kind: MemberKind, value: u32) -> bool {
+        self.members.contains(&(kind, value))
+    }
+
+    fn members_of(&self, kind: MemberKind) -> Vec<String> {
+        self.members
+            .iter()
+            .filter(|(k, _)| *k == kind)
+            .map(|(_, v)| v.to_string())
+            .collect()
+    }
+
+    fn cidrs_of(&self, kinds: [CidrKind; 2]) -> Vec<String> {
+        self.cidrs
+            .iter()
+            .filter(|(k, _)| kinds.contains(k))
+            .map(|(_, c)| c.to_string())
+            .collect()
+    }
+
+    /// The settings in istio-iptables' terms, one `name: value` per line.
+    pub fn describe(&self) -> Vec<(String, String)> {
+        let c = &self.config;
+        let join = |v: Vec<String>| if v.is_empty() { "''".to_string() } else { v.join(",") };
+        let uids: Vec<String> = c.uids[..c.n_uids as usize].iter().map(u32::to_string).collect();
+        let gids: Vec<String> = c.gids[..c.n_gids as usize].iter().map(u32::to_string).collect();
+        let inbound = if c.has(flags::INBOUND_ALL) {
+            "*".to_string()
+        } else {
+            join(self.members_of(MemberKind::InboundPort))
+        };
+        let include = if c.has(flags::OUTBOUND_ALL) {
+            "*".to_string()
+        } else {
+            join(self.cidrs_of([CidrKind::IncludeV4, CidrKind::IncludeV6]))
+        };
+        let owner_include = if c.has(flags::OWNER_GROUPS_INCLUDE) {
+            join(self.members_of(MemberKind::OwnerGroupInclude))
+        } else {
+            "*".to_string()
+        };
+        vec![
+            ("-p (outbound capture port)".into(), c.outbound_port.to_string()),
+            ("-z (inbound capture port)".into(), c.inbound_port.to_string()),
+            ("-e (inbound tunnel port)".into(), c.tunnel_port.to_string()),
+            ("-u (proxy uids)".into(), join(uids)),
+            ("-g (proxy gids)".into(), join(gids)),
+            ("-i (outbound CIDRs captured)".into(), include),
+            ("-x (outbound CIDRs excluded)".into(), join(self.cidrs_of([CidrKind::ExcludeV4, CidrKind::ExcludeV6]))),
+            ("-q (outbound ports captured)".into(), join(self.members_of(MemberKind::OutboundIncludePort))),
+            ("-o (outbound ports excluded)".into(), join(self.members_of(MemberKind::OutboundExcludePort))),
+            ("-b (inbound ports)".into(), inbound),
+            ("-d (inbound ports excluded)".into(), join(self.members_of(MemberKind::InboundExcludePort))),
+            ("owner groups captured".into(), owner_include),
+            ("owner groups excluded".into(), join(self.members_of(MemberKind::OwnerGroupExclude))),
+            (
+                "IPv4 loopback CIDR".into(),
+                format!("{}/{}", Ipv4Addr::from(c.loopback_v4), c.loopback_v4_prefix),
+            ),
+            ("IPv6 capture".into(), c.has(flags::IPV6).to_string()),
+            (
+                "-o lo ! --uid-owner RETURN rules".into(),
+                if c.has(flags::NO_LO_RETURN) { "omitted (-i has a loopback CIDR)" } else { "present" }.into(),
+            ),
+        ]
+    }
+}
+
+impl Rules for PodSpec {
+    fn member(&self, kind: MemberKind, value: u32) -> bool {
+        self.has_member(kind, value)
+    }
+
+    fn cidr(&self, kind: CidrKind, addr: &Addr) -> bool {
+        let ip = addr_to_ip(addr);
+        self.cidrs
+            .iter()
+            .any(|(k, c)| *k == kind && c.contains(ip))
+    }
+}
+
+/// [`Addr`] (IPv6 form, v4-mapped for IPv4) to a std address of the right family.
+pub fn addr_to_ip(a: &Addr) -> IpAddr {
+    if is_v4_mapped(a) {
+        IpAddr::V4(Ipv4Addr::from(v4_octets(a)))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(*a))
+    }
+}
+
+pub fn ip_to_addr(ip: IpAddr) -> Addr {
+    match ip {
+        IpAddr::V4(v4) => v4_mapped(v4.octets()),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// `PodConfig` as plain JSON fields (it has no serde impls: it is a kernel type).
+mod config_serde {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use sockmesh_common::{PodConfig, MAX_OWNERS};
+
+    #[derive(Serialize, Deserialize)]
+    struct Wire {
+        flags: u32,
+        outbound_port: u16,
+        inbound_port: u16,
+        tunnel_port: u16,
+        loopback_v4: [u8; 4],
+        loopback_v4_prefix: u8,
+        uids: Vec<u32>,
+        gids: Vec<u32>,
+    }
+
+    pub fn serialize<S: Serializer>(c: &PodConfig, s: S) -> Result<S::Ok, S::Error> {
+        Wire {
+            flags: c.flags,
+            outbound_port: c.outbound_port,
+            inbound_port: c.inbound_port,
+            tunnel_port: c.tunnel_port,
+            loopback_v4: c.loopback_v4,
+            loopback_v4_prefix: c.loopback_v4_prefix,
+            uids: c.uids[..(c.n_uids as usize).min(MAX_OWNERS)].to_vec(),
+            gids: c.gids[..(c.n_gids as usize).min(MAX_OWNERS)].to_vec(),
+        }
+        .serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<PodConfig, D::Error> {
+        let w = Wire::deserialize(d)?;
+        if w.uids.len() > MAX_OWNERS || w.gids.len() > MAX_OWNERS {
+            return Err(serde::de::Error::custom(format!(
+                "at most {MAX_OWNERS} uids and gids"
+            )));
+        }
+        let mut uids = [0; MAX_OWNERS];
+        uids[..w.uids.len()].copy_from_slice(&w.uids);
+        let mut gids = [0; MAX_OWNERS];
+        gids[..w.gids.len()].copy_from_slice(&w.gids);
+        Ok(PodConfig {
+            flags: w.flags,
+            outbound_port: w.outbound_port,
+            inbound_port: w.inbound_port,
+            tunnel_port: w.tunnel_port,
+            loopback_v4_prefix: w.loopback_v4_prefix,
+            n_uids: w.uids.len() as u8,
+            n_gids: w.gids.len() as u8,
+            _pad: [0; 3],
+            loopback_v4: w.loopback_v4,
+            uids,
+            gids,
+        })
+    }
+}
