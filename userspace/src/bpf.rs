@@ -246,7 +246,8 @@ pub fn attach_all(
     cgroup: BorrowedFd<'_>,
     bpffs: &Path,
 ) -> Result<Vec<(&'static str, LinkAction)>, BpfError> {
-    let mut done = Vec::new();
+    // Load every program first, so a verifier rejection leaves nothing half attached.
+    let mut loaded = Vec::new();
     for a in &ATTACHMENTS {
         let prog = ebpf.program_mut(a.program).ok_or_else(|| {
             BpfError::Setup(format!("the kernel object has no program {}", a.program))
@@ -270,6 +271,10 @@ pub fn attach_all(
             }
         }
         .map_err(|source| SyscallError { call: "dup(prog)", source })?;
+        loaded.push((a, fd));
+    }
+    let mut done = Vec::new();
+    for (a, fd) in loaded {
         let pin = links_dir(bpffs).join(a.link_name);
         let action = if pin.exists() {
             let link = obj_get(&pin)?;

@@ -111,6 +111,19 @@ fn addr_from_words(w: [u32; 4]) -> Addr {
     a
 }
 
+/// Read a `[u32; 4]` context field word by word: the verifier only allows context loads at
+/// constant offsets from the unmodified context pointer, and LLVM would otherwise build a pointer.
+macro_rules! read_words {
+    ($field:expr) => {
+        addr_from_words([
+            ptr::read_volatile(&$field[0]),
+            ptr::read_volatile(&$field[1]),
+            ptr::read_volatile(&$field[2]),
+            ptr::read_volatile(&$field[3]),
+        ])
+    };
+}
+
 #[inline(always)]
 fn words_from_addr(a: &Addr) -> [u32; 4] {
     [
@@ -169,8 +182,8 @@ fn try_connect(ctx: &SockAddrContext, v6: bool) -> i32 {
         return 1;
     }
     let (mut dst, src) = if v6 {
-        let dst = unsafe { addr_from_words((*sa).user_ip6) };
-        let src = unsafe { addr_from_words((*sk).src_ip6) };
+        let dst = unsafe { read_words!((*sa).user_ip6) };
+        let src = unsafe { read_words!((*sk).src_ip6) };
         (dst, src)
     } else {
         let dst = v4_mapped(unsafe { (*sa).user_ip4 }.to_ne_bytes());
@@ -216,7 +229,7 @@ fn try_connect(ctx: &SockAddrContext, v6: bool) -> i32 {
     let port = (port.to_be() as u32).to_ne_bytes();
     let port = u32::from_ne_bytes(port);
     unsafe {
-        if record.family == AF_INET && !v6 {
+        if !v6 {
             ptr::write_volatile(addr_of_mut!((*sa).user_ip4), u32::from_ne_bytes(V4_LOCALHOST));
         } else {
             let target = if record.family == AF_INET {
@@ -294,7 +307,8 @@ fn sockops_conn_key(ctx: &SockOpsContext, netns: u64) -> ConnKey {
             v4_mapped(ctx.remote_ip4().to_ne_bytes()),
         )
     } else {
-        (addr_from_words(ctx.local_ip6()), addr_from_words(ctx.remote_ip6()))
+        let ops = ctx.ops;
+        unsafe { (read_words!((*ops).local_ip6), read_words!((*ops).remote_ip6)) }
     };
     ConnKey {
         netns,
@@ -375,7 +389,7 @@ fn try_getsockopt(ctx: &SockoptContext) {
                 v4_mapped((*sk).src_ip4.to_ne_bytes()),
             )
         } else {
-            (addr_from_words((*sk).dst_ip6), addr_from_words((*sk).src_ip6))
+            (read_words!((*sk).dst_ip6), read_words!((*sk).src_ip6))
         }
     };
     let client_port = u16::from_be(unsafe { (*sk).dst_port });
