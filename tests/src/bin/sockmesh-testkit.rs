@@ -1,0 +1,55 @@
+//! Test programs for the lab namespaces: `listen` and `connect` (see sockmesh_tests::kit), and
+//! `lab`, the demo behind `cargo xtask lab`.
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::{Parser, Subcommand};
+use sockmesh_tests::kit::{self, ConnectSpec};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve listeners given as name@addr:port until killed; prints "ready" when bound.
+    Listen { specs: Vec<String> },
+    /// Connect once and print the outcome as JSON.
+    Connect {
+        dst: SocketAddr,
+        #[arg(long)]
+        uid: Option<u32>,
+        #[arg(long)]
+        gid: Option<u32>,
+        #[arg(long)]
+        bind: Option<std::net::IpAddr>,
+        /// Dial an IPv4 destination from an AF_INET6 socket as ::ffff:a.b.c.d.
+        #[arg(long)]
+        v4_mapped: bool,
+        #[arg(long, default_value = "2000")]
+        timeout_ms: u64,
+    },
+    /// The demo lab: pods in netns, the agent, a listener on 15001, real connections, dump.
+    Lab,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Listen { specs } => kit::listen(&specs),
+        Cmd::Connect { dst, uid, gid, bind, v4_mapped, timeout_ms } => {
+            let outcome = kit::connect(&ConnectSpec {
+                dst: Some(dst),
+                uid,
+                gid,
+                bind,
+                v4_mapped,
+                timeout: Duration::from_millis(timeout_ms),
+            });
+            println!("{}", serde_json::to_string(&outcome)?);
+            Ok(())
+        }
+        Cmd::Lab => sockmesh_tests::demo::run(),
+    }
+}

@@ -1,0 +1,4 @@
+//! The demo lab (`cargo xtask lab`).
+pub fn run() -> anyhow::Result<()> {
+    anyhow::bail!("not yet")
+}

@@ -1,0 +1,278 @@
+//! The test programs run inside lab namespaces: listeners that report what a proxy would see
+//! (which listener accepted, SO_ORIGINAL_DST, the peer), and a client that connects with given
+//! credentials and reports where it landed.
+
+use std::{
+    io::{Read, Write},
+    mem,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// What a connection attempt observed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Outcome {
+    /// Accepted by `listener`, which read `orig` with SO_ORIGINAL_DST (or an error name); the
+    /// client's getpeername() said `peername`.
+    Ok {
+        listener: String,
+        orig: String,
+        peername: String,
+    },
+    Refused,
+    Timeout,
+    Error {
+        error: String,
+    },
+}
+
+fn sockaddr_to_std(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match storage.ss_family as i32 {
+        libc::AF_INET => {
+            // SAFETY: family is AF_INET.
+            let sin = unsafe { &*(storage as *const _ as *const libc::sockaddr_in) };
+            Some(SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))),
+                u16::from_be(sin.sin_port),
+            ))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: family is AF_INET6.
+            let sin6 = unsafe { &*(storage as *const _ as *const libc::sockaddr_in6) };
+            Some(SocketAddr::new(
+                IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)),
+                u16::from_be(sin6.sin6_port),
+            ))
+        }
+        _ => None,
+    }
+}
+
+fn std_to_sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: plain data.
+    let mut ss: libc::sockaddr_storage = unsafe { mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            // SAFETY: storage is large enough for sockaddr_in.
+            let sin = unsafe { &mut *(&mut ss as *mut _ as *mut libc::sockaddr_in) };
+            sin.sin_family = libc::AF_INET as u16;
+            sin.sin_port = a.port().to_be();
+            sin.sin_addr.s_addr = u32::from(*a.ip()).to_be();
+            mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            // SAFETY: storage is large enough for sockaddr_in6.
+            let sin6 = unsafe { &mut *(&mut ss as *mut _ as *mut libc::sockaddr_in6) };
+            sin6.sin6_family = libc::AF_INET6 as u16;
+            sin6.sin6_port = a.port().to_be();
+            sin6.sin6_addr.s6_addr = a.ip().octets();
+            mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (ss, len as libc::socklen_t)
+}
+
+/// SO_ORIGINAL_DST the way Envoy asks: SOL_IP for IPv4 flows (v4 sockets, and v6 sockets whose
+/// peer is v4-mapped), SOL_IPV6 for IPv6 flows.
+pub fn original_dst(fd: RawFd, peer: SocketAddr) -> Result<SocketAddr, String> {
+    let level = match peer {
+        SocketAddr::V4(_) => libc::SOL_IP,
+        SocketAddr::V6(a) if a.ip().to_ipv4_mapped().is_some() => libc::SOL_IP,
+        SocketAddr::V6(_) => libc::SOL_IPV6,
+    };
+    // SAFETY: plain data.
+    let mut ss: libc::sockaddr_storage = unsafe { mem::zeroed() };
+    let mut len = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: ss/len are valid for the advertised size.
+    let rc = unsafe { libc::getsockopt(fd, level, 80, (&mut ss as *mut libc::sockaddr_storage).cast(), &mut len) };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(format!("errno:{}", e.raw_os_error().unwrap_or(0)));
+    }
+    sockaddr_to_std(&ss).ok_or_else(|| "bad family".to_string())
+}
+
+fn unmap(a: SocketAddr) -> SocketAddr {
+    match a {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
+            None => a,
+        },
+        a => a,
+    }
+}
+
+/// Serve `name@addr:port` listeners until killed; prints "ready" once all are bound.
+pub fn listen(specs: &[String]) -> Result<()> {
+    let mut threads = Vec::new();
+    for spec in specs {
+        let (name, addr) = spec
+            .split_once('@')
+            .with_context(|| format!("listener spec {spec}: want name@addr:port"))?;
+        let addr: SocketAddr = addr.parse().with_context(|| format!("listener spec {spec}"))?;
+        let listener = bind_listener(addr).with_context(|| format!("binding {addr}"))?;
+        let name = name.to_string();
+        threads.push(std::thread::spawn(move || serve(listener, name)));
+    }
+    println!("ready");
+    std::io::stdout().flush()?;
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(())
+}
+
+fn bind_listener(addr: SocketAddr) -> Result<TcpListener> {
+    let family = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    // SAFETY: plain socket(2).
+    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        bail!("socket: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: fresh fd.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let one: libc::c_int = 1;
+    // SAFETY: valid option pointers.
+    unsafe {
+        libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, (&one as *const libc::c_int).cast(), 4);
+        if addr.is_ipv6() {
+            libc::setsockopt(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, (&one as *const libc::c_int).cast(), 4);
+        }
+    }
+    let (ss, len) = std_to_sockaddr(addr);
+    // SAFETY: ss is a valid sockaddr of len bytes.
+    if unsafe { libc::bind(fd, (&ss as *const libc::sockaddr_storage).cast(), len) } != 0 {
+        bail!("bind: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: bound socket.
+    if unsafe { libc::listen(fd, 128) } != 0 {
+        bail!("listen: {}", std::io::Error::last_os_error());
+    }
+    Ok(TcpListener::from(sock))
+}
+
+fn serve(listener: TcpListener, name: String) {
+    for conn in listener.incoming() {
+        let Ok(mut conn) = conn else { continue };
+        let peer = match conn.peer_addr() {
+            Ok(p) => p,
+            Err(_) => continue,
+        };
+        let orig = match original_dst(conn.as_raw_fd(), peer) {
+            Ok(a) => unmap(a).to_string(),
+            Err(e) => e,
+        };
+        let local = conn.local_addr().map(|a| unmap(a).to_string()).unwrap_or_default();
+        let line = format!("listener={name} orig={orig} peer={} local={local}\n", unmap(peer));
+        let _ = conn.write_all(line.as_bytes());
+    }
+}
+
+/// Settings of one client connection.
+#[derive(Clone, Debug, Default)]
+pub struct ConnectSpec {
+    pub dst: Option<SocketAddr>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub bind: Option<IpAddr>,
+    /// Create an AF_INET6 socket and dial an IPv4 destination as ::ffff:a.b.c.d.
+    pub v4_mapped: bool,
+    pub timeout: Duration,
+}
+
+/// Drop to `gid`/`uid` (before any socket exists, so the socket's owner is that user, as with a
+/// real app), connect, read the listener's report.
+pub fn connect(spec: &ConnectSpec) -> Outcome {
+    match connect_inner(spec) {
+        Ok(o) => o,
+        Err(e) => Outcome::Error { error: format!("{e:#}") },
+    }
+}
+
+fn connect_inner(spec: &ConnectSpec) -> Result<Outcome> {
+    let dst = spec.dst.context("no destination")?;
+    // SAFETY: credential changes of this single-threaded process.
+    unsafe {
+        if spec.gid.is_some() || spec.uid.is_some() {
+            if libc::setgroups(0, std::ptr::null()) != 0 {
+                bail!("setgroups: {}", std::io::Error::last_os_error());
+            }
+        }
+        if let Some(g) = spec.gid {
+            if libc::setresgid(g, g, g) != 0 {
+                bail!("setresgid({g}): {}", std::io::Error::last_os_error());
+            }
+        }
+        if let Some(u) = spec.uid {
+            if libc::setresuid(u, u, u) != 0 {
+                bail!("setresuid({u}): {}", std::io::Error::last_os_error());
+            }
+        }
+    }
+    let dial = match (dst, spec.v4_mapped) {
+        (SocketAddr::V4(v4), true) => SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port()),
+        (a, _) => a,
+    };
+    let family = if dial.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    // SAFETY: plain socket(2).
+    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        bail!("socket: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: fresh fd.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    if let Some(b) = spec.bind {
+        let b = match (b, family) {
+            (IpAddr::V4(v4), libc::AF_INET6) => IpAddr::V6(v4.to_ipv6_mapped()),
+            (b, _) => b,
+        };
+        let (ss, len) = std_to_sockaddr(SocketAddr::new(b, 0));
+        // SAFETY: valid sockaddr.
+        if unsafe { libc::bind(fd, (&ss as *const libc::sockaddr_storage).cast(), len) } != 0 {
+            bail!("bind {b}: {}", std::io::Error::last_os_error());
+        }
+    }
+    let tv = libc::timeval {
+        tv_sec: spec.timeout.as_secs() as libc::time_t,
+        tv_usec: spec.timeout.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: valid option pointers.
+    unsafe {
+        libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDTIMEO, (&tv as *const libc::timeval).cast(), mem::size_of::<libc::timeval>() as u32);
+        libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&tv as *const libc::timeval).cast(), mem::size_of::<libc::timeval>() as u32);
+    }
+    let (ss, len) = std_to_sockaddr(dial);
+    // SAFETY: valid sockaddr.
+    if unsafe { libc::connect(fd, (&ss as *const libc::sockaddr_storage).cast(), len) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Ok(match e.raw_os_error() {
+            Some(libc::ECONNREFUSED) => Outcome::Refused,
+            Some(libc::EINPROGRESS) | Some(libc::ETIMEDOUT) | Some(libc::EAGAIN) => Outcome::Timeout,
+            _ => Outcome::Error { error: format!("connect: {e}") },
+        });
+    }
+    let mut stream = TcpStream::from(sock);
+    let peername = stream.peer_addr().map(|a| unmap(a).to_string()).unwrap_or_else(|e| format!("error {e}"));
+    let mut buf = String::new();
+    if let Err(e) = stream.read_to_string(&mut buf) {
+        return Ok(match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => Outcome::Timeout,
+            _ => Outcome::Error { error: format!("read: {e}") },
+        });
+    }
+    let field = |k: &str| {
+        buf.split_whitespace()
+            .find_map(|f| f.strip_prefix(k).map(str::to_string))
+            .unwrap_or_default()
+    };
+    Ok(Outcome::Ok {
+        listener: field("listener="),
+        orig: field("orig="),
+        peername,
+    })
+}

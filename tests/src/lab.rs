@@ -1,0 +1,352 @@
+//! A throw-away lab on this machine: a child cgroup2, a private bpffs, network namespaces joined
+//! by veth pairs, an agent, and processes started in them. Everything is removed on drop, on
+//! failure and panic included. Nothing is ever attached to the root cgroup or the host netns.
+
+use std::{
+    fs,
+    io::{BufRead, BufReader, Read},
+    os::{
+        fd::{AsRawFd, OwnedFd},
+        unix::process::CommandExt,
+    },
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+/// Prefix of every netns, cgroup, mount and folder the labs create (for leak checks).
+pub const PREFIX: &str = "smt";
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// The cgroup2 mount point of this machine.
+pub fn cgroup2_root() -> Result<PathBuf> {
+    let mounts = fs::read_to_string("/proc/self/mounts")?;
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, dir, ty) = (f.next()?, f.next()?, f.next()?);
+            (ty == "cgroup2").then(|| PathBuf::from(dir))
+        })
+        .next()
+        .ok_or_else(|| anyhow!("no cgroup2 hierarchy is mounted: sockmesh needs cgroup v2 (mount -t cgroup2 none /sys/fs/cgroup/unified)"))
+}
+
+/// Path of a binary built next to this one (target/<profile>/NAME), or from `env_var`.
+pub fn sibling_bin(name: &str, env_var: &str) -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os(env_var) {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()?;
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let p = dir.join(name);
+    if p.exists() {
+        Ok(p)
+    } else {
+        bail!(
+            "{} not found: build it first (cargo build -p sockmesh) or set {env_var}",
+            p.display()
+        )
+    }
+}
+
+pub fn sockmesh_bin() -> Result<PathBuf> {
+    sibling_bin("sockmesh", "SOCKMESH_BIN")
+}
+
+pub fn testkit_bin() -> Result<PathBuf> {
+    sibling_bin("sockmesh-testkit", "SOCKMESH_TESTKIT_BIN")
+}
+
+/// Run a command, failing with its stderr if it fails.
+pub fn run(cmd: &mut Command) -> Result<Output> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim(),
+            String::from_utf8_lossy(&out.stdout).trim()
+        );
+    }
+    Ok(out)
+}
+
+/// Check that the tools a lab needs are here; fail loudly naming the fix.
+pub fn require_tools(tools: &[&str]) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the lab needs root (netns, cgroups, bpffs, BPF programs): run as root");
+    }
+    for t in tools {
+        let found = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).any(|d| d.join(t).exists()))
+            .unwrap_or(false);
+        if !found {
+            bail!("{t} is not installed: run `cargo xtask setup` (installs iptables, iproute2)");
+        }
+    }
+    Ok(())
+}
+
+#[derive(Clone, Debug)]
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/var/run/netns").join(&self.name)
+    }
+
+    /// `ip -n NAME ...`
+    pub fn ip(&self, args: &[&str]) -> Result<()> {
+        run(Command::new("ip").arg("-n").arg(&self.name).args(args)).map(|_| ())
+    }
+
+    /// A command run in this netns (via `ip netns exec`).
+    pub fn exec(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+}
+
+pub struct Agent {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+pub struct Lab {
+    pub name: String,
+    pub dir: PathBuf,
+    pub cgroup: PathBuf,
+    pub bpffs_mount: PathBuf,
+    pub bpffs: PathBuf,
+    pub socket: PathBuf,
+    netns: Vec<Netns>,
+    children: Vec<Child>,
+    agent: Option<Agent>,
+    bpffs_mounted: bool,
+}
+
+impl Lab {
+    /// A new lab: its folder, child cgroup and private bpffs. `tag` names it in listings.
+    pub fn new(tag: &str) -> Result<Lab> {
+        require_tools(&["ip", "mount", "umount"])?;
+        let n = SEQ.fetch_add(1, Ordering::Relaxed);
+        let name = format!("{PREFIX}-{tag}-{}-{n}", std::process::id());
+        let dir = std::env::temp_dir().join(&name);
+        fs::create_dir_all(&dir)?;
+        let cgroup = cgroup2_root()?.join(&name);
+        let bpffs_mount = dir.join("bpffs");
+        let mut lab = Lab {
+            bpffs: bpffs_mount.join("sockmesh"),
+            socket: dir.join("agent.sock"),
+            name,
+            dir,
+            cgroup,
+            bpffs_mount,
+            netns: Vec::new(),
+            children: Vec::new(),
+            agent: None,
+            bpffs_mounted: false,
+        };
+        fs::create_dir(&lab.cgroup)
+            .with_context(|| format!("creating cgroup {}", lab.cgroup.display()))?;
+        fs::create_dir_all(&lab.bpffs_mount)?;
+        run(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&lab.bpffs_mount))?;
+        lab.bpffs_mounted = true;
+        Ok(lab)
+    }
+
+    /// A new network namespace with lo up.
+    pub fn netns(&mut self, short: &str) -> Result<Netns> {
+        let ns = Netns {
+            name: format!("{}-{short}", self.name),
+        };
+        run(Command::new("ip").args(["netns", "add", &ns.name]))?;
+        self.netns.push(ns.clone());
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// A veth pair between two namespaces, both ends up.
+    pub fn veth(&mut self, a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<()> {
+        // Create in `a` directly so no interface ever sits in the host netns.
+        a.ip(&["link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", &b.name])?;
+        a.ip(&["link", "set", a_if, "up"])?;
+        b.ip(&["link", "set", b_if, "up"])?;
+        Ok(())
+    }
+
+    /// A command that runs in `ns`, and in the lab's cgroup if `in_cgroup`.
+    pub fn command(&self, ns: &Netns, in_cgroup: bool, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
+        let netns: OwnedFd = fs::File::open(ns.path())
+            .with_context(|| format!("opening {}", ns.path().display()))?
+            .into();
+        let procs = if in_cgroup {
+            Some(
+                std::ffi::CString::new(
+                    self.cgroup.join("cgroup.procs").as_os_str().as_encoded_bytes(),
+                )
+                .expect("no NUL"),
+            )
+        } else {
+            None
+        };
+        let mut cmd = Command::new(program);
+        // SAFETY: only async-signal-safe calls (open, write, close, setns) between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if let Some(procs) = &procs {
+                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                    if fd < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    let rc = libc::write(fd, b"0\n".as_ptr().cast(), 2);
+                    libc::close(fd);
+                    if rc < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Ok(cmd)
+    }
+
+    /// Start a long-running process; it is killed when the lab is dropped. If `ready_line` is
+    /// given, wait until the process prints a line containing it on stdout.
+    pub fn spawn(&mut self, mut cmd: Command, ready_line: Option<&str>) -> Result<()> {
+        cmd.stdin(Stdio::null());
+        cmd.stdout(Stdio::piped());
+        cmd.stderr(Stdio::inherit());
+        let mut child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
+        let stdout = child.stdout.take().expect("piped");
+        self.children.push(child);
+        let mut reader = BufReader::new(stdout);
+        if let Some(ready) = ready_line {
+            let mut line = String::new();
+            loop {
+                line.clear();
+                if reader.read_line(&mut line)? == 0 {
+                    bail!("{cmd:?} exited before printing '{ready}'");
+                }
+                if line.contains(ready) {
+                    break;
+                }
+            }
+        }
+        // Keep draining so the child never blocks on a full pipe.
+        std::thread::spawn(move || {
+            let mut sink = Vec::new();
+            let _ = reader.read_to_end(&mut sink);
+        });
+        Ok(())
+    }
+
+    /// Start the agent on the lab's cgroup and bpffs and wait until its socket exists.
+    pub fn start_agent(&mut self) -> Result<()> {
+        let log = self.dir.join("agent.log");
+        let out = fs::File::create(&log)?;
+        let child = Command::new(sockmesh_bin()?)
+            .arg("agent")
+            .arg("--cgroup")
+            .arg(&self.cgroup)
+            .arg("--bpffs")
+            .arg(&self.bpffs)
+            .arg("--socket")
+            .arg(&self.socket)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .context("starting sockmesh agent")?;
+        self.agent = Some(Agent { child, log: log.clone() });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.socket.exists() {
+            if let Some(a) = self.agent.as_mut() {
+                if let Some(status) = a.child.try_wait()? {
+                    bail!(
+                        "the agent exited ({status}) before it was ready:\n{}",
+                        tail(&log, 40)
+                    );
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("the agent was not ready within 30 s:\n{}", tail(&log, 40));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// Stop the agent with a signal (SIGTERM leaves capture in force).
+    pub fn stop_agent(&mut self, signal: i32) -> Result<()> {
+        if let Some(mut a) = self.agent.take() {
+            // SAFETY: kill on our own child's pid.
+            unsafe { libc::kill(a.child.id() as i32, signal) };
+            a.child.wait()?;
+        }
+        Ok(())
+    }
+
+    pub fn agent_log(&self) -> String {
+        tail(&self.dir.join("agent.log"), 60)
+    }
+
+    /// `sockmesh` with the lab's bpffs/socket, run in `ns` (not in the cgroup: init need not be).
+    pub fn sockmesh_in(&self, ns: &Netns) -> Result<Command> {
+        let mut c = self.command(ns, false, sockmesh_bin()?)?;
+        c.env("SOCKMESH_AGENT_SOCKET", &self.socket);
+        Ok(c)
+    }
+}
+
+pub fn tail(path: &Path, lines: usize) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let v: Vec<&str> = text.lines().collect();
+    v[v.len().saturating_sub(lines)..].join("\n")
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if let Some(mut a) = self.agent.take() {
+            let _ = a.child.kill();
+            let _ = a.child.wait();
+        }
+        for ns in self.netns.drain(..).rev() {
+            let _ = Command::new("ip").args(["netns", "del", &ns.name]).status();
+        }
+        if self.bpffs_mounted {
+            // Unmounting the private bpffs drops every pin: links detach, maps are freed.
+            let _ = Command::new("umount").arg(&self.bpffs_mount).status();
+        }
+        // The cgroup can only go once its processes are gone; give stragglers a moment.
+        for _ in 0..100 {
+            match fs::remove_dir(&self.cgroup) {
+                Ok(()) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}

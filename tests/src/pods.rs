@@ -1,0 +1,251 @@
+//! The standard topology of the suites: a pod and a peer host joined by a veth pair, listeners
+//! in both, and connections made from the pod as different callers.
+//!
+//! Addresses come from the documentation ranges (192.0.2.0/24, 198.51.100.0/24, 203.0.113.0/24,
+//! 2001:db8::/32) and exist only inside the lab's namespaces.
+
+use std::{net::SocketAddr, process::Command};
+
+use anyhow::{bail, Context, Result};
+
+use crate::{
+    kit::Outcome,
+    lab::{run, testkit_bin, Lab, Netns},
+    profiles::Profile,
+};
+
+pub const POD_V4: &str = "192.0.2.10";
+pub const PEER_V4: &str = "192.0.2.20";
+pub const POD_V6: &str = "2001:db8::10";
+pub const PEER_V6: &str = "2001:db8::20";
+
+/// Extra addresses the peer answers on (routed through it), to exercise CIDR lists.
+pub const PEER_EXTRA: [&str; 5] = [
+    "198.51.100.10",
+    "198.51.100.200",
+    "203.0.113.10",
+    "2001:db8:1::10",
+    "2001:db8:2::10",
+];
+
+/// Ports the peer listens on.
+pub const PEER_PORTS: [u16; 5] = [80, 8081, 9090, 9091, 15008];
+/// Ports listened on in the pod: outbound/inbound capture and the app.
+pub const POD_PORTS: [u16; 3] = [15001, 15006, 8080];
+
+pub struct Pod {
+    pub ns: Netns,
+    pub peer: Netns,
+    pub in_cgroup: bool,
+}
+
+/// How a pod is captured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Iptables,
+    Sockmesh,
+}
+
+/// Build a pod and its peer in `lab`, with listeners, for `profile`.
+pub fn pod(lab: &mut Lab, tag: &str, profile: &Profile, mode: Mode) -> Result<Pod> {
+    let ns = lab.netns(&format!("{tag}p"))?;
+    let peer = lab.netns(&format!("{tag}q"))?;
+    lab.veth(&ns, "eth0", &peer, "eth0")?;
+    peer.ip(&["addr", "add", &format!("{PEER_V4}/24"), "dev", "eth0"])?;
+    peer.ip(&["-6", "addr", "add", &format!("{PEER_V6}/64"), "dev", "eth0", "nodad"])?;
+    for a in PEER_EXTRA {
+        if a.contains(':') {
+            peer.ip(&["-6", "addr", "add", &format!("{a}/128"), "dev", "lo"])?;
+        } else {
+            peer.ip(&["addr", "add", &format!("{a}/32"), "dev", "lo"])?;
+        }
+    }
+    if profile.pod_v4 {
+        ns.ip(&["addr", "add", &format!("{POD_V4}/24"), "dev", "eth0"])?;
+        ns.ip(&["route", "add", "default", "via", PEER_V4])?;
+    }
+    if profile.pod_v6 {
+        ns.ip(&["-6", "addr", "add", &format!("{POD_V6}/64"), "dev", "eth0", "nodad"])?;
+        ns.ip(&["-6", "route", "add", "default", "via", PEER_V6])?;
+    }
+    let in_cgroup = mode == Mode::Sockmesh;
+    let kit = testkit_bin()?;
+    let mut specs = Vec::new();
+    for p in POD_PORTS {
+        specs.push(format!("pod:{p}@0.0.0.0:{p}"));
+        specs.push(format!("pod:{p}v6@[::]:{p}"));
+    }
+    let mut cmd = lab.command(&ns, in_cgroup, &kit)?;
+    cmd.arg("listen").args(&specs);
+    lab.spawn(cmd, Some("ready"))?;
+    let mut specs = Vec::new();
+    for p in PEER_PORTS {
+        specs.push(format!("peer:{p}@0.0.0.0:{p}"));
+        specs.push(format!("peer:{p}v6@[::]:{p}"));
+    }
+    let mut cmd = lab.command(&peer, false, &kit)?;
+    cmd.arg("listen").args(&specs);
+    lab.spawn(cmd, Some("ready"))?;
+    Ok(Pod { ns, peer, in_cgroup })
+}
+
+/// Load `profile`'s istio-iptables rules into the pod with the real iptables-restore (and, as
+/// istio-iptables does when IPv6 is on, put ::6 on lo).
+pub fn apply_iptables(pod: &Pod, profile: &Profile) -> Result<()> {
+    if profile.ipv6_rules() {
+        pod.ns.ip(&["-6", "addr", "add", "::6/128", "dev", "lo", "nodad"])?;
+    }
+    for (v6, bin) in [(false, "iptables-restore"), (true, "ip6tables-restore")] {
+        if v6 && !profile.ipv6_rules() {
+            continue;
+        }
+        let rules = profile.rules(v6);
+        let path = std::env::temp_dir().join(format!("{}-{}.rules", pod.ns.name, if v6 { 6 } else { 4 }));
+        std::fs::write(&path, &rules)?;
+        let file = std::fs::File::open(&path)?;
+        let out = pod
+            .ns
+            .exec(bin)
+            .arg("--noflush")
+            .stdin(file)
+            .output()
+            .with_context(|| format!("running {bin}"))?;
+        let _ = std::fs::remove_file(&path);
+        if !out.status.success() {
+            bail!(
+                "{bin} rejected the {} rules: {}\n{rules}",
+                profile.name,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Register the pod with the lab's agent through `sockmesh init istio` and the profile's argv.
+pub fn apply_sockmesh(lab: &Lab, pod: &Pod, profile: &Profile) -> Result<String> {
+    let mut cmd = lab.sockmesh_in(&pod.ns)?;
+    cmd.args(["init", "istio"]).args(profile.argv());
+    for (k, v) in profile.env() {
+        cmd.env(k, v);
+    }
+    let out = run(&mut cmd).with_context(|| format!("agent log:\n{}", lab.agent_log()))?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Who makes a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Caller {
+    pub name: &'static str,
+    pub uid: u32,
+    pub gid: u32,
+    pub bind: Option<&'static str>,
+    pub v4_mapped: bool,
+}
+
+pub const CALLERS: [Caller; 8] = [
+    Caller { name: "app", uid: 1000, gid: 1000, bind: None, v4_mapped: false },
+    Caller { name: "root", uid: 0, gid: 0, bind: None, v4_mapped: false },
+    Caller { name: "proxy-uid", uid: 1337, gid: 1337, bind: None, v4_mapped: false },
+    Caller { name: "proxy-gid-only", uid: 1000, gid: 1337, bind: None, v4_mapped: false },
+    Caller { name: "second-proxy-uid", uid: 1338, gid: 1338, bind: None, v4_mapped: false },
+    Caller { name: "group-2001", uid: 1000, gid: 2001, bind: None, v4_mapped: false },
+    Caller { name: "group-2002", uid: 1000, gid: 2002, bind: None, v4_mapped: false },
+    Caller { name: "app-v4-mapped", uid: 1000, gid: 1000, bind: None, v4_mapped: true },
+];
+
+/// Callers bound to the inbound passthrough source (only for local destinations).
+pub const PASSTHROUGH_CALLERS: [Caller; 2] = [
+    Caller { name: "app-from-127.0.0.6", uid: 1000, gid: 1000, bind: Some("127.0.0.6"), v4_mapped: false },
+    Caller { name: "proxy-from-127.0.0.6", uid: 1337, gid: 1337, bind: Some("127.0.0.6"), v4_mapped: false },
+];
+
+pub const PASSTHROUGH_CALLERS_V6: [Caller; 1] = [
+    Caller { name: "proxy-from-::6", uid: 1337, gid: 1337, bind: Some("::6"), v4_mapped: false },
+];
+
+/// Destinations from the pod: (address, is local to the pod).
+pub fn destinations(profile: &Profile) -> Vec<(SocketAddr, bool)> {
+    let mut d: Vec<(String, bool)> = Vec::new();
+    if profile.pod_v4 {
+        for p in [80, 8081, 9090, 9091, 15008] {
+            d.push((format!("{PEER_V4}:{p}"), false));
+        }
+        for a in &PEER_EXTRA[..3] {
+            d.push((format!("{a}:80"), false));
+        }
+        d.push((format!("{POD_V4}:8080"), true));
+        d.push((format!("{POD_V4}:15008"), true));
+    }
+    d.push(("127.0.0.1:8080".into(), true));
+    d.push(("127.0.0.2:8080".into(), true));
+    d.push(("127.1.2.3:8080".into(), true));
+    if profile.pod_v6 {
+        d.push((format!("[{PEER_V6}]:80"), false));
+        d.push((format!("[{PEER_V6}]:9090"), false));
+        for a in &PEER_EXTRA[3..] {
+            d.push((format!("[{a}]:80"), false));
+        }
+        d.push((format!("[{POD_V6}]:8080"), true));
+        d.push(("[::1]:8080".into(), true));
+    }
+    d.into_iter()
+        .map(|(a, l)| (a.parse().expect("valid test address"), l))
+        .collect()
+}
+
+/// One probe: a caller and a destination.
+#[derive(Clone, Debug)]
+pub struct Case {
+    pub caller: Caller,
+    pub dst: SocketAddr,
+}
+
+impl Case {
+    pub fn label(&self) -> String {
+        format!("{} -> {}", self.caller.name, self.dst)
+    }
+}
+
+pub fn cases(profile: &Profile) -> Vec<Case> {
+    let mut out = Vec::new();
+    for (dst, local) in destinations(profile) {
+        for caller in CALLERS {
+            if caller.v4_mapped && !dst.is_ipv4() {
+                continue;
+            }
+            out.push(Case { caller, dst });
+        }
+        if local && dst.is_ipv4() {
+            for caller in PASSTHROUGH_CALLERS {
+                out.push(Case { caller, dst });
+            }
+        }
+        if local && dst.is_ipv6() {
+            for caller in PASSTHROUGH_CALLERS_V6 {
+                out.push(Case { caller, dst });
+            }
+        }
+    }
+    out
+}
+
+/// Make the connection of `case` from the pod and report where it landed.
+pub fn probe(lab: &Lab, pod: &Pod, case: &Case) -> Result<Outcome> {
+    let mut cmd: Command = lab.command(&pod.ns, pod.in_cgroup, testkit_bin()?)?;
+    cmd.arg("connect")
+        .arg(case.dst.to_string())
+        .arg("--uid")
+        .arg(case.caller.uid.to_string())
+        .arg("--gid")
+        .arg(case.caller.gid.to_string());
+    if let Some(b) = case.caller.bind {
+        cmd.arg("--bind").arg(b);
+    }
+    if case.caller.v4_mapped {
+        cmd.arg("--v4-mapped");
+    }
+    let out = run(&mut cmd)?;
+    serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("testkit output: {}", String::from_utf8_lossy(&out.stdout)))
+}

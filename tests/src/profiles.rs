@@ -1,0 +1,298 @@
+//! istio-iptables profiles: the `istio-iptables` argv and environment of each, and the nat rules
+//! istio-iptables programs for it, as text for the real `iptables-restore --noflush`.
+//!
+//! The rule text is transcribed from istio's rule builder (shared/spec/istio-iptables.md §2.1,
+//! §2.3, §2.7): same chains, same rules, same order. It is deliberately not derived from
+//! sockmesh's decision function, so the conformance suite compares sockmesh with an independent
+//! reference that the kernel's netfilter evaluates.
+
+/// A capture profile, in istio terms.
+#[derive(Clone, Debug)]
+pub struct Profile {
+    pub name: &'static str,
+    pub outbound_port: u16,
+    pub inbound_port: u16,
+    pub tunnel_port: u16,
+    pub uids: Vec<u32>,
+    pub gids: Vec<u32>,
+    /// `-i`: `*`, or CIDRs.
+    pub include: Vec<String>,
+    /// `-x`
+    pub exclude: Vec<String>,
+    /// `-q`
+    pub outbound_ports: Vec<u16>,
+    /// `-o`
+    pub outbound_exclude_ports: Vec<u16>,
+    /// `-b`: `*`, or ports.
+    pub inbound: Vec<String>,
+    /// `-d`
+    pub inbound_exclude: Vec<u16>,
+    /// `ISTIO_OUTBOUND_OWNER_GROUPS` (None = `*`).
+    pub owner_groups: Option<Vec<u32>>,
+    /// `ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE`
+    pub owner_groups_exclude: Vec<u32>,
+    /// `ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR`
+    pub loopback_cidr: Option<&'static str>,
+    /// `--dual-stack`
+    pub dual_stack: bool,
+    /// Pod addresses: whether the pod has an IPv4 and an IPv6 address.
+    pub pod_v4: bool,
+    pub pod_v6: bool,
+}
+
+impl Profile {
+    /// The injector's default sidecar argv (`-i '*' -b '*' -d 15090,15021,15020`).
+    pub fn default_sidecar() -> Self {
+        Profile {
+            name: "default-sidecar",
+            outbound_port: 15001,
+            inbound_port: 15006,
+            tunnel_port: 15008,
+            uids: vec![1337],
+            gids: vec![1337],
+            include: vec!["*".into()],
+            exclude: vec![],
+            outbound_ports: vec![],
+            outbound_exclude_ports: vec![],
+            inbound: vec!["*".into()],
+            inbound_exclude: vec![15090, 15021, 15020],
+            owner_groups: None,
+            owner_groups_exclude: vec![],
+            loopback_cidr: None,
+            dual_stack: false,
+            pod_v4: true,
+            pod_v6: true,
+        }
+    }
+
+    fn join<T: ToString>(v: &[T]) -> String {
+        v.iter().map(T::to_string).collect::<Vec<_>>().join(",")
+    }
+
+    /// The `istio-iptables` arguments (without argv[0]).
+    pub fn argv(&self) -> Vec<String> {
+        let mut a = vec![
+            "-p".into(),
+            self.outbound_port.to_string(),
+            "-z".into(),
+            self.inbound_port.to_string(),
+            "-u".into(),
+            Self::join(&self.uids),
+            "-g".into(),
+            Self::join(&self.gids),
+            "-m".into(),
+            "REDIRECT".into(),
+            "-i".into(),
+            Self::join(&self.include),
+            "-x".into(),
+            Self::join(&self.exclude),
+            "-b".into(),
+            Self::join(&self.inbound),
+            "-d".into(),
+            Self::join(&self.inbound_exclude),
+        ];
+        if !self.outbound_ports.is_empty() {
+            a.push("-q".into());
+            a.push(Self::join(&self.outbound_ports));
+        }
+        if !self.outbound_exclude_ports.is_empty() {
+            a.push("-o".into());
+            a.push(Self::join(&self.outbound_exclude_ports));
+        }
+        if self.dual_stack {
+            a.push("--dual-stack".into());
+        }
+        a
+    }
+
+    /// Environment variables for `istio-iptables`.
+    pub fn env(&self) -> Vec<(String, String)> {
+        let mut e = Vec::new();
+        if let Some(g) = &self.owner_groups {
+            e.push(("ISTIO_OUTBOUND_OWNER_GROUPS".into(), Self::join(g)));
+        }
+        if !self.owner_groups_exclude.is_empty() {
+            e.push((
+                "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE".into(),
+                Self::join(&self.owner_groups_exclude),
+            ));
+        }
+        if let Some(c) = self.loopback_cidr {
+            e.push(("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR".into(), c.into()));
+        }
+        e
+    }
+
+    /// Whether istio would install ip6tables rules: the first non-loopback address is v6
+    /// (a v6-only pod here), or `--dual-stack` with a v6 address.
+    pub fn ipv6_rules(&self) -> bool {
+        self.pod_v6 && (!self.pod_v4 || self.dual_stack)
+    }
+
+    /// The nat table istio-iptables feeds to iptables-restore (`v6`: to ip6tables-restore).
+    pub fn rules(&self, v6: bool) -> String {
+        let (passthrough, lo_cidr) = if v6 {
+            ("::6/128".to_string(), "::1/128".to_string())
+        } else {
+            (
+                "127.0.0.6/32".to_string(),
+                self.loopback_cidr.unwrap_or("127.0.0.1/32").to_string(),
+            )
+        };
+        let family = |c: &String| c.contains(':') == v6;
+        let mut r = vec![
+            "* nat".to_string(),
+            "-N ISTIO_INBOUND".into(),
+            "-N ISTIO_REDIRECT".into(),
+            "-N ISTIO_IN_REDIRECT".into(),
+            "-N ISTIO_OUTPUT".into(),
+            format!("-A ISTIO_INBOUND -p tcp --dport {} -j RETURN", self.tunnel_port),
+            format!("-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports {}", self.outbound_port),
+            format!("-A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports {}", self.inbound_port),
+        ];
+        if !self.inbound.is_empty() {
+            r.push("-A PREROUTING -p tcp -j ISTIO_INBOUND".into());
+            if self.inbound == ["*"] {
+                for d in &self.inbound_exclude {
+                    r.push(format!("-A ISTIO_INBOUND -p tcp --dport {d} -j RETURN"));
+                }
+                r.push("-A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT".into());
+            } else {
+                for b in &self.inbound {
+                    r.push(format!("-A ISTIO_INBOUND -p tcp --dport {b} -j ISTIO_IN_REDIRECT"));
+                }
+            }
+        }
+        r.push("-A OUTPUT -j ISTIO_OUTPUT".into());
+        for o in &self.outbound_exclude_ports {
+            r.push(format!("-A ISTIO_OUTPUT -p tcp --dport {o} -j RETURN"));
+            r.push(format!("-A ISTIO_OUTPUT -p udp --dport {o} -j RETURN"));
+        }
+        r.push(format!("-A ISTIO_OUTPUT -o lo -s {passthrough} -j RETURN"));
+        let lo_in_include = self
+            .include
+            .iter()
+            .any(|c| c.starts_with("127.") || c.starts_with("::1/"));
+        for (ids, flag) in [(&self.uids, "--uid-owner"), (&self.gids, "--gid-owner")] {
+            for id in ids {
+                r.push(format!(
+                    "-A ISTIO_OUTPUT -o lo ! -d {lo_cidr} -p tcp ! --dport {} -m owner {flag} {id} -j ISTIO_IN_REDIRECT",
+                    self.tunnel_port
+                ));
+                if !lo_in_include {
+                    r.push(format!("-A ISTIO_OUTPUT -o lo -m owner ! {flag} {id} -j RETURN"));
+                }
+                r.push(format!("-A ISTIO_OUTPUT -m owner {flag} {id} -j RETURN"));
+            }
+        }
+        match &self.owner_groups {
+            Some(groups) => {
+                let matches: Vec<String> = groups
+                    .iter()
+                    .map(|g| format!("-m owner ! --gid-owner {g}"))
+                    .collect();
+                r.push(format!("-A ISTIO_OUTPUT {} -j RETURN", matches.join(" ")));
+            }
+            None => {
+                for g in &self.owner_groups_exclude {
+                    r.push(format!("-A ISTIO_OUTPUT -m owner --gid-owner {g} -j RETURN"));
+                }
+            }
+        }
+        r.push(format!("-A ISTIO_OUTPUT -d {lo_cidr} -j RETURN"));
+        for x in self.exclude.iter().filter(|c| family(c)) {
+            r.push(format!("-A ISTIO_OUTPUT -d {x} -j RETURN"));
+        }
+        for q in &self.outbound_ports {
+            r.push(format!("-A ISTIO_OUTPUT -p tcp --dport {q} -j ISTIO_REDIRECT"));
+        }
+        if self.include == ["*"] {
+            r.push("-A ISTIO_OUTPUT -j ISTIO_REDIRECT".into());
+        } else {
+            for i in self.include.iter().filter(|c| family(c)) {
+                r.push(format!("-A ISTIO_OUTPUT -d {i} -j ISTIO_REDIRECT"));
+            }
+        }
+        r.push("COMMIT".into());
+        let mut text = r.join("\n");
+        text.push('\n');
+        text
+    }
+}
+
+/// The profiles the conformance suite runs.
+pub fn all() -> Vec<Profile> {
+    let d = Profile::default_sidecar;
+    vec![
+        d(),
+        Profile {
+            name: "exclude-ports-and-cidrs",
+            outbound_exclude_ports: vec![9090],
+            exclude: vec!["198.51.100.128/25".into(), "2001:db8:2::/48".into()],
+            ..d()
+        },
+        Profile {
+            name: "include-cidrs",
+            include: vec![
+                "198.51.100.0/26".into(),
+                "203.0.113.0/24".into(),
+                "2001:db8:1::/48".into(),
+            ],
+            ..d()
+        },
+        Profile {
+            name: "include-cidrs-long",
+            // Hundreds of entries: the LPM trie has no small cap.
+            include: (0..=255)
+                .map(|i| format!("10.{i}.0.0/16"))
+                .chain(["203.0.113.0/25".into()])
+                .collect(),
+            ..d()
+        },
+        Profile {
+            name: "outbound-ports",
+            include: vec![],
+            inbound: vec![],
+            inbound_exclude: vec![],
+            outbound_ports: vec![8081, 9091],
+            ..d()
+        },
+        Profile {
+            name: "owner-groups-include",
+            owner_groups: Some(vec![2001, 2003]),
+            ..d()
+        },
+        Profile {
+            name: "owner-groups-exclude",
+            owner_groups_exclude: vec![2002],
+            ..d()
+        },
+        Profile {
+            name: "loopback-cidr",
+            loopback_cidr: Some("127.0.0.1/8"),
+            ..d()
+        },
+        Profile {
+            name: "loopback-include",
+            include: vec!["127.1.2.3/32".into(), "198.51.100.0/24".into()],
+            ..d()
+        },
+        Profile {
+            name: "multi-uid-gid",
+            uids: vec![1337, 1338],
+            gids: vec![1337, 1339],
+            ..d()
+        },
+        Profile {
+            name: "ipv6-dual-stack",
+            dual_stack: true,
+            exclude: vec!["2001:db8:2::/48".into()],
+            ..d()
+        },
+        Profile {
+            name: "ipv6-only-pod",
+            pod_v4: false,
+            ..d()
+        },
+    ]
+}
