@@ -30,12 +30,28 @@ pub fn last_err(call: &'static str) -> SyscallError {
     }
 }
 
-/// Run `f` on a fresh thread that has joined the network namespace `ns`, and return its result.
-/// The caller's own threads never change namespace.
+/// (device, inode) of a namespace file or fd.
+fn ns_id(fd: BorrowedFd<'_>) -> Result<(u64, u64), SyscallError> {
+    // SAFETY: st is written by fstat.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: valid fd and buffer.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(last_err("fstat(netns)"));
+    }
+    Ok((st.st_dev, st.st_ino))
+}
+
+/// Run `f` in the network namespace `ns` and return its result: directly if the calling thread
+/// is already there (no privilege needed), else on a fresh thread that joins it (setns needs
+/// CAP_SYS_ADMIN). The caller's own threads never change namespace.
 pub fn in_netns<T: Send + 'static>(
     ns: BorrowedFd<'_>,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, SyscallError> {
+    let own = open_netns(Path::new("/proc/thread-self/ns/net"))?;
+    if ns_id(own.as_fd())? == ns_id(ns)? {
+        return Ok(f());
+    }
     let fd = ns
         .try_clone_to_owned()
         .map_err(|source| SyscallError { call: "dup(netns)", source })?;

@@ -357,3 +357,253 @@ pub fn decide<R: Rules>(cfg: &PodConfig, rules: &R, conn: &Conn) -> Verdict {
         None => Verdict::Pass(Reason::NoMatch),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The decision against the rules of shared/spec/istio-iptables.md, case by case.
+    extern crate std;
+    use std::vec::Vec;
+
+    use super::*;
+    use crate::maps::{v4_mapped, MAX_OWNERS};
+
+    #[derive(Default)]
+    struct Sets {
+        members: Vec<(MemberKind, u32)>,
+        cidrs: Vec<(CidrKind, Addr, u8)>,
+    }
+
+    impl Rules for Sets {
+        fn member(&self, kind: MemberKind, value: u32) -> bool {
+            self.members.contains(&(kind, value))
+        }
+        fn cidr(&self, kind: CidrKind, addr: &Addr) -> bool {
+            self.cidrs.iter().any(|(k, net, len)| {
+                if *k != kind {
+                    return false;
+                }
+                let (a, n, bits) = if kind.is_v6() {
+                    (u128::from_be_bytes(*addr), u128::from_be_bytes(*net), *len as u32)
+                } else {
+                    (
+                        u32::from_be_bytes(v4_octets(addr)) as u128,
+                        u32::from_be_bytes(v4_octets(net)) as u128,
+                        96 + *len as u32,
+                    )
+                };
+                let mask = if bits == 0 { 0 } else { u128::MAX << (128 - bits) };
+                (a & mask) == (n & mask)
+            })
+        }
+    }
+
+    fn cfg(flags: u32, uids: &[u32], gids: &[u32]) -> PodConfig {
+        let mut u = [0; MAX_OWNERS];
+        u[..uids.len()].copy_from_slice(uids);
+        let mut g = [0; MAX_OWNERS];
+        g[..gids.len()].copy_from_slice(gids);
+        PodConfig {
+            flags,
+            outbound_port: 15001,
+            inbound_port: 15006,
+            tunnel_port: 15008,
+            loopback_v4_prefix: 32,
+            n_uids: uids.len() as u8,
+            n_gids: gids.len() as u8,
+            _pad: [0; 3],
+            loopback_v4: [127, 0, 0, 1],
+            uids: u,
+            gids: g,
+        }
+    }
+
+    fn default_cfg() -> PodConfig {
+        cfg(flags::OUTBOUND_ALL, &[1337], &[1337])
+    }
+
+    const POD: [u8; 4] = [192, 0, 2, 10];
+    const REMOTE: [u8; 4] = [198, 51, 100, 7];
+
+    fn conn(dst: [u8; 4], dport: u16, uid: u32, gid: u32) -> Conn {
+        let local = dst[0] == 127 || dst == POD;
+        Conn {
+            proto: Proto::Tcp,
+            dst: v4_mapped(dst),
+            dport,
+            src: [0; 16],
+            uid,
+            gid,
+            dst_is_local: local,
+        }
+    }
+
+    const OUT: Verdict = Verdict::Redirect { port: 15001, reason: Reason::CaptureAll };
+
+    fn inbound(reason: Reason) -> Verdict {
+        Verdict::Redirect { port: 15006, reason }
+    }
+
+    #[test]
+    fn default_sidecar() {
+        let c = default_cfg();
+        let s = Sets::default();
+        assert_eq!(decide(&c, &s, &conn(REMOTE, 80, 1000, 1000)), OUT);
+        assert_eq!(decide(&c, &s, &conn(REMOTE, 80, 0, 0)), OUT);
+        assert_eq!(decide(&c, &s, &conn(REMOTE, 80, 1337, 1337)), Verdict::Pass(Reason::ProxyUid));
+        // gid 1337 alone, remote: rule 4c.
+        assert_eq!(decide(&c, &s, &conn(REMOTE, 80, 1000, 1337)), Verdict::Pass(Reason::ProxyGid));
+        // The app to localhost and to its own pod IP: 3b.
+        assert_eq!(decide(&c, &s, &conn([127, 0, 0, 1], 8080, 1000, 1000)), Verdict::Pass(Reason::LocalTrafficUid));
+        assert_eq!(decide(&c, &s, &conn(POD, 8080, 1000, 1000)), Verdict::Pass(Reason::LocalTrafficUid));
+        // The proxy to its own pod IP and to 127.0.0.2: inbound port (3a); to 127.0.0.1: 3c.
+        assert_eq!(decide(&c, &s, &conn(POD, 8080, 1337, 1337)), inbound(Reason::ProxyUidToLocal));
+        assert_eq!(decide(&c, &s, &conn([127, 0, 0, 2], 8080, 1337, 1337)), inbound(Reason::ProxyUidToLocal));
+        assert_eq!(decide(&c, &s, &conn([127, 0, 0, 1], 8080, 1337, 1337)), Verdict::Pass(Reason::ProxyUid));
+        // The tunnel port is never sent inbound.
+        assert_eq!(decide(&c, &s, &conn(POD, 15008, 1337, 1337)), Verdict::Pass(Reason::ProxyUid));
+        // uid != 1337 with gid 1337 over lo is caught by 3b first: never IN_REDIRECTed.
+        assert_eq!(decide(&c, &s, &conn(POD, 8080, 1000, 1337)), Verdict::Pass(Reason::LocalTrafficUid));
+    }
+
+    #[test]
+    fn passthrough_source() {
+        let c = default_cfg();
+        let s = Sets::default();
+        let mut k = conn(POD, 8080, 1337, 1337);
+        k.src = v4_mapped([127, 0, 0, 6]);
+        assert_eq!(decide(&c, &s, &k), Verdict::Pass(Reason::InboundPassthrough));
+        // Only towards local addresses (rule 2 has -o lo).
+        let mut k = conn(REMOTE, 80, 1000, 1000);
+        k.src = v4_mapped([127, 0, 0, 6]);
+        assert_eq!(decide(&c, &s, &k), OUT);
+    }
+
+    #[test]
+    fn excluded_outbound_port_comes_first() {
+        let c = default_cfg();
+        let s = Sets { members: std::vec![(MemberKind::OutboundExcludePort, 9090)], ..Default::default() };
+        assert_eq!(decide(&c, &s, &conn(POD, 9090, 1337, 1337)), Verdict::Pass(Reason::OutboundPortExcluded));
+        assert_eq!(decide(&c, &s, &conn(REMOTE, 9090, 1000, 1000)), Verdict::Pass(Reason::OutboundPortExcluded));
+        let mut u = conn(REMOTE, 9090, 1000, 1000);
+        u.proto = Proto::Udp;
+        assert_eq!(decide(&c, &s, &u), Verdict::Pass(Reason::OutboundPortExcluded));
+    }
+
+    #[test]
+    fn multiple_proxy_uids_only_first_goes_inbound() {
+        let c = cfg(flags::OUTBOUND_ALL, &[1337, 1338], &[1337, 1338]);
+        let s = Sets::default();
+        assert_eq!(decide(&c, &s, &conn(POD, 8080, 1337, 1337)), inbound(Reason::ProxyUidToLocal));
+        // The second uid meets the first uid's 3b rule over lo.
+        assert_eq!(decide(&c, &s, &conn(POD, 8080, 1338, 1338)), Verdict::Pass(Reason::LocalTrafficUid));
+        assert_eq!(decide(&c, &s, &conn(REMOTE, 80, 1338, 1338)), Verdict::Pass(Reason::ProxyUid));
+    }
+
+    #[test]
+    fn cidr_lists() {
+        let c = cfg(0, &[1337], &[1337]);
+        let s = Sets {
+            cidrs: std::vec![
+                (CidrKind::IncludeV4, v4_mapped([198, 51, 100, 0]), 24),
+                (CidrKind::ExcludeV4, v4_mapped([198, 51, 100, 128]), 25),
+            ],
+            ..Default::default()
+        };
+        assert_eq!(
+            decide(&c, &s, &conn(REMOTE, 80, 1000, 1000)),
+            Verdict::Redirect { port: 15001, reason: Reason::CidrIncluded }
+        );
+        assert_eq!(decide(&c, &s, &conn([198, 51, 100, 200], 80, 1000, 1000)), Verdict::Pass(Reason::CidrExcluded));
+        assert_eq!(decide(&c, &s, &conn([203, 0, 113, 1], 80, 1000, 1000)), Verdict::Pass(Reason::NoMatch));
+    }
+
+    #[test]
+    fn outbound_ports_without_cidrs() {
+        let c = cfg(0, &[1337], &[1337]);
+        let s = Sets { members: std::vec![(MemberKind::OutboundIncludePort, 8081)], ..Default::default() };
+        assert_eq!(
+            decide(&c, &s, &conn(REMOTE, 8081, 1000, 1000)),
+            Verdict::Redirect { port: 15001, reason: Reason::OutboundPortIncluded }
+        );
+        assert_eq!(decide(&c, &s, &conn(REMOTE, 80, 1000, 1000)), Verdict::Pass(Reason::NoMatch));
+        // The proxy is still exempt.
+        assert_eq!(decide(&c, &s, &conn(REMOTE, 8081, 1337, 1337)), Verdict::Pass(Reason::ProxyUid));
+        // And -p tcp only.
+        let mut u = conn(REMOTE, 8081, 1000, 1000);
+        u.proto = Proto::Udp;
+        assert_eq!(decide(&c, &s, &u), Verdict::Pass(Reason::NoMatch));
+    }
+
+    #[test]
+    fn owner_groups() {
+        let c = cfg(flags::OUTBOUND_ALL | flags::OWNER_GROUPS_INCLUDE, &[1337], &[1337]);
+        let s = Sets { members: std::vec![(MemberKind::OwnerGroupInclude, 2001)], ..Default::default() };
+        assert_eq!(decide(&c, &s, &conn(REMOTE, 80, 1000, 2001)), OUT);
+        assert_eq!(decide(&c, &s, &conn(REMOTE, 80, 1000, 1000)), Verdict::Pass(Reason::OwnerGroupNotIncluded));
+        let c = cfg(flags::OUTBOUND_ALL | flags::OWNER_GROUPS_EXCLUDE, &[1337], &[1337]);
+        let s = Sets { members: std::vec![(MemberKind::OwnerGroupExclude, 2002)], ..Default::default() };
+        assert_eq!(decide(&c, &s, &conn(REMOTE, 80, 1000, 2002)), Verdict::Pass(Reason::OwnerGroupExcluded));
+        assert_eq!(decide(&c, &s, &conn(REMOTE, 80, 1000, 1000)), OUT);
+    }
+
+    #[test]
+    fn loopback_cidr_setting() {
+        let mut c = default_cfg();
+        c.loopback_v4_prefix = 8;
+        let s = Sets::default();
+        // With 127.0.0.1/8 the proxy's 127.0.0.2 is localhost: not sent inbound.
+        assert_eq!(decide(&c, &s, &conn([127, 0, 0, 2], 8080, 1337, 1337)), Verdict::Pass(Reason::ProxyUid));
+    }
+
+    #[test]
+    fn loopback_include_drops_the_lo_return_rule() {
+        let c = cfg(flags::NO_LO_RETURN, &[1337], &[1337]);
+        let s = Sets {
+            cidrs: std::vec![(CidrKind::IncludeV4, v4_mapped([127, 1, 2, 3]), 32)],
+            ..Default::default()
+        };
+        // The app's call to 127.1.2.3 is no longer exempt as local traffic: it is captured.
+        assert_eq!(
+            decide(&c, &s, &conn([127, 1, 2, 3], 8080, 1000, 1000)),
+            Verdict::Redirect { port: 15001, reason: Reason::CidrIncluded }
+        );
+    }
+
+    #[test]
+    fn ipv6_follows_the_pod() {
+        let c = default_cfg();
+        let s = Sets::default();
+        let v6 = Conn {
+            proto: Proto::Tcp,
+            dst: [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x20],
+            dport: 80,
+            src: [0; 16],
+            uid: 1000,
+            gid: 1000,
+            dst_is_local: false,
+        };
+        assert_eq!(decide(&c, &s, &v6), Verdict::Pass(Reason::NoIpv6Rules));
+        let c6 = cfg(flags::OUTBOUND_ALL | flags::IPV6, &[1337], &[1337]);
+        assert_eq!(decide(&c6, &s, &v6), OUT);
+        // ::1 is localhost.
+        let mut lo = v6;
+        lo.dst = V6_LOOPBACK;
+        lo.dst_is_local = true;
+        lo.uid = 1337;
+        lo.gid = 1337;
+        assert_eq!(decide(&c6, &s, &lo), Verdict::Pass(Reason::ProxyUid));
+        // A v4-mapped destination is IPv4, whatever the pod's IPv6 setting.
+        let mapped = conn(REMOTE, 80, 1000, 1000);
+        assert_eq!(decide(&c, &s, &mapped), OUT);
+    }
+
+    #[test]
+    fn reason_table_is_consistent() {
+        for (i, r) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*r as u32, i as u32 + 1);
+            assert_eq!(Reason::from_u32(*r as u32), Some(*r));
+        }
+        assert_eq!(Reason::from_u32(0), None);
+        assert_eq!(Reason::from_u32(19), None);
+    }
+}
