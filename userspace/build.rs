@@ -6,7 +6,7 @@ fn main() -> anyhow::Result<()> {
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR"));
     let skip = env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     if skip {
-        fs::write(out.join("sockmesh"), [])?;
+        fs::write(out.join("sockmesh-ebpf"), [])?;
         println!("cargo:rerun-if-env-changed=AYA_BUILD_SKIP");
         return Ok(());
     }

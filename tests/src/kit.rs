@@ -89,7 +89,15 @@ pub fn original_dst(fd: RawFd, peer: SocketAddr) -> Result<SocketAddr, String> {
     let mut ss: libc::sockaddr_storage = unsafe { mem::zeroed() };
     let mut len = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
     // SAFETY: ss/len are valid for the advertised size.
-    let rc = unsafe { libc::getsockopt(fd, level, 80, (&mut ss as *mut libc::sockaddr_storage).cast(), &mut len) };
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            level,
+            80,
+            (&mut ss as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        )
+    };
     if rc != 0 {
         let e = std::io::Error::last_os_error();
         return Err(format!("errno:{}", e.raw_os_error().unwrap_or(0)));
@@ -114,7 +122,9 @@ pub fn listen(specs: &[String]) -> Result<()> {
         let (name, addr) = spec
             .split_once('@')
             .with_context(|| format!("listener spec {spec}: want name@addr:port"))?;
-        let addr: SocketAddr = addr.parse().with_context(|| format!("listener spec {spec}"))?;
+        let addr: SocketAddr = addr
+            .parse()
+            .with_context(|| format!("listener spec {spec}"))?;
         let listener = bind_listener(addr).with_context(|| format!("binding {addr}"))?;
         let name = name.to_string();
         threads.push(std::thread::spawn(move || serve(listener, name)));
@@ -128,7 +138,11 @@ pub fn listen(specs: &[String]) -> Result<()> {
 }
 
 fn bind_listener(addr: SocketAddr) -> Result<TcpListener> {
-    let family = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    let family = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
     // SAFETY: plain socket(2).
     let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
@@ -139,9 +153,21 @@ fn bind_listener(addr: SocketAddr) -> Result<TcpListener> {
     let one: libc::c_int = 1;
     // SAFETY: valid option pointers.
     unsafe {
-        libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, (&one as *const libc::c_int).cast(), 4);
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&one as *const libc::c_int).cast(),
+            4,
+        );
         if addr.is_ipv6() {
-            libc::setsockopt(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, (&one as *const libc::c_int).cast(), 4);
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_IPV6,
+                libc::IPV6_V6ONLY,
+                (&one as *const libc::c_int).cast(),
+                4,
+            );
         }
     }
     let (ss, len) = std_to_sockaddr(addr);
@@ -167,8 +193,20 @@ fn serve(listener: TcpListener, name: String) {
             Ok(a) => unmap(a).to_string(),
             Err(e) => e,
         };
-        let local = conn.local_addr().map(|a| unmap(a).to_string()).unwrap_or_default();
-        let line = format!("listener={name} orig={orig} peer={} local={local}\n", unmap(peer));
+        let local = conn
+            .local_addr()
+            .map(|a| unmap(a).to_string())
+            .unwrap_or_default();
+        let line = format!(
+            "listener={name} orig={orig} peer={} local={local}\n",
+            unmap(peer)
+        );
+        if std::env::var_os("SOCKMESH_TESTKIT_LOG").is_some() {
+            eprintln!(
+                "  [{name}] accepted: original destination {orig}, peer {}, local {local}",
+                unmap(peer)
+            );
+        }
         let _ = conn.write_all(line.as_bytes());
     }
 }
@@ -183,6 +221,8 @@ pub struct ConnectSpec {
     /// Create an AF_INET6 socket and dial an IPv4 destination as ::ffff:a.b.c.d.
     pub v4_mapped: bool,
     pub timeout: Duration,
+    /// Keep the connection open this long after the listener's report (to see live state).
+    pub hold: Duration,
 }
 
 /// Drop to `gid`/`uid` (before any socket exists, so the socket's owner is that user, as with a
@@ -190,7 +230,9 @@ pub struct ConnectSpec {
 pub fn connect(spec: &ConnectSpec) -> Outcome {
     match connect_inner(spec) {
         Ok(o) => o,
-        Err(e) => Outcome::Error { error: format!("{e:#}") },
+        Err(e) => Outcome::Error {
+            error: format!("{e:#}"),
+        },
     }
 }
 
@@ -198,10 +240,8 @@ fn connect_inner(spec: &ConnectSpec) -> Result<Outcome> {
     let dst = spec.dst.context("no destination")?;
     // SAFETY: credential changes of this single-threaded process.
     unsafe {
-        if spec.gid.is_some() || spec.uid.is_some() {
-            if libc::setgroups(0, std::ptr::null()) != 0 {
-                bail!("setgroups: {}", std::io::Error::last_os_error());
-            }
+        if (spec.gid.is_some() || spec.uid.is_some()) && libc::setgroups(0, std::ptr::null()) != 0 {
+            bail!("setgroups: {}", std::io::Error::last_os_error());
         }
         if let Some(g) = spec.gid {
             if libc::setresgid(g, g, g) != 0 {
@@ -215,10 +255,16 @@ fn connect_inner(spec: &ConnectSpec) -> Result<Outcome> {
         }
     }
     let dial = match (dst, spec.v4_mapped) {
-        (SocketAddr::V4(v4), true) => SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port()),
+        (SocketAddr::V4(v4), true) => {
+            SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
+        }
         (a, _) => a,
     };
-    let family = if dial.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    let family = if dial.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
     // SAFETY: plain socket(2).
     let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
@@ -243,8 +289,20 @@ fn connect_inner(spec: &ConnectSpec) -> Result<Outcome> {
     };
     // SAFETY: valid option pointers.
     unsafe {
-        libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDTIMEO, (&tv as *const libc::timeval).cast(), mem::size_of::<libc::timeval>() as u32);
-        libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&tv as *const libc::timeval).cast(), mem::size_of::<libc::timeval>() as u32);
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            mem::size_of::<libc::timeval>() as u32,
+        );
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            mem::size_of::<libc::timeval>() as u32,
+        );
     }
     let (ss, len) = std_to_sockaddr(dial);
     // SAFETY: valid sockaddr.
@@ -252,19 +310,29 @@ fn connect_inner(spec: &ConnectSpec) -> Result<Outcome> {
         let e = std::io::Error::last_os_error();
         return Ok(match e.raw_os_error() {
             Some(libc::ECONNREFUSED) => Outcome::Refused,
-            Some(libc::EINPROGRESS) | Some(libc::ETIMEDOUT) | Some(libc::EAGAIN) => Outcome::Timeout,
-            _ => Outcome::Error { error: format!("connect: {e}") },
+            Some(libc::EINPROGRESS) | Some(libc::ETIMEDOUT) | Some(libc::EAGAIN) => {
+                Outcome::Timeout
+            }
+            _ => Outcome::Error {
+                error: format!("connect: {e}"),
+            },
         });
     }
     let mut stream = TcpStream::from(sock);
-    let peername = stream.peer_addr().map(|a| unmap(a).to_string()).unwrap_or_else(|e| format!("error {e}"));
+    let peername = stream
+        .peer_addr()
+        .map(|a| unmap(a).to_string())
+        .unwrap_or_else(|e| format!("error {e}"));
     let mut buf = String::new();
     if let Err(e) = stream.read_to_string(&mut buf) {
         return Ok(match e.kind() {
             std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => Outcome::Timeout,
-            _ => Outcome::Error { error: format!("read: {e}") },
+            _ => Outcome::Error {
+                error: format!("read: {e}"),
+            },
         });
     }
+    std::thread::sleep(spec.hold);
     let field = |k: &str| {
         buf.split_whitespace()
             .find_map(|f| f.strip_prefix(k).map(str::to_string))

@@ -67,9 +67,7 @@ pub fn testkit_bin() -> Result<PathBuf> {
 
 /// Run a command, failing with its stderr if it fails.
 pub fn run(cmd: &mut Command) -> Result<Output> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("running {cmd:?}"))?;
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
         bail!(
             "{cmd:?} failed ({}): {}{}",
@@ -164,7 +162,9 @@ impl Lab {
         fs::create_dir(&lab.cgroup)
             .with_context(|| format!("creating cgroup {}", lab.cgroup.display()))?;
         fs::create_dir_all(&lab.bpffs_mount)?;
-        run(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&lab.bpffs_mount))?;
+        run(Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&lab.bpffs_mount))?;
         lab.bpffs_mounted = true;
         Ok(lab)
     }
@@ -183,21 +183,31 @@ impl Lab {
     /// A veth pair between two namespaces, both ends up.
     pub fn veth(&mut self, a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<()> {
         // Create in `a` directly so no interface ever sits in the host netns.
-        a.ip(&["link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", &b.name])?;
+        a.ip(&[
+            "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", &b.name,
+        ])?;
         a.ip(&["link", "set", a_if, "up"])?;
         b.ip(&["link", "set", b_if, "up"])?;
         Ok(())
     }
 
     /// A command that runs in `ns`, and in the lab's cgroup if `in_cgroup`.
-    pub fn command(&self, ns: &Netns, in_cgroup: bool, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
+    pub fn command(
+        &self,
+        ns: &Netns,
+        in_cgroup: bool,
+        program: impl AsRef<std::ffi::OsStr>,
+    ) -> Result<Command> {
         let netns: OwnedFd = fs::File::open(ns.path())
             .with_context(|| format!("opening {}", ns.path().display()))?
             .into();
         let procs = if in_cgroup {
             Some(
                 std::ffi::CString::new(
-                    self.cgroup.join("cgroup.procs").as_os_str().as_encoded_bytes(),
+                    self.cgroup
+                        .join("cgroup.procs")
+                        .as_os_str()
+                        .as_encoded_bytes(),
                 )
                 .expect("no NUL"),
             )
@@ -275,7 +285,10 @@ impl Lab {
             .stderr(out)
             .spawn()
             .context("starting sockmesh agent")?;
-        self.agent = Some(Agent { child, log: log.clone() });
+        self.agent = Some(Agent {
+            child,
+            log: log.clone(),
+        });
         let deadline = Instant::now() + Duration::from_secs(30);
         while !self.socket.exists() {
             if let Some(a) = self.agent.as_mut() {

@@ -52,7 +52,15 @@ pub fn pod(lab: &mut Lab, tag: &str, profile: &Profile, mode: Mode) -> Result<Po
     let peer = lab.netns(&format!("{tag}q"))?;
     lab.veth(&ns, "eth0", &peer, "eth0")?;
     peer.ip(&["addr", "add", &format!("{PEER_V4}/24"), "dev", "eth0"])?;
-    peer.ip(&["-6", "addr", "add", &format!("{PEER_V6}/64"), "dev", "eth0", "nodad"])?;
+    peer.ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("{PEER_V6}/64"),
+        "dev",
+        "eth0",
+        "nodad",
+    ])?;
     for a in PEER_EXTRA {
         if a.contains(':') {
             peer.ip(&["-6", "addr", "add", &format!("{a}/128"), "dev", "lo"])?;
@@ -65,7 +73,15 @@ pub fn pod(lab: &mut Lab, tag: &str, profile: &Profile, mode: Mode) -> Result<Po
         ns.ip(&["route", "add", "default", "via", PEER_V4])?;
     }
     if profile.pod_v6 {
-        ns.ip(&["-6", "addr", "add", &format!("{POD_V6}/64"), "dev", "eth0", "nodad"])?;
+        ns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{POD_V6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
         ns.ip(&["-6", "route", "add", "default", "via", PEER_V6])?;
     }
     let in_cgroup = mode == Mode::Sockmesh;
@@ -86,21 +102,27 @@ pub fn pod(lab: &mut Lab, tag: &str, profile: &Profile, mode: Mode) -> Result<Po
     let mut cmd = lab.command(&peer, false, &kit)?;
     cmd.arg("listen").args(&specs);
     lab.spawn(cmd, Some("ready"))?;
-    Ok(Pod { ns, peer, in_cgroup })
+    Ok(Pod {
+        ns,
+        peer,
+        in_cgroup,
+    })
 }
 
 /// Load `profile`'s istio-iptables rules into the pod with the real iptables-restore (and, as
 /// istio-iptables does when IPv6 is on, put ::6 on lo).
 pub fn apply_iptables(pod: &Pod, profile: &Profile) -> Result<()> {
     if profile.ipv6_rules() {
-        pod.ns.ip(&["-6", "addr", "add", "::6/128", "dev", "lo", "nodad"])?;
+        pod.ns
+            .ip(&["-6", "addr", "add", "::6/128", "dev", "lo", "nodad"])?;
     }
     for (v6, bin) in [(false, "iptables-restore"), (true, "ip6tables-restore")] {
         if v6 && !profile.ipv6_rules() {
             continue;
         }
         let rules = profile.rules(v6);
-        let path = std::env::temp_dir().join(format!("{}-{}.rules", pod.ns.name, if v6 { 6 } else { 4 }));
+        let path =
+            std::env::temp_dir().join(format!("{}-{}.rules", pod.ns.name, if v6 { 6 } else { 4 }));
         std::fs::write(&path, &rules)?;
         let file = std::fs::File::open(&path)?;
         let out = pod
@@ -144,25 +166,89 @@ pub struct Caller {
 }
 
 pub const CALLERS: [Caller; 8] = [
-    Caller { name: "app", uid: 1000, gid: 1000, bind: None, v4_mapped: false },
-    Caller { name: "root", uid: 0, gid: 0, bind: None, v4_mapped: false },
-    Caller { name: "proxy-uid", uid: 1337, gid: 1337, bind: None, v4_mapped: false },
-    Caller { name: "proxy-gid-only", uid: 1000, gid: 1337, bind: None, v4_mapped: false },
-    Caller { name: "second-proxy-uid", uid: 1338, gid: 1338, bind: None, v4_mapped: false },
-    Caller { name: "group-2001", uid: 1000, gid: 2001, bind: None, v4_mapped: false },
-    Caller { name: "group-2002", uid: 1000, gid: 2002, bind: None, v4_mapped: false },
-    Caller { name: "app-v4-mapped", uid: 1000, gid: 1000, bind: None, v4_mapped: true },
+    Caller {
+        name: "app",
+        uid: 1000,
+        gid: 1000,
+        bind: None,
+        v4_mapped: false,
+    },
+    Caller {
+        name: "root",
+        uid: 0,
+        gid: 0,
+        bind: None,
+        v4_mapped: false,
+    },
+    Caller {
+        name: "proxy-uid",
+        uid: 1337,
+        gid: 1337,
+        bind: None,
+        v4_mapped: false,
+    },
+    Caller {
+        name: "proxy-gid-only",
+        uid: 1000,
+        gid: 1337,
+        bind: None,
+        v4_mapped: false,
+    },
+    Caller {
+        name: "second-proxy-uid",
+        uid: 1338,
+        gid: 1338,
+        bind: None,
+        v4_mapped: false,
+    },
+    Caller {
+        name: "group-2001",
+        uid: 1000,
+        gid: 2001,
+        bind: None,
+        v4_mapped: false,
+    },
+    Caller {
+        name: "group-2002",
+        uid: 1000,
+        gid: 2002,
+        bind: None,
+        v4_mapped: false,
+    },
+    Caller {
+        name: "app-v4-mapped",
+        uid: 1000,
+        gid: 1000,
+        bind: None,
+        v4_mapped: true,
+    },
 ];
 
 /// Callers bound to the inbound passthrough source (only for local destinations).
 pub const PASSTHROUGH_CALLERS: [Caller; 2] = [
-    Caller { name: "app-from-127.0.0.6", uid: 1000, gid: 1000, bind: Some("127.0.0.6"), v4_mapped: false },
-    Caller { name: "proxy-from-127.0.0.6", uid: 1337, gid: 1337, bind: Some("127.0.0.6"), v4_mapped: false },
+    Caller {
+        name: "app-from-127.0.0.6",
+        uid: 1000,
+        gid: 1000,
+        bind: Some("127.0.0.6"),
+        v4_mapped: false,
+    },
+    Caller {
+        name: "proxy-from-127.0.0.6",
+        uid: 1337,
+        gid: 1337,
+        bind: Some("127.0.0.6"),
+        v4_mapped: false,
+    },
 ];
 
-pub const PASSTHROUGH_CALLERS_V6: [Caller; 1] = [
-    Caller { name: "proxy-from-::6", uid: 1337, gid: 1337, bind: Some("::6"), v4_mapped: false },
-];
+pub const PASSTHROUGH_CALLERS_V6: [Caller; 1] = [Caller {
+    name: "proxy-from-::6",
+    uid: 1337,
+    gid: 1337,
+    bind: Some("::6"),
+    v4_mapped: false,
+}];
 
 /// Destinations from the pod: (address, is local to the pod).
 pub fn destinations(profile: &Profile) -> Vec<(SocketAddr, bool)> {

@@ -146,9 +146,18 @@ impl Profile {
             "-N ISTIO_REDIRECT".into(),
             "-N ISTIO_IN_REDIRECT".into(),
             "-N ISTIO_OUTPUT".into(),
-            format!("-A ISTIO_INBOUND -p tcp --dport {} -j RETURN", self.tunnel_port),
-            format!("-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports {}", self.outbound_port),
-            format!("-A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports {}", self.inbound_port),
+            format!(
+                "-A ISTIO_INBOUND -p tcp --dport {} -j RETURN",
+                self.tunnel_port
+            ),
+            format!(
+                "-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports {}",
+                self.outbound_port
+            ),
+            format!(
+                "-A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports {}",
+                self.inbound_port
+            ),
         ];
         if !self.inbound.is_empty() {
             r.push("-A PREROUTING -p tcp -j ISTIO_INBOUND".into());
@@ -159,7 +168,9 @@ impl Profile {
                 r.push("-A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT".into());
             } else {
                 for b in &self.inbound {
-                    r.push(format!("-A ISTIO_INBOUND -p tcp --dport {b} -j ISTIO_IN_REDIRECT"));
+                    r.push(format!(
+                        "-A ISTIO_INBOUND -p tcp --dport {b} -j ISTIO_IN_REDIRECT"
+                    ));
                 }
             }
         }
@@ -180,7 +191,9 @@ impl Profile {
                     self.tunnel_port
                 ));
                 if !lo_in_include {
-                    r.push(format!("-A ISTIO_OUTPUT -o lo -m owner ! {flag} {id} -j RETURN"));
+                    r.push(format!(
+                        "-A ISTIO_OUTPUT -o lo -m owner ! {flag} {id} -j RETURN"
+                    ));
                 }
                 r.push(format!("-A ISTIO_OUTPUT -m owner {flag} {id} -j RETURN"));
             }
@@ -195,7 +208,9 @@ impl Profile {
             }
             None => {
                 for g in &self.owner_groups_exclude {
-                    r.push(format!("-A ISTIO_OUTPUT -m owner --gid-owner {g} -j RETURN"));
+                    r.push(format!(
+                        "-A ISTIO_OUTPUT -m owner --gid-owner {g} -j RETURN"
+                    ));
                 }
             }
         }
@@ -204,7 +219,9 @@ impl Profile {
             r.push(format!("-A ISTIO_OUTPUT -d {x} -j RETURN"));
         }
         for q in &self.outbound_ports {
-            r.push(format!("-A ISTIO_OUTPUT -p tcp --dport {q} -j ISTIO_REDIRECT"));
+            r.push(format!(
+                "-A ISTIO_OUTPUT -p tcp --dport {q} -j ISTIO_REDIRECT"
+            ));
         }
         if self.include == ["*"] {
             r.push("-A ISTIO_OUTPUT -j ISTIO_REDIRECT".into());

@@ -64,7 +64,11 @@ fn conformance(p: &Profile) -> Vec<(String, Outcome)> {
         .iter()
         .filter(|(_, o)| listener(o).is_some_and(|(l, _)| l.starts_with("pod:1500")))
         .count();
-    assert!(captured > 0, "profile {}: istio-iptables captured nothing", p.name);
+    assert!(
+        captured > 0,
+        "profile {}: istio-iptables captured nothing",
+        p.name
+    );
 
     // Original-destination records leave with their sockets: every probe has closed.
     let out = run(std::process::Command::new(sockmesh_bin().unwrap())
@@ -79,7 +83,10 @@ fn conformance(p: &Profile) -> Vec<(String, Outcome)> {
 }
 
 fn outcome<'a>(r: &'a [(String, Outcome)], label: &str) -> &'a Outcome {
-    &r.iter().find(|(l, _)| l == label).unwrap_or_else(|| panic!("no case {label}")).1
+    &r.iter()
+        .find(|(l, _)| l == label)
+        .unwrap_or_else(|| panic!("no case {label}"))
+        .1
 }
 
 #[test]
@@ -87,17 +94,30 @@ fn default_sidecar() {
     let r = conformance(&profile("default-sidecar"));
     // Anchors from the spec, independent of both implementations.
     let peer = format!("app -> {}:80", pods::PEER_V4);
-    assert_eq!(listener(outcome(&r, &peer)), Some(("pod:15001", "192.0.2.20:80")));
+    assert_eq!(
+        listener(outcome(&r, &peer)),
+        Some(("pod:15001", "192.0.2.20:80"))
+    );
     let own = format!("proxy-uid -> {POD_V4}:8080");
-    assert_eq!(listener(outcome(&r, &own)), Some(("pod:15006", "192.0.2.10:8080")));
+    assert_eq!(
+        listener(outcome(&r, &own)),
+        Some(("pod:15006", "192.0.2.10:8080"))
+    );
     let app_own = format!("app -> {POD_V4}:8080");
-    assert_eq!(listener(outcome(&r, &app_own)).map(|l| l.0), Some("pod:8080"));
+    assert_eq!(
+        listener(outcome(&r, &app_own)).map(|l| l.0),
+        Some("pod:8080")
+    );
     assert_eq!(
         listener(outcome(&r, "proxy-uid -> 127.0.0.2:8080")),
         Some(("pod:15006", "127.0.0.2:8080"))
     );
     assert_eq!(
-        listener(outcome(&r, &format!("proxy-gid-only -> {}:80", pods::PEER_V4))).map(|l| l.0),
+        listener(outcome(
+            &r,
+            &format!("proxy-gid-only -> {}:80", pods::PEER_V4)
+        ))
+        .map(|l| l.0),
         Some("peer:80")
     );
 }
@@ -167,6 +187,10 @@ fn profiles_cover_every_listed_profile() {
     let src = include_str!("conformance.rs");
     for p in profiles::all() {
         let f = format!("profile(\"{}\")", p.name);
-        assert!(src.contains(&f), "profile {} has no conformance test", p.name);
+        assert!(
+            src.contains(&f),
+            "profile {} has no conformance test",
+            p.name
+        );
     }
 }

@@ -86,7 +86,9 @@ fn bad_input_is_refused_in_one_line_and_registers_nothing() {
     lab.start_agent().unwrap();
     let p = Profile::default_sidecar();
     let pod = pods::pod(&mut lab, "a", &p, Mode::Sockmesh).unwrap();
-    let cases: &[(&[&str], &[(&str, &str)], &str)] = &[
+    /// Arguments, environment, and the flag the error must name.
+    type BadInput<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+    let cases: &[BadInput] = &[
         (&["-q", "80,http"], &[], "-q:"),
         (&["-o", "70000"], &[], "-o:"),
         (&["-p", "0"], &[], "-p:"),
@@ -100,10 +102,22 @@ fn bad_input_is_refused_in_one_line_and_registers_nothing() {
         (&["-Z", "1"], &[], "-Z:"),
         (&["-m", "TPROXY"], &[], "-m:"),
         (&["--redirect-dns"], &[], "--redirect-dns:"),
-        (&[], &[("ISTIO_META_DNS_CAPTURE", "true")], "--redirect-dns:"),
+        (
+            &[],
+            &[("ISTIO_META_DNS_CAPTURE", "true")],
+            "--redirect-dns:",
+        ),
         (&[], &[("INBOUND_CAPTURE_PORT", "abc")], "-z:"),
-        (&[], &[("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", "10.0.0.1/32")], "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR:"),
-        (&[], &[("ISTIO_OUTBOUND_OWNER_GROUPS", "no-such-group-anywhere")], "ISTIO_OUTBOUND_OWNER_GROUPS:"),
+        (
+            &[],
+            &[("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", "10.0.0.1/32")],
+            "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR:",
+        ),
+        (
+            &[],
+            &[("ISTIO_OUTBOUND_OWNER_GROUPS", "no-such-group-anywhere")],
+            "ISTIO_OUTBOUND_OWNER_GROUPS:",
+        ),
         (&[], &[("ISTIO_DUAL_STACK", "maybe")], "ISTIO_DUAL_STACK:"),
     ];
     for (args, env, flag) in cases {
@@ -115,9 +129,16 @@ fn bad_input_is_refused_in_one_line_and_registers_nothing() {
         let out = cmd.output().unwrap();
         let err = stderr(&out);
         assert!(!out.status.success(), "{args:?} {env:?} was accepted");
-        assert_eq!(err.lines().count(), 1, "{args:?} {env:?}: not one line: {err:?}");
+        assert_eq!(
+            err.lines().count(),
+            1,
+            "{args:?} {env:?}: not one line: {err:?}"
+        );
         let expected = format!("sockmesh init istio: {flag}");
-        assert!(err.starts_with(&expected), "{args:?} {env:?}: {err:?} does not name {flag}");
+        assert!(
+            err.starts_with(&expected),
+            "{args:?} {env:?}: {err:?} does not name {flag}"
+        );
         assert_eq!(registered(&lab), 0, "{args:?} {env:?} left a registration");
     }
     assert_eq!(landed(&app_to_peer(&lab, &pod)), "peer:80");
@@ -173,10 +194,14 @@ fn invoked_as_istio_iptables_without_net_admin() {
     std::os::unix::fs::symlink(sockmesh_bin().unwrap(), &link).unwrap();
     // setpriv drops every capability: the pod's init needs none (no NET_ADMIN, no NET_RAW).
     let mut cmd = lab.command(&pod.ns, false, "setpriv").unwrap();
-    cmd.args(["--bounding-set=-all", "--inh-caps=-all", "--ambient-caps=-all"])
-        .arg(&link)
-        .args(p.argv())
-        .env("SOCKMESH_AGENT_SOCKET", &lab.socket);
+    cmd.args([
+        "--bounding-set=-all",
+        "--inh-caps=-all",
+        "--ambient-caps=-all",
+    ])
+    .arg(&link)
+    .args(p.argv())
+    .env("SOCKMESH_AGENT_SOCKET", &lab.socket);
     let out = run(&mut cmd).unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("capture in force"));
     assert_eq!(landed(&app_to_peer(&lab, &pod)), "pod:15001");
@@ -200,7 +225,11 @@ fn unregistered_namespaces_and_the_agents_own_are_never_touched() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("refusing to capture the agent's own network namespace"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("refusing to capture the agent's own network namespace"),
+        "{}",
+        stderr(&out)
+    );
     assert_eq!(registered(&lab), 1);
 }
 

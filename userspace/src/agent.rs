@@ -5,7 +5,10 @@ use std::{
     net::IpAddr,
     os::{
         fd::{AsFd, BorrowedFd, OwnedFd},
-        unix::{fs::PermissionsExt, net::{UnixListener, UnixStream}},
+        unix::{
+            fs::PermissionsExt,
+            net::{UnixListener, UnixStream},
+        },
     },
     path::{Path, PathBuf},
     process::Command,
@@ -61,7 +64,10 @@ fn handle_signals(socket: PathBuf) {
         let mut sig: libc::c_int = 0;
         // SAFETY: set is a valid, initialised signal set.
         unsafe { libc::sigwait(&set, &mut sig) };
-        info!(signal = sig, "stopping; programs and maps stay pinned, capture stays in force");
+        info!(
+            signal = sig,
+            "stopping; programs and maps stay pinned, capture stays in force"
+        );
         let _ = fs::remove_file(&socket);
         std::process::exit(0);
     });
@@ -118,7 +124,8 @@ fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
     let listener =
         UnixListener::bind(&tmp).with_context(|| format!("binding {}", tmp.display()))?;
     fs::set_permissions(&tmp, fs::Permissions::from_mode(0o660))?;
-    fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
     Ok(listener)
 }
 
@@ -145,7 +152,9 @@ fn trim_newline(b: &[u8]) -> &[u8] {
 }
 
 fn pod_netns(state: &State, fd: Option<&OwnedFd>) -> Result<u64, String> {
-    let fd = fd.ok_or("no network namespace fd came with the request (send /proc/self/ns/net with SCM_RIGHTS)")?;
+    let fd = fd.ok_or(
+        "no network namespace fd came with the request (send /proc/self/ns/net with SCM_RIGHTS)",
+    )?;
     if !sys::is_netns_fd(fd) {
         return Err("the fd sent is not a network namespace".into());
     }
@@ -167,7 +176,9 @@ fn handle(state: &State, req: Request, fd: Option<OwnedFd>, peer: &str) -> Respo
                 Ok(n) => n,
                 Err(e) => return Response::error(e),
             };
-            let Some(fd) = fd else { unreachable!("checked by pod_netns") };
+            let Some(fd) = fd else {
+                unreachable!("checked by pod_netns")
+            };
             match register(state, netns, fd.as_fd(), &spec) {
                 Ok(()) => {
                     info!(peer, netns, "pod registered");
@@ -220,7 +231,8 @@ fn handle(state: &State, req: Request, fd: Option<OwnedFd>, peer: &str) -> Respo
 }
 
 fn register(state: &State, netns: u64, fd: BorrowedFd<'_>, spec: &PodSpec) -> Result<(), String> {
-    spec.validate().map_err(|e| format!("invalid settings: {e}"))?;
+    spec.validate()
+        .map_err(|e| format!("invalid settings: {e}"))?;
     let ipv6 = spec.config.has(flags::IPV6);
     // In the pod's netns: add ::6 to lo when IPv6 capture is on (as istio-iptables does, so the
     // proxy can bind its inbound passthrough source), then read the pod's addresses.
@@ -241,7 +253,9 @@ fn add_v6_passthrough() -> Result<(), String> {
     let out = Command::new("ip")
         .args(["-6", "addr", "replace", "::6/128", "dev", "lo"])
         .output()
-        .map_err(|e| format!("running ip (iproute2) to add ::6 to lo failed: {e}; install iproute2"))?;
+        .map_err(|e| {
+            format!("running ip (iproute2) to add ::6 to lo failed: {e}; install iproute2")
+        })?;
     if !out.status.success() {
         return Err(format!(
             "adding ::6/128 to lo failed: {} (is IPv6 disabled in the pod?)",

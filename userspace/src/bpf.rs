@@ -23,7 +23,7 @@ use sockmesh_common::{
 use crate::sys::{self, SyscallError};
 
 /// The kernel object, built by build.rs.
-pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sockmesh"));
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sockmesh-ebpf"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum BpfError {
@@ -133,18 +133,16 @@ pub fn prepare_bpffs(dir: &Path) -> Result<(), BpfError> {
         )));
     }
     for d in [maps_dir(dir), links_dir(dir)] {
-        fs::create_dir_all(&d).map_err(|e| {
-            BpfError::Setup(format!("cannot create {}: {e}", d.display()))
-        })?;
+        fs::create_dir_all(&d)
+            .map_err(|e| BpfError::Setup(format!("cannot create {}: {e}", d.display())))?;
     }
     Ok(())
 }
 
 /// Open `dir` as a cgroup v2 directory.
 pub fn open_cgroup2(dir: &Path) -> Result<fs::File, BpfError> {
-    let magic = sys::fs_magic(dir).map_err(|e| {
-        BpfError::Setup(format!("--cgroup {}: {e}", dir.display()))
-    })?;
+    let magic = sys::fs_magic(dir)
+        .map_err(|e| BpfError::Setup(format!("--cgroup {}: {e}", dir.display())))?;
     if magic != sys::CGROUP2_SUPER_MAGIC {
         return Err(BpfError::Setup(format!(
             "--cgroup {} is not a cgroup v2 directory (cgroup v1 cannot carry socket programs): \
@@ -199,7 +197,11 @@ fn cpath(p: &Path) -> std::ffi::CString {
 }
 
 /// BPF_LINK_CREATE for a cgroup program.
-fn link_create(prog: BorrowedFd<'_>, cgroup: BorrowedFd<'_>, attach_type: u32) -> Result<OwnedFd, SyscallError> {
+fn link_create(
+    prog: BorrowedFd<'_>,
+    cgroup: BorrowedFd<'_>,
+    attach_type: u32,
+) -> Result<OwnedFd, SyscallError> {
     let mut attr = [0u64; 8];
     attr[0] = u32_pair(prog.as_raw_fd() as u32, cgroup.as_raw_fd() as u32);
     attr[1] = u32_pair(attach_type, 0);
@@ -252,7 +254,10 @@ pub fn attach_all(
         let prog = ebpf.program_mut(a.program).ok_or_else(|| {
             BpfError::Setup(format!("the kernel object has no program {}", a.program))
         })?;
-        let wrap = |source| BpfError::Program { name: a.program, source };
+        let wrap = |source| BpfError::Program {
+            name: a.program,
+            source,
+        };
         let fd = match a.kind {
             ProgKind::SockAddr => {
                 let p: &mut CgroupSockAddr = prog.try_into().map_err(wrap)?;
@@ -270,7 +275,10 @@ pub fn attach_all(
                 p.fd().map_err(wrap)?.as_fd().try_clone_to_owned()
             }
         }
-        .map_err(|source| SyscallError { call: "dup(prog)", source })?;
+        .map_err(|source| SyscallError {
+            call: "dup(prog)",
+            source,
+        })?;
         loaded.push((a, fd));
     }
     let mut done = Vec::new();
@@ -288,19 +296,6 @@ pub fn attach_all(
         done.push((a.link_name, action));
     }
     Ok(done)
-}
-
-/// Remove every pinned link (detaching the programs) and pinned map under `bpffs`.
-pub fn remove_pins(bpffs: &Path) -> std::io::Result<()> {
-    for dir in [links_dir(bpffs), maps_dir(bpffs)] {
-        if let Ok(rd) = fs::read_dir(&dir) {
-            for e in rd.flatten() {
-                fs::remove_file(e.path())?;
-            }
-            fs::remove_dir(&dir)?;
-        }
-    }
-    Ok(())
 }
 
 /// Typed handles on the pinned maps.

@@ -31,7 +31,9 @@ fn counter_name(c: u32) -> String {
     if let Some(r) = Reason::from_u32(c) {
         return r.name().to_string();
     }
-    counters::name(c).map(str::to_string).unwrap_or_else(|| format!("counter_{c}"))
+    counters::name(c)
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("counter_{c}"))
 }
 
 fn orig_dst_addr(o: &OrigDst) -> SocketAddr {
@@ -164,10 +166,15 @@ pub fn run(args: DumpArgs) -> anyhow::Result<()> {
             SocketAddr::new(addr_to_ip(&k.client), k.client_port).to_string(),
             SocketAddr::new(addr_to_ip(&k.server), k.server_port).to_string(),
             orig_dst_addr(v).to_string(),
-            Reason::from_u32(v.reason).map(Reason::name).unwrap_or("unknown"),
+            Reason::from_u32(v.reason)
+                .map(Reason::name)
+                .unwrap_or("unknown"),
         );
     }
-    let orphans: Vec<&u64> = counts.keys().filter(|n| !pods.iter().any(|(p, _, _)| p == *n)).collect();
+    let orphans: Vec<&u64> = counts
+        .keys()
+        .filter(|n| !pods.iter().any(|(p, _, _)| p == *n))
+        .collect();
     if !orphans.is_empty() {
         println!("\ncounters of namespaces no longer registered: {orphans:?}");
     }

@@ -1,12 +1,6 @@
 //! `sockmesh init istio`: register the pod's network namespace with the agent.
 
-use std::{
-    ffi::OsString,
-    net::IpAddr,
-    os::fd::AsFd,
-    path::Path,
-    time::Duration,
-};
+use std::{ffi::OsString, net::IpAddr, os::fd::AsFd, path::Path, time::Duration};
 
 use sockmesh_common::{decide, flags, Conn, Proto, Verdict};
 
@@ -59,7 +53,7 @@ fn istio(argv: Vec<OsString>) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let if_addrs: Vec<IfAddr> = addrs.iter().map(|a| IfAddr { ip: a.ip }).collect();
     let (spec, action) = args
-        .into_spec(&ProcessEnv, &if_addrs)
+        .to_spec(&ProcessEnv, &if_addrs)
         .map_err(|e| e.to_string())?;
     for note in &action.notes {
         eprintln!("sockmesh init istio: note: {note}");
@@ -123,7 +117,15 @@ pub fn decision_table(spec: &PodSpec, local: &[IpAddr]) -> String {
         dsts.push(("2001:db8::7".parse().unwrap(), 80, "remote v6"));
     }
     for (kind, cidr) in &spec.cidrs {
-        dsts.push((cidr.addr, 80, if matches!(*kind as u32, 1 | 2) { "-x CIDR" } else { "-i CIDR" }));
+        dsts.push((
+            cidr.addr,
+            80,
+            if matches!(*kind as u32, 1 | 2) {
+                "-x CIDR"
+            } else {
+                "-i CIDR"
+            },
+        ));
     }
     for (kind, port) in &spec.members {
         if *kind == sockmesh_common::MemberKind::OutboundIncludePort {
@@ -138,10 +140,18 @@ pub fn decision_table(spec: &PodSpec, local: &[IpAddr]) -> String {
         ("root 0:0", 0, 0, None),
         ("proxy uid", proxy_uid, proxy_uid, None),
         ("proxy gid only", 1000, proxy_gid, None),
-        ("from 127.0.0.6", 1000, 1000, Some("127.0.0.6".parse().unwrap())),
+        (
+            "from 127.0.0.6",
+            1000,
+            1000,
+            Some("127.0.0.6".parse().unwrap()),
+        ),
     ];
     out.push_str("\n# decisions (tcp)\n");
-    out.push_str(&format!("{:<18} {:<34} {:<20} {}\n", "caller", "destination", "verdict", "rule"));
+    out.push_str(&format!(
+        "{:<18} {:<34} {:<20} {}\n",
+        "caller", "destination", "verdict", "rule"
+    ));
     for (dst, port, label) in &dsts {
         for (wname, uid, gid, src) in &who {
             let dst_is_local = dst.is_loopback() || local.contains(dst);

@@ -6,12 +6,7 @@
 //! (typed flags set from the environment), sockmesh rejects it with an error naming the flag,
 //! before anything is registered.
 
-use std::{
-    ffi::OsString,
-    net::IpAddr,
-    path::PathBuf,
-    time::Duration,
-};
+use std::{ffi::OsString, net::IpAddr, path::PathBuf, time::Duration};
 
 use clap::{ArgAction, Parser};
 use sockmesh_common::{flags, CidrKind, MemberKind, PodConfig, MAX_OWNERS};
@@ -28,7 +23,7 @@ fn go_bool(s: &str) -> Result<bool, String> {
 }
 
 /// istio-iptables' flags. Every flag of the spec's table is here; the ones whose behaviour is not
-/// implemented yet are rejected in [`IstioArgs::into_spec`] with a message, never ignored.
+/// implemented yet are rejected in [`IstioArgs::to_spec`] with a message, never ignored.
 #[derive(Parser, Debug, Clone)]
 #[command(
     name = "istio-iptables",
@@ -39,17 +34,31 @@ fn go_bool(s: &str) -> Result<bool, String> {
 )]
 pub struct IstioArgs {
     /// Path of the sockmesh agent's registration socket.
-    #[arg(long, env = "SOCKMESH_AGENT_SOCKET", default_value = "/run/sockmesh/agent.sock")]
+    #[arg(
+        long,
+        env = "SOCKMESH_AGENT_SOCKET",
+        default_value = "/run/sockmesh/agent.sock"
+    )]
     pub agent_socket: PathBuf,
 
     /// Outbound capture port (no environment variable, as in istio).
     #[arg(short = 'p', long = "envoy-port", default_value = "15001")]
     pub envoy_port: String,
     /// Inbound capture port.
-    #[arg(short = 'z', long = "inbound-capture-port", env = "INBOUND_CAPTURE_PORT", default_value = "15006")]
+    #[arg(
+        short = 'z',
+        long = "inbound-capture-port",
+        env = "INBOUND_CAPTURE_PORT",
+        default_value = "15006"
+    )]
     pub inbound_capture_port: String,
     /// Inbound tunnel (HBONE) port, never redirected.
-    #[arg(short = 'e', long = "inbound-tunnel-port", env = "INBOUND_TUNNEL_PORT", default_value = "15008")]
+    #[arg(
+        short = 'e',
+        long = "inbound-tunnel-port",
+        env = "INBOUND_TUNNEL_PORT",
+        default_value = "15008"
+    )]
     pub inbound_tunnel_port: String,
     /// Proxy uids (comma list); default: uid of $ENVOY_USER, else 1337.
     #[arg(short = 'u', long = "proxy-uid", env = "PROXY_UID")]
@@ -58,43 +67,102 @@ pub struct IstioArgs {
     #[arg(short = 'g', long = "proxy-gid", env = "PROXY_GID")]
     pub proxy_gid: Option<String>,
     /// Inbound interception mode: REDIRECT (default) or TPROXY.
-    #[arg(short = 'm', long = "istio-inbound-interception-mode", env = "ISTIO_INBOUND_INTERCEPTION_MODE", default_value = "")]
+    #[arg(
+        short = 'm',
+        long = "istio-inbound-interception-mode",
+        env = "ISTIO_INBOUND_INTERCEPTION_MODE",
+        default_value = ""
+    )]
     pub interception_mode: String,
     /// TPROXY mark.
-    #[arg(short = 't', long = "istio-inbound-tproxy-mark", env = "ISTIO_INBOUND_TPROXY_MARK", default_value = "1337")]
+    #[arg(
+        short = 't',
+        long = "istio-inbound-tproxy-mark",
+        env = "ISTIO_INBOUND_TPROXY_MARK",
+        default_value = "1337"
+    )]
     pub tproxy_mark: String,
     /// TPROXY routing table.
-    #[arg(short = 'r', long = "istio-inbound-tproxy-route-table", env = "ISTIO_INBOUND_TPROXY_ROUTE_TABLE", default_value = "133")]
+    #[arg(
+        short = 'r',
+        long = "istio-inbound-tproxy-route-table",
+        env = "ISTIO_INBOUND_TPROXY_ROUTE_TABLE",
+        default_value = "133"
+    )]
     pub tproxy_route_table: String,
     /// Inbound ports to capture: '*' or a comma list; empty means no inbound capture.
-    #[arg(short = 'b', long = "istio-inbound-ports", env = "ISTIO_INBOUND_PORTS", default_value = "")]
+    #[arg(
+        short = 'b',
+        long = "istio-inbound-ports",
+        env = "ISTIO_INBOUND_PORTS",
+        default_value = ""
+    )]
     pub inbound_ports: String,
     /// Inbound ports to skip when -b is '*'.
-    #[arg(short = 'd', long = "istio-local-exclude-ports", env = "ISTIO_LOCAL_EXCLUDE_PORTS", default_value = "")]
+    #[arg(
+        short = 'd',
+        long = "istio-local-exclude-ports",
+        env = "ISTIO_LOCAL_EXCLUDE_PORTS",
+        default_value = ""
+    )]
     pub local_exclude_ports: String,
     /// Interfaces whose traffic is never captured.
-    #[arg(short = 'c', long = "istio-exclude-interfaces", env = "ISTIO_EXCLUDE_INTERFACES", default_value = "")]
+    #[arg(
+        short = 'c',
+        long = "istio-exclude-interfaces",
+        env = "ISTIO_EXCLUDE_INTERFACES",
+        default_value = ""
+    )]
     pub exclude_interfaces: String,
     /// Outbound CIDRs to capture: '*' or a comma list; empty means none.
-    #[arg(short = 'i', long = "istio-service-cidr", env = "ISTIO_SERVICE_CIDR", default_value = "")]
+    #[arg(
+        short = 'i',
+        long = "istio-service-cidr",
+        env = "ISTIO_SERVICE_CIDR",
+        default_value = ""
+    )]
     pub service_cidr: String,
     /// Outbound CIDRs never captured.
-    #[arg(short = 'x', long = "istio-service-exclude-cidr", env = "ISTIO_SERVICE_EXCLUDE_CIDR", default_value = "")]
+    #[arg(
+        short = 'x',
+        long = "istio-service-exclude-cidr",
+        env = "ISTIO_SERVICE_EXCLUDE_CIDR",
+        default_value = ""
+    )]
     pub service_exclude_cidr: String,
     /// TCP ports always captured outbound.
-    #[arg(short = 'q', long = "istio-outbound-ports", env = "ISTIO_OUTBOUND_PORTS", default_value = "")]
+    #[arg(
+        short = 'q',
+        long = "istio-outbound-ports",
+        env = "ISTIO_OUTBOUND_PORTS",
+        default_value = ""
+    )]
     pub outbound_ports: String,
     /// Outbound ports (tcp and udp) never captured, before every other rule.
-    #[arg(short = 'o', long = "istio-local-outbound-ports-exclude", env = "ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE", default_value = "")]
+    #[arg(
+        short = 'o',
+        long = "istio-local-outbound-ports-exclude",
+        env = "ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE",
+        default_value = ""
+    )]
     pub local_outbound_ports_exclude: String,
     /// Interfaces whose inbound traffic is treated as outbound.
-    #[arg(short = 'k', long = "kube-virt-interfaces", env = "KUBE_VIRT_INTERFACES", default_value = "")]
+    #[arg(
+        short = 'k',
+        long = "kube-virt-interfaces",
+        env = "KUBE_VIRT_INTERFACES",
+        default_value = ""
+    )]
     pub kube_virt_interfaces: String,
     /// Print the decision table; register nothing.
     #[arg(short = 'n', long = "dry-run", env = "DRY_RUN", num_args = 0..=1, default_missing_value = "true", default_value = "false", value_parser = go_bool, action = ArgAction::Set)]
     pub dry_run: bool,
     /// Port of the validation probe.
-    #[arg(long = "iptables-probe-port", env = "IPTABLES_PROBE_PORT", default_value = "15002")]
+    #[arg(
+        long = "iptables-probe-port",
+        env = "IPTABLES_PROBE_PORT",
+        default_value = "15002"
+    )]
     pub iptables_probe_port: String,
     /// Validation timeout.
     #[arg(long = "probe-timeout", env = "PROBE_TIMEOUT", default_value = "5s")]
@@ -119,7 +187,11 @@ pub struct IstioArgs {
     pub dual_stack: Option<bool>,
     /// Network namespace (a path such as /var/run/netns/NAME or /proc/PID/ns/net) to capture,
     /// instead of the caller's own.
-    #[arg(long = "network-namespace", env = "NETWORK_NAMESPACE", default_value = "")]
+    #[arg(
+        long = "network-namespace",
+        env = "NETWORK_NAMESPACE",
+        default_value = ""
+    )]
     pub network_namespace: String,
     /// Pod-scoped xtables lock (no effect: sockmesh takes no xtables lock).
     #[arg(long = "cni-mode", env = "CNI_MODE", num_args = 0..=1, default_missing_value = "true", default_value = "false", value_parser = go_bool, action = ArgAction::Set)]
@@ -137,7 +209,11 @@ pub struct IstioArgs {
     #[arg(long = "native-nftables", env = "NATIVE_NFTABLES", num_args = 0..=1, default_missing_value = "true", default_value = "false", value_parser = go_bool, action = ArgAction::Set)]
     pub native_nftables: bool,
     /// legacy or nft (no effect: sockmesh runs no iptables binary).
-    #[arg(long = "force-iptables-binary", env = "FORCE_IPTABLES_BINARY", default_value = "")]
+    #[arg(
+        long = "force-iptables-binary",
+        env = "FORCE_IPTABLES_BINARY",
+        default_value = ""
+    )]
     pub force_iptables_binary: String,
 
     // istio's logging flags, present in the injection template.
@@ -187,7 +263,10 @@ fn parse_ports(flag: &str, s: &str) -> Result<Vec<u16>, FlagError> {
 
 fn parse_cidr(flag: &str, s: &str) -> Result<Cidr, FlagError> {
     let (ip, len) = s.split_once('/').ok_or_else(|| {
-        err(flag, format!("'{s}' is not a CIDR (address/prefix-length, e.g. 10.0.0.0/8)"))
+        err(
+            flag,
+            format!("'{s}' is not a CIDR (address/prefix-length, e.g. 10.0.0.0/8)"),
+        )
     })?;
     let ip: IpAddr = ip
         .parse()
@@ -213,7 +292,10 @@ fn resolve_id(flag: &str, s: &str, group: bool) -> Result<u32, FlagError> {
     };
     lookup.ok_or_else(|| {
         let what = if group { "group" } else { "user" };
-        err(flag, format!("'{s}' is neither a number nor a {what} known in this pod"))
+        err(
+            flag,
+            format!("'{s}' is neither a number nor a {what} known in this pod"),
+        )
     })
 }
 
@@ -278,7 +360,10 @@ pub fn detect_ipv6(addrs: &[IfAddr], dual_stack: bool) -> Result<bool, FlagError
 
 fn is_link_local(ip: &IpAddr) -> bool {
     match ip {
-        IpAddr::V4(v4) => v4.is_link_local() || v4.octets()[0] == 224 && v4.octets()[1] == 0 && v4.octets()[2] == 0,
+        IpAddr::V4(v4) => {
+            v4.is_link_local()
+                || v4.octets()[0] == 224 && v4.octets()[1] == 0 && v4.octets()[2] == 0
+        }
         IpAddr::V6(v6) => {
             let s = v6.segments();
             (s[0] & 0xffc0) == 0xfe80 || (s[0] == 0xff02)
@@ -291,7 +376,6 @@ fn is_link_local(ip: &IpAddr) -> bool {
 pub struct InitAction {
     pub dry_run: bool,
     pub cleanup_only: bool,
-    pub network_namespace: Option<PathBuf>,
     pub agent_socket: PathBuf,
     /// Accepted settings that need no action under sockmesh, with why (printed by init).
     pub notes: Vec<String>,
@@ -339,7 +423,7 @@ impl IstioArgs {
 
     /// Validate everything and build the pod's capture spec. `addrs` are the pod's interface
     /// addresses (for IPv6 detection); `env` supplies the env-only settings.
-    pub fn into_spec(
+    pub fn to_spec(
         &self,
         env: &dyn Env,
         addrs: &[IfAddr],
@@ -401,9 +485,12 @@ impl IstioArgs {
         self.tproxy_mark
             .parse::<u32>()
             .map_err(|_| err("-t", format!("'{}' is not a number", self.tproxy_mark)))?;
-        self.tproxy_route_table
-            .parse::<u32>()
-            .map_err(|_| err("-r", format!("'{}' is not a number", self.tproxy_route_table)))?;
+        self.tproxy_route_table.parse::<u32>().map_err(|_| {
+            err(
+                "-r",
+                format!("'{}' is not a number", self.tproxy_route_table),
+            )
+        })?;
         let drop_invalid = match self.drop_invalid {
             Some(v) => v,
             None => env_bool(env, &["INVALID_DROP"])?,
@@ -431,7 +518,9 @@ impl IstioArgs {
         let uid_str = match &self.proxy_uid {
             Some(s) if !s.is_empty() => s.clone(),
             _ => {
-                let user = env.var("ENVOY_USER").unwrap_or_else(|| "istio-proxy".into());
+                let user = env
+                    .var("ENVOY_USER")
+                    .unwrap_or_else(|| "istio-proxy".into());
                 crate::sys::uid_by_name(&user)
                     .map(|u| u.to_string())
                     .unwrap_or_else(|| "1337".into())
@@ -448,10 +537,16 @@ impl IstioArgs {
             .map(|g| resolve_id("-g", g, true))
             .collect::<Result<Vec<_>, _>>()?;
         if uids.len() > MAX_OWNERS {
-            return Err(err("-u", format!("at most {MAX_OWNERS} proxy uids, got {}", uids.len())));
+            return Err(err(
+                "-u",
+                format!("at most {MAX_OWNERS} proxy uids, got {}", uids.len()),
+            ));
         }
         if gids.len() > MAX_OWNERS {
-            return Err(err("-g", format!("at most {MAX_OWNERS} proxy gids, got {}", gids.len())));
+            return Err(err(
+                "-g",
+                format!("at most {MAX_OWNERS} proxy gids, got {}", gids.len()),
+            ));
         }
 
         let mut members: Vec<(MemberKind, u32)> = Vec::new();
@@ -466,11 +561,18 @@ impl IstioArgs {
         }
         // -x before -i, as istio parses them; '*' is an error for -x.
         if self.service_exclude_cidr == "*" {
-            return Err(err("-x", "'*' is not allowed (invalid value for OUTBOUND_IP_RANGES_EXCLUDE)"));
+            return Err(err(
+                "-x",
+                "'*' is not allowed (invalid value for OUTBOUND_IP_RANGES_EXCLUDE)",
+            ));
         }
         for c in split(&self.service_exclude_cidr) {
             let c = parse_cidr("-x", c)?;
-            let kind = if c.is_v6() { CidrKind::ExcludeV6 } else { CidrKind::ExcludeV4 };
+            let kind = if c.is_v6() {
+                CidrKind::ExcludeV6
+            } else {
+                CidrKind::ExcludeV4
+            };
             cidrs.push((kind, c));
         }
         if self.service_cidr == "*" {
@@ -481,7 +583,11 @@ impl IstioArgs {
                 if c.ip().is_loopback() {
                     cfg_flags |= flags::NO_LO_RETURN;
                 }
-                let kind = if c.is_v6() { CidrKind::IncludeV6 } else { CidrKind::IncludeV4 };
+                let kind = if c.is_v6() {
+                    CidrKind::IncludeV6
+                } else {
+                    CidrKind::IncludeV4
+                };
                 cidrs.push((kind, c));
             }
         }
@@ -511,8 +617,12 @@ impl IstioArgs {
         }
 
         // Owner groups (env only).
-        let include = env.var("ISTIO_OUTBOUND_OWNER_GROUPS").unwrap_or_else(|| "*".into());
-        let exclude = env.var("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE").unwrap_or_default();
+        let include = env
+            .var("ISTIO_OUTBOUND_OWNER_GROUPS")
+            .unwrap_or_else(|| "*".into());
+        let exclude = env
+            .var("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE")
+            .unwrap_or_default();
         if include != "*" {
             cfg_flags |= flags::OWNER_GROUPS_INCLUDE;
             let groups: Vec<&str> = split(&include).collect();
@@ -595,8 +705,6 @@ impl IstioArgs {
         let action = InitAction {
             dry_run: self.dry_run,
             cleanup_only: self.cleanup_only,
-            network_namespace: (!self.network_namespace.is_empty())
-                .then(|| PathBuf::from(&self.network_namespace)),
             agent_socket: self.agent_socket.clone(),
             notes,
         };
@@ -655,9 +763,15 @@ mod tests {
 
     fn v4_pod() -> Vec<IfAddr> {
         vec![
-            IfAddr { ip: "127.0.0.1".parse().unwrap() },
-            IfAddr { ip: "192.0.2.10".parse().unwrap() },
-            IfAddr { ip: "2001:db8::10".parse().unwrap() },
+            IfAddr {
+                ip: "127.0.0.1".parse().unwrap(),
+            },
+            IfAddr {
+                ip: "192.0.2.10".parse().unwrap(),
+            },
+            IfAddr {
+                ip: "2001:db8::10".parse().unwrap(),
+            },
         ]
     }
 
@@ -665,7 +779,7 @@ mod tests {
         let mut argv = vec!["istio-iptables"];
         argv.extend_from_slice(args);
         let a = IstioArgs::parse_argv(argv)?;
-        a.into_spec(&MapEnv(env.iter().copied().collect()), &v4_pod())
+        a.to_spec(&MapEnv(env.iter().copied().collect()), &v4_pod())
             .map(|(s, _)| s)
             .map_err(|e| e.to_string())
     }
@@ -673,8 +787,25 @@ mod tests {
     #[test]
     fn default_sidecar_argv() {
         let s = spec(
-            &["-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "",
-              "-b", "*", "-d", "15090,15021,15020", "--log_output_level=default:info"],
+            &[
+                "-p",
+                "15001",
+                "-z",
+                "15006",
+                "-u",
+                "1337",
+                "-m",
+                "REDIRECT",
+                "-i",
+                "*",
+                "-x",
+                "",
+                "-b",
+                "*",
+                "-d",
+                "15090,15021,15020",
+                "--log_output_level=default:info",
+            ],
             &[],
         )
         .unwrap();
@@ -726,7 +857,7 @@ mod tests {
             let mut env = HashMap::new();
             env.insert("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", bad);
             let a = IstioArgs::parse_argv(["x"]).unwrap();
-            let e = a.into_spec(&MapEnv(env), &v4_pod()).unwrap_err();
+            let e = a.to_spec(&MapEnv(env), &v4_pod()).unwrap_err();
             assert_eq!(e.flag, "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", "{bad}");
         }
     }
@@ -741,7 +872,10 @@ mod tests {
         // Exclude is ignored when include is a list.
         let s = spec(
             &[],
-            &[("ISTIO_OUTBOUND_OWNER_GROUPS", "202"), ("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", "888")],
+            &[
+                ("ISTIO_OUTBOUND_OWNER_GROUPS", "202"),
+                ("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", "888"),
+            ],
         )
         .unwrap();
         assert!(!s.config.has(flags::OWNER_GROUPS_EXCLUDE));
@@ -758,14 +892,22 @@ mod tests {
     #[test]
     fn ipv6_detection() {
         let v6_first = vec![
-            IfAddr { ip: "::1".parse().unwrap() },
-            IfAddr { ip: "fe80::1".parse().unwrap() },
-            IfAddr { ip: "2001:db8::10".parse().unwrap() },
+            IfAddr {
+                ip: "::1".parse().unwrap(),
+            },
+            IfAddr {
+                ip: "fe80::1".parse().unwrap(),
+            },
+            IfAddr {
+                ip: "2001:db8::10".parse().unwrap(),
+            },
         ];
         assert!(detect_ipv6(&v6_first, false).unwrap());
         assert!(!detect_ipv6(&v4_pod(), false).unwrap());
         assert!(detect_ipv6(&v4_pod(), true).unwrap());
-        let only_lo = vec![IfAddr { ip: "127.0.0.1".parse().unwrap() }];
+        let only_lo = vec![IfAddr {
+            ip: "127.0.0.1".parse().unwrap(),
+        }];
         assert!(detect_ipv6(&only_lo, false).is_err());
     }
 

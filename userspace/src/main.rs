@@ -15,7 +15,11 @@ use std::{ffi::OsString, path::Path, process::ExitCode};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "sockmesh", version, about = "Transparent sidecar capture with eBPF at the socket layer")]
+#[command(
+    name = "sockmesh",
+    version,
+    about = "Transparent sidecar capture with eBPF at the socket layer"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -8,9 +8,7 @@
 use std::{collections::BTreeSet, net::IpAddr};
 
 use aya::maps::{lpm_trie::Key, MapError};
-use sockmesh_common::{
-    names, CidrKey, LocalAddrKey, MemberKey, PodConfig, CIDR_KEY_FIXED_BITS,
-};
+use sockmesh_common::{names, CidrKey, LocalAddrKey, MemberKey, PodConfig, CIDR_KEY_FIXED_BITS};
 
 use crate::{
     bpf::PinnedMaps,
@@ -60,17 +58,18 @@ pub struct PodKeys {
 
 impl PodKeys {
     fn from_spec(netns: u64, spec: &PodSpec, local: &[IpAddr]) -> Self {
-        let members = spec
-            .members
-            .iter()
-            .map(|(k, v)| (*k as u32, *v))
-            .collect();
+        let members = spec.members.iter().map(|(k, v)| (*k as u32, *v)).collect();
         let cidrs = spec
             .cidrs
             .iter()
             .map(|(kind, c)| {
                 let k = CidrKey::new(netns, *kind, &ip_to_addr(c.addr));
-                (k.netns, k.kind, k.addr, CIDR_KEY_FIXED_BITS + c.prefix as u32)
+                (
+                    k.netns,
+                    k.kind,
+                    k.addr,
+                    CIDR_KEY_FIXED_BITS + c.prefix as u32,
+                )
             })
             .collect();
         let local_addrs = local.iter().map(|ip| ip_to_addr(*ip)).collect();

@@ -23,11 +23,19 @@ impl Cidr {
     pub fn new(addr: IpAddr, prefix: u8) -> Self {
         let addr = match addr {
             IpAddr::V4(a) => {
-                let m = if prefix == 0 { 0 } else { u32::MAX << (32 - prefix as u32) };
+                let m = if prefix == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - prefix as u32)
+                };
                 IpAddr::V4(Ipv4Addr::from(u32::from(a) & m))
             }
             IpAddr::V6(a) => {
-                let m = if prefix == 0 { 0 } else { u128::MAX << (128 - prefix as u32) };
+                let m = if prefix == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - prefix as u32)
+                };
                 IpAddr::V6(Ipv6Addr::from(u128::from(a) & m))
             }
         };
@@ -136,9 +144,21 @@ impl PodSpec {
     /// The settings in istio-iptables' terms, one `name: value` per line.
     pub fn describe(&self) -> Vec<(String, String)> {
         let c = &self.config;
-        let join = |v: Vec<String>| if v.is_empty() { "''".to_string() } else { v.join(",") };
-        let uids: Vec<String> = c.uids[..c.n_uids as usize].iter().map(u32::to_string).collect();
-        let gids: Vec<String> = c.gids[..c.n_gids as usize].iter().map(u32::to_string).collect();
+        let join = |v: Vec<String>| {
+            if v.is_empty() {
+                "''".to_string()
+            } else {
+                v.join(",")
+            }
+        };
+        let uids: Vec<String> = c.uids[..c.n_uids as usize]
+            .iter()
+            .map(u32::to_string)
+            .collect();
+        let gids: Vec<String> = c.gids[..c.n_gids as usize]
+            .iter()
+            .map(u32::to_string)
+            .collect();
         let inbound = if c.has(flags::INBOUND_ALL) {
             "*".to_string()
         } else {
@@ -155,19 +175,40 @@ impl PodSpec {
             "*".to_string()
         };
         vec![
-            ("-p (outbound capture port)".into(), c.outbound_port.to_string()),
-            ("-z (inbound capture port)".into(), c.inbound_port.to_string()),
+            (
+                "-p (outbound capture port)".into(),
+                c.outbound_port.to_string(),
+            ),
+            (
+                "-z (inbound capture port)".into(),
+                c.inbound_port.to_string(),
+            ),
             ("-e (inbound tunnel port)".into(), c.tunnel_port.to_string()),
             ("-u (proxy uids)".into(), join(uids)),
             ("-g (proxy gids)".into(), join(gids)),
             ("-i (outbound CIDRs captured)".into(), include),
-            ("-x (outbound CIDRs excluded)".into(), join(self.cidrs_of([CidrKind::ExcludeV4, CidrKind::ExcludeV6]))),
-            ("-q (outbound ports captured)".into(), join(self.members_of(MemberKind::OutboundIncludePort))),
-            ("-o (outbound ports excluded)".into(), join(self.members_of(MemberKind::OutboundExcludePort))),
+            (
+                "-x (outbound CIDRs excluded)".into(),
+                join(self.cidrs_of([CidrKind::ExcludeV4, CidrKind::ExcludeV6])),
+            ),
+            (
+                "-q (outbound ports captured)".into(),
+                join(self.members_of(MemberKind::OutboundIncludePort)),
+            ),
+            (
+                "-o (outbound ports excluded)".into(),
+                join(self.members_of(MemberKind::OutboundExcludePort)),
+            ),
             ("-b (inbound ports)".into(), inbound),
-            ("-d (inbound ports excluded)".into(), join(self.members_of(MemberKind::InboundExcludePort))),
+            (
+                "-d (inbound ports excluded)".into(),
+                join(self.members_of(MemberKind::InboundExcludePort)),
+            ),
             ("owner groups captured".into(), owner_include),
-            ("owner groups excluded".into(), join(self.members_of(MemberKind::OwnerGroupExclude))),
+            (
+                "owner groups excluded".into(),
+                join(self.members_of(MemberKind::OwnerGroupExclude)),
+            ),
             (
                 "IPv4 loopback CIDR".into(),
                 format!("{}/{}", Ipv4Addr::from(c.loopback_v4), c.loopback_v4_prefix),
@@ -175,7 +216,12 @@ impl PodSpec {
             ("IPv6 capture".into(), c.has(flags::IPV6).to_string()),
             (
                 "-o lo ! --uid-owner RETURN rules".into(),
-                if c.has(flags::NO_LO_RETURN) { "omitted (-i has a loopback CIDR)" } else { "present" }.into(),
+                if c.has(flags::NO_LO_RETURN) {
+                    "omitted (-i has a loopback CIDR)"
+                } else {
+                    "present"
+                }
+                .into(),
             ),
         ]
     }
@@ -188,9 +234,7 @@ impl Rules for PodSpec {
 
     fn cidr(&self, kind: CidrKind, addr: &Addr) -> bool {
         let ip = addr_to_ip(addr);
-        self.cidrs
-            .iter()
-            .any(|(k, c)| *k == kind && c.contains(ip))
+        self.cidrs.iter().any(|(k, c)| *k == kind && c.contains(ip))
     }
 }
 

@@ -52,9 +52,10 @@ pub fn in_netns<T: Send + 'static>(
     if ns_id(own.as_fd())? == ns_id(ns)? {
         return Ok(f());
     }
-    let fd = ns
-        .try_clone_to_owned()
-        .map_err(|source| SyscallError { call: "dup(netns)", source })?;
+    let fd = ns.try_clone_to_owned().map_err(|source| SyscallError {
+        call: "dup(netns)",
+        source,
+    })?;
     std::thread::spawn(move || {
         // SAFETY: setns on this thread only; the fd is a valid descriptor we own.
         if unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {

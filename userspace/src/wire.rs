@@ -61,14 +61,16 @@ pub fn call(
     fd: Option<BorrowedFd<'_>>,
     timeout: Duration,
 ) -> io::Result<Response> {
-    let mut stream = UnixStream::connect(sock)?;
+    let stream = UnixStream::connect(sock)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     let mut body = serde_json::to_vec(req).map_err(io::Error::other)?;
     body.push(b'\n');
     send_with_fd(&stream, &body, fd)?;
     let mut answer = Vec::new();
-    (&stream).take(MAX_REQUEST as u64).read_to_end(&mut answer)?;
+    (&stream)
+        .take(MAX_REQUEST as u64)
+        .read_to_end(&mut answer)?;
     serde_json::from_slice(&answer).map_err(|e| {
         io::Error::new(
             io::ErrorKind::InvalidData,

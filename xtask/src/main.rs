@@ -1,1 +1,324 @@
-fn main(){}
+//! `cargo xtask`: set up the machine, build, run the demo lab, run every test.
+//!
+//! Every step says what it does. Setup is idempotent: it installs only what is missing.
+
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "sockmesh developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what the build and the labs need (apt packages, rust-src, bpf-linker).
+    Setup,
+    /// Build the kernel programs and every binary.
+    Build,
+    /// The demo: pods in netns, the agent, a listener on 15001, real connections, `dump`.
+    Lab,
+    /// Everything CI checks: fmt, clippy, unit, integration and conformance tests, clean-up.
+    Test,
+    /// Check that no lab namespace, cgroup, bpffs mount or sockmesh program is left behind.
+    CheckClean,
+}
+
+/// Debian packages: the labs' tools and the reference iptables.
+const APT_PACKAGES: &[(&str, &str)] = &[
+    ("iptables", "iptables-restore"),
+    ("iproute2", "ip"),
+    ("util-linux", "setpriv"),
+    ("bpftool", "bpftool"),
+];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn say(msg: impl AsRef<str>) {
+    eprintln!("xtask: {}", msg.as_ref());
+}
+
+fn status(cmd: &mut Command) -> Result<()> {
+    say(format!("running {}", show(cmd)));
+    let st = cmd
+        .status()
+        .with_context(|| format!("starting {}", show(cmd)))?;
+    if !st.success() {
+        bail!("{} failed ({st})", show(cmd));
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("starting {}", show(cmd)))?;
+    if !out.status.success() {
+        bail!(
+            "{} failed: {}",
+            show(cmd),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn show(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
+
+fn on_path(tool: &str) -> bool {
+    env::var_os("PATH")
+        .map(|p| env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false)
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn setup() -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    // 1. Debian packages.
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .filter(|(_, tool)| !on_path(tool) && !Path::new("/usr/sbin").join(tool).exists())
+        .map(|(pkg, _)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        say("apt packages: all present");
+    } else {
+        if euid != 0 {
+            bail!("apt packages {missing:?} are missing and installing them needs root");
+        }
+        say(format!("apt packages missing: {missing:?}; installing"));
+        status(Command::new("apt-get").args(["update", "-qq"]))?;
+        status(
+            Command::new("apt-get")
+                .args(["install", "-y", "-qq", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    }
+    // 2. The nightly toolchain and its rust-src (for -Z build-std=core).
+    let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))?;
+    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
+        bail!(
+            "no nightly toolchain: the kernel programs need one (rustup toolchain install \
+             nightly --component rust-src)"
+        );
+    }
+    let components = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))?;
+    if components.lines().any(|l| l.starts_with("rust-src")) {
+        say("rust-src (nightly): present");
+    } else {
+        say("rust-src (nightly): missing; installing");
+        status(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+    // 3. bpf-linker, linked against the nightly's own libLLVM.
+    install_bpf_linker()?;
+    Ok(())
+}
+
+fn cargo_bin_dir() -> PathBuf {
+    env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"))
+        .join("bin")
+}
+
+fn install_bpf_linker() -> Result<()> {
+    let linker = cargo_bin_dir().join("bpf-linker");
+    if Command::new(&linker)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        say("bpf-linker: present");
+        return Ok(());
+    }
+    say(
+        "bpf-linker: missing; building it against the nightly toolchain's libLLVM (about a minute)",
+    );
+    let vv = output(Command::new("rustc").args(["+nightly", "-vV"]))?;
+    let major = vv
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .context("rustc +nightly -vV printed no LLVM version")?
+        .to_string();
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
+    let libdir = PathBuf::from(sysroot.trim()).join("lib");
+    // The versioned file (libLLVM.so.22.1-rust-...) carries the soname bpf-linker links to.
+    let lib = std::fs::read_dir(&libdir)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libLLVM.so."))
+        })
+        .with_context(|| format!("no libLLVM.so.* in {}", libdir.display()))?;
+    let prefix = cargo_bin_dir()
+        .parent()
+        .expect("cargo home")
+        .join("sockmesh-llvm");
+    let plib = prefix.join("lib");
+    std::fs::create_dir_all(&plib)?;
+    for name in [
+        "libLLVM.so".to_string(),
+        lib.file_name().unwrap().to_string_lossy().into_owned(),
+    ] {
+        let link = plib.join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&lib, &link)?;
+    }
+    status(
+        Command::new("cargo")
+            .args([
+                "install",
+                &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+                "--locked",
+                "--no-default-features",
+                "--features",
+                &format!("llvm-{major}"),
+            ])
+            .env("LLVM_PREFIX", &prefix),
+    )
+}
+
+fn build() -> Result<()> {
+    status(cargo().args(["build", "--workspace", "--bins"]))
+}
+
+fn test() -> Result<()> {
+    setup()?;
+    status(cargo().args(["fmt", "--all", "--check"]))?;
+    status(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    build()?;
+    let result = status(cargo().args(["test", "--workspace", "--no-fail-fast"]));
+    let clean = check_clean();
+    result?;
+    clean
+}
+
+fn lab() -> Result<()> {
+    setup()?;
+    build()?;
+    status(Command::new(root().join("target/debug/sockmesh-testkit")).arg("lab"))
+}
+
+/// Nothing a lab creates may outlive it: namespaces, cgroups, mounts, programs.
+fn check_clean() -> Result<()> {
+    const PREFIX: &str = "smt-";
+    let mut left = Vec::new();
+    let netns = output(Command::new("ip").args(["netns", "list"])).unwrap_or_default();
+    for l in netns.lines().filter(|l| l.starts_with(PREFIX)) {
+        left.push(format!(
+            "network namespace {}",
+            l.split_whitespace().next().unwrap_or(l)
+        ));
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    for m in mounts.lines() {
+        let mut f = m.split_whitespace();
+        let (_, dir, ty) = (f.next(), f.next().unwrap_or(""), f.next().unwrap_or(""));
+        if ty == "cgroup2" {
+            if let Ok(rd) = std::fs::read_dir(dir) {
+                for e in rd.flatten() {
+                    let n = e.file_name().to_string_lossy().into_owned();
+                    if n.starts_with(PREFIX) {
+                        left.push(format!("cgroup {dir}/{n}"));
+                    }
+                }
+            }
+        }
+        if dir.contains(&format!("/{PREFIX}")) {
+            left.push(format!("mount {dir} ({ty})"));
+        }
+    }
+    if let Ok(rd) = std::fs::read_dir(env::temp_dir()) {
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.starts_with(PREFIX) {
+                left.push(format!("folder {}", e.path().display()));
+            }
+        }
+    }
+    if on_path("bpftool") || Path::new("/usr/sbin/bpftool").exists() {
+        let progs = output(Command::new("bpftool").args(["prog", "show"])).unwrap_or_default();
+        for l in progs.lines().filter(|l| l.contains("name sockmesh_")) {
+            left.push(format!("BPF program still loaded: {}", l.trim()));
+        }
+    } else {
+        bail!("bpftool is missing: run `cargo xtask setup`");
+    }
+    if left.is_empty() {
+        say("clean-up: no namespace, cgroup, mount, folder or program of the tests remains");
+        println!("cleanup: 1 passed, 0 failed");
+        Ok(())
+    } else {
+        println!("cleanup: 0 passed, 1 failed");
+        bail!("left behind by the tests:\n  {}", left.join("\n  "))
+    }
+}
+
+fn main() -> ExitCode {
+    let r = match Cli::parse().task {
+        Task::Setup => setup(),
+        Task::Build => setup().and_then(|_| build()),
+        Task::Lab => lab(),
+        Task::Test => test(),
+        Task::CheckClean => check_clean(),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            say(format!("error: {e:#}"));
+            ExitCode::FAILURE
+        }
+    }
+}

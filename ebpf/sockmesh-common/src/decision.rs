@@ -383,7 +383,11 @@ mod tests {
                     return false;
                 }
                 let (a, n, bits) = if kind.is_v6() {
-                    (u128::from_be_bytes(*addr), u128::from_be_bytes(*net), *len as u32)
+                    (
+                        u128::from_be_bytes(*addr),
+                        u128::from_be_bytes(*net),
+                        *len as u32,
+                    )
                 } else {
                     (
                         u32::from_be_bytes(v4_octets(addr)) as u128,
@@ -391,7 +395,11 @@ mod tests {
                         96 + *len as u32,
                     )
                 };
-                let mask = if bits == 0 { 0 } else { u128::MAX << (128 - bits) };
+                let mask = if bits == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - bits)
+                };
                 (a & mask) == (n & mask)
             })
         }
@@ -437,10 +445,16 @@ mod tests {
         }
     }
 
-    const OUT: Verdict = Verdict::Redirect { port: 15001, reason: Reason::CaptureAll };
+    const OUT: Verdict = Verdict::Redirect {
+        port: 15001,
+        reason: Reason::CaptureAll,
+    };
 
     fn inbound(reason: Reason) -> Verdict {
-        Verdict::Redirect { port: 15006, reason }
+        Verdict::Redirect {
+            port: 15006,
+            reason,
+        }
     }
 
     #[test]
@@ -449,20 +463,47 @@ mod tests {
         let s = Sets::default();
         assert_eq!(decide(&c, &s, &conn(REMOTE, 80, 1000, 1000)), OUT);
         assert_eq!(decide(&c, &s, &conn(REMOTE, 80, 0, 0)), OUT);
-        assert_eq!(decide(&c, &s, &conn(REMOTE, 80, 1337, 1337)), Verdict::Pass(Reason::ProxyUid));
+        assert_eq!(
+            decide(&c, &s, &conn(REMOTE, 80, 1337, 1337)),
+            Verdict::Pass(Reason::ProxyUid)
+        );
         // gid 1337 alone, remote: rule 4c.
-        assert_eq!(decide(&c, &s, &conn(REMOTE, 80, 1000, 1337)), Verdict::Pass(Reason::ProxyGid));
+        assert_eq!(
+            decide(&c, &s, &conn(REMOTE, 80, 1000, 1337)),
+            Verdict::Pass(Reason::ProxyGid)
+        );
         // The app to localhost and to its own pod IP: 3b.
-        assert_eq!(decide(&c, &s, &conn([127, 0, 0, 1], 8080, 1000, 1000)), Verdict::Pass(Reason::LocalTrafficUid));
-        assert_eq!(decide(&c, &s, &conn(POD, 8080, 1000, 1000)), Verdict::Pass(Reason::LocalTrafficUid));
+        assert_eq!(
+            decide(&c, &s, &conn([127, 0, 0, 1], 8080, 1000, 1000)),
+            Verdict::Pass(Reason::LocalTrafficUid)
+        );
+        assert_eq!(
+            decide(&c, &s, &conn(POD, 8080, 1000, 1000)),
+            Verdict::Pass(Reason::LocalTrafficUid)
+        );
         // The proxy to its own pod IP and to 127.0.0.2: inbound port (3a); to 127.0.0.1: 3c.
-        assert_eq!(decide(&c, &s, &conn(POD, 8080, 1337, 1337)), inbound(Reason::ProxyUidToLocal));
-        assert_eq!(decide(&c, &s, &conn([127, 0, 0, 2], 8080, 1337, 1337)), inbound(Reason::ProxyUidToLocal));
-        assert_eq!(decide(&c, &s, &conn([127, 0, 0, 1], 8080, 1337, 1337)), Verdict::Pass(Reason::ProxyUid));
+        assert_eq!(
+            decide(&c, &s, &conn(POD, 8080, 1337, 1337)),
+            inbound(Reason::ProxyUidToLocal)
+        );
+        assert_eq!(
+            decide(&c, &s, &conn([127, 0, 0, 2], 8080, 1337, 1337)),
+            inbound(Reason::ProxyUidToLocal)
+        );
+        assert_eq!(
+            decide(&c, &s, &conn([127, 0, 0, 1], 8080, 1337, 1337)),
+            Verdict::Pass(Reason::ProxyUid)
+        );
         // The tunnel port is never sent inbound.
-        assert_eq!(decide(&c, &s, &conn(POD, 15008, 1337, 1337)), Verdict::Pass(Reason::ProxyUid));
+        assert_eq!(
+            decide(&c, &s, &conn(POD, 15008, 1337, 1337)),
+            Verdict::Pass(Reason::ProxyUid)
+        );
         // uid != 1337 with gid 1337 over lo is caught by 3b first: never IN_REDIRECTed.
-        assert_eq!(decide(&c, &s, &conn(POD, 8080, 1000, 1337)), Verdict::Pass(Reason::LocalTrafficUid));
+        assert_eq!(
+            decide(&c, &s, &conn(POD, 8080, 1000, 1337)),
+            Verdict::Pass(Reason::LocalTrafficUid)
+        );
     }
 
     #[test]
@@ -471,7 +512,10 @@ mod tests {
         let s = Sets::default();
         let mut k = conn(POD, 8080, 1337, 1337);
         k.src = v4_mapped([127, 0, 0, 6]);
-        assert_eq!(decide(&c, &s, &k), Verdict::Pass(Reason::InboundPassthrough));
+        assert_eq!(
+            decide(&c, &s, &k),
+            Verdict::Pass(Reason::InboundPassthrough)
+        );
         // Only towards local addresses (rule 2 has -o lo).
         let mut k = conn(REMOTE, 80, 1000, 1000);
         k.src = v4_mapped([127, 0, 0, 6]);
@@ -481,22 +525,43 @@ mod tests {
     #[test]
     fn excluded_outbound_port_comes_first() {
         let c = default_cfg();
-        let s = Sets { members: std::vec![(MemberKind::OutboundExcludePort, 9090)], ..Default::default() };
-        assert_eq!(decide(&c, &s, &conn(POD, 9090, 1337, 1337)), Verdict::Pass(Reason::OutboundPortExcluded));
-        assert_eq!(decide(&c, &s, &conn(REMOTE, 9090, 1000, 1000)), Verdict::Pass(Reason::OutboundPortExcluded));
+        let s = Sets {
+            members: std::vec![(MemberKind::OutboundExcludePort, 9090)],
+            ..Default::default()
+        };
+        assert_eq!(
+            decide(&c, &s, &conn(POD, 9090, 1337, 1337)),
+            Verdict::Pass(Reason::OutboundPortExcluded)
+        );
+        assert_eq!(
+            decide(&c, &s, &conn(REMOTE, 9090, 1000, 1000)),
+            Verdict::Pass(Reason::OutboundPortExcluded)
+        );
         let mut u = conn(REMOTE, 9090, 1000, 1000);
         u.proto = Proto::Udp;
-        assert_eq!(decide(&c, &s, &u), Verdict::Pass(Reason::OutboundPortExcluded));
+        assert_eq!(
+            decide(&c, &s, &u),
+            Verdict::Pass(Reason::OutboundPortExcluded)
+        );
     }
 
     #[test]
     fn multiple_proxy_uids_only_first_goes_inbound() {
         let c = cfg(flags::OUTBOUND_ALL, &[1337, 1338], &[1337, 1338]);
         let s = Sets::default();
-        assert_eq!(decide(&c, &s, &conn(POD, 8080, 1337, 1337)), inbound(Reason::ProxyUidToLocal));
+        assert_eq!(
+            decide(&c, &s, &conn(POD, 8080, 1337, 1337)),
+            inbound(Reason::ProxyUidToLocal)
+        );
         // The second uid meets the first uid's 3b rule over lo.
-        assert_eq!(decide(&c, &s, &conn(POD, 8080, 1338, 1338)), Verdict::Pass(Reason::LocalTrafficUid));
-        assert_eq!(decide(&c, &s, &conn(REMOTE, 80, 1338, 1338)), Verdict::Pass(Reason::ProxyUid));
+        assert_eq!(
+            decide(&c, &s, &conn(POD, 8080, 1338, 1338)),
+            Verdict::Pass(Reason::LocalTrafficUid)
+        );
+        assert_eq!(
+            decide(&c, &s, &conn(REMOTE, 80, 1338, 1338)),
+            Verdict::Pass(Reason::ProxyUid)
+        );
     }
 
     #[test]
@@ -511,23 +576,44 @@ mod tests {
         };
         assert_eq!(
             decide(&c, &s, &conn(REMOTE, 80, 1000, 1000)),
-            Verdict::Redirect { port: 15001, reason: Reason::CidrIncluded }
+            Verdict::Redirect {
+                port: 15001,
+                reason: Reason::CidrIncluded
+            }
         );
-        assert_eq!(decide(&c, &s, &conn([198, 51, 100, 200], 80, 1000, 1000)), Verdict::Pass(Reason::CidrExcluded));
-        assert_eq!(decide(&c, &s, &conn([203, 0, 113, 1], 80, 1000, 1000)), Verdict::Pass(Reason::NoMatch));
+        assert_eq!(
+            decide(&c, &s, &conn([198, 51, 100, 200], 80, 1000, 1000)),
+            Verdict::Pass(Reason::CidrExcluded)
+        );
+        assert_eq!(
+            decide(&c, &s, &conn([203, 0, 113, 1], 80, 1000, 1000)),
+            Verdict::Pass(Reason::NoMatch)
+        );
     }
 
     #[test]
     fn outbound_ports_without_cidrs() {
         let c = cfg(0, &[1337], &[1337]);
-        let s = Sets { members: std::vec![(MemberKind::OutboundIncludePort, 8081)], ..Default::default() };
+        let s = Sets {
+            members: std::vec![(MemberKind::OutboundIncludePort, 8081)],
+            ..Default::default()
+        };
         assert_eq!(
             decide(&c, &s, &conn(REMOTE, 8081, 1000, 1000)),
-            Verdict::Redirect { port: 15001, reason: Reason::OutboundPortIncluded }
+            Verdict::Redirect {
+                port: 15001,
+                reason: Reason::OutboundPortIncluded
+            }
         );
-        assert_eq!(decide(&c, &s, &conn(REMOTE, 80, 1000, 1000)), Verdict::Pass(Reason::NoMatch));
+        assert_eq!(
+            decide(&c, &s, &conn(REMOTE, 80, 1000, 1000)),
+            Verdict::Pass(Reason::NoMatch)
+        );
         // The proxy is still exempt.
-        assert_eq!(decide(&c, &s, &conn(REMOTE, 8081, 1337, 1337)), Verdict::Pass(Reason::ProxyUid));
+        assert_eq!(
+            decide(&c, &s, &conn(REMOTE, 8081, 1337, 1337)),
+            Verdict::Pass(Reason::ProxyUid)
+        );
         // And -p tcp only.
         let mut u = conn(REMOTE, 8081, 1000, 1000);
         u.proto = Proto::Udp;
@@ -536,13 +622,33 @@ mod tests {
 
     #[test]
     fn owner_groups() {
-        let c = cfg(flags::OUTBOUND_ALL | flags::OWNER_GROUPS_INCLUDE, &[1337], &[1337]);
-        let s = Sets { members: std::vec![(MemberKind::OwnerGroupInclude, 2001)], ..Default::default() };
+        let c = cfg(
+            flags::OUTBOUND_ALL | flags::OWNER_GROUPS_INCLUDE,
+            &[1337],
+            &[1337],
+        );
+        let s = Sets {
+            members: std::vec![(MemberKind::OwnerGroupInclude, 2001)],
+            ..Default::default()
+        };
         assert_eq!(decide(&c, &s, &conn(REMOTE, 80, 1000, 2001)), OUT);
-        assert_eq!(decide(&c, &s, &conn(REMOTE, 80, 1000, 1000)), Verdict::Pass(Reason::OwnerGroupNotIncluded));
-        let c = cfg(flags::OUTBOUND_ALL | flags::OWNER_GROUPS_EXCLUDE, &[1337], &[1337]);
-        let s = Sets { members: std::vec![(MemberKind::OwnerGroupExclude, 2002)], ..Default::default() };
-        assert_eq!(decide(&c, &s, &conn(REMOTE, 80, 1000, 2002)), Verdict::Pass(Reason::OwnerGroupExcluded));
+        assert_eq!(
+            decide(&c, &s, &conn(REMOTE, 80, 1000, 1000)),
+            Verdict::Pass(Reason::OwnerGroupNotIncluded)
+        );
+        let c = cfg(
+            flags::OUTBOUND_ALL | flags::OWNER_GROUPS_EXCLUDE,
+            &[1337],
+            &[1337],
+        );
+        let s = Sets {
+            members: std::vec![(MemberKind::OwnerGroupExclude, 2002)],
+            ..Default::default()
+        };
+        assert_eq!(
+            decide(&c, &s, &conn(REMOTE, 80, 1000, 2002)),
+            Verdict::Pass(Reason::OwnerGroupExcluded)
+        );
         assert_eq!(decide(&c, &s, &conn(REMOTE, 80, 1000, 1000)), OUT);
     }
 
@@ -552,7 +658,10 @@ mod tests {
         c.loopback_v4_prefix = 8;
         let s = Sets::default();
         // With 127.0.0.1/8 the proxy's 127.0.0.2 is localhost: not sent inbound.
-        assert_eq!(decide(&c, &s, &conn([127, 0, 0, 2], 8080, 1337, 1337)), Verdict::Pass(Reason::ProxyUid));
+        assert_eq!(
+            decide(&c, &s, &conn([127, 0, 0, 2], 8080, 1337, 1337)),
+            Verdict::Pass(Reason::ProxyUid)
+        );
     }
 
     #[test]
@@ -565,7 +674,10 @@ mod tests {
         // The app's call to 127.1.2.3 is no longer exempt as local traffic: it is captured.
         assert_eq!(
             decide(&c, &s, &conn([127, 1, 2, 3], 8080, 1000, 1000)),
-            Verdict::Redirect { port: 15001, reason: Reason::CidrIncluded }
+            Verdict::Redirect {
+                port: 15001,
+                reason: Reason::CidrIncluded
+            }
         );
     }
 
@@ -575,7 +687,9 @@ mod tests {
         let s = Sets::default();
         let v6 = Conn {
             proto: Proto::Tcp,
-            dst: [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x20],
+            dst: [
+                0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x20,
+            ],
             dport: 80,
             src: [0; 16],
             uid: 1000,

@@ -22,7 +22,15 @@ pub mod names {
     pub const ORIG_DST: &str = "SM_ORIG_DST";
     pub const SOCK_DST: &str = "SM_SOCK_DST";
     pub const COUNTERS: &str = "SM_COUNTERS";
-    pub const ALL: [&str; 7] = [PODS, MEMBERS, CIDRS, LOCAL_ADDRS, ORIG_DST, SOCK_DST, COUNTERS];
+    pub const ALL: [&str; 7] = [
+        PODS,
+        MEMBERS,
+        CIDRS,
+        LOCAL_ADDRS,
+        ORIG_DST,
+        SOCK_DST,
+        COUNTERS,
+    ];
 }
 
 /// Map sizes. Per-pod sets share one map keyed by netns cookie, so there is no per-pod cap other
@@ -283,7 +291,9 @@ pub mod counters {
 
 /// `::ffff:a.b.c.d` from four octets.
 pub const fn v4_mapped(o: [u8; 4]) -> Addr {
-    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, o[0], o[1], o[2], o[3]]
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, o[0], o[1], o[2], o[3],
+    ]
 }
 
 pub const fn is_v4_mapped(a: &Addr) -> bool {

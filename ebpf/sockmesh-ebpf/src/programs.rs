@@ -5,9 +5,8 @@ use core::{
 
 use aya_ebpf::{
     bindings::{
-        bpf_sock, BPF_F_NO_PREALLOC, BPF_NOEXIST,
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_TCP_CLOSE,
+        bpf_sock, BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
     },
     btf_maps::SkStorage,
     helpers::{
@@ -76,7 +75,10 @@ impl Rules for PodRules {
     #[inline(always)]
     fn cidr(&self, kind: CidrKind, addr: &Addr) -> bool {
         let bits = if kind.is_v6() { 128 } else { 32 };
-        let key = Key::new(CIDR_KEY_FIXED_BITS + bits, CidrKey::new(self.netns, kind, addr));
+        let key = Key::new(
+            CIDR_KEY_FIXED_BITS + bits,
+            CidrKey::new(self.netns, kind, addr),
+        );
         CIDRS.get(&key).is_some()
     }
 }
@@ -217,7 +219,11 @@ fn try_connect(ctx: &SockAddrContext, v6: bool) -> i32 {
     let mut record = OrigDst {
         addr: dst,
         port: dport,
-        family: if is_v4_mapped(&dst) { AF_INET } else { AF_INET6 },
+        family: if is_v4_mapped(&dst) {
+            AF_INET
+        } else {
+            AF_INET6
+        },
         reason: reason as u32,
     };
     let stored = unsafe { SOCK_DST.get_or_insert_ptr_mut(ctx, Some(&mut record)) };
@@ -230,7 +236,10 @@ fn try_connect(ctx: &SockAddrContext, v6: bool) -> i32 {
     let port = u32::from_ne_bytes(port);
     unsafe {
         if !v6 {
-            ptr::write_volatile(addr_of_mut!((*sa).user_ip4), u32::from_ne_bytes(V4_LOCALHOST));
+            ptr::write_volatile(
+                addr_of_mut!((*sa).user_ip4),
+                u32::from_ne_bytes(V4_LOCALHOST),
+            );
         } else {
             let target = if record.family == AF_INET {
                 v4_mapped(V4_LOCALHOST)
@@ -308,7 +317,12 @@ fn sockops_conn_key(ctx: &SockOpsContext, netns: u64) -> ConnKey {
         )
     } else {
         let ops = ctx.ops;
-        unsafe { (read_words!((*ops).local_ip6), read_words!((*ops).remote_ip6)) }
+        unsafe {
+            (
+                read_words!((*ops).local_ip6),
+                read_words!((*ops).remote_ip6),
+            )
+        }
     };
     ConnKey {
         netns,
@@ -450,8 +464,7 @@ unsafe fn write_sockaddr_in(out: *mut u8, addr: &Addr, port: u16) {
     let fam = AF_INET.to_ne_bytes();
     let p = port.to_be_bytes();
     let bytes: [u8; 16] = [
-        fam[0], fam[1], p[0], p[1], addr[12], addr[13], addr[14], addr[15], 0, 0, 0, 0, 0, 0, 0,
-        0,
+        fam[0], fam[1], p[0], p[1], addr[12], addr[13], addr[14], addr[15], 0, 0, 0, 0, 0, 0, 0, 0,
     ];
     let mut i = 0;
     while i < 16 {

@@ -30,6 +30,9 @@ enum Cmd {
         v4_mapped: bool,
         #[arg(long, default_value = "2000")]
         timeout_ms: u64,
+        /// Keep the connection open this long after reading the listener's report.
+        #[arg(long, default_value = "0")]
+        hold_ms: u64,
     },
     /// The demo lab: pods in netns, the agent, a listener on 15001, real connections, dump.
     Lab,
@@ -38,7 +41,15 @@ enum Cmd {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Listen { specs } => kit::listen(&specs),
-        Cmd::Connect { dst, uid, gid, bind, v4_mapped, timeout_ms } => {
+        Cmd::Connect {
+            dst,
+            uid,
+            gid,
+            bind,
+            v4_mapped,
+            timeout_ms,
+            hold_ms,
+        } => {
             let outcome = kit::connect(&ConnectSpec {
                 dst: Some(dst),
                 uid,
@@ -46,6 +57,7 @@ fn main() -> anyhow::Result<()> {
                 bind,
                 v4_mapped,
                 timeout: Duration::from_millis(timeout_ms),
+                hold: Duration::from_millis(hold_ms),
             });
             println!("{}", serde_json::to_string(&outcome)?);
             Ok(())
