@@ -25,9 +25,11 @@ fn describe(o: &Outcome) -> String {
             listener,
             orig,
             peername,
-        } => {
-            format!("landed on {listener}, SO_ORIGINAL_DST={orig}, app's getpeername()={peername}")
-        }
+            client_ip,
+        } => format!(
+            "landed on {listener}, SO_ORIGINAL_DST={orig}, the listener saw the client at \
+             {client_ip}, the app's getpeername()={peername}"
+        ),
         other => format!("{other:?}"),
     }
 }

@@ -17,12 +17,13 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Outcome {
-    /// Accepted by `listener`, which read `orig` with SO_ORIGINAL_DST (or an error name); the
-    /// client's getpeername() said `peername`.
+    /// Accepted by `listener`, which read `orig` with SO_ORIGINAL_DST (or an error name) and
+    /// saw the client at `client_ip`; the client's getpeername() said `peername`.
     Ok {
         listener: String,
         orig: String,
         peername: String,
+        client_ip: String,
     },
     Refused,
     Timeout,
@@ -338,9 +339,15 @@ fn connect_inner(spec: &ConnectSpec) -> Result<Outcome> {
             .find_map(|f| f.strip_prefix(k).map(str::to_string))
             .unwrap_or_default()
     };
+    let peer = field("peer=");
+    let client_ip = peer
+        .parse::<SocketAddr>()
+        .map(|a| a.ip().to_string())
+        .unwrap_or(peer);
     Ok(Outcome::Ok {
         listener: field("listener="),
         orig: field("orig="),
         peername,
+        client_ip,
     })
 }

@@ -2,7 +2,7 @@
 
 use std::{
     fs,
-    net::IpAddr,
+    net::{IpAddr, Ipv6Addr},
     os::{
         fd::{AsFd, BorrowedFd, OwnedFd},
         unix::{
@@ -244,8 +244,21 @@ fn register(state: &State, netns: u64, fd: BorrowedFd<'_>, spec: &PodSpec) -> Re
         Ok(addrs.into_iter().map(|a| a.ip).collect())
     })
     .map_err(|e| e.to_string())??;
+    // The pod's primary addresses, by istio's rule (first non-loopback, non-link-local), read
+    // here rather than trusted from the caller.
+    let mut spec = spec.clone();
+    let usable = |ip: &&IpAddr| match ip {
+        IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_link_local(),
+        IpAddr::V6(v6) => !v6.is_loopback() && (v6.segments()[0] & 0xffc0) != 0xfe80 && *v6 != Ipv6Addr::from(6u128),
+    };
+    if let Some(IpAddr::V4(v4)) = addrs.iter().filter(usable).find(|a| a.is_ipv4()) {
+        spec.config.src_v4 = v4.octets();
+    }
+    if let Some(IpAddr::V6(v6)) = addrs.iter().filter(usable).find(|a| a.is_ipv6()) {
+        spec.config.src_v6 = v6.octets();
+    }
     let mut maps = state.maps.lock().expect("maps lock");
-    registry::register(&mut maps, netns, spec, &addrs).map_err(|e| e.to_string())
+    registry::register(&mut maps, netns, &spec, &addrs).map_err(|e| e.to_string())
 }
 
 /// `ip -6 addr replace ::6/128 dev lo`, run in the calling thread's netns.

@@ -698,6 +698,8 @@ impl IstioArgs {
             loopback_v4: lo_ip.octets(),
             uids: uid_arr,
             gids: gid_arr,
+            src_v4: [0; 4],
+            src_v6: [0; 16],
         };
         members.sort();
         members.dedup();

@@ -269,6 +269,10 @@ mod config_serde {
         loopback_v4_prefix: u8,
         uids: Vec<u32>,
         gids: Vec<u32>,
+        #[serde(default)]
+        src_v4: [u8; 4],
+        #[serde(default)]
+        src_v6: [u8; 16],
     }
 
     pub fn serialize<S: Serializer>(c: &PodConfig, s: S) -> Result<S::Ok, S::Error> {
@@ -281,6 +285,8 @@ mod config_serde {
             loopback_v4_prefix: c.loopback_v4_prefix,
             uids: c.uids[..(c.n_uids as usize).min(MAX_OWNERS)].to_vec(),
             gids: c.gids[..(c.n_gids as usize).min(MAX_OWNERS)].to_vec(),
+            src_v4: c.src_v4,
+            src_v6: c.src_v6,
         }
         .serialize(s)
     }
@@ -308,6 +314,8 @@ mod config_serde {
             loopback_v4: w.loopback_v4,
             uids,
             gids,
+            src_v4: w.src_v4,
+            src_v6: w.src_v6,
         })
     }
 }

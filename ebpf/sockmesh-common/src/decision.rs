@@ -422,6 +422,8 @@ mod tests {
             loopback_v4: [127, 0, 0, 1],
             uids: u,
             gids: g,
+            src_v4: [0; 4],
+            src_v6: [0; 16],
         }
     }
 

@@ -84,6 +84,12 @@ pub struct PodConfig {
     pub loopback_v4: [u8; 4],
     pub uids: [u32; MAX_OWNERS],
     pub gids: [u32; MAX_OWNERS],
+    /// The pod's primary IPv4 address (istio's "local IP"), zero if none. A redirected socket
+    /// that is not bound is bound to it, so the proxy sees the same peer address as after
+    /// iptables' REDIRECT. Filled by the agent.
+    pub src_v4: [u8; 4],
+    /// The pod's primary IPv6 address, zero if none.
+    pub src_v6: [u8; 16],
 }
 
 impl PodConfig {

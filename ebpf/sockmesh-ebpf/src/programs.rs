@@ -11,7 +11,9 @@ use aya_ebpf::{
     btf_maps::SkStorage,
     helpers::{
         bpf_get_current_uid_gid,
-        generated::{bpf_get_netns_cookie, bpf_sk_storage_get, bpf_sock_ops_cb_flags_set},
+        generated::{
+            bpf_bind, bpf_get_netns_cookie, bpf_sk_storage_get, bpf_sock_ops_cb_flags_set,
+        },
     },
     macros::{btf_map, cgroup_sock_addr, cgroup_sockopt, map, sock_ops},
     maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuHashMap},
@@ -232,6 +234,7 @@ fn try_connect(ctx: &SockAddrContext, v6: bool) -> i32 {
         return 0;
     }
     unsafe { *stored = record };
+    bind_source(ctx, cfg, &conn, v6);
     let port = (port.to_be() as u32).to_ne_bytes();
     let port = u32::from_ne_bytes(port);
     unsafe {
@@ -255,6 +258,79 @@ fn try_connect(ctx: &SockAddrContext, v6: bool) -> i32 {
         ptr::write_volatile(addr_of_mut!((*sa).user_port), port);
     }
     1
+}
+
+#[repr(C)]
+struct SockaddrIn {
+    family: u16,
+    port: u16,
+    addr: [u8; 4],
+    zero: [u8; 8],
+}
+
+#[repr(C)]
+struct SockaddrIn6 {
+    family: u16,
+    port: u16,
+    flowinfo: u32,
+    addr: Addr,
+    scope_id: u32,
+}
+
+/// Bind a redirected, unbound socket to the source address the kernel would have chosen for
+/// the original destination, so the proxy sees the peer it sees after iptables' REDIRECT (the
+/// pod's address, not 127.0.0.1). Localhost destinations need nothing; a failure leaves the
+/// socket as it was.
+#[inline(always)]
+fn bind_source(ctx: &SockAddrContext, cfg: &PodConfig, conn: &Conn, v6: bool) {
+    if !is_zero(&conn.src) && !(is_v4_mapped(&conn.src) && conn.src[12..16] == [0, 0, 0, 0]) {
+        return;
+    }
+    let v4 = is_v4_mapped(&conn.dst);
+    let source: Addr = if conn.dst_is_local {
+        if (v4 && conn.dst[12] == 127) || (!v4 && words_from_addr(&conn.dst) == words_from_addr(&V6_LOCALHOST)) {
+            return;
+        }
+        conn.dst
+    } else if v4 {
+        if cfg.src_v4 == [0, 0, 0, 0] {
+            return;
+        }
+        v4_mapped(cfg.src_v4)
+    } else {
+        if is_zero(&cfg.src_v6) {
+            return;
+        }
+        cfg.src_v6
+    };
+    unsafe {
+        if v6 {
+            let mut sa = SockaddrIn6 {
+                family: AF_INET6,
+                port: 0,
+                flowinfo: 0,
+                addr: source,
+                scope_id: 0,
+            };
+            bpf_bind(
+                ctx.sock_addr,
+                ptr::from_mut(&mut sa).cast(),
+                core::mem::size_of::<SockaddrIn6>() as i32,
+            );
+        } else {
+            let mut sa = SockaddrIn {
+                family: AF_INET,
+                port: 0,
+                addr: [source[12], source[13], source[14], source[15]],
+                zero: [0; 8],
+            };
+            bpf_bind(
+                ctx.sock_addr,
+                ptr::from_mut(&mut sa).cast(),
+                core::mem::size_of::<SockaddrIn>() as i32,
+            );
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
