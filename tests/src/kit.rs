@@ -224,6 +224,9 @@ pub struct ConnectSpec {
     pub timeout: Duration,
     /// Keep the connection open this long after the listener's report (to see live state).
     pub hold: Duration,
+    /// Create the socket first (as the caller we start as, root) and only then take on
+    /// `uid`/`gid`: iptables matches the socket's creator, not the caller of connect().
+    pub creds_after_socket: bool,
 }
 
 /// Drop to `gid`/`uid` (before any socket exists, so the socket's owner is that user, as with a
@@ -239,21 +242,8 @@ pub fn connect(spec: &ConnectSpec) -> Outcome {
 
 fn connect_inner(spec: &ConnectSpec) -> Result<Outcome> {
     let dst = spec.dst.context("no destination")?;
-    // SAFETY: credential changes of this single-threaded process.
-    unsafe {
-        if (spec.gid.is_some() || spec.uid.is_some()) && libc::setgroups(0, std::ptr::null()) != 0 {
-            bail!("setgroups: {}", std::io::Error::last_os_error());
-        }
-        if let Some(g) = spec.gid {
-            if libc::setresgid(g, g, g) != 0 {
-                bail!("setresgid({g}): {}", std::io::Error::last_os_error());
-            }
-        }
-        if let Some(u) = spec.uid {
-            if libc::setresuid(u, u, u) != 0 {
-                bail!("setresuid({u}): {}", std::io::Error::last_os_error());
-            }
-        }
+    if !spec.creds_after_socket {
+        take_credentials(spec)?;
     }
     let dial = match (dst, spec.v4_mapped) {
         (SocketAddr::V4(v4), true) => {
@@ -305,6 +295,9 @@ fn connect_inner(spec: &ConnectSpec) -> Result<Outcome> {
             mem::size_of::<libc::timeval>() as u32,
         );
     }
+    if spec.creds_after_socket {
+        take_credentials(spec)?;
+    }
     let (ss, len) = std_to_sockaddr(dial);
     // SAFETY: valid sockaddr.
     if unsafe { libc::connect(fd, (&ss as *const libc::sockaddr_storage).cast(), len) } != 0 {
@@ -350,4 +343,25 @@ fn connect_inner(spec: &ConnectSpec) -> Result<Outcome> {
         peername,
         client_ip,
     })
+}
+
+/// Become `spec.gid`/`spec.uid` for good (no supplementary groups).
+fn take_credentials(spec: &ConnectSpec) -> Result<()> {
+    // SAFETY: credential changes of this single-threaded process.
+    unsafe {
+        if (spec.gid.is_some() || spec.uid.is_some()) && libc::setgroups(0, std::ptr::null()) != 0 {
+            bail!("setgroups: {}", std::io::Error::last_os_error());
+        }
+        if let Some(g) = spec.gid {
+            if libc::setresgid(g, g, g) != 0 {
+                bail!("setresgid({g}): {}", std::io::Error::last_os_error());
+            }
+        }
+        if let Some(u) = spec.uid {
+            if libc::setresuid(u, u, u) != 0 {
+                bail!("setresuid({u}): {}", std::io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(())
 }

@@ -163,92 +163,61 @@ pub struct Caller {
     pub gid: u32,
     pub bind: Option<&'static str>,
     pub v4_mapped: bool,
+    /// The socket is created by root; the caller takes on uid/gid only before connect().
+    pub socket_by_root: bool,
 }
 
-pub const CALLERS: [Caller; 8] = [
-    Caller {
-        name: "app",
-        uid: 1000,
-        gid: 1000,
-        bind: None,
-        v4_mapped: false,
-    },
-    Caller {
-        name: "root",
-        uid: 0,
-        gid: 0,
-        bind: None,
-        v4_mapped: false,
-    },
-    Caller {
-        name: "proxy-uid",
-        uid: 1337,
-        gid: 1337,
-        bind: None,
-        v4_mapped: false,
-    },
-    Caller {
-        name: "proxy-gid-only",
-        uid: 1000,
-        gid: 1337,
-        bind: None,
-        v4_mapped: false,
-    },
-    Caller {
-        name: "second-proxy-uid",
-        uid: 1338,
-        gid: 1338,
-        bind: None,
-        v4_mapped: false,
-    },
-    Caller {
-        name: "group-2001",
-        uid: 1000,
-        gid: 2001,
-        bind: None,
-        v4_mapped: false,
-    },
-    Caller {
-        name: "group-2002",
-        uid: 1000,
-        gid: 2002,
-        bind: None,
-        v4_mapped: false,
-    },
-    Caller {
-        name: "app-v4-mapped",
-        uid: 1000,
-        gid: 1000,
-        bind: None,
-        v4_mapped: true,
-    },
+impl Caller {
+    const fn new(name: &'static str, uid: u32, gid: u32) -> Self {
+        Caller {
+            name,
+            uid,
+            gid,
+            bind: None,
+            v4_mapped: false,
+            socket_by_root: false,
+        }
+    }
+    const fn bound(self, addr: &'static str) -> Self {
+        Caller {
+            bind: Some(addr),
+            ..self
+        }
+    }
+    const fn mapped(self) -> Self {
+        Caller {
+            v4_mapped: true,
+            ..self
+        }
+    }
+    const fn socket_by_root(self) -> Self {
+        Caller {
+            socket_by_root: true,
+            ..self
+        }
+    }
+}
+
+pub const CALLERS: [Caller; 9] = [
+    Caller::new("app", 1000, 1000),
+    Caller::new("root", 0, 0),
+    Caller::new("proxy-uid", 1337, 1337),
+    Caller::new("proxy-gid-only", 1000, 1337),
+    Caller::new("second-proxy-uid", 1338, 1338),
+    Caller::new("group-2001", 1000, 2001),
+    Caller::new("group-2002", 1000, 2002),
+    Caller::new("app-v4-mapped", 1000, 1000).mapped(),
+    Caller::new("proxy-on-a-root-socket", 1337, 1337).socket_by_root(),
 ];
 
 /// Callers bound to the inbound passthrough source (only for local destinations).
 pub const PASSTHROUGH_CALLERS: [Caller; 2] = [
-    Caller {
-        name: "app-from-127.0.0.6",
-        uid: 1000,
-        gid: 1000,
-        bind: Some("127.0.0.6"),
-        v4_mapped: false,
-    },
-    Caller {
-        name: "proxy-from-127.0.0.6",
-        uid: 1337,
-        gid: 1337,
-        bind: Some("127.0.0.6"),
-        v4_mapped: false,
-    },
+    Caller::new("app-from-127.0.0.6", 1000, 1000).bound("127.0.0.6"),
+    Caller::new("proxy-from-127.0.0.6", 1337, 1337).bound("127.0.0.6"),
 ];
 
-pub const PASSTHROUGH_CALLERS_V6: [Caller; 1] = [Caller {
-    name: "proxy-from-::6",
-    uid: 1337,
-    gid: 1337,
-    bind: Some("::6"),
-    v4_mapped: false,
-}];
+pub const PASSTHROUGH_CALLERS_V6: [Caller; 1] =
+    [Caller::new("proxy-from-::6", 1337, 1337).bound("::6")];
 
 /// Destinations from the pod: (address, is local to the pod).
 pub fn destinations(profile: &Profile) -> Vec<(SocketAddr, bool)> {
@@ -330,6 +299,9 @@ pub fn probe(lab: &Lab, pod: &Pod, case: &Case) -> Result<Outcome> {
     }
     if case.caller.v4_mapped {
         cmd.arg("--v4-mapped");
+    }
+    if case.caller.socket_by_root {
+        cmd.arg("--creds-after-socket");
     }
     let out = run(&mut cmd)?;
     serde_json::from_slice(&out.stdout)

@@ -249,7 +249,11 @@ fn register(state: &State, netns: u64, fd: BorrowedFd<'_>, spec: &PodSpec) -> Re
     let mut spec = spec.clone();
     let usable = |ip: &&IpAddr| match ip {
         IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_link_local(),
-        IpAddr::V6(v6) => !v6.is_loopback() && (v6.segments()[0] & 0xffc0) != 0xfe80 && *v6 != Ipv6Addr::from(6u128),
+        IpAddr::V6(v6) => {
+            !v6.is_loopback()
+                && (v6.segments()[0] & 0xffc0) != 0xfe80
+                && *v6 != Ipv6Addr::from(6u128)
+        }
     };
     if let Some(IpAddr::V4(v4)) = addrs.iter().filter(usable).find(|a| a.is_ipv4()) {
         spec.config.src_v4 = v4.octets();

@@ -13,7 +13,7 @@ use std::{
 
 use aya::{
     maps::{lpm_trie::LpmTrie, HashMap, Map, MapData, MapError, PerCpuHashMap},
-    programs::{CgroupSockAddr, CgroupSockopt, ProgramError, SockOps},
+    programs::{CgroupSock, CgroupSockAddr, CgroupSockopt, ProgramError, SockOps},
     Ebpf, EbpfLoader,
 };
 use sockmesh_common::{
@@ -58,12 +58,14 @@ pub struct Attachment {
 
 #[derive(Clone, Copy)]
 enum ProgKind {
+    Sock,
     SockAddr,
     SockOps,
     Sockopt,
 }
 
 // enum bpf_attach_type (include/uapi/linux/bpf.h).
+const BPF_CGROUP_INET_SOCK_CREATE: u32 = 2;
 const BPF_CGROUP_SOCK_OPS: u32 = 3;
 const BPF_CGROUP_INET4_CONNECT: u32 = 10;
 const BPF_CGROUP_INET6_CONNECT: u32 = 11;
@@ -71,7 +73,13 @@ const BPF_CGROUP_GETSOCKOPT: u32 = 21;
 const BPF_CGROUP_INET4_GETPEERNAME: u32 = 29;
 const BPF_CGROUP_INET6_GETPEERNAME: u32 = 30;
 
-pub const ATTACHMENTS: [Attachment; 6] = [
+pub const ATTACHMENTS: [Attachment; 7] = [
+    Attachment {
+        program: "sockmesh_sock_create",
+        attach_type: BPF_CGROUP_INET_SOCK_CREATE,
+        link_name: "sock_create",
+        kind: ProgKind::Sock,
+    },
     Attachment {
         program: "sockmesh_connect4",
         attach_type: BPF_CGROUP_INET4_CONNECT,
@@ -259,6 +267,11 @@ pub fn attach_all(
             source,
         };
         let fd = match a.kind {
+            ProgKind::Sock => {
+                let p: &mut CgroupSock = prog.try_into().map_err(wrap)?;
+                p.load().map_err(wrap)?;
+                p.fd().map_err(wrap)?.as_fd().try_clone_to_owned()
+            }
             ProgKind::SockAddr => {
                 let p: &mut CgroupSockAddr = prog.try_into().map_err(wrap)?;
                 p.load().map_err(wrap)?;

@@ -21,6 +21,7 @@ pub mod names {
     pub const LOCAL_ADDRS: &str = "SM_LOCAL_ADDRS";
     pub const ORIG_DST: &str = "SM_ORIG_DST";
     pub const SOCK_DST: &str = "SM_SOCK_DST";
+    pub const SOCK_OWNER: &str = "SM_SOCK_OWNER";
     pub const COUNTERS: &str = "SM_COUNTERS";
     pub const ALL: [&str; 7] = [
         PODS,
@@ -259,6 +260,15 @@ pub struct OrigDst {
     pub family: u16,
     /// The [`Reason`] that redirected it.
     pub reason: u32,
+}
+
+/// Value of the per-socket `SOCK_OWNER` storage: the credentials of the task that created the
+/// socket, which is what iptables' owner match looks at (the socket file's credentials).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SockOwner {
+    pub uid: u32,
+    pub gid: u32,
 }
 
 /// Key of the per-CPU `COUNTERS` map.

@@ -5,8 +5,9 @@ use core::{
 
 use aya_ebpf::{
     bindings::{
-        bpf_sock, BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
+        bpf_sock, BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE,
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_TCP_CLOSE,
     },
     btf_maps::SkStorage,
     helpers::{
@@ -15,15 +16,15 @@ use aya_ebpf::{
             bpf_bind, bpf_get_netns_cookie, bpf_sk_storage_get, bpf_sock_ops_cb_flags_set,
         },
     },
-    macros::{btf_map, cgroup_sock_addr, cgroup_sockopt, map, sock_ops},
+    macros::{btf_map, cgroup_sock, cgroup_sock_addr, cgroup_sockopt, map, sock_ops},
     maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuHashMap},
-    programs::{SockAddrContext, SockOpsContext, SockoptContext},
+    programs::{SockAddrContext, SockContext, SockOpsContext, SockoptContext},
     EbpfContext,
 };
 use sockmesh_common::{
     counters, decide, is_v4_mapped, sizes, v4_mapped, Addr, CidrKey, CidrKind, Conn, ConnKey,
-    CounterKey, LocalAddrKey, MemberKey, MemberKind, OrigDst, PodConfig, Proto, Rules, Verdict,
-    AF_INET, AF_INET6, CIDR_KEY_FIXED_BITS,
+    CounterKey, LocalAddrKey, MemberKey, MemberKind, OrigDst, PodConfig, Proto, Rules, SockOwner,
+    Verdict, AF_INET, AF_INET6, CIDR_KEY_FIXED_BITS,
 };
 
 #[map(name = "SM_PODS")]
@@ -48,6 +49,10 @@ static COUNTERS: PerCpuHashMap<CounterKey, u64> =
 /// The original destination of a redirected socket, for as long as the socket lives.
 #[btf_map(name = "SM_SOCK_DST")]
 static SOCK_DST: SkStorage<OrigDst> = SkStorage::new();
+
+/// Who created each socket of a registered pod.
+#[btf_map(name = "SM_SOCK_OWNER")]
+static SOCK_OWNER: SkStorage<SockOwner> = SkStorage::new();
 
 const SOL_IP: i32 = 0;
 const SOL_IPV6: i32 = 41;
@@ -159,6 +164,37 @@ fn is_local(netns: u64, dst: &Addr) -> bool {
 }
 
 // ---------------------------------------------------------------------------------------------
+// sock_create: remember who created each socket of a registered pod.
+
+#[cgroup_sock(sock_create)]
+pub fn sockmesh_sock_create(ctx: SockContext) -> i32 {
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if unsafe { PODS.get(&netns) }.is_none() {
+        return 1;
+    }
+    let ids = bpf_get_current_uid_gid();
+    let map = ptr::from_ref(&SOCK_OWNER).cast_mut().cast::<c_void>();
+    let owner = unsafe {
+        bpf_sk_storage_get(
+            map,
+            ctx.sock.cast(),
+            ptr::null_mut(),
+            BPF_SK_STORAGE_GET_F_CREATE as u64,
+        )
+    };
+    if !owner.is_null() {
+        unsafe {
+            *owner.cast::<SockOwner>() = SockOwner {
+                uid: ids as u32,
+                gid: (ids >> 32) as u32,
+            }
+        };
+    }
+    // Never refuse a socket.
+    1
+}
+
+// ---------------------------------------------------------------------------------------------
 // connect4 / connect6
 
 #[cgroup_sock_addr(connect4)]
@@ -203,14 +239,23 @@ fn try_connect(ctx: &SockAddrContext, v6: bool) -> i32 {
         };
     }
     let dport = u16::from_be(unsafe { (*sa).user_port } as u16);
-    let ids = bpf_get_current_uid_gid();
+    // The socket's creator, as iptables' owner match; the current task for sockets created
+    // before the pod was registered.
+    let owner = unsafe { SOCK_OWNER.get_ptr_mut(ctx) };
+    let (uid, gid) = if owner.is_null() {
+        let ids = bpf_get_current_uid_gid();
+        (ids as u32, (ids >> 32) as u32)
+    } else {
+        let o = unsafe { *owner };
+        (o.uid, o.gid)
+    };
     let conn = Conn {
         proto: Proto::Tcp,
         dst,
         dport,
         src,
-        uid: ids as u32,
-        gid: (ids >> 32) as u32,
+        uid,
+        gid,
         dst_is_local: is_local(netns, &dst),
     };
     let verdict = decide(cfg, &PodRules { netns }, &conn);
@@ -288,7 +333,9 @@ fn bind_source(ctx: &SockAddrContext, cfg: &PodConfig, conn: &Conn, v6: bool) {
     }
     let v4 = is_v4_mapped(&conn.dst);
     let source: Addr = if conn.dst_is_local {
-        if (v4 && conn.dst[12] == 127) || (!v4 && words_from_addr(&conn.dst) == words_from_addr(&V6_LOCALHOST)) {
+        if (v4 && conn.dst[12] == 127)
+            || (!v4 && words_from_addr(&conn.dst) == words_from_addr(&V6_LOCALHOST))
+        {
             return;
         }
         conn.dst

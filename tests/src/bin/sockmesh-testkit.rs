@@ -33,6 +33,9 @@ enum Cmd {
         /// Keep the connection open this long after reading the listener's report.
         #[arg(long, default_value = "0")]
         hold_ms: u64,
+        /// Create the socket before taking on --uid/--gid.
+        #[arg(long)]
+        creds_after_socket: bool,
     },
     /// The demo lab: pods in netns, the agent, a listener on 15001, real connections, dump.
     Lab,
@@ -49,6 +52,7 @@ fn main() -> anyhow::Result<()> {
             v4_mapped,
             timeout_ms,
             hold_ms,
+            creds_after_socket,
         } => {
             let outcome = kit::connect(&ConnectSpec {
                 dst: Some(dst),
@@ -58,6 +62,7 @@ fn main() -> anyhow::Result<()> {
                 v4_mapped,
                 timeout: Duration::from_millis(timeout_ms),
                 hold: Duration::from_millis(hold_ms),
+                creds_after_socket,
             });
             println!("{}", serde_json::to_string(&outcome)?);
             Ok(())
