@@ -26,6 +26,7 @@ fn describe(o: &Outcome) -> String {
             orig,
             peername,
             client_ip,
+            ..
         } => format!(
             "landed on {listener}, SO_ORIGINAL_DST={orig}, the listener saw the client at \
              {client_ip}, the app's getpeername()={peername}"

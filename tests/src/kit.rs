@@ -18,12 +18,14 @@ use serde::{Deserialize, Serialize};
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Outcome {
     /// Accepted by `listener`, which read `orig` with SO_ORIGINAL_DST (or an error name) and
-    /// saw the client at `client_ip`; the client's getpeername() said `peername`.
+    /// saw the client at `client_ip`; the client's getpeername() said `peername`. `other`
+    /// holds getsockopt answers that capture must not change (see `other_sockopts`).
     Ok {
         listener: String,
         orig: String,
         peername: String,
         client_ip: String,
+        other: String,
     },
     Refused,
     Timeout,
@@ -116,6 +118,49 @@ fn unmap(a: SocketAddr) -> SocketAddr {
     }
 }
 
+/// getsockopt results a capture must leave alone, as one token: option 80 at the level that
+/// does not match the flow, option 80 at SOL_TCP, SO_ORIGINAL_DST with a short buffer, SO_TYPE,
+/// and the TTL / hop limit.
+pub fn other_sockopts(fd: RawFd, peer: SocketAddr) -> String {
+    let v4_flow = match peer {
+        SocketAddr::V4(_) => true,
+        SocketAddr::V6(a) => a.ip().to_ipv4_mapped().is_some(),
+    };
+    let (wrong_level, own_level) = if v4_flow {
+        (libc::SOL_IPV6, libc::SOL_IP)
+    } else {
+        (libc::SOL_IP, libc::SOL_IPV6)
+    };
+    let is_v6_socket = matches!(peer, SocketAddr::V6(_));
+    let ttl = if is_v6_socket {
+        (libc::SOL_IPV6, libc::IPV6_UNICAST_HOPS, 4)
+    } else {
+        (libc::SOL_IP, libc::IP_TTL, 4)
+    };
+    let queries = [
+        (wrong_level, 80, 128),
+        (libc::SOL_TCP, 80, 128),
+        (own_level, 80, 8),
+        (libc::SOL_SOCKET, libc::SO_TYPE, 4),
+        ttl,
+    ];
+    let mut out = Vec::new();
+    for (level, name, len) in queries {
+        let mut buf = [0u8; 128];
+        let mut l = len as libc::socklen_t;
+        // SAFETY: buf is 128 bytes and l <= 128.
+        let rc = unsafe { libc::getsockopt(fd, level, name, buf.as_mut_ptr().cast(), &mut l) };
+        if rc == 0 {
+            let n = u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]);
+            out.push(format!("{level}/{name}:len{l}:{n}"));
+        } else {
+            let e = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+            out.push(format!("{level}/{name}:errno{e}"));
+        }
+    }
+    out.join(",")
+}
+
 /// Serve `name@addr:port` listeners until killed; prints "ready" once all are bound.
 pub fn listen(specs: &[String]) -> Result<()> {
     let mut threads = Vec::new();
@@ -198,8 +243,9 @@ fn serve(listener: TcpListener, name: String) {
             .local_addr()
             .map(|a| unmap(a).to_string())
             .unwrap_or_default();
+        let other = other_sockopts(conn.as_raw_fd(), peer);
         let line = format!(
-            "listener={name} orig={orig} peer={} local={local}\n",
+            "listener={name} orig={orig} peer={} local={local} other={other}\n",
             unmap(peer)
         );
         if std::env::var_os("SOCKMESH_TESTKIT_LOG").is_some() {
@@ -342,6 +388,7 @@ fn connect_inner(spec: &ConnectSpec) -> Result<Outcome> {
         orig: field("orig="),
         peername,
         client_ip,
+        other: field("other="),
     })
 }
 
