@@ -30,8 +30,12 @@ pub const PEER_EXTRA: [&str; 5] = [
 
 /// Ports the peer listens on.
 pub const PEER_PORTS: [u16; 5] = [80, 8081, 9090, 9091, 15008];
-/// Ports listened on in the pod: outbound/inbound capture and the app.
-pub const POD_PORTS: [u16; 3] = [15001, 15006, 8080];
+/// Ports listened on in the pod: outbound/inbound capture, and the app (8080, 22, 9090) and
+/// the proxy's own ports (15090, 15008) for what inbound capture must leave alone.
+pub const POD_PORTS: [u16; 7] = [15001, 15006, 8080, 22, 9090, 15090, 15008];
+
+/// Ports the peer connects to on the pod.
+pub const INBOUND_PORTS: [u16; 9] = [8080, 22, 9090, 15008, 15090, 15021, 15020, 15001, 15006];
 
 pub struct Pod {
     pub ns: Netns,
@@ -285,9 +289,39 @@ pub fn cases(profile: &Profile) -> Vec<Case> {
     out
 }
 
+/// Connections from the peer host to the pod's addresses (inbound capture).
+pub fn inbound_cases(profile: &Profile) -> Vec<Case> {
+    let peer = Caller::new("peer", 0, 0);
+    let mut out = Vec::new();
+    for port in INBOUND_PORTS {
+        if profile.pod_v4 {
+            out.push(Case {
+                caller: peer,
+                dst: format!("{POD_V4}:{port}").parse().expect("addr"),
+            });
+        }
+        if profile.pod_v6 {
+            out.push(Case {
+                caller: peer,
+                dst: format!("[{POD_V6}]:{port}").parse().expect("addr"),
+            });
+        }
+    }
+    out
+}
+
+/// Make the connection of `case` from the peer host to the pod.
+pub fn probe_from_peer(lab: &Lab, pod: &Pod, case: &Case) -> Result<Outcome> {
+    probe_in(lab, &pod.peer, false, case)
+}
+
 /// Make the connection of `case` from the pod and report where it landed.
 pub fn probe(lab: &Lab, pod: &Pod, case: &Case) -> Result<Outcome> {
-    let mut cmd: Command = lab.command(&pod.ns, pod.in_cgroup, testkit_bin()?)?;
+    probe_in(lab, &pod.ns, pod.in_cgroup, case)
+}
+
+fn probe_in(lab: &Lab, ns: &Netns, in_cgroup: bool, case: &Case) -> Result<Outcome> {
+    let mut cmd: Command = lab.command(ns, in_cgroup, testkit_bin()?)?;
     cmd.arg("connect")
         .arg(case.dst.to_string())
         .arg("--uid")

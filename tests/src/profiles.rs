@@ -301,6 +301,13 @@ pub fn all() -> Vec<Profile> {
             ..d()
         },
         Profile {
+            name: "inbound-ports-list",
+            inbound: vec!["8080".into(), "9090".into()],
+            // Ignored by istio with a -b list.
+            inbound_exclude: vec![8080],
+            ..d()
+        },
+        Profile {
             name: "ipv6-dual-stack",
             dual_stack: true,
             exclude: vec!["2001:db8:2::/48".into()],

@@ -35,10 +35,21 @@ fn conformance(p: &Profile) -> Vec<(String, Outcome)> {
 
     let mut diffs = Vec::new();
     let mut reference = Vec::new();
-    let cases = pods::cases(p);
-    for case in &cases {
-        let want = pods::probe(&lab, &ipt, case).unwrap();
-        let got = pods::probe(&lab, &smp, case).unwrap();
+    let outbound = pods::cases(p);
+    let inbound = pods::inbound_cases(p);
+    let cases: Vec<(&pods::Case, bool)> = outbound
+        .iter()
+        .map(|c| (c, false))
+        .chain(inbound.iter().map(|c| (c, true)))
+        .collect();
+    for (case, from_peer) in &cases {
+        let probe = if *from_peer {
+            pods::probe_from_peer
+        } else {
+            pods::probe
+        };
+        let want = probe(&lab, &ipt, case).unwrap();
+        let got = probe(&lab, &smp, case).unwrap();
         if want != got {
             diffs.push(format!(
                 "  {}\n    iptables: {want:?}\n    sockmesh: {got:?}",
@@ -165,6 +176,19 @@ fn loopback_include() {
 #[test]
 fn multi_uid_gid() {
     conformance(&profile("multi-uid-gid"));
+}
+
+#[test]
+fn inbound_ports_list() {
+    let r = conformance(&profile("inbound-ports-list"));
+    assert_eq!(
+        listener(outcome(&r, &format!("peer -> {POD_V4}:9090"))),
+        Some(("pod:15006", "192.0.2.10:9090"))
+    );
+    assert_eq!(
+        listener(outcome(&r, &format!("peer -> {POD_V4}:22"))).map(|l| l.0),
+        Some("pod:22")
+    );
 }
 
 #[test]

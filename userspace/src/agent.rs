@@ -45,6 +45,9 @@ pub struct AgentArgs {
 struct State {
     maps: Mutex<PinnedMaps>,
     own_netns: u64,
+    bpffs: PathBuf,
+    /// The loaded sk_lookup program, attached to each pod netns with inbound capture.
+    sk_lookup: OwnedFd,
 }
 
 /// Block SIGTERM/SIGINT in every thread and return a thread that waits for them: on either, it
@@ -82,10 +85,24 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     for (link, action) in &actions {
         info!(link, ?action, cgroup = %args.cgroup.display(), "program in force");
     }
-    let maps = PinnedMaps::open(&args.bpffs)?;
+    let sk_lookup = bpf::load_sk_lookup(&mut ebpf)?;
+    let (updated, gone) = bpf::update_netns_links(sk_lookup.as_fd(), &args.bpffs)?;
+    if updated > 0 {
+        info!(
+            pods = updated,
+            "inbound programs of registered pods replaced in place"
+        );
+    }
+    let mut maps = PinnedMaps::open(&args.bpffs)?;
+    for netns in gone {
+        let _ = registry::unregister(&mut maps, netns);
+        info!(netns, "forgot a pod whose network namespace is gone");
+    }
     let state = Arc::new(State {
         maps: Mutex::new(maps),
         own_netns: sys::current_netns_cookie()?,
+        bpffs: args.bpffs.clone(),
+        sk_lookup,
     });
     let listener = bind_socket(&args.socket)?;
     info!(socket = %args.socket.display(), bpffs = %args.bpffs.display(), "agent ready");
@@ -198,7 +215,9 @@ fn handle(state: &State, req: Request, fd: Option<OwnedFd>, peer: &str) -> Respo
                 Err(e) => return Response::error(e),
             };
             let mut maps = state.maps.lock().expect("maps lock");
-            match registry::unregister(&mut maps, netns) {
+            let result = registry::unregister(&mut maps, netns);
+            bpf::detach_netns(&state.bpffs, netns);
+            match result {
                 Ok(was) => {
                     info!(peer, netns, was_registered = was, "pod unregistered");
                     Response {
@@ -262,7 +281,25 @@ fn register(state: &State, netns: u64, fd: BorrowedFd<'_>, spec: &PodSpec) -> Re
         spec.config.src_v6 = v6.octets();
     }
     let mut maps = state.maps.lock().expect("maps lock");
-    registry::register(&mut maps, netns, &spec, &addrs).map_err(|e| e.to_string())
+    // Inbound capture: the sk_lookup program in the pod's netns (idempotent), before the maps
+    // that turn it on for this pod.
+    let inbound = spec.config.has(flags::INBOUND_ALL) || spec.config.has(flags::INBOUND_LIST);
+    let mut attached_now = false;
+    if inbound {
+        let action = bpf::attach_netns(state.sk_lookup.as_fd(), fd, &state.bpffs, netns)
+            .map_err(|e| format!("attaching inbound capture to the pod's netns: {e}"))?;
+        attached_now = action == bpf::LinkAction::Created;
+    }
+    if let Err(e) = registry::register(&mut maps, netns, &spec, &addrs) {
+        if attached_now {
+            bpf::detach_netns(&state.bpffs, netns);
+        }
+        return Err(e.to_string());
+    }
+    if !inbound {
+        bpf::detach_netns(&state.bpffs, netns);
+    }
+    Ok(())
 }
 
 /// `ip -6 addr replace ::6/128 dev lo`, run in the calling thread's netns.

@@ -13,7 +13,7 @@ use std::{
 
 use aya::{
     maps::{lpm_trie::LpmTrie, HashMap, Map, MapData, MapError, PerCpuHashMap},
-    programs::{CgroupSock, CgroupSockAddr, CgroupSockopt, ProgramError, SockOps},
+    programs::{CgroupSock, CgroupSockAddr, CgroupSockopt, ProgramError, SkLookup, SockOps},
     Ebpf, EbpfLoader,
 };
 use sockmesh_common::{
@@ -72,6 +72,7 @@ const BPF_CGROUP_INET6_CONNECT: u32 = 11;
 const BPF_CGROUP_GETSOCKOPT: u32 = 21;
 const BPF_CGROUP_INET4_GETPEERNAME: u32 = 29;
 const BPF_CGROUP_INET6_GETPEERNAME: u32 = 30;
+const BPF_SK_LOOKUP: u32 = 36;
 
 pub const ATTACHMENTS: [Attachment; 7] = [
     Attachment {
@@ -311,12 +312,93 @@ pub fn attach_all(
     Ok(done)
 }
 
+/// Load the sk_lookup program (attached per pod netns, not to the cgroup).
+pub fn load_sk_lookup(ebpf: &mut Ebpf) -> Result<OwnedFd, BpfError> {
+    const NAME: &str = "sockmesh_sk_lookup";
+    let wrap = |source| BpfError::Program { name: NAME, source };
+    let prog = ebpf
+        .program_mut(NAME)
+        .ok_or_else(|| BpfError::Setup(format!("the kernel object has no program {NAME}")))?;
+    let p: &mut SkLookup = prog.try_into().map_err(wrap)?;
+    p.load().map_err(wrap)?;
+    Ok(p.fd()
+        .map_err(wrap)?
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|source| SyscallError {
+            call: "dup(prog)",
+            source,
+        })?)
+}
+
+const NETNS_LINK_PREFIX: &str = "sk_lookup-";
+
+fn netns_link_pin(bpffs: &Path, netns: u64) -> PathBuf {
+    links_dir(bpffs).join(format!("{NETNS_LINK_PREFIX}{netns}"))
+}
+
+/// Put the sk_lookup program in force in pod netns `netns` (fd `ns`) through a pinned link.
+pub fn attach_netns(
+    prog: BorrowedFd<'_>,
+    ns: BorrowedFd<'_>,
+    bpffs: &Path,
+    netns: u64,
+) -> Result<LinkAction, BpfError> {
+    let pin = netns_link_pin(bpffs, netns);
+    if pin.exists() {
+        let link = obj_get(&pin)?;
+        link_update(link.as_fd(), prog)?;
+        return Ok(LinkAction::Updated);
+    }
+    let link = link_create(prog, ns, BPF_SK_LOOKUP)?;
+    obj_pin(link.as_fd(), &pin)?;
+    Ok(LinkAction::Created)
+}
+
+/// Detach the sk_lookup program from pod netns `netns` (dropping the pin releases the link).
+pub fn detach_netns(bpffs: &Path, netns: u64) -> bool {
+    fs::remove_file(netns_link_pin(bpffs, netns)).is_ok()
+}
+
+/// Switch every pod's sk_lookup link to `prog`. Links whose netns is gone are dropped; their
+/// cookies are returned.
+pub fn update_netns_links(
+    prog: BorrowedFd<'_>,
+    bpffs: &Path,
+) -> Result<(usize, Vec<u64>), BpfError> {
+    let mut updated = 0;
+    let mut gone = Vec::new();
+    let Ok(rd) = fs::read_dir(links_dir(bpffs)) else {
+        return Ok((0, gone));
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(cookie) = name
+            .strip_prefix(NETNS_LINK_PREFIX)
+            .and_then(|c| c.parse().ok())
+        else {
+            continue;
+        };
+        let link = obj_get(&e.path())?;
+        match link_update(link.as_fd(), prog) {
+            Ok(()) => updated += 1,
+            Err(_) => {
+                // A link whose netns died is defunct: forget it.
+                let _ = fs::remove_file(e.path());
+                gone.push(cookie);
+            }
+        }
+    }
+    Ok((updated, gone))
+}
+
 /// Typed handles on the pinned maps.
 pub struct PinnedMaps {
     pub pods: HashMap<MapData, u64, PodConfig>,
     pub members: HashMap<MapData, MemberKey, u8>,
     pub cidrs: LpmTrie<MapData, CidrKey, u8>,
     pub local_addrs: HashMap<MapData, LocalAddrKey, u8>,
+    pub addr_pod: HashMap<MapData, [u8; 16], u64>,
     pub orig_dst: HashMap<MapData, ConnKey, OrigDst>,
     pub counters: PerCpuHashMap<MapData, CounterKey, u64>,
 }
@@ -352,6 +434,9 @@ impl PinnedMaps {
             local_addrs: open_map(bpffs, names::LOCAL_ADDRS)?
                 .try_into()
                 .map_err(|e| typed(names::LOCAL_ADDRS, e))?,
+            addr_pod: open_map(bpffs, names::ADDR_POD)?
+                .try_into()
+                .map_err(|e| typed(names::ADDR_POD, e))?,
             orig_dst: open_map(bpffs, names::ORIG_DST)?
                 .try_into()
                 .map_err(|e| typed(names::ORIG_DST, e))?,

@@ -591,7 +591,6 @@ impl IstioArgs {
                 cidrs.push((kind, c));
             }
         }
-        // Inbound settings are validated and recorded; see docs/design.md for enforcement.
         if self.inbound_ports == "*" {
             cfg_flags |= flags::INBOUND_ALL;
             for p in parse_ports("-d", &self.local_exclude_ports)? {
@@ -608,14 +607,6 @@ impl IstioArgs {
                 members.push((MemberKind::InboundPort, p.into()));
             }
         }
-        if cfg_flags & (flags::INBOUND_ALL | flags::INBOUND_LIST) != 0 {
-            notes.push(
-                "-b: inbound settings are recorded; inbound capture (sk_lookup) is not enforced \
-                 by this sockmesh version, so inbound connections reach the app directly"
-                    .into(),
-            );
-        }
-
         // Owner groups (env only).
         let include = env
             .var("ISTIO_OUTBOUND_OWNER_GROUPS")

@@ -32,6 +32,11 @@ pub enum RegistryError {
         #[source]
         source: MapError,
     },
+    #[error(
+        "address {addr} already belongs to registered pod (netns cookie {owner}): pod addresses \
+         must be unique on a node; nothing was changed for this pod"
+    )]
+    AddressTaken { addr: IpAddr, owner: u64 },
 }
 
 fn map_err(map: &'static str, source: MapError) -> RegistryError {
@@ -54,6 +59,21 @@ pub struct PodKeys {
     pub members: BTreeSet<(u32, u32)>,
     pub cidrs: BTreeSet<CidrEntry>,
     pub local_addrs: BTreeSet<[u8; 16]>,
+    /// The pod's own routable addresses (inbound capture finds the pod by them).
+    pub pod_addrs: BTreeSet<[u8; 16]>,
+}
+
+/// Addresses inbound traffic can reach the pod at: not loopback, not link-local, not ::6.
+pub fn routable(ip: &IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_link_local() && !v4.is_unspecified(),
+        IpAddr::V6(v6) => {
+            !v6.is_loopback()
+                && !v6.is_unspecified()
+                && (v6.segments()[0] & 0xffc0) != 0xfe80
+                && *v6 != std::net::Ipv6Addr::from(6u128)
+        }
+    }
 }
 
 impl PodKeys {
@@ -73,10 +93,16 @@ impl PodKeys {
             })
             .collect();
         let local_addrs = local.iter().map(|ip| ip_to_addr(*ip)).collect();
+        let pod_addrs = local
+            .iter()
+            .filter(|ip| routable(ip))
+            .map(|ip| ip_to_addr(*ip))
+            .collect();
         PodKeys {
             members,
             cidrs,
             local_addrs,
+            pod_addrs,
         }
     }
 
@@ -100,6 +126,11 @@ impl PodKeys {
                 keys.local_addrs.insert(k.addr);
             }
         }
+        for (addr, owner) in maps.addr_pod.iter().flatten() {
+            if owner == netns {
+                keys.pod_addrs.insert(addr);
+            }
+        }
         keys
     }
 }
@@ -118,6 +149,7 @@ struct Undo {
     members: Vec<(u32, u32)>,
     cidrs: Vec<CidrEntry>,
     local_addrs: Vec<[u8; 16]>,
+    pod_addrs: Vec<[u8; 16]>,
 }
 
 impl Undo {
@@ -130,6 +162,9 @@ impl Undo {
         }
         for a in self.local_addrs {
             let _ = maps.local_addrs.remove(&LocalAddrKey { netns, addr: a });
+        }
+        for a in self.pod_addrs {
+            let _ = maps.addr_pod.remove(&a);
         }
     }
 }
@@ -162,6 +197,9 @@ pub fn register(
     for a in old.local_addrs.difference(&new.local_addrs) {
         let _ = maps.local_addrs.remove(&LocalAddrKey { netns, addr: *a });
     }
+    for a in old.pod_addrs.difference(&new.pod_addrs) {
+        let _ = maps.addr_pod.remove(a);
+    }
     Ok(())
 }
 
@@ -190,6 +228,20 @@ fn write_sets(
             .map_err(|e| map_err(names::LOCAL_ADDRS, e))?;
         undo.local_addrs.push(*a);
     }
+    for a in new.pod_addrs.difference(&old.pod_addrs) {
+        if let Ok(owner) = maps.addr_pod.get(a, 0) {
+            if owner != netns {
+                return Err(RegistryError::AddressTaken {
+                    addr: crate::spec::addr_to_ip(a),
+                    owner,
+                });
+            }
+        }
+        maps.addr_pod
+            .insert(*a, netns, 0)
+            .map_err(|e| map_err(names::ADDR_POD, e))?;
+        undo.pod_addrs.push(*a);
+    }
     Ok(())
 }
 
@@ -206,6 +258,7 @@ pub fn unregister(maps: &mut PinnedMaps, netns: u64) -> Result<bool, RegistryErr
         members: old.members.into_iter().collect(),
         cidrs: old.cidrs.into_iter().collect(),
         local_addrs: old.local_addrs.into_iter().collect(),
+        pod_addrs: old.pod_addrs.into_iter().collect(),
     }
     .run(maps, netns);
     Ok(was)

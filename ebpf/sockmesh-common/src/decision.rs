@@ -78,10 +78,24 @@ pub enum Reason {
     NoMatch = 17,
     /// Rules 9/10 matched, but istio only redirects TCP.
     NotTcp = 18,
+    /// Inbound: the tunnel (HBONE) port is never redirected.
+    InboundTunnelPort = 19,
+    /// Inbound: `-b '*'` and the port is in `-d`.
+    InboundPortExcluded = 20,
+    /// Inbound: `-b '*'`.
+    InboundCaptureAll = 21,
+    /// Inbound: the port is in the `-b` list.
+    InboundPortIncluded = 22,
+    /// Inbound: a `-b` list without this port.
+    InboundPortNotListed = 23,
+    /// Inbound: `-b ''`, no inbound capture.
+    InboundOff = 24,
+    /// Inbound: captured, but no proxy listens on the inbound port: refused, as with iptables.
+    InboundNoListener = 25,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 18] = [
+    pub const ALL: [Reason; 25] = [
         Reason::NoIpv6Rules,
         Reason::OutboundPortExcluded,
         Reason::InboundPassthrough,
@@ -100,10 +114,17 @@ impl Reason {
         Reason::CidrIncluded,
         Reason::NoMatch,
         Reason::NotTcp,
+        Reason::InboundTunnelPort,
+        Reason::InboundPortExcluded,
+        Reason::InboundCaptureAll,
+        Reason::InboundPortIncluded,
+        Reason::InboundPortNotListed,
+        Reason::InboundOff,
+        Reason::InboundNoListener,
     ];
 
     pub const fn from_u32(v: u32) -> Option<Reason> {
-        if v >= 1 && v <= 18 {
+        if v >= 1 && v <= Self::ALL.len() as u32 {
             Some(Self::ALL[(v - 1) as usize])
         } else {
             None
@@ -131,6 +152,13 @@ impl Reason {
             Self::CidrIncluded => "cidr_included",
             Self::NoMatch => "no_match",
             Self::NotTcp => "not_tcp",
+            Self::InboundTunnelPort => "inbound_tunnel_port",
+            Self::InboundPortExcluded => "inbound_port_excluded",
+            Self::InboundCaptureAll => "inbound_capture_all",
+            Self::InboundPortIncluded => "inbound_port_included",
+            Self::InboundPortNotListed => "inbound_port_not_listed",
+            Self::InboundOff => "inbound_off",
+            Self::InboundNoListener => "inbound_no_listener",
         }
     }
 
@@ -155,6 +183,13 @@ impl Reason {
             Self::CidrIncluded => "rule 10: -d CIDR -j ISTIO_REDIRECT (-i)",
             Self::NoMatch => "rule 11: end of ISTIO_OUTPUT, no rule matched",
             Self::NotTcp => "rule 9/10 matched, but ISTIO_REDIRECT only redirects tcp",
+            Self::InboundTunnelPort => "inbound: ISTIO_INBOUND -p tcp --dport TUNNEL -j RETURN",
+            Self::InboundPortExcluded => "inbound: ISTIO_INBOUND -p tcp --dport P -j RETURN (-d)",
+            Self::InboundCaptureAll => "inbound: ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT (-b '*')",
+            Self::InboundPortIncluded => "inbound: ISTIO_INBOUND -p tcp --dport P -j ISTIO_IN_REDIRECT (-b)",
+            Self::InboundPortNotListed => "inbound: end of ISTIO_INBOUND, port not in -b",
+            Self::InboundOff => "inbound: -b '' (no PREROUTING jump)",
+            Self::InboundNoListener => "inbound: redirected, but nothing listens on the inbound port (refused)",
         }
     }
 }
@@ -355,6 +390,38 @@ pub fn decide<R: Rules>(cfg: &PodConfig, rules: &R, conn: &Conn) -> Verdict {
         },
         Some(_) => Verdict::Pass(Reason::NotTcp),
         None => Verdict::Pass(Reason::NoMatch),
+    }
+}
+
+/// Decide what istio-iptables' nat PREROUTING rules (`ISTIO_INBOUND`) would do with a new TCP
+/// connection arriving on an interface for local port `dport`.
+#[inline(always)]
+pub fn decide_inbound<R: Rules>(cfg: &PodConfig, rules: &R, dport: u16, v4: bool) -> Verdict {
+    if !v4 && !cfg.has(flags::IPV6) {
+        return Verdict::Pass(Reason::NoIpv6Rules);
+    }
+    let redirect = |reason| Verdict::Redirect {
+        port: cfg.inbound_port,
+        reason,
+    };
+    if cfg.has(flags::INBOUND_ALL) {
+        if dport == cfg.tunnel_port {
+            Verdict::Pass(Reason::InboundTunnelPort)
+        } else if rules.member(MemberKind::InboundExcludePort, dport as u32) {
+            Verdict::Pass(Reason::InboundPortExcluded)
+        } else {
+            redirect(Reason::InboundCaptureAll)
+        }
+    } else if cfg.has(flags::INBOUND_LIST) {
+        if dport == cfg.tunnel_port {
+            Verdict::Pass(Reason::InboundTunnelPort)
+        } else if rules.member(MemberKind::InboundPort, dport as u32) {
+            redirect(Reason::InboundPortIncluded)
+        } else {
+            Verdict::Pass(Reason::InboundPortNotListed)
+        }
+    } else {
+        Verdict::Pass(Reason::InboundOff)
     }
 }
 
@@ -720,6 +787,58 @@ mod tests {
             assert_eq!(Reason::from_u32(*r as u32), Some(*r));
         }
         assert_eq!(Reason::from_u32(0), None);
-        assert_eq!(Reason::from_u32(19), None);
+        assert_eq!(Reason::from_u32(Reason::ALL.len() as u32 + 1), None);
+    }
+
+    #[test]
+    fn inbound_rules() {
+        let all = cfg(flags::OUTBOUND_ALL | flags::INBOUND_ALL, &[1337], &[1337]);
+        let s = Sets {
+            members: std::vec![(MemberKind::InboundExcludePort, 15090)],
+            ..Default::default()
+        };
+        assert_eq!(
+            decide_inbound(&all, &s, 8080, true),
+            inbound(Reason::InboundCaptureAll)
+        );
+        // Port 22 is captured (istio >= 1.13).
+        assert_eq!(
+            decide_inbound(&all, &s, 22, true),
+            inbound(Reason::InboundCaptureAll)
+        );
+        assert_eq!(
+            decide_inbound(&all, &s, 15090, true),
+            Verdict::Pass(Reason::InboundPortExcluded)
+        );
+        assert_eq!(
+            decide_inbound(&all, &s, 15008, true),
+            Verdict::Pass(Reason::InboundTunnelPort)
+        );
+        assert_eq!(
+            decide_inbound(&all, &s, 8080, false),
+            Verdict::Pass(Reason::NoIpv6Rules)
+        );
+        let list = cfg(flags::INBOUND_LIST, &[1337], &[1337]);
+        let s = Sets {
+            members: std::vec![
+                (MemberKind::InboundPort, 8080),
+                (MemberKind::InboundExcludePort, 8080)
+            ],
+            ..Default::default()
+        };
+        // -d is ignored with a -b list.
+        assert_eq!(
+            decide_inbound(&list, &s, 8080, true),
+            inbound(Reason::InboundPortIncluded)
+        );
+        assert_eq!(
+            decide_inbound(&list, &s, 9090, true),
+            Verdict::Pass(Reason::InboundPortNotListed)
+        );
+        let off = cfg(0, &[1337], &[1337]);
+        assert_eq!(
+            decide_inbound(&off, &s, 8080, true),
+            Verdict::Pass(Reason::InboundOff)
+        );
     }
 }

@@ -8,5 +8,5 @@
 pub mod decision;
 pub mod maps;
 
-pub use decision::{decide, Conn, Proto, Reason, Rules, Verdict};
+pub use decision::{decide, decide_inbound, Conn, Proto, Reason, Rules, Verdict};
 pub use maps::*;

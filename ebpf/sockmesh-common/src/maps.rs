@@ -22,14 +22,19 @@ pub mod names {
     pub const ORIG_DST: &str = "SM_ORIG_DST";
     pub const SOCK_DST: &str = "SM_SOCK_DST";
     pub const SOCK_OWNER: &str = "SM_SOCK_OWNER";
+    pub const LISTENERS: &str = "SM_LISTENERS";
+    pub const ADDR_POD: &str = "SM_ADDR_POD";
     pub const COUNTERS: &str = "SM_COUNTERS";
-    pub const ALL: [&str; 7] = [
+    pub const ALL: [&str; 10] = [
         PODS,
         MEMBERS,
         CIDRS,
         LOCAL_ADDRS,
         ORIG_DST,
         SOCK_DST,
+        SOCK_OWNER,
+        LISTENERS,
+        ADDR_POD,
         COUNTERS,
     ];
 }
@@ -43,6 +48,8 @@ pub mod sizes {
     pub const LOCAL_ADDRS: u32 = 65_536;
     pub const ORIG_DST: u32 = 262_144;
     pub const COUNTERS: u32 = 65_536;
+    pub const LISTENERS: u32 = 65_536;
+    pub const ADDR_POD: u32 = 65_536;
 }
 
 /// `PodConfig::flags` bits.
@@ -262,6 +269,16 @@ pub struct OrigDst {
     pub reason: u32,
 }
 
+/// Key of the `LISTENERS` sockhash: a listening TCP socket of netns `netns` on `port`.
+/// `family` is `AF_INET` or `AF_INET6` (a dual-stack IPv6 listener is stored as `AF_INET6`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ListenerKey {
+    pub netns: u64,
+    pub port: u32,
+    pub family: u32,
+}
+
 /// Value of the per-socket `SOCK_OWNER` storage: the credentials of the task that created the
 /// socket, which is what iptables' owner match looks at (the socket file's credentials).
 #[repr(C)]
@@ -341,4 +358,5 @@ mod pod_impls {
     unsafe impl aya::Pod for super::ConnKey {}
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::CounterKey {}
+    unsafe impl aya::Pod for super::ListenerKey {}
 }

@@ -5,9 +5,9 @@ use core::{
 
 use aya_ebpf::{
     bindings::{
-        bpf_sock, BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE,
+        bpf_sock, BPF_ANY, BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE,
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_TCP_CLOSE,
+        BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE,
     },
     btf_maps::SkStorage,
     helpers::{
@@ -16,15 +16,15 @@ use aya_ebpf::{
             bpf_bind, bpf_get_netns_cookie, bpf_sk_storage_get, bpf_sock_ops_cb_flags_set,
         },
     },
-    macros::{btf_map, cgroup_sock, cgroup_sock_addr, cgroup_sockopt, map, sock_ops},
-    maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuHashMap},
-    programs::{SockAddrContext, SockContext, SockOpsContext, SockoptContext},
+    macros::{btf_map, cgroup_sock, cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sock_ops},
+    maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuHashMap, SockHash},
+    programs::{SkLookupContext, SockAddrContext, SockContext, SockOpsContext, SockoptContext},
     EbpfContext,
 };
 use sockmesh_common::{
-    counters, decide, is_v4_mapped, sizes, v4_mapped, Addr, CidrKey, CidrKind, Conn, ConnKey,
-    CounterKey, LocalAddrKey, MemberKey, MemberKind, OrigDst, PodConfig, Proto, Rules, SockOwner,
-    Verdict, AF_INET, AF_INET6, CIDR_KEY_FIXED_BITS,
+    counters, decide, decide_inbound, is_v4_mapped, sizes, v4_mapped, Addr, CidrKey, CidrKind,
+    Conn, ConnKey, CounterKey, ListenerKey, LocalAddrKey, MemberKey, MemberKind, OrigDst,
+    PodConfig, Proto, Reason, Rules, SockOwner, Verdict, AF_INET, AF_INET6, CIDR_KEY_FIXED_BITS,
 };
 
 #[map(name = "SM_PODS")]
@@ -49,6 +49,16 @@ static COUNTERS: PerCpuHashMap<CounterKey, u64> =
 /// The original destination of a redirected socket, for as long as the socket lives.
 #[btf_map(name = "SM_SOCK_DST")]
 static SOCK_DST: SkStorage<OrigDst> = SkStorage::new();
+
+/// Listening TCP sockets of the attached cgroup, by (netns, port, family): where sk_lookup finds
+/// a pod's inbound proxy. Recorded whether or not the pod is registered yet, so a proxy that
+/// listened before `init` is found; entries leave with their sockets.
+#[map(name = "SM_LISTENERS")]
+static LISTENERS: SockHash<ListenerKey> = SockHash::with_max_entries(sizes::LISTENERS, 0);
+
+/// A registered pod's own addresses → its netns cookie (sk_lookup cannot read the cookie).
+#[map(name = "SM_ADDR_POD")]
+static ADDR_POD: HashMap<Addr, u64> = HashMap::with_max_entries(sizes::ADDR_POD, 0);
 
 /// Who created each socket of a registered pod.
 #[btf_map(name = "SM_SOCK_OWNER")]
@@ -123,14 +133,17 @@ fn addr_from_words(w: [u32; 4]) -> Addr {
 /// Read a `[u32; 4]` context field word by word: the verifier only allows context loads at
 /// constant offsets from the unmodified context pointer, and LLVM would otherwise build a pointer.
 macro_rules! read_words {
-    ($field:expr) => {
+    ($ptr:expr, $field:ident) => {{
+        // Reload the context pointer for every word so LLVM cannot share an interior pointer.
+        let base = $ptr;
+        let reload = || ptr::read_volatile(&base);
         addr_from_words([
-            ptr::read_volatile(&$field[0]),
-            ptr::read_volatile(&$field[1]),
-            ptr::read_volatile(&$field[2]),
-            ptr::read_volatile(&$field[3]),
+            ptr::read_volatile(&(*reload()).$field[0]),
+            ptr::read_volatile(&(*reload()).$field[1]),
+            ptr::read_volatile(&(*reload()).$field[2]),
+            ptr::read_volatile(&(*reload()).$field[3]),
         ])
-    };
+    }};
 }
 
 #[inline(always)]
@@ -222,8 +235,8 @@ fn try_connect(ctx: &SockAddrContext, v6: bool) -> i32 {
         return 1;
     }
     let (mut dst, src) = if v6 {
-        let dst = unsafe { read_words!((*sa).user_ip6) };
-        let src = unsafe { read_words!((*sk).src_ip6) };
+        let dst = unsafe { read_words!(sa, user_ip6) };
+        let src = unsafe { read_words!(sk, src_ip6) };
         (dst, src)
     } else {
         let dst = v4_mapped(unsafe { (*sa).user_ip4 }.to_ne_bytes());
@@ -440,12 +453,7 @@ fn sockops_conn_key(ctx: &SockOpsContext, netns: u64) -> ConnKey {
         )
     } else {
         let ops = ctx.ops;
-        unsafe {
-            (
-                read_words!((*ops).local_ip6),
-                read_words!((*ops).remote_ip6),
-            )
-        }
+        unsafe { (read_words!(ops, local_ip6), read_words!(ops, remote_ip6)) }
     };
     ConnKey {
         netns,
@@ -460,10 +468,22 @@ fn sockops_conn_key(ctx: &SockOpsContext, netns: u64) -> ConnKey {
 #[inline(always)]
 fn try_sockops(ctx: &SockOpsContext) {
     let op = ctx.op();
-    if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_STATE_CB {
+    if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
+        && op != BPF_SOCK_OPS_STATE_CB
+        && op != BPF_SOCK_OPS_TCP_LISTEN_CB
+    {
         return;
     }
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if op == BPF_SOCK_OPS_TCP_LISTEN_CB {
+        let mut key = ListenerKey {
+            netns,
+            port: ctx.local_port(),
+            family: ctx.family(),
+        };
+        let _ = LISTENERS.update(&mut key, unsafe { &mut *ctx.ops }, BPF_ANY as u64);
+        return;
+    }
     if op == BPF_SOCK_OPS_STATE_CB {
         if ctx.arg(1) == BPF_TCP_CLOSE {
             let key = sockops_conn_key(ctx, netns);
@@ -489,6 +509,83 @@ fn try_sockops(ctx: &SockOpsContext) {
         return;
     }
     unsafe { bpf_sock_ops_cb_flags_set(ctx.ops, BPF_SOCK_OPS_STATE_CB_FLAG as i32) };
+}
+
+// ---------------------------------------------------------------------------------------------
+// sk_lookup (attached per pod netns): steer new inbound connections to the proxy's listener.
+
+const SK_PASS: u32 = 1;
+const SK_DROP: u32 = 0;
+const LOOPBACK_IFINDEX: u32 = 1;
+
+#[sk_lookup]
+pub fn sockmesh_sk_lookup(ctx: SkLookupContext) -> u32 {
+    try_sk_lookup(&ctx)
+}
+
+#[inline(always)]
+fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
+    let l = ctx.lookup;
+    let (protocol, family, ifindex, port) = unsafe {
+        (
+            ptr::read_volatile(&(*l).protocol),
+            ptr::read_volatile(&(*l).family),
+            ptr::read_volatile(&(*l).ingress_ifindex),
+            ptr::read_volatile(&(*l).local_port),
+        )
+    };
+    // Connections made inside the pod arrive on lo: the outbound rules decided them already
+    // (istio's nat PREROUTING never sees them either).
+    if protocol != IPPROTO_TCP || ifindex == LOOPBACK_IFINDEX {
+        return SK_PASS;
+    }
+    let local = if family == AF_INET as u32 {
+        v4_mapped(unsafe { ptr::read_volatile(&(*l).local_ip4) }.to_ne_bytes())
+    } else {
+        unsafe { read_words!(l, local_ip6) }
+    };
+    let Some(&netns) = (unsafe { ADDR_POD.get(&local) }) else {
+        return SK_PASS;
+    };
+    let Some(cfg) = (unsafe { PODS.get(&netns) }) else {
+        return SK_PASS;
+    };
+    // A connection from one of the pod's own addresses was made inside the pod, even when the
+    // kernel reports the address's interface rather than lo as the ingress.
+    let remote = if family == AF_INET as u32 {
+        v4_mapped(unsafe { ptr::read_volatile(&(*l).remote_ip4) }.to_ne_bytes())
+    } else {
+        unsafe { read_words!(l, remote_ip6) }
+    };
+    if is_local(netns, &remote) {
+        return SK_PASS;
+    }
+    let v4 = is_v4_mapped(&local);
+    let verdict = decide_inbound(cfg, &PodRules { netns }, port as u16, v4);
+    let Verdict::Redirect { port: to, reason } = verdict else {
+        count(netns, verdict.reason() as u32);
+        return SK_PASS;
+    };
+    let mut key = ListenerKey {
+        netns,
+        port: to as u32,
+        family: if v4 { AF_INET as u32 } else { AF_INET6 as u32 },
+    };
+    if LISTENERS.redirect_sk_lookup(ctx, key, 0).is_ok() {
+        count(netns, reason as u32);
+        return SK_PASS;
+    }
+    // A dual-stack IPv6 listener serves IPv4 too.
+    if v4 {
+        key.family = AF_INET6 as u32;
+        if LISTENERS.redirect_sk_lookup(ctx, key, 0).is_ok() {
+            count(netns, reason as u32);
+            return SK_PASS;
+        }
+    }
+    // No proxy: refuse, as a REDIRECT to a closed port would.
+    count(netns, Reason::InboundNoListener as u32);
+    SK_DROP
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -526,7 +623,7 @@ fn try_getsockopt(ctx: &SockoptContext) {
                 v4_mapped((*sk).src_ip4.to_ne_bytes()),
             )
         } else {
-            (read_words!((*sk).dst_ip6), read_words!((*sk).src_ip6))
+            (read_words!(sk, dst_ip6), read_words!(sk, src_ip6))
         }
     };
     let client_port = u16::from_be(unsafe { (*sk).dst_port });
