@@ -412,3 +412,105 @@ fn take_credentials(spec: &ConnectSpec) -> Result<()> {
     }
     Ok(())
 }
+
+/// Connect as `spec` describes and return everything the server sent.
+pub fn fetch(spec: &ConnectSpec) -> Result<String> {
+    let dst = spec.dst.context("no destination")?;
+    take_credentials(spec)?;
+    let mut s =
+        TcpStream::connect_timeout(&dst, spec.timeout).with_context(|| format!("connect {dst}"))?;
+    s.set_read_timeout(Some(spec.timeout))?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).context("read")?;
+    Ok(body)
+}
+
+/// A minimal transparent proxy, as a sidecar would run it: on the outbound port it forwards to
+/// the original destination; on the inbound port it forwards to the original destination from
+/// the inbound passthrough source (127.0.0.6 / ::6), as Istio's Envoy does. Before relaying, it
+/// tells the client which hop it is and what original destination it saw.
+pub fn proxy(name: &str, outbound: u16, inbound: u16) -> Result<()> {
+    let mut threads = Vec::new();
+    for (port, dir) in [(outbound, "outbound"), (inbound, "inbound")] {
+        for addr in [format!("0.0.0.0:{port}"), format!("[::]:{port}")] {
+            let listener =
+                bind_listener(addr.parse()?).with_context(|| format!("binding {addr}"))?;
+            let hop = format!("{name}-{dir}");
+            threads.push(std::thread::spawn(move || {
+                for conn in listener.incoming().flatten() {
+                    let hop = hop.clone();
+                    std::thread::spawn(move || relay(conn, &hop, dir == "inbound"));
+                }
+            }));
+        }
+    }
+    println!("ready");
+    std::io::stdout().flush()?;
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(())
+}
+
+fn relay(mut client: TcpStream, hop: &str, inbound: bool) {
+    let Ok(peer) = client.peer_addr() else { return };
+    let orig = match original_dst(client.as_raw_fd(), peer) {
+        Ok(o) => unmap(o),
+        Err(e) => {
+            let _ = writeln!(client, "hop={hop} orig={e}");
+            return;
+        }
+    };
+    let upstream = if inbound {
+        let src: IpAddr = if orig.is_ipv4() {
+            Ipv4Addr::new(127, 0, 0, 6).into()
+        } else {
+            Ipv6Addr::from(6u128).into()
+        };
+        connect_from(src, orig)
+    } else {
+        TcpStream::connect_timeout(&orig, Duration::from_secs(2)).map_err(anyhow::Error::from)
+    };
+    let _ = writeln!(client, "hop={hop} orig={orig} client={}", unmap(peer).ip());
+    let Ok(upstream) = upstream else {
+        let _ = writeln!(client, "hop={hop} upstream-error");
+        return;
+    };
+    let (Ok(mut c2), Ok(mut u2)) = (client.try_clone(), upstream.try_clone()) else {
+        return;
+    };
+    let up = std::thread::spawn(move || {
+        let _ = std::io::copy(&mut c2, &mut u2);
+        let _ = u2.shutdown(std::net::Shutdown::Write);
+    });
+    let mut upstream = upstream;
+    let _ = std::io::copy(&mut upstream, &mut client);
+    let _ = client.shutdown(std::net::Shutdown::Write);
+    let _ = up.join();
+}
+
+fn connect_from(src: IpAddr, dst: SocketAddr) -> Result<TcpStream> {
+    let family = if dst.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain socket(2).
+    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        bail!("socket: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: fresh fd.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let (ss, len) = std_to_sockaddr(SocketAddr::new(src, 0));
+    // SAFETY: valid sockaddr.
+    if unsafe { libc::bind(fd, (&ss as *const libc::sockaddr_storage).cast(), len) } != 0 {
+        bail!("bind {src}: {}", std::io::Error::last_os_error());
+    }
+    let (ss, len) = std_to_sockaddr(dst);
+    // SAFETY: valid sockaddr.
+    if unsafe { libc::connect(fd, (&ss as *const libc::sockaddr_storage).cast(), len) } != 0 {
+        bail!("connect {dst}: {}", std::io::Error::last_os_error());
+    }
+    Ok(TcpStream::from(sock))
+}

@@ -50,8 +50,19 @@ pub enum Mode {
     Sockmesh,
 }
 
-/// Build a pod and its peer in `lab`, with listeners, for `profile`.
+/// Build a pod and its peer in `lab`, with the standard listeners, for `profile`.
 pub fn pod(lab: &mut Lab, tag: &str, profile: &Profile, mode: Mode) -> Result<Pod> {
+    pod_with(lab, tag, profile, mode, &POD_PORTS)
+}
+
+/// [`pod`], listening in the pod only on `pod_ports`.
+pub fn pod_with(
+    lab: &mut Lab,
+    tag: &str,
+    profile: &Profile,
+    mode: Mode,
+    pod_ports: &[u16],
+) -> Result<Pod> {
     let ns = lab.netns(&format!("{tag}p"))?;
     let peer = lab.netns(&format!("{tag}q"))?;
     lab.veth(&ns, "eth0", &peer, "eth0")?;
@@ -89,28 +100,27 @@ pub fn pod(lab: &mut Lab, tag: &str, profile: &Profile, mode: Mode) -> Result<Po
         ns.ip(&["-6", "route", "add", "default", "via", PEER_V6])?;
     }
     let in_cgroup = mode == Mode::Sockmesh;
-    let kit = testkit_bin()?;
-    let mut specs = Vec::new();
-    for p in POD_PORTS {
-        specs.push(format!("pod:{p}@0.0.0.0:{p}"));
-        specs.push(format!("pod:{p}v6@[::]:{p}"));
+    if !pod_ports.is_empty() {
+        listen(lab, &ns, in_cgroup, "pod", pod_ports)?;
     }
-    let mut cmd = lab.command(&ns, in_cgroup, &kit)?;
-    cmd.arg("listen").args(&specs);
-    lab.spawn(cmd, Some("ready"))?;
-    let mut specs = Vec::new();
-    for p in PEER_PORTS {
-        specs.push(format!("peer:{p}@0.0.0.0:{p}"));
-        specs.push(format!("peer:{p}v6@[::]:{p}"));
-    }
-    let mut cmd = lab.command(&peer, false, &kit)?;
-    cmd.arg("listen").args(&specs);
-    lab.spawn(cmd, Some("ready"))?;
+    listen(lab, &peer, false, "peer", &PEER_PORTS)?;
     Ok(Pod {
         ns,
         peer,
         in_cgroup,
     })
+}
+
+/// Start testkit listeners named `name:PORT` (and `name:PORTv6`) on every address of `ns`.
+pub fn listen(lab: &mut Lab, ns: &Netns, in_cgroup: bool, name: &str, ports: &[u16]) -> Result<()> {
+    let mut specs = Vec::new();
+    for p in ports {
+        specs.push(format!("{name}:{p}@0.0.0.0:{p}"));
+        specs.push(format!("{name}:{p}v6@[::]:{p}"));
+    }
+    let mut cmd = lab.command(ns, in_cgroup, testkit_bin()?)?;
+    cmd.arg("listen").args(&specs);
+    lab.spawn(cmd, Some("ready"))
 }
 
 /// Load `profile`'s istio-iptables rules into the pod with the real iptables-restore (and, as
@@ -172,7 +182,7 @@ pub struct Caller {
 }
 
 impl Caller {
-    const fn new(name: &'static str, uid: u32, gid: u32) -> Self {
+    pub const fn new(name: &'static str, uid: u32, gid: u32) -> Self {
         Caller {
             name,
             uid,
@@ -193,6 +203,10 @@ impl Caller {
             v4_mapped: true,
             ..self
         }
+    }
+    /// The peer host connecting to the pod.
+    pub const fn new_peer() -> Self {
+        Caller::new("peer", 0, 0)
     }
     const fn socket_by_root(self) -> Self {
         Caller {
@@ -340,4 +354,47 @@ fn probe_in(lab: &Lab, ns: &Netns, in_cgroup: bool, case: &Case) -> Result<Outco
     let out = run(&mut cmd)?;
     serde_json::from_slice(&out.stdout)
         .with_context(|| format!("testkit output: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+/// Two pods, A (192.0.2.10) and B (192.0.2.11), on a bridge in a third namespace (the node).
+pub struct TwoPods {
+    pub a: Pod,
+    pub b: Pod,
+}
+
+pub const POD_B_V4: &str = "192.0.2.11";
+
+pub fn two_pods(lab: &mut Lab, tag: &str, mode: Mode) -> Result<TwoPods> {
+    let node = lab.netns(&format!("{tag}n"))?;
+    node.ip(&["link", "add", "br0", "type", "bridge"])?;
+    node.ip(&["addr", "add", "192.0.2.1/24", "dev", "br0"])?;
+    node.ip(&["link", "set", "br0", "up"])?;
+    let in_cgroup = mode == Mode::Sockmesh;
+    let mut pods = Vec::new();
+    for (name, ip) in [("a", POD_V4), ("b", POD_B_V4)] {
+        let ns = lab.netns(&format!("{tag}{name}"))?;
+        let port = format!("v{name}");
+        lab.veth(&ns, "eth0", &node, &port)?;
+        node.ip(&["link", "set", &port, "master", "br0"])?;
+        ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        ns.ip(&["route", "add", "default", "via", "192.0.2.1"])?;
+        pods.push(Pod {
+            ns,
+            peer: node.clone(),
+            in_cgroup,
+        });
+    }
+    let b = pods.pop().expect("two pods");
+    let a = pods.pop().expect("two pods");
+    Ok(TwoPods { a, b })
+}
+
+/// A command run in `pod` as uid/gid `id` (via setpriv), in the lab cgroup if the pod is.
+pub fn as_user(lab: &Lab, pod: &Pod, id: u32, program: &std::path::Path) -> Result<Command> {
+    let mut cmd = lab.command(&pod.ns, pod.in_cgroup, "setpriv")?;
+    cmd.arg(format!("--reuid={id}"))
+        .arg(format!("--regid={id}"))
+        .arg("--clear-groups")
+        .arg(program);
+    Ok(cmd)
 }

@@ -13,19 +13,38 @@ use crate::{
 
 const AGENT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// istio-iptables' exit code for a failed validation (constants.ValidationErrorCode).
+const VALIDATION_ERROR_CODE: i32 = 126;
+
+/// Why `init` failed, with its exit code.
+enum Failure {
+    Error(String),
+    Validation(String),
+}
+
+impl From<String> for Failure {
+    fn from(e: String) -> Self {
+        Failure::Error(e)
+    }
+}
+
 /// Run `init istio` with `argv` (argv[0] first). Returns the process exit code; errors are
 /// printed as one line on stderr.
 pub fn istio_main(argv: Vec<OsString>) -> i32 {
     match istio(argv) {
         Ok(()) => 0,
-        Err(e) => {
+        Err(Failure::Error(e)) => {
             eprintln!("sockmesh init istio: {e}");
             1
+        }
+        Err(Failure::Validation(e)) => {
+            eprintln!("sockmesh init istio: validation failed: {e}");
+            VALIDATION_ERROR_CODE
         }
     }
 }
 
-fn istio(argv: Vec<OsString>) -> Result<(), String> {
+fn istio(argv: Vec<OsString>) -> Result<(), Failure> {
     let args = match IstioArgs::parse_argv(argv) {
         Ok(a) => a,
         Err(e) if e.starts_with("Capture a pod") || e.contains("Usage:") => {
@@ -33,7 +52,7 @@ fn istio(argv: Vec<OsString>) -> Result<(), String> {
             print!("{e}");
             return Ok(());
         }
-        Err(e) => return Err(e),
+        Err(e) => return Err(e.into()),
     };
     let netns_path = if args.network_namespace.is_empty() {
         Path::new("/proc/self/ns/net").to_path_buf()
@@ -46,7 +65,8 @@ fn istio(argv: Vec<OsString>) -> Result<(), String> {
         return Err(format!(
             "--network-namespace {}: not a network namespace",
             netns_path.display()
-        ));
+        )
+        .into());
     }
     let addrs = sys::in_netns(netns.as_fd(), sys::interface_addrs)
         .map_err(|e| e.to_string())?
@@ -63,6 +83,28 @@ fn istio(argv: Vec<OsString>) -> Result<(), String> {
         print!("{}", decision_table(&spec, &local));
         return Ok(());
     }
+    let spec_ports = (spec.config.outbound_port, spec.config.inbound_port);
+    if !action.skip_apply {
+        apply(&action, spec, &netns)?;
+    }
+    if let Some((port, timeout)) = action.validation {
+        let v6 = if_addrs
+            .iter()
+            .find(|a| !a.ip.is_loopback())
+            .is_some_and(|a| a.ip.is_ipv6());
+        let ports = [spec_ports.0, spec_ports.1];
+        crate::validation::run(ports, port, timeout, v6).map_err(Failure::Validation)?;
+        println!("sockmesh: validation passed: a connection to the probe port reached the inbound capture port");
+    }
+    Ok(())
+}
+
+/// Register (or with --cleanup-only, unregister) the pod with the agent.
+fn apply(
+    action: &crate::istio::InitAction,
+    spec: PodSpec,
+    netns: &std::os::fd::OwnedFd,
+) -> Result<(), String> {
     let sock = &action.agent_socket;
     let req = if action.cleanup_only {
         Request::Unregister

@@ -376,6 +376,10 @@ fn is_link_local(ip: &IpAddr) -> bool {
 pub struct InitAction {
     pub dry_run: bool,
     pub cleanup_only: bool,
+    /// `--skip-rule-apply`: register nothing.
+    pub skip_apply: bool,
+    /// `--run-validation`: probe port and timeout.
+    pub validation: Option<(u16, std::time::Duration)>,
     pub agent_socket: PathBuf,
     /// Accepted settings that need no action under sockmesh, with why (printed by init).
     pub notes: Vec<String>,
@@ -459,18 +463,6 @@ impl IstioArgs {
                  REDIRECT_DNS / ISTIO_META_DNS_CAPTURE",
             ));
         }
-        if self.run_validation {
-            return Err(err(
-                "--run-validation",
-                "the validation probe is not implemented by sockmesh yet; remove --run-validation",
-            ));
-        }
-        if self.skip_rule_apply {
-            return Err(err(
-                "--skip-rule-apply",
-                "sockmesh init only registers the pod; with nothing to apply, do not run it",
-            ));
-        }
         match self.force_iptables_binary.as_str() {
             "" | "legacy" | "nft" => {}
             other => {
@@ -480,8 +472,9 @@ impl IstioArgs {
                 ))
             }
         }
-        parse_port("--iptables-probe-port", &self.iptables_probe_port)?;
-        parse_go_duration(&self.probe_timeout).map_err(|m| err("--probe-timeout", m))?;
+        let probe_port = parse_port("--iptables-probe-port", &self.iptables_probe_port)?;
+        let probe_timeout =
+            parse_go_duration(&self.probe_timeout).map_err(|m| err("--probe-timeout", m))?;
         self.tproxy_mark
             .parse::<u32>()
             .map_err(|_| err("-t", format!("'{}' is not a number", self.tproxy_mark)))?;
@@ -698,6 +691,8 @@ impl IstioArgs {
         let action = InitAction {
             dry_run: self.dry_run,
             cleanup_only: self.cleanup_only,
+            skip_apply: self.skip_rule_apply,
+            validation: self.run_validation.then_some((probe_port, probe_timeout)),
             agent_socket: self.agent_socket.clone(),
             notes,
         };

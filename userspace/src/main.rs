@@ -8,6 +8,7 @@ mod istio;
 mod registry;
 mod spec;
 mod sys;
+mod validation;
 mod wire;
 
 use std::{ffi::OsString, path::Path, process::ExitCode};

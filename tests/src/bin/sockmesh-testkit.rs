@@ -37,6 +37,23 @@ enum Cmd {
         #[arg(long)]
         creds_after_socket: bool,
     },
+    /// Connect once (as --uid/--gid) and print everything the server sends.
+    Fetch {
+        dst: SocketAddr,
+        #[arg(long)]
+        uid: Option<u32>,
+        #[arg(long)]
+        gid: Option<u32>,
+    },
+    /// A minimal transparent proxy on the outbound and inbound capture ports.
+    Proxy {
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = "15001")]
+        outbound: u16,
+        #[arg(long, default_value = "15006")]
+        inbound: u16,
+    },
     /// The demo lab: pods in netns, the agent, a listener on 15001, real connections, dump.
     Lab,
 }
@@ -67,6 +84,22 @@ fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string(&outcome)?);
             Ok(())
         }
+        Cmd::Fetch { dst, uid, gid } => {
+            let body = kit::fetch(&ConnectSpec {
+                dst: Some(dst),
+                uid,
+                gid,
+                timeout: Duration::from_secs(3),
+                ..Default::default()
+            })?;
+            print!("{body}");
+            Ok(())
+        }
+        Cmd::Proxy {
+            name,
+            outbound,
+            inbound,
+        } => kit::proxy(&name, outbound, inbound),
         Cmd::Lab => sockmesh_tests::demo::run(),
     }
 }
