@@ -32,10 +32,12 @@ pub const PEER_EXTRA: [&str; 5] = [
 pub const PEER_PORTS: [u16; 5] = [80, 8081, 9090, 9091, 15008];
 /// Ports listened on in the pod: outbound/inbound capture, and the app (8080, 22, 9090) and
 /// the proxy's own ports (15090, 15008) for what inbound capture must leave alone.
-pub const POD_PORTS: [u16; 7] = [15001, 15006, 8080, 22, 9090, 15090, 15008];
+pub const POD_PORTS: [u16; 9] = [15001, 15006, 4140, 4143, 8080, 22, 9090, 15090, 15008];
 
 /// Ports the peer connects to on the pod.
-pub const INBOUND_PORTS: [u16; 9] = [8080, 22, 9090, 15008, 15090, 15021, 15020, 15001, 15006];
+pub const INBOUND_PORTS: [u16; 11] = [
+    8080, 22, 9090, 15008, 15090, 15021, 15020, 15001, 15006, 4143, 4191,
+];
 
 pub struct Pod {
     pub ns: Netns,
@@ -161,7 +163,7 @@ pub fn apply_iptables(pod: &Pod, profile: &Profile) -> Result<()> {
 /// Register the pod with the lab's agent through `sockmesh init istio` and the profile's argv.
 pub fn apply_sockmesh(lab: &Lab, pod: &Pod, profile: &Profile) -> Result<String> {
     let mut cmd = lab.sockmesh_in(&pod.ns)?;
-    cmd.args(["init", "istio"]).args(profile.argv());
+    cmd.args(profile.init_args());
     for (k, v) in profile.env() {
         cmd.env(k, v);
     }
@@ -216,7 +218,7 @@ impl Caller {
     }
 }
 
-pub const CALLERS: [Caller; 9] = [
+pub const CALLERS: [Caller; 10] = [
     Caller::new("app", 1000, 1000),
     Caller::new("root", 0, 0),
     Caller::new("proxy-uid", 1337, 1337),
@@ -226,6 +228,7 @@ pub const CALLERS: [Caller; 9] = [
     Caller::new("group-2002", 1000, 2002),
     Caller::new("app-v4-mapped", 1000, 1000).mapped(),
     Caller::new("proxy-on-a-root-socket", 1337, 1337).socket_by_root(),
+    Caller::new("linkerd-proxy", 2102, 2102),
 ];
 
 /// Callers bound to the inbound passthrough source (only for local destinations).

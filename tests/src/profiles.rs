@@ -6,10 +6,22 @@
 //! sockmesh's decision function, so the conformance suite compares sockmesh with an independent
 //! reference that the kernel's netfilter evaluates.
 
-/// A capture profile, in istio terms.
+/// linkerd2-proxy-init's settings (spec §5).
+#[derive(Clone, Debug)]
+pub struct Linkerd {
+    pub inbound_ignore: Vec<&'static str>,
+    pub outbound_ignore: Vec<&'static str>,
+    pub subnets_ignore: Vec<&'static str>,
+    pub redirect_ports: Vec<u16>,
+    pub ipv6: bool,
+}
+
+/// A capture profile: istio-iptables' (the fields below) or, when `linkerd` is set,
+/// linkerd2-proxy-init's (ports, `uids`/`gids` as the proxy uid/gid, and the `Linkerd` fields).
 #[derive(Clone, Debug)]
 pub struct Profile {
     pub name: &'static str,
+    pub linkerd: Option<Linkerd>,
     pub outbound_port: u16,
     pub inbound_port: u16,
     pub tunnel_port: u16,
@@ -45,6 +57,7 @@ impl Profile {
     pub fn default_sidecar() -> Self {
         Profile {
             name: "default-sidecar",
+            linkerd: None,
             outbound_port: 15001,
             inbound_port: 15006,
             tunnel_port: 15008,
@@ -67,6 +80,137 @@ impl Profile {
 
     fn join<T: ToString>(v: &[T]) -> String {
         v.iter().map(T::to_string).collect::<Vec<_>>().join(",")
+    }
+
+    /// linkerd's injector default: 4143/4140, uid 2102, ports 4190,4191,4567,4568 and
+    /// 4567,4568 ignored, IPv6 on.
+    pub fn linkerd_default() -> Self {
+        Profile {
+            name: "linkerd-default",
+            outbound_port: 4140,
+            inbound_port: 4143,
+            uids: vec![2102],
+            gids: vec![],
+            linkerd: Some(Linkerd {
+                inbound_ignore: vec!["4190", "4191", "4567", "4568"],
+                outbound_ignore: vec!["4567", "4568"],
+                subnets_ignore: vec![],
+                redirect_ports: vec![],
+                ipv6: true,
+            }),
+            ..Profile::default_sidecar()
+        }
+    }
+
+    /// `sockmesh` arguments that register this profile.
+    pub fn init_args(&self) -> Vec<String> {
+        let Some(l) = &self.linkerd else {
+            let mut a = vec!["init".to_string(), "istio".to_string()];
+            a.extend(self.argv());
+            return a;
+        };
+        let mut a: Vec<String> = vec![
+            "init".into(),
+            "linkerd".into(),
+            "--incoming-proxy-port".into(),
+            self.inbound_port.to_string(),
+            "--outgoing-proxy-port".into(),
+            self.outbound_port.to_string(),
+        ];
+        if let Some(u) = self.uids.first() {
+            a.extend(["--proxy-uid".into(), u.to_string()]);
+        }
+        if let Some(g) = self.gids.first() {
+            a.extend(["--proxy-gid".into(), g.to_string()]);
+        }
+        for (flag, list) in [
+            ("--inbound-ports-to-ignore", &l.inbound_ignore),
+            ("--outbound-ports-to-ignore", &l.outbound_ignore),
+            ("--subnets-to-ignore", &l.subnets_ignore),
+        ] {
+            if !list.is_empty() {
+                a.extend([flag.to_string(), list.join(",")]);
+            }
+        }
+        if !l.redirect_ports.is_empty() {
+            a.extend(["--ports-to-redirect".into(), Self::join(&l.redirect_ports)]);
+        }
+        a.push(format!("--ipv6={}", l.ipv6));
+        a
+    }
+
+    /// linkerd2-proxy-init's nat rules (spec §5), for iptables-restore.
+    fn linkerd_rules(&self, l: &Linkerd, v6: bool) -> String {
+        let family = |c: &&&str| c.contains(':') == v6;
+        // multiport takes at most 15 ports (a range counts as two); ranges are a:b.
+        let chunks = |ports: &[&str]| -> Vec<String> {
+            let mut out = Vec::new();
+            let mut cur: Vec<String> = Vec::new();
+            let mut weight = 0;
+            for p in ports {
+                let w = if p.contains('-') { 2 } else { 1 };
+                if weight + w > 15 {
+                    out.push(cur.join(","));
+                    cur.clear();
+                    weight = 0;
+                }
+                cur.push(p.replace('-', ":"));
+                weight += w;
+            }
+            if !cur.is_empty() {
+                out.push(cur.join(","));
+            }
+            out
+        };
+        let mut r = vec!["* nat".to_string(), "-N PROXY_INIT_REDIRECT".into()];
+        for c in chunks(&l.inbound_ignore) {
+            r.push(format!(
+                "-A PROXY_INIT_REDIRECT -p tcp --match multiport --dports {c} -j RETURN"
+            ));
+        }
+        for s in l.subnets_ignore.iter().filter(family) {
+            r.push(format!("-A PROXY_INIT_REDIRECT -p all -s {s} -j RETURN"));
+        }
+        if l.redirect_ports.is_empty() {
+            r.push(format!(
+                "-A PROXY_INIT_REDIRECT -p tcp -j REDIRECT --to-port {}",
+                self.inbound_port
+            ));
+        } else {
+            for p in &l.redirect_ports {
+                r.push(format!(
+                    "-A PROXY_INIT_REDIRECT -p tcp --destination-port {p} -j REDIRECT --to-port {}",
+                    self.inbound_port
+                ));
+            }
+        }
+        r.push("-A PREROUTING -j PROXY_INIT_REDIRECT".into());
+        r.push("-N PROXY_INIT_OUTPUT".into());
+        for u in &self.uids {
+            r.push(format!(
+                "-A PROXY_INIT_OUTPUT -m owner --uid-owner {u} -j RETURN"
+            ));
+        }
+        for g in &self.gids {
+            r.push(format!(
+                "-A PROXY_INIT_OUTPUT -m owner --gid-owner {g} -j RETURN"
+            ));
+        }
+        r.push("-A PROXY_INIT_OUTPUT -o lo -j RETURN".into());
+        for c in chunks(&l.outbound_ignore) {
+            r.push(format!(
+                "-A PROXY_INIT_OUTPUT -p tcp --match multiport --dports {c} -j RETURN"
+            ));
+        }
+        r.push(format!(
+            "-A PROXY_INIT_OUTPUT -p tcp -j REDIRECT --to-port {}",
+            self.outbound_port
+        ));
+        r.push("-A OUTPUT -j PROXY_INIT_OUTPUT".into());
+        r.push("COMMIT".into());
+        let mut text = r.join("\n");
+        text.push('\n');
+        text
     }
 
     /// The `istio-iptables` arguments (without argv[0]).
@@ -126,11 +270,17 @@ impl Profile {
     /// Whether istio would install ip6tables rules: the first non-loopback address is v6
     /// (a v6-only pod here), or `--dual-stack` with a v6 address.
     pub fn ipv6_rules(&self) -> bool {
-        self.pod_v6 && (!self.pod_v4 || self.dual_stack)
+        match &self.linkerd {
+            Some(l) => l.ipv6,
+            None => self.pod_v6 && (!self.pod_v4 || self.dual_stack),
+        }
     }
 
-    /// The nat table istio-iptables feeds to iptables-restore (`v6`: to ip6tables-restore).
+    /// The nat table the init container feeds to iptables-restore (`v6`: ip6tables-restore).
     pub fn rules(&self, v6: bool) -> String {
+        if let Some(l) = &self.linkerd {
+            return self.linkerd_rules(l, v6);
+        }
         let (passthrough, lo_cidr) = if v6 {
             ("::6/128".to_string(), "::1/128".to_string())
         } else {
@@ -317,6 +467,30 @@ pub fn all() -> Vec<Profile> {
             name: "ipv6-only-pod",
             pod_v4: false,
             ..d()
+        },
+        Profile::linkerd_default(),
+        Profile {
+            name: "linkerd-options",
+            gids: vec![1337],
+            linkerd: Some(Linkerd {
+                inbound_ignore: vec!["4190-4191", "9090"],
+                outbound_ignore: vec!["9090-9091", "15008"],
+                subnets_ignore: vec!["2001:db8::/120"],
+                redirect_ports: vec![],
+                ipv6: true,
+            }),
+            ..Profile::linkerd_default()
+        },
+        Profile {
+            name: "linkerd-redirect-list",
+            linkerd: Some(Linkerd {
+                inbound_ignore: vec![],
+                outbound_ignore: vec![],
+                subnets_ignore: vec!["192.0.2.16/28"],
+                redirect_ports: vec![8080, 22],
+                ipv6: false,
+            }),
+            ..Profile::linkerd_default()
         },
     ]
 }

@@ -206,6 +206,34 @@ fn ipv6_only_pod() {
 }
 
 #[test]
+fn linkerd_default() {
+    let r = conformance(&profile("linkerd-default"));
+    assert_eq!(
+        listener(outcome(&r, &format!("app -> {}:80", pods::PEER_V4))),
+        Some(("pod:4140", "192.0.2.20:80"))
+    );
+    assert_eq!(
+        listener(outcome(&r, &format!("peer -> {POD_V4}:8080"))),
+        Some(("pod:4143", "192.0.2.10:8080"))
+    );
+    // No 127.0.0.6 trick and no inbound redirect of the proxy's own calls: lo is skipped.
+    assert_eq!(
+        listener(outcome(&r, &format!("linkerd-proxy -> {POD_V4}:8080"))).map(|l| l.0),
+        Some("pod:8080")
+    );
+}
+
+#[test]
+fn linkerd_options() {
+    conformance(&profile("linkerd-options"));
+}
+
+#[test]
+fn linkerd_redirect_list() {
+    conformance(&profile("linkerd-redirect-list"));
+}
+
+#[test]
 fn profiles_cover_every_listed_profile() {
     // Each profile of profiles::all() has a test above.
     let src = include_str!("conformance.rs");

@@ -283,7 +283,7 @@ fn register(state: &State, netns: u64, fd: BorrowedFd<'_>, spec: &PodSpec) -> Re
     let mut maps = state.maps.lock().expect("maps lock");
     // Inbound capture: the sk_lookup program in the pod's netns (idempotent), before the maps
     // that turn it on for this pod.
-    let inbound = spec.config.has(flags::INBOUND_ALL) || spec.config.has(flags::INBOUND_LIST);
+    let inbound = spec.config.inbound_capture();
     let mut attached_now = false;
     if inbound {
         let action = bpf::attach_netns(state.sk_lookup.as_fd(), fd, &state.bpffs, netns)

@@ -47,12 +47,19 @@ fn pod_spec(config: sockmesh_common::PodConfig, keys: &PodKeys) -> PodSpec {
         .iter()
         .filter_map(|(k, v)| MemberKind::from_u32(*k).map(|k| (k, *v)))
         .collect();
+    let mut ranges: Vec<(CidrKind, u16, u16)> = Vec::new();
     let cidrs = keys
         .cidrs
         .iter()
         .filter_map(|(_, kind, addr, len)| {
             let kind = CidrKind::from_u32(u32::from_be_bytes(*kind))?;
             let prefix = (len - CIDR_KEY_FIXED_BITS) as u8;
+            if kind.is_port() {
+                let start = u16::from_be_bytes([addr[0], addr[1]]);
+                let last = start as u32 + (1u32 << (16 - prefix.min(16))) - 1;
+                ranges.push((kind, start, last as u16));
+                return None;
+            }
             let ip = if kind.is_v6() {
                 IpAddr::V6(Ipv6Addr::from(*addr))
             } else {
@@ -61,7 +68,16 @@ fn pod_spec(config: sockmesh_common::PodConfig, keys: &PodKeys) -> PodSpec {
             Some((kind, Cidr::new(ip, prefix)))
         })
         .collect();
-    PodSpec::new(config, members, cidrs)
+    // Prefix blocks of one range are adjacent: merge them back.
+    ranges.sort();
+    let mut merged: Vec<(CidrKind, u16, u16)> = Vec::new();
+    for (k, lo, hi) in ranges {
+        match merged.last_mut() {
+            Some((lk, _, lhi)) if *lk == k && *lhi as u32 + 1 == lo as u32 => *lhi = hi,
+            _ => merged.push((k, lo, hi)),
+        }
+    }
+    PodSpec::new(config, members, cidrs, merged)
 }
 
 pub fn run(args: DumpArgs) -> anyhow::Result<()> {

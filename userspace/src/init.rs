@@ -6,6 +6,7 @@ use sockmesh_common::{decide, flags, Conn, Proto, Verdict};
 
 use crate::{
     istio::{IfAddr, IstioArgs, ProcessEnv},
+    linkerd::LinkerdArgs,
     spec::{ip_to_addr, PodSpec},
     sys,
     wire::{self, Request},
@@ -28,42 +29,89 @@ impl From<String> for Failure {
     }
 }
 
-/// Run `init istio` with `argv` (argv[0] first). Returns the process exit code; errors are
-/// printed as one line on stderr.
-pub fn istio_main(argv: Vec<OsString>) -> i32 {
-    match istio(argv) {
+/// Non-capture settings `init` acts on.
+#[derive(Debug, Clone)]
+pub struct InitAction {
+    pub dry_run: bool,
+    pub cleanup_only: bool,
+    /// `--skip-rule-apply`: register nothing.
+    pub skip_apply: bool,
+    /// `--run-validation`: probe port and timeout.
+    pub validation: Option<(u16, Duration)>,
+    pub agent_socket: std::path::PathBuf,
+    /// Accepted settings that need no action under sockmesh, with why (printed by init).
+    pub notes: Vec<String>,
+}
+
+/// The two command lines `init` takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flavor {
+    Istio,
+    Linkerd,
+}
+
+impl Flavor {
+    fn name(self) -> &'static str {
+        match self {
+            Flavor::Istio => "istio",
+            Flavor::Linkerd => "linkerd",
+        }
+    }
+}
+
+/// Run `init istio` or `init linkerd` with `argv` (argv[0] first). Returns the process exit
+/// code; errors are printed as one line on stderr.
+pub fn main(flavor: Flavor, argv: Vec<OsString>) -> i32 {
+    match run(flavor, argv) {
         Ok(()) => 0,
         Err(Failure::Error(e)) => {
-            eprintln!("sockmesh init istio: {e}");
+            eprintln!("sockmesh init {}: {e}", flavor.name());
             1
         }
         Err(Failure::Validation(e)) => {
-            eprintln!("sockmesh init istio: validation failed: {e}");
+            eprintln!("sockmesh init {}: validation failed: {e}", flavor.name());
             VALIDATION_ERROR_CODE
         }
     }
 }
 
-fn istio(argv: Vec<OsString>) -> Result<(), Failure> {
-    let args = match IstioArgs::parse_argv(argv) {
-        Ok(a) => a,
-        Err(e) if e.starts_with("Capture a pod") || e.contains("Usage:") => {
-            // --help
+/// `--help` output comes back from the parsers as an error text; print it and succeed.
+fn is_help(text: &str) -> bool {
+    text.contains("Usage:")
+}
+
+fn run(flavor: Flavor, argv: Vec<OsString>) -> Result<(), Failure> {
+    // Parse first, so a bad flag fails before anything is opened.
+    enum Parsed {
+        Istio(Box<IstioArgs>),
+        Linkerd(Box<LinkerdArgs>),
+    }
+    let parsed = match flavor {
+        Flavor::Istio => IstioArgs::parse_argv(argv).map(|a| Parsed::Istio(Box::new(a))),
+        Flavor::Linkerd => LinkerdArgs::parse_argv(argv).map(|a| Parsed::Linkerd(Box::new(a))),
+    };
+    let parsed = match parsed {
+        Ok(p) => p,
+        Err(e) if is_help(&e) => {
             print!("{e}");
             return Ok(());
         }
         Err(e) => return Err(e.into()),
     };
-    let netns_path = if args.network_namespace.is_empty() {
+    let (ns_flag, ns_value) = match &parsed {
+        Parsed::Istio(a) => ("--network-namespace", a.network_namespace.clone()),
+        Parsed::Linkerd(a) => ("--netns", a.netns.clone()),
+    };
+    let netns_path = if ns_value.is_empty() {
         Path::new("/proc/self/ns/net").to_path_buf()
     } else {
-        Path::new(&args.network_namespace).to_path_buf()
+        Path::new(&ns_value).to_path_buf()
     };
     let netns = sys::open_netns(&netns_path)
-        .map_err(|e| format!("--network-namespace {}: {e}", netns_path.display()))?;
+        .map_err(|e| format!("{ns_flag} {}: {e}", netns_path.display()))?;
     if !sys::is_netns_fd(&netns) {
         return Err(format!(
-            "--network-namespace {}: not a network namespace",
+            "{ns_flag} {}: not a network namespace",
             netns_path.display()
         )
         .into());
@@ -72,11 +120,13 @@ fn istio(argv: Vec<OsString>) -> Result<(), Failure> {
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
     let if_addrs: Vec<IfAddr> = addrs.iter().map(|a| IfAddr { ip: a.ip }).collect();
-    let (spec, action) = args
-        .to_spec(&ProcessEnv, &if_addrs)
-        .map_err(|e| e.to_string())?;
+    let (spec, action) = match &parsed {
+        Parsed::Istio(a) => a.to_spec(&ProcessEnv, &if_addrs),
+        Parsed::Linkerd(a) => a.to_spec(),
+    }
+    .map_err(|e| e.to_string())?;
     for note in &action.notes {
-        eprintln!("sockmesh init istio: note: {note}");
+        eprintln!("sockmesh init {}: note: {note}", flavor.name());
     }
     if action.dry_run {
         let local: Vec<IpAddr> = addrs.iter().map(|a| a.ip).collect();
@@ -94,17 +144,16 @@ fn istio(argv: Vec<OsString>) -> Result<(), Failure> {
             .is_some_and(|a| a.ip.is_ipv6());
         let ports = [spec_ports.0, spec_ports.1];
         crate::validation::run(ports, port, timeout, v6).map_err(Failure::Validation)?;
-        println!("sockmesh: validation passed: a connection to the probe port reached the inbound capture port");
+        println!(
+            "sockmesh: validation passed: a connection to the probe port reached the inbound \
+             capture port"
+        );
     }
     Ok(())
 }
 
 /// Register (or with --cleanup-only, unregister) the pod with the agent.
-fn apply(
-    action: &crate::istio::InitAction,
-    spec: PodSpec,
-    netns: &std::os::fd::OwnedFd,
-) -> Result<(), String> {
+fn apply(action: &InitAction, spec: PodSpec, netns: &std::os::fd::OwnedFd) -> Result<(), String> {
     let sock = &action.agent_socket;
     let req = if action.cleanup_only {
         Request::Unregister

@@ -14,7 +14,7 @@ use sockmesh_common::{flags, CidrKind, MemberKind, PodConfig, MAX_OWNERS};
 use crate::spec::{Cidr, PodSpec};
 
 /// Parse Go's strconv.ParseBool spellings, as pflag does.
-fn go_bool(s: &str) -> Result<bool, String> {
+pub(crate) fn go_bool(s: &str) -> Result<bool, String> {
     match s {
         "1" | "t" | "T" | "TRUE" | "true" | "True" => Ok(true),
         "0" | "f" | "F" | "FALSE" | "false" | "False" => Ok(false),
@@ -237,7 +237,7 @@ pub struct FlagError {
     pub message: String,
 }
 
-fn err(flag: &str, message: impl Into<String>) -> FlagError {
+pub(crate) fn err(flag: &str, message: impl Into<String>) -> FlagError {
     FlagError {
         flag: flag.to_string(),
         message: message.into(),
@@ -249,7 +249,7 @@ fn split(s: &str) -> impl Iterator<Item = &str> {
     s.split(',').filter(|p| !p.is_empty())
 }
 
-fn parse_port(flag: &str, s: &str) -> Result<u16, FlagError> {
+pub(crate) fn parse_port(flag: &str, s: &str) -> Result<u16, FlagError> {
     match s.parse::<u16>() {
         Ok(0) => Err(err(flag, "port 0 is not a valid port (1-65535)")),
         Ok(p) => Ok(p),
@@ -261,7 +261,7 @@ fn parse_ports(flag: &str, s: &str) -> Result<Vec<u16>, FlagError> {
     split(s).map(|p| parse_port(flag, p)).collect()
 }
 
-fn parse_cidr(flag: &str, s: &str) -> Result<Cidr, FlagError> {
+pub(crate) fn parse_cidr(flag: &str, s: &str) -> Result<Cidr, FlagError> {
     let (ip, len) = s.split_once('/').ok_or_else(|| {
         err(
             flag,
@@ -371,18 +371,26 @@ fn is_link_local(ip: &IpAddr) -> bool {
     }
 }
 
-/// Non-capture settings `init` acts on.
-#[derive(Debug, Clone)]
-pub struct InitAction {
-    pub dry_run: bool,
-    pub cleanup_only: bool,
-    /// `--skip-rule-apply`: register nothing.
-    pub skip_apply: bool,
-    /// `--run-validation`: probe port and timeout.
-    pub validation: Option<(u16, std::time::Duration)>,
-    pub agent_socket: PathBuf,
-    /// Accepted settings that need no action under sockmesh, with why (printed by init).
-    pub notes: Vec<String>,
+/// A clap error as one line naming the flag (`--help` text is passed through whole).
+pub(crate) fn one_line_clap_error(e: clap::Error, takes: &str) -> String {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    let arg = match e.get(ContextKind::InvalidArg) {
+        Some(ContextValue::String(s)) => s.split_whitespace().next().unwrap_or(s).to_string(),
+        _ => String::from("argument"),
+    };
+    match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => e.to_string(),
+        ErrorKind::UnknownArgument => format!("{arg}: unknown flag: {takes} (see --help)"),
+        _ => {
+            let text = e.to_string();
+            let first = text
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim_start_matches("error: ");
+            format!("{arg}: {first}")
+        }
+    }
 }
 
 impl IstioArgs {
@@ -392,37 +400,8 @@ impl IstioArgs {
         I: IntoIterator<Item = T>,
         T: Into<OsString> + Clone,
     {
-        IstioArgs::try_parse_from(argv).map_err(|e| {
-            use clap::error::{ContextKind, ContextValue, ErrorKind};
-            match e.kind() {
-                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => e.to_string(),
-                ErrorKind::UnknownArgument => {
-                    let arg = match e.get(ContextKind::InvalidArg) {
-                        Some(ContextValue::String(s)) => s.clone(),
-                        _ => "?".into(),
-                    };
-                    format!(
-                        "{arg}: unknown flag: sockmesh init istio takes istio-iptables' flags \
-                         (see --help)"
-                    )
-                }
-                _ => {
-                    let arg = match e.get(ContextKind::InvalidArg) {
-                        Some(ContextValue::String(s)) => {
-                            s.split_whitespace().next().unwrap_or(s).to_string()
-                        }
-                        _ => String::from("argument"),
-                    };
-                    let text = e.to_string();
-                    let first = text
-                        .lines()
-                        .next()
-                        .unwrap_or("")
-                        .trim_start_matches("error: ");
-                    format!("{arg}: {first}")
-                }
-            }
-        })
+        IstioArgs::try_parse_from(argv)
+            .map_err(|e| one_line_clap_error(e, "sockmesh init istio takes istio-iptables' flags"))
     }
 
     /// Validate everything and build the pod's capture spec. `addrs` are the pod's interface
@@ -431,7 +410,7 @@ impl IstioArgs {
         &self,
         env: &dyn Env,
         addrs: &[IfAddr],
-    ) -> Result<(PodSpec, InitAction), FlagError> {
+    ) -> Result<(PodSpec, crate::init::InitAction), FlagError> {
         let mut notes = Vec::new();
         // Settings whose behaviour sockmesh does not implement yet: refuse, never ignore.
         if self.interception_mode == "TPROXY" {
@@ -687,8 +666,8 @@ impl IstioArgs {
         };
         members.sort();
         members.dedup();
-        let spec = PodSpec::new(config, members, cidrs);
-        let action = InitAction {
+        let spec = PodSpec::new(config, members, cidrs, Vec::new());
+        let action = crate::init::InitAction {
             dry_run: self.dry_run,
             cleanup_only: self.cleanup_only,
             skip_apply: self.skip_rule_apply,

@@ -5,6 +5,7 @@ mod bpf;
 mod dump;
 mod init;
 mod istio;
+mod linkerd;
 mod registry;
 mod spec;
 mod sys;
@@ -65,22 +66,20 @@ fn main() -> ExitCode {
         .unwrap_or_default();
     // Istio's injection template runs `istio-iptables ...`: behave as `sockmesh init istio`.
     if invoked_as == "istio-iptables" {
-        return exit(init::istio_main(argv));
+        return exit(init::main(init::Flavor::Istio, argv));
     }
     // `init istio` hands its arguments to the istio-iptables parser untouched.
     if argv.get(1).is_some_and(|a| a == "init") {
         match argv.get(2).and_then(|p| p.to_str()) {
-            Some("istio") => {
-                let mut rest = vec![OsString::from("sockmesh init istio")];
+            Some(name @ ("istio" | "linkerd")) => {
+                let flavor = if name == "istio" {
+                    init::Flavor::Istio
+                } else {
+                    init::Flavor::Linkerd
+                };
+                let mut rest = vec![OsString::from(format!("sockmesh init {name}"))];
                 rest.extend(argv[3..].iter().cloned());
-                return exit(init::istio_main(rest));
-            }
-            Some("linkerd") => {
-                eprintln!(
-                    "sockmesh init linkerd: the linkerd proxy-init profile is not implemented \
-                     yet; use `sockmesh init istio`"
-                );
-                return exit(2);
+                return exit(init::main(flavor, rest));
             }
             Some(other) if !other.starts_with('-') => {
                 eprintln!("sockmesh init: unknown profile '{other}': use `init istio`");

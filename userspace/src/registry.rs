@@ -12,7 +12,7 @@ use sockmesh_common::{names, CidrKey, LocalAddrKey, MemberKey, PodConfig, CIDR_K
 
 use crate::{
     bpf::PinnedMaps,
-    spec::{ip_to_addr, PodSpec},
+    spec::{ip_to_addr, port_prefixes, PodSpec},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +91,14 @@ impl PodKeys {
                     CIDR_KEY_FIXED_BITS + c.prefix as u32,
                 )
             })
+            .chain(spec.ranges.iter().flat_map(|(kind, lo, hi)| {
+                port_prefixes(*lo, *hi)
+                    .into_iter()
+                    .map(move |(start, bits)| {
+                        let k = CidrKey::port(netns, *kind, start);
+                        (k.netns, k.kind, k.addr, CIDR_KEY_FIXED_BITS + bits as u32)
+                    })
+            }))
             .collect();
         let local_addrs = local.iter().map(|ip| ip_to_addr(*ip)).collect();
         let pod_addrs = local

@@ -74,6 +74,30 @@ pub struct PodSpec {
     pub config: PodConfig,
     pub members: Vec<(MemberKind, u32)>,
     pub cidrs: Vec<(CidrKind, Cidr)>,
+    /// Port-range lists (linkerd): (list, first, last).
+    #[serde(default)]
+    pub ranges: Vec<(CidrKind, u16, u16)>,
+}
+
+/// The prefixes of the 16-bit port space that exactly cover `lo..=hi`: (first port, prefix
+/// length in bits).
+pub fn port_prefixes(lo: u16, hi: u16) -> Vec<(u16, u8)> {
+    let mut out = Vec::new();
+    let (mut lo, hi) = (lo as u32, hi as u32);
+    while lo <= hi {
+        // The largest aligned block starting at lo that ends at or before hi.
+        let mut size = if lo == 0 {
+            1 << 16
+        } else {
+            1u32 << lo.trailing_zeros()
+        };
+        while lo + size - 1 > hi {
+            size >>= 1;
+        }
+        out.push((lo as u16, (16 - size.trailing_zeros()) as u8));
+        lo += size;
+    }
+    out
 }
 
 impl PodSpec {
@@ -81,6 +105,7 @@ impl PodSpec {
         config: PodConfig,
         mut members: Vec<(MemberKind, u32)>,
         cidrs: Vec<(CidrKind, Cidr)>,
+        ranges: Vec<(CidrKind, u16, u16)>,
     ) -> Self {
         members.sort();
         members.dedup();
@@ -88,6 +113,7 @@ impl PodSpec {
             config,
             members,
             cidrs,
+            ranges,
         }
     }
 
@@ -97,7 +123,8 @@ impl PodSpec {
         if c.n_uids as usize > MAX_OWNERS || c.n_gids as usize > MAX_OWNERS {
             return Err(format!("at most {MAX_OWNERS} proxy uids and gids"));
         }
-        if c.outbound_port == 0 || c.inbound_port == 0 || c.tunnel_port == 0 {
+        let tunnel_ok = c.tunnel_port != 0 || c.has(flags::LINKERD);
+        if c.outbound_port == 0 || c.inbound_port == 0 || !tunnel_ok {
             return Err("capture and tunnel ports must be 1-65535".into());
         }
         if !(8..=32).contains(&c.loopback_v4_prefix) || c.loopback_v4[0] != 127 {
@@ -141,8 +168,71 @@ impl PodSpec {
             .collect()
     }
 
-    /// The settings in istio-iptables' terms, one `name: value` per line.
+    fn ranges_of(&self, kind: CidrKind) -> Vec<String> {
+        self.ranges
+            .iter()
+            .filter(|(k, _, _)| *k == kind)
+            .map(|(_, lo, hi)| {
+                if lo == hi {
+                    lo.to_string()
+                } else {
+                    format!("{lo}-{hi}")
+                }
+            })
+            .collect()
+    }
+
+    /// The settings in linkerd2-proxy-init's terms.
+    fn describe_linkerd(&self) -> Vec<(String, String)> {
+        let c = &self.config;
+        let join = |v: Vec<String>| {
+            if v.is_empty() {
+                "''".to_string()
+            } else {
+                v.join(",")
+            }
+        };
+        let id = |n: u8, v: u32| {
+            if n == 0 {
+                "-1 (none)".to_string()
+            } else {
+                v.to_string()
+            }
+        };
+        let redirect = if c.has(flags::INBOUND_LIST) {
+            join(self.ranges_of(CidrKind::RedirectPorts))
+        } else {
+            "all".to_string()
+        };
+        vec![
+            ("profile".into(), "linkerd (proxy-init)".into()),
+            ("--incoming-proxy-port".into(), c.inbound_port.to_string()),
+            ("--outgoing-proxy-port".into(), c.outbound_port.to_string()),
+            ("--proxy-uid".into(), id(c.n_uids, c.uids[0])),
+            ("--proxy-gid".into(), id(c.n_gids, c.gids[0])),
+            ("--ports-to-redirect".into(), redirect),
+            (
+                "--inbound-ports-to-ignore".into(),
+                join(self.ranges_of(CidrKind::InboundIgnorePorts)),
+            ),
+            (
+                "--outbound-ports-to-ignore".into(),
+                join(self.ranges_of(CidrKind::OutboundIgnorePorts)),
+            ),
+            (
+                "--subnets-to-ignore".into(),
+                join(self.cidrs_of([CidrKind::IgnoreSubnetV4, CidrKind::IgnoreSubnetV6])),
+            ),
+            ("--ipv6".into(), c.has(flags::IPV6).to_string()),
+        ]
+    }
+
+    /// The settings in the terms of the tool they came from (istio-iptables or linkerd's
+    /// proxy-init), one `name: value` per line.
     pub fn describe(&self) -> Vec<(String, String)> {
+        if self.config.has(flags::LINKERD) {
+            return self.describe_linkerd();
+        }
         let c = &self.config;
         let join = |v: Vec<String>| {
             if v.is_empty() {
@@ -235,6 +325,43 @@ impl Rules for PodSpec {
     fn cidr(&self, kind: CidrKind, addr: &Addr) -> bool {
         let ip = addr_to_ip(addr);
         self.cidrs.iter().any(|(k, c)| *k == kind && c.contains(ip))
+    }
+
+    fn port_range(&self, kind: CidrKind, port: u16) -> bool {
+        self.ranges
+            .iter()
+            .any(|(k, lo, hi)| *k == kind && (*lo..=*hi).contains(&port))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::port_prefixes;
+
+    #[test]
+    fn port_ranges_become_exact_prefixes() {
+        assert_eq!(port_prefixes(4567, 4567), vec![(4567, 16)]);
+        assert_eq!(port_prefixes(0, 65535), vec![(0, 0)]);
+        assert_eq!(port_prefixes(4566, 4569), vec![(4566, 15), (4568, 15)]);
+        for (lo, hi) in [
+            (1, 1000),
+            (4190, 4191),
+            (30000, 32767),
+            (65535, 65535),
+            (7, 9),
+        ] {
+            let mut covered = Vec::new();
+            for (start, bits) in port_prefixes(lo, hi) {
+                let size = 1u32 << (16 - bits);
+                assert_eq!(start as u32 % size, 0, "unaligned block");
+                covered.extend(start as u32..start as u32 + size);
+            }
+            assert_eq!(
+                covered,
+                (lo as u32..=hi as u32).collect::<Vec<_>>(),
+                "{lo}-{hi}"
+            );
+        }
     }
 }
 

@@ -92,10 +92,14 @@ pub enum Reason {
     InboundOff = 24,
     /// Inbound: captured, but no proxy listens on the inbound port: refused, as with iptables.
     InboundNoListener = 25,
+    /// linkerd: `-o lo -j RETURN`, everything local is left alone.
+    LoopbackInterface = 26,
+    /// linkerd inbound: the source is in `--subnets-to-ignore`.
+    InboundSubnetIgnored = 27,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 25] = [
+    pub const ALL: [Reason; 27] = [
         Reason::NoIpv6Rules,
         Reason::OutboundPortExcluded,
         Reason::InboundPassthrough,
@@ -121,6 +125,8 @@ impl Reason {
         Reason::InboundPortNotListed,
         Reason::InboundOff,
         Reason::InboundNoListener,
+        Reason::LoopbackInterface,
+        Reason::InboundSubnetIgnored,
     ];
 
     pub const fn from_u32(v: u32) -> Option<Reason> {
@@ -159,6 +165,8 @@ impl Reason {
             Self::InboundPortNotListed => "inbound_port_not_listed",
             Self::InboundOff => "inbound_off",
             Self::InboundNoListener => "inbound_no_listener",
+            Self::LoopbackInterface => "loopback_interface",
+            Self::InboundSubnetIgnored => "inbound_subnet_ignored",
         }
     }
 
@@ -190,6 +198,8 @@ impl Reason {
             Self::InboundPortNotListed => "inbound: end of ISTIO_INBOUND, port not in -b",
             Self::InboundOff => "inbound: -b '' (no PREROUTING jump)",
             Self::InboundNoListener => "inbound: redirected, but nothing listens on the inbound port (refused)",
+            Self::LoopbackInterface => "linkerd: PROXY_INIT_OUTPUT -o lo -j RETURN",
+            Self::InboundSubnetIgnored => "linkerd inbound: PROXY_INIT_REDIRECT -s SUBNET -j RETURN (--subnets-to-ignore)",
         }
     }
 }
@@ -216,6 +226,8 @@ pub trait Rules {
     fn member(&self, kind: MemberKind, value: u32) -> bool;
     /// Whether `addr` (IPv6 form) lies in one of the CIDRs of list `kind`.
     fn cidr(&self, kind: CidrKind, addr: &Addr) -> bool;
+    /// Whether `port` lies in one of the ranges of port-range list `kind`.
+    fn port_range(&self, kind: CidrKind, port: u16) -> bool;
 }
 
 const V4_INBOUND_PASSTHROUGH: [u8; 4] = [127, 0, 0, 6];
@@ -312,13 +324,43 @@ fn owner_rules(
     None
 }
 
-/// Decide what istio-iptables' nat OUTPUT rules would do with the first packet of `conn` in a pod
-/// configured as `cfg`.
+/// linkerd2-proxy-init's nat OUTPUT chain (`PROXY_INIT_OUTPUT`, spec §5).
 #[inline(always)]
+fn decide_linkerd<R: Rules>(cfg: &PodConfig, rules: &R, conn: &Conn) -> Verdict {
+    if cfg.n_uids > 0 && conn.uid == cfg.uids[0] {
+        return Verdict::Pass(Reason::ProxyUid);
+    }
+    if cfg.n_gids > 0 && conn.gid == cfg.gids[0] {
+        return Verdict::Pass(Reason::ProxyGid);
+    }
+    if conn.dst_is_local {
+        return Verdict::Pass(Reason::LoopbackInterface);
+    }
+    if conn.proto != Proto::Tcp {
+        return Verdict::Pass(Reason::NotTcp);
+    }
+    if rules.port_range(CidrKind::OutboundIgnorePorts, conn.dport) {
+        return Verdict::Pass(Reason::OutboundPortExcluded);
+    }
+    Verdict::Redirect {
+        port: cfg.outbound_port,
+        reason: Reason::CaptureAll,
+    }
+}
+
+/// Decide what the pod's nat OUTPUT rules (istio-iptables', or linkerd2-proxy-init's when the
+/// pod has the `LINKERD` flag) would do with the first packet of `conn`.
+///
+/// Not inlined: in the kernel it is a BPF subprogram with its own stack frame, which keeps the
+/// connect programs within the 512-byte stack limit.
+#[inline(never)]
 pub fn decide<R: Rules>(cfg: &PodConfig, rules: &R, conn: &Conn) -> Verdict {
     let v4 = conn.is_v4();
     if !v4 && !cfg.has(flags::IPV6) {
         return Verdict::Pass(Reason::NoIpv6Rules);
+    }
+    if cfg.has(flags::LINKERD) {
+        return decide_linkerd(cfg, rules, conn);
     }
     // Rule 1: -o, tcp and udp alike, before everything else.
     if rules.member(MemberKind::OutboundExcludePort, conn.dport as u32) {
@@ -393,10 +435,12 @@ pub fn decide<R: Rules>(cfg: &PodConfig, rules: &R, conn: &Conn) -> Verdict {
     }
 }
 
-/// Decide what istio-iptables' nat PREROUTING rules (`ISTIO_INBOUND`) would do with a new TCP
-/// connection arriving on an interface for local port `dport`.
+/// Decide what the pod's nat PREROUTING rules (istio's `ISTIO_INBOUND`, or linkerd's
+/// `PROXY_INIT_REDIRECT`) would do with a new TCP connection from `src` arriving on an
+/// interface for local port `dport`.
 #[inline(always)]
-pub fn decide_inbound<R: Rules>(cfg: &PodConfig, rules: &R, dport: u16, v4: bool) -> Verdict {
+pub fn decide_inbound<R: Rules>(cfg: &PodConfig, rules: &R, src: &Addr, dport: u16) -> Verdict {
+    let v4 = is_v4_mapped(src);
     if !v4 && !cfg.has(flags::IPV6) {
         return Verdict::Pass(Reason::NoIpv6Rules);
     }
@@ -404,6 +448,27 @@ pub fn decide_inbound<R: Rules>(cfg: &PodConfig, rules: &R, dport: u16, v4: bool
         port: cfg.inbound_port,
         reason,
     };
+    if cfg.has(flags::LINKERD) {
+        if rules.port_range(CidrKind::InboundIgnorePorts, dport) {
+            return Verdict::Pass(Reason::InboundPortExcluded);
+        }
+        let subnets = if v4 {
+            CidrKind::IgnoreSubnetV4
+        } else {
+            CidrKind::IgnoreSubnetV6
+        };
+        if rules.cidr(subnets, src) {
+            return Verdict::Pass(Reason::InboundSubnetIgnored);
+        }
+        if !cfg.has(flags::INBOUND_LIST) {
+            return redirect(Reason::InboundCaptureAll);
+        }
+        return if rules.port_range(CidrKind::RedirectPorts, dport) {
+            redirect(Reason::InboundPortIncluded)
+        } else {
+            Verdict::Pass(Reason::InboundPortNotListed)
+        };
+    }
     if cfg.has(flags::INBOUND_ALL) {
         if dport == cfg.tunnel_port {
             Verdict::Pass(Reason::InboundTunnelPort)
@@ -438,11 +503,17 @@ mod tests {
     struct Sets {
         members: Vec<(MemberKind, u32)>,
         cidrs: Vec<(CidrKind, Addr, u8)>,
+        ranges: Vec<(CidrKind, u16, u16)>,
     }
 
     impl Rules for Sets {
         fn member(&self, kind: MemberKind, value: u32) -> bool {
             self.members.contains(&(kind, value))
+        }
+        fn port_range(&self, kind: CidrKind, port: u16) -> bool {
+            self.ranges
+                .iter()
+                .any(|(k, lo, hi)| *k == kind && (*lo..=*hi).contains(&port))
         }
         fn cidr(&self, kind: CidrKind, addr: &Addr) -> bool {
             self.cidrs.iter().any(|(k, net, len)| {
@@ -790,6 +861,80 @@ mod tests {
         assert_eq!(Reason::from_u32(Reason::ALL.len() as u32 + 1), None);
     }
 
+    const PEER: Addr = v4_mapped([192, 0, 2, 20]);
+    const PEER6: Addr = [
+        0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x20,
+    ];
+
+    #[test]
+    fn linkerd() {
+        let mut c = cfg(flags::LINKERD | flags::IPV6, &[2102], &[]);
+        c.outbound_port = 4140;
+        c.inbound_port = 4143;
+        let s = Sets {
+            ranges: std::vec![
+                (CidrKind::OutboundIgnorePorts, 4567, 4568),
+                (CidrKind::InboundIgnorePorts, 4190, 4191),
+            ],
+            cidrs: std::vec![(CidrKind::IgnoreSubnetV4, v4_mapped([192, 0, 2, 0]), 28)],
+            ..Default::default()
+        };
+        let out = Verdict::Redirect {
+            port: 4140,
+            reason: Reason::CaptureAll,
+        };
+        assert_eq!(decide(&c, &s, &conn(REMOTE, 80, 1000, 1000)), out);
+        assert_eq!(
+            decide(&c, &s, &conn(REMOTE, 80, 2102, 2102)),
+            Verdict::Pass(Reason::ProxyUid)
+        );
+        assert_eq!(
+            decide(&c, &s, &conn(REMOTE, 4568, 1000, 1000)),
+            Verdict::Pass(Reason::OutboundPortExcluded)
+        );
+        // Everything local is skipped, the proxy's own pod IP included: no inbound redirect.
+        assert_eq!(
+            decide(&c, &s, &conn(POD, 8080, 2102, 2102)),
+            Verdict::Pass(Reason::ProxyUid)
+        );
+        assert_eq!(
+            decide(&c, &s, &conn(POD, 8080, 1000, 1000)),
+            Verdict::Pass(Reason::LoopbackInterface)
+        );
+        let inb = |reason| Verdict::Redirect { port: 4143, reason };
+        assert_eq!(
+            decide_inbound(&c, &s, &PEER6, 22),
+            inb(Reason::InboundCaptureAll)
+        );
+        assert_eq!(
+            decide_inbound(&c, &s, &PEER6, 4191),
+            Verdict::Pass(Reason::InboundPortExcluded)
+        );
+        // 192.0.2.20 is outside 192.0.2.0/28; 192.0.2.5 is inside.
+        assert_eq!(
+            decide_inbound(&c, &s, &PEER, 8080),
+            inb(Reason::InboundCaptureAll)
+        );
+        assert_eq!(
+            decide_inbound(&c, &s, &v4_mapped([192, 0, 2, 5]), 8080),
+            Verdict::Pass(Reason::InboundSubnetIgnored)
+        );
+        let mut listed = c;
+        listed.flags |= flags::INBOUND_LIST;
+        let s = Sets {
+            ranges: std::vec![(CidrKind::RedirectPorts, 8080, 8080)],
+            ..Default::default()
+        };
+        assert_eq!(
+            decide_inbound(&listed, &s, &PEER, 8080),
+            inb(Reason::InboundPortIncluded)
+        );
+        assert_eq!(
+            decide_inbound(&listed, &s, &PEER, 9090),
+            Verdict::Pass(Reason::InboundPortNotListed)
+        );
+    }
+
     #[test]
     fn inbound_rules() {
         let all = cfg(flags::OUTBOUND_ALL | flags::INBOUND_ALL, &[1337], &[1337]);
@@ -798,24 +943,24 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            decide_inbound(&all, &s, 8080, true),
+            decide_inbound(&all, &s, &PEER, 8080),
             inbound(Reason::InboundCaptureAll)
         );
         // Port 22 is captured (istio >= 1.13).
         assert_eq!(
-            decide_inbound(&all, &s, 22, true),
+            decide_inbound(&all, &s, &PEER, 22),
             inbound(Reason::InboundCaptureAll)
         );
         assert_eq!(
-            decide_inbound(&all, &s, 15090, true),
+            decide_inbound(&all, &s, &PEER, 15090),
             Verdict::Pass(Reason::InboundPortExcluded)
         );
         assert_eq!(
-            decide_inbound(&all, &s, 15008, true),
+            decide_inbound(&all, &s, &PEER, 15008),
             Verdict::Pass(Reason::InboundTunnelPort)
         );
         assert_eq!(
-            decide_inbound(&all, &s, 8080, false),
+            decide_inbound(&all, &s, &PEER6, 8080),
             Verdict::Pass(Reason::NoIpv6Rules)
         );
         let list = cfg(flags::INBOUND_LIST, &[1337], &[1337]);
@@ -828,16 +973,16 @@ mod tests {
         };
         // -d is ignored with a -b list.
         assert_eq!(
-            decide_inbound(&list, &s, 8080, true),
+            decide_inbound(&list, &s, &PEER, 8080),
             inbound(Reason::InboundPortIncluded)
         );
         assert_eq!(
-            decide_inbound(&list, &s, 9090, true),
+            decide_inbound(&list, &s, &PEER, 9090),
             Verdict::Pass(Reason::InboundPortNotListed)
         );
         let off = cfg(0, &[1337], &[1337]);
         assert_eq!(
-            decide_inbound(&off, &s, 8080, true),
+            decide_inbound(&off, &s, &PEER, 8080),
             Verdict::Pass(Reason::InboundOff)
         );
     }

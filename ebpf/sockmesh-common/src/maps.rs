@@ -66,10 +66,12 @@ pub mod flags {
     pub const OWNER_GROUPS_INCLUDE: u32 = 1 << 4;
     /// `ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE` is set (and the include list is `*`).
     pub const OWNER_GROUPS_EXCLUDE: u32 = 1 << 5;
-    /// `-b '*'`: inbound capture of every port but the `-d` list (recorded; see docs).
+    /// `-b '*'`: inbound capture of every port but the `-d` list.
     pub const INBOUND_ALL: u32 = 1 << 6;
-    /// `-b p1,p2`: inbound capture of the listed ports (recorded; see docs).
+    /// `-b p1,p2`: inbound capture of the listed ports.
     pub const INBOUND_LIST: u32 = 1 << 7;
+    /// linkerd2-proxy-init's rules instead of istio-iptables' (see `decide`).
+    pub const LINKERD: u32 = 1 << 8;
 }
 
 /// A registered pod's settings in istio terms. Value of the `PODS` map, keyed by netns cookie.
@@ -103,6 +105,11 @@ pub struct PodConfig {
 impl PodConfig {
     pub const fn has(&self, flag: u32) -> bool {
         self.flags & flag != 0
+    }
+
+    /// Whether any inbound connection can be captured (linkerd always captures inbound).
+    pub const fn inbound_capture(&self) -> bool {
+        self.has(flags::INBOUND_ALL | flags::INBOUND_LIST | flags::LINKERD)
     }
 }
 
@@ -169,8 +176,9 @@ pub struct MemberKey {
     pub value: u32,
 }
 
-/// Which per-pod CIDR list a `CidrKey` belongs to. Families are separate lists, as istio keeps
-/// separate iptables and ip6tables rules.
+/// Which per-pod prefix list a `CidrKey` belongs to: CIDR lists (families are separate lists, as
+/// istio keeps separate iptables and ip6tables rules) and port-range lists (a range is stored as
+/// the prefixes of the 16-bit port space that cover it).
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 #[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
@@ -183,6 +191,16 @@ pub enum CidrKind {
     IncludeV4 = 3,
     /// `-i`, IPv6 entries.
     IncludeV6 = 4,
+    /// linkerd `--outbound-ports-to-ignore` (ports and ranges).
+    OutboundIgnorePorts = 5,
+    /// linkerd `--inbound-ports-to-ignore`.
+    InboundIgnorePorts = 6,
+    /// linkerd `--ports-to-redirect` (inbound).
+    RedirectPorts = 7,
+    /// linkerd `--subnets-to-ignore`, IPv4 (inbound, matched on the source).
+    IgnoreSubnetV4 = 8,
+    /// linkerd `--subnets-to-ignore`, IPv6.
+    IgnoreSubnetV6 = 9,
 }
 
 impl CidrKind {
@@ -192,12 +210,28 @@ impl CidrKind {
             2 => Some(Self::ExcludeV6),
             3 => Some(Self::IncludeV4),
             4 => Some(Self::IncludeV6),
+            5 => Some(Self::OutboundIgnorePorts),
+            6 => Some(Self::InboundIgnorePorts),
+            7 => Some(Self::RedirectPorts),
+            8 => Some(Self::IgnoreSubnetV4),
+            9 => Some(Self::IgnoreSubnetV6),
             _ => None,
         }
     }
 
     pub const fn is_v6(self) -> bool {
-        matches!(self, Self::ExcludeV6 | Self::IncludeV6)
+        matches!(
+            self,
+            Self::ExcludeV6 | Self::IncludeV6 | Self::IgnoreSubnetV6
+        )
+    }
+
+    /// A list of port ranges rather than CIDRs.
+    pub const fn is_port(self) -> bool {
+        matches!(
+            self,
+            Self::OutboundIgnorePorts | Self::InboundIgnorePorts | Self::RedirectPorts
+        )
     }
 }
 
@@ -216,6 +250,17 @@ pub struct CidrKey {
 pub const CIDR_KEY_FIXED_BITS: u32 = 96;
 
 impl CidrKey {
+    /// The key for port `port` in port-range list `kind` of pod `netns`; its full-length
+    /// prefix is `CIDR_KEY_FIXED_BITS + 16`.
+    pub fn port(netns: u64, kind: CidrKind, port: u16) -> Self {
+        let p = port.to_be_bytes();
+        CidrKey {
+            netns: netns.to_be_bytes(),
+            kind: (kind as u32).to_be_bytes(),
+            addr: [p[0], p[1], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        }
+    }
+
     /// The key for `kind` of pod `netns`; `addr` is in [`Addr`] form (v4-mapped for IPv4).
     pub fn new(netns: u64, kind: CidrKind, addr: &Addr) -> Self {
         let mut a = [0u8; 16];

@@ -98,9 +98,21 @@ impl Rules for PodRules {
         );
         CIDRS.get(&key).is_some()
     }
+
+    #[inline(always)]
+    fn port_range(&self, kind: CidrKind, port: u16) -> bool {
+        let key = Key::new(
+            CIDR_KEY_FIXED_BITS + 16,
+            CidrKey::port(self.netns, kind, port),
+        );
+        CIDRS.get(&key).is_some()
+    }
 }
 
-#[inline(always)]
+// The helpers below are BPF subprograms (not inlined): each gets its own stack frame, which
+// keeps the connect programs within the verifier's 512-byte combined stack limit.
+
+#[inline(never)]
 fn count(netns: u64, counter: u32) {
     let key = CounterKey {
         netns,
@@ -163,7 +175,7 @@ fn is_zero(a: &Addr) -> bool {
 }
 
 /// Whether `dst` is an address of this netns, i.e. the route would leave through `lo`.
-#[inline(always)]
+#[inline(never)]
 fn is_local(netns: u64, dst: &Addr) -> bool {
     if is_v4_mapped(dst) {
         if dst[12] == 127 {
@@ -339,7 +351,7 @@ struct SockaddrIn6 {
 /// the original destination, so the proxy sees the peer it sees after iptables' REDIRECT (the
 /// pod's address, not 127.0.0.1). Localhost destinations need nothing; a failure leaves the
 /// socket as it was.
-#[inline(always)]
+#[inline(never)]
 fn bind_source(ctx: &SockAddrContext, cfg: &PodConfig, conn: &Conn, v6: bool) {
     if !is_zero(&conn.src) && !(is_v4_mapped(&conn.src) && conn.src[12..16] == [0, 0, 0, 0]) {
         return;
@@ -561,7 +573,7 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
         return SK_PASS;
     }
     let v4 = is_v4_mapped(&local);
-    let verdict = decide_inbound(cfg, &PodRules { netns }, port as u16, v4);
+    let verdict = decide_inbound(cfg, &PodRules { netns }, &remote, port as u16);
     let Verdict::Redirect { port: to, reason } = verdict else {
         count(netns, verdict.reason() as u32);
         return SK_PASS;
