@@ -105,10 +105,7 @@ pub fn run() -> Result<()> {
     ];
     for (caller, dst, what) in cases {
         println!("{what}\n  {} -> {dst}", caller.name);
-        let case = Case {
-            caller,
-            dst: dst.parse()?,
-        };
+        let case = Case::new(caller, dst.parse()?);
         let o = pods::probe(&lab, &pod, &case)?;
         println!("  {}", describe(&o));
     }

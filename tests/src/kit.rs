@@ -5,7 +5,7 @@
 use std::{
     io::{Read, Write},
     mem,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
     time::Duration,
 };
@@ -171,6 +171,12 @@ pub fn listen(specs: &[String]) -> Result<()> {
         let addr: SocketAddr = addr
             .parse()
             .with_context(|| format!("listener spec {spec}"))?;
+        if let Some(name) = name.strip_prefix("udp/") {
+            let sock = bind_udp(addr).with_context(|| format!("binding udp {addr}"))?;
+            let name = name.to_string();
+            threads.push(std::thread::spawn(move || serve_udp(sock, name)));
+            continue;
+        }
         let listener = bind_listener(addr).with_context(|| format!("binding {addr}"))?;
         let name = name.to_string();
         threads.push(std::thread::spawn(move || serve(listener, name)));
@@ -181,6 +187,53 @@ pub fn listen(specs: &[String]) -> Result<()> {
         let _ = t.join();
     }
     Ok(())
+}
+
+/// A UDP socket on `addr` (IPv6-only for IPv6 addresses, so v4 and v6 can share a port).
+fn bind_udp(addr: SocketAddr) -> Result<UdpSocket> {
+    let family = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain socket(2).
+    let fd = unsafe { libc::socket(family, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        bail!("socket: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: fresh fd.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let one: libc::c_int = 1;
+    if addr.is_ipv6() {
+        // SAFETY: valid option pointer.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_IPV6,
+                libc::IPV6_V6ONLY,
+                (&one as *const libc::c_int).cast(),
+                4,
+            )
+        };
+    }
+    let (ss, len) = std_to_sockaddr(addr);
+    // SAFETY: valid sockaddr.
+    if unsafe { libc::bind(fd, (&ss as *const libc::sockaddr_storage).cast(), len) } != 0 {
+        bail!("bind: {}", std::io::Error::last_os_error());
+    }
+    Ok(UdpSocket::from(sock))
+}
+
+/// Answer every datagram with the listener's name and the sender's address.
+fn serve_udp(sock: UdpSocket, name: String) {
+    let mut buf = [0u8; 512];
+    loop {
+        let Ok((_, from)) = sock.recv_from(&mut buf) else {
+            continue;
+        };
+        let line = format!("listener={name} orig=udp peer={}\n", unmap(from));
+        let _ = sock.send_to(line.as_bytes(), from);
+    }
 }
 
 fn bind_listener(addr: SocketAddr) -> Result<TcpListener> {
@@ -273,6 +326,16 @@ pub struct ConnectSpec {
     /// Create the socket first (as the caller we start as, root) and only then take on
     /// `uid`/`gid`: iptables matches the socket's creator, not the caller of connect().
     pub creds_after_socket: bool,
+    /// Send one UDP datagram instead of connecting over TCP.
+    pub udp: Option<UdpMode>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UdpMode {
+    /// connect() then send(), as glibc's resolver does.
+    Connected,
+    /// sendto() on an unconnected socket.
+    Unconnected,
 }
 
 /// Drop to `gid`/`uid` (before any socket exists, so the socket's owner is that user, as with a
@@ -302,8 +365,13 @@ fn connect_inner(spec: &ConnectSpec) -> Result<Outcome> {
     } else {
         libc::AF_INET6
     };
+    let kind = if spec.udp.is_some() {
+        libc::SOCK_DGRAM
+    } else {
+        libc::SOCK_STREAM
+    };
     // SAFETY: plain socket(2).
-    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    let fd = unsafe { libc::socket(family, kind | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
         bail!("socket: {}", std::io::Error::last_os_error());
     }
@@ -343,6 +411,9 @@ fn connect_inner(spec: &ConnectSpec) -> Result<Outcome> {
     }
     if spec.creds_after_socket {
         take_credentials(spec)?;
+    }
+    if let Some(mode) = spec.udp {
+        return udp_exchange(sock, dial, mode);
     }
     let (ss, len) = std_to_sockaddr(dial);
     // SAFETY: valid sockaddr.
@@ -513,4 +584,53 @@ fn connect_from(src: IpAddr, dst: SocketAddr) -> Result<TcpStream> {
         bail!("connect {dst}: {}", std::io::Error::last_os_error());
     }
     Ok(TcpStream::from(sock))
+}
+
+/// One UDP query and its answer: where it landed, and the address the answer came from.
+fn udp_exchange(sock: OwnedFd, dst: SocketAddr, mode: UdpMode) -> Result<Outcome> {
+    let sock = UdpSocket::from(sock);
+    let sent = match mode {
+        UdpMode::Connected => sock.connect(dst).and_then(|()| sock.send(b"q")),
+        UdpMode::Unconnected => sock.send_to(b"q", dst),
+    };
+    if let Err(e) = sent {
+        return Ok(Outcome::Error {
+            error: format!("send: {e}"),
+        });
+    }
+    let mut buf = [0u8; 512];
+    let (n, from) = match sock.recv_from(&mut buf) {
+        Ok(r) => r,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            return Ok(Outcome::Timeout)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Ok(Outcome::Refused),
+        Err(e) => {
+            return Ok(Outcome::Error {
+                error: format!("recv: {e}"),
+            })
+        }
+    };
+    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+    let field = |k: &str| {
+        text.split_whitespace()
+            .find_map(|f| f.strip_prefix(k).map(str::to_string))
+            .unwrap_or_default()
+    };
+    let peer = field("peer=");
+    Ok(Outcome::Ok {
+        listener: field("listener="),
+        orig: field("orig="),
+        peername: unmap(from).to_string(),
+        client_ip: peer
+            .parse::<SocketAddr>()
+            .map(|a| a.ip().to_string())
+            .unwrap_or(peer),
+        other: String::new(),
+    })
 }

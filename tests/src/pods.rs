@@ -9,7 +9,7 @@ use std::{net::SocketAddr, process::Command};
 use anyhow::{bail, Context, Result};
 
 use crate::{
-    kit::Outcome,
+    kit::{Outcome, UdpMode},
     lab::{run, testkit_bin, Lab, Netns},
     profiles::Profile,
 };
@@ -106,6 +106,41 @@ pub fn pod_with(
         listen(lab, &ns, in_cgroup, "pod", pod_ports)?;
     }
     listen(lab, &peer, false, "peer", &PEER_PORTS)?;
+    if profile.dns.is_some() {
+        // A resolver on the peer and one in the pod (tcp and udp 53), and the DNS proxy on
+        // localhost:15053 owned by the proxy user, as istio-agent runs it.
+        // UDP servers answer from the address they were asked at: one socket per address.
+        let peer_dns = [
+            "peer:53@0.0.0.0:53".to_string(),
+            "peer:53v6@[::]:53".into(),
+            format!("udp/peer:53@{PEER_V4}:53"),
+            format!("udp/peer:53@{}:53", PEER_EXTRA[0]),
+            format!("udp/peer:53v6@[{PEER_V6}]:53"),
+        ];
+        let pod_dns = [
+            "pod:53@0.0.0.0:53",
+            "pod:53v6@[::]:53",
+            "udp/pod:53@0.0.0.0:53",
+            "udp/pod:53v6@[::]:53",
+        ];
+        let mut cmd = lab.command(&peer, false, testkit_bin()?)?;
+        cmd.arg("listen").args(&peer_dns);
+        lab.spawn(cmd, Some("ready"))?;
+        let mut cmd = lab.command(&ns, in_cgroup, testkit_bin()?)?;
+        cmd.arg("listen").args(pod_dns);
+        lab.spawn(cmd, Some("ready"))?;
+        let mut cmd = lab.command(&ns, in_cgroup, "setpriv")?;
+        cmd.args(["--reuid=1337", "--regid=1337", "--clear-groups"])
+            .arg(testkit_bin()?)
+            .args([
+                "listen",
+                "dns-proxy@127.0.0.1:15053",
+                "dns-proxyv6@[::1]:15053",
+                "udp/dns-proxy@127.0.0.1:15053",
+                "udp/dns-proxyv6@[::1]:15053",
+            ]);
+        lab.spawn(cmd, Some("ready"))?;
+    }
     Ok(Pod {
         ns,
         peer,
@@ -164,6 +199,12 @@ pub fn apply_iptables(pod: &Pod, profile: &Profile) -> Result<()> {
 pub fn apply_sockmesh(lab: &Lab, pod: &Pod, profile: &Profile) -> Result<String> {
     let mut cmd = lab.sockmesh_in(&pod.ns)?;
     cmd.args(profile.init_args());
+    if let Some(d) = &profile.dns {
+        // The pod's resolv.conf (istio-iptables reads /etc/resolv.conf in the pod).
+        let path = lab.dir.join(format!("{}-resolv.conf", pod.ns.name));
+        std::fs::write(&path, d.resolv_conf())?;
+        cmd.env("SOCKMESH_RESOLV_CONF", path);
+    }
     for (k, v) in profile.env() {
         cmd.env(k, v);
     }
@@ -275,12 +316,53 @@ pub fn destinations(profile: &Profile) -> Vec<(SocketAddr, bool)> {
 pub struct Case {
     pub caller: Caller,
     pub dst: SocketAddr,
+    /// A UDP datagram instead of a TCP connection.
+    pub udp: Option<UdpMode>,
 }
 
 impl Case {
-    pub fn label(&self) -> String {
-        format!("{} -> {}", self.caller.name, self.dst)
+    pub fn new(caller: Caller, dst: SocketAddr) -> Self {
+        Case {
+            caller,
+            dst,
+            udp: None,
+        }
     }
+
+    pub fn label(&self) -> String {
+        let proto = match self.udp {
+            None => "",
+            Some(UdpMode::Connected) => " (udp, connected)",
+            Some(UdpMode::Unconnected) => " (udp, unconnected)",
+        };
+        format!("{} -> {}{proto}", self.caller.name, self.dst)
+    }
+}
+
+/// DNS cases: tcp and udp (connected and not) to the resolv.conf server, another server, the
+/// pod itself and localhost, as the app, root and the proxy.
+fn dns_cases(profile: &Profile) -> Vec<Case> {
+    let mut dsts = vec!["127.0.0.1:53".to_string()];
+    if profile.pod_v4 {
+        dsts.extend([
+            format!("{PEER_V4}:53"),
+            "198.51.100.10:53".into(),
+            format!("{POD_V4}:53"),
+        ]);
+    }
+    if profile.pod_v6 {
+        dsts.extend([format!("[{PEER_V6}]:53"), "[::1]:53".into()]);
+    }
+    let mut out = Vec::new();
+    for dst in dsts {
+        let dst: SocketAddr = dst.parse().expect("addr");
+        for caller in [CALLERS[0], CALLERS[1], CALLERS[2], CALLERS[3]] {
+            for udp in [None, Some(UdpMode::Connected), Some(UdpMode::Unconnected)] {
+                out.push(Case { caller, dst, udp });
+            }
+        }
+    }
+    out
 }
 
 pub fn cases(profile: &Profile) -> Vec<Case> {
@@ -290,18 +372,21 @@ pub fn cases(profile: &Profile) -> Vec<Case> {
             if caller.v4_mapped && !dst.is_ipv4() {
                 continue;
             }
-            out.push(Case { caller, dst });
+            out.push(Case::new(caller, dst));
         }
         if local && dst.is_ipv4() {
             for caller in PASSTHROUGH_CALLERS {
-                out.push(Case { caller, dst });
+                out.push(Case::new(caller, dst));
             }
         }
         if local && dst.is_ipv6() {
             for caller in PASSTHROUGH_CALLERS_V6 {
-                out.push(Case { caller, dst });
+                out.push(Case::new(caller, dst));
             }
         }
+    }
+    if profile.dns.is_some() {
+        out.extend(dns_cases(profile));
     }
     out
 }
@@ -312,16 +397,16 @@ pub fn inbound_cases(profile: &Profile) -> Vec<Case> {
     let mut out = Vec::new();
     for port in INBOUND_PORTS {
         if profile.pod_v4 {
-            out.push(Case {
-                caller: peer,
-                dst: format!("{POD_V4}:{port}").parse().expect("addr"),
-            });
+            out.push(Case::new(
+                peer,
+                format!("{POD_V4}:{port}").parse().expect("addr"),
+            ));
         }
         if profile.pod_v6 {
-            out.push(Case {
-                caller: peer,
-                dst: format!("[{POD_V6}]:{port}").parse().expect("addr"),
-            });
+            out.push(Case::new(
+                peer,
+                format!("[{POD_V6}]:{port}").parse().expect("addr"),
+            ));
         }
     }
     out
@@ -353,6 +438,15 @@ fn probe_in(lab: &Lab, ns: &Netns, in_cgroup: bool, case: &Case) -> Result<Outco
     }
     if case.caller.socket_by_root {
         cmd.arg("--creds-after-socket");
+    }
+    match case.udp {
+        Some(UdpMode::Connected) => {
+            cmd.args(["--udp", "connected"]);
+        }
+        Some(UdpMode::Unconnected) => {
+            cmd.args(["--udp", "unconnected"]);
+        }
+        None => {}
     }
     let out = run(&mut cmd)?;
     serde_json::from_slice(&out.stdout)

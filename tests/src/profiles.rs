@@ -16,12 +16,40 @@ pub struct Linkerd {
     pub ipv6: bool,
 }
 
+/// istio's DNS capture: `--redirect-dns`, with `--capture-all-dns` or the pod's resolv.conf.
+#[derive(Clone, Debug)]
+pub struct Dns {
+    pub capture_all: bool,
+    /// The pod's resolv.conf nameservers.
+    pub servers: Vec<&'static str>,
+}
+
+impl Dns {
+    /// Whether istio would capture DNS at all (without capture-all it needs a server).
+    pub fn enabled(&self) -> bool {
+        self.capture_all || !self.servers.is_empty()
+    }
+
+    /// Whether the DNS chain exists for a family.
+    fn chain(&self, v6: bool) -> bool {
+        self.capture_all || self.servers.iter().any(|s| s.contains(':') == v6)
+    }
+
+    pub fn resolv_conf(&self) -> String {
+        self.servers
+            .iter()
+            .map(|s| format!("nameserver {s}\n"))
+            .collect()
+    }
+}
+
 /// A capture profile: istio-iptables' (the fields below) or, when `linkerd` is set,
 /// linkerd2-proxy-init's (ports, `uids`/`gids` as the proxy uid/gid, and the `Linkerd` fields).
 #[derive(Clone, Debug)]
 pub struct Profile {
     pub name: &'static str,
     pub linkerd: Option<Linkerd>,
+    pub dns: Option<Dns>,
     pub outbound_port: u16,
     pub inbound_port: u16,
     pub tunnel_port: u16,
@@ -58,6 +86,7 @@ impl Profile {
         Profile {
             name: "default-sidecar",
             linkerd: None,
+            dns: None,
             outbound_port: 15001,
             inbound_port: 15006,
             tunnel_port: 15008,
@@ -246,6 +275,12 @@ impl Profile {
         if self.dual_stack {
             a.push("--dual-stack".into());
         }
+        if let Some(d) = &self.dns {
+            a.push("--redirect-dns".into());
+            if d.capture_all {
+                a.push("--capture-all-dns".into());
+            }
+        }
         a
     }
 
@@ -334,15 +369,26 @@ impl Profile {
             .include
             .iter()
             .any(|c| c.starts_with("127.") || c.starts_with("::1/"));
+        let dns = self.dns.as_ref().filter(|d| d.enabled());
         for (ids, flag) in [(&self.uids, "--uid-owner"), (&self.gids, "--gid-owner")] {
             for id in ids {
+                // With DNS capture the uid rule spares 53 as well; the gid rule does not.
+                let ports = if dns.is_some() && flag == "--uid-owner" {
+                    format!("-m multiport ! --dports 53,{}", self.tunnel_port)
+                } else {
+                    format!("! --dport {}", self.tunnel_port)
+                };
                 r.push(format!(
-                    "-A ISTIO_OUTPUT -o lo ! -d {lo_cidr} -p tcp ! --dport {} -m owner {flag} {id} -j ISTIO_IN_REDIRECT",
-                    self.tunnel_port
+                    "-A ISTIO_OUTPUT -o lo ! -d {lo_cidr} -p tcp {ports} -m owner {flag} {id} -j ISTIO_IN_REDIRECT"
                 ));
                 if !lo_in_include {
+                    let proto = if dns.is_some() {
+                        "-p tcp ! --dport 53 "
+                    } else {
+                        ""
+                    };
                     r.push(format!(
-                        "-A ISTIO_OUTPUT -o lo -m owner ! {flag} {id} -j RETURN"
+                        "-A ISTIO_OUTPUT -o lo {proto}-m owner ! {flag} {id} -j RETURN"
                     ));
                 }
                 r.push(format!("-A ISTIO_OUTPUT -m owner {flag} {id} -j RETURN"));
@@ -364,6 +410,29 @@ impl Profile {
                 }
             }
         }
+        let dns_chain = dns.filter(|d| d.chain(v6));
+        if let Some(d) = dns_chain {
+            r.push("-N ISTIO_OUTPUT_DNS".into());
+            r.push("-A ISTIO_OUTPUT -j ISTIO_OUTPUT_DNS".into());
+            let servers: Vec<String> = if d.capture_all {
+                vec![String::new()]
+            } else {
+                let len = if v6 { 128 } else { 32 };
+                d.servers
+                    .iter()
+                    .filter(|s| s.contains(':') == v6)
+                    .map(|s| format!("-d {s}/{len} "))
+                    .collect()
+            };
+            for s in &servers {
+                r.push(format!(
+                    "-A ISTIO_OUTPUT_DNS -p tcp --dport 53 {s}-j REDIRECT --to-ports 15053"
+                ));
+                r.push(format!(
+                    "-A ISTIO_OUTPUT_DNS -p udp --dport 53 {s}-j REDIRECT --to-port 15053"
+                ));
+            }
+        }
         r.push(format!("-A ISTIO_OUTPUT -d {lo_cidr} -j RETURN"));
         for x in self.exclude.iter().filter(|c| family(c)) {
             r.push(format!("-A ISTIO_OUTPUT -d {x} -j RETURN"));
@@ -381,6 +450,45 @@ impl Profile {
             }
         }
         r.push("COMMIT".into());
+        // The raw table's conntrack zones keep the two legs of a proxied DNS exchange apart.
+        if let Some(d) = dns_chain {
+            r.push("* raw".into());
+            r.push("-N ISTIO_OUTPUT_DNS".into());
+            r.push("-N ISTIO_INBOUND".into());
+            r.push("-A OUTPUT -j ISTIO_OUTPUT_DNS".into());
+            for (ids, flag) in [(&self.uids, "--uid-owner"), (&self.gids, "--gid-owner")] {
+                for id in ids {
+                    r.push(format!(
+                        "-A ISTIO_OUTPUT_DNS -p udp --dport 53 -m owner {flag} {id} -j CT --zone 1"
+                    ));
+                    r.push(format!("-A ISTIO_OUTPUT_DNS -p udp --sport 15053 -m owner {flag} {id} -j CT --zone 2"));
+                }
+            }
+            r.push("-A PREROUTING -j ISTIO_INBOUND".into());
+            let servers: Vec<&str> = if d.capture_all {
+                vec![""]
+            } else {
+                d.servers
+                    .iter()
+                    .copied()
+                    .filter(|s| s.contains(':') == v6)
+                    .collect()
+            };
+            for s in servers {
+                let (dst, src) = if s.is_empty() {
+                    (String::new(), String::new())
+                } else {
+                    (format!("-d {s} "), format!("-s {s} "))
+                };
+                r.push(format!(
+                    "-A ISTIO_OUTPUT_DNS -p udp --dport 53 {dst}-j CT --zone 2"
+                ));
+                r.push(format!(
+                    "-A ISTIO_INBOUND -p udp --sport 53 {src}-j CT --zone 1"
+                ));
+            }
+            r.push("COMMIT".into());
+        }
         let mut text = r.join("\n");
         text.push('\n');
         text
@@ -466,6 +574,40 @@ pub fn all() -> Vec<Profile> {
         Profile {
             name: "ipv6-only-pod",
             pod_v4: false,
+            ..d()
+        },
+        Profile {
+            name: "dns-capture-all",
+            dual_stack: true,
+            dns: Some(Dns {
+                capture_all: true,
+                servers: vec![],
+            }),
+            ..d()
+        },
+        Profile {
+            name: "dns-resolv-conf",
+            dns: Some(Dns {
+                capture_all: false,
+                servers: vec!["192.0.2.20"],
+            }),
+            ..d()
+        },
+        Profile {
+            name: "dns-resolv-conf-v6",
+            dual_stack: true,
+            dns: Some(Dns {
+                capture_all: false,
+                servers: vec!["2001:db8::20", "127.0.0.1"],
+            }),
+            ..d()
+        },
+        Profile {
+            name: "dns-no-servers",
+            dns: Some(Dns {
+                capture_all: false,
+                servers: vec![],
+            }),
             ..d()
         },
         Profile::linkerd_default(),

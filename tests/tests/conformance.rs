@@ -206,6 +206,55 @@ fn ipv6_only_pod() {
 }
 
 #[test]
+fn dns_capture_all() {
+    let r = conformance(&profile("dns-capture-all"));
+    assert_eq!(
+        listener(outcome(
+            &r,
+            &format!("app -> {}:53 (udp, connected)", pods::PEER_V4)
+        )),
+        Some(("dns-proxy", "udp"))
+    );
+}
+
+#[test]
+fn dns_resolv_conf() {
+    let r = conformance(&profile("dns-resolv-conf"));
+    // The resolv.conf server is captured, and its answer comes from the server asked.
+    match outcome(
+        &r,
+        &format!("app -> {}:53 (udp, unconnected)", pods::PEER_V4),
+    ) {
+        Outcome::Ok {
+            listener, peername, ..
+        } => {
+            assert_eq!(listener, "dns-proxy");
+            assert_eq!(peername, "192.0.2.20:53");
+        }
+        other => panic!("{other:?}"),
+    }
+    // Another server is not; over tcp it falls through to the outbound port.
+    assert_eq!(
+        listener(outcome(&r, "app -> 198.51.100.10:53 (udp, connected)")).map(|l| l.0),
+        Some("peer:53")
+    );
+    assert_eq!(
+        listener(outcome(&r, "app -> 198.51.100.10:53")).map(|l| l.0),
+        Some("pod:15001")
+    );
+}
+
+#[test]
+fn dns_resolv_conf_v6() {
+    conformance(&profile("dns-resolv-conf-v6"));
+}
+
+#[test]
+fn dns_no_servers() {
+    conformance(&profile("dns-no-servers"));
+}
+
+#[test]
 fn linkerd_default() {
     let r = conformance(&profile("linkerd-default"));
     assert_eq!(

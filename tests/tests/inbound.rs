@@ -10,10 +10,10 @@ use sockmesh_tests::{
 };
 
 fn peer_case(port: u16) -> Case {
-    Case {
-        caller: Caller::new_peer(),
-        dst: format!("{POD_V4}:{port}").parse().unwrap(),
-    }
+    Case::new(
+        Caller::new_peer(),
+        format!("{POD_V4}:{port}").parse().unwrap(),
+    )
 }
 
 #[test]

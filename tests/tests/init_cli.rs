@@ -37,10 +37,7 @@ fn stderr(o: &Output) -> String {
 
 /// The app's call to the peer: where does it land?
 fn app_to_peer(lab: &Lab, pod: &pods::Pod) -> Outcome {
-    let case = Case {
-        caller: CALLERS[0],
-        dst: format!("{PEER_V4}:80").parse().unwrap(),
-    };
+    let case = Case::new(CALLERS[0], format!("{PEER_V4}:80").parse().unwrap());
     pods::probe(lab, pod, &case).unwrap()
 }
 
@@ -101,12 +98,20 @@ fn bad_input_is_refused_in_one_line_and_registers_nothing() {
         (&["--no-such-flag"], &[], "--no-such-flag:"),
         (&["-Z", "1"], &[], "-Z:"),
         (&["-m", "TPROXY"], &[], "-m:"),
-        (&["--redirect-dns"], &[], "--redirect-dns:"),
         (
-            &[],
-            &[("ISTIO_META_DNS_CAPTURE", "true")],
+            &["--redirect-dns"],
+            &[("SOCKMESH_RESOLV_CONF", "/nonexistent/resolv.conf")],
             "--redirect-dns:",
         ),
+        (
+            &[],
+            &[
+                ("ISTIO_META_DNS_CAPTURE", "true"),
+                ("SOCKMESH_RESOLV_CONF", "/nonexistent"),
+            ],
+            "--redirect-dns:",
+        ),
+        (&["--capture-all-dns=maybe"], &[], "--capture-all-dns"),
         (&[], &[("INBOUND_CAPTURE_PORT", "abc")], "-z:"),
         (
             &[],

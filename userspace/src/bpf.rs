@@ -69,12 +69,40 @@ const BPF_CGROUP_INET_SOCK_CREATE: u32 = 2;
 const BPF_CGROUP_SOCK_OPS: u32 = 3;
 const BPF_CGROUP_INET4_CONNECT: u32 = 10;
 const BPF_CGROUP_INET6_CONNECT: u32 = 11;
+const BPF_CGROUP_UDP4_SENDMSG: u32 = 14;
+const BPF_CGROUP_UDP6_SENDMSG: u32 = 15;
+const BPF_CGROUP_UDP4_RECVMSG: u32 = 19;
+const BPF_CGROUP_UDP6_RECVMSG: u32 = 20;
 const BPF_CGROUP_GETSOCKOPT: u32 = 21;
 const BPF_CGROUP_INET4_GETPEERNAME: u32 = 29;
 const BPF_CGROUP_INET6_GETPEERNAME: u32 = 30;
 const BPF_SK_LOOKUP: u32 = 36;
 
-pub const ATTACHMENTS: [Attachment; 7] = [
+pub const ATTACHMENTS: [Attachment; 11] = [
+    Attachment {
+        program: "sockmesh_sendmsg4",
+        attach_type: BPF_CGROUP_UDP4_SENDMSG,
+        link_name: "sendmsg4",
+        kind: ProgKind::SockAddr,
+    },
+    Attachment {
+        program: "sockmesh_sendmsg6",
+        attach_type: BPF_CGROUP_UDP6_SENDMSG,
+        link_name: "sendmsg6",
+        kind: ProgKind::SockAddr,
+    },
+    Attachment {
+        program: "sockmesh_recvmsg4",
+        attach_type: BPF_CGROUP_UDP4_RECVMSG,
+        link_name: "recvmsg4",
+        kind: ProgKind::SockAddr,
+    },
+    Attachment {
+        program: "sockmesh_recvmsg6",
+        attach_type: BPF_CGROUP_UDP6_RECVMSG,
+        link_name: "recvmsg6",
+        kind: ProgKind::SockAddr,
+    },
     Attachment {
         program: "sockmesh_sock_create",
         attach_type: BPF_CGROUP_INET_SOCK_CREATE,

@@ -327,6 +327,20 @@ fn env_bool(env: &dyn Env, names: &[&str]) -> Result<bool, FlagError> {
     }
 }
 
+/// The `nameserver` addresses of a resolv.conf.
+pub fn resolv_conf_servers(text: &str) -> Vec<IpAddr> {
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            (f.next() == Some("nameserver"))
+                .then(|| f.next())
+                .flatten()
+                .and_then(|a| a.split('%').next())
+                .and_then(|a| a.parse().ok())
+        })
+        .collect()
+}
+
 /// A local interface address as istio's getLocalIP sees it.
 #[derive(Clone, Debug)]
 pub struct IfAddr {
@@ -435,13 +449,6 @@ impl IstioArgs {
             Some(v) => v,
             None => env_bool(env, &["ISTIO_META_DNS_CAPTURE"])?,
         };
-        if redirect_dns {
-            return Err(err(
-                "--redirect-dns",
-                "DNS capture is not implemented by sockmesh yet; unset --redirect-dns / \
-                 REDIRECT_DNS / ISTIO_META_DNS_CAPTURE",
-            ));
-        }
         match self.force_iptables_binary.as_str() {
             "" | "legacy" | "nft" => {}
             other => {
@@ -645,6 +652,44 @@ impl IstioArgs {
             cfg_flags |= flags::IPV6;
         }
 
+        // DNS capture: every port-53 destination, or only the servers of the pod's resolv.conf
+        // (then none listed means no DNS capture, as istio-iptables decides).
+        if redirect_dns {
+            let servers = if self.capture_all_dns {
+                Vec::new()
+            } else {
+                let path = env
+                    .var("SOCKMESH_RESOLV_CONF")
+                    .unwrap_or_else(|| "/etc/resolv.conf".into());
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    err(
+                        "--redirect-dns",
+                        format!("reading DNS servers from {path}: {e} (or use --capture-all-dns)"),
+                    )
+                })?;
+                resolv_conf_servers(&text)
+            };
+            if self.capture_all_dns {
+                cfg_flags |= flags::DNS | flags::DNS_ALL | flags::DNS_V4 | flags::DNS_V6;
+            } else if servers.is_empty() {
+                notes.push(
+                    "--redirect-dns: no nameserver in resolv.conf and no --capture-all-dns: DNS \
+                     capture disabled (as istio-iptables does)"
+                        .into(),
+                );
+            } else {
+                cfg_flags |= flags::DNS;
+                for ip in servers {
+                    let (kind, chain, len) = match ip {
+                        IpAddr::V4(_) => (CidrKind::DnsServerV4, flags::DNS_V4, 32),
+                        IpAddr::V6(_) => (CidrKind::DnsServerV6, flags::DNS_V6, 128),
+                    };
+                    cfg_flags |= chain;
+                    cidrs.push((kind, Cidr::new(ip, len)));
+                }
+            }
+        }
+
         let mut uid_arr = [0u32; MAX_OWNERS];
         uid_arr[..uids.len()].copy_from_slice(&uids);
         let mut gid_arr = [0u32; MAX_OWNERS];
@@ -808,6 +853,7 @@ mod tests {
             (vec!["-p", ""], "-p:"),
             (vec!["--bogus"], "--bogus:"),
             (vec!["-m", "TPROXY"], "-m:"),
+            (vec!["--capture-all-dns=maybe"], "--capture-all-dns"),
             (vec!["--dry-run=maybe"], "--dry-run"),
         ] {
             let e = spec(&args, &[]).unwrap_err();

@@ -168,6 +168,21 @@ impl PodSpec {
             .collect()
     }
 
+    fn dns_setting(&self) -> String {
+        let c = &self.config;
+        if !c.has(flags::DNS) {
+            "off".into()
+        } else if c.has(flags::DNS_ALL) {
+            "every port-53 destination (--capture-all-dns)".into()
+        } else {
+            format!(
+                "resolv.conf servers {}",
+                self.cidrs_of([CidrKind::DnsServerV4, CidrKind::DnsServerV6])
+                    .join(",")
+            )
+        }
+    }
+
     fn ranges_of(&self, kind: CidrKind) -> Vec<String> {
         self.ranges
             .iter()
@@ -304,6 +319,7 @@ impl PodSpec {
                 format!("{}/{}", Ipv4Addr::from(c.loopback_v4), c.loopback_v4_prefix),
             ),
             ("IPv6 capture".into(), c.has(flags::IPV6).to_string()),
+            ("DNS capture (to 15053)".into(), self.dns_setting()),
             (
                 "-o lo ! --uid-owner RETURN rules".into(),
                 if c.has(flags::NO_LO_RETURN) {

@@ -96,10 +96,12 @@ pub enum Reason {
     LoopbackInterface = 26,
     /// linkerd inbound: the source is in `--subnets-to-ignore`.
     InboundSubnetIgnored = 27,
+    /// Rule 6: DNS (port 53) sent to the DNS proxy on 15053.
+    DnsCaptured = 28,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 27] = [
+    pub const ALL: [Reason; 28] = [
         Reason::NoIpv6Rules,
         Reason::OutboundPortExcluded,
         Reason::InboundPassthrough,
@@ -127,6 +129,7 @@ impl Reason {
         Reason::InboundNoListener,
         Reason::LoopbackInterface,
         Reason::InboundSubnetIgnored,
+        Reason::DnsCaptured,
     ];
 
     pub const fn from_u32(v: u32) -> Option<Reason> {
@@ -167,6 +170,7 @@ impl Reason {
             Self::InboundNoListener => "inbound_no_listener",
             Self::LoopbackInterface => "loopback_interface",
             Self::InboundSubnetIgnored => "inbound_subnet_ignored",
+            Self::DnsCaptured => "dns_captured",
         }
     }
 
@@ -200,6 +204,7 @@ impl Reason {
             Self::InboundNoListener => "inbound: redirected, but nothing listens on the inbound port (refused)",
             Self::LoopbackInterface => "linkerd: PROXY_INIT_OUTPUT -o lo -j RETURN",
             Self::InboundSubnetIgnored => "linkerd inbound: PROXY_INIT_REDIRECT -s SUBNET -j RETURN (--subnets-to-ignore)",
+            Self::DnsCaptured => "rule 6: ISTIO_OUTPUT_DNS -p tcp|udp --dport 53 [-d SERVER] -j REDIRECT --to-ports 15053",
         }
     }
 }
@@ -229,6 +234,10 @@ pub trait Rules {
     /// Whether `port` lies in one of the ranges of port-range list `kind`.
     fn port_range(&self, kind: CidrKind, port: u16) -> bool;
 }
+
+/// DNS, and the port istio's DNS proxy listens on (fixed in istio).
+pub const DNS_PORT: u16 = 53;
+pub const DNS_CAPTURE_PORT: u16 = 15053;
 
 const V4_INBOUND_PASSTHROUGH: [u8; 4] = [127, 0, 0, 6];
 const V6_INBOUND_PASSTHROUGH: Addr = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 6];
@@ -268,21 +277,25 @@ pub fn in_loopback_cidr(cfg: &PodConfig, dst: &Addr) -> bool {
 }
 
 /// The owner rules 3 (uid) and 4 (gid), one triple per listed owner in list order.
-#[inline(always)]
-fn owner_rules(
-    cfg: &PodConfig,
-    conn: &Conn,
-    owners: &[u32; MAX_OWNERS],
-    n: u8,
-    id: u32,
-    lo_return: bool,
-    by_gid: bool,
-) -> Option<Verdict> {
+/// (Not inlined, like [`decide`], to keep each BPF stack frame small.)
+#[inline(never)]
+fn owner_rules(cfg: &PodConfig, conn: &Conn, lo_return: bool, by_gid: bool) -> Option<Verdict> {
+    let (owners, n, id) = if by_gid {
+        (&cfg.gids, cfg.n_gids, conn.gid)
+    } else {
+        (&cfg.uids, cfg.n_uids, conn.uid)
+    };
     let lo = conn.dst_is_local;
+    let tcp = conn.proto == Proto::Tcp;
+    let dns = cfg.has(flags::DNS);
+    // With DNS capture, istio's uid rule (3a) also spares port 53; the gid rule (4a) does not.
     let to_local = lo
         && !in_loopback_cidr(cfg, &conn.dst)
-        && conn.proto == Proto::Tcp
-        && conn.dport != cfg.tunnel_port;
+        && tcp
+        && conn.dport != cfg.tunnel_port
+        && !(dns && !by_gid && conn.dport == DNS_PORT);
+    // With DNS capture, 3b/4b only return TCP to a port other than 53.
+    let lo_return = lo_return && (!dns || (tcp && conn.dport != DNS_PORT));
     let mut i = 0;
     while i < MAX_OWNERS {
         if i >= n as usize {
@@ -325,7 +338,7 @@ fn owner_rules(
 }
 
 /// linkerd2-proxy-init's nat OUTPUT chain (`PROXY_INIT_OUTPUT`, spec §5).
-#[inline(always)]
+#[inline(never)]
 fn decide_linkerd<R: Rules>(cfg: &PodConfig, rules: &R, conn: &Conn) -> Verdict {
     if cfg.n_uids > 0 && conn.uid == cfg.uids[0] {
         return Verdict::Pass(Reason::ProxyUid);
@@ -379,10 +392,10 @@ pub fn decide<R: Rules>(cfg: &PodConfig, rules: &R, conn: &Conn) -> Verdict {
     }
     let lo_return = !cfg.has(flags::NO_LO_RETURN);
     // Rules 3 and 4.
-    if let Some(v) = owner_rules(cfg, conn, &cfg.uids, cfg.n_uids, conn.uid, lo_return, false) {
+    if let Some(v) = owner_rules(cfg, conn, lo_return, false) {
         return v;
     }
-    if let Some(v) = owner_rules(cfg, conn, &cfg.gids, cfg.n_gids, conn.gid, lo_return, true) {
+    if let Some(v) = owner_rules(cfg, conn, lo_return, true) {
         return v;
     }
     // Rule 5: owner groups.
@@ -395,7 +408,20 @@ pub fn decide<R: Rules>(cfg: &PodConfig, rules: &R, conn: &Conn) -> Verdict {
     {
         return Verdict::Pass(Reason::OwnerGroupExcluded);
     }
-    // Rule 6 (DNS) is not part of the outbound TCP capture.
+    // Rule 6: DNS (tcp and udp port 53, to any server or to the pod's resolv.conf servers).
+    if cfg.has(flags::DNS) && conn.dport == DNS_PORT {
+        let (chain, servers) = if v4 {
+            (flags::DNS_V4, CidrKind::DnsServerV4)
+        } else {
+            (flags::DNS_V6, CidrKind::DnsServerV6)
+        };
+        if cfg.has(chain) && (cfg.has(flags::DNS_ALL) || rules.cidr(servers, &conn.dst)) {
+            return Verdict::Redirect {
+                port: DNS_CAPTURE_PORT,
+                reason: Reason::DnsCaptured,
+            };
+        }
+    }
     // Rule 7: localhost.
     if in_loopback_cidr(cfg, &conn.dst) {
         return Verdict::Pass(Reason::LoopbackDestination);
@@ -849,6 +875,70 @@ mod tests {
         // A v4-mapped destination is IPv4, whatever the pod's IPv6 setting.
         let mapped = conn(REMOTE, 80, 1000, 1000);
         assert_eq!(decide(&c, &s, &mapped), OUT);
+    }
+
+    #[test]
+    fn dns() {
+        let dns = flags::OUTBOUND_ALL | flags::DNS | flags::DNS_V4;
+        let c = cfg(dns, &[1337], &[1337]);
+        let s = Sets {
+            cidrs: std::vec![(CidrKind::DnsServerV4, v4_mapped([192, 0, 2, 20]), 32)],
+            ..Default::default()
+        };
+        let captured = Verdict::Redirect {
+            port: 15053,
+            reason: Reason::DnsCaptured,
+        };
+        let udp = |dst, uid, gid| Conn {
+            proto: Proto::Udp,
+            ..conn(dst, 53, uid, gid)
+        };
+        assert_eq!(decide(&c, &s, &udp([192, 0, 2, 20], 1000, 1000)), captured);
+        assert_eq!(
+            decide(&c, &s, &conn([192, 0, 2, 20], 53, 1000, 1000)),
+            captured
+        );
+        // Not a resolv.conf server: udp passes, tcp falls through to the outbound port.
+        assert_eq!(
+            decide(&c, &s, &udp([198, 51, 100, 7], 1000, 1000)),
+            Verdict::Pass(Reason::NotTcp)
+        );
+        assert_eq!(
+            decide(&c, &s, &conn([198, 51, 100, 7], 53, 1000, 1000)),
+            OUT
+        );
+        // The proxy's own DNS is never captured.
+        assert_eq!(
+            decide(&c, &s, &udp([192, 0, 2, 20], 1337, 1337)),
+            Verdict::Pass(Reason::ProxyUid)
+        );
+        let all = cfg(dns | flags::DNS_ALL, &[1337], &[1337]);
+        assert_eq!(
+            decide(&all, &s, &udp([198, 51, 100, 7], 1000, 1000)),
+            captured
+        );
+        // A local resolver: the app's tcp and udp to 127.0.0.1:53 are captured (3b spares 53).
+        assert_eq!(
+            decide(&all, &s, &conn([127, 0, 0, 1], 53, 1000, 1000)),
+            captured
+        );
+        assert_eq!(decide(&all, &s, &udp([127, 0, 0, 1], 1000, 1000)), captured);
+        // The proxy's tcp to its own pod IP:53 is not sent inbound by the uid rule, but the gid
+        // rule (which only spares the tunnel port) catches a gid-only proxy... after 3b.
+        assert_eq!(
+            decide(&all, &s, &conn(POD, 53, 1337, 1337)),
+            Verdict::Pass(Reason::ProxyUid)
+        );
+        // IPv4 servers only: no IPv6 DNS chain.
+        let c6 = cfg(dns | flags::IPV6 | flags::DNS_ALL, &[1337], &[1337]);
+        let v6 = Conn {
+            dst: [
+                0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x20,
+            ],
+            dst_is_local: false,
+            ..udp([0, 0, 0, 0], 1000, 1000)
+        };
+        assert_eq!(decide(&c6, &s, &v6), Verdict::Pass(Reason::NotTcp));
     }
 
     #[test]

@@ -72,6 +72,15 @@ pub mod flags {
     pub const INBOUND_LIST: u32 = 1 << 7;
     /// linkerd2-proxy-init's rules instead of istio-iptables' (see `decide`).
     pub const LINKERD: u32 = 1 << 8;
+    /// DNS capture is in force (`--redirect-dns` with servers or `--capture-all-dns`): the
+    /// owner rules take istio's DNS forms.
+    pub const DNS: u32 = 1 << 9;
+    /// An IPv4 DNS chain exists (IPv4 servers, or capture-all).
+    pub const DNS_V4: u32 = 1 << 10;
+    /// An IPv6 DNS chain exists.
+    pub const DNS_V6: u32 = 1 << 11;
+    /// `--capture-all-dns`: every port-53 destination, not only resolv.conf's servers.
+    pub const DNS_ALL: u32 = 1 << 12;
 }
 
 /// A registered pod's settings in istio terms. Value of the `PODS` map, keyed by netns cookie.
@@ -201,6 +210,10 @@ pub enum CidrKind {
     IgnoreSubnetV4 = 8,
     /// linkerd `--subnets-to-ignore`, IPv6.
     IgnoreSubnetV6 = 9,
+    /// DNS servers of the pod's resolv.conf, IPv4.
+    DnsServerV4 = 10,
+    /// DNS servers of the pod's resolv.conf, IPv6.
+    DnsServerV6 = 11,
 }
 
 impl CidrKind {
@@ -215,6 +228,8 @@ impl CidrKind {
             7 => Some(Self::RedirectPorts),
             8 => Some(Self::IgnoreSubnetV4),
             9 => Some(Self::IgnoreSubnetV6),
+            10 => Some(Self::DnsServerV4),
+            11 => Some(Self::DnsServerV6),
             _ => None,
         }
     }
@@ -222,7 +237,7 @@ impl CidrKind {
     pub const fn is_v6(self) -> bool {
         matches!(
             self,
-            Self::ExcludeV6 | Self::IncludeV6 | Self::IgnoreSubnetV6
+            Self::ExcludeV6 | Self::IncludeV6 | Self::IgnoreSubnetV6 | Self::DnsServerV6
         )
     }
 

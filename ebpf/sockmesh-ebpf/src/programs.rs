@@ -69,6 +69,7 @@ const SOL_IPV6: i32 = 41;
 const SO_ORIGINAL_DST: i32 = 80;
 const IPPROTO_TCP: u32 = 6;
 const SOCK_STREAM: u32 = 1;
+const SOCK_DGRAM: u32 = 2;
 
 const V4_LOCALHOST: [u8; 4] = [127, 0, 0, 1];
 const V6_LOCALHOST: Addr = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
@@ -224,38 +225,76 @@ pub fn sockmesh_sock_create(ctx: SockContext) -> i32 {
 
 #[cgroup_sock_addr(connect4)]
 pub fn sockmesh_connect4(ctx: SockAddrContext) -> i32 {
-    try_connect(&ctx, false)
+    try_connect::<true, false>(&ctx)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn sockmesh_connect6(ctx: SockAddrContext) -> i32 {
-    try_connect(&ctx, true)
+    try_connect::<true, true>(&ctx)
 }
 
-/// Returns 1 to let the connect proceed (rewritten or not), 0 to refuse it with EPERM: only when
-/// a captured connect could not be recorded, so nothing escapes capture.
+// sendmsg4/6: unconnected UDP sends (DNS capture).
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sockmesh_sendmsg4(ctx: SockAddrContext) -> i32 {
+    try_connect::<false, false>(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sockmesh_sendmsg6(ctx: SockAddrContext) -> i32 {
+    try_connect::<false, true>(&ctx)
+}
+
+/// Decide and redirect a connect() (`CONNECT`) or an unconnected UDP sendmsg(). Returns 1 to
+/// let the call proceed (rewritten or not), 0 to refuse it with EPERM: only when a captured
+/// call could not be recorded, so nothing escapes capture.
 #[inline(always)]
-fn try_connect(ctx: &SockAddrContext, v6: bool) -> i32 {
+fn try_connect<const CONNECT: bool, const V6: bool>(ctx: &SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let Some(cfg) = (unsafe { PODS.get(&netns) }) else {
         return 1;
     };
-    let (proto, sk) = unsafe { ((*sa).type_, (*sa).__bindgen_anon_1.sk) };
-    if proto != SOCK_STREAM {
-        // Outbound capture is TCP only; UDP (DNS) capture has its own programs.
+    let proto = match unsafe { (*sa).type_ } {
+        SOCK_STREAM => Proto::Tcp,
+        // UDP is only ever captured for DNS.
+        SOCK_DGRAM if cfg.has(sockmesh_common::flags::DNS) => Proto::Udp,
+        _ => return 1,
+    };
+    let mut conn = Conn {
+        proto,
+        dst: [0; 16],
+        dport: 0,
+        src: [0; 16],
+        uid: 0,
+        gid: 0,
+        dst_is_local: false,
+    };
+    read_conn::<V6>(ctx, netns, &mut conn);
+    let verdict = decide(cfg, &PodRules { netns }, &conn);
+    count(netns, verdict.reason() as u32);
+    if !matches!(verdict, Verdict::Redirect { .. }) {
         return 1;
     }
+    redirect::<CONNECT, V6>(ctx, cfg, &conn, &verdict)
+}
+
+/// Fill `conn` from the context: destination (0.0.0.0 / :: read as localhost), bound source,
+/// port, the socket owner's credentials, and whether the destination is local. A BPF subprogram
+/// (not inlined) to keep the caller's stack frame small.
+#[inline(never)]
+fn read_conn<const V6: bool>(ctx: &SockAddrContext, netns: u64, conn: &mut Conn) {
+    let v6 = V6;
+    let sa = ctx.sock_addr;
+    let sk = unsafe { (*sa).__bindgen_anon_1.sk };
     let (mut dst, src) = if v6 {
-        let dst = unsafe { read_words!(sa, user_ip6) };
-        let src = unsafe { read_words!(sk, src_ip6) };
-        (dst, src)
+        unsafe { (read_words!(sa, user_ip6), read_words!(sk, src_ip6)) }
     } else {
-        let dst = v4_mapped(unsafe { (*sa).user_ip4 }.to_ne_bytes());
-        let src = v4_mapped(unsafe { (*sk).src_ip4 }.to_ne_bytes());
-        (dst, src)
+        (
+            v4_mapped(unsafe { (*sa).user_ip4 }.to_ne_bytes()),
+            v4_mapped(unsafe { (*sk).src_ip4 }.to_ne_bytes()),
+        )
     };
-    // connect() to 0.0.0.0 / :: goes to localhost.
     if is_zero(&dst) || (is_v4_mapped(&dst) && dst[12..16] == [0, 0, 0, 0]) {
         dst = if v6 && !is_v4_mapped(&dst) {
             V6_LOCALHOST
@@ -263,7 +302,6 @@ fn try_connect(ctx: &SockAddrContext, v6: bool) -> i32 {
             v4_mapped(V4_LOCALHOST)
         };
     }
-    let dport = u16::from_be(unsafe { (*sa).user_port } as u16);
     // The socket's creator, as iptables' owner match; the current task for sockets created
     // before the pod was registered.
     let owner = unsafe { SOCK_OWNER.get_ptr_mut(ctx) };
@@ -274,39 +312,44 @@ fn try_connect(ctx: &SockAddrContext, v6: bool) -> i32 {
         let o = unsafe { *owner };
         (o.uid, o.gid)
     };
-    let conn = Conn {
-        proto: Proto::Tcp,
-        dst,
-        dport,
-        src,
-        uid,
-        gid,
-        dst_is_local: is_local(netns, &dst),
-    };
-    let verdict = decide(cfg, &PodRules { netns }, &conn);
-    count(netns, verdict.reason() as u32);
-    let Verdict::Redirect { port, reason } = verdict else {
+    conn.dst = dst;
+    conn.src = src;
+    conn.dport = u16::from_be(unsafe { (*sa).user_port } as u16);
+    conn.uid = uid;
+    conn.gid = gid;
+    conn.dst_is_local = is_local(netns, &dst);
+}
+
+/// Record the original destination and rewrite the call to localhost at the verdict's port;
+/// for connect(), also bind the source (see [`bind_source`]). Returns the program's verdict.
+#[inline(never)]
+fn redirect<const CONNECT: bool, const V6: bool>(
+    ctx: &SockAddrContext,
+    cfg: &PodConfig,
+    conn: &Conn,
+    verdict: &Verdict,
+) -> i32 {
+    let v6 = V6;
+    let Verdict::Redirect { port, reason } = *verdict else {
         return 1;
     };
+    let sa = ctx.sock_addr;
+    let v4_dst = is_v4_mapped(&conn.dst);
     let mut record = OrigDst {
-        addr: dst,
-        port: dport,
-        family: if is_v4_mapped(&dst) {
-            AF_INET
-        } else {
-            AF_INET6
-        },
+        addr: conn.dst,
+        port: conn.dport,
+        family: if v4_dst { AF_INET } else { AF_INET6 },
         reason: reason as u32,
     };
     let stored = unsafe { SOCK_DST.get_or_insert_ptr_mut(ctx, Some(&mut record)) };
     if stored.is_null() {
+        let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
         count(netns, counters::ORIG_DST_STORE_FAILED);
         return 0;
     }
     unsafe { *stored = record };
-    bind_source(ctx, cfg, &conn, v6);
-    let port = (port.to_be() as u32).to_ne_bytes();
-    let port = u32::from_ne_bytes(port);
+    set_source::<CONNECT, V6>(ctx, cfg, conn);
+    let port = u32::from_ne_bytes((port.to_be() as u32).to_ne_bytes());
     unsafe {
         if !v6 {
             ptr::write_volatile(
@@ -314,7 +357,7 @@ fn try_connect(ctx: &SockAddrContext, v6: bool) -> i32 {
                 u32::from_ne_bytes(V4_LOCALHOST),
             );
         } else {
-            let target = if record.family == AF_INET {
+            let target = if v4_dst {
                 v4_mapped(V4_LOCALHOST)
             } else {
                 V6_LOCALHOST
@@ -347,36 +390,56 @@ struct SockaddrIn6 {
     scope_id: u32,
 }
 
-/// Bind a redirected, unbound socket to the source address the kernel would have chosen for
-/// the original destination, so the proxy sees the peer it sees after iptables' REDIRECT (the
-/// pod's address, not 127.0.0.1). Localhost destinations need nothing; a failure leaves the
-/// socket as it was.
-#[inline(never)]
-fn bind_source(ctx: &SockAddrContext, cfg: &PodConfig, conn: &Conn, v6: bool) {
+/// The source address the kernel would have chosen for the original destination of an unbound
+/// socket: the destination itself for the pod's own address, the pod's primary address for a
+/// remote one, nothing (the default is right) for localhost or a bound socket.
+#[inline(always)]
+fn natural_source(cfg: &PodConfig, conn: &Conn) -> Option<Addr> {
     if !is_zero(&conn.src) && !(is_v4_mapped(&conn.src) && conn.src[12..16] == [0, 0, 0, 0]) {
-        return;
+        return None;
     }
     let v4 = is_v4_mapped(&conn.dst);
-    let source: Addr = if conn.dst_is_local {
+    if conn.dst_is_local {
         if (v4 && conn.dst[12] == 127)
             || (!v4 && words_from_addr(&conn.dst) == words_from_addr(&V6_LOCALHOST))
         {
-            return;
+            return None;
         }
-        conn.dst
+        Some(conn.dst)
     } else if v4 {
-        if cfg.src_v4 == [0, 0, 0, 0] {
-            return;
-        }
-        v4_mapped(cfg.src_v4)
+        (cfg.src_v4 != [0, 0, 0, 0]).then(|| v4_mapped(cfg.src_v4))
     } else {
-        if is_zero(&cfg.src_v6) {
-            return;
-        }
-        cfg.src_v6
+        (!is_zero(&cfg.src_v6)).then_some(cfg.src_v6)
+    }
+}
+
+/// Give a redirected call the source address it would have had without capture, so the proxy
+/// sees the peer it sees after iptables' REDIRECT (the pod's address, not 127.0.0.1): bind the
+/// socket (connect, with `bpf_bind`, port 0) or set the datagram's source (sendmsg). A failure
+/// leaves the call as it was.
+#[inline(never)]
+fn set_source<const CONNECT: bool, const V6: bool>(
+    ctx: &SockAddrContext,
+    cfg: &PodConfig,
+    conn: &Conn,
+) {
+    let Some(source) = natural_source(cfg, conn) else {
+        return;
     };
+    let sa = ctx.sock_addr;
     unsafe {
-        if v6 {
+        if !CONNECT {
+            if V6 {
+                let w = words_from_addr(&source);
+                ptr::write_volatile(addr_of_mut!((*sa).msg_src_ip6[0]), w[0]);
+                ptr::write_volatile(addr_of_mut!((*sa).msg_src_ip6[1]), w[1]);
+                ptr::write_volatile(addr_of_mut!((*sa).msg_src_ip6[2]), w[2]);
+                ptr::write_volatile(addr_of_mut!((*sa).msg_src_ip6[3]), w[3]);
+            } else {
+                let ip = u32::from_ne_bytes([source[12], source[13], source[14], source[15]]);
+                ptr::write_volatile(addr_of_mut!((*sa).msg_src_ip4), ip);
+            }
+        } else if V6 {
             let mut sa = SockaddrIn6 {
                 family: AF_INET6,
                 port: 0,
@@ -406,6 +469,73 @@ fn bind_source(ctx: &SockAddrContext, cfg: &PodConfig, conn: &Conn, v6: bool) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// recvmsg4 / recvmsg6: a captured DNS query's replies come from the server it asked.
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn sockmesh_recvmsg4(ctx: SockAddrContext) -> i32 {
+    try_recvmsg(&ctx, false);
+    1
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn sockmesh_recvmsg6(ctx: SockAddrContext) -> i32 {
+    try_recvmsg(&ctx, true);
+    1
+}
+
+#[inline(always)]
+fn try_recvmsg(ctx: &SockAddrContext, v6: bool) {
+    let record = unsafe { SOCK_DST.get_ptr_mut(ctx) };
+    if record.is_null() {
+        return;
+    }
+    let record = unsafe { *record };
+    if record.reason != Reason::DnsCaptured as u32 {
+        return;
+    }
+    let sa = ctx.sock_addr;
+    let (from, port) = unsafe {
+        let from = if v6 {
+            read_words!(sa, user_ip6)
+        } else {
+            v4_mapped((*sa).user_ip4.to_ne_bytes())
+        };
+        (from, u16::from_be((*sa).user_port as u16))
+    };
+    // Only datagrams from the DNS proxy the query was sent to.
+    let from_proxy = if is_v4_mapped(&from) {
+        from[12] == 127
+    } else {
+        words_from_addr(&from) == words_from_addr(&V6_LOCALHOST)
+    };
+    if !from_proxy || port != sockmesh_common::DNS_CAPTURE_PORT {
+        return;
+    }
+    rewrite_user_addr(ctx, &record, v6);
+}
+
+/// Write `record`'s address and port into the context's user address (getpeername, recvmsg).
+#[inline(always)]
+fn rewrite_user_addr(ctx: &SockAddrContext, record: &OrigDst, v6: bool) {
+    let sa = ctx.sock_addr;
+    let port = u32::from_ne_bytes(((record.port.to_be()) as u32).to_ne_bytes());
+    unsafe {
+        if v6 {
+            let w = words_from_addr(&record.addr);
+            ptr::write_volatile(addr_of_mut!((*sa).user_ip6[0]), w[0]);
+            ptr::write_volatile(addr_of_mut!((*sa).user_ip6[1]), w[1]);
+            ptr::write_volatile(addr_of_mut!((*sa).user_ip6[2]), w[2]);
+            ptr::write_volatile(addr_of_mut!((*sa).user_ip6[3]), w[3]);
+        } else {
+            let a = &record.addr;
+            let ip = u32::from_ne_bytes([a[12], a[13], a[14], a[15]]);
+            ptr::write_volatile(addr_of_mut!((*sa).user_ip4), ip);
+        }
+        ptr::write_volatile(addr_of_mut!((*sa).user_port), port);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // getpeername4 / getpeername6: the app sees where it meant to go, as with NAT.
 
 #[cgroup_sock_addr(getpeername4)]
@@ -427,22 +557,7 @@ fn try_getpeername(ctx: &SockAddrContext, v6: bool) {
         return;
     }
     let record = unsafe { *record };
-    let sa = ctx.sock_addr;
-    let port = u32::from_ne_bytes(((record.port.to_be()) as u32).to_ne_bytes());
-    unsafe {
-        if v6 {
-            let w = words_from_addr(&record.addr);
-            ptr::write_volatile(addr_of_mut!((*sa).user_ip6[0]), w[0]);
-            ptr::write_volatile(addr_of_mut!((*sa).user_ip6[1]), w[1]);
-            ptr::write_volatile(addr_of_mut!((*sa).user_ip6[2]), w[2]);
-            ptr::write_volatile(addr_of_mut!((*sa).user_ip6[3]), w[3]);
-        } else {
-            let a = &record.addr;
-            let ip = u32::from_ne_bytes([a[12], a[13], a[14], a[15]]);
-            ptr::write_volatile(addr_of_mut!((*sa).user_ip4), ip);
-        }
-        ptr::write_volatile(addr_of_mut!((*sa).user_port), port);
-    }
+    rewrite_user_addr(ctx, &record, v6);
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     count(netns, counters::PEERNAME_REWRITE);
 }

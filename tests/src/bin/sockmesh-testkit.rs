@@ -36,6 +36,9 @@ enum Cmd {
         /// Create the socket before taking on --uid/--gid.
         #[arg(long)]
         creds_after_socket: bool,
+        /// Send one UDP datagram (connected or unconnected socket) instead of TCP.
+        #[arg(long)]
+        udp: Option<String>,
     },
     /// Connect once (as --uid/--gid) and print everything the server sends.
     Fetch {
@@ -70,7 +73,14 @@ fn main() -> anyhow::Result<()> {
             timeout_ms,
             hold_ms,
             creds_after_socket,
+            udp,
         } => {
+            let udp = match udp.as_deref() {
+                None => None,
+                Some("connected") => Some(kit::UdpMode::Connected),
+                Some("unconnected") => Some(kit::UdpMode::Unconnected),
+                Some(other) => anyhow::bail!("--udp {other}: want connected or unconnected"),
+            };
             let outcome = kit::connect(&ConnectSpec {
                 dst: Some(dst),
                 uid,
@@ -80,6 +90,7 @@ fn main() -> anyhow::Result<()> {
                 timeout: Duration::from_millis(timeout_ms),
                 hold: Duration::from_millis(hold_ms),
                 creds_after_socket,
+                udp,
             });
             println!("{}", serde_json::to_string(&outcome)?);
             Ok(())
