@@ -42,8 +42,15 @@ pub const INBOUND_PORTS: [u16; 11] = [
 pub struct Pod {
     pub ns: Netns,
     pub peer: Netns,
+    /// A second host on a second interface (eth1), for `-c` and `-k`.
+    pub peer2: Option<Netns>,
     pub in_cgroup: bool,
 }
+
+/// The pod's second link (eth1): the pod and the second host, and what is routed there.
+pub const POD_ETH1: &str = "198.18.0.10";
+pub const PEER2: &str = "198.18.0.20";
+pub const VIA_ETH1: &str = "203.0.113.0/24";
 
 /// How a pod is captured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -106,6 +113,18 @@ pub fn pod_with(
         listen(lab, &ns, in_cgroup, "pod", pod_ports)?;
     }
     listen(lab, &peer, false, "peer", &PEER_PORTS)?;
+    let peer2 = if profile.second_link() {
+        let p2 = lab.netns(&format!("{tag}w"))?;
+        lab.veth(&ns, "eth1", &p2, "eth0")?;
+        ns.ip(&["addr", "add", &format!("{POD_ETH1}/24"), "dev", "eth1"])?;
+        ns.ip(&["route", "add", VIA_ETH1, "via", PEER2])?;
+        p2.ip(&["addr", "add", &format!("{PEER2}/24"), "dev", "eth0"])?;
+        p2.ip(&["addr", "add", "203.0.113.10/32", "dev", "lo"])?;
+        listen(lab, &p2, false, "peer2", &PEER_PORTS)?;
+        Some(p2)
+    } else {
+        None
+    };
     if profile.dns.is_some() {
         // A resolver on the peer and one in the pod (tcp and udp 53), and the DNS proxy on
         // localhost:15053 owned by the proxy user, as istio-agent runs it.
@@ -144,6 +163,7 @@ pub fn pod_with(
     Ok(Pod {
         ns,
         peer,
+        peer2,
         in_cgroup,
     })
 }
@@ -222,6 +242,15 @@ pub struct Caller {
     pub v4_mapped: bool,
     /// The socket is created by root; the caller takes on uid/gid only before connect().
     pub socket_by_root: bool,
+    /// Where the connection starts.
+    pub origin: Origin,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    Pod,
+    Peer,
+    Peer2,
 }
 
 impl Caller {
@@ -233,6 +262,7 @@ impl Caller {
             bind: None,
             v4_mapped: false,
             socket_by_root: false,
+            origin: Origin::Pod,
         }
     }
     const fn bound(self, addr: &'static str) -> Self {
@@ -249,7 +279,10 @@ impl Caller {
     }
     /// The peer host connecting to the pod.
     pub const fn new_peer() -> Self {
-        Caller::new("peer", 0, 0)
+        Caller {
+            origin: Origin::Peer,
+            ..Caller::new("peer", 0, 0)
+        }
     }
     const fn socket_by_root(self) -> Self {
         Caller {
@@ -391,9 +424,10 @@ pub fn cases(profile: &Profile) -> Vec<Case> {
     out
 }
 
-/// Connections from the peer host to the pod's addresses (inbound capture).
+/// Connections from the peer host to the pod's addresses (inbound capture), and from the second
+/// host to the pod's second address when there is one.
 pub fn inbound_cases(profile: &Profile) -> Vec<Case> {
-    let peer = Caller::new("peer", 0, 0);
+    let peer = Caller::new_peer();
     let mut out = Vec::new();
     for port in INBOUND_PORTS {
         if profile.pod_v4 {
@@ -408,6 +442,16 @@ pub fn inbound_cases(profile: &Profile) -> Vec<Case> {
                 format!("[{POD_V6}]:{port}").parse().expect("addr"),
             ));
         }
+        if profile.second_link() {
+            let peer2 = Caller {
+                origin: Origin::Peer2,
+                ..Caller::new("peer2", 0, 0)
+            };
+            out.push(Case::new(
+                peer2,
+                format!("{POD_ETH1}:{port}").parse().expect("addr"),
+            ));
+        }
     }
     out
 }
@@ -417,9 +461,17 @@ pub fn probe_from_peer(lab: &Lab, pod: &Pod, case: &Case) -> Result<Outcome> {
     probe_in(lab, &pod.peer, false, case)
 }
 
-/// Make the connection of `case` from the pod and report where it landed.
+/// Make the connection of `case` from where its caller is (the pod, or a peer host) and
+/// report where it landed.
 pub fn probe(lab: &Lab, pod: &Pod, case: &Case) -> Result<Outcome> {
-    probe_in(lab, &pod.ns, pod.in_cgroup, case)
+    match case.caller.origin {
+        Origin::Pod => probe_in(lab, &pod.ns, pod.in_cgroup, case),
+        Origin::Peer => probe_from_peer(lab, pod, case),
+        Origin::Peer2 => {
+            let p2 = pod.peer2.as_ref().context("this pod has no second link")?;
+            probe_in(lab, p2, false, case)
+        }
+    }
 }
 
 fn probe_in(lab: &Lab, ns: &Netns, in_cgroup: bool, case: &Case) -> Result<Outcome> {
@@ -478,6 +530,7 @@ pub fn two_pods(lab: &mut Lab, tag: &str, mode: Mode) -> Result<TwoPods> {
         pods.push(Pod {
             ns,
             peer: node.clone(),
+            peer2: None,
             in_cgroup,
         });
     }

@@ -50,6 +50,10 @@ pub struct Profile {
     pub name: &'static str,
     pub linkerd: Option<Linkerd>,
     pub dns: Option<Dns>,
+    /// `-c`
+    pub exclude_ifaces: Vec<&'static str>,
+    /// `-k`
+    pub kube_virt_ifaces: Vec<&'static str>,
     pub outbound_port: u16,
     pub inbound_port: u16,
     pub tunnel_port: u16,
@@ -87,6 +91,8 @@ impl Profile {
             name: "default-sidecar",
             linkerd: None,
             dns: None,
+            exclude_ifaces: vec![],
+            kube_virt_ifaces: vec![],
             outbound_port: 15001,
             inbound_port: 15006,
             tunnel_port: 15008,
@@ -275,6 +281,14 @@ impl Profile {
         if self.dual_stack {
             a.push("--dual-stack".into());
         }
+        if !self.exclude_ifaces.is_empty() {
+            a.push("-c".into());
+            a.push(self.exclude_ifaces.join(","));
+        }
+        if !self.kube_virt_ifaces.is_empty() {
+            a.push("-k".into());
+            a.push(self.kube_virt_ifaces.join(","));
+        }
         if let Some(d) = &self.dns {
             a.push("--redirect-dns".into());
             if d.capture_all {
@@ -300,6 +314,11 @@ impl Profile {
             e.push(("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR".into(), c.into()));
         }
         e
+    }
+
+    /// Whether the pod needs a second interface (for `-c` / `-k`).
+    pub fn second_link(&self) -> bool {
+        !self.exclude_ifaces.is_empty() || !self.kube_virt_ifaces.is_empty()
     }
 
     /// Whether istio would install ip6tables rules: the first non-loopback address is v6
@@ -344,6 +363,11 @@ impl Profile {
                 self.inbound_port
             ),
         ];
+        // -c: appended to PREROUTING and OUTPUT ahead of the jumps to istio's chains.
+        for x in &self.exclude_ifaces {
+            r.push(format!("-A PREROUTING -i {x} -j RETURN"));
+            r.push(format!("-A OUTPUT -o {x} -j RETURN"));
+        }
         if !self.inbound.is_empty() {
             r.push("-A PREROUTING -p tcp -j ISTIO_INBOUND".into());
             if self.inbound == ["*"] {
@@ -447,6 +471,18 @@ impl Profile {
         } else {
             for i in self.include.iter().filter(|c| family(c)) {
                 r.push(format!("-A ISTIO_OUTPUT -d {i} -j ISTIO_REDIRECT"));
+            }
+        }
+        // -k: inserted at the top of PREROUTING; with an -i list, a RETURN first and the
+        // per-CIDR redirects above it.
+        for k in &self.kube_virt_ifaces {
+            if self.include == ["*"] {
+                r.push(format!("-I PREROUTING 1 -i {k} -j ISTIO_REDIRECT"));
+            } else {
+                r.push(format!("-I PREROUTING 1 -i {k} -j RETURN"));
+                for i in self.include.iter().filter(|c| family(c)) {
+                    r.push(format!("-I PREROUTING 1 -i {k} -d {i} -j ISTIO_REDIRECT"));
+                }
             }
         }
         r.push("COMMIT".into());
@@ -608,6 +644,22 @@ pub fn all() -> Vec<Profile> {
                 capture_all: false,
                 servers: vec![],
             }),
+            ..d()
+        },
+        Profile {
+            name: "exclude-interface",
+            exclude_ifaces: vec!["eth1"],
+            ..d()
+        },
+        Profile {
+            name: "kube-virt-interface",
+            kube_virt_ifaces: vec!["eth1"],
+            ..d()
+        },
+        Profile {
+            name: "kube-virt-interface-cidrs",
+            kube_virt_ifaces: vec!["eth1"],
+            include: vec!["198.18.0.0/25".into(), "198.51.100.0/24".into()],
             ..d()
         },
         Profile::linkerd_default(),

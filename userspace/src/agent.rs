@@ -2,7 +2,7 @@
 
 use std::{
     fs,
-    net::{IpAddr, Ipv6Addr},
+    net::IpAddr,
     os::{
         fd::{AsFd, BorrowedFd, OwnedFd},
         unix::{
@@ -17,7 +17,7 @@ use std::{
 
 use anyhow::{bail, Context};
 use clap::Args;
-use sockmesh_common::flags;
+use sockmesh_common::{flags, MemberKind};
 use tracing::{info, warn};
 
 use crate::{
@@ -252,34 +252,71 @@ fn handle(state: &State, req: Request, fd: Option<OwnedFd>, peer: &str) -> Respo
 fn register(state: &State, netns: u64, fd: BorrowedFd<'_>, spec: &PodSpec) -> Result<(), String> {
     spec.validate()
         .map_err(|e| format!("invalid settings: {e}"))?;
-    let ipv6 = spec.config.has(flags::IPV6);
-    // In the pod's netns: add ::6 to lo when IPv6 capture is on (as istio-iptables does, so the
-    // proxy can bind its inbound passthrough source), then read the pod's addresses.
-    let addrs = sys::in_netns(fd, move || -> Result<Vec<IpAddr>, String> {
-        if ipv6 {
-            add_v6_passthrough()?;
-        }
-        let addrs = sys::interface_addrs().map_err(|e| e.to_string())?;
-        Ok(addrs.into_iter().map(|a| a.ip).collect())
-    })
-    .map_err(|e| e.to_string())??;
+    let mut spec = spec.clone();
+    // Interface indexes and routes come from the pod's netns, never from the caller.
+    spec.members
+        .retain(|(k, _)| !matches!(k, MemberKind::ExcludedIfindex | MemberKind::KubeVirtIfindex));
+    spec.routes.clear();
+    let view = read_pod(fd, &spec)?;
+    let addrs: Vec<IpAddr> = view.addrs.iter().map(|a| a.ip).collect();
     // The pod's primary addresses, by istio's rule (first non-loopback, non-link-local), read
     // here rather than trusted from the caller.
-    let mut spec = spec.clone();
-    let usable = |ip: &&IpAddr| match ip {
-        IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_link_local(),
-        IpAddr::V6(v6) => {
-            !v6.is_loopback()
-                && (v6.segments()[0] & 0xffc0) != 0xfe80
-                && *v6 != Ipv6Addr::from(6u128)
-        }
-    };
-    if let Some(IpAddr::V4(v4)) = addrs.iter().filter(usable).find(|a| a.is_ipv4()) {
+    if let Some(IpAddr::V4(v4)) = addrs
+        .iter()
+        .filter(|a| registry::routable(a))
+        .find(|a| a.is_ipv4())
+    {
         spec.config.src_v4 = v4.octets();
     }
-    if let Some(IpAddr::V6(v6)) = addrs.iter().filter(usable).find(|a| a.is_ipv6()) {
+    if let Some(IpAddr::V6(v6)) = addrs
+        .iter()
+        .filter(|a| registry::routable(a))
+        .find(|a| a.is_ipv6())
+    {
         spec.config.src_v6 = v6.octets();
     }
+    // -c / -k: interface indexes, and for -c the routes that leave through them.
+    for (names, kind) in [
+        (&spec.exclude_ifaces, MemberKind::ExcludedIfindex),
+        (&spec.kube_virt_ifaces, MemberKind::KubeVirtIfindex),
+    ] {
+        for name in names {
+            let flag = kind.istio_name();
+            let idx = view
+                .ifindex
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, i)| *i)
+                .ok_or_else(|| format!("{flag} {name}: the pod has no interface of that name"))?;
+            spec.members.push((kind, idx));
+        }
+    }
+    if spec.config.has(flags::EXCLUDE_IFACES) {
+        spec.routes = view
+            .routes
+            .iter()
+            .map(|r| (r.dst, spec.exclude_ifaces.contains(&r.dev)))
+            .collect();
+    }
+    // Each route's source address: its own `src`, else the first usable address of its device
+    // in that family (the kernel's choice for a single-address interface).
+    spec.route_sources = view
+        .routes
+        .iter()
+        .filter_map(|r| {
+            let src = r.prefsrc.or_else(|| {
+                view.addrs
+                    .iter()
+                    .find(|a| {
+                        a.ifname == r.dev
+                            && a.ip.is_ipv6() == r.dst.is_v6()
+                            && registry::routable(&a.ip)
+                    })
+                    .map(|a| a.ip)
+            })?;
+            Some((r.dst, src))
+        })
+        .collect();
     let mut maps = state.maps.lock().expect("maps lock");
     // Inbound capture: the sk_lookup program in the pod's netns (idempotent), before the maps
     // that turn it on for this pod.
@@ -300,6 +337,42 @@ fn register(state: &State, netns: u64, fd: BorrowedFd<'_>, spec: &PodSpec) -> Re
         bpf::detach_netns(&state.bpffs, netns);
     }
     Ok(())
+}
+
+/// What the agent reads inside a pod's netns at registration.
+struct PodView {
+    addrs: Vec<sys::InterfaceAddr>,
+    ifindex: Vec<(String, u32)>,
+    routes: Vec<sys::Route>,
+}
+
+/// In the pod's netns: add ::6 to lo when IPv6 capture is on (as istio-iptables does, so the
+/// proxy can bind its inbound passthrough source), then read the pod's addresses, the indexes
+/// of the `-c`/`-k` interfaces, and (for `-c`) its routes.
+fn read_pod(fd: BorrowedFd<'_>, spec: &PodSpec) -> Result<PodView, String> {
+    let ipv6 = spec.config.has(flags::IPV6);
+    let names: Vec<String> = spec
+        .exclude_ifaces
+        .iter()
+        .chain(&spec.kube_virt_ifaces)
+        .cloned()
+        .collect();
+    sys::in_netns(fd, move || -> Result<PodView, String> {
+        if ipv6 {
+            add_v6_passthrough()?;
+        }
+        let addrs = sys::interface_addrs().map_err(|e| e.to_string())?;
+        let ifindex = names
+            .into_iter()
+            .filter_map(|n| sys::ifindex(&n).map(|i| (n, i)))
+            .collect();
+        Ok(PodView {
+            addrs,
+            ifindex,
+            routes: sys::main_routes()?,
+        })
+    })
+    .map_err(|e| e.to_string())?
 }
 
 /// `ip -6 addr replace ::6/128 dev lo`, run in the calling thread's netns.

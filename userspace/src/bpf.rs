@@ -427,6 +427,7 @@ pub struct PinnedMaps {
     pub cidrs: LpmTrie<MapData, CidrKey, u8>,
     pub local_addrs: HashMap<MapData, LocalAddrKey, u8>,
     pub addr_pod: HashMap<MapData, [u8; 16], u64>,
+    pub route_src: LpmTrie<MapData, CidrKey, [u8; 16]>,
     pub orig_dst: HashMap<MapData, ConnKey, OrigDst>,
     pub counters: PerCpuHashMap<MapData, CounterKey, u64>,
 }
@@ -465,6 +466,9 @@ impl PinnedMaps {
             addr_pod: open_map(bpffs, names::ADDR_POD)?
                 .try_into()
                 .map_err(|e| typed(names::ADDR_POD, e))?,
+            route_src: open_map(bpffs, names::ROUTE_SRC)?
+                .try_into()
+                .map_err(|e| typed(names::ROUTE_SRC, e))?,
             orig_dst: open_map(bpffs, names::ORIG_DST)?
                 .try_into()
                 .map_err(|e| typed(names::ORIG_DST, e))?,

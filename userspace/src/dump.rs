@@ -48,12 +48,22 @@ fn pod_spec(config: sockmesh_common::PodConfig, keys: &PodKeys) -> PodSpec {
         .filter_map(|(k, v)| MemberKind::from_u32(*k).map(|k| (k, *v)))
         .collect();
     let mut ranges: Vec<(CidrKind, u16, u16)> = Vec::new();
+    let mut routes = Vec::new();
     let cidrs = keys
         .cidrs
         .iter()
-        .filter_map(|(_, kind, addr, len)| {
+        .filter_map(|(_, kind, addr, len, value)| {
             let kind = CidrKind::from_u32(u32::from_be_bytes(*kind))?;
             let prefix = (len - CIDR_KEY_FIXED_BITS) as u8;
+            if matches!(kind, CidrKind::RouteV4 | CidrKind::RouteV6) {
+                let ip = if kind.is_v6() {
+                    IpAddr::V6(Ipv6Addr::from(*addr))
+                } else {
+                    IpAddr::V4(Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3]))
+                };
+                routes.push((Cidr::new(ip, prefix), *value == 1));
+                return None;
+            }
             if kind.is_port() {
                 let start = u16::from_be_bytes([addr[0], addr[1]]);
                 let last = start as u32 + (1u32 << (16 - prefix.min(16))) - 1;
@@ -77,7 +87,9 @@ fn pod_spec(config: sockmesh_common::PodConfig, keys: &PodKeys) -> PodSpec {
             _ => merged.push((k, lo, hi)),
         }
     }
-    PodSpec::new(config, members, cidrs, merged)
+    let mut spec = PodSpec::new(config, members, cidrs, merged);
+    spec.routes = routes;
+    spec
 }
 
 pub fn run(args: DumpArgs) -> anyhow::Result<()> {

@@ -158,7 +158,9 @@ fn apply(action: &InitAction, spec: PodSpec, netns: &std::os::fd::OwnedFd) -> Re
     let req = if action.cleanup_only {
         Request::Unregister
     } else {
-        Request::Register { spec }
+        Request::Register {
+            spec: Box::new(spec),
+        }
     };
     let resp = wire::call(sock, &req, Some(netns.as_fd()), AGENT_TIMEOUT).map_err(|e| {
         format!(

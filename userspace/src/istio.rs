@@ -433,18 +433,20 @@ impl IstioArgs {
                 "TPROXY interception is not implemented by sockmesh yet; use REDIRECT (the default)",
             ));
         }
-        if !self.exclude_interfaces.is_empty() {
-            return Err(err(
-                "-c",
-                "excluding interfaces is not implemented by sockmesh yet; remove -c / ISTIO_EXCLUDE_INTERFACES",
-            ));
-        }
-        if !self.kube_virt_interfaces.is_empty() {
-            return Err(err(
-                "-k",
-                "kube-virt interfaces are not implemented by sockmesh yet; remove -k / KUBE_VIRT_INTERFACES",
-            ));
-        }
+        // Interface names: checked for shape here; the agent resolves them in the pod's netns.
+        let ifaces = |flag: &str, s: &str| -> Result<Vec<String>, FlagError> {
+            split(s)
+                .map(|n| {
+                    if n.len() > 15 || n.contains(['/', ' ']) {
+                        Err(err(flag, format!("'{n}' is not an interface name")))
+                    } else {
+                        Ok(n.to_string())
+                    }
+                })
+                .collect()
+        };
+        let exclude_ifaces = ifaces("-c", &self.exclude_interfaces)?;
+        let kube_virt_ifaces = ifaces("-k", &self.kube_virt_interfaces)?;
         let redirect_dns = match self.redirect_dns {
             Some(v) => v,
             None => env_bool(env, &["ISTIO_META_DNS_CAPTURE"])?,
@@ -711,7 +713,15 @@ impl IstioArgs {
         };
         members.sort();
         members.dedup();
-        let spec = PodSpec::new(config, members, cidrs, Vec::new());
+        let mut spec = PodSpec::new(config, members, cidrs, Vec::new());
+        if !exclude_ifaces.is_empty() {
+            spec.config.flags |= flags::EXCLUDE_IFACES;
+        }
+        if !kube_virt_ifaces.is_empty() {
+            spec.config.flags |= flags::KUBE_VIRT;
+        }
+        spec.exclude_ifaces = exclude_ifaces;
+        spec.kube_virt_ifaces = kube_virt_ifaces;
         let action = crate::init::InitAction {
             dry_run: self.dry_run,
             cleanup_only: self.cleanup_only,

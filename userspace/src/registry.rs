@@ -8,7 +8,9 @@
 use std::{collections::BTreeSet, net::IpAddr};
 
 use aya::maps::{lpm_trie::Key, MapError};
-use sockmesh_common::{names, CidrKey, LocalAddrKey, MemberKey, PodConfig, CIDR_KEY_FIXED_BITS};
+use sockmesh_common::{
+    names, CidrKey, CidrKind, LocalAddrKey, MemberKey, PodConfig, CIDR_KEY_FIXED_BITS,
+};
 
 use crate::{
     bpf::PinnedMaps,
@@ -51,7 +53,12 @@ fn map_err(map: &'static str, source: MapError) -> RegistryError {
     }
 }
 
-type CidrEntry = ([u8; 8], [u8; 4], [u8; 16], u32);
+/// An LPM-trie entry: key fields (netns, kind, address, prefix length) and its value.
+type CidrEntry = ([u8; 8], [u8; 4], [u8; 16], u32, u8);
+
+fn same_key(a: &CidrEntry, b: &CidrEntry) -> bool {
+    (a.0, a.1, a.2, a.3) == (b.0, b.1, b.2, b.3)
+}
 
 /// Everything stored for one pod, as map keys.
 #[derive(Default, Debug, PartialEq, Eq)]
@@ -89,6 +96,7 @@ impl PodKeys {
                     k.kind,
                     k.addr,
                     CIDR_KEY_FIXED_BITS + c.prefix as u32,
+                    1,
                 )
             })
             .chain(spec.ranges.iter().flat_map(|(kind, lo, hi)| {
@@ -96,8 +104,29 @@ impl PodKeys {
                     .into_iter()
                     .map(move |(start, bits)| {
                         let k = CidrKey::port(netns, *kind, start);
-                        (k.netns, k.kind, k.addr, CIDR_KEY_FIXED_BITS + bits as u32)
+                        (
+                            k.netns,
+                            k.kind,
+                            k.addr,
+                            CIDR_KEY_FIXED_BITS + bits as u32,
+                            1,
+                        )
                     })
+            }))
+            .chain(spec.routes.iter().map(|(c, excluded)| {
+                let kind = if c.is_v6() {
+                    CidrKind::RouteV6
+                } else {
+                    CidrKind::RouteV4
+                };
+                let k = CidrKey::new(netns, kind, &ip_to_addr(c.addr));
+                (
+                    k.netns,
+                    k.kind,
+                    k.addr,
+                    CIDR_KEY_FIXED_BITS + c.prefix as u32,
+                    *excluded as u8,
+                )
             }))
             .collect();
         let local_addrs = local.iter().map(|ip| ip_to_addr(*ip)).collect();
@@ -123,10 +152,11 @@ impl PodKeys {
             }
         }
         let ns = netns.to_be_bytes();
-        for k in maps.cidrs.keys().flatten() {
+        for (k, v) in maps.cidrs.iter().flatten() {
             let d = k.data();
             if d.netns == ns {
-                keys.cidrs.insert((d.netns, d.kind, d.addr, k.prefix_len()));
+                keys.cidrs
+                    .insert((d.netns, d.kind, d.addr, k.prefix_len(), v));
             }
         }
         for k in maps.local_addrs.keys().flatten() {
@@ -147,7 +177,7 @@ fn member_key(netns: u64, (kind, value): (u32, u32)) -> MemberKey {
     MemberKey { netns, kind, value }
 }
 
-fn cidr_key((netns, kind, addr, len): CidrEntry) -> Key<CidrKey> {
+fn cidr_key((netns, kind, addr, len, _): CidrEntry) -> Key<CidrKey> {
     Key::new(len, CidrKey { netns, kind, addr })
 }
 
@@ -156,6 +186,8 @@ fn cidr_key((netns, kind, addr, len): CidrEntry) -> Key<CidrKey> {
 struct Undo {
     members: Vec<(u32, u32)>,
     cidrs: Vec<CidrEntry>,
+    /// Entries overwritten with a new value, to put back.
+    restore_cidrs: Vec<CidrEntry>,
     local_addrs: Vec<[u8; 16]>,
     pod_addrs: Vec<[u8; 16]>,
 }
@@ -167,6 +199,9 @@ impl Undo {
         }
         for c in self.cidrs {
             let _ = maps.cidrs.remove(&cidr_key(c));
+        }
+        for c in self.restore_cidrs {
+            let _ = maps.cidrs.insert(&cidr_key(c), c.4, 0);
         }
         for a in self.local_addrs {
             let _ = maps.local_addrs.remove(&LocalAddrKey { netns, addr: a });
@@ -195,12 +230,17 @@ pub fn register(
         undo.run(maps, netns);
         return Err(map_err(names::PODS, e));
     }
+    // Source-address hints (no capture decision depends on them): replaced wholesale.
+    set_route_sources(maps, netns, spec);
     // The new config is in force; drop what only the old one had.
     for m in old.members.difference(&new.members) {
         let _ = maps.members.remove(&member_key(netns, *m));
     }
     for c in old.cidrs.difference(&new.cidrs) {
-        let _ = maps.cidrs.remove(&cidr_key(*c));
+        // An entry whose value changed was overwritten in place, not dropped.
+        if !new.cidrs.iter().any(|n| same_key(n, c)) {
+            let _ = maps.cidrs.remove(&cidr_key(*c));
+        }
     }
     for a in old.local_addrs.difference(&new.local_addrs) {
         let _ = maps.local_addrs.remove(&LocalAddrKey { netns, addr: *a });
@@ -226,9 +266,12 @@ fn write_sets(
     }
     for c in new.cidrs.difference(&old.cidrs) {
         maps.cidrs
-            .insert(&cidr_key(*c), 1, 0)
+            .insert(&cidr_key(*c), c.4, 0)
             .map_err(|e| map_err(names::CIDRS, e))?;
-        undo.cidrs.push(*c);
+        match old.cidrs.iter().find(|o| same_key(o, c)) {
+            Some(prev) => undo.restore_cidrs.push(*prev),
+            None => undo.cidrs.push(*c),
+        }
     }
     for a in new.local_addrs.difference(&old.local_addrs) {
         maps.local_addrs
@@ -253,6 +296,46 @@ fn write_sets(
     Ok(())
 }
 
+fn route_src_keys(maps: &PinnedMaps, netns: u64) -> Vec<Key<CidrKey>> {
+    let ns = netns.to_be_bytes();
+    maps.route_src
+        .keys()
+        .flatten()
+        .filter(|k| k.data().netns == ns)
+        .collect()
+}
+
+fn set_route_sources(maps: &mut PinnedMaps, netns: u64, spec: &PodSpec) {
+    let new: Vec<(Key<CidrKey>, [u8; 16])> = spec
+        .route_sources
+        .iter()
+        .map(|(c, src)| {
+            let kind = if c.is_v6() {
+                CidrKind::RouteV6
+            } else {
+                CidrKind::RouteV4
+            };
+            let k = CidrKey::new(netns, kind, &ip_to_addr(c.addr));
+            (
+                Key::new(CIDR_KEY_FIXED_BITS + c.prefix as u32, k),
+                ip_to_addr(*src),
+            )
+        })
+        .collect();
+    for old in route_src_keys(maps, netns) {
+        let kept = new
+            .iter()
+            .any(|(k, _)| k.prefix_len() == old.prefix_len() && k.data() == old.data());
+        if !kept {
+            let _ = maps.route_src.remove(&old);
+        }
+    }
+    for (k, v) in new {
+        // A full map only loses the hint: the primary address is used instead.
+        let _ = maps.route_src.insert(&k, v, 0);
+    }
+}
+
 /// Stop capturing pod `netns` and forget its sets. Returns whether it was registered.
 pub fn unregister(maps: &mut PinnedMaps, netns: u64) -> Result<bool, RegistryError> {
     let was = match maps.pods.remove(&netns) {
@@ -261,10 +344,14 @@ pub fn unregister(maps: &mut PinnedMaps, netns: u64) -> Result<bool, RegistryErr
         Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => false,
         Err(e) => return Err(map_err(names::PODS, e)),
     };
+    for k in route_src_keys(maps, netns) {
+        let _ = maps.route_src.remove(&k);
+    }
     let old = PodKeys::read(maps, netns);
     Undo {
         members: old.members.into_iter().collect(),
         cidrs: old.cidrs.into_iter().collect(),
+        restore_cidrs: Vec::new(),
         local_addrs: old.local_addrs.into_iter().collect(),
         pod_addrs: old.pod_addrs.into_iter().collect(),
     }

@@ -77,6 +77,18 @@ pub struct PodSpec {
     /// Port-range lists (linkerd): (list, first, last).
     #[serde(default)]
     pub ranges: Vec<(CidrKind, u16, u16)>,
+    /// `-c` and `-k` interface names, resolved to indexes by the agent in the pod's netns.
+    #[serde(default)]
+    pub exclude_ifaces: Vec<String>,
+    #[serde(default)]
+    pub kube_virt_ifaces: Vec<String>,
+    /// The pod's main routing table (`-c`): each route, and whether it leaves through an
+    /// excluded interface. Read by the agent in the pod's netns; never trusted from the caller.
+    #[serde(default)]
+    pub routes: Vec<(Cidr, bool)>,
+    /// The source address the kernel picks for each route of the pod (agent-filled).
+    #[serde(default)]
+    pub route_sources: Vec<(Cidr, IpAddr)>,
 }
 
 /// The prefixes of the 16-bit port space that exactly cover `lo..=hi`: (first port, prefix
@@ -114,6 +126,10 @@ impl PodSpec {
             members,
             cidrs,
             ranges,
+            exclude_ifaces: Vec::new(),
+            kube_virt_ifaces: Vec::new(),
+            routes: Vec::new(),
+            route_sources: Vec::new(),
         }
     }
 
@@ -139,7 +155,10 @@ impl PodSpec {
         for (kind, v) in &self.members {
             let port_kind = !matches!(
                 kind,
-                MemberKind::OwnerGroupInclude | MemberKind::OwnerGroupExclude
+                MemberKind::OwnerGroupInclude
+                    | MemberKind::OwnerGroupExclude
+                    | MemberKind::ExcludedIfindex
+                    | MemberKind::KubeVirtIfindex
             );
             if port_kind && (*v == 0 || *v > 65535) {
                 return Err(format!("{}: {v} is not a port", kind.istio_name()));
@@ -166,6 +185,19 @@ impl PodSpec {
             .filter(|(k, _)| kinds.contains(k))
             .map(|(_, c)| c.to_string())
             .collect()
+    }
+
+    /// Interface names as given, or (read back from the maps) their indexes.
+    fn ifaces(&self, names: &[String], kind: MemberKind) -> String {
+        if !names.is_empty() {
+            return names.join(",");
+        }
+        let idx = self.members_of(kind);
+        if idx.is_empty() {
+            "''".into()
+        } else {
+            format!("ifindex {}", idx.join(","))
+        }
     }
 
     fn dns_setting(&self) -> String {
@@ -321,6 +353,14 @@ impl PodSpec {
             ("IPv6 capture".into(), c.has(flags::IPV6).to_string()),
             ("DNS capture (to 15053)".into(), self.dns_setting()),
             (
+                "-c (excluded interfaces)".into(),
+                self.ifaces(&self.exclude_ifaces, MemberKind::ExcludedIfindex),
+            ),
+            (
+                "-k (kube-virt interfaces)".into(),
+                self.ifaces(&self.kube_virt_ifaces, MemberKind::KubeVirtIfindex),
+            ),
+            (
                 "-o lo ! --uid-owner RETURN rules".into(),
                 if c.has(flags::NO_LO_RETURN) {
                     "omitted (-i has a loopback CIDR)"
@@ -347,6 +387,15 @@ impl Rules for PodSpec {
         self.ranges
             .iter()
             .any(|(k, lo, hi)| *k == kind && (*lo..=*hi).contains(&port))
+    }
+
+    fn route_excluded(&self, dst: &Addr) -> bool {
+        let ip = addr_to_ip(dst);
+        self.routes
+            .iter()
+            .filter(|(c, _)| c.contains(ip))
+            .max_by_key(|(c, _)| c.prefix)
+            .is_some_and(|(_, excluded)| *excluded)
     }
 }
 

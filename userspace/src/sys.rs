@@ -231,3 +231,65 @@ pub fn is_netns_fd(fd: impl AsFd) -> bool {
         .map(|t| t.to_string_lossy().starts_with("net:["))
         .unwrap_or(false)
 }
+
+/// The index of interface `name` in the calling thread's netns.
+pub fn ifindex(name: &str) -> Option<u32> {
+    let c = CString::new(name).ok()?;
+    // SAFETY: c is NUL-terminated.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (i != 0).then_some(i)
+}
+
+/// A route of the main table.
+#[derive(Clone, Debug)]
+pub struct Route {
+    pub dst: crate::spec::Cidr,
+    pub dev: String,
+    /// `src` of the route, if it names one.
+    pub prefsrc: Option<IpAddr>,
+}
+
+/// The main routing table of the calling thread's netns, both families, read with
+/// `ip -j route`. Routes without a device (unreachable, blackhole) are left out.
+pub fn main_routes() -> Result<Vec<Route>, String> {
+    let mut out = Vec::new();
+    for family in ["-4", "-6"] {
+        let o = std::process::Command::new("ip")
+            .args(["-j", family, "route", "show", "table", "main"])
+            .output()
+            .map_err(|e| format!("running ip (iproute2) to read the pod's routes: {e}"))?;
+        if !o.status.success() {
+            return Err(format!(
+                "reading the pod's routes failed: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            ));
+        }
+        let routes: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout)
+            .map_err(|e| format!("ip -j route printed something unexpected: {e}"))?;
+        for r in routes {
+            let (Some(dst), Some(dev)) = (r["dst"].as_str(), r["dev"].as_str()) else {
+                continue;
+            };
+            let (ip, len) = match dst {
+                "default" if family == "-4" => (IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
+                "default" => (IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0),
+                d => match d.split_once('/') {
+                    Some((a, l)) => match (a.parse::<IpAddr>(), l.parse::<u8>()) {
+                        (Ok(a), Ok(l)) => (a, l),
+                        _ => continue,
+                    },
+                    None => match d.parse::<IpAddr>() {
+                        Ok(a) => (a, if a.is_ipv4() { 32 } else { 128 }),
+                        Err(_) => continue,
+                    },
+                },
+            };
+            out.push(Route {
+                dst: crate::spec::Cidr::new(ip, len),
+                dev: dev.to_string(),
+                prefsrc: r["prefsrc"].as_str().and_then(|s| s.parse().ok()),
+            });
+        }
+    }
+    Ok(out)
+}

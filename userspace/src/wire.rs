@@ -25,7 +25,7 @@ pub const MAX_REQUEST: usize = 256 * 1024;
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
     /// Capture the namespace passed along with these settings (replacing earlier ones).
-    Register { spec: PodSpec },
+    Register { spec: Box<PodSpec> },
     /// Stop capturing the namespace passed along.
     Unregister,
     /// Is the agent up, and is the namespace passed along (if any) registered?

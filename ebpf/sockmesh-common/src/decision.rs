@@ -98,10 +98,17 @@ pub enum Reason {
     InboundSubnetIgnored = 27,
     /// Rule 6: DNS (port 53) sent to the DNS proxy on 15053.
     DnsCaptured = 28,
+    /// Rule 0 (`-c`): the route leaves through an excluded interface, or the connection arrived
+    /// on one.
+    InterfaceExcluded = 29,
+    /// `-k`: arrived on a kube-virt interface, sent to the outbound port.
+    KubeVirtRedirect = 30,
+    /// `-k` with an `-i` list: arrived on a kube-virt interface for a destination outside it.
+    KubeVirtReturn = 31,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 28] = [
+    pub const ALL: [Reason; 31] = [
         Reason::NoIpv6Rules,
         Reason::OutboundPortExcluded,
         Reason::InboundPassthrough,
@@ -130,6 +137,9 @@ impl Reason {
         Reason::LoopbackInterface,
         Reason::InboundSubnetIgnored,
         Reason::DnsCaptured,
+        Reason::InterfaceExcluded,
+        Reason::KubeVirtRedirect,
+        Reason::KubeVirtReturn,
     ];
 
     pub const fn from_u32(v: u32) -> Option<Reason> {
@@ -171,6 +181,9 @@ impl Reason {
             Self::LoopbackInterface => "loopback_interface",
             Self::InboundSubnetIgnored => "inbound_subnet_ignored",
             Self::DnsCaptured => "dns_captured",
+            Self::InterfaceExcluded => "interface_excluded",
+            Self::KubeVirtRedirect => "kube_virt_redirect",
+            Self::KubeVirtReturn => "kube_virt_return",
         }
     }
 
@@ -205,6 +218,9 @@ impl Reason {
             Self::LoopbackInterface => "linkerd: PROXY_INIT_OUTPUT -o lo -j RETURN",
             Self::InboundSubnetIgnored => "linkerd inbound: PROXY_INIT_REDIRECT -s SUBNET -j RETURN (--subnets-to-ignore)",
             Self::DnsCaptured => "rule 6: ISTIO_OUTPUT_DNS -p tcp|udp --dport 53 [-d SERVER] -j REDIRECT --to-ports 15053",
+            Self::InterfaceExcluded => "rule 0: OUTPUT -o IF -j RETURN / PREROUTING -i IF -j RETURN (-c)",
+            Self::KubeVirtRedirect => "inbound: PREROUTING -i IF [-d CIDR] -j ISTIO_REDIRECT (-k)",
+            Self::KubeVirtReturn => "inbound: PREROUTING -i IF -j RETURN (-k)",
         }
     }
 }
@@ -233,6 +249,8 @@ pub trait Rules {
     fn cidr(&self, kind: CidrKind, addr: &Addr) -> bool;
     /// Whether `port` lies in one of the ranges of port-range list `kind`.
     fn port_range(&self, kind: CidrKind, port: u16) -> bool;
+    /// Whether the pod's route to `dst` leaves through an interface excluded with `-c`.
+    fn route_excluded(&self, dst: &Addr) -> bool;
 }
 
 /// DNS, and the port istio's DNS proxy listens on (fixed in istio).
@@ -375,6 +393,10 @@ pub fn decide<R: Rules>(cfg: &PodConfig, rules: &R, conn: &Conn) -> Verdict {
     if cfg.has(flags::LINKERD) {
         return decide_linkerd(cfg, rules, conn);
     }
+    // Rule 0: -c, the route's output interface is excluded (local destinations use lo).
+    if cfg.has(flags::EXCLUDE_IFACES) && !conn.dst_is_local && rules.route_excluded(&conn.dst) {
+        return Verdict::Pass(Reason::InterfaceExcluded);
+    }
     // Rule 1: -o, tcp and udp alike, before everything else.
     if rules.member(MemberKind::OutboundExcludePort, conn.dport as u32) {
         return Verdict::Pass(Reason::OutboundPortExcluded);
@@ -461,11 +483,22 @@ pub fn decide<R: Rules>(cfg: &PodConfig, rules: &R, conn: &Conn) -> Verdict {
     }
 }
 
-/// Decide what the pod's nat PREROUTING rules (istio's `ISTIO_INBOUND`, or linkerd's
-/// `PROXY_INIT_REDIRECT`) would do with a new TCP connection from `src` arriving on an
-/// interface for local port `dport`.
+/// A new connection arriving on one of the pod's interfaces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Arrival {
+    pub src: Addr,
+    /// The pod address it is for.
+    pub dst: Addr,
+    pub dport: u16,
+    pub ifindex: u32,
+}
+
+/// Decide what the pod's nat PREROUTING rules (istio's `-k` and `-c` rules and
+/// `ISTIO_INBOUND`, or linkerd's `PROXY_INIT_REDIRECT`) would do with a new TCP connection.
 #[inline(always)]
-pub fn decide_inbound<R: Rules>(cfg: &PodConfig, rules: &R, src: &Addr, dport: u16) -> Verdict {
+pub fn decide_inbound<R: Rules>(cfg: &PodConfig, rules: &R, a: &Arrival) -> Verdict {
+    let src = &a.src;
+    let dport = a.dport;
     let v4 = is_v4_mapped(src);
     if !v4 && !cfg.has(flags::IPV6) {
         return Verdict::Pass(Reason::NoIpv6Rules);
@@ -474,6 +507,26 @@ pub fn decide_inbound<R: Rules>(cfg: &PodConfig, rules: &R, src: &Addr, dport: u
         port: cfg.inbound_port,
         reason,
     };
+    // -k: inserted first in PREROUTING: traffic entering there is outbound traffic.
+    if cfg.has(flags::KUBE_VIRT) && rules.member(MemberKind::KubeVirtIfindex, a.ifindex) {
+        let include = if v4 {
+            CidrKind::IncludeV4
+        } else {
+            CidrKind::IncludeV6
+        };
+        return if cfg.has(flags::OUTBOUND_ALL) || rules.cidr(include, &a.dst) {
+            Verdict::Redirect {
+                port: cfg.outbound_port,
+                reason: Reason::KubeVirtRedirect,
+            }
+        } else {
+            Verdict::Pass(Reason::KubeVirtReturn)
+        };
+    }
+    // -c: appended to PREROUTING before the ISTIO_INBOUND jump.
+    if cfg.has(flags::EXCLUDE_IFACES) && rules.member(MemberKind::ExcludedIfindex, a.ifindex) {
+        return Verdict::Pass(Reason::InterfaceExcluded);
+    }
     if cfg.has(flags::LINKERD) {
         if rules.port_range(CidrKind::InboundIgnorePorts, dport) {
             return Verdict::Pass(Reason::InboundPortExcluded);
@@ -530,6 +583,7 @@ mod tests {
         members: Vec<(MemberKind, u32)>,
         cidrs: Vec<(CidrKind, Addr, u8)>,
         ranges: Vec<(CidrKind, u16, u16)>,
+        excluded_routes: Vec<Addr>,
     }
 
     impl Rules for Sets {
@@ -540,6 +594,9 @@ mod tests {
             self.ranges
                 .iter()
                 .any(|(k, lo, hi)| *k == kind && (*lo..=*hi).contains(&port))
+        }
+        fn route_excluded(&self, dst: &Addr) -> bool {
+            self.excluded_routes.contains(dst)
         }
         fn cidr(&self, kind: CidrKind, addr: &Addr) -> bool {
             self.cidrs.iter().any(|(k, net, len)| {
@@ -942,6 +999,53 @@ mod tests {
     }
 
     #[test]
+    fn interfaces() {
+        let c = cfg(
+            flags::OUTBOUND_ALL | flags::INBOUND_ALL | flags::EXCLUDE_IFACES | flags::KUBE_VIRT,
+            &[1337],
+            &[1337],
+        );
+        let s = Sets {
+            members: std::vec![
+                (MemberKind::ExcludedIfindex, 3),
+                (MemberKind::KubeVirtIfindex, 4)
+            ],
+            excluded_routes: std::vec![v4_mapped([203, 0, 113, 10])],
+            ..Default::default()
+        };
+        assert_eq!(
+            decide(&c, &s, &conn([203, 0, 113, 10], 80, 1000, 1000)),
+            Verdict::Pass(Reason::InterfaceExcluded)
+        );
+        assert_eq!(decide(&c, &s, &conn(REMOTE, 80, 1000, 1000)), OUT);
+        let on = |ifindex| Arrival {
+            ifindex,
+            ..arr(PEER, 8080)
+        };
+        assert_eq!(
+            decide_inbound(&c, &s, &on(3)),
+            Verdict::Pass(Reason::InterfaceExcluded)
+        );
+        assert_eq!(
+            decide_inbound(&c, &s, &on(4)),
+            Verdict::Redirect {
+                port: 15001,
+                reason: Reason::KubeVirtRedirect
+            }
+        );
+        assert_eq!(
+            decide_inbound(&c, &s, &on(2)),
+            inbound(Reason::InboundCaptureAll)
+        );
+        // -k with an -i list: only listed destinations go to the outbound port.
+        let listed = cfg(flags::INBOUND_ALL | flags::KUBE_VIRT, &[1337], &[1337]);
+        assert_eq!(
+            decide_inbound(&listed, &s, &on(4)),
+            Verdict::Pass(Reason::KubeVirtReturn)
+        );
+    }
+
+    #[test]
     fn reason_table_is_consistent() {
         for (i, r) in Reason::ALL.iter().enumerate() {
             assert_eq!(*r as u32, i as u32 + 1);
@@ -952,6 +1056,20 @@ mod tests {
     }
 
     const PEER: Addr = v4_mapped([192, 0, 2, 20]);
+
+    fn arr(src: Addr, dport: u16) -> Arrival {
+        let dst = if is_v4_mapped(&src) {
+            v4_mapped(POD)
+        } else {
+            PEER6
+        };
+        Arrival {
+            src,
+            dst,
+            dport,
+            ifindex: 2,
+        }
+    }
     const PEER6: Addr = [
         0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x20,
     ];
@@ -993,20 +1111,20 @@ mod tests {
         );
         let inb = |reason| Verdict::Redirect { port: 4143, reason };
         assert_eq!(
-            decide_inbound(&c, &s, &PEER6, 22),
+            decide_inbound(&c, &s, &arr(PEER6, 22)),
             inb(Reason::InboundCaptureAll)
         );
         assert_eq!(
-            decide_inbound(&c, &s, &PEER6, 4191),
+            decide_inbound(&c, &s, &arr(PEER6, 4191)),
             Verdict::Pass(Reason::InboundPortExcluded)
         );
         // 192.0.2.20 is outside 192.0.2.0/28; 192.0.2.5 is inside.
         assert_eq!(
-            decide_inbound(&c, &s, &PEER, 8080),
+            decide_inbound(&c, &s, &arr(PEER, 8080)),
             inb(Reason::InboundCaptureAll)
         );
         assert_eq!(
-            decide_inbound(&c, &s, &v4_mapped([192, 0, 2, 5]), 8080),
+            decide_inbound(&c, &s, &arr(v4_mapped([192, 0, 2, 5]), 8080)),
             Verdict::Pass(Reason::InboundSubnetIgnored)
         );
         let mut listed = c;
@@ -1016,11 +1134,11 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            decide_inbound(&listed, &s, &PEER, 8080),
+            decide_inbound(&listed, &s, &arr(PEER, 8080)),
             inb(Reason::InboundPortIncluded)
         );
         assert_eq!(
-            decide_inbound(&listed, &s, &PEER, 9090),
+            decide_inbound(&listed, &s, &arr(PEER, 9090)),
             Verdict::Pass(Reason::InboundPortNotListed)
         );
     }
@@ -1033,24 +1151,24 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            decide_inbound(&all, &s, &PEER, 8080),
+            decide_inbound(&all, &s, &arr(PEER, 8080)),
             inbound(Reason::InboundCaptureAll)
         );
         // Port 22 is captured (istio >= 1.13).
         assert_eq!(
-            decide_inbound(&all, &s, &PEER, 22),
+            decide_inbound(&all, &s, &arr(PEER, 22)),
             inbound(Reason::InboundCaptureAll)
         );
         assert_eq!(
-            decide_inbound(&all, &s, &PEER, 15090),
+            decide_inbound(&all, &s, &arr(PEER, 15090)),
             Verdict::Pass(Reason::InboundPortExcluded)
         );
         assert_eq!(
-            decide_inbound(&all, &s, &PEER, 15008),
+            decide_inbound(&all, &s, &arr(PEER, 15008)),
             Verdict::Pass(Reason::InboundTunnelPort)
         );
         assert_eq!(
-            decide_inbound(&all, &s, &PEER6, 8080),
+            decide_inbound(&all, &s, &arr(PEER6, 8080)),
             Verdict::Pass(Reason::NoIpv6Rules)
         );
         let list = cfg(flags::INBOUND_LIST, &[1337], &[1337]);
@@ -1063,16 +1181,16 @@ mod tests {
         };
         // -d is ignored with a -b list.
         assert_eq!(
-            decide_inbound(&list, &s, &PEER, 8080),
+            decide_inbound(&list, &s, &arr(PEER, 8080)),
             inbound(Reason::InboundPortIncluded)
         );
         assert_eq!(
-            decide_inbound(&list, &s, &PEER, 9090),
+            decide_inbound(&list, &s, &arr(PEER, 9090)),
             Verdict::Pass(Reason::InboundPortNotListed)
         );
         let off = cfg(0, &[1337], &[1337]);
         assert_eq!(
-            decide_inbound(&off, &s, &PEER, 8080),
+            decide_inbound(&off, &s, &arr(PEER, 8080)),
             Verdict::Pass(Reason::InboundOff)
         );
     }

@@ -9,6 +9,7 @@ pub mod decision;
 pub mod maps;
 
 pub use decision::{
-    decide, decide_inbound, Conn, Proto, Reason, Rules, Verdict, DNS_CAPTURE_PORT, DNS_PORT,
+    decide, decide_inbound, Arrival, Conn, Proto, Reason, Rules, Verdict, DNS_CAPTURE_PORT,
+    DNS_PORT,
 };
 pub use maps::*;

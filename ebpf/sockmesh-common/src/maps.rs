@@ -24,8 +24,9 @@ pub mod names {
     pub const SOCK_OWNER: &str = "SM_SOCK_OWNER";
     pub const LISTENERS: &str = "SM_LISTENERS";
     pub const ADDR_POD: &str = "SM_ADDR_POD";
+    pub const ROUTE_SRC: &str = "SM_ROUTE_SRC";
     pub const COUNTERS: &str = "SM_COUNTERS";
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 11] = [
         PODS,
         MEMBERS,
         CIDRS,
@@ -35,6 +36,7 @@ pub mod names {
         SOCK_OWNER,
         LISTENERS,
         ADDR_POD,
+        ROUTE_SRC,
         COUNTERS,
     ];
 }
@@ -50,6 +52,7 @@ pub mod sizes {
     pub const COUNTERS: u32 = 65_536;
     pub const LISTENERS: u32 = 65_536;
     pub const ADDR_POD: u32 = 65_536;
+    pub const ROUTE_SRC: u32 = 65_536;
 }
 
 /// `PodConfig::flags` bits.
@@ -81,6 +84,10 @@ pub mod flags {
     pub const DNS_V6: u32 = 1 << 11;
     /// `--capture-all-dns`: every port-53 destination, not only resolv.conf's servers.
     pub const DNS_ALL: u32 = 1 << 12;
+    /// `-c`: some interfaces are excluded (see `MemberKind::ExcludedIfindex`, `CidrKind::Route*`).
+    pub const EXCLUDE_IFACES: u32 = 1 << 13;
+    /// `-k`: some interfaces carry outbound traffic in (see `MemberKind::KubeVirtIfindex`).
+    pub const KUBE_VIRT: u32 = 1 << 14;
 }
 
 /// A registered pod's settings in istio terms. Value of the `PODS` map, keyed by netns cookie.
@@ -139,16 +146,22 @@ pub enum MemberKind {
     OwnerGroupInclude = 5,
     /// `ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE`.
     OwnerGroupExclude = 6,
+    /// `-c`: interface indexes (in the pod's netns) never captured.
+    ExcludedIfindex = 7,
+    /// `-k`: interface indexes whose inbound traffic is treated as outbound.
+    KubeVirtIfindex = 8,
 }
 
 impl MemberKind {
-    pub const ALL: [MemberKind; 6] = [
+    pub const ALL: [MemberKind; 8] = [
         MemberKind::OutboundExcludePort,
         MemberKind::OutboundIncludePort,
         MemberKind::InboundPort,
         MemberKind::InboundExcludePort,
         MemberKind::OwnerGroupInclude,
         MemberKind::OwnerGroupExclude,
+        MemberKind::ExcludedIfindex,
+        MemberKind::KubeVirtIfindex,
     ];
 
     pub const fn from_u32(v: u32) -> Option<Self> {
@@ -159,6 +172,8 @@ impl MemberKind {
             4 => Some(Self::InboundExcludePort),
             5 => Some(Self::OwnerGroupInclude),
             6 => Some(Self::OwnerGroupExclude),
+            7 => Some(Self::ExcludedIfindex),
+            8 => Some(Self::KubeVirtIfindex),
             _ => None,
         }
     }
@@ -172,6 +187,8 @@ impl MemberKind {
             Self::InboundExcludePort => "-d",
             Self::OwnerGroupInclude => "ISTIO_OUTBOUND_OWNER_GROUPS",
             Self::OwnerGroupExclude => "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE",
+            Self::ExcludedIfindex => "-c",
+            Self::KubeVirtIfindex => "-k",
         }
     }
 }
@@ -214,6 +231,11 @@ pub enum CidrKind {
     DnsServerV4 = 10,
     /// DNS servers of the pod's resolv.conf, IPv6.
     DnsServerV6 = 11,
+    /// The pod's IPv4 main routing table: value 1 where the route leaves through an interface
+    /// excluded with `-c`, 0 elsewhere (a longest-prefix match gives the route's verdict).
+    RouteV4 = 12,
+    /// Same, IPv6.
+    RouteV6 = 13,
 }
 
 impl CidrKind {
@@ -230,6 +252,8 @@ impl CidrKind {
             9 => Some(Self::IgnoreSubnetV6),
             10 => Some(Self::DnsServerV4),
             11 => Some(Self::DnsServerV6),
+            12 => Some(Self::RouteV4),
+            13 => Some(Self::RouteV6),
             _ => None,
         }
     }
@@ -237,7 +261,11 @@ impl CidrKind {
     pub const fn is_v6(self) -> bool {
         matches!(
             self,
-            Self::ExcludeV6 | Self::IncludeV6 | Self::IgnoreSubnetV6 | Self::DnsServerV6
+            Self::ExcludeV6
+                | Self::IncludeV6
+                | Self::IgnoreSubnetV6
+                | Self::DnsServerV6
+                | Self::RouteV6
         )
     }
 

@@ -22,8 +22,8 @@ use aya_ebpf::{
     EbpfContext,
 };
 use sockmesh_common::{
-    counters, decide, decide_inbound, is_v4_mapped, sizes, v4_mapped, Addr, CidrKey, CidrKind,
-    Conn, ConnKey, CounterKey, ListenerKey, LocalAddrKey, MemberKey, MemberKind, OrigDst,
+    counters, decide, decide_inbound, is_v4_mapped, sizes, v4_mapped, Addr, Arrival, CidrKey,
+    CidrKind, Conn, ConnKey, CounterKey, ListenerKey, LocalAddrKey, MemberKey, MemberKind, OrigDst,
     PodConfig, Proto, Reason, Rules, SockOwner, Verdict, AF_INET, AF_INET6, CIDR_KEY_FIXED_BITS,
 };
 
@@ -59,6 +59,12 @@ static LISTENERS: SockHash<ListenerKey> = SockHash::with_max_entries(sizes::LIST
 /// A registered pod's own addresses → its netns cookie (sk_lookup cannot read the cookie).
 #[map(name = "SM_ADDR_POD")]
 static ADDR_POD: HashMap<Addr, u64> = HashMap::with_max_entries(sizes::ADDR_POD, 0);
+
+/// A pod's routes (keys as `CidrKind::RouteV4/V6`) → the source address the kernel picks for
+/// them: what a redirected socket is bound to, so the proxy sees the usual client address.
+#[map(name = "SM_ROUTE_SRC")]
+static ROUTE_SRC: LpmTrie<CidrKey, Addr> =
+    LpmTrie::with_max_entries(sizes::ROUTE_SRC, BPF_F_NO_PREALLOC);
 
 /// Who created each socket of a registered pod.
 #[btf_map(name = "SM_SOCK_OWNER")]
@@ -98,6 +104,20 @@ impl Rules for PodRules {
             CidrKey::new(self.netns, kind, addr),
         );
         CIDRS.get(&key).is_some()
+    }
+
+    #[inline(always)]
+    fn route_excluded(&self, dst: &Addr) -> bool {
+        let (kind, bits) = if is_v4_mapped(dst) {
+            (CidrKind::RouteV4, 32)
+        } else {
+            (CidrKind::RouteV6, 128)
+        };
+        let key = Key::new(
+            CIDR_KEY_FIXED_BITS + bits,
+            CidrKey::new(self.netns, kind, dst),
+        );
+        CIDRS.get(&key).is_some_and(|v| *v == 1)
     }
 
     #[inline(always)]
@@ -394,7 +414,7 @@ struct SockaddrIn6 {
 /// socket: the destination itself for the pod's own address, the pod's primary address for a
 /// remote one, nothing (the default is right) for localhost or a bound socket.
 #[inline(always)]
-fn natural_source(cfg: &PodConfig, conn: &Conn) -> Option<Addr> {
+fn natural_source(netns: u64, cfg: &PodConfig, conn: &Conn) -> Option<Addr> {
     if !is_zero(&conn.src) && !(is_v4_mapped(&conn.src) && conn.src[12..16] == [0, 0, 0, 0]) {
         return None;
     }
@@ -406,10 +426,27 @@ fn natural_source(cfg: &PodConfig, conn: &Conn) -> Option<Addr> {
             return None;
         }
         Some(conn.dst)
-    } else if v4 {
-        (cfg.src_v4 != [0, 0, 0, 0]).then(|| v4_mapped(cfg.src_v4))
     } else {
-        (!is_zero(&cfg.src_v6)).then_some(cfg.src_v6)
+        // The route's source address, else the pod's primary address.
+        let (kind, bits) = if v4 {
+            (CidrKind::RouteV4, 32)
+        } else {
+            (CidrKind::RouteV6, 128)
+        };
+        let key = Key::new(
+            CIDR_KEY_FIXED_BITS + bits,
+            CidrKey::new(netns, kind, &conn.dst),
+        );
+        if let Some(src) = ROUTE_SRC.get(&key) {
+            if !is_zero(src) {
+                return Some(*src);
+            }
+        }
+        if v4 {
+            (cfg.src_v4 != [0, 0, 0, 0]).then(|| v4_mapped(cfg.src_v4))
+        } else {
+            (!is_zero(&cfg.src_v6)).then_some(cfg.src_v6)
+        }
     }
 }
 
@@ -423,7 +460,8 @@ fn set_source<const CONNECT: bool, const V6: bool>(
     cfg: &PodConfig,
     conn: &Conn,
 ) {
-    let Some(source) = natural_source(cfg, conn) else {
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let Some(source) = natural_source(netns, cfg, conn) else {
         return;
     };
     let sa = ctx.sock_addr;
@@ -688,7 +726,13 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
         return SK_PASS;
     }
     let v4 = is_v4_mapped(&local);
-    let verdict = decide_inbound(cfg, &PodRules { netns }, &remote, port as u16);
+    let arrival = Arrival {
+        src: remote,
+        dst: local,
+        dport: port as u16,
+        ifindex,
+    };
+    let verdict = decide_inbound(cfg, &PodRules { netns }, &arrival);
     let Verdict::Redirect { port: to, reason } = verdict else {
         count(netns, verdict.reason() as u32);
         return SK_PASS;
