@@ -177,7 +177,12 @@ pub fn listen(specs: &[String]) -> Result<()> {
             threads.push(std::thread::spawn(move || serve_udp(sock, name)));
             continue;
         }
-        let listener = bind_listener(addr).with_context(|| format!("binding {addr}"))?;
+        let (name, transparent) = match name.strip_prefix("t/") {
+            Some(n) => (n, true),
+            None => (name, false),
+        };
+        let listener =
+            bind_listener(addr, transparent).with_context(|| format!("binding {addr}"))?;
         let name = name.to_string();
         threads.push(std::thread::spawn(move || serve(listener, name)));
     }
@@ -236,7 +241,22 @@ fn serve_udp(sock: UdpSocket, name: String) {
     }
 }
 
-fn bind_listener(addr: SocketAddr) -> Result<TcpListener> {
+/// IP_TRANSPARENT (IPV6_TRANSPARENT) on `fd`: listen for or connect from non-local addresses.
+fn set_transparent(fd: RawFd, v6: bool) -> Result<()> {
+    let one: libc::c_int = 1;
+    let (level, name) = if v6 {
+        (libc::SOL_IPV6, libc::IPV6_TRANSPARENT)
+    } else {
+        (libc::SOL_IP, libc::IP_TRANSPARENT)
+    };
+    // SAFETY: valid option pointer.
+    if unsafe { libc::setsockopt(fd, level, name, (&one as *const libc::c_int).cast(), 4) } != 0 {
+        bail!("IP_TRANSPARENT: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn bind_listener(addr: SocketAddr, transparent: bool) -> Result<TcpListener> {
     let family = if addr.is_ipv4() {
         libc::AF_INET
     } else {
@@ -268,6 +288,9 @@ fn bind_listener(addr: SocketAddr) -> Result<TcpListener> {
                 4,
             );
         }
+    }
+    if transparent {
+        set_transparent(fd, addr.is_ipv6())?;
     }
     let (ss, len) = std_to_sockaddr(addr);
     // SAFETY: ss is a valid sockaddr of len bytes.
@@ -500,17 +523,27 @@ pub fn fetch(spec: &ConnectSpec) -> Result<String> {
 /// the original destination; on the inbound port it forwards to the original destination from
 /// the inbound passthrough source (127.0.0.6 / ::6), as Istio's Envoy does. Before relaying, it
 /// tells the client which hop it is and what original destination it saw.
-pub fn proxy(name: &str, outbound: u16, inbound: u16) -> Result<()> {
+///
+/// With `tproxy_mark`, the proxy works as Istio's Envoy in TPROXY mode: its inbound listener is
+/// transparent and its upstream connection to the app keeps the client's address as source
+/// (IP_TRANSPARENT, SO_MARK).
+pub fn proxy(name: &str, outbound: u16, inbound: u16, tproxy_mark: Option<u32>) -> Result<()> {
     let mut threads = Vec::new();
     for (port, dir) in [(outbound, "outbound"), (inbound, "inbound")] {
         for addr in [format!("0.0.0.0:{port}"), format!("[::]:{port}")] {
-            let listener =
-                bind_listener(addr.parse()?).with_context(|| format!("binding {addr}"))?;
+            let transparent = dir == "inbound" && tproxy_mark.is_some();
+            let listener = bind_listener(addr.parse()?, transparent)
+                .with_context(|| format!("binding {addr}"))?;
             let hop = format!("{name}-{dir}");
             threads.push(std::thread::spawn(move || {
                 for conn in listener.incoming().flatten() {
                     let hop = hop.clone();
-                    std::thread::spawn(move || relay(conn, &hop, dir == "inbound"));
+                    let mode = match (dir, tproxy_mark) {
+                        ("outbound", _) => Upstream::Direct,
+                        (_, Some(mark)) => Upstream::OriginalSource(mark),
+                        _ => Upstream::Passthrough,
+                    };
+                    std::thread::spawn(move || relay(conn, &hop, mode));
                 }
             }));
         }
@@ -523,7 +556,18 @@ pub fn proxy(name: &str, outbound: u16, inbound: u16) -> Result<()> {
     Ok(())
 }
 
-fn relay(mut client: TcpStream, hop: &str, inbound: bool) {
+/// How the proxy connects upstream.
+#[derive(Clone, Copy)]
+enum Upstream {
+    /// Outbound: straight to the original destination.
+    Direct,
+    /// Inbound (REDIRECT mode): from 127.0.0.6 / ::6.
+    Passthrough,
+    /// Inbound (TPROXY mode): from the client's own address, with this mark.
+    OriginalSource(u32),
+}
+
+fn relay(mut client: TcpStream, hop: &str, mode: Upstream) {
     let Ok(peer) = client.peer_addr() else { return };
     let orig = match original_dst(client.as_raw_fd(), peer) {
         Ok(o) => unmap(o),
@@ -532,15 +576,19 @@ fn relay(mut client: TcpStream, hop: &str, inbound: bool) {
             return;
         }
     };
-    let upstream = if inbound {
-        let src: IpAddr = if orig.is_ipv4() {
-            Ipv4Addr::new(127, 0, 0, 6).into()
-        } else {
-            Ipv6Addr::from(6u128).into()
-        };
-        connect_from(src, orig)
-    } else {
-        TcpStream::connect_timeout(&orig, Duration::from_secs(2)).map_err(anyhow::Error::from)
+    let upstream = match mode {
+        Upstream::Passthrough => {
+            let src: IpAddr = if orig.is_ipv4() {
+                Ipv4Addr::new(127, 0, 0, 6).into()
+            } else {
+                Ipv6Addr::from(6u128).into()
+            };
+            connect_from(src, orig, None)
+        }
+        Upstream::OriginalSource(mark) => connect_from(unmap(peer).ip(), orig, Some(mark)),
+        Upstream::Direct => {
+            TcpStream::connect_timeout(&orig, Duration::from_secs(2)).map_err(anyhow::Error::from)
+        }
     };
     let _ = writeln!(client, "hop={hop} orig={orig} client={}", unmap(peer).ip());
     let Ok(upstream) = upstream else {
@@ -560,7 +608,8 @@ fn relay(mut client: TcpStream, hop: &str, inbound: bool) {
     let _ = up.join();
 }
 
-fn connect_from(src: IpAddr, dst: SocketAddr) -> Result<TcpStream> {
+/// Connect to `dst` from `src`; with `mark`, transparently (a non-local `src`) and marked.
+fn connect_from(src: IpAddr, dst: SocketAddr, mark: Option<u32>) -> Result<TcpStream> {
     let family = if dst.is_ipv4() {
         libc::AF_INET
     } else {
@@ -573,6 +622,22 @@ fn connect_from(src: IpAddr, dst: SocketAddr) -> Result<TcpStream> {
     }
     // SAFETY: fresh fd.
     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    if let Some(mark) = mark {
+        set_transparent(fd, dst.is_ipv6())?;
+        // SAFETY: valid option pointer.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_MARK,
+                (&mark as *const u32).cast(),
+                4,
+            )
+        };
+        if rc != 0 {
+            bail!("SO_MARK: {}", std::io::Error::last_os_error());
+        }
+    }
     let (ss, len) = std_to_sockaddr(SocketAddr::new(src, 0));
     // SAFETY: valid sockaddr.
     if unsafe { libc::bind(fd, (&ss as *const libc::sockaddr_storage).cast(), len) } != 0 {

@@ -110,7 +110,10 @@ pub fn pod_with(
     }
     let in_cgroup = mode == Mode::Sockmesh;
     if !pod_ports.is_empty() {
-        listen(lab, &ns, in_cgroup, "pod", pod_ports)?;
+        // TPROXY only hands connections to transparent listeners (as Envoy's with
+        // `transparent: true`).
+        let transparent: &[u16] = if profile.tproxy { &[15006] } else { &[] };
+        listen_with(lab, &ns, in_cgroup, "pod", pod_ports, transparent)?;
     }
     listen(lab, &peer, false, "peer", &PEER_PORTS)?;
     let peer2 = if profile.second_link() {
@@ -170,10 +173,23 @@ pub fn pod_with(
 
 /// Start testkit listeners named `name:PORT` (and `name:PORTv6`) on every address of `ns`.
 pub fn listen(lab: &mut Lab, ns: &Netns, in_cgroup: bool, name: &str, ports: &[u16]) -> Result<()> {
+    listen_with(lab, ns, in_cgroup, name, ports, &[])
+}
+
+/// [`listen`], with the `transparent` ports' listeners IP_TRANSPARENT.
+pub fn listen_with(
+    lab: &mut Lab,
+    ns: &Netns,
+    in_cgroup: bool,
+    name: &str,
+    ports: &[u16],
+    transparent: &[u16],
+) -> Result<()> {
     let mut specs = Vec::new();
     for p in ports {
-        specs.push(format!("{name}:{p}@0.0.0.0:{p}"));
-        specs.push(format!("{name}:{p}v6@[::]:{p}"));
+        let t = if transparent.contains(p) { "t/" } else { "" };
+        specs.push(format!("{t}{name}:{p}@0.0.0.0:{p}"));
+        specs.push(format!("{t}{name}:{p}v6@[::]:{p}"));
     }
     let mut cmd = lab.command(ns, in_cgroup, testkit_bin()?)?;
     cmd.arg("listen").args(&specs);
@@ -186,6 +202,28 @@ pub fn apply_iptables(pod: &Pod, profile: &Profile) -> Result<()> {
     if profile.ipv6_rules() {
         pod.ns
             .ip(&["-6", "addr", "add", "::6/128", "dev", "lo", "nodad"])?;
+    }
+    if profile.tproxy {
+        // istio-iptables' TPROXY routing: marked packets are delivered locally.
+        pod.ns
+            .ip(&["rule", "add", "fwmark", "1337", "lookup", "133"])?;
+        pod.ns.ip(&[
+            "route",
+            "add",
+            "local",
+            "0.0.0.0/0",
+            "dev",
+            "lo",
+            "table",
+            "133",
+        ])?;
+        if profile.ipv6_rules() {
+            pod.ns
+                .ip(&["-6", "rule", "add", "fwmark", "1337", "lookup", "133"])?;
+            pod.ns.ip(&[
+                "-6", "route", "add", "local", "::/0", "dev", "lo", "table", "133",
+            ])?;
+        }
     }
     for (v6, bin) in [(false, "iptables-restore"), (true, "ip6tables-restore")] {
         if v6 && !profile.ipv6_rules() {
@@ -292,7 +330,7 @@ impl Caller {
     }
 }
 
-pub const CALLERS: [Caller; 10] = [
+pub const CALLERS: [Caller; 11] = [
     Caller::new("app", 1000, 1000),
     Caller::new("root", 0, 0),
     Caller::new("proxy-uid", 1337, 1337),
@@ -303,6 +341,8 @@ pub const CALLERS: [Caller; 10] = [
     Caller::new("app-v4-mapped", 1000, 1000).mapped(),
     Caller::new("proxy-on-a-root-socket", 1337, 1337).socket_by_root(),
     Caller::new("linkerd-proxy", 2102, 2102),
+    // Envoy in TPROXY mode runs as uid 0, gid 1337.
+    Caller::new("tproxy-proxy", 0, 1337),
 ];
 
 /// Callers bound to the inbound passthrough source (only for local destinations).

@@ -54,6 +54,8 @@ pub struct Profile {
     pub exclude_ifaces: Vec<&'static str>,
     /// `-k`
     pub kube_virt_ifaces: Vec<&'static str>,
+    /// `-m TPROXY` (mark 1337, table 133)
+    pub tproxy: bool,
     pub outbound_port: u16,
     pub inbound_port: u16,
     pub tunnel_port: u16,
@@ -93,6 +95,7 @@ impl Profile {
             dns: None,
             exclude_ifaces: vec![],
             kube_virt_ifaces: vec![],
+            tproxy: false,
             outbound_port: 15001,
             inbound_port: 15006,
             tunnel_port: 15008,
@@ -248,6 +251,61 @@ impl Profile {
         text
     }
 
+    /// TPROXY mode's mangle table (spec §2.5): inbound TPROXY to the inbound port, the proxy's
+    /// own calls to local addresses marked 1338 and TPROXYed too, CONNMARK for replies.
+    fn tproxy_mangle(&self, lo_cidr: &str, passthrough: &str) -> Vec<String> {
+        const MARK: u32 = 1337;
+        let mut r = vec![
+            "* mangle".to_string(),
+            "-N ISTIO_DIVERT".into(),
+            "-N ISTIO_TPROXY".into(),
+            "-N ISTIO_INBOUND".into(),
+            format!("-A ISTIO_DIVERT -j MARK --set-mark {MARK}"),
+            "-A ISTIO_DIVERT -j ACCEPT".into(),
+            format!(
+                "-A ISTIO_TPROXY ! -d {lo_cidr} -p tcp -j TPROXY --tproxy-mark {MARK}/0xffffffff --on-port {}",
+                self.inbound_port
+            ),
+            "-A PREROUTING -p tcp -j ISTIO_INBOUND".into(),
+            format!("-A ISTIO_INBOUND -p tcp -m mark --mark {MARK} -j RETURN"),
+            format!("-A ISTIO_INBOUND -p tcp -s {passthrough} -i lo -j RETURN"),
+            "-A ISTIO_INBOUND -p tcp -i lo -m mark ! --mark 1338 -j RETURN".into(),
+        ];
+        let est = "-m conntrack --ctstate RELATED,ESTABLISHED -j ISTIO_DIVERT";
+        if self.inbound == ["*"] {
+            for d in &self.inbound_exclude {
+                r.push(format!("-A ISTIO_INBOUND -p tcp --dport {d} -j RETURN"));
+            }
+            r.push(format!("-A ISTIO_INBOUND -p tcp {est}"));
+            r.push("-A ISTIO_INBOUND -p tcp -j ISTIO_TPROXY".into());
+        } else {
+            for b in &self.inbound {
+                r.push(format!("-A ISTIO_INBOUND -p tcp --dport {b} {est}"));
+                r.push(format!(
+                    "-A ISTIO_INBOUND -p tcp --dport {b} -j ISTIO_TPROXY"
+                ));
+            }
+        }
+        r.push(format!(
+            "-A PREROUTING -p tcp -m mark --mark {MARK} -j CONNMARK --save-mark"
+        ));
+        r.push(format!(
+            "-A OUTPUT -p tcp -o lo -m mark --mark {MARK} -j RETURN"
+        ));
+        for (ids, flag) in [(&self.uids, "--uid-owner"), (&self.gids, "--gid-owner")] {
+            for id in ids {
+                r.push(format!(
+                    "-A OUTPUT ! -d {lo_cidr} -p tcp -o lo -m owner {flag} {id} -j MARK --set-mark 1338"
+                ));
+            }
+        }
+        r.push(format!(
+            "-A OUTPUT -p tcp -m connmark --mark {MARK} -j CONNMARK --restore-mark"
+        ));
+        r.push("COMMIT".into());
+        r
+    }
+
     /// The `istio-iptables` arguments (without argv[0]).
     pub fn argv(&self) -> Vec<String> {
         let mut a = vec![
@@ -260,7 +318,7 @@ impl Profile {
             "-g".into(),
             Self::join(&self.gids),
             "-m".into(),
-            "REDIRECT".into(),
+            if self.tproxy { "TPROXY" } else { "REDIRECT" }.into(),
             "-i".into(),
             Self::join(&self.include),
             "-x".into(),
@@ -368,7 +426,8 @@ impl Profile {
             r.push(format!("-A PREROUTING -i {x} -j RETURN"));
             r.push(format!("-A OUTPUT -o {x} -j RETURN"));
         }
-        if !self.inbound.is_empty() {
+        // In TPROXY mode inbound capture lives in the mangle table instead.
+        if !self.inbound.is_empty() && !self.tproxy {
             r.push("-A PREROUTING -p tcp -j ISTIO_INBOUND".into());
             if self.inbound == ["*"] {
                 for d in &self.inbound_exclude {
@@ -486,6 +545,9 @@ impl Profile {
             }
         }
         r.push("COMMIT".into());
+        if self.tproxy && !self.inbound.is_empty() {
+            r.extend(self.tproxy_mangle(&lo_cidr, &passthrough));
+        }
         // The raw table's conntrack zones keep the two legs of a proxied DNS exchange apart.
         if let Some(d) = dns_chain {
             r.push("* raw".into());
@@ -660,6 +722,18 @@ pub fn all() -> Vec<Profile> {
             name: "kube-virt-interface-cidrs",
             kube_virt_ifaces: vec!["eth1"],
             include: vec!["198.18.0.0/25".into(), "198.51.100.0/24".into()],
+            ..d()
+        },
+        Profile {
+            name: "tproxy",
+            tproxy: true,
+            ..d()
+        },
+        Profile {
+            name: "tproxy-inbound-list",
+            tproxy: true,
+            inbound: vec!["8080".into(), "15008".into()],
+            dual_stack: true,
             ..d()
         },
         Profile::linkerd_default(),

@@ -275,6 +275,26 @@ fn kube_virt_interface_cidrs() {
 }
 
 #[test]
+fn tproxy() {
+    let r = conformance(&profile("tproxy"));
+    // The proxy (0:1337) calling its own pod IP reaches the inbound listener unrewritten.
+    assert_eq!(
+        listener(outcome(&r, &format!("tproxy-proxy -> {POD_V4}:8080"))),
+        Some(("pod:15006", "192.0.2.10:8080"))
+    );
+    // No tunnel-port exemption in TPROXY mode.
+    assert_eq!(
+        listener(outcome(&r, &format!("peer -> {POD_V4}:15008"))),
+        Some(("pod:15006", "192.0.2.10:15008"))
+    );
+}
+
+#[test]
+fn tproxy_inbound_list() {
+    conformance(&profile("tproxy-inbound-list"));
+}
+
+#[test]
 fn linkerd_default() {
     let r = conformance(&profile("linkerd-default"));
     assert_eq!(

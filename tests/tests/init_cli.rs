@@ -97,7 +97,7 @@ fn bad_input_is_refused_in_one_line_and_registers_nothing() {
         (&["-g", "1337,x y"], &[], "-g:"),
         (&["--no-such-flag"], &[], "--no-such-flag:"),
         (&["-Z", "1"], &[], "-Z:"),
-        (&["-m", "TPROXY"], &[], "-m:"),
+        (&["-m", "TPROXY", "-r", "table"], &[], "-r:"),
         (
             &["--redirect-dns"],
             &[("SOCKMESH_RESOLV_CONF", "/nonexistent/resolv.conf")],

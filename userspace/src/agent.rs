@@ -215,8 +215,20 @@ fn handle(state: &State, req: Request, fd: Option<OwnedFd>, peer: &str) -> Respo
                 Err(e) => return Response::error(e),
             };
             let mut maps = state.maps.lock().expect("maps lock");
+            let before = registry::config(&maps, netns);
             let result = registry::unregister(&mut maps, netns);
             bpf::detach_netns(&state.bpffs, netns);
+            if let (Some(c), Some(fd)) = (before, fd.as_ref()) {
+                if c.has(flags::TPROXY) {
+                    let _ = tproxy_routing(
+                        fd.as_fd(),
+                        c.tproxy_mark,
+                        c.tproxy_table,
+                        c.has(flags::IPV6),
+                        false,
+                    );
+                }
+            }
             match result {
                 Ok(was) => {
                     info!(peer, netns, was_registered = was, "pod unregistered");
@@ -317,6 +329,10 @@ fn register(state: &State, netns: u64, fd: BorrowedFd<'_>, spec: &PodSpec) -> Re
             Some((r.dst, src))
         })
         .collect();
+    if spec.config.has(flags::TPROXY) {
+        let c = &spec.config;
+        tproxy_routing(fd, c.tproxy_mark, c.tproxy_table, c.has(flags::IPV6), true)?;
+    }
     let mut maps = state.maps.lock().expect("maps lock");
     // Inbound capture: the sk_lookup program in the pod's netns (idempotent), before the maps
     // that turn it on for this pod.
@@ -371,6 +387,61 @@ fn read_pod(fd: BorrowedFd<'_>, spec: &PodSpec) -> Result<PodView, String> {
             ifindex,
             routes: sys::main_routes()?,
         })
+    })
+    .map_err(|e| e.to_string())?
+}
+
+/// Run `ip ARGS` in the calling thread's netns.
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("running ip (iproute2) failed: {e}; install iproute2"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "ip {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
+/// TPROXY mode's routing in the pod's netns, as istio-iptables sets it up: packets with the
+/// TPROXY mark are delivered locally (`ip rule fwmark M lookup T`, `local default dev lo` in
+/// T), so the app's replies to the proxy's original-source connections come back to it. The
+/// mark reaches those replies through `net.ipv4.tcp_fwmark_accept` (the app's accepted socket
+/// takes the mark of the proxy's SYN) instead of iptables' CONNMARK rules.
+fn tproxy_routing(
+    fd: BorrowedFd<'_>,
+    mark: u32,
+    table: u32,
+    ipv6: bool,
+    on: bool,
+) -> Result<(), String> {
+    sys::in_netns(fd, move || -> Result<(), String> {
+        let (m, t) = (mark.to_string(), table.to_string());
+        let mut families = vec![("-4", "0.0.0.0/0")];
+        if ipv6 {
+            families.push(("-6", "::/0"));
+        }
+        for (f, any) in families {
+            // Idempotent: drop an earlier copy of the rule first.
+            let _ = ip(&[f, "rule", "del", "fwmark", &m, "lookup", &t]);
+            if on {
+                ip(&[f, "rule", "add", "fwmark", &m, "lookup", &t])?;
+                ip(&[
+                    f, "route", "replace", "local", any, "dev", "lo", "table", &t,
+                ])?;
+            } else {
+                let _ = ip(&[f, "route", "del", "local", any, "dev", "lo", "table", &t]);
+            }
+        }
+        if on {
+            std::fs::write("/proc/sys/net/ipv4/tcp_fwmark_accept", "1")
+                .map_err(|e| format!("setting net.ipv4.tcp_fwmark_accept in the pod: {e}"))?;
+        }
+        Ok(())
     })
     .map_err(|e| e.to_string())?
 }

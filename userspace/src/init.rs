@@ -2,7 +2,7 @@
 
 use std::{ffi::OsString, net::IpAddr, os::fd::AsFd, path::Path, time::Duration};
 
-use sockmesh_common::{decide, flags, Conn, Proto, Verdict};
+use sockmesh_common::{decide, flags, Action, Conn, Proto};
 
 use crate::{
     istio::{IfAddr, IstioArgs, ProcessEnv},
@@ -257,11 +257,13 @@ pub fn decision_table(spec: &PodSpec, local: &[IpAddr]) -> String {
                 uid: *uid,
                 gid: *gid,
                 dst_is_local,
+                mark: 0,
             };
             let v = decide(c, spec, &conn);
-            let verdict = match v {
-                Verdict::Pass(_) => "pass".to_string(),
-                Verdict::Redirect { port, .. } => format!("redirect :{port}"),
+            let verdict = match v.action {
+                Action::Pass => "pass".to_string(),
+                Action::Redirect => format!("redirect :{}", v.port),
+                Action::Tproxy => format!("tproxy :{}", v.port),
             };
             let target = match dst {
                 IpAddr::V6(_) => format!("[{dst}]:{port} ({label})"),

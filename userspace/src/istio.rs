@@ -427,12 +427,6 @@ impl IstioArgs {
     ) -> Result<(PodSpec, crate::init::InitAction), FlagError> {
         let mut notes = Vec::new();
         // Settings whose behaviour sockmesh does not implement yet: refuse, never ignore.
-        if self.interception_mode == "TPROXY" {
-            return Err(err(
-                "-m",
-                "TPROXY interception is not implemented by sockmesh yet; use REDIRECT (the default)",
-            ));
-        }
         // Interface names: checked for shape here; the agent resolves them in the pod's netns.
         let ifaces = |flag: &str, s: &str| -> Result<Vec<String>, FlagError> {
             split(s)
@@ -463,10 +457,11 @@ impl IstioArgs {
         let probe_port = parse_port("--iptables-probe-port", &self.iptables_probe_port)?;
         let probe_timeout =
             parse_go_duration(&self.probe_timeout).map_err(|m| err("--probe-timeout", m))?;
-        self.tproxy_mark
+        let tproxy_mark = self
+            .tproxy_mark
             .parse::<u32>()
             .map_err(|_| err("-t", format!("'{}' is not a number", self.tproxy_mark)))?;
-        self.tproxy_route_table.parse::<u32>().map_err(|_| {
+        let tproxy_table = self.tproxy_route_table.parse::<u32>().map_err(|_| {
             err(
                 "-r",
                 format!("'{}' is not a number", self.tproxy_route_table),
@@ -710,10 +705,16 @@ impl IstioArgs {
             gids: gid_arr,
             src_v4: [0; 4],
             src_v6: [0; 16],
+            tproxy_mark,
+            tproxy_table,
         };
         members.sort();
         members.dedup();
         let mut spec = PodSpec::new(config, members, cidrs, Vec::new());
+        // Only the exact string TPROXY changes the mode (anything else means REDIRECT).
+        if self.interception_mode == "TPROXY" {
+            spec.config.flags |= flags::TPROXY;
+        }
         if !exclude_ifaces.is_empty() {
             spec.config.flags |= flags::EXCLUDE_IFACES;
         }
@@ -862,7 +863,7 @@ mod tests {
             (vec!["-u", "no-such-user-here"], "-u:"),
             (vec!["-p", ""], "-p:"),
             (vec!["--bogus"], "--bogus:"),
-            (vec!["-m", "TPROXY"], "-m:"),
+            (vec!["-m", "TPROXY", "-t", "x"], "-t:"),
             (vec!["--capture-all-dns=maybe"], "--capture-all-dns"),
             (vec!["--dry-run=maybe"], "--dry-run"),
         ] {

@@ -233,6 +233,8 @@ impl LinkerdArgs {
             gids,
             src_v4: [0; 4],
             src_v6: [0; 16],
+            tproxy_mark: 0,
+            tproxy_table: 0,
         };
         let spec = PodSpec::new(config, Vec::new(), cidrs, ranges);
         let action = InitAction {

@@ -353,6 +353,14 @@ impl PodSpec {
             ("IPv6 capture".into(), c.has(flags::IPV6).to_string()),
             ("DNS capture (to 15053)".into(), self.dns_setting()),
             (
+                "-m (inbound interception mode)".into(),
+                if c.has(flags::TPROXY) {
+                    format!("TPROXY (mark {}, table {})", c.tproxy_mark, c.tproxy_table)
+                } else {
+                    "REDIRECT".into()
+                },
+            ),
+            (
                 "-c (excluded interfaces)".into(),
                 self.ifaces(&self.exclude_ifaces, MemberKind::ExcludedIfindex),
             ),
@@ -465,6 +473,10 @@ mod config_serde {
         src_v4: [u8; 4],
         #[serde(default)]
         src_v6: [u8; 16],
+        #[serde(default)]
+        tproxy_mark: u32,
+        #[serde(default)]
+        tproxy_table: u32,
     }
 
     pub fn serialize<S: Serializer>(c: &PodConfig, s: S) -> Result<S::Ok, S::Error> {
@@ -479,6 +491,8 @@ mod config_serde {
             gids: c.gids[..(c.n_gids as usize).min(MAX_OWNERS)].to_vec(),
             src_v4: c.src_v4,
             src_v6: c.src_v6,
+            tproxy_mark: c.tproxy_mark,
+            tproxy_table: c.tproxy_table,
         }
         .serialize(s)
     }
@@ -508,6 +522,8 @@ mod config_serde {
             gids,
             src_v4: w.src_v4,
             src_v6: w.src_v6,
+            tproxy_mark: w.tproxy_mark,
+            tproxy_table: w.tproxy_table,
         })
     }
 }

@@ -30,6 +30,8 @@ pub struct Conn {
     pub gid: u32,
     /// The destination is an address of this netns: the route would leave through `lo`.
     pub dst_is_local: bool,
+    /// The socket's mark (SO_MARK).
+    pub mark: u32,
 }
 
 impl Conn {
@@ -105,10 +107,16 @@ pub enum Reason {
     KubeVirtRedirect = 30,
     /// `-k` with an `-i` list: arrived on a kube-virt interface for a destination outside it.
     KubeVirtReturn = 31,
+    /// TPROXY mode: the proxy user calls a local address; marked 1338 and TPROXYed to the
+    /// inbound port.
+    TproxyToLocal = 32,
+    /// Not a decision: a connection made inside the pod from a non-local (transparent) source
+    /// address, remembered so inbound capture leaves it alone as iptables does with lo traffic.
+    LocalOrigin = 33,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 31] = [
+    pub const ALL: [Reason; 33] = [
         Reason::NoIpv6Rules,
         Reason::OutboundPortExcluded,
         Reason::InboundPassthrough,
@@ -140,11 +148,16 @@ impl Reason {
         Reason::InterfaceExcluded,
         Reason::KubeVirtRedirect,
         Reason::KubeVirtReturn,
+        Reason::TproxyToLocal,
+        Reason::LocalOrigin,
     ];
 
     pub const fn from_u32(v: u32) -> Option<Reason> {
         if v >= 1 && v <= Self::ALL.len() as u32 {
-            Some(Self::ALL[(v - 1) as usize])
+            // SAFETY: Reason is repr(u32) with the contiguous values 1..=ALL.len()
+            // (checked by the reason_table_is_consistent test). No table lookup: in the kernel
+            // a bounds-checked index would leave a panic path the verifier rejects.
+            Some(unsafe { core::mem::transmute::<u32, Reason>(v) })
         } else {
             None
         }
@@ -184,6 +197,8 @@ impl Reason {
             Self::InterfaceExcluded => "interface_excluded",
             Self::KubeVirtRedirect => "kube_virt_redirect",
             Self::KubeVirtReturn => "kube_virt_return",
+            Self::TproxyToLocal => "tproxy_to_local",
+            Self::LocalOrigin => "local_origin",
         }
     }
 
@@ -221,24 +236,63 @@ impl Reason {
             Self::InterfaceExcluded => "rule 0: OUTPUT -o IF -j RETURN / PREROUTING -i IF -j RETURN (-c)",
             Self::KubeVirtRedirect => "inbound: PREROUTING -i IF [-d CIDR] -j ISTIO_REDIRECT (-k)",
             Self::KubeVirtReturn => "inbound: PREROUTING -i IF -j RETURN (-k)",
+            Self::TproxyToLocal => "TPROXY: mangle OUTPUT -o lo --uid/gid-owner -j MARK 1338, then ISTIO_TPROXY",
+            Self::LocalOrigin => "local traffic from a transparent source: PREROUTING -i lo rules leave it alone",
         }
     }
 }
 
-/// The outcome of [`decide`].
+/// What to do with a connection.
+#[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Verdict {
+pub enum Action {
     /// Leave the connection alone.
-    Pass(Reason),
+    Pass,
     /// Send it to localhost:`port` (the outbound or the inbound capture port).
-    Redirect { port: u16, reason: Reason },
+    Redirect,
+    /// TPROXY mode: leave the destination alone; inbound capture hands the connection to the
+    /// listener on `port` (what iptables' TPROXY target does).
+    Tproxy,
+}
+
+/// The outcome of [`decide`]. A plain struct rather than an enum with data: every field is
+/// defined on every path, which the BPF verifier needs (an enum's unused payload can hold a
+/// stale pointer in a register).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    pub action: Action,
+    /// The capture port (0 for `Pass`).
+    pub port: u16,
+    pub reason: Reason,
 }
 
 impl Verdict {
-    pub const fn reason(self) -> Reason {
-        match self {
-            Verdict::Pass(r) | Verdict::Redirect { reason: r, .. } => r,
+    pub const fn pass(reason: Reason) -> Self {
+        Verdict {
+            action: Action::Pass,
+            port: 0,
+            reason,
         }
+    }
+
+    pub const fn redirect(port: u16, reason: Reason) -> Self {
+        Verdict {
+            action: Action::Redirect,
+            port,
+            reason,
+        }
+    }
+
+    pub const fn tproxy(port: u16, reason: Reason) -> Self {
+        Verdict {
+            action: Action::Tproxy,
+            port,
+            reason,
+        }
+    }
+
+    pub const fn reason(self) -> Reason {
+        self.reason
     }
 }
 
@@ -327,10 +381,7 @@ fn owner_rules(cfg: &PodConfig, conn: &Conn, lo_return: bool, by_gid: bool) -> O
             } else {
                 Reason::ProxyUidToLocal
             };
-            return Some(Verdict::Redirect {
-                port: cfg.inbound_port,
-                reason,
-            });
+            return Some(Verdict::redirect(cfg.inbound_port, reason));
         }
         // b: anyone else talking to a local address is left alone.
         if lo_return && lo && id != owner {
@@ -339,7 +390,7 @@ fn owner_rules(cfg: &PodConfig, conn: &Conn, lo_return: bool, by_gid: bool) -> O
             } else {
                 Reason::LocalTrafficUid
             };
-            return Some(Verdict::Pass(reason));
+            return Some(Verdict::pass(reason));
         }
         // c: the proxy's own traffic is left alone.
         if id == owner {
@@ -348,7 +399,7 @@ fn owner_rules(cfg: &PodConfig, conn: &Conn, lo_return: bool, by_gid: bool) -> O
             } else {
                 Reason::ProxyUid
             };
-            return Some(Verdict::Pass(reason));
+            return Some(Verdict::pass(reason));
         }
         i += 1;
     }
@@ -359,24 +410,21 @@ fn owner_rules(cfg: &PodConfig, conn: &Conn, lo_return: bool, by_gid: bool) -> O
 #[inline(never)]
 fn decide_linkerd<R: Rules>(cfg: &PodConfig, rules: &R, conn: &Conn) -> Verdict {
     if cfg.n_uids > 0 && conn.uid == cfg.uids[0] {
-        return Verdict::Pass(Reason::ProxyUid);
+        return Verdict::pass(Reason::ProxyUid);
     }
     if cfg.n_gids > 0 && conn.gid == cfg.gids[0] {
-        return Verdict::Pass(Reason::ProxyGid);
+        return Verdict::pass(Reason::ProxyGid);
     }
     if conn.dst_is_local {
-        return Verdict::Pass(Reason::LoopbackInterface);
+        return Verdict::pass(Reason::LoopbackInterface);
     }
     if conn.proto != Proto::Tcp {
-        return Verdict::Pass(Reason::NotTcp);
+        return Verdict::pass(Reason::NotTcp);
     }
     if rules.port_range(CidrKind::OutboundIgnorePorts, conn.dport) {
-        return Verdict::Pass(Reason::OutboundPortExcluded);
+        return Verdict::pass(Reason::OutboundPortExcluded);
     }
-    Verdict::Redirect {
-        port: cfg.outbound_port,
-        reason: Reason::CaptureAll,
-    }
+    Verdict::redirect(cfg.outbound_port, Reason::CaptureAll)
 }
 
 /// Decide what the pod's nat OUTPUT rules (istio-iptables', or linkerd2-proxy-init's when the
@@ -386,20 +434,89 @@ fn decide_linkerd<R: Rules>(cfg: &PodConfig, rules: &R, conn: &Conn) -> Verdict 
 /// connect programs within the 512-byte stack limit.
 #[inline(never)]
 pub fn decide<R: Rules>(cfg: &PodConfig, rules: &R, conn: &Conn) -> Verdict {
+    decide_all(cfg, rules, conn)
+}
+
+#[inline(always)]
+fn decide_all<R: Rules>(cfg: &PodConfig, rules: &R, conn: &Conn) -> Verdict {
+    let v = decide_nat(cfg, rules, conn);
+    if v.reason == Reason::NoIpv6Rules {
+        return v;
+    }
+    if cfg.has(flags::TPROXY) && v.action == Action::Pass && tproxy_to_local(cfg, rules, conn) {
+        // The pod's own addresses are steered unrewritten; 127/8 and ::6 (not the pod's alone,
+        // so inbound capture cannot tell which pod they are for) are redirected instead.
+        let shared = if conn.is_v4() {
+            conn.dst[12] == 127
+        } else {
+            addr_eq(&conn.dst, &V6_INBOUND_PASSTHROUGH)
+        };
+        return if shared {
+            Verdict::redirect(cfg.inbound_port, Reason::TproxyToLocal)
+        } else {
+            Verdict::tproxy(cfg.inbound_port, Reason::TproxyToLocal)
+        };
+    }
+    v
+}
+
+/// TPROXY mode's mangle rules for a connection the nat rules left alone: the proxy user's TCP
+/// to a local, non-localhost address is marked 1338 (unless its socket carries the TPROXY mark)
+/// and TPROXYed to the inbound port on its way in through lo, unless it comes from 127.0.0.6 or
+/// its port is not captured inbound.
+#[inline(never)]
+fn tproxy_to_local<R: Rules>(cfg: &PodConfig, rules: &R, conn: &Conn) -> bool {
+    if conn.proto != Proto::Tcp
+        || !conn.dst_is_local
+        || in_loopback_cidr(cfg, &conn.dst)
+        || conn.mark == cfg.tproxy_mark
+    {
+        return false;
+    }
+    let mut owner = false;
+    let mut i = 0;
+    while i < MAX_OWNERS {
+        if (i < cfg.n_uids as usize && cfg.uids[i] == conn.uid)
+            || (i < cfg.n_gids as usize && cfg.gids[i] == conn.gid)
+        {
+            owner = true;
+        }
+        i += 1;
+    }
+    let passthrough = if is_v4_mapped(&conn.src) {
+        v4_octets(&conn.src) == V4_INBOUND_PASSTHROUGH
+    } else {
+        addr_eq(&conn.src, &V6_INBOUND_PASSTHROUGH)
+    };
+    if !owner || passthrough {
+        return false;
+    }
+    if cfg.has(flags::INBOUND_ALL) {
+        !rules.member(MemberKind::InboundExcludePort, conn.dport as u32)
+    } else if cfg.has(flags::INBOUND_LIST) {
+        rules.member(MemberKind::InboundPort, conn.dport as u32)
+    } else {
+        false
+    }
+}
+
+/// istio-iptables' nat OUTPUT rules (`ISTIO_OUTPUT`), or linkerd's.
+#[inline(always)]
+fn decide_nat<R: Rules>(cfg: &PodConfig, rules: &R, conn: &Conn) -> Verdict {
     let v4 = conn.is_v4();
     if !v4 && !cfg.has(flags::IPV6) {
-        return Verdict::Pass(Reason::NoIpv6Rules);
+        return Verdict::pass(Reason::NoIpv6Rules);
     }
     if cfg.has(flags::LINKERD) {
         return decide_linkerd(cfg, rules, conn);
     }
     // Rule 0: -c, the route's output interface is excluded (local destinations use lo).
     if cfg.has(flags::EXCLUDE_IFACES) && !conn.dst_is_local && rules.route_excluded(&conn.dst) {
-        return Verdict::Pass(Reason::InterfaceExcluded);
+        return Verdict::pass(Reason::InterfaceExcluded);
     }
     // Rule 1: -o, tcp and udp alike, before everything else.
     if rules.member(MemberKind::OutboundExcludePort, conn.dport as u32) {
-        return Verdict::Pass(Reason::OutboundPortExcluded);
+        return Verdict::pass(Reason::OutboundPortExcluded);
     }
     // Rule 2: Envoy's inbound passthrough source.
     if conn.dst_is_local {
@@ -409,7 +526,7 @@ pub fn decide<R: Rules>(cfg: &PodConfig, rules: &R, conn: &Conn) -> Verdict {
             addr_eq(&conn.src, &V6_INBOUND_PASSTHROUGH)
         };
         if passthrough {
-            return Verdict::Pass(Reason::InboundPassthrough);
+            return Verdict::pass(Reason::InboundPassthrough);
         }
     }
     let lo_return = !cfg.has(flags::NO_LO_RETURN);
@@ -423,12 +540,12 @@ pub fn decide<R: Rules>(cfg: &PodConfig, rules: &R, conn: &Conn) -> Verdict {
     // Rule 5: owner groups.
     if cfg.has(flags::OWNER_GROUPS_INCLUDE) {
         if !rules.member(MemberKind::OwnerGroupInclude, conn.gid) {
-            return Verdict::Pass(Reason::OwnerGroupNotIncluded);
+            return Verdict::pass(Reason::OwnerGroupNotIncluded);
         }
     } else if cfg.has(flags::OWNER_GROUPS_EXCLUDE)
         && rules.member(MemberKind::OwnerGroupExclude, conn.gid)
     {
-        return Verdict::Pass(Reason::OwnerGroupExcluded);
+        return Verdict::pass(Reason::OwnerGroupExcluded);
     }
     // Rule 6: DNS (tcp and udp port 53, to any server or to the pod's resolv.conf servers).
     if cfg.has(flags::DNS) && conn.dport == DNS_PORT {
@@ -438,15 +555,12 @@ pub fn decide<R: Rules>(cfg: &PodConfig, rules: &R, conn: &Conn) -> Verdict {
             (flags::DNS_V6, CidrKind::DnsServerV6)
         };
         if cfg.has(chain) && (cfg.has(flags::DNS_ALL) || rules.cidr(servers, &conn.dst)) {
-            return Verdict::Redirect {
-                port: DNS_CAPTURE_PORT,
-                reason: Reason::DnsCaptured,
-            };
+            return Verdict::redirect(DNS_CAPTURE_PORT, Reason::DnsCaptured);
         }
     }
     // Rule 7: localhost.
     if in_loopback_cidr(cfg, &conn.dst) {
-        return Verdict::Pass(Reason::LoopbackDestination);
+        return Verdict::pass(Reason::LoopbackDestination);
     }
     // Rule 8: -x.
     let (exclude, include) = if v4 {
@@ -455,15 +569,12 @@ pub fn decide<R: Rules>(cfg: &PodConfig, rules: &R, conn: &Conn) -> Verdict {
         (CidrKind::ExcludeV6, CidrKind::IncludeV6)
     };
     if rules.cidr(exclude, &conn.dst) {
-        return Verdict::Pass(Reason::CidrExcluded);
+        return Verdict::pass(Reason::CidrExcluded);
     }
     let tcp = conn.proto == Proto::Tcp;
     // Rule 9: -q.
     if tcp && rules.member(MemberKind::OutboundIncludePort, conn.dport as u32) {
-        return Verdict::Redirect {
-            port: cfg.outbound_port,
-            reason: Reason::OutboundPortIncluded,
-        };
+        return Verdict::redirect(cfg.outbound_port, Reason::OutboundPortIncluded);
     }
     // Rule 10: -i.
     let matched = if cfg.has(flags::OUTBOUND_ALL) {
@@ -474,12 +585,9 @@ pub fn decide<R: Rules>(cfg: &PodConfig, rules: &R, conn: &Conn) -> Verdict {
         None
     };
     match matched {
-        Some(reason) if tcp => Verdict::Redirect {
-            port: cfg.outbound_port,
-            reason,
-        },
-        Some(_) => Verdict::Pass(Reason::NotTcp),
-        None => Verdict::Pass(Reason::NoMatch),
+        Some(reason) if tcp => Verdict::redirect(cfg.outbound_port, reason),
+        Some(_) => Verdict::pass(Reason::NotTcp),
+        None => Verdict::pass(Reason::NoMatch),
     }
 }
 
@@ -501,12 +609,9 @@ pub fn decide_inbound<R: Rules>(cfg: &PodConfig, rules: &R, a: &Arrival) -> Verd
     let dport = a.dport;
     let v4 = is_v4_mapped(src);
     if !v4 && !cfg.has(flags::IPV6) {
-        return Verdict::Pass(Reason::NoIpv6Rules);
+        return Verdict::pass(Reason::NoIpv6Rules);
     }
-    let redirect = |reason| Verdict::Redirect {
-        port: cfg.inbound_port,
-        reason,
-    };
+    let redirect = |reason| Verdict::redirect(cfg.inbound_port, reason);
     // -k: inserted first in PREROUTING: traffic entering there is outbound traffic.
     if cfg.has(flags::KUBE_VIRT) && rules.member(MemberKind::KubeVirtIfindex, a.ifindex) {
         let include = if v4 {
@@ -515,21 +620,18 @@ pub fn decide_inbound<R: Rules>(cfg: &PodConfig, rules: &R, a: &Arrival) -> Verd
             CidrKind::IncludeV6
         };
         return if cfg.has(flags::OUTBOUND_ALL) || rules.cidr(include, &a.dst) {
-            Verdict::Redirect {
-                port: cfg.outbound_port,
-                reason: Reason::KubeVirtRedirect,
-            }
+            Verdict::redirect(cfg.outbound_port, Reason::KubeVirtRedirect)
         } else {
-            Verdict::Pass(Reason::KubeVirtReturn)
+            Verdict::pass(Reason::KubeVirtReturn)
         };
     }
     // -c: appended to PREROUTING before the ISTIO_INBOUND jump.
     if cfg.has(flags::EXCLUDE_IFACES) && rules.member(MemberKind::ExcludedIfindex, a.ifindex) {
-        return Verdict::Pass(Reason::InterfaceExcluded);
+        return Verdict::pass(Reason::InterfaceExcluded);
     }
     if cfg.has(flags::LINKERD) {
         if rules.port_range(CidrKind::InboundIgnorePorts, dport) {
-            return Verdict::Pass(Reason::InboundPortExcluded);
+            return Verdict::pass(Reason::InboundPortExcluded);
         }
         let subnets = if v4 {
             CidrKind::IgnoreSubnetV4
@@ -537,7 +639,7 @@ pub fn decide_inbound<R: Rules>(cfg: &PodConfig, rules: &R, a: &Arrival) -> Verd
             CidrKind::IgnoreSubnetV6
         };
         if rules.cidr(subnets, src) {
-            return Verdict::Pass(Reason::InboundSubnetIgnored);
+            return Verdict::pass(Reason::InboundSubnetIgnored);
         }
         if !cfg.has(flags::INBOUND_LIST) {
             return redirect(Reason::InboundCaptureAll);
@@ -545,27 +647,29 @@ pub fn decide_inbound<R: Rules>(cfg: &PodConfig, rules: &R, a: &Arrival) -> Verd
         return if rules.port_range(CidrKind::RedirectPorts, dport) {
             redirect(Reason::InboundPortIncluded)
         } else {
-            Verdict::Pass(Reason::InboundPortNotListed)
+            Verdict::pass(Reason::InboundPortNotListed)
         };
     }
+    // TPROXY mode has no nat ISTIO_INBOUND jump, so the tunnel port is not exempt.
+    let tunnel = !cfg.has(flags::TPROXY) && dport == cfg.tunnel_port;
     if cfg.has(flags::INBOUND_ALL) {
-        if dport == cfg.tunnel_port {
-            Verdict::Pass(Reason::InboundTunnelPort)
+        if tunnel {
+            Verdict::pass(Reason::InboundTunnelPort)
         } else if rules.member(MemberKind::InboundExcludePort, dport as u32) {
-            Verdict::Pass(Reason::InboundPortExcluded)
+            Verdict::pass(Reason::InboundPortExcluded)
         } else {
             redirect(Reason::InboundCaptureAll)
         }
     } else if cfg.has(flags::INBOUND_LIST) {
-        if dport == cfg.tunnel_port {
-            Verdict::Pass(Reason::InboundTunnelPort)
+        if tunnel {
+            Verdict::pass(Reason::InboundTunnelPort)
         } else if rules.member(MemberKind::InboundPort, dport as u32) {
             redirect(Reason::InboundPortIncluded)
         } else {
-            Verdict::Pass(Reason::InboundPortNotListed)
+            Verdict::pass(Reason::InboundPortNotListed)
         }
     } else {
-        Verdict::Pass(Reason::InboundOff)
+        Verdict::pass(Reason::InboundOff)
     }
 }
 
@@ -645,6 +749,8 @@ mod tests {
             gids: g,
             src_v4: [0; 4],
             src_v6: [0; 16],
+            tproxy_mark: 1337,
+            tproxy_table: 133,
         }
     }
 
@@ -665,19 +771,14 @@ mod tests {
             uid,
             gid,
             dst_is_local: local,
+            mark: 0,
         }
     }
 
-    const OUT: Verdict = Verdict::Redirect {
-        port: 15001,
-        reason: Reason::CaptureAll,
-    };
+    const OUT: Verdict = Verdict::redirect(15001, Reason::CaptureAll);
 
     fn inbound(reason: Reason) -> Verdict {
-        Verdict::Redirect {
-            port: 15006,
-            reason,
-        }
+        Verdict::redirect(15006, reason)
     }
 
     #[test]
@@ -688,21 +789,21 @@ mod tests {
         assert_eq!(decide(&c, &s, &conn(REMOTE, 80, 0, 0)), OUT);
         assert_eq!(
             decide(&c, &s, &conn(REMOTE, 80, 1337, 1337)),
-            Verdict::Pass(Reason::ProxyUid)
+            Verdict::pass(Reason::ProxyUid)
         );
         // gid 1337 alone, remote: rule 4c.
         assert_eq!(
             decide(&c, &s, &conn(REMOTE, 80, 1000, 1337)),
-            Verdict::Pass(Reason::ProxyGid)
+            Verdict::pass(Reason::ProxyGid)
         );
         // The app to localhost and to its own pod IP: 3b.
         assert_eq!(
             decide(&c, &s, &conn([127, 0, 0, 1], 8080, 1000, 1000)),
-            Verdict::Pass(Reason::LocalTrafficUid)
+            Verdict::pass(Reason::LocalTrafficUid)
         );
         assert_eq!(
             decide(&c, &s, &conn(POD, 8080, 1000, 1000)),
-            Verdict::Pass(Reason::LocalTrafficUid)
+            Verdict::pass(Reason::LocalTrafficUid)
         );
         // The proxy to its own pod IP and to 127.0.0.2: inbound port (3a); to 127.0.0.1: 3c.
         assert_eq!(
@@ -715,17 +816,17 @@ mod tests {
         );
         assert_eq!(
             decide(&c, &s, &conn([127, 0, 0, 1], 8080, 1337, 1337)),
-            Verdict::Pass(Reason::ProxyUid)
+            Verdict::pass(Reason::ProxyUid)
         );
         // The tunnel port is never sent inbound.
         assert_eq!(
             decide(&c, &s, &conn(POD, 15008, 1337, 1337)),
-            Verdict::Pass(Reason::ProxyUid)
+            Verdict::pass(Reason::ProxyUid)
         );
         // uid != 1337 with gid 1337 over lo is caught by 3b first: never IN_REDIRECTed.
         assert_eq!(
             decide(&c, &s, &conn(POD, 8080, 1000, 1337)),
-            Verdict::Pass(Reason::LocalTrafficUid)
+            Verdict::pass(Reason::LocalTrafficUid)
         );
     }
 
@@ -737,7 +838,7 @@ mod tests {
         k.src = v4_mapped([127, 0, 0, 6]);
         assert_eq!(
             decide(&c, &s, &k),
-            Verdict::Pass(Reason::InboundPassthrough)
+            Verdict::pass(Reason::InboundPassthrough)
         );
         // Only towards local addresses (rule 2 has -o lo).
         let mut k = conn(REMOTE, 80, 1000, 1000);
@@ -754,17 +855,17 @@ mod tests {
         };
         assert_eq!(
             decide(&c, &s, &conn(POD, 9090, 1337, 1337)),
-            Verdict::Pass(Reason::OutboundPortExcluded)
+            Verdict::pass(Reason::OutboundPortExcluded)
         );
         assert_eq!(
             decide(&c, &s, &conn(REMOTE, 9090, 1000, 1000)),
-            Verdict::Pass(Reason::OutboundPortExcluded)
+            Verdict::pass(Reason::OutboundPortExcluded)
         );
         let mut u = conn(REMOTE, 9090, 1000, 1000);
         u.proto = Proto::Udp;
         assert_eq!(
             decide(&c, &s, &u),
-            Verdict::Pass(Reason::OutboundPortExcluded)
+            Verdict::pass(Reason::OutboundPortExcluded)
         );
     }
 
@@ -779,11 +880,11 @@ mod tests {
         // The second uid meets the first uid's 3b rule over lo.
         assert_eq!(
             decide(&c, &s, &conn(POD, 8080, 1338, 1338)),
-            Verdict::Pass(Reason::LocalTrafficUid)
+            Verdict::pass(Reason::LocalTrafficUid)
         );
         assert_eq!(
             decide(&c, &s, &conn(REMOTE, 80, 1338, 1338)),
-            Verdict::Pass(Reason::ProxyUid)
+            Verdict::pass(Reason::ProxyUid)
         );
     }
 
@@ -799,18 +900,15 @@ mod tests {
         };
         assert_eq!(
             decide(&c, &s, &conn(REMOTE, 80, 1000, 1000)),
-            Verdict::Redirect {
-                port: 15001,
-                reason: Reason::CidrIncluded
-            }
+            Verdict::redirect(15001, Reason::CidrIncluded)
         );
         assert_eq!(
             decide(&c, &s, &conn([198, 51, 100, 200], 80, 1000, 1000)),
-            Verdict::Pass(Reason::CidrExcluded)
+            Verdict::pass(Reason::CidrExcluded)
         );
         assert_eq!(
             decide(&c, &s, &conn([203, 0, 113, 1], 80, 1000, 1000)),
-            Verdict::Pass(Reason::NoMatch)
+            Verdict::pass(Reason::NoMatch)
         );
     }
 
@@ -823,24 +921,21 @@ mod tests {
         };
         assert_eq!(
             decide(&c, &s, &conn(REMOTE, 8081, 1000, 1000)),
-            Verdict::Redirect {
-                port: 15001,
-                reason: Reason::OutboundPortIncluded
-            }
+            Verdict::redirect(15001, Reason::OutboundPortIncluded)
         );
         assert_eq!(
             decide(&c, &s, &conn(REMOTE, 80, 1000, 1000)),
-            Verdict::Pass(Reason::NoMatch)
+            Verdict::pass(Reason::NoMatch)
         );
         // The proxy is still exempt.
         assert_eq!(
             decide(&c, &s, &conn(REMOTE, 8081, 1337, 1337)),
-            Verdict::Pass(Reason::ProxyUid)
+            Verdict::pass(Reason::ProxyUid)
         );
         // And -p tcp only.
         let mut u = conn(REMOTE, 8081, 1000, 1000);
         u.proto = Proto::Udp;
-        assert_eq!(decide(&c, &s, &u), Verdict::Pass(Reason::NoMatch));
+        assert_eq!(decide(&c, &s, &u), Verdict::pass(Reason::NoMatch));
     }
 
     #[test]
@@ -857,7 +952,7 @@ mod tests {
         assert_eq!(decide(&c, &s, &conn(REMOTE, 80, 1000, 2001)), OUT);
         assert_eq!(
             decide(&c, &s, &conn(REMOTE, 80, 1000, 1000)),
-            Verdict::Pass(Reason::OwnerGroupNotIncluded)
+            Verdict::pass(Reason::OwnerGroupNotIncluded)
         );
         let c = cfg(
             flags::OUTBOUND_ALL | flags::OWNER_GROUPS_EXCLUDE,
@@ -870,7 +965,7 @@ mod tests {
         };
         assert_eq!(
             decide(&c, &s, &conn(REMOTE, 80, 1000, 2002)),
-            Verdict::Pass(Reason::OwnerGroupExcluded)
+            Verdict::pass(Reason::OwnerGroupExcluded)
         );
         assert_eq!(decide(&c, &s, &conn(REMOTE, 80, 1000, 1000)), OUT);
     }
@@ -883,7 +978,7 @@ mod tests {
         // With 127.0.0.1/8 the proxy's 127.0.0.2 is localhost: not sent inbound.
         assert_eq!(
             decide(&c, &s, &conn([127, 0, 0, 2], 8080, 1337, 1337)),
-            Verdict::Pass(Reason::ProxyUid)
+            Verdict::pass(Reason::ProxyUid)
         );
     }
 
@@ -897,10 +992,7 @@ mod tests {
         // The app's call to 127.1.2.3 is no longer exempt as local traffic: it is captured.
         assert_eq!(
             decide(&c, &s, &conn([127, 1, 2, 3], 8080, 1000, 1000)),
-            Verdict::Redirect {
-                port: 15001,
-                reason: Reason::CidrIncluded
-            }
+            Verdict::redirect(15001, Reason::CidrIncluded)
         );
     }
 
@@ -918,8 +1010,9 @@ mod tests {
             uid: 1000,
             gid: 1000,
             dst_is_local: false,
+            mark: 0,
         };
-        assert_eq!(decide(&c, &s, &v6), Verdict::Pass(Reason::NoIpv6Rules));
+        assert_eq!(decide(&c, &s, &v6), Verdict::pass(Reason::NoIpv6Rules));
         let c6 = cfg(flags::OUTBOUND_ALL | flags::IPV6, &[1337], &[1337]);
         assert_eq!(decide(&c6, &s, &v6), OUT);
         // ::1 is localhost.
@@ -928,7 +1021,7 @@ mod tests {
         lo.dst_is_local = true;
         lo.uid = 1337;
         lo.gid = 1337;
-        assert_eq!(decide(&c6, &s, &lo), Verdict::Pass(Reason::ProxyUid));
+        assert_eq!(decide(&c6, &s, &lo), Verdict::pass(Reason::ProxyUid));
         // A v4-mapped destination is IPv4, whatever the pod's IPv6 setting.
         let mapped = conn(REMOTE, 80, 1000, 1000);
         assert_eq!(decide(&c, &s, &mapped), OUT);
@@ -942,10 +1035,7 @@ mod tests {
             cidrs: std::vec![(CidrKind::DnsServerV4, v4_mapped([192, 0, 2, 20]), 32)],
             ..Default::default()
         };
-        let captured = Verdict::Redirect {
-            port: 15053,
-            reason: Reason::DnsCaptured,
-        };
+        let captured = Verdict::redirect(15053, Reason::DnsCaptured);
         let udp = |dst, uid, gid| Conn {
             proto: Proto::Udp,
             ..conn(dst, 53, uid, gid)
@@ -958,7 +1048,7 @@ mod tests {
         // Not a resolv.conf server: udp passes, tcp falls through to the outbound port.
         assert_eq!(
             decide(&c, &s, &udp([198, 51, 100, 7], 1000, 1000)),
-            Verdict::Pass(Reason::NotTcp)
+            Verdict::pass(Reason::NotTcp)
         );
         assert_eq!(
             decide(&c, &s, &conn([198, 51, 100, 7], 53, 1000, 1000)),
@@ -967,7 +1057,7 @@ mod tests {
         // The proxy's own DNS is never captured.
         assert_eq!(
             decide(&c, &s, &udp([192, 0, 2, 20], 1337, 1337)),
-            Verdict::Pass(Reason::ProxyUid)
+            Verdict::pass(Reason::ProxyUid)
         );
         let all = cfg(dns | flags::DNS_ALL, &[1337], &[1337]);
         assert_eq!(
@@ -984,7 +1074,7 @@ mod tests {
         // rule (which only spares the tunnel port) catches a gid-only proxy... after 3b.
         assert_eq!(
             decide(&all, &s, &conn(POD, 53, 1337, 1337)),
-            Verdict::Pass(Reason::ProxyUid)
+            Verdict::pass(Reason::ProxyUid)
         );
         // IPv4 servers only: no IPv6 DNS chain.
         let c6 = cfg(dns | flags::IPV6 | flags::DNS_ALL, &[1337], &[1337]);
@@ -995,7 +1085,7 @@ mod tests {
             dst_is_local: false,
             ..udp([0, 0, 0, 0], 1000, 1000)
         };
-        assert_eq!(decide(&c6, &s, &v6), Verdict::Pass(Reason::NotTcp));
+        assert_eq!(decide(&c6, &s, &v6), Verdict::pass(Reason::NotTcp));
     }
 
     #[test]
@@ -1015,7 +1105,7 @@ mod tests {
         };
         assert_eq!(
             decide(&c, &s, &conn([203, 0, 113, 10], 80, 1000, 1000)),
-            Verdict::Pass(Reason::InterfaceExcluded)
+            Verdict::pass(Reason::InterfaceExcluded)
         );
         assert_eq!(decide(&c, &s, &conn(REMOTE, 80, 1000, 1000)), OUT);
         let on = |ifindex| Arrival {
@@ -1024,14 +1114,11 @@ mod tests {
         };
         assert_eq!(
             decide_inbound(&c, &s, &on(3)),
-            Verdict::Pass(Reason::InterfaceExcluded)
+            Verdict::pass(Reason::InterfaceExcluded)
         );
         assert_eq!(
             decide_inbound(&c, &s, &on(4)),
-            Verdict::Redirect {
-                port: 15001,
-                reason: Reason::KubeVirtRedirect
-            }
+            Verdict::redirect(15001, Reason::KubeVirtRedirect)
         );
         assert_eq!(
             decide_inbound(&c, &s, &on(2)),
@@ -1041,7 +1128,50 @@ mod tests {
         let listed = cfg(flags::INBOUND_ALL | flags::KUBE_VIRT, &[1337], &[1337]);
         assert_eq!(
             decide_inbound(&listed, &s, &on(4)),
-            Verdict::Pass(Reason::KubeVirtReturn)
+            Verdict::pass(Reason::KubeVirtReturn)
+        );
+    }
+
+    #[test]
+    fn tproxy() {
+        let c = cfg(
+            flags::OUTBOUND_ALL | flags::INBOUND_ALL | flags::TPROXY,
+            &[1337],
+            &[1337],
+        );
+        let s = Sets {
+            members: std::vec![(MemberKind::InboundExcludePort, 15090)],
+            ..Default::default()
+        };
+        let steer = Verdict::tproxy(15006, Reason::TproxyToLocal);
+        // The TPROXY proxy runs as 0:1337: its call to the pod IP is TPROXYed, unrewritten.
+        assert_eq!(decide(&c, &s, &conn(POD, 8080, 0, 1337)), steer);
+        // ... but not with the TPROXY mark (its original-source upstream), nor to -d ports.
+        let marked = Conn {
+            mark: 1337,
+            ..conn(POD, 8080, 0, 1337)
+        };
+        assert_eq!(
+            decide(&c, &s, &marked),
+            Verdict::pass(Reason::LocalTrafficUid)
+        );
+        assert_eq!(
+            decide(&c, &s, &conn(POD, 15090, 0, 1337)),
+            Verdict::pass(Reason::LocalTrafficUid)
+        );
+        // uid 1337 itself still takes the nat IN_REDIRECT path; the app is untouched.
+        assert_eq!(
+            decide(&c, &s, &conn(POD, 8080, 1337, 1337)),
+            inbound(Reason::ProxyUidToLocal)
+        );
+        assert_eq!(
+            decide(&c, &s, &conn(POD, 8080, 1000, 1000)),
+            Verdict::pass(Reason::LocalTrafficUid)
+        );
+        // Inbound: the tunnel port is not exempt.
+        assert_eq!(
+            decide_inbound(&c, &s, &arr(PEER, 15008)),
+            inbound(Reason::InboundCaptureAll)
         );
     }
 
@@ -1087,36 +1217,33 @@ mod tests {
             cidrs: std::vec![(CidrKind::IgnoreSubnetV4, v4_mapped([192, 0, 2, 0]), 28)],
             ..Default::default()
         };
-        let out = Verdict::Redirect {
-            port: 4140,
-            reason: Reason::CaptureAll,
-        };
+        let out = Verdict::redirect(4140, Reason::CaptureAll);
         assert_eq!(decide(&c, &s, &conn(REMOTE, 80, 1000, 1000)), out);
         assert_eq!(
             decide(&c, &s, &conn(REMOTE, 80, 2102, 2102)),
-            Verdict::Pass(Reason::ProxyUid)
+            Verdict::pass(Reason::ProxyUid)
         );
         assert_eq!(
             decide(&c, &s, &conn(REMOTE, 4568, 1000, 1000)),
-            Verdict::Pass(Reason::OutboundPortExcluded)
+            Verdict::pass(Reason::OutboundPortExcluded)
         );
         // Everything local is skipped, the proxy's own pod IP included: no inbound redirect.
         assert_eq!(
             decide(&c, &s, &conn(POD, 8080, 2102, 2102)),
-            Verdict::Pass(Reason::ProxyUid)
+            Verdict::pass(Reason::ProxyUid)
         );
         assert_eq!(
             decide(&c, &s, &conn(POD, 8080, 1000, 1000)),
-            Verdict::Pass(Reason::LoopbackInterface)
+            Verdict::pass(Reason::LoopbackInterface)
         );
-        let inb = |reason| Verdict::Redirect { port: 4143, reason };
+        let inb = |reason| Verdict::redirect(4143, reason);
         assert_eq!(
             decide_inbound(&c, &s, &arr(PEER6, 22)),
             inb(Reason::InboundCaptureAll)
         );
         assert_eq!(
             decide_inbound(&c, &s, &arr(PEER6, 4191)),
-            Verdict::Pass(Reason::InboundPortExcluded)
+            Verdict::pass(Reason::InboundPortExcluded)
         );
         // 192.0.2.20 is outside 192.0.2.0/28; 192.0.2.5 is inside.
         assert_eq!(
@@ -1125,7 +1252,7 @@ mod tests {
         );
         assert_eq!(
             decide_inbound(&c, &s, &arr(v4_mapped([192, 0, 2, 5]), 8080)),
-            Verdict::Pass(Reason::InboundSubnetIgnored)
+            Verdict::pass(Reason::InboundSubnetIgnored)
         );
         let mut listed = c;
         listed.flags |= flags::INBOUND_LIST;
@@ -1139,7 +1266,7 @@ mod tests {
         );
         assert_eq!(
             decide_inbound(&listed, &s, &arr(PEER, 9090)),
-            Verdict::Pass(Reason::InboundPortNotListed)
+            Verdict::pass(Reason::InboundPortNotListed)
         );
     }
 
@@ -1161,15 +1288,15 @@ mod tests {
         );
         assert_eq!(
             decide_inbound(&all, &s, &arr(PEER, 15090)),
-            Verdict::Pass(Reason::InboundPortExcluded)
+            Verdict::pass(Reason::InboundPortExcluded)
         );
         assert_eq!(
             decide_inbound(&all, &s, &arr(PEER, 15008)),
-            Verdict::Pass(Reason::InboundTunnelPort)
+            Verdict::pass(Reason::InboundTunnelPort)
         );
         assert_eq!(
             decide_inbound(&all, &s, &arr(PEER6, 8080)),
-            Verdict::Pass(Reason::NoIpv6Rules)
+            Verdict::pass(Reason::NoIpv6Rules)
         );
         let list = cfg(flags::INBOUND_LIST, &[1337], &[1337]);
         let s = Sets {
@@ -1186,12 +1313,12 @@ mod tests {
         );
         assert_eq!(
             decide_inbound(&list, &s, &arr(PEER, 9090)),
-            Verdict::Pass(Reason::InboundPortNotListed)
+            Verdict::pass(Reason::InboundPortNotListed)
         );
         let off = cfg(0, &[1337], &[1337]);
         assert_eq!(
             decide_inbound(&off, &s, &arr(PEER, 8080)),
-            Verdict::Pass(Reason::InboundOff)
+            Verdict::pass(Reason::InboundOff)
         );
     }
 }

@@ -9,7 +9,7 @@ pub mod decision;
 pub mod maps;
 
 pub use decision::{
-    decide, decide_inbound, Arrival, Conn, Proto, Reason, Rules, Verdict, DNS_CAPTURE_PORT,
+    decide, decide_inbound, Action, Arrival, Conn, Proto, Reason, Rules, Verdict, DNS_CAPTURE_PORT,
     DNS_PORT,
 };
 pub use maps::*;

@@ -88,6 +88,10 @@ pub mod flags {
     pub const EXCLUDE_IFACES: u32 = 1 << 13;
     /// `-k`: some interfaces carry outbound traffic in (see `MemberKind::KubeVirtIfindex`).
     pub const KUBE_VIRT: u32 = 1 << 14;
+    /// `-m TPROXY`: inbound connections keep their destination (as sk_lookup does anyway), the
+    /// tunnel port is not exempt, and the proxy's own calls to the pod's addresses reach the
+    /// inbound listener unrewritten.
+    pub const TPROXY: u32 = 1 << 15;
 }
 
 /// A registered pod's settings in istio terms. Value of the `PODS` map, keyed by netns cookie.
@@ -116,6 +120,10 @@ pub struct PodConfig {
     pub src_v4: [u8; 4],
     /// The pod's primary IPv6 address, zero if none.
     pub src_v6: [u8; 16],
+    /// `-t`: the TPROXY mark (TPROXY mode).
+    pub tproxy_mark: u32,
+    /// `-r`: the TPROXY routing table (TPROXY mode).
+    pub tproxy_table: u32,
 }
 
 impl PodConfig {

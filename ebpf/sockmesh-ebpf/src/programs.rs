@@ -7,7 +7,7 @@ use aya_ebpf::{
     bindings::{
         bpf_sock, BPF_ANY, BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE,
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE,
     },
     btf_maps::SkStorage,
     helpers::{
@@ -22,9 +22,10 @@ use aya_ebpf::{
     EbpfContext,
 };
 use sockmesh_common::{
-    counters, decide, decide_inbound, is_v4_mapped, sizes, v4_mapped, Addr, Arrival, CidrKey,
-    CidrKind, Conn, ConnKey, CounterKey, ListenerKey, LocalAddrKey, MemberKey, MemberKind, OrigDst,
-    PodConfig, Proto, Reason, Rules, SockOwner, Verdict, AF_INET, AF_INET6, CIDR_KEY_FIXED_BITS,
+    counters, decide, decide_inbound, is_v4_mapped, sizes, v4_mapped, Action, Addr, Arrival,
+    CidrKey, CidrKind, Conn, ConnKey, CounterKey, ListenerKey, LocalAddrKey, MemberKey, MemberKind,
+    OrigDst, PodConfig, Proto, Reason, Rules, SockOwner, Verdict, AF_INET, AF_INET6,
+    CIDR_KEY_FIXED_BITS,
 };
 
 #[map(name = "SM_PODS")]
@@ -189,6 +190,12 @@ fn words_from_addr(a: &Addr) -> [u32; 4] {
     ]
 }
 
+/// All zeroes, or v4-mapped 0.0.0.0 (an unbound socket's address).
+#[inline(always)]
+fn is_zero_addr(a: &Addr) -> bool {
+    is_zero(a) || (is_v4_mapped(a) && a[12..16] == [0, 0, 0, 0])
+}
+
 #[inline(always)]
 fn is_zero(a: &Addr) -> bool {
     let w = words_from_addr(a);
@@ -289,11 +296,23 @@ fn try_connect<const CONNECT: bool, const V6: bool>(ctx: &SockAddrContext) -> i3
         uid: 0,
         gid: 0,
         dst_is_local: false,
+        mark: 0,
     };
     read_conn::<V6>(ctx, netns, &mut conn);
     let verdict = decide(cfg, &PodRules { netns }, &conn);
     count(netns, verdict.reason() as u32);
-    if !matches!(verdict, Verdict::Redirect { .. }) {
+    if verdict.action == Action::Pass {
+        if CONNECT
+            && proto == Proto::Tcp
+            && conn.dst_is_local
+            && !is_zero_addr(&conn.src)
+            && !is_local(netns, &conn.src)
+        {
+            // A transparent socket (original-source upstream) calling the pod: remember it so
+            // that sk_lookup does not take it for inbound traffic.
+            let local_origin = Verdict::tproxy(0, Reason::LocalOrigin);
+            return redirect::<CONNECT, V6>(ctx, cfg, &conn, &local_origin);
+        }
         return 1;
     }
     redirect::<CONNECT, V6>(ctx, cfg, &conn, &verdict)
@@ -338,6 +357,7 @@ fn read_conn<const V6: bool>(ctx: &SockAddrContext, netns: u64, conn: &mut Conn)
     conn.uid = uid;
     conn.gid = gid;
     conn.dst_is_local = is_local(netns, &dst);
+    conn.mark = unsafe { (*sk).mark };
 }
 
 /// Record the original destination and rewrite the call to localhost at the verdict's port;
@@ -350,8 +370,12 @@ fn redirect<const CONNECT: bool, const V6: bool>(
     verdict: &Verdict,
 ) -> i32 {
     let v6 = V6;
-    let Verdict::Redirect { port, reason } = *verdict else {
-        return 1;
+    let (port, reason) = (verdict.port, verdict.reason);
+    let rewrite = match verdict.action {
+        Action::Redirect => true,
+        // TPROXY: remembered (sock_ops publishes it for sk_lookup), destination left alone.
+        Action::Tproxy => false,
+        Action::Pass => return 1,
     };
     let sa = ctx.sock_addr;
     let v4_dst = is_v4_mapped(&conn.dst);
@@ -368,6 +392,9 @@ fn redirect<const CONNECT: bool, const V6: bool>(
         return 0;
     }
     unsafe { *stored = record };
+    if !rewrite {
+        return 1;
+    }
     set_source::<CONNECT, V6>(ctx, cfg, conn);
     let port = u32::from_ne_bytes((port.to_be() as u32).to_ne_bytes());
     unsafe {
@@ -636,6 +663,7 @@ fn try_sockops(ctx: &SockOpsContext) {
     if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
         && op != BPF_SOCK_OPS_STATE_CB
         && op != BPF_SOCK_OPS_TCP_LISTEN_CB
+        && op != BPF_SOCK_OPS_TCP_CONNECT_CB
     {
         return;
     }
@@ -668,6 +696,14 @@ fn try_sockops(ctx: &SockOpsContext) {
         return;
     }
     let record = unsafe { *record.cast::<OrigDst>() };
+    // A TPROXY record must be published before the SYN goes out, for sk_lookup to see it;
+    // redirected connections are published once established.
+    if op == BPF_SOCK_OPS_TCP_CONNECT_CB
+        && record.reason != Reason::TproxyToLocal as u32
+        && record.reason != Reason::LocalOrigin as u32
+    {
+        return;
+    }
     let key = sockops_conn_key(ctx, netns);
     if ORIG_DST.insert(&key, &record, 0).is_err() {
         count(netns, counters::ORIG_DST_STORE_FAILED);
@@ -699,9 +735,7 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
             ptr::read_volatile(&(*l).local_port),
         )
     };
-    // Connections made inside the pod arrive on lo: the outbound rules decided them already
-    // (istio's nat PREROUTING never sees them either).
-    if protocol != IPPROTO_TCP || ifindex == LOOPBACK_IFINDEX {
+    if protocol != IPPROTO_TCP {
         return SK_PASS;
     }
     let local = if family == AF_INET as u32 {
@@ -715,31 +749,65 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
     let Some(cfg) = (unsafe { PODS.get(&netns) }) else {
         return SK_PASS;
     };
-    // A connection from one of the pod's own addresses was made inside the pod, even when the
-    // kernel reports the address's interface rather than lo as the ingress.
     let remote = if family == AF_INET as u32 {
         v4_mapped(unsafe { ptr::read_volatile(&(*l).remote_ip4) }.to_ne_bytes())
     } else {
         unsafe { read_words!(l, remote_ip6) }
     };
-    if is_local(netns, &remote) {
-        return SK_PASS;
-    }
     let v4 = is_v4_mapped(&local);
+    // Connections made inside the pod (arriving on lo, or from one of the pod's own addresses
+    // even when the kernel reports another ingress) were decided by the outbound rules: only a
+    // TPROXY-mode connection they marked for the inbound listener is steered.
+    if ifindex == LOOPBACK_IFINDEX || is_local(netns, &remote) {
+        let key = ConnKey {
+            netns,
+            client: remote,
+            server: local,
+            client_port: u16::from_be(unsafe { ptr::read_volatile(&(*l).remote_port) }),
+            server_port: port as u16,
+            _pad: 0,
+        };
+        let Some(record) = (unsafe { ORIG_DST.get(&key) }) else {
+            return SK_PASS;
+        };
+        if record.reason != Reason::TproxyToLocal as u32 {
+            return SK_PASS;
+        }
+        return steer(ctx, netns, cfg.inbound_port, v4, Reason::TproxyToLocal);
+    }
     let arrival = Arrival {
         src: remote,
         dst: local,
         dport: port as u16,
         ifindex,
     };
-    let verdict = decide_inbound(cfg, &PodRules { netns }, &arrival);
-    let Verdict::Redirect { port: to, reason } = verdict else {
-        count(netns, verdict.reason() as u32);
-        return SK_PASS;
+    // A connection the pod made from a transparent source is local traffic, whatever it
+    // looks like here.
+    let key = ConnKey {
+        netns,
+        client: remote,
+        server: local,
+        client_port: u16::from_be(unsafe { ptr::read_volatile(&(*l).remote_port) }),
+        server_port: port as u16,
+        _pad: 0,
     };
+    if unsafe { ORIG_DST.get(&key) }.is_some_and(|r| r.reason == Reason::LocalOrigin as u32) {
+        return SK_PASS;
+    }
+    let verdict = decide_inbound(cfg, &PodRules { netns }, &arrival);
+    if verdict.action != Action::Redirect {
+        count(netns, verdict.reason as u32);
+        return SK_PASS;
+    }
+    steer(ctx, netns, verdict.port, v4, verdict.reason)
+}
+
+/// Hand the connection to the pod's listener on `port`, or refuse it if there is none.
+#[inline(always)]
+fn steer(ctx: &SkLookupContext, netns: u64, port: u16, v4: bool, reason: Reason) -> u32 {
     let mut key = ListenerKey {
         netns,
-        port: to as u32,
+        port: port as u32,
         family: if v4 { AF_INET as u32 } else { AF_INET6 as u32 },
     };
     if LISTENERS.redirect_sk_lookup(ctx, key, 0).is_ok() {

@@ -56,6 +56,9 @@ enum Cmd {
         outbound: u16,
         #[arg(long, default_value = "15006")]
         inbound: u16,
+        /// TPROXY mode: transparent inbound listener, original-source upstream with this mark.
+        #[arg(long)]
+        tproxy_mark: Option<u32>,
     },
     /// The demo lab: pods in netns, the agent, a listener on 15001, real connections, dump.
     Lab,
@@ -110,7 +113,8 @@ fn main() -> anyhow::Result<()> {
             name,
             outbound,
             inbound,
-        } => kit::proxy(&name, outbound, inbound),
+            tproxy_mark,
+        } => kit::proxy(&name, outbound, inbound, tproxy_mark),
         Cmd::Lab => sockmesh_tests::demo::run(),
     }
 }
