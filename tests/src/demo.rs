@@ -53,7 +53,11 @@ pub fn run() -> Result<()> {
     let mut profile = Profile::default_sidecar();
     profile.dual_stack = true;
     let pod = pods::pod(&mut lab, "d", &profile, Mode::Sockmesh)?;
-    println!("listeners: pod 15001/15006/8080, peer 80/8081/9090/9091/15008 (IPv4 and IPv6)");
+    println!(
+        "listeners: pod {:?}, peer {:?} (IPv4 and IPv6)",
+        pods::POD_PORTS,
+        pods::PEER_PORTS
+    );
 
     step("sockmesh init istio (the injector's default argv, plus --dual-stack)");
     let argv = profile.argv();
@@ -101,6 +105,16 @@ pub fn run() -> Result<()> {
             app,
             "127.0.0.1:8080".into(),
             "the app calls localhost: not captured",
+        ),
+        (
+            Caller::new_peer(),
+            format!("{POD_V4}:8080"),
+            "a peer host calls the app's port: inbound capture (sk_lookup), no NAT",
+        ),
+        (
+            Caller::new_peer(),
+            format!("{POD_V4}:15008"),
+            "a peer host calls the tunnel port: never captured",
         ),
     ];
     for (caller, dst, what) in cases {

@@ -907,7 +907,11 @@ mod tests {
 
     #[test]
     fn dns_capture_from_proxy_metadata() {
-        let s = spec(&["--capture-all-dns"], &[("ISTIO_META_DNS_CAPTURE", "true")]).unwrap();
+        let s = spec(
+            &["--capture-all-dns"],
+            &[("ISTIO_META_DNS_CAPTURE", "true")],
+        )
+        .unwrap();
         assert!(s.config.has(flags::DNS) && s.config.has(flags::DNS_ALL));
         // A flag beats the variable.
         let s = spec(
@@ -918,7 +922,10 @@ mod tests {
         assert!(!s.config.has(flags::DNS));
         assert_eq!(
             resolv_conf_servers("search x\nnameserver 192.0.2.53\nnameserver fe80::1%eth0\n"),
-            vec!["192.0.2.53".parse::<IpAddr>().unwrap(), "fe80::1".parse().unwrap()]
+            vec![
+                "192.0.2.53".parse::<IpAddr>().unwrap(),
+                "fe80::1".parse().unwrap()
+            ]
         );
     }
 
