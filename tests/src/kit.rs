@@ -699,3 +699,47 @@ fn udp_exchange(sock: OwnedFd, dst: SocketAddr, mode: UdpMode) -> Result<Outcome
         other: String::new(),
     })
 }
+
+/// What a load run saw.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadReport {
+    /// Connections that landed on the expected listener.
+    pub captured: u64,
+    /// Connections that landed elsewhere (escaped capture).
+    pub escaped: u64,
+    /// Connections that failed (refused, timed out, errors).
+    pub failed: u64,
+    /// The first few unexpected outcomes.
+    pub samples: Vec<String>,
+}
+
+/// Open connections to `spec.dst` one after another until `stop` exists (or `max` elapses),
+/// checking that each lands on `expect`.
+pub fn load(spec: &ConnectSpec, expect: &str, stop: &std::path::Path, max: Duration) -> LoadReport {
+    let mut report = LoadReport::default();
+    if let Err(e) = take_credentials(spec) {
+        report.failed = 1;
+        report.samples.push(format!("{e:#}"));
+        return report;
+    }
+    let one = ConnectSpec {
+        uid: None,
+        gid: None,
+        ..spec.clone()
+    };
+    let deadline = std::time::Instant::now() + max;
+    while !stop.exists() && std::time::Instant::now() < deadline {
+        let outcome = connect(&one);
+        match &outcome {
+            Outcome::Ok { listener, .. } if listener == expect => report.captured += 1,
+            Outcome::Ok { .. } => report.escaped += 1,
+            _ => report.failed += 1,
+        }
+        if !matches!(&outcome, Outcome::Ok { listener, .. } if listener == expect)
+            && report.samples.len() < 5
+        {
+            report.samples.push(format!("{outcome:?}"));
+        }
+    }
+    report
+}

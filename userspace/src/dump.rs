@@ -41,7 +41,7 @@ fn orig_dst_addr(o: &OrigDst) -> SocketAddr {
 }
 
 /// Rebuild a pod's spec from what the maps hold.
-fn pod_spec(config: sockmesh_common::PodConfig, keys: &PodKeys) -> PodSpec {
+pub fn pod_spec(config: sockmesh_common::PodConfig, keys: &PodKeys) -> PodSpec {
     let members = keys
         .members
         .iter()

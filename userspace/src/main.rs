@@ -3,6 +3,7 @@
 mod agent;
 mod bpf;
 mod dump;
+mod explain;
 mod init;
 mod istio;
 mod linkerd;
@@ -41,6 +42,8 @@ enum Command {
     },
     /// Print the redirection maps, decoded.
     Dump(dump::DumpArgs),
+    /// What sockmesh does with a connection of a pod, and the rule that decides it.
+    Explain(explain::ExplainArgs),
 }
 
 fn init_tracing() {
@@ -93,6 +96,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Agent(a) => agent::run(a),
         Command::Dump(d) => dump::run(d),
+        Command::Explain(e) => explain::run(e),
         Command::Init { profile, .. } => {
             eprintln!("sockmesh init: unknown profile '{profile}': use `init istio`");
             return exit(2);

@@ -224,12 +224,13 @@ pub fn peer_cred(sock: BorrowedFd<'_>) -> Result<libc::ucred, SyscallError> {
     Ok(cred)
 }
 
-/// Whether `fd` refers to a network namespace (its /proc fdinfo link names net:[...]).
+/// Whether `fd` refers to a network namespace (`ioctl(NS_GET_NSTYPE)`), whether it was opened
+/// from /proc/PID/ns/net or from a bind mount such as /var/run/netns/NAME.
 pub fn is_netns_fd(fd: impl AsFd) -> bool {
-    let link = format!("/proc/self/fd/{}", fd.as_fd().as_raw_fd());
-    std::fs::read_link(link)
-        .map(|t| t.to_string_lossy().starts_with("net:["))
-        .unwrap_or(false)
+    const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+    // SAFETY: NS_GET_NSTYPE takes no argument; on a non-namespace fd it fails with ENOTTY.
+    let t = unsafe { libc::ioctl(fd.as_fd().as_raw_fd(), NS_GET_NSTYPE as _) };
+    t == libc::CLONE_NEWNET
 }
 
 /// The index of interface `name` in the calling thread's netns.

@@ -60,6 +60,21 @@ enum Cmd {
         #[arg(long)]
         tproxy_mark: Option<u32>,
     },
+    /// Connect to DST over and over (as --uid/--gid) until the file --stop exists, checking
+    /// each lands on --expect; print a JSON report.
+    Load {
+        dst: SocketAddr,
+        #[arg(long)]
+        expect: String,
+        #[arg(long)]
+        stop: std::path::PathBuf,
+        #[arg(long)]
+        uid: Option<u32>,
+        #[arg(long)]
+        gid: Option<u32>,
+        #[arg(long, default_value = "60000")]
+        max_ms: u64,
+    },
     /// The demo lab: pods in netns, the agent, a listener on 15001, real connections, dump.
     Lab,
 }
@@ -115,6 +130,25 @@ fn main() -> anyhow::Result<()> {
             inbound,
             tproxy_mark,
         } => kit::proxy(&name, outbound, inbound, tproxy_mark),
+        Cmd::Load {
+            dst,
+            expect,
+            stop,
+            uid,
+            gid,
+            max_ms,
+        } => {
+            let spec = ConnectSpec {
+                dst: Some(dst),
+                uid,
+                gid,
+                timeout: Duration::from_secs(2),
+                ..Default::default()
+            };
+            let report = kit::load(&spec, &expect, &stop, Duration::from_millis(max_ms));
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
         Cmd::Lab => sockmesh_tests::demo::run(),
     }
 }

@@ -1,0 +1,172 @@
+//! The agent as a product: `explain` agrees with what happens, and capture has no gap while the
+//! agent is killed, restarted and has its programs replaced under load.
+
+use std::{
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use sockmesh_tests::{
+    kit::{LoadReport, Outcome},
+    lab::{run, sockmesh_bin, testkit_bin, Lab},
+    pods::{self, Caller, Case, Mode, CALLERS, PEER_V4, POD_V4},
+    profiles::Profile,
+};
+
+fn explain(lab: &Lab, pod: &pods::Pod, args: &[&str]) -> String {
+    let out = run(Command::new(sockmesh_bin().unwrap())
+        .arg("explain")
+        .arg("--bpffs")
+        .arg(&lab.bpffs)
+        .arg("--netns")
+        .arg(pod.ns.path())
+        .args(args))
+    .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn line<'a>(text: &'a str, key: &str) -> &'a str {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .map(str::trim)
+        .unwrap_or_else(|| panic!("no {key} in {text}"))
+}
+
+fn landed(o: &Outcome) -> String {
+    match o {
+        Outcome::Ok { listener, .. } => listener.clone(),
+        other => format!("{other:?}"),
+    }
+}
+
+#[test]
+fn explain_agrees_with_what_happens() {
+    let mut lab = Lab::new("expl").unwrap();
+    lab.start_agent().unwrap();
+    let p = Profile::default_sidecar();
+    let pod = pods::pod(&mut lab, "a", &p, Mode::Sockmesh).unwrap();
+    // Before registration: nothing is touched.
+    let text = explain(&lab, &pod, &["tcp", &format!("{PEER_V4}:80")]);
+    assert!(text.contains("is not registered"), "{text}");
+    pods::apply_sockmesh(&lab, &pod, &p).unwrap();
+
+    let cases: [(Caller, String, &[&str], &str, &str); 5] = [
+        (
+            CALLERS[0],
+            format!("{PEER_V4}:80"),
+            &[],
+            "redirect to localhost:15001",
+            "pod:15001",
+        ),
+        (
+            CALLERS[2],
+            format!("{PEER_V4}:80"),
+            &["--uid", "1337"],
+            "pass: left alone",
+            "peer:80",
+        ),
+        (
+            CALLERS[2],
+            format!("{POD_V4}:8080"),
+            &["--uid", "1337"],
+            "redirect to localhost:15006",
+            "pod:15006",
+        ),
+        (
+            CALLERS[0],
+            format!("{POD_V4}:8080"),
+            &[],
+            "pass: left alone",
+            "pod:8080",
+        ),
+        (
+            Caller::new_peer(),
+            format!("{POD_V4}:8080"),
+            &["--inbound", "--src", PEER_V4],
+            "redirect to localhost:15006",
+            "pod:15006",
+        ),
+    ];
+    for (caller, dst, extra, verdict, listener) in cases {
+        let mut args: Vec<&str> = extra.to_vec();
+        args.extend(["tcp", dst.as_str()]);
+        let text = explain(&lab, &pod, &args);
+        assert_eq!(line(&text, "verdict"), verdict, "{args:?}: {text}");
+        assert!(!line(&text, "rule").is_empty());
+        let o = pods::probe(&lab, &pod, &Case::new(caller, dst.parse().unwrap())).unwrap();
+        assert_eq!(landed(&o), listener, "{args:?}");
+    }
+}
+
+#[test]
+fn no_capture_gap_across_kill_restart_and_program_replacement() {
+    let mut lab = Lab::new("restart").unwrap();
+    lab.start_agent().unwrap();
+    let p = Profile::default_sidecar();
+    let pod = pods::pod(&mut lab, "a", &p, Mode::Sockmesh).unwrap();
+    pods::apply_sockmesh(&lab, &pod, &p).unwrap();
+
+    let stop = lab.dir.join("stop-load");
+    let mut load = lab.command(&pod.ns, true, testkit_bin().unwrap()).unwrap();
+    load.args([
+        "load",
+        &format!("{PEER_V4}:80"),
+        "--expect",
+        "pod:15001",
+        "--uid",
+        "1000",
+        "--gid",
+        "1000",
+    ])
+    .arg("--stop")
+    .arg(&stop)
+    .stdout(Stdio::piped());
+    let child = load.spawn().unwrap();
+    let pause = || std::thread::sleep(Duration::from_millis(300));
+
+    pause();
+    // Killed without warning: the pinned links keep the programs in force.
+    lab.stop_agent(libc::SIGKILL).unwrap();
+    pause();
+    lab.start_agent().unwrap();
+    pause();
+    // A new agent: every program is loaded again and swapped in with BPF_LINK_UPDATE.
+    let before = prog_ids();
+    lab.stop_agent(libc::SIGTERM).unwrap();
+    lab.start_agent().unwrap();
+    let after = prog_ids();
+    assert!(lab.agent_log().contains("Updated"), "{}", lab.agent_log());
+    assert!(
+        after.iter().any(|id| !before.contains(id)),
+        "no new program was put in force: before {before:?}, after {after:?}"
+    );
+    pause();
+
+    std::fs::write(&stop, "").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let report: LoadReport = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    assert_eq!(report.escaped, 0, "{report:?}");
+    assert_eq!(report.failed, 0, "{report:?}");
+    assert!(
+        report.captured > 50,
+        "too few connections to mean anything: {report:?}"
+    );
+}
+
+/// IDs of the loaded sockmesh connect4 programs (bpftool).
+fn prog_ids() -> Vec<u64> {
+    let out = run(Command::new("bpftool").args(["-j", "prog", "show"])).unwrap();
+    let progs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    progs
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| {
+            p["name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("sockmesh_conne"))
+        })
+        .filter_map(|p| p["id"].as_u64())
+        .collect()
+}
