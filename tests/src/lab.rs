@@ -280,6 +280,8 @@ impl Lab {
             .arg(&self.bpffs)
             .arg("--socket")
             .arg(&self.socket)
+            // Any free port: several labs run at once.
+            .args(["--metrics", "127.0.0.1:0"])
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
@@ -315,6 +317,19 @@ impl Lab {
             a.child.wait()?;
         }
         Ok(())
+    }
+
+    /// The agent's metrics address, from its log.
+    pub fn metrics_addr(&self) -> Result<std::net::SocketAddr> {
+        let log = fs::read_to_string(self.dir.join("agent.log"))?;
+        log.lines()
+            .rev()
+            .find_map(|l| {
+                l.split_whitespace()
+                    .find_map(|f| f.strip_prefix("bound="))
+                    .and_then(|a| a.parse().ok())
+            })
+            .ok_or_else(|| anyhow!("the agent logged no metrics address:\n{log}"))
     }
 
     pub fn agent_log(&self) -> String {

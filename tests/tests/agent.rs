@@ -170,3 +170,49 @@ fn prog_ids() -> Vec<u64> {
         .filter_map(|p| p["id"].as_u64())
         .collect()
 }
+
+fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    (head.lines().next().unwrap().to_string(), body.to_string())
+}
+
+#[test]
+fn metrics_liveness_and_readiness() {
+    let mut lab = Lab::new("metrics").unwrap();
+    lab.start_agent().unwrap();
+    let p = Profile::default_sidecar();
+    let pod = pods::pod(&mut lab, "a", &p, Mode::Sockmesh).unwrap();
+    pods::apply_sockmesh(&lab, &pod, &p).unwrap();
+    for _ in 0..3 {
+        let o = pods::probe(
+            &lab,
+            &pod,
+            &Case::new(CALLERS[0], format!("{PEER_V4}:80").parse().unwrap()),
+        )
+        .unwrap();
+        assert_eq!(landed(&o), "pod:15001");
+    }
+    let addr = lab.metrics_addr().unwrap();
+    assert_eq!(http_get(addr, "/healthz").0, "HTTP/1.1 200 OK");
+    assert_eq!(http_get(addr, "/readyz").0, "HTTP/1.1 200 OK");
+    let (status, body) = http_get(addr, "/metrics");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert!(body.contains("sockmesh_agent_ready 1"), "{body}");
+    assert!(body.contains("sockmesh_pods 1"), "{body}");
+    let captured: u64 = body
+        .lines()
+        .find(|l| {
+            l.starts_with("sockmesh_decisions_total{") && l.contains("reason=\"capture_all\"")
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no capture_all counter in\n{body}"));
+    assert!(captured >= 3, "{body}");
+    assert!(body.contains("event=\"orig_dst_hit\""), "{body}");
+    assert_eq!(http_get(addr, "/nope").0, "HTTP/1.1 404 Not Found");
+}

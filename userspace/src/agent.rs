@@ -40,10 +40,13 @@ pub struct AgentArgs {
     /// Unix socket for the registration API; it appears once the agent is ready.
     #[arg(long, default_value = "/run/sockmesh/agent.sock")]
     pub socket: PathBuf,
+    /// HTTP address for /metrics (Prometheus), /healthz and /readyz; "off" to disable.
+    #[arg(long, default_value = "127.0.0.1:15094")]
+    pub metrics: String,
 }
 
 struct State {
-    maps: Mutex<PinnedMaps>,
+    maps: Arc<Mutex<PinnedMaps>>,
     own_netns: u64,
     bpffs: PathBuf,
     /// The loaded sk_lookup program, attached to each pod netns with inbound capture.
@@ -78,6 +81,18 @@ fn handle_signals(socket: PathBuf) {
 
 pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     handle_signals(args.socket.clone());
+    let health = Arc::new(crate::metrics::Health::default());
+    if args.metrics != "off" {
+        let addr: std::net::SocketAddr = args.metrics.parse().with_context(|| {
+            format!(
+                "--metrics {}: want an address such as 127.0.0.1:15094, or off",
+                args.metrics
+            )
+        })?;
+        let bound = crate::metrics::serve(addr, health.clone())
+            .with_context(|| format!("--metrics {addr}: cannot listen"))?;
+        info!(%bound, "metrics, liveness and readiness served over HTTP");
+    }
     bpf::prepare_bpffs(&args.bpffs)?;
     let cgroup = bpf::open_cgroup2(&args.cgroup)?;
     let mut ebpf = bpf::load(&args.bpffs)?;
@@ -98,13 +113,18 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         let _ = registry::unregister(&mut maps, netns);
         info!(netns, "forgot a pod whose network namespace is gone");
     }
+    let maps = Arc::new(Mutex::new(maps));
+    *health.maps.lock().expect("lock") = Some(maps.clone());
     let state = Arc::new(State {
-        maps: Mutex::new(maps),
+        maps,
         own_netns: sys::current_netns_cookie()?,
         bpffs: args.bpffs.clone(),
         sk_lookup,
     });
     let listener = bind_socket(&args.socket)?;
+    health
+        .ready
+        .store(true, std::sync::atomic::Ordering::SeqCst);
     info!(socket = %args.socket.display(), bpffs = %args.bpffs.display(), "agent ready");
     for stream in listener.incoming() {
         let stream = match stream {

@@ -92,8 +92,8 @@ pub fn pod_spec(config: sockmesh_common::PodConfig, keys: &PodKeys) -> PodSpec {
     spec
 }
 
-pub fn run(args: DumpArgs) -> anyhow::Result<()> {
-    let maps = PinnedMaps::open(&args.bpffs)?;
+/// Every counter, summed over CPUs: netns cookie → counter name → count.
+pub fn counters(maps: &PinnedMaps) -> anyhow::Result<BTreeMap<u64, BTreeMap<String, u64>>> {
     let mut counts: BTreeMap<u64, BTreeMap<String, u64>> = BTreeMap::new();
     for item in maps.counters.iter() {
         let (k, per_cpu) = item?;
@@ -104,6 +104,12 @@ pub fn run(args: DumpArgs) -> anyhow::Result<()> {
             .entry(counter_name(k.counter))
             .or_default() += total;
     }
+    Ok(counts)
+}
+
+pub fn run(args: DumpArgs) -> anyhow::Result<()> {
+    let maps = PinnedMaps::open(&args.bpffs)?;
+    let counts = counters(&maps)?;
     let mut pods = Vec::new();
     for item in maps.pods.iter() {
         let (netns, config) = item?;

@@ -7,6 +7,7 @@ mod explain;
 mod init;
 mod istio;
 mod linkerd;
+mod metrics;
 mod registry;
 mod spec;
 mod sys;
