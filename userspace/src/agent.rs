@@ -79,7 +79,36 @@ fn handle_signals(socket: PathBuf) {
     });
 }
 
+/// The oldest kernel sockmesh runs on: 5.17 brings `ingress_ifindex` to sk_lookup; the other
+/// hooks and helpers it uses (cgroup getsockopt, getpeername, sk_lookup, netns cookies in
+/// sock_addr/sockops/sockopt programs, socket storage in cgroup sock programs,
+/// SO_NETNS_COOKIE) are older.
+pub const KERNEL_FLOOR: (u32, u32) = (5, 17);
+
+/// Parse the leading "MAJOR.MINOR" of a kernel release string.
+pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut it = release.split(|c: char| !c.is_ascii_digit());
+    Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+}
+
+fn check_kernel() -> anyhow::Result<()> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let release = release.trim();
+    match kernel_version(release) {
+        Some(v) if v >= KERNEL_FLOOR => Ok(()),
+        Some(_) => bail!(
+            "kernel {release} is older than {}.{}, the oldest sockmesh runs on (it needs \
+             sk_lookup with ingress_ifindex, cgroup getsockopt/getpeername hooks and netns \
+             cookies): upgrade the node's kernel",
+            KERNEL_FLOOR.0,
+            KERNEL_FLOOR.1
+        ),
+        None => bail!("cannot read the kernel version from /proc/sys/kernel/osrelease ({release:?})"),
+    }
+}
+
 pub fn run(args: AgentArgs) -> anyhow::Result<()> {
+    check_kernel()?;
     handle_signals(args.socket.clone());
     let health = Arc::new(crate::metrics::Health::default());
     if args.metrics != "off" {
@@ -481,4 +510,18 @@ fn add_v6_passthrough() -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_floor() {
+        assert_eq!(kernel_version("6.18.44-fc-v669"), Some((6, 18)));
+        assert_eq!(kernel_version("5.4.0-150-generic"), Some((5, 4)));
+        assert!(kernel_version("5.4.0").unwrap() < KERNEL_FLOOR);
+        assert!(kernel_version("5.17.1").unwrap() >= KERNEL_FLOOR);
+        assert_eq!(kernel_version("garbage"), None);
+    }
 }

@@ -68,9 +68,13 @@ fn main() -> ExitCode {
         .and_then(|a| Path::new(a).file_name())
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    // Istio's injection template runs `istio-iptables ...`: behave as `sockmesh init istio`.
+    // Istio's injection template runs `istio-iptables ...` (older images) or
+    // `pilot-agent istio-iptables ...`: behave as `sockmesh init istio`.
     if invoked_as == "istio-iptables" {
         return exit(init::main(init::Flavor::Istio, argv));
+    }
+    if invoked_as == "pilot-agent" && argv.get(1).is_some_and(|a| a == "istio-iptables") {
+        return exit(init::main(init::Flavor::Istio, argv[1..].to_vec()));
     }
     // `init istio` hands its arguments to the istio-iptables parser untouched.
     if argv.get(1).is_some_and(|a| a == "init") {
