@@ -216,3 +216,35 @@ fn metrics_liveness_and_readiness() {
     assert!(body.contains("event=\"orig_dst_hit\""), "{body}");
     assert_eq!(http_get(addr, "/nope").0, "HTTP/1.1 404 Not Found");
 }
+
+#[test]
+fn pinned_maps_of_another_layout_are_refused() {
+    let lab = Lab::new("layout").unwrap();
+    let maps = lab.bpffs.join("maps");
+    std::fs::create_dir_all(&maps).unwrap();
+    // A pods map as a release with a smaller PodConfig would have left it.
+    run(Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(maps.join("SM_PODS"))
+        .args([
+            "type", "hash", "key", "8", "value", "84", "entries", "16", "name", "SM_PODS",
+        ]))
+    .unwrap();
+    let out = Command::new(sockmesh_bin().unwrap())
+        .arg("agent")
+        .arg("--cgroup")
+        .arg(&lab.cgroup)
+        .arg("--bpffs")
+        .arg(&lab.bpffs)
+        .arg("--socket")
+        .arg(&lab.socket)
+        .args(["--metrics", "off"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another map layout"), "{err}");
+    assert!(!lab.socket.exists());
+    // Nothing was attached.
+    assert!(!lab.bpffs.join("links").join("connect4").exists());
+}

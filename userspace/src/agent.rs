@@ -103,7 +103,9 @@ fn check_kernel() -> anyhow::Result<()> {
             KERNEL_FLOOR.0,
             KERNEL_FLOOR.1
         ),
-        None => bail!("cannot read the kernel version from /proc/sys/kernel/osrelease ({release:?})"),
+        None => {
+            bail!("cannot read the kernel version from /proc/sys/kernel/osrelease ({release:?})")
+        }
     }
 }
 

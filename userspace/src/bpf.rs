@@ -191,9 +191,57 @@ pub fn open_cgroup2(dir: &Path) -> Result<fs::File, BpfError> {
         .map_err(|e| BpfError::Setup(format!("--cgroup {}: cannot open: {e}", dir.display())))
 }
 
+/// Key and value sizes of every pinned map, as this build lays them out.
+fn map_layouts() -> [(&'static str, usize, usize); 11] {
+    use sockmesh_common::{ListenerKey, SockOwner};
+    use std::mem::size_of;
+    // LPM-trie keys carry a 4-byte prefix length before the data.
+    let lpm = 4 + size_of::<CidrKey>();
+    [
+        (names::PODS, size_of::<u64>(), size_of::<PodConfig>()),
+        (names::MEMBERS, size_of::<MemberKey>(), 1),
+        (names::CIDRS, lpm, 1),
+        (names::LOCAL_ADDRS, size_of::<LocalAddrKey>(), 1),
+        (names::ORIG_DST, size_of::<ConnKey>(), size_of::<OrigDst>()),
+        (names::SOCK_DST, 4, size_of::<OrigDst>()),
+        (names::SOCK_OWNER, 4, size_of::<SockOwner>()),
+        (names::LISTENERS, size_of::<ListenerKey>(), 4),
+        (names::ADDR_POD, 16, 8),
+        (names::ROUTE_SRC, lpm, 16),
+        (names::COUNTERS, size_of::<CounterKey>(), 8),
+    ]
+}
+
+/// Refuse pinned maps whose layout this build does not share (left by an older or newer
+/// release): reusing them would corrupt every lookup.
+fn check_pinned_layouts(dir: &Path) -> Result<(), BpfError> {
+    for (name, key, value) in map_layouts() {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = aya::maps::MapInfo::from_pin(&path).map_err(|source| BpfError::Map {
+            name,
+            path: path.clone(),
+            source,
+        })?;
+        let (k, v) = (info.key_size() as usize, info.value_size() as usize);
+        if (k, v) != (key, value) {
+            return Err(BpfError::Setup(format!(
+                "pinned map {} has key/value sizes {k}/{v}, this build needs {key}/{value}: it \
+                 was left by a release with another map layout; migrate it, or start on a new \
+                 --bpffs folder and register the pods again",
+                path.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Load the object with every map pinned (or reused) under `bpffs/maps`.
 pub fn load(bpffs: &Path) -> Result<Ebpf, BpfError> {
     let dir = maps_dir(bpffs);
+    check_pinned_layouts(&dir)?;
     let mut loader = EbpfLoader::new();
     let paths: Vec<(&'static str, PathBuf)> =
         names::ALL.iter().map(|n| (*n, dir.join(n))).collect();
