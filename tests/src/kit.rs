@@ -181,8 +181,12 @@ pub fn listen(specs: &[String]) -> Result<()> {
             Some(n) => (n, true),
             None => (name, false),
         };
-        let listener =
-            bind_listener(addr, transparent).with_context(|| format!("binding {addr}"))?;
+        let (name, reuseport) = match name.strip_prefix("r/") {
+            Some(n) => (n, true),
+            None => (name, false),
+        };
+        let listener = bind_listener(addr, transparent, reuseport)
+            .with_context(|| format!("binding {addr}"))?;
         let name = name.to_string();
         threads.push(std::thread::spawn(move || serve(listener, name)));
     }
@@ -256,7 +260,7 @@ fn set_transparent(fd: RawFd, v6: bool) -> Result<()> {
     Ok(())
 }
 
-fn bind_listener(addr: SocketAddr, transparent: bool) -> Result<TcpListener> {
+fn bind_listener(addr: SocketAddr, transparent: bool, reuseport: bool) -> Result<TcpListener> {
     let family = if addr.is_ipv4() {
         libc::AF_INET
     } else {
@@ -291,6 +295,19 @@ fn bind_listener(addr: SocketAddr, transparent: bool) -> Result<TcpListener> {
     }
     if transparent {
         set_transparent(fd, addr.is_ipv6())?;
+    }
+    if reuseport {
+        let one: libc::c_int = 1;
+        // SAFETY: valid option pointer.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_REUSEPORT,
+                (&one as *const libc::c_int).cast(),
+                4,
+            )
+        };
     }
     let (ss, len) = std_to_sockaddr(addr);
     // SAFETY: ss is a valid sockaddr of len bytes.
@@ -532,7 +549,7 @@ pub fn proxy(name: &str, outbound: u16, inbound: u16, tproxy_mark: Option<u32>) 
     for (port, dir) in [(outbound, "outbound"), (inbound, "inbound")] {
         for addr in [format!("0.0.0.0:{port}"), format!("[::]:{port}")] {
             let transparent = dir == "inbound" && tproxy_mark.is_some();
-            let listener = bind_listener(addr.parse()?, transparent)
+            let listener = bind_listener(addr.parse()?, transparent, false)
                 .with_context(|| format!("binding {addr}"))?;
             let hop = format!("{name}-{dir}");
             threads.push(std::thread::spawn(move || {

@@ -180,6 +180,13 @@ impl Lab {
         Ok(ns)
     }
 
+    /// Delete a namespace now (it must have no processes left to outlive its name).
+    pub fn remove_netns(&mut self, ns: &Netns) -> Result<()> {
+        run(Command::new("ip").args(["netns", "del", &ns.name]))?;
+        self.netns.retain(|n| n.name != ns.name);
+        Ok(())
+    }
+
     /// A veth pair between two namespaces, both ends up.
     pub fn veth(&mut self, a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<()> {
         // Create in `a` directly so no interface ever sits in the host netns.
@@ -238,15 +245,25 @@ impl Lab {
         Ok(cmd)
     }
 
+    /// Stop a process started with [`Lab::spawn`] (by the index it returned).
+    pub fn kill(&mut self, index: usize) -> Result<()> {
+        let c = self.children.get_mut(index).context("no such child")?;
+        c.kill()?;
+        c.wait()?;
+        Ok(())
+    }
+
     /// Start a long-running process; it is killed when the lab is dropped. If `ready_line` is
-    /// given, wait until the process prints a line containing it on stdout.
-    pub fn spawn(&mut self, mut cmd: Command, ready_line: Option<&str>) -> Result<()> {
+    /// given, wait until the process prints a line containing it on stdout. Returns its index
+    /// for [`Lab::kill`].
+    pub fn spawn(&mut self, mut cmd: Command, ready_line: Option<&str>) -> Result<usize> {
         cmd.stdin(Stdio::null());
         cmd.stdout(Stdio::piped());
         cmd.stderr(Stdio::inherit());
         let mut child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
         let stdout = child.stdout.take().expect("piped");
         self.children.push(child);
+        let index = self.children.len() - 1;
         let mut reader = BufReader::new(stdout);
         if let Some(ready) = ready_line {
             let mut line = String::new();
@@ -265,7 +282,7 @@ impl Lab {
             let mut sink = Vec::new();
             let _ = reader.read_to_end(&mut sink);
         });
-        Ok(())
+        Ok(index)
     }
 
     /// Start the agent on the lab's cgroup and bpffs and wait until its socket exists.

@@ -193,7 +193,7 @@ pub fn listen_with(
     }
     let mut cmd = lab.command(ns, in_cgroup, testkit_bin()?)?;
     cmd.arg("listen").args(&specs);
-    lab.spawn(cmd, Some("ready"))
+    lab.spawn(cmd, Some("ready")).map(|_| ())
 }
 
 /// Load `profile`'s istio-iptables rules into the pod with the real iptables-restore (and, as

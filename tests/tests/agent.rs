@@ -248,3 +248,40 @@ fn pinned_maps_of_another_layout_are_refused() {
     // Nothing was attached.
     assert!(!lab.bpffs.join("links").join("connect4").exists());
 }
+
+#[test]
+fn pods_that_are_gone_are_forgotten_and_their_address_reused() {
+    let mut lab = Lab::new("gone").unwrap();
+    lab.start_agent().unwrap();
+    let p = Profile::default_sidecar();
+    // No process in the pod, so deleting its netns destroys it.
+    let a = pods::pod_with(&mut lab, "a", &p, Mode::Sockmesh, &[]).unwrap();
+    pods::apply_sockmesh(&lab, &a, &p).unwrap();
+    let bpffs = lab.bpffs.clone();
+    let dump = move || -> serde_json::Value {
+        let out = run(Command::new(sockmesh_bin().unwrap())
+            .args(["dump", "--json", "--bpffs"])
+            .arg(&bpffs))
+        .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let first = dump()["pods"][0]["netns_cookie"].as_u64().unwrap();
+    let peer = a.peer.clone();
+    lab.remove_netns(&a.ns).unwrap();
+    lab.remove_netns(&peer).unwrap();
+    // A new pod gets the same address: registering it finds the old owner gone.
+    let b = pods::pod_with(&mut lab, "b", &p, Mode::Sockmesh, &[]).unwrap();
+    pods::apply_sockmesh(&lab, &b, &p).unwrap();
+    let d = dump();
+    let cookies: Vec<u64> = d["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["netns_cookie"].as_u64().unwrap())
+        .collect();
+    assert_eq!(cookies.len(), 1, "{d}");
+    assert_ne!(cookies[0], first, "{d}");
+    assert!(lab
+        .agent_log()
+        .contains("forgot a pod whose network namespace is gone"));
+}

@@ -235,3 +235,33 @@ fn tproxy_original_source_to_the_app() {
     );
     assert_eq!(sockmesh, tproxy_e2e(Mode::Iptables));
 }
+
+#[test]
+fn reuseport_proxy_workers_share_the_inbound_port() {
+    let mut lab = Lab::new("reuse").unwrap();
+    lab.start_agent().unwrap();
+    let p = Profile::default_sidecar();
+    let smp = pods::pod_with(&mut lab, "s", &p, Mode::Sockmesh, &[8080]).unwrap();
+    pods::apply_sockmesh(&lab, &smp, &p).unwrap();
+    let kit = testkit_bin().unwrap();
+    // Two workers on 15006 with SO_REUSEPORT, as Envoy runs them.
+    let mut workers = Vec::new();
+    for name in ["w1", "w2"] {
+        let mut cmd = lab.command(&smp.ns, true, &kit).unwrap();
+        cmd.args(["listen", &format!("r/{name}@0.0.0.0:15006")]);
+        workers.push(lab.spawn(cmd, Some("ready")).unwrap());
+    }
+    let case = peer_case(8080);
+    let land = |lab: &Lab| match pods::probe_from_peer(lab, &smp, &case).unwrap() {
+        Outcome::Ok { listener, .. } => listener,
+        other => panic!("{other:?}"),
+    };
+    for _ in 0..4 {
+        assert!(["w1", "w2"].contains(&land(&lab).as_str()));
+    }
+    // The last worker to listen going away leaves the first in charge.
+    lab.kill(workers[1]).unwrap();
+    for _ in 0..4 {
+        assert_eq!(land(&lab), "w1");
+    }
+}

@@ -17,7 +17,7 @@ use std::{
 
 use anyhow::{bail, Context};
 use clap::Args;
-use sockmesh_common::{flags, MemberKind};
+use sockmesh_common::{flags, MemberKind, PodConfig};
 use tracing::{info, warn};
 
 use crate::{
@@ -152,6 +152,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         bpffs: args.bpffs.clone(),
         sk_lookup,
     });
+    sweeper(state.clone(), std::time::Duration::from_secs(10));
     let listener = bind_socket(&args.socket)?;
     health
         .ready
@@ -320,6 +321,9 @@ fn register(state: &State, netns: u64, fd: BorrowedFd<'_>, spec: &PodSpec) -> Re
     spec.members
         .retain(|(k, _)| !matches!(k, MemberKind::ExcludedIfindex | MemberKind::KubeVirtIfindex));
     spec.routes.clear();
+    spec.route_sources.clear();
+    spec.config.src_v4 = [0; 4];
+    spec.config.src_v6 = [0; 16];
     let view = read_pod(fd, &spec)?;
     let addrs: Vec<IpAddr> = view.addrs.iter().map(|a| a.ip).collect();
     // The pod's primary addresses, by istio's rule (first non-loopback, non-link-local), read
@@ -380,30 +384,69 @@ fn register(state: &State, netns: u64, fd: BorrowedFd<'_>, spec: &PodSpec) -> Re
             Some((r.dst, src))
         })
         .collect();
-    if spec.config.has(flags::TPROXY) {
-        let c = &spec.config;
-        tproxy_routing(fd, c.tproxy_mark, c.tproxy_table, c.has(flags::IPV6), true)?;
-    }
     let mut maps = state.maps.lock().expect("maps lock");
+    let before = registry::config(&maps, netns);
     // Inbound capture: the sk_lookup program in the pod's netns (idempotent), before the maps
     // that turn it on for this pod.
-    let inbound = spec.config.inbound_capture();
-    let mut attached_now = false;
-    if inbound {
-        let action = bpf::attach_netns(state.sk_lookup.as_fd(), fd, &state.bpffs, netns)
-            .map_err(|e| format!("attaching inbound capture to the pod's netns: {e}"))?;
-        attached_now = action == bpf::LinkAction::Created;
+    // The sk_lookup program goes into every registered pod's netns, inbound capture or not: its
+    // link also tells the agent when the namespace is gone (see `sweep`).
+    let action = bpf::attach_netns(state.sk_lookup.as_fd(), fd, &state.bpffs, netns)
+        .map_err(|e| format!("attaching to the pod's netns: {e}"))?;
+    let attached_now = action == bpf::LinkAction::Created;
+    let mut result = registry::register(&mut maps, netns, &spec, &addrs);
+    if matches!(result, Err(registry::RegistryError::AddressTaken { .. })) {
+        // The address may belong to a pod that is gone: forget those and try again.
+        sweep_locked(&state.bpffs, &mut maps);
+        result = registry::register(&mut maps, netns, &spec, &addrs);
     }
-    if let Err(e) = registry::register(&mut maps, netns, &spec, &addrs) {
+    if let Err(e) = result {
         if attached_now {
             bpf::detach_netns(&state.bpffs, netns);
         }
         return Err(e.to_string());
     }
-    if !inbound {
-        bpf::detach_netns(&state.bpffs, netns);
+    // TPROXY routing: the previous settings' rule and route go, the new ones come. If that
+    // fails, the registration is undone, so the pod is captured completely or not at all.
+    let c = spec.config;
+    let routing = |c: &PodConfig| (c.tproxy_mark, c.tproxy_table, c.has(flags::IPV6));
+    if let Some(old) = before.filter(|o| o.has(flags::TPROXY)) {
+        if !c.has(flags::TPROXY) || routing(&old) != routing(&c) {
+            let (m, t, v6) = routing(&old);
+            let _ = tproxy_routing(fd, m, t, v6, false);
+        }
+    }
+    if c.has(flags::TPROXY) {
+        let (m, t, v6) = routing(&c);
+        if let Err(e) = tproxy_routing(fd, m, t, v6, true) {
+            let _ = tproxy_routing(fd, m, t, v6, false);
+            let _ = registry::unregister(&mut maps, netns);
+            bpf::detach_netns(&state.bpffs, netns);
+            return Err(format!("{e}; the pod was not registered"));
+        }
     }
     Ok(())
+}
+
+/// Forget pods whose network namespace is gone (their registration, counters and link).
+fn sweep_locked(bpffs: &std::path::Path, maps: &mut PinnedMaps) {
+    match bpf::dead_pods(bpffs) {
+        Ok(gone) => {
+            for netns in gone {
+                let _ = registry::unregister(maps, netns);
+                info!(netns, "forgot a pod whose network namespace is gone");
+            }
+        }
+        Err(e) => warn!(error = %e, "checking for pods that are gone failed"),
+    }
+}
+
+/// Sweep every `period`, for as long as the agent runs.
+fn sweeper(state: Arc<State>, period: std::time::Duration) {
+    std::thread::spawn(move || loop {
+        std::thread::sleep(period);
+        let mut maps = state.maps.lock().expect("maps lock");
+        sweep_locked(&state.bpffs, &mut maps);
+    });
 }
 
 /// What the agent reads inside a pod's netns at registration.
@@ -488,10 +531,11 @@ fn tproxy_routing(
                 let _ = ip(&[f, "route", "del", "local", any, "dev", "lo", "table", &t]);
             }
         }
-        if on {
-            std::fs::write("/proc/sys/net/ipv4/tcp_fwmark_accept", "1")
-                .map_err(|e| format!("setting net.ipv4.tcp_fwmark_accept in the pod: {e}"))?;
-        }
+        std::fs::write(
+            "/proc/sys/net/ipv4/tcp_fwmark_accept",
+            if on { "1" } else { "0" },
+        )
+        .map_err(|e| format!("setting net.ipv4.tcp_fwmark_accept in the pod: {e}"))?;
         Ok(())
     })
     .map_err(|e| e.to_string())?

@@ -458,14 +458,57 @@ pub fn update_netns_links(
         let link = obj_get(&e.path())?;
         match link_update(link.as_fd(), prog) {
             Ok(()) => updated += 1,
-            Err(_) => {
-                // A link whose netns died is defunct: forget it.
+            // A link whose netns died is defunct: forget it.
+            Err(e2) if e2.source.raw_os_error() == Some(libc::ENOLINK) => {
                 let _ = fs::remove_file(e.path());
                 gone.push(cookie);
             }
+            Err(e2) => return Err(e2.into()),
         }
     }
     Ok((updated, gone))
+}
+
+const BPF_OBJ_GET_INFO_BY_FD: u32 = 15;
+
+/// Whether the netns a pinned netns link is attached to still exists (a link is detached,
+/// `netns_ino` 0, when its namespace is destroyed).
+fn netns_link_alive(pin: &Path) -> Result<bool, SyscallError> {
+    let link = obj_get(pin)?;
+    // struct bpf_link_info: type, id, prog_id, then an 8-aligned union whose netns member is
+    // { netns_ino, attach_type }.
+    let mut info = [0u32; 16];
+    let mut attr = [0u64; 8];
+    attr[0] = u32_pair(link.as_raw_fd() as u32, std::mem::size_of_val(&info) as u32);
+    attr[1] = info.as_mut_ptr() as u64;
+    bpf_syscall(
+        BPF_OBJ_GET_INFO_BY_FD,
+        &mut attr,
+        "bpf(BPF_OBJ_GET_INFO_BY_FD)",
+    )?;
+    Ok(info[4] != 0)
+}
+
+/// Netns cookies of registered pods whose namespace no longer exists; their pins are removed.
+pub fn dead_pods(bpffs: &Path) -> Result<Vec<u64>, BpfError> {
+    let mut gone = Vec::new();
+    let Ok(rd) = fs::read_dir(links_dir(bpffs)) else {
+        return Ok(gone);
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(cookie) = name
+            .strip_prefix(NETNS_LINK_PREFIX)
+            .and_then(|c| c.parse().ok())
+        else {
+            continue;
+        };
+        if !netns_link_alive(&e.path())? {
+            let _ = fs::remove_file(e.path());
+            gone.push(cookie);
+        }
+    }
+    Ok(gone)
 }
 
 /// Typed handles on the pinned maps.

@@ -163,11 +163,23 @@ fn apply(action: &InitAction, spec: PodSpec, netns: &std::os::fd::OwnedFd) -> Re
         }
     };
     let resp = wire::call(sock, &req, Some(netns.as_fd()), AGENT_TIMEOUT).map_err(|e| {
-        format!(
-            "cannot reach the sockmesh agent at {}: {e}: start it (sockmesh agent) and make \
-             its socket available here (--agent-socket / SOCKMESH_AGENT_SOCKET)",
-            sock.display()
-        )
+        if matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ) {
+            format!(
+                "the sockmesh agent at {} did not answer within {}s: it may be overloaded; \
+                 the registration may still complete, run init again to be sure",
+                sock.display(),
+                AGENT_TIMEOUT.as_secs()
+            )
+        } else {
+            format!(
+                "cannot reach the sockmesh agent at {}: {e}: start it (sockmesh agent) and make \
+                 its socket available here (--agent-socket / SOCKMESH_AGENT_SOCKET)",
+                sock.display()
+            )
+        }
     })?;
     if !resp.ok {
         return Err(format!("the agent refused: {}", resp.message));

@@ -121,6 +121,7 @@ pub fn render(health: &Health) -> anyhow::Result<String> {
             ev::PEERNAME_REWRITE,
             ev::ORIG_DST_STORE_FAILED,
             ev::ORIG_DST_RELEASED,
+            ev::LISTENER_STORE_FAILED,
         ] {
             let name = ev::name(code).expect("named counter");
             if let Some(n) = c.get(name) {

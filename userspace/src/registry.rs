@@ -347,6 +347,15 @@ pub fn unregister(maps: &mut PinnedMaps, netns: u64) -> Result<bool, RegistryErr
     for k in route_src_keys(maps, netns) {
         let _ = maps.route_src.remove(&k);
     }
+    let counters: Vec<_> = maps
+        .counters
+        .keys()
+        .flatten()
+        .filter(|k| k.netns == netns)
+        .collect();
+    for k in counters {
+        let _ = maps.counters.remove(&k);
+    }
     let old = PodKeys::read(maps, netns);
     Undo {
         members: old.members.into_iter().collect(),

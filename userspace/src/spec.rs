@@ -151,6 +151,15 @@ impl PodSpec {
             if kind.is_v6() != cidr.is_v6() || cidr.prefix > max {
                 return Err(format!("CIDR {cidr} does not fit list {kind:?}"));
             }
+            // Routes are the agent's to read, and port ranges travel in `ranges`.
+            if kind.is_port() || matches!(kind, CidrKind::RouteV4 | CidrKind::RouteV6) {
+                return Err(format!("list {kind:?} cannot be set by the caller"));
+            }
+        }
+        for (kind, _, _) in &self.ranges {
+            if !kind.is_port() {
+                return Err(format!("{kind:?} is not a port-range list"));
+            }
         }
         for (kind, v) in &self.members {
             let port_kind = !matches!(

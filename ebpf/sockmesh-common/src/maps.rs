@@ -373,7 +373,13 @@ pub struct ListenerKey {
     pub netns: u64,
     pub port: u32,
     pub family: u32,
+    /// One of `LISTENER_SLOTS`: the first free one when the socket started listening.
+    pub slot: u32,
+    pub _pad: u32,
 }
+
+/// Listening sockets kept per (netns, port, family).
+pub const LISTENER_SLOTS: u32 = 8;
 
 /// Value of the per-socket `SOCK_OWNER` storage: the credentials of the task that created the
 /// socket, which is what iptables' owner match looks at (the socket file's credentials).
@@ -405,6 +411,8 @@ pub mod counters {
     pub const ORIG_DST_STORE_FAILED: u32 = 103;
     /// A redirect record was removed when its socket closed.
     pub const ORIG_DST_RELEASED: u32 = 104;
+    /// A listening socket could not be recorded (the listener map is full).
+    pub const LISTENER_STORE_FAILED: u32 = 105;
 
     pub const fn name(c: u32) -> Option<&'static str> {
         match c {
@@ -413,6 +421,7 @@ pub mod counters {
             PEERNAME_REWRITE => Some("getpeername_rewritten"),
             ORIG_DST_STORE_FAILED => Some("orig_dst_store_failed"),
             ORIG_DST_RELEASED => Some("orig_dst_released"),
+            LISTENER_STORE_FAILED => Some("listener_store_failed"),
             _ => None,
         }
     }

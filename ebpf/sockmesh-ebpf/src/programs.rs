@@ -5,7 +5,7 @@ use core::{
 
 use aya_ebpf::{
     bindings::{
-        bpf_sock, BPF_ANY, BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE,
+        bpf_sock, BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE,
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE,
     },
@@ -25,7 +25,7 @@ use sockmesh_common::{
     counters, decide, decide_inbound, is_v4_mapped, sizes, v4_mapped, Action, Addr, Arrival,
     CidrKey, CidrKind, Conn, ConnKey, CounterKey, ListenerKey, LocalAddrKey, MemberKey, MemberKind,
     OrigDst, PodConfig, Proto, Reason, Rules, SockOwner, Verdict, AF_INET, AF_INET6,
-    CIDR_KEY_FIXED_BITS,
+    CIDR_KEY_FIXED_BITS, LISTENER_SLOTS,
 };
 
 #[map(name = "SM_PODS")]
@@ -312,6 +312,13 @@ fn try_connect<const CONNECT: bool, const V6: bool>(ctx: &SockAddrContext) -> i3
             // that sk_lookup does not take it for inbound traffic.
             let local_origin = Verdict::tproxy(0, Reason::LocalOrigin);
             return redirect::<CONNECT, V6>(ctx, cfg, &conn, &local_origin);
+        }
+        // A socket connected again (UDP can) must not keep an earlier capture's record.
+        if CONNECT {
+            let sk = unsafe { (*sa).__bindgen_anon_1.sk };
+            if !unsafe { SOCK_DST.get_ptr_mut(ctx) }.is_null() {
+                let _ = unsafe { SOCK_DST.delete(sk) };
+            }
         }
         return 1;
     }
@@ -669,12 +676,26 @@ fn try_sockops(ctx: &SockOpsContext) {
     }
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     if op == BPF_SOCK_OPS_TCP_LISTEN_CB {
-        let mut key = ListenerKey {
-            netns,
-            port: ctx.local_port(),
-            family: ctx.family(),
-        };
-        let _ = LISTENERS.update(&mut key, unsafe { &mut *ctx.ops }, BPF_ANY as u64);
+        // Several sockets may listen on one port (SO_REUSEPORT workers): each takes a free
+        // slot, so one closing (its entry leaves with it) does not hide the others.
+        let mut slot = 0;
+        while slot < LISTENER_SLOTS {
+            let mut key = ListenerKey {
+                netns,
+                port: ctx.local_port(),
+                family: ctx.family(),
+                slot,
+                _pad: 0,
+            };
+            if LISTENERS
+                .update(&mut key, unsafe { &mut *ctx.ops }, BPF_NOEXIST as u64)
+                .is_ok()
+            {
+                return;
+            }
+            slot += 1;
+        }
+        count(netns, counters::LISTENER_STORE_FAILED);
         return;
     }
     if op == BPF_SOCK_OPS_STATE_CB {
@@ -805,22 +826,30 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
 /// Hand the connection to the pod's listener on `port`, or refuse it if there is none.
 #[inline(always)]
 fn steer(ctx: &SkLookupContext, netns: u64, port: u16, v4: bool, reason: Reason) -> u32 {
-    let mut key = ListenerKey {
-        netns,
-        port: port as u32,
-        family: if v4 { AF_INET as u32 } else { AF_INET6 as u32 },
+    // A listener of the connection's family first; for IPv4, a dual-stack IPv6 one next.
+    let families: [u32; 2] = if v4 {
+        [AF_INET as u32, AF_INET6 as u32]
+    } else {
+        [AF_INET6 as u32, AF_INET6 as u32]
     };
-    if LISTENERS.redirect_sk_lookup(ctx, key, 0).is_ok() {
-        count(netns, reason as u32);
-        return SK_PASS;
-    }
-    // A dual-stack IPv6 listener serves IPv4 too.
-    if v4 {
-        key.family = AF_INET6 as u32;
-        if LISTENERS.redirect_sk_lookup(ctx, key, 0).is_ok() {
-            count(netns, reason as u32);
-            return SK_PASS;
+    let mut f = 0;
+    while f < 2 {
+        let mut slot = 0;
+        while slot < LISTENER_SLOTS {
+            let key = ListenerKey {
+                netns,
+                port: port as u32,
+                family: families[f],
+                slot,
+                _pad: 0,
+            };
+            if LISTENERS.redirect_sk_lookup(ctx, key, 0).is_ok() {
+                count(netns, reason as u32);
+                return SK_PASS;
+            }
+            slot += 1;
         }
+        f += 1;
     }
     // No proxy: refuse, as a REDIRECT to a closed port would.
     count(netns, Reason::InboundNoListener as u32);
