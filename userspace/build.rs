@@ -3,6 +3,12 @@
 use std::{env, fs, path::PathBuf};
 
 fn main() -> anyhow::Result<()> {
+    // The registration API (proto/sockmesh/v1/agent.proto), with the protoc Cargo vendors.
+    let proto = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?).join("../proto");
+    println!("cargo:rerun-if-changed={}", proto.display());
+    env::set_var("PROTOC", protoc_bin_vendored::protoc_bin_path()?);
+    tonic_prost_build::configure()
+        .compile_protos(&[proto.join("sockmesh/v1/agent.proto")], &[proto])?;
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR"));
     let skip = env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     if skip {

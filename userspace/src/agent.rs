@@ -18,14 +18,15 @@ use std::{
 use anyhow::{bail, Context};
 use clap::Args;
 use sockmesh_common::{flags, MemberKind, PodConfig};
+use tonic::Status;
 use tracing::{info, warn};
 
 use crate::{
+    api::{self, pb, Caller},
     bpf::{self, PinnedMaps},
     registry,
     spec::PodSpec,
     sys,
-    wire::{self, Request, Response},
 };
 
 #[derive(Args, Debug, Clone)]
@@ -158,17 +159,22 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         .ready
         .store(true, std::sync::atomic::Ordering::SeqCst);
     info!(socket = %args.socket.display(), bpffs = %args.bpffs.display(), "agent ready");
-    for stream in listener.incoming() {
-        let stream = match stream {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(error = %e, "accept failed");
-                continue;
-            }
-        };
-        let state = state.clone();
-        std::thread::spawn(move || serve(&state, stream));
-    }
+    listener.set_nonblocking(true)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async move {
+        let listener = tokio::net::UnixListener::from_std(listener)?;
+        tonic::transport::Server::builder()
+            .timeout(std::time::Duration::from_secs(30))
+            .concurrency_limit_per_connection(16)
+            .add_service(pb::agent_server::AgentServer::new(Api { state }))
+            .serve_with_incoming(api::incoming(listener))
+            .await
+            .context("serving the registration API")
+    })?;
     Ok(())
 }
 
@@ -198,119 +204,163 @@ fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
-fn serve(state: &State, stream: UnixStream) {
-    let peer = sys::peer_cred(stream.as_fd())
-        .map(|c| format!("pid={} uid={} gid={}", c.pid, c.uid, c.gid))
-        .unwrap_or_else(|e| format!("unknown ({e})"));
-    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(10)));
-    let resp = match wire::receive(&stream) {
-        Err(e) => Response::error(format!("reading the request failed: {e}")),
-        Ok((body, fd)) => match serde_json::from_slice::<Request>(trim_newline(&body)) {
-            Err(e) => Response::error(format!("malformed request: {e}")),
-            Ok(req) => handle(state, req, fd, &peer),
-        },
-    };
-    if !resp.ok {
-        warn!(peer, error = %resp.message, "request refused");
-    }
-    let _ = wire::answer(&stream, &resp);
+/// The gRPC service: each call acts on the network namespace its connection's preamble carried.
+struct Api {
+    state: Arc<State>,
 }
 
-fn trim_newline(b: &[u8]) -> &[u8] {
-    b.strip_suffix(b"\n").unwrap_or(b)
+fn caller<T>(req: &tonic::Request<T>) -> Caller {
+    req.extensions()
+        .get::<Caller>()
+        .cloned()
+        .unwrap_or_else(|| Caller {
+            netns: None,
+            peer: "unknown".into(),
+        })
 }
 
-fn pod_netns(state: &State, fd: Option<&OwnedFd>) -> Result<u64, String> {
-    let fd = fd.ok_or(
-        "no network namespace fd came with the request (send /proc/self/ns/net with SCM_RIGHTS)",
-    )?;
-    if !sys::is_netns_fd(fd) {
-        return Err("the fd sent is not a network namespace".into());
+/// Run `f` (map writes, netlink) off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Status> + Send + 'static,
+) -> Result<tonic::Response<T>, Status> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map(tonic::Response::new),
+        Err(e) => Err(Status::internal(format!("request handler failed: {e}"))),
     }
-    let cookie = sys::netns_cookie(fd.as_fd()).map_err(|e| e.to_string())?;
-    if cookie == state.own_netns {
-        return Err(
-            "refusing to capture the agent's own network namespace (the node's): only pod \
-             namespaces can be registered"
-                .into(),
-        );
-    }
-    Ok(cookie)
 }
 
-fn handle(state: &State, req: Request, fd: Option<OwnedFd>, peer: &str) -> Response {
-    match req {
-        Request::Register { spec } => {
-            let netns = match pod_netns(state, fd.as_ref()) {
-                Ok(n) => n,
-                Err(e) => return Response::error(e),
-            };
-            let Some(fd) = fd else {
-                unreachable!("checked by pod_netns")
-            };
-            match register(state, netns, fd.as_fd(), &spec) {
-                Ok(()) => {
-                    info!(peer, netns, "pod registered");
-                    Response {
-                        ok: true,
-                        netns_cookie: Some(netns),
-                        registered: Some(true),
-                        message: String::new(),
-                    }
-                }
-                Err(e) => Response::error(e),
-            }
-        }
-        Request::Unregister => {
-            let netns = match pod_netns(state, fd.as_ref()) {
-                Ok(n) => n,
-                Err(e) => return Response::error(e),
-            };
+fn refused(peer: &str, status: Status) -> Status {
+    warn!(peer, code = ?status.code(), error = status.message(), "request refused");
+    status
+}
+
+#[tonic::async_trait]
+impl pb::agent_server::Agent for Api {
+    async fn register(
+        &self,
+        req: tonic::Request<pb::RegisterRequest>,
+    ) -> Result<tonic::Response<pb::PodReply>, Status> {
+        let caller = caller(&req);
+        let settings = req.into_inner().settings.ok_or_else(|| {
+            refused(
+                &caller.peer,
+                Status::invalid_argument("settings: missing (RegisterRequest.settings)"),
+            )
+        })?;
+        let spec = PodSpec::try_from(settings)
+            .and_then(|s| s.validate().map(|()| s))
+            .map_err(|e| {
+                refused(
+                    &caller.peer,
+                    Status::invalid_argument(format!("invalid settings: {e}")),
+                )
+            })?;
+        let state = self.state.clone();
+        blocking(move || {
+            let (netns, fd) = pod_netns(&state, &caller).map_err(|s| refused(&caller.peer, s))?;
+            register(&state, netns, fd.as_fd(), &spec)
+                .map_err(|e| refused(&caller.peer, Status::failed_precondition(e)))?;
+            info!(peer = caller.peer, netns, "pod registered");
+            Ok(pb::PodReply {
+                netns_cookie: netns,
+                registered: true,
+            })
+        })
+        .await
+    }
+
+    async fn unregister(
+        &self,
+        req: tonic::Request<pb::UnregisterRequest>,
+    ) -> Result<tonic::Response<pb::PodReply>, Status> {
+        let caller = caller(&req);
+        let state = self.state.clone();
+        blocking(move || {
+            let (netns, fd) = pod_netns(&state, &caller).map_err(|s| refused(&caller.peer, s))?;
             let mut maps = state.maps.lock().expect("maps lock");
             let before = registry::config(&maps, netns);
             let result = registry::unregister(&mut maps, netns);
             bpf::detach_netns(&state.bpffs, netns);
-            if let (Some(c), Some(fd)) = (before, fd.as_ref()) {
-                if c.has(flags::TPROXY) {
-                    let _ = tproxy_routing(
-                        fd.as_fd(),
-                        c.tproxy_mark,
-                        c.tproxy_table,
-                        c.has(flags::IPV6),
-                        false,
-                    );
-                }
+            if let Some(c) = before.filter(|c| c.has(flags::TPROXY)) {
+                let _ = tproxy_routing(
+                    fd.as_fd(),
+                    c.tproxy_mark,
+                    c.tproxy_table,
+                    c.has(flags::IPV6),
+                    false,
+                );
             }
-            match result {
-                Ok(was) => {
-                    info!(peer, netns, was_registered = was, "pod unregistered");
-                    Response {
-                        ok: true,
-                        netns_cookie: Some(netns),
-                        registered: Some(false),
-                        message: String::new(),
-                    }
-                }
-                Err(e) => Response::error(e.to_string()),
-            }
-        }
-        Request::Status => {
-            let netns = match fd.as_ref() {
-                Some(_) => match pod_netns(state, fd.as_ref()) {
-                    Ok(n) => Some(n),
-                    Err(e) => return Response::error(e),
-                },
-                None => None,
-            };
-            let maps = state.maps.lock().expect("maps lock");
-            Response {
-                ok: true,
+            let was = result.map_err(|e| refused(&caller.peer, Status::internal(e.to_string())))?;
+            info!(
+                peer = caller.peer,
+                netns,
+                was_registered = was,
+                "pod unregistered"
+            );
+            Ok(pb::PodReply {
                 netns_cookie: netns,
-                registered: netns.map(|n| registry::config(&maps, n).is_some()),
-                message: String::new(),
-            }
-        }
+                registered: false,
+            })
+        })
+        .await
     }
+
+    async fn status(
+        &self,
+        req: tonic::Request<pb::StatusRequest>,
+    ) -> Result<tonic::Response<pb::PodReply>, Status> {
+        let caller = caller(&req);
+        let state = self.state.clone();
+        blocking(move || {
+            if caller.netns.is_none() {
+                return Ok(pb::PodReply::default());
+            }
+            let (netns, _) = pod_netns(&state, &caller)?;
+            let maps = state.maps.lock().expect("maps lock");
+            Ok(pb::PodReply {
+                netns_cookie: netns,
+                registered: registry::config(&maps, netns).is_some(),
+            })
+        })
+        .await
+    }
+
+    async fn list(
+        &self,
+        _req: tonic::Request<pb::ListRequest>,
+    ) -> Result<tonic::Response<pb::ListReply>, Status> {
+        let state = self.state.clone();
+        blocking(move || {
+            let maps = state.maps.lock().expect("maps lock");
+            let netns_cookies = registry::pods(&maps)
+                .map_err(|e| Status::internal(format!("reading the pods map: {e}")))?;
+            Ok(pb::ListReply { netns_cookies })
+        })
+        .await
+    }
+}
+
+/// The caller's pod: its netns cookie and fd, from the connection's preamble.
+fn pod_netns(state: &State, caller: &Caller) -> Result<(u64, Arc<OwnedFd>), Status> {
+    let fd = caller.netns.clone().ok_or_else(|| {
+        Status::unauthenticated(
+            "no network namespace fd came with the connection's preamble (send \
+             /proc/self/ns/net with SCM_RIGHTS; sockmesh init does)",
+        )
+    })?;
+    if !sys::is_netns_fd(&*fd) {
+        return Err(Status::unauthenticated(
+            "the fd sent with the preamble is not a network namespace",
+        ));
+    }
+    let cookie = sys::netns_cookie(fd.as_fd()).map_err(|e| Status::internal(e.to_string()))?;
+    if cookie == state.own_netns {
+        return Err(Status::permission_denied(
+            "refusing to capture the agent's own network namespace (the node's): only pod \
+             namespaces can be registered",
+        ));
+    }
+    Ok((cookie, fd))
 }
 
 fn register(state: &State, netns: u64, fd: BorrowedFd<'_>, spec: &PodSpec) -> Result<(), String> {

@@ -5,11 +5,11 @@ use std::{ffi::OsString, net::IpAddr, os::fd::AsFd, path::Path, time::Duration};
 use sockmesh_common::{decide, flags, Action, Conn, Proto};
 
 use crate::{
+    api::{self, pb},
     istio::{IfAddr, IstioArgs, ProcessEnv},
     linkerd::LinkerdArgs,
     spec::{ip_to_addr, PodSpec},
     sys,
-    wire::{self, Request},
 };
 
 const AGENT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -155,42 +155,73 @@ fn run(flavor: Flavor, argv: Vec<OsString>) -> Result<(), Failure> {
 /// Register (or with --cleanup-only, unregister) the pod with the agent.
 fn apply(action: &InitAction, spec: PodSpec, netns: &std::os::fd::OwnedFd) -> Result<(), String> {
     let sock = &action.agent_socket;
-    let req = if action.cleanup_only {
-        Request::Unregister
-    } else {
-        Request::Register {
-            spec: Box::new(spec),
-        }
+    let unreachable = |e: &dyn std::fmt::Display| {
+        format!(
+            "cannot reach the sockmesh agent at {}: {e}: start it (sockmesh agent) and make \
+             its socket available here (--agent-socket / SOCKMESH_AGENT_SOCKET)",
+            sock.display()
+        )
     };
-    let resp = wire::call(sock, &req, Some(netns.as_fd()), AGENT_TIMEOUT).map_err(|e| {
-        if matches!(
-            e.kind(),
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-        ) {
-            format!(
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the async runtime: {e}"))?;
+    let call = async {
+        let mut client = api::connect(sock, Some(netns.as_fd()))
+            .await
+            .map_err(|e| Err(unreachable(&source_chain(&*e))))?;
+        let reply = if action.cleanup_only {
+            client.unregister(pb::UnregisterRequest {}).await
+        } else {
+            client
+                .register(pb::RegisterRequest {
+                    settings: Some(pb::PodSettings::from(&spec)),
+                })
+                .await
+        };
+        reply.map(|r| r.into_inner()).map_err(Ok)
+    };
+    let resp = match rt.block_on(async { tokio::time::timeout(AGENT_TIMEOUT, call).await }) {
+        Err(_) => {
+            return Err(format!(
                 "the sockmesh agent at {} did not answer within {}s: it may be overloaded; \
                  the registration may still complete, run init again to be sure",
                 sock.display(),
                 AGENT_TIMEOUT.as_secs()
-            )
-        } else {
-            format!(
-                "cannot reach the sockmesh agent at {}: {e}: start it (sockmesh agent) and make \
-                 its socket available here (--agent-socket / SOCKMESH_AGENT_SOCKET)",
-                sock.display()
-            )
+            ))
         }
-    })?;
-    if !resp.ok {
-        return Err(format!("the agent refused: {}", resp.message));
-    }
-    let cookie = resp.netns_cookie.unwrap_or_default();
+        Ok(Err(Err(e))) => return Err(e),
+        Ok(Err(Ok(status))) if status.code() == tonic::Code::Unavailable => {
+            return Err(unreachable(&status.message()))
+        }
+        Ok(Err(Ok(status))) => {
+            return Err(format!(
+                "the agent refused ({:?}): {}",
+                status.code(),
+                status.message()
+            ))
+        }
+        Ok(Ok(r)) => r,
+    };
+    let cookie = resp.netns_cookie;
     if action.cleanup_only {
         println!("sockmesh: capture removed for netns cookie {cookie}");
     } else {
         println!("sockmesh: capture in force for netns cookie {cookie}");
     }
     Ok(())
+}
+
+/// An error and its causes, "a: b: c".
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
 }
 
 /// The settings, and the decision for representative connections, computed by the same

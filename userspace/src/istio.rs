@@ -771,7 +771,7 @@ fn parse_go_duration(s: &str) -> Result<Duration, String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::collections::HashMap;
 
     use super::*;
@@ -798,7 +798,10 @@ mod tests {
         ]
     }
 
-    fn spec(args: &[&str], env: &[(&'static str, &'static str)]) -> Result<PodSpec, String> {
+    pub(crate) fn spec(
+        args: &[&str],
+        env: &[(&'static str, &'static str)],
+    ) -> Result<PodSpec, String> {
         let mut argv = vec!["istio-iptables"];
         argv.extend_from_slice(args);
         let a = IstioArgs::parse_argv(argv)?;

@@ -1,6 +1,7 @@
 //! `sockmesh`: node agent, init container, and CLI of the sockmesh capture.
 
 mod agent;
+mod api;
 mod bpf;
 mod dump;
 mod explain;
@@ -12,7 +13,6 @@ mod registry;
 mod spec;
 mod sys;
 mod validation;
-mod wire;
 
 use std::{ffi::OsString, path::Path, process::ExitCode};
 

@@ -371,3 +371,8 @@ pub fn unregister(maps: &mut PinnedMaps, netns: u64) -> Result<bool, RegistryErr
 pub fn config(maps: &PinnedMaps, netns: u64) -> Option<PodConfig> {
     maps.pods.get(&netns, 0).ok()
 }
+
+/// Netns cookies of every registered pod.
+pub fn pods(maps: &PinnedMaps) -> Result<Vec<u64>, aya::maps::MapError> {
+    maps.pods.keys().collect()
+}
