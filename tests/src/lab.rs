@@ -287,9 +287,27 @@ impl Lab {
 
     /// Start the agent on the lab's cgroup and bpffs and wait until its socket exists.
     pub fn start_agent(&mut self) -> Result<()> {
+        self.start_agent_in(None)
+    }
+
+    /// [`Lab::start_agent`], with the agent in `node` rather than in the machine's network
+    /// namespace (mounts shared, so it sees the lab's cgroup and bpffs): then even an agent that
+    /// wrongly accepted its own namespace as a pod's would capture the lab's, never the
+    /// machine's. Its metrics port is inside `node`.
+    pub fn start_agent_in(&mut self, node: Option<&Netns>) -> Result<()> {
         let log = self.dir.join("agent.log");
         let out = fs::File::create(&log)?;
-        let child = Command::new(sockmesh_bin()?)
+        let mut cmd = match node {
+            None => Command::new(sockmesh_bin()?),
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={}", ns.path().display()))
+                    .arg("--")
+                    .arg(sockmesh_bin()?);
+                c
+            }
+        };
+        let child = cmd
             .arg("agent")
             .arg("--cgroup")
             .arg(&self.cgroup)
@@ -324,6 +342,14 @@ impl Lab {
             std::thread::sleep(Duration::from_millis(20));
         }
         Ok(())
+    }
+
+    /// Whether the agent started by [`Lab::start_agent`] is still running.
+    pub fn agent_running(&mut self) -> Result<bool> {
+        match self.agent.as_mut() {
+            Some(a) => Ok(a.child.try_wait()?.is_none()),
+            None => Ok(false),
+        }
     }
 
     /// Stop the agent with a signal (SIGTERM leaves capture in force).

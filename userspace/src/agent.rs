@@ -113,6 +113,16 @@ fn check_kernel() -> anyhow::Result<()> {
 pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     check_kernel()?;
     handle_signals(args.socket.clone());
+    match sys::raise_nofile() {
+        Ok(n) if n < 2 * api::MAX_CONNECTIONS as u64 + 1024 => {
+            warn!(
+                limit = n,
+                "open-file limit is low: concurrent API callers beyond it wait"
+            )
+        }
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "cannot raise the open-file limit"),
+    }
     let health = Arc::new(crate::metrics::Health::default());
     if args.metrics != "off" {
         let addr: std::net::SocketAddr = args.metrics.parse().with_context(|| {

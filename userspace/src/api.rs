@@ -146,7 +146,7 @@ fn peer_of(io: &UnixStream) -> String {
         .unwrap_or_else(|e| format!("unknown ({e})"))
 }
 
-/// Read the one preamble byte and the fd that came with it. Extra fds are closed.
+/// Read the one preamble byte and the fd that came with it (at most one).
 async fn read_preamble(io: &UnixStream) -> io::Result<Option<OwnedFd>> {
     let (byte, fd) = io
         .async_io(Interest::READABLE, || recv_with_fd(io.as_raw_fd()))
@@ -169,7 +169,7 @@ async fn read_preamble(io: &UnixStream) -> io::Result<Option<OwnedFd>> {
 
 fn recv_with_fd(raw: libc::c_int) -> io::Result<(Option<u8>, Option<OwnedFd>)> {
     let mut byte = [0u8; 1];
-    let mut fd = None;
+    let mut fds = Vec::new();
     // Room for a few fds so that extra ones are received (and closed) rather than leaked.
     // SAFETY: pure computation.
     let space =
@@ -199,22 +199,19 @@ fn recv_with_fd(raw: libc::c_int) -> io::Result<(Option<u8>, Option<OwnedFd>)> {
                 let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize)
                     / std::mem::size_of::<libc::c_int>();
                 for i in 0..count {
-                    let owned = OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i)));
-                    if fd.is_none() {
-                        fd = Some(owned);
-                    }
+                    fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i))));
                 }
             }
             c = libc::CMSG_NXTHDR(&msg, c);
         }
     }
-    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+    if fds.len() > 1 || msg.msg_flags & libc::MSG_CTRUNC != 0 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            "too many file descriptors with the preamble: send one, the network namespace",
+            "several file descriptors came with the preamble: send one, the network namespace",
         ));
     }
-    Ok(((n == 1).then_some(byte[0]), fd))
+    Ok(((n == 1).then_some(byte[0]), fds.pop()))
 }
 
 fn send_preamble(

@@ -294,3 +294,20 @@ pub fn main_routes() -> Result<Vec<Route>, String> {
     }
     Ok(out)
 }
+
+/// Raise the open-file limit to its hard limit: each API connection holds a socket and a
+/// namespace fd. Returns the new limit.
+pub fn raise_nofile() -> Result<u64, SyscallError> {
+    // SAFETY: plain data in and out.
+    let mut r: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: r is valid for writing.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return Err(last_err("getrlimit(RLIMIT_NOFILE)"));
+    }
+    r.rlim_cur = r.rlim_max;
+    // SAFETY: r is a valid limit.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &r) } != 0 {
+        return Err(last_err("setrlimit(RLIMIT_NOFILE)"));
+    }
+    Ok(r.rlim_cur)
+}
