@@ -1,6 +1,6 @@
 //! `sockmesh init istio`: register the pod's network namespace with the agent.
 
-use std::{ffi::OsString, net::IpAddr, os::fd::AsFd, path::Path, time::Duration};
+use std::{ffi::OsString, io::Write, net::IpAddr, os::fd::AsFd, path::Path, time::Duration};
 
 use sockmesh_common::{decide, flags, Action, Conn, Proto};
 
@@ -62,7 +62,7 @@ impl Flavor {
 /// Run `init istio` or `init linkerd` with `argv` (argv[0] first). Returns the process exit
 /// code; errors are printed as one line on stderr.
 pub fn main(flavor: Flavor, argv: Vec<OsString>) -> i32 {
-    match run(flavor, argv) {
+    match run(flavor, argv, &mut std::io::stdout()) {
         Ok(()) => 0,
         Err(Failure::Error(e)) => {
             eprintln!("sockmesh init {}: {e}", flavor.name());
@@ -80,7 +80,16 @@ fn is_help(text: &str) -> bool {
     text.contains("Usage:")
 }
 
-fn run(flavor: Flavor, argv: Vec<OsString>) -> Result<(), Failure> {
+/// Run `init` for the CNI plugin, whose stdout belongs to the CNI result: progress goes to
+/// stderr, and any failure (validation included) is an error.
+pub fn run_for_cni(argv: Vec<OsString>) -> Result<(), String> {
+    run(Flavor::Istio, argv, &mut std::io::stderr()).map_err(|f| match f {
+        Failure::Error(e) => e,
+        Failure::Validation(e) => format!("validation failed: {e}"),
+    })
+}
+
+fn run(flavor: Flavor, argv: Vec<OsString>, out: &mut dyn Write) -> Result<(), Failure> {
     // Parse first, so a bad flag fails before anything is opened.
     enum Parsed {
         Istio(Box<IstioArgs>),
@@ -93,7 +102,7 @@ fn run(flavor: Flavor, argv: Vec<OsString>) -> Result<(), Failure> {
     let parsed = match parsed {
         Ok(p) => p,
         Err(e) if is_help(&e) => {
-            print!("{e}");
+            let _ = write!(out, "{e}");
             return Ok(());
         }
         Err(e) => return Err(e.into()),
@@ -130,12 +139,12 @@ fn run(flavor: Flavor, argv: Vec<OsString>) -> Result<(), Failure> {
     }
     if action.dry_run {
         let local: Vec<IpAddr> = addrs.iter().map(|a| a.ip).collect();
-        print!("{}", decision_table(&spec, &local));
+        let _ = write!(out, "{}", decision_table(&spec, &local));
         return Ok(());
     }
     let spec_ports = (spec.config.outbound_port, spec.config.inbound_port);
     if !action.skip_apply {
-        apply(&action, spec, &netns)?;
+        apply(&action, spec, &netns, out)?;
     }
     if let Some((port, timeout)) = action.validation {
         let v6 = if_addrs
@@ -144,7 +153,8 @@ fn run(flavor: Flavor, argv: Vec<OsString>) -> Result<(), Failure> {
             .is_some_and(|a| a.ip.is_ipv6());
         let ports = [spec_ports.0, spec_ports.1];
         crate::validation::run(ports, port, timeout, v6).map_err(Failure::Validation)?;
-        println!(
+        let _ = writeln!(
+            out,
             "sockmesh: validation passed: a connection to the probe port reached the inbound \
              capture port"
         );
@@ -153,7 +163,12 @@ fn run(flavor: Flavor, argv: Vec<OsString>) -> Result<(), Failure> {
 }
 
 /// Register (or with --cleanup-only, unregister) the pod with the agent.
-fn apply(action: &InitAction, spec: PodSpec, netns: &std::os::fd::OwnedFd) -> Result<(), String> {
+fn apply(
+    action: &InitAction,
+    spec: PodSpec,
+    netns: &std::os::fd::OwnedFd,
+    out: &mut dyn Write,
+) -> Result<(), String> {
     let sock = &action.agent_socket;
     let unreachable = |e: &dyn std::fmt::Display| {
         format!(
@@ -205,9 +220,9 @@ fn apply(action: &InitAction, spec: PodSpec, netns: &std::os::fd::OwnedFd) -> Re
     };
     let cookie = resp.netns_cookie;
     if action.cleanup_only {
-        println!("sockmesh: capture removed for netns cookie {cookie}");
+        let _ = writeln!(out, "sockmesh: capture removed for netns cookie {cookie}");
     } else {
-        println!("sockmesh: capture in force for netns cookie {cookie}");
+        let _ = writeln!(out, "sockmesh: capture in force for netns cookie {cookie}");
     }
     Ok(())
 }

@@ -644,7 +644,12 @@ impl IstioArgs {
             Some(v) => v,
             None => env_bool(env, &["ISTIO_DUAL_STACK"])?,
         };
-        let ipv6 = detect_ipv6(addrs, dual_stack)?;
+        // Removing capture needs no address: the pod may have lost it already (CNI DEL after
+        // the interface plugin's).
+        let ipv6 = match detect_ipv6(addrs, dual_stack) {
+            Err(_) if self.cleanup_only => false,
+            r => r?,
+        };
         if ipv6 {
             cfg_flags |= flags::IPV6;
         }

@@ -3,6 +3,7 @@
 mod agent;
 mod api;
 mod bpf;
+mod cni;
 mod dump;
 mod explain;
 mod init;
@@ -45,6 +46,10 @@ enum Command {
     Dump(dump::DumpArgs),
     /// What sockmesh does with a connection of a pod, and the rule that decides it.
     Explain(explain::ExplainArgs),
+    /// Chained CNI plugin: run by the container runtime (CNI_COMMAND and the network
+    /// configuration on stdin); also what the binary does when run with no arguments and
+    /// CNI_COMMAND set, as runtimes run plugins.
+    Cni,
 }
 
 fn init_tracing() {
@@ -76,6 +81,11 @@ fn main() -> ExitCode {
     if invoked_as == "pilot-agent" && argv.get(1).is_some_and(|a| a == "istio-iptables") {
         return exit(init::main(init::Flavor::Istio, argv[1..].to_vec()));
     }
+    // A container runtime runs a CNI plugin with no arguments.
+    let as_cni = argv.len() == 1 && std::env::var_os("CNI_COMMAND").is_some();
+    if as_cni || argv.get(1).is_some_and(|a| a == "cni") {
+        return exit(cni::main());
+    }
     // `init istio` hands its arguments to the istio-iptables parser untouched.
     if argv.get(1).is_some_and(|a| a == "init") {
         match argv.get(2).and_then(|p| p.to_str()) {
@@ -102,6 +112,7 @@ fn main() -> ExitCode {
         Command::Agent(a) => agent::run(a),
         Command::Dump(d) => dump::run(d),
         Command::Explain(e) => explain::run(e),
+        Command::Cni => unreachable!("handled before parsing"),
         Command::Init { profile, .. } => {
             eprintln!("sockmesh init: unknown profile '{profile}': use `init istio`");
             return exit(2);

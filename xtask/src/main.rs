@@ -38,6 +38,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ip"),
     ("util-linux", "setpriv"),
     ("bpftool", "bpftool"),
+    // Real CNI plugins (bridge, host-local) for the CNI plugin's chained test.
+    ("containernetworking-plugins", "/usr/lib/cni/bridge"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -87,7 +89,11 @@ fn show(cmd: &Command) -> String {
     s
 }
 
+/// Whether `tool` (a name, or an absolute path) is installed.
 fn on_path(tool: &str) -> bool {
+    if Path::new(tool).is_absolute() {
+        return Path::new(tool).is_file();
+    }
     env::var_os("PATH")
         .map(|p| env::split_paths(&p).any(|d| d.join(tool).is_file()))
         .unwrap_or(false)
