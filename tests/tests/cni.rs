@@ -25,6 +25,9 @@ struct Runtime {
     node: Netns,
     bin: PathBuf,
     conflist: Value,
+    /// The configuration file, and the cluster's list before sockmesh was chained in.
+    file: PathBuf,
+    primary: Value,
 }
 
 /// What a plugin answered: its exit code and its stdout as JSON (Null when empty).
@@ -49,8 +52,10 @@ impl Runtime {
         for p in ["bridge", "host-local", "loopback"] {
             std::os::unix::fs::symlink(Path::new(CNI_PLUGINS).join(p), bin.join(p)).unwrap();
         }
-        std::os::unix::fs::symlink(sockmesh_bin().unwrap(), bin.join("sockmesh")).unwrap();
-        let conflist = json!({
+        // The cluster's network: bridge alone, as its installer left it.
+        let conf_dir = lab.dir.join("net.d");
+        std::fs::create_dir_all(&conf_dir).unwrap();
+        let primary = json!({
             "cniVersion": "1.0.0",
             "name": "lab-net",
             "plugins": [
@@ -66,17 +71,35 @@ impl Runtime {
                         "dataDir": lab.dir.join("ipam"),
                     },
                 },
-                {
-                    "type": "sockmesh",
-                    "agent_socket": lab.socket,
-                    "capabilities": { "io.kubernetes.cri.pod-annotations": true },
-                },
             ],
         });
+        let file = conf_dir.join("10-lab.conflist");
+        std::fs::write(&file, serde_json::to_vec(&primary).unwrap()).unwrap();
+        // sockmesh's installer puts the plugin in and chains it, twice (idempotent).
+        for _ in 0..2 {
+            sockmesh_tests::lab::run(std::process::Command::new(sockmesh_bin().unwrap()).args([
+                "install-cni".as_ref(),
+                "--cni-conf-dir".as_ref(),
+                conf_dir.as_os_str(),
+                "--cni-bin-dir".as_ref(),
+                bin.as_os_str(),
+                "--agent-socket".as_ref(),
+                lab.socket.as_os_str(),
+            ]))
+            .unwrap();
+        }
+        let conflist: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+        let plugins = conflist["plugins"].as_array().unwrap();
+        assert_eq!(plugins.len(), 2, "{conflist}");
+        assert_eq!(plugins[0], primary["plugins"][0]);
+        assert_eq!(plugins[1]["type"], "sockmesh");
+        assert!(bin.join("sockmesh").is_file());
         Runtime {
             node,
             bin,
             conflist,
+            file,
+            primary,
         }
     }
 
@@ -339,4 +362,18 @@ fn chained_after_bridge_captures_injected_pods_as_istio_cni_would() {
     );
     let s = rt.invoke(&lab, rt.sockmesh(), "STATUS", &web, "web", &plain, None);
     assert!(s.ok, "STATUS: {:?} {}", s.out, s.stderr);
+
+    // The installer takes sockmesh out again: the cluster's list as it was, no binary.
+    sockmesh_tests::lab::run(std::process::Command::new(sockmesh_bin().unwrap()).args([
+        "install-cni".as_ref(),
+        "--uninstall".as_ref(),
+        "--cni-conf-dir".as_ref(),
+        rt.file.parent().unwrap().as_os_str(),
+        "--cni-bin-dir".as_ref(),
+        rt.bin.as_os_str(),
+    ]))
+    .unwrap();
+    let after: Value = serde_json::from_slice(&std::fs::read(&rt.file).unwrap()).unwrap();
+    assert_eq!(after, rt.primary);
+    assert!(!rt.bin.join("sockmesh").exists());
 }

@@ -4,6 +4,7 @@ mod agent;
 mod api;
 mod bpf;
 mod cni;
+mod cni_install;
 mod dump;
 mod explain;
 mod init;
@@ -50,6 +51,9 @@ enum Command {
     /// configuration on stdin); also what the binary does when run with no arguments and
     /// CNI_COMMAND set, as runtimes run plugins.
     Cni,
+    /// Install the CNI plugin on the node: binary into the plugin folder, sockmesh chained into
+    /// the active CNI configuration (run by the DaemonSet).
+    InstallCni(cni_install::InstallArgs),
 }
 
 fn init_tracing() {
@@ -113,6 +117,7 @@ fn main() -> ExitCode {
         Command::Dump(d) => dump::run(d),
         Command::Explain(e) => explain::run(e),
         Command::Cni => unreachable!("handled before parsing"),
+        Command::InstallCni(a) => cni_install::run(a),
         Command::Init { profile, .. } => {
             eprintln!("sockmesh init: unknown profile '{profile}': use `init istio`");
             return exit(2);
