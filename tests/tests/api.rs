@@ -93,6 +93,43 @@ fn a_caller_speaks_only_for_the_namespace_it_passes() {
             "each namespace has its own cookie"
         );
 
+        // Update changes a registered pod only: B is not registered, A is.
+        let mut cb = api::pod_client(&lab.socket, &b.path()).await.unwrap();
+        let r = cb
+            .update(pb::RegisterRequest {
+                settings: Some(api::default_settings()),
+            })
+            .await
+            .map(|r| r.into_inner());
+        expect_refused(r, Code::NotFound, "not registered");
+        assert!(
+            !status(&lab, b).await.registered,
+            "Update started capturing a pod"
+        );
+        let mut ca = api::pod_client(&lab.socket, &a.path()).await.unwrap();
+        let mut changed = api::default_settings();
+        changed.outbound_port = 15101;
+        let u = ca
+            .update(pb::RegisterRequest {
+                settings: Some(changed),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(u.netns_cookie, ra.netns_cookie);
+        let dump = sockmesh_tests::lab::run(
+            std::process::Command::new(sockmesh_tests::lab::sockmesh_bin().unwrap())
+                .arg("dump")
+                .arg("--bpffs")
+                .arg(&lab.bpffs),
+        )
+        .unwrap();
+        let dump = String::from_utf8_lossy(&dump.stdout);
+        assert!(
+            dump.contains("15101"),
+            "the update is not in the maps:\n{dump}"
+        );
+
         // B's unregister removes B (nothing), never A.
         let mut cb = api::pod_client(&lab.socket, &b.path()).await.unwrap();
         let u = cb
@@ -173,7 +210,14 @@ fn malformed_settings_are_refused_by_field_and_leave_nothing() {
         expect_refused(r, Code::InvalidArgument, "settings");
 
         type Edit = fn(&mut pb::PodSettings);
-        let cases: [(&str, Edit); 9] = [
+        let cases: [(&str, Edit); 12] = [
+            ("unknown bits", |s| s.flags |= 1 << 30),
+            ("contradictory settings: inbound capture", |s| {
+                s.flags |= sockmesh_common::flags::INBOUND_LIST
+            }),
+            ("contradictory settings: TPROXY", |s| {
+                s.flags |= sockmesh_common::flags::TPROXY
+            }),
             ("outbound_port", |s| s.outbound_port = 70_000),
             ("ports must be 1-65535", |s| s.inbound_port = 0),
             ("loopback_v4", |s| s.loopback_v4 = vec![127, 0, 6]),

@@ -244,11 +244,12 @@ fn refused(peer: &str, status: Status) -> Status {
     status
 }
 
-#[tonic::async_trait]
-impl pb::agent_server::Agent for Api {
-    async fn register(
+impl Api {
+    /// Register, or with `existing_only` update, the caller's pod.
+    async fn apply(
         &self,
         req: tonic::Request<pb::RegisterRequest>,
+        existing_only: bool,
     ) -> Result<tonic::Response<pb::PodReply>, Status> {
         let caller = caller(&req);
         let settings = req.into_inner().settings.ok_or_else(|| {
@@ -268,15 +269,48 @@ impl pb::agent_server::Agent for Api {
         let state = self.state.clone();
         blocking(move || {
             let (netns, fd) = pod_netns(&state, &caller).map_err(|s| refused(&caller.peer, s))?;
+            if existing_only {
+                let maps = state.maps.lock().expect("maps lock");
+                if registry::config(&maps, netns).is_none() {
+                    return Err(refused(
+                        &caller.peer,
+                        Status::not_found(format!(
+                            "netns cookie {netns} is not registered: Register it first"
+                        )),
+                    ));
+                }
+            }
             register(&state, netns, fd.as_fd(), &spec)
                 .map_err(|e| refused(&caller.peer, Status::failed_precondition(e)))?;
-            info!(peer = caller.peer, netns, "pod registered");
+            let what = if existing_only {
+                "pod updated"
+            } else {
+                "pod registered"
+            };
+            info!(peer = caller.peer, netns, "{what}");
             Ok(pb::PodReply {
                 netns_cookie: netns,
                 registered: true,
             })
         })
         .await
+    }
+}
+
+#[tonic::async_trait]
+impl pb::agent_server::Agent for Api {
+    async fn register(
+        &self,
+        req: tonic::Request<pb::RegisterRequest>,
+    ) -> Result<tonic::Response<pb::PodReply>, Status> {
+        self.apply(req, false).await
+    }
+
+    async fn update(
+        &self,
+        req: tonic::Request<pb::RegisterRequest>,
+    ) -> Result<tonic::Response<pb::PodReply>, Status> {
+        self.apply(req, true).await
     }
 
     async fn unregister(

@@ -136,6 +136,48 @@ impl PodSpec {
     /// Check what the wire may have mangled: sizes, kinds matching families, prefix lengths.
     pub fn validate(&self) -> Result<(), String> {
         let c = &self.config;
+        if c.flags & !flags::ALL != 0 {
+            return Err(format!(
+                "flags: unknown bits {:#x} (this agent knows {:#x}): is the caller newer than the agent?",
+                c.flags & !flags::ALL,
+                flags::ALL
+            ));
+        }
+        let both = |a: u32, b: u32| c.has(a) && c.has(b);
+        let contradictions = [
+            (
+                both(flags::INBOUND_ALL, flags::INBOUND_LIST),
+                "inbound capture of every port (-b '*') and of a list (-b p1,p2) at once",
+            ),
+            (
+                both(flags::OWNER_GROUPS_INCLUDE, flags::OWNER_GROUPS_EXCLUDE),
+                "an owner-group include list and exclude list at once (istio uses one)",
+            ),
+            (
+                both(flags::LINKERD, flags::TPROXY),
+                "linkerd rules in TPROXY mode (proxy-init has no TPROXY)",
+            ),
+            (
+                c.flags & (flags::DNS_V4 | flags::DNS_V6 | flags::DNS_ALL) != 0
+                    && !c.has(flags::DNS),
+                "DNS chain bits without DNS capture",
+            ),
+            (
+                c.has(flags::TPROXY) && (c.tproxy_mark == 0 || c.tproxy_table == 0),
+                "TPROXY mode without a mark (-t) and a routing table (-r)",
+            ),
+            (
+                c.has(flags::EXCLUDE_IFACES) && self.exclude_ifaces.is_empty(),
+                "-c is on but names no interface",
+            ),
+            (
+                c.has(flags::KUBE_VIRT) && self.kube_virt_ifaces.is_empty(),
+                "-k is on but names no interface",
+            ),
+        ];
+        if let Some((_, what)) = contradictions.iter().find(|(bad, _)| *bad) {
+            return Err(format!("contradictory settings: {what}"));
+        }
         if c.n_uids as usize > MAX_OWNERS || c.n_gids as usize > MAX_OWNERS {
             return Err(format!("at most {MAX_OWNERS} proxy uids and gids"));
         }

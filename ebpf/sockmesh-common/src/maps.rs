@@ -92,6 +92,22 @@ pub mod flags {
     /// tunnel port is not exempt, and the proxy's own calls to the pod's addresses reach the
     /// inbound listener unrewritten.
     pub const TPROXY: u32 = 1 << 15;
+    /// Every bit above.
+    pub const ALL: u32 = OUTBOUND_ALL
+        | IPV6
+        | NO_LO_RETURN
+        | OWNER_GROUPS_INCLUDE
+        | OWNER_GROUPS_EXCLUDE
+        | INBOUND_ALL
+        | INBOUND_LIST
+        | LINKERD
+        | DNS
+        | DNS_V4
+        | DNS_V6
+        | DNS_ALL
+        | EXCLUDE_IFACES
+        | KUBE_VIRT
+        | TPROXY;
 }
 
 /// A registered pod's settings in istio terms. Value of the `PODS` map, keyed by netns cookie.
