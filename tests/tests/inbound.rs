@@ -36,6 +36,19 @@ fn no_proxy_means_refused_and_a_late_proxy_is_found() {
         pods::probe_from_peer(&lab, &smp, &case).unwrap(),
         Outcome::Refused
     );
+    // The kernel program says why, through aya-log and the agent's log.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !lab
+        .agent_log()
+        .contains("no listener on capture port 15006")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the kernel's log record did not reach the agent's log:\n{}",
+            lab.agent_log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     // The proxy starts after init: found without any call to the agent.
     pods::listen(&mut lab, &smp.ns, true, "late", &[15006]).unwrap();
     pods::listen(&mut lab, &ipt.ns, false, "late", &[15006]).unwrap();

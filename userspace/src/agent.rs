@@ -80,6 +80,53 @@ fn handle_signals(socket: PathBuf) {
     });
 }
 
+/// aya-log records of the kernel programs, as tracing events with target "kernel".
+struct KernelLog;
+
+impl log::Log for KernelLog {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, r: &log::Record<'_>) {
+        let msg = r.args();
+        match r.level() {
+            log::Level::Error => tracing::error!(target: "kernel", "{msg}"),
+            log::Level::Warn => tracing::warn!(target: "kernel", "{msg}"),
+            log::Level::Info => tracing::info!(target: "kernel", "{msg}"),
+            log::Level::Debug | log::Level::Trace => tracing::debug!(target: "kernel", "{msg}"),
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+/// Read the programs' log ring buffer in a thread and forward each record to tracing. Only this
+/// load's programs write to it: after a restart the previous agent's records are not read.
+fn forward_kernel_logs(ebpf: &mut aya::Ebpf) {
+    let mut logger = match aya_log::EbpfLogger::init_with_logger(ebpf, KernelLog) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(error = %e, "kernel-side logs are not forwarded");
+            return;
+        }
+    };
+    std::thread::spawn(move || loop {
+        use std::os::fd::AsRawFd;
+        let mut pfd = libc::pollfd {
+            fd: logger.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        unsafe { libc::poll(&mut pfd, 1, 1000) };
+        // A record aya-log cannot decode must not end forwarding.
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| logger.flush())).is_err() {
+            warn!("a kernel log record could not be decoded");
+        }
+    });
+}
+
 /// The oldest kernel sockmesh runs on: 5.17 brings `ingress_ifindex` to sk_lookup; the other
 /// hooks and helpers it uses (cgroup getsockopt, getpeername, sk_lookup, netns cookies in
 /// sock_addr/sockops/sockopt programs, socket storage in cgroup sock programs,
@@ -138,6 +185,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     bpf::prepare_bpffs(&args.bpffs)?;
     let cgroup = bpf::open_cgroup2(&args.cgroup)?;
     let mut ebpf = bpf::load(&args.bpffs)?;
+    forward_kernel_logs(&mut ebpf);
     let actions = bpf::attach_all(&mut ebpf, cgroup.as_fd(), &args.bpffs)?;
     for (link, action) in &actions {
         info!(link, ?action, cgroup = %args.cgroup.display(), "program in force");

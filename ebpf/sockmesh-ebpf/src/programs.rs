@@ -728,6 +728,12 @@ fn try_sockops(ctx: &SockOpsContext) {
     let key = sockops_conn_key(ctx, netns);
     if ORIG_DST.insert(&key, &record, 0).is_err() {
         count(netns, counters::ORIG_DST_STORE_FAILED);
+        aya_log_ebpf::error!(
+            ctx,
+            "pod netns {}: original destination not stored (map full?): the proxy will see \
+             the capture port",
+            netns
+        );
         return;
     }
     unsafe { bpf_sock_ops_cb_flags_set(ctx.ops, BPF_SOCK_OPS_STATE_CB_FLAG as i32) };
@@ -853,6 +859,12 @@ fn steer(ctx: &SkLookupContext, netns: u64, port: u16, v4: bool, reason: Reason)
     }
     // No proxy: refuse, as a REDIRECT to a closed port would.
     count(netns, Reason::InboundNoListener as u32);
+    aya_log_ebpf::warn!(
+        ctx,
+        "pod netns {}: inbound connection refused: no listener on capture port {}",
+        netns,
+        port
+    );
     SK_DROP
 }
 
