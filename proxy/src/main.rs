@@ -1,6 +1,101 @@
-//! sockmesh-proxy: the Rust sidecar (issue #5). Not written yet.
+//! sockmesh-proxy: a sidecar that learns each connection's original destination on its
+//! outbound (15001) and inbound (15006) listeners, routes HTTP/1.1 and HTTP/2 by virtual host
+//! and route to clusters of endpoints, balances across them, and relays anything else as TCP.
+//! It works the same under iptables' REDIRECT and under sockmesh.
 
-fn main() -> std::process::ExitCode {
-    eprintln!("sockmesh-proxy is not implemented yet (issue #5)");
-    std::process::ExitCode::FAILURE
+mod balancer;
+mod config;
+mod router;
+mod server;
+
+use std::{
+    path::PathBuf,
+    process::ExitCode,
+    sync::{Arc, RwLock},
+};
+
+use clap::Parser;
+use tracing::{error, info, warn};
+
+#[derive(Parser, Debug)]
+#[command(about = "sockmesh's sidecar proxy")]
+struct Args {
+    /// The configuration file (YAML; see proxy/README.md). Reloaded on SIGHUP.
+    #[arg(long, short)]
+    config: PathBuf,
+    /// Run as this uid after binding (if started as root); the capture rules exempt it.
+    #[arg(long, default_value = "1337")]
+    uid: u32,
+    /// Run as this gid after binding (if started as root).
+    #[arg(long, default_value = "1337")]
+    gid: u32,
+}
+
+/// Become uid/gid (groups dropped) when running as root.
+fn drop_privileges(uid: u32, gid: u32) -> anyhow::Result<()> {
+    // SAFETY: plain libc calls on the process's credentials.
+    unsafe {
+        if libc::geteuid() != 0 {
+            return Ok(());
+        }
+        if libc::setgroups(0, std::ptr::null()) != 0
+            || libc::setgid(gid) != 0
+            || libc::setuid(uid) != 0
+        {
+            anyhow::bail!(
+                "dropping to uid {uid} gid {gid}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let config = config::Config::load(&args.config)?;
+    let listeners = server::bind(&config).await?;
+    drop_privileges(args.uid, args.gid)?;
+    let shared: server::Shared = Arc::new(RwLock::new(Arc::new(server::Snapshot::new(&config))));
+    for (listener, direction, detect) in listeners {
+        tokio::spawn(server::serve(listener, direction, detect, shared.clone()));
+    }
+    println!("ready");
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    loop {
+        hup.recv().await;
+        // A bad file is refused and the running configuration kept. Listeners stay as bound;
+        // established connections keep the configuration they started with.
+        match config::Config::load(&args.config) {
+            Ok(c) => {
+                *shared.write().expect("config lock") = Arc::new(server::Snapshot::new(&c));
+                info!(config = %args.config.display(), "configuration reloaded");
+            }
+            Err(e) => warn!("configuration not reloaded, the previous one stays: {e}"),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SOCKMESH_PROXY_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!("starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sockmesh-proxy: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

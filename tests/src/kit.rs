@@ -760,3 +760,79 @@ pub fn load(spec: &ConnectSpec, expect: &str, stop: &std::path::Path, max: Durat
     }
     report
 }
+
+/// Minimal HTTP/1.1 upstreams, given as `name@addr:port`: each request is answered with
+/// `name METHOD PATH host=HOST from=PEER-IP` and an `x-upstream: name` header, then closed.
+/// Prints "ready" once every address is bound.
+pub fn http_server(specs: &[String]) -> Result<()> {
+    let mut threads = Vec::new();
+    for spec in specs {
+        let (name, addr) = spec
+            .split_once('@')
+            .with_context(|| format!("{spec}: want name@addr:port"))?;
+        let listener =
+            std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+        let name = name.to_string();
+        threads.push(std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let name = name.clone();
+                std::thread::spawn(move || {
+                    let _ = answer_http(conn, &name);
+                });
+            }
+        }));
+    }
+    println!("ready");
+    std::io::stdout().flush()?;
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(())
+}
+
+fn answer_http(mut conn: TcpStream, name: &str) -> Result<()> {
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let peer = conn.peer_addr()?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if conn.read(&mut byte)? == 0 {
+            return Ok(());
+        }
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    let mut lines = head.lines();
+    let mut first = lines.next().unwrap_or_default().split(' ');
+    let (method, path) = (first.next().unwrap_or("?"), first.next().unwrap_or("?"));
+    let host = lines
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.eq_ignore_ascii_case("host"))
+        .map_or("", |(_, v)| v.trim());
+    let body = format!("{name} {method} {path} host={host} from={}\n", peer.ip());
+    write!(
+        conn,
+        "HTTP/1.1 200 OK\r\nx-upstream: {name}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    Ok(())
+}
+
+/// One HTTP/1.1 GET as `spec` describes (credentials taken first); the whole response.
+pub fn http_get(spec: &ConnectSpec, path: &str, host: &str, headers: &[String]) -> Result<String> {
+    let dst = spec.dst.context("no destination")?;
+    take_credentials(spec)?;
+    let mut s =
+        TcpStream::connect_timeout(&dst, spec.timeout).with_context(|| format!("connect {dst}"))?;
+    s.set_read_timeout(Some(spec.timeout))?;
+    let mut req = format!("GET {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n");
+    for h in headers {
+        req.push_str(h);
+        req.push_str("\r\n");
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes())?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).context("read")?;
+    Ok(out)
+}

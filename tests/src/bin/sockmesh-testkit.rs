@@ -75,6 +75,23 @@ enum Cmd {
         #[arg(long, default_value = "60000")]
         max_ms: u64,
     },
+    /// HTTP/1.1 upstreams `name@addr:port` that say who answered; prints "ready".
+    HttpServe { specs: Vec<String> },
+    /// One HTTP/1.1 GET (as --uid/--gid); prints the whole response.
+    HttpGet {
+        dst: SocketAddr,
+        #[arg(long, default_value = "/")]
+        path: String,
+        #[arg(long)]
+        host: String,
+        /// Extra request headers, "name: value".
+        #[arg(long = "header")]
+        headers: Vec<String>,
+        #[arg(long)]
+        uid: Option<u32>,
+        #[arg(long)]
+        gid: Option<u32>,
+    },
     /// The demo lab: pods in netns, the agent, a listener on 15001, real connections, dump.
     Lab,
 }
@@ -122,6 +139,30 @@ fn main() -> anyhow::Result<()> {
                 ..Default::default()
             })?;
             print!("{body}");
+            Ok(())
+        }
+        Cmd::HttpServe { specs } => kit::http_server(&specs),
+        Cmd::HttpGet {
+            dst,
+            path,
+            host,
+            headers,
+            uid,
+            gid,
+        } => {
+            let out = kit::http_get(
+                &ConnectSpec {
+                    dst: Some(dst),
+                    uid,
+                    gid,
+                    timeout: Duration::from_secs(5),
+                    ..Default::default()
+                },
+                &path,
+                &host,
+                &headers,
+            )?;
+            print!("{out}");
             Ok(())
         }
         Cmd::Proxy {

@@ -1,0 +1,459 @@
+//! The proxy's configuration: a YAML file shaped like Envoy's listeners, virtual hosts, routes,
+//! clusters and endpoints. Loading checks the shape (serde names the field, line and column)
+//! and then the meaning (references, regexes, weights), naming the offending path.
+
+use std::{collections::BTreeSet, net::SocketAddr, path::Path};
+
+use serde::Deserialize;
+
+use crate::balancer::{Endpoint, Policy};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub listeners: Vec<Listener>,
+    #[serde(default)]
+    pub virtual_hosts: Vec<VirtualHost>,
+    #[serde(default)]
+    pub clusters: Vec<Cluster>,
+    /// Raw TCP by original destination port (or `ip:port`), for traffic that is not HTTP.
+    #[serde(default)]
+    pub tcp_routes: Vec<TcpRoute>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    /// Captured outbound traffic (15001): routed, else passed through to the original
+    /// destination.
+    Outbound,
+    /// Captured inbound traffic (15006): passed to the local app from 127.0.0.6 / ::6.
+    Inbound,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    pub name: String,
+    pub address: SocketAddr,
+    pub direction: Direction,
+    /// How long to wait for a client's first bytes before treating the connection as TCP
+    /// (server-first protocols send nothing).
+    #[serde(default = "default_detect_ms")]
+    pub detect_timeout_ms: u64,
+}
+
+fn default_detect_ms() -> u64 {
+    100
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VirtualHost {
+    pub name: String,
+    /// Authorities (`host`, `host:port`, `*.suffix`, `prefix*`, `*`) and original destinations
+    /// (`ip:port`) this virtual host answers for.
+    pub domains: Vec<String>,
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    #[serde(rename = "match", default)]
+    pub matcher: RouteMatch,
+    pub route: RouteAction,
+    #[serde(default)]
+    pub request_headers_to_add: Vec<HeaderValue>,
+    #[serde(default)]
+    pub request_headers_to_remove: Vec<String>,
+    #[serde(default)]
+    pub response_headers_to_add: Vec<HeaderValue>,
+    #[serde(default)]
+    pub response_headers_to_remove: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteMatch {
+    /// One of path, prefix, regex (none: prefix "/").
+    pub path: Option<String>,
+    pub prefix: Option<String>,
+    pub regex: Option<String>,
+    #[serde(default)]
+    pub headers: Vec<HeaderMatch>,
+    #[serde(default)]
+    pub query: Vec<QueryMatch>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderMatch {
+    pub name: String,
+    pub exact: Option<String>,
+    pub regex: Option<String>,
+    /// Only that the header is there (or, with `false`, that it is not).
+    pub present: Option<bool>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueryMatch {
+    pub name: String,
+    pub exact: Option<String>,
+    pub present: Option<bool>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteAction {
+    pub cluster: Option<String>,
+    #[serde(default)]
+    pub weighted_clusters: Vec<WeightedCluster>,
+    /// Per-route timeout for the whole request (default 15 s, as Envoy's).
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_timeout_ms() -> u64 {
+    15_000
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WeightedCluster {
+    pub name: String,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderValue {
+    pub name: String,
+    pub value: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LbPolicy {
+    #[default]
+    RoundRobin,
+    LeastRequest,
+    Random,
+    RingHash,
+    Maglev,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cluster {
+    pub name: String,
+    #[serde(default)]
+    pub lb_policy: LbPolicy,
+    /// The hash key of ring_hash and maglev: a request header, or the client's address.
+    pub hash_policy: Option<HashPolicy>,
+    /// Speak HTTP/2 (h2c) to the endpoints rather than the client's protocol.
+    #[serde(default)]
+    pub http2: bool,
+    pub endpoints: Vec<EndpointConfig>,
+}
+
+/// One of: a request header's value, or the client's address.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HashPolicy {
+    pub header: Option<String>,
+    #[serde(default)]
+    pub source_ip: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointConfig {
+    pub address: SocketAddr,
+    #[serde(default = "one")]
+    pub weight: u32,
+    #[serde(default)]
+    pub priority: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpRoute {
+    /// `port` or `ip:port` of the original destination.
+    pub destination: String,
+    pub cluster: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// serde_yaml's message names the field, line and column.
+    #[error("{path}: {source}")]
+    Parse {
+        path: String,
+        #[source]
+        source: serde_yaml::Error,
+    },
+    #[error("{path}: {field}: {problem}")]
+    Invalid {
+        path: String,
+        field: String,
+        problem: String,
+    },
+}
+
+impl Cluster {
+    pub fn policy(&self) -> Policy {
+        match self.lb_policy {
+            LbPolicy::RoundRobin => Policy::RoundRobin,
+            LbPolicy::LeastRequest => Policy::least_request(),
+            LbPolicy::Random => Policy::Random,
+            LbPolicy::RingHash => Policy::ring_hash(),
+            LbPolicy::Maglev => Policy::maglev(),
+        }
+    }
+
+    pub fn endpoint_list(&self) -> Vec<Endpoint> {
+        self.endpoints
+            .iter()
+            .map(|e| Endpoint {
+                addr: e.address,
+                weight: e.weight,
+                priority: e.priority,
+            })
+            .collect()
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: p.clone(),
+            source,
+        })?;
+        Config::parse(&p, &text)
+    }
+
+    pub fn parse(path: &str, text: &str) -> Result<Config, ConfigError> {
+        let c: Config = serde_yaml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.to_string(),
+            source,
+        })?;
+        c.validate()
+            .map_err(|(field, problem)| ConfigError::Invalid {
+                path: path.to_string(),
+                field,
+                problem,
+            })?;
+        Ok(c)
+    }
+
+    /// The meaning: names unique, references resolve, regexes compile, weights usable.
+    fn validate(&self) -> Result<(), (String, String)> {
+        let mut names = BTreeSet::new();
+        for (i, c) in self.clusters.iter().enumerate() {
+            let f = format!("clusters[{i}]");
+            if !names.insert(c.name.as_str()) {
+                return Err((
+                    format!("{f}.name"),
+                    format!("{:?} is defined twice", c.name),
+                ));
+            }
+            if c.endpoints.is_empty() {
+                return Err((
+                    format!("{f}.endpoints"),
+                    "a cluster needs an endpoint".into(),
+                ));
+            }
+            for (j, e) in c.endpoints.iter().enumerate() {
+                if e.weight == 0 {
+                    return Err((
+                        format!("{f}.endpoints[{j}].weight"),
+                        "must be 1 or more".into(),
+                    ));
+                }
+            }
+            if let Some(h) = &c.hash_policy {
+                if h.header.is_some() == h.source_ip {
+                    return Err((
+                        format!("{f}.hash_policy"),
+                        "give one of header and source_ip".into(),
+                    ));
+                }
+            }
+            let hashing = matches!(c.lb_policy, LbPolicy::RingHash | LbPolicy::Maglev);
+            if hashing != c.hash_policy.is_some() {
+                return Err((
+                    format!("{f}.hash_policy"),
+                    "ring_hash and maglev need a hash_policy, and only they use one".into(),
+                ));
+            }
+        }
+        let known = |name: &str| names.contains(name);
+        for (i, l) in self.listeners.iter().enumerate() {
+            if self.listeners[..i].iter().any(|o| o.address == l.address) {
+                return Err((
+                    format!("listeners[{i}].address"),
+                    format!("{} is used twice", l.address),
+                ));
+            }
+        }
+        for (i, vh) in self.virtual_hosts.iter().enumerate() {
+            let f = format!("virtual_hosts[{i}]");
+            if vh.domains.is_empty() {
+                return Err((format!("{f}.domains"), "needs at least one domain".into()));
+            }
+            for (j, r) in vh.routes.iter().enumerate() {
+                let f = format!("{f}.routes[{j}]");
+                let m = &r.matcher;
+                let kinds = [&m.path, &m.prefix, &m.regex]
+                    .iter()
+                    .filter(|k| k.is_some())
+                    .count();
+                if kinds > 1 {
+                    return Err((
+                        format!("{f}.match"),
+                        "give one of path, prefix and regex".into(),
+                    ));
+                }
+                if let Some(re) = &m.regex {
+                    regex::Regex::new(re)
+                        .map_err(|e| (format!("{f}.match.regex"), e.to_string()))?;
+                }
+                for (k, h) in m.headers.iter().enumerate() {
+                    if let Some(re) = &h.regex {
+                        regex::Regex::new(re).map_err(|e| {
+                            (format!("{f}.match.headers[{k}].regex"), e.to_string())
+                        })?;
+                    }
+                }
+                let a = &r.route;
+                match (&a.cluster, a.weighted_clusters.is_empty()) {
+                    (Some(c), true) if !known(c) => {
+                        return Err((format!("{f}.route.cluster"), format!("no cluster {c:?}")))
+                    }
+                    (Some(_), true) => {}
+                    (None, false) => {
+                        for (k, w) in a.weighted_clusters.iter().enumerate() {
+                            if !known(&w.name) {
+                                return Err((
+                                    format!("{f}.route.weighted_clusters[{k}].name"),
+                                    format!("no cluster {:?}", w.name),
+                                ));
+                            }
+                        }
+                        if a.weighted_clusters.iter().all(|w| w.weight == 0) {
+                            return Err((
+                                format!("{f}.route.weighted_clusters"),
+                                "the weights add up to 0".into(),
+                            ));
+                        }
+                    }
+                    _ => {
+                        return Err((
+                            format!("{f}.route"),
+                            "give either cluster or weighted_clusters".into(),
+                        ))
+                    }
+                }
+            }
+        }
+        for (i, t) in self.tcp_routes.iter().enumerate() {
+            let f = format!("tcp_routes[{i}]");
+            if t.destination.parse::<u16>().is_err() && t.destination.parse::<SocketAddr>().is_err()
+            {
+                return Err((
+                    format!("{f}.destination"),
+                    format!("{:?} is neither a port nor ip:port", t.destination),
+                ));
+            }
+            if !known(&t.cluster) {
+                return Err((
+                    format!("{f}.cluster"),
+                    format!("no cluster {:?}", t.cluster),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+listeners:
+  - {name: outbound, address: "0.0.0.0:15001", direction: outbound}
+virtual_hosts:
+  - name: reviews
+    domains: ["reviews", "10.96.0.10:80"]
+    routes:
+      - match: {prefix: /v2}
+        route: {cluster: v2}
+      - route:
+          weighted_clusters: [{name: v1, weight: 99}, {name: v2, weight: 1}]
+clusters:
+  - name: v1
+    endpoints: [{address: "10.0.0.1:9080"}]
+  - name: v2
+    lb_policy: maglev
+    hash_policy: {header: x-user}
+    endpoints: [{address: "10.0.0.2:9080", weight: 2}]
+"#;
+
+    #[test]
+    fn a_good_file_loads() {
+        let c = Config::parse("t.yaml", GOOD).unwrap();
+        assert_eq!(c.virtual_hosts[0].routes.len(), 2);
+        assert_eq!(c.clusters[1].lb_policy, LbPolicy::Maglev);
+    }
+
+    #[test]
+    fn errors_name_the_field_and_line() {
+        let e = Config::parse(
+            "t.yaml",
+            &GOOD.replace("lb_policy: maglev", "lb_policy: fastest"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("lb_policy") && e.contains("line"), "{e}");
+        let e = Config::parse("t.yaml", &GOOD.replace("{cluster: v2}", "{cluster: v3}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("virtual_hosts[0].routes[0].route.cluster"),
+            "{e}"
+        );
+        let e = Config::parse("t.yaml", &GOOD.replace("prefix: /v2", "regex: '('"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("match.regex"), "{e}");
+        let e = Config::parse(
+            "t.yaml",
+            &GOOD.replace("    hash_policy: {header: x-user}\n", ""),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("clusters[1].hash_policy"), "{e}");
+        let e = Config::parse(
+            "t.yaml",
+            &GOOD.replace("direction: outbound", "direction: sideways"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("listeners[0].direction") && e.contains("line 3"), "{e}");
+    }
+}

@@ -1,0 +1,411 @@
+//! Route selection, compiled from the configuration: virtual host by authority (Envoy's
+//! order: exact, longest `*.suffix`, longest `prefix*`), else by original destination, else `*`;
+//! then the first route whose path, headers and query match.
+
+use std::{
+    collections::hash_map::RandomState,
+    hash::BuildHasher,
+    net::SocketAddr,
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
+
+use hyper::HeaderMap;
+use regex::Regex;
+
+use crate::config::{Config, HeaderValue, Route as RouteConfig};
+
+#[derive(Debug)]
+enum Domain {
+    Exact(String),
+    /// `*.example.com` is stored as `.example.com`.
+    Suffix(String),
+    /// `api.*` is stored as `api.`.
+    Prefix(String),
+    Any,
+    OrigDst(SocketAddr),
+}
+
+#[derive(Debug)]
+enum PathMatch {
+    Exact(String),
+    Prefix(String),
+    Regex(Regex),
+}
+
+#[derive(Debug)]
+enum Cond {
+    Exact(String),
+    Regex(Regex),
+    Present(bool),
+}
+
+/// Where a matched route sends requests.
+#[derive(Debug, Clone)]
+pub enum Target {
+    Cluster(String),
+    Weighted(Vec<(String, u32)>),
+}
+
+#[derive(Debug)]
+pub struct Route {
+    path: PathMatch,
+    headers: Vec<(String, Cond)>,
+    query: Vec<(String, Cond)>,
+    pub target: Target,
+    pub timeout: Duration,
+    pub request_headers_to_add: Vec<HeaderValue>,
+    pub request_headers_to_remove: Vec<String>,
+    pub response_headers_to_add: Vec<HeaderValue>,
+    pub response_headers_to_remove: Vec<String>,
+}
+
+#[derive(Debug)]
+pub struct VirtualHost {
+    pub name: String,
+    domains: Vec<Domain>,
+    routes: Vec<Route>,
+}
+
+#[derive(Debug, Default)]
+pub struct Router {
+    vhosts: Vec<VirtualHost>,
+    tcp: Vec<(Option<std::net::IpAddr>, u16, String)>,
+}
+
+fn cond(exact: &Option<String>, regex: &Option<String>, present: Option<bool>) -> Cond {
+    match (exact, regex, present) {
+        (Some(v), _, _) => Cond::Exact(v.clone()),
+        (None, Some(r), _) => Cond::Regex(Regex::new(&format!("^(?:{r})$")).expect("validated")),
+        (None, None, p) => Cond::Present(p.unwrap_or(true)),
+    }
+}
+
+impl Cond {
+    fn test(&self, value: Option<&str>) -> bool {
+        match (self, value) {
+            (Cond::Present(want), v) => v.is_some() == *want,
+            (Cond::Exact(e), Some(v)) => e == v,
+            (Cond::Regex(r), Some(v)) => r.is_match(v),
+            (_, None) => false,
+        }
+    }
+}
+
+fn compile_route(r: &RouteConfig) -> Route {
+    let m = &r.matcher;
+    let path = match (&m.path, &m.prefix, &m.regex) {
+        (Some(p), _, _) => PathMatch::Exact(p.clone()),
+        (_, Some(p), _) => PathMatch::Prefix(p.clone()),
+        (_, _, Some(re)) => {
+            PathMatch::Regex(Regex::new(&format!("^(?:{re})$")).expect("validated"))
+        }
+        _ => PathMatch::Prefix("/".into()),
+    };
+    let target = match &r.route.cluster {
+        Some(c) => Target::Cluster(c.clone()),
+        None => Target::Weighted(
+            r.route
+                .weighted_clusters
+                .iter()
+                .map(|w| (w.name.clone(), w.weight))
+                .collect(),
+        ),
+    };
+    Route {
+        path,
+        headers: m
+            .headers
+            .iter()
+            .map(|h| {
+                (
+                    h.name.to_ascii_lowercase(),
+                    cond(&h.exact, &h.regex, h.present),
+                )
+            })
+            .collect(),
+        query: m
+            .query
+            .iter()
+            .map(|q| (q.name.clone(), cond(&q.exact, &None, q.present)))
+            .collect(),
+        target,
+        timeout: Duration::from_millis(r.route.timeout_ms),
+        request_headers_to_add: r.request_headers_to_add.clone(),
+        request_headers_to_remove: r.request_headers_to_remove.clone(),
+        response_headers_to_add: r.response_headers_to_add.clone(),
+        response_headers_to_remove: r.response_headers_to_remove.clone(),
+    }
+}
+
+fn domain(d: &str) -> Domain {
+    let d = d.to_ascii_lowercase();
+    if d == "*" {
+        Domain::Any
+    } else if let Ok(a) = d.parse::<SocketAddr>() {
+        Domain::OrigDst(a)
+    } else if let Some(s) = d.strip_prefix('*') {
+        Domain::Suffix(s.to_string())
+    } else if let Some(p) = d.strip_suffix('*') {
+        Domain::Prefix(p.to_string())
+    } else {
+        Domain::Exact(d)
+    }
+}
+
+impl Router {
+    pub fn new(c: &Config) -> Router {
+        let vhosts = c
+            .virtual_hosts
+            .iter()
+            .map(|v| VirtualHost {
+                name: v.name.clone(),
+                domains: v.domains.iter().map(|d| domain(d)).collect(),
+                routes: v.routes.iter().map(compile_route).collect(),
+            })
+            .collect();
+        let tcp = c
+            .tcp_routes
+            .iter()
+            .map(|t| match t.destination.parse::<SocketAddr>() {
+                Ok(a) => (Some(a.ip()), a.port(), t.cluster.clone()),
+                Err(_) => (
+                    None,
+                    t.destination.parse().expect("validated"),
+                    t.cluster.clone(),
+                ),
+            })
+            .collect();
+        Router { vhosts, tcp }
+    }
+
+    /// The virtual host for a request to `authority` that was sent to `orig_dst`.
+    pub fn virtual_host(&self, authority: &str, orig_dst: SocketAddr) -> Option<&VirtualHost> {
+        let authority = authority.to_ascii_lowercase();
+        let host = authority
+            .rsplit_once(':')
+            .filter(|(_, port)| port.parse::<u16>().is_ok() && !authority.ends_with(']'))
+            .map_or(authority.as_str(), |(h, _)| h);
+        // Score: exact 3, suffix 2 (+len), prefix 1 (+len); original destination and `*` last.
+        let mut best: Option<(u32, usize, &VirtualHost)> = None;
+        for vh in &self.vhosts {
+            for d in &vh.domains {
+                let score = match d {
+                    Domain::Exact(e) if *e == authority || *e == host => Some((4, e.len())),
+                    Domain::Suffix(s) if host.ends_with(s.as_str()) && host.len() > s.len() => {
+                        Some((3, s.len()))
+                    }
+                    Domain::Prefix(p) if host.starts_with(p.as_str()) && host.len() > p.len() => {
+                        Some((2, p.len()))
+                    }
+                    Domain::OrigDst(a) if *a == orig_dst => Some((1, 0)),
+                    Domain::Any => Some((0, 0)),
+                    _ => None,
+                };
+                if let Some((s, len)) = score {
+                    if best.is_none_or(|(bs, bl, _)| (s, len) > (bs, bl)) {
+                        best = Some((s, len, vh));
+                    }
+                }
+            }
+        }
+        best.map(|(_, _, vh)| vh)
+    }
+
+    /// The cluster for raw TCP to `orig_dst`, if a tcp route names it.
+    pub fn tcp_cluster(&self, orig_dst: SocketAddr) -> Option<&str> {
+        self.tcp
+            .iter()
+            .filter(|(ip, port, _)| {
+                *port == orig_dst.port() && ip.is_none_or(|i| i == orig_dst.ip())
+            })
+            // An ip:port route wins over a port route.
+            .max_by_key(|(ip, _, _)| ip.is_some())
+            .map(|(_, _, c)| c.as_str())
+    }
+}
+
+impl VirtualHost {
+    /// The first route matching the request.
+    pub fn route(&self, path_and_query: &str, headers: &HeaderMap) -> Option<&Route> {
+        let (path, query) = path_and_query
+            .split_once('?')
+            .map_or((path_and_query, ""), |(p, q)| (p, q));
+        self.routes.iter().find(|r| {
+            let path_ok = match &r.path {
+                PathMatch::Exact(p) => p == path,
+                PathMatch::Prefix(p) => path.starts_with(p.as_str()),
+                PathMatch::Regex(re) => re.is_match(path),
+            };
+            path_ok
+                && r.headers.iter().all(|(name, c)| {
+                    c.test(headers.get(name.as_str()).and_then(|v| v.to_str().ok()))
+                })
+                && r.query.iter().all(|(name, c)| {
+                    let v = query
+                        .split('&')
+                        .filter_map(|kv| {
+                            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                            (k == name).then_some(v)
+                        })
+                        .next();
+                    c.test(v)
+                })
+        })
+    }
+}
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A random number (good enough for picking a weighted cluster).
+pub fn random_u64() -> u64 {
+    thread_local!(static STATE: RandomState = RandomState::new());
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    STATE.with(|s| s.hash_one(n))
+}
+
+impl Target {
+    /// The cluster for one request: weighted clusters are drawn in proportion to their weights.
+    pub fn cluster(&self) -> &str {
+        match self {
+            Target::Cluster(c) => c,
+            Target::Weighted(w) => {
+                let total: u64 = w.iter().map(|(_, x)| *x as u64).sum();
+                let mut at = random_u64() % total.max(1);
+                for (name, weight) in w {
+                    if at < *weight as u64 {
+                        return name;
+                    }
+                    at -= *weight as u64;
+                }
+                &w[w.len() - 1].0
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn router(yaml: &str) -> Router {
+        Router::new(&Config::parse("t.yaml", yaml).unwrap())
+    }
+
+    const YAML: &str = r#"
+virtual_hosts:
+  - name: exact
+    domains: ["reviews", "reviews.default.svc.cluster.local:9080"]
+    routes:
+      - match: {path: /exact}
+        route: {cluster: a}
+      - match: {prefix: /api, headers: [{name: x-canary, exact: "yes"}]}
+        route: {cluster: b}
+      - match: {regex: "/items/[0-9]+", query: [{name: debug, present: true}]}
+        route: {cluster: b}
+      - route: {cluster: a}
+  - name: suffix
+    domains: ["*.example.com"]
+    routes: [{route: {cluster: a}}]
+  - name: longer-suffix
+    domains: ["*.api.example.com"]
+    routes: [{route: {cluster: a}}]
+  - name: prefix
+    domains: ["api.*"]
+    routes: [{route: {cluster: a}}]
+  - name: vip
+    domains: ["10.96.0.10:80"]
+    routes: [{route: {cluster: a}}]
+  - name: any
+    domains: ["*"]
+    routes: [{route: {weighted_clusters: [{name: a, weight: 99}, {name: b, weight: 1}]}}]
+clusters:
+  - {name: a, endpoints: [{address: "10.0.0.1:80"}]}
+  - {name: b, endpoints: [{address: "10.0.0.2:80"}]}
+"#;
+
+    fn vh<'a>(r: &'a Router, authority: &str, dst: &str) -> &'a str {
+        &r.virtual_host(authority, dst.parse().unwrap())
+            .unwrap()
+            .name
+    }
+
+    #[test]
+    fn virtual_hosts_in_envoys_order() {
+        let r = router(YAML);
+        let other = "192.0.2.1:80";
+        assert_eq!(vh(&r, "reviews", other), "exact");
+        assert_eq!(
+            vh(&r, "reviews:9080", other),
+            "exact",
+            "port ignored for a portless domain"
+        );
+        assert_eq!(
+            vh(&r, "Reviews.default.svc.cluster.local:9080", other),
+            "exact"
+        );
+        assert_eq!(vh(&r, "www.example.com", other), "suffix");
+        assert_eq!(vh(&r, "v1.api.example.com", other), "longer-suffix");
+        assert_eq!(vh(&r, "api.internal", other), "prefix");
+        assert_eq!(
+            vh(&r, "unknown", "10.96.0.10:80"),
+            "vip",
+            "original destination"
+        );
+        assert_eq!(vh(&r, "unknown", other), "any");
+        assert_eq!(
+            vh(&r, "reviews", "10.96.0.10:80"),
+            "exact",
+            "authority beats VIP"
+        );
+    }
+
+    #[test]
+    fn routes_by_path_headers_and_query() {
+        let r = router(YAML);
+        let v = r
+            .virtual_host("reviews", "192.0.2.1:80".parse().unwrap())
+            .unwrap();
+        let mut h = HeaderMap::new();
+        let cluster = |p: &str, h: &HeaderMap| match &v.route(p, h).unwrap().target {
+            Target::Cluster(c) => c.clone(),
+            Target::Weighted(_) => "weighted".into(),
+        };
+        assert_eq!(cluster("/exact", &h), "a");
+        assert_eq!(cluster("/exact/more", &h), "a", "falls to the catch-all");
+        assert_eq!(cluster("/api/x", &h), "a", "header missing");
+        h.insert("x-canary", "yes".parse().unwrap());
+        assert_eq!(cluster("/api/x", &h), "b");
+        assert_eq!(cluster("/items/42", &h), "a", "query missing");
+        assert_eq!(cluster("/items/42?debug=1", &h), "b");
+        assert_eq!(cluster("/items/42x?debug", &h), "a", "regex is anchored");
+    }
+
+    #[test]
+    fn weighted_clusters_follow_their_weights() {
+        let r = router(YAML);
+        let v = r
+            .virtual_host("x", "192.0.2.1:80".parse().unwrap())
+            .unwrap();
+        let t = &v.route("/", &HeaderMap::new()).unwrap().target;
+        let b = (0..20_000).filter(|_| t.cluster() == "b").count();
+        assert!((100..400).contains(&b), "1% of 20000 is 200, got {b}");
+    }
+
+    #[test]
+    fn tcp_routes_by_port_and_address() {
+        let r = router(
+            r#"
+tcp_routes:
+  - {destination: "5432", cluster: a}
+  - {destination: "10.0.0.9:5432", cluster: b}
+clusters:
+  - {name: a, endpoints: [{address: "10.0.0.1:80"}]}
+  - {name: b, endpoints: [{address: "10.0.0.2:80"}]}
+"#,
+        );
+        assert_eq!(r.tcp_cluster("10.0.0.8:5432".parse().unwrap()), Some("a"));
+        assert_eq!(r.tcp_cluster("10.0.0.9:5432".parse().unwrap()), Some("b"));
+        assert_eq!(r.tcp_cluster("10.0.0.9:5433".parse().unwrap()), None);
+    }
+}

@@ -1,0 +1,475 @@
+//! Listeners and connections: original destination, protocol detection, HTTP routing and
+//! forwarding, TCP relaying.
+
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::AsRawFd,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::{
+    body::Incoming,
+    header::{HeaderName, HeaderValue, HOST},
+    Request, Response, StatusCode, Uri,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tracing::{debug, info, warn};
+
+use crate::{
+    balancer::{hash_bytes, Balancer},
+    config::{Cluster, Config, Direction, HashPolicy},
+    router::Router,
+};
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// The source of inbound passthrough connections to the app, as Istio's Envoy uses: the
+/// capture rules let traffic from these addresses through.
+pub const INBOUND_SOURCE_V4: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
+pub const INBOUND_SOURCE_V6: Ipv6Addr = Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
+
+/// Address of the connection before capture rewrote it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OrigDstAddr(pub SocketAddr);
+
+/// The downstream peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientAddr(pub SocketAddr);
+
+/// A cluster and its balancer.
+pub struct ClusterState {
+    pub config: Cluster,
+    pub balancer: Balancer,
+}
+
+/// Everything a connection needs, swapped as a whole on reload.
+pub struct Snapshot {
+    pub router: Router,
+    pub clusters: HashMap<String, ClusterState>,
+}
+
+impl Snapshot {
+    pub fn new(c: &Config) -> Snapshot {
+        Snapshot {
+            router: Router::new(c),
+            clusters: c
+                .clusters
+                .iter()
+                .map(|cl| {
+                    (
+                        cl.name.clone(),
+                        ClusterState {
+                            balancer: Balancer::new(cl.policy(), cl.endpoint_list()),
+                            config: cl.clone(),
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+}
+
+pub type Shared = Arc<RwLock<Arc<Snapshot>>>;
+
+/// `SO_ORIGINAL_DST` (IPv4) or `IP6T_SO_ORIGINAL_DST` (IPv6), else the socket's local address
+/// (what a connection that was not redirected reports).
+pub fn original_dst(s: &TcpStream) -> io::Result<OrigDstAddr> {
+    const SO_ORIGINAL_DST: libc::c_int = 80;
+    let local = s.local_addr()?;
+    let fd = s.as_raw_fd();
+    // SAFETY: the buffers are sized for the address family asked for.
+    unsafe {
+        match local {
+            SocketAddr::V4(_) => {
+                let mut a: libc::sockaddr_in = std::mem::zeroed();
+                let mut len = std::mem::size_of_val(&a) as libc::socklen_t;
+                let rc = libc::getsockopt(
+                    fd,
+                    libc::SOL_IP,
+                    SO_ORIGINAL_DST,
+                    (&mut a as *mut libc::sockaddr_in).cast(),
+                    &mut len,
+                );
+                if rc == 0 {
+                    let ip = Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
+                    return Ok(OrigDstAddr(SocketAddr::new(
+                        ip.into(),
+                        u16::from_be(a.sin_port),
+                    )));
+                }
+            }
+            SocketAddr::V6(_) => {
+                let mut a: libc::sockaddr_in6 = std::mem::zeroed();
+                let mut len = std::mem::size_of_val(&a) as libc::socklen_t;
+                let rc = libc::getsockopt(
+                    fd,
+                    libc::SOL_IPV6,
+                    SO_ORIGINAL_DST,
+                    (&mut a as *mut libc::sockaddr_in6).cast(),
+                    &mut len,
+                );
+                if rc == 0 {
+                    let ip = Ipv6Addr::from(a.sin6_addr.s6_addr);
+                    let ip = ip.to_ipv4_mapped().map_or(IpAddr::V6(ip), IpAddr::V4);
+                    return Ok(OrigDstAddr(SocketAddr::new(ip, u16::from_be(a.sin6_port))));
+                }
+            }
+        }
+    }
+    Ok(OrigDstAddr(local))
+}
+
+/// What the first bytes of a connection say it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    Http1,
+    Http2,
+    Tls,
+    Tcp,
+}
+
+pub fn detect(first: &[u8]) -> Protocol {
+    if first.starts_with(b"PRI * HTTP/2") {
+        return Protocol::Http2;
+    }
+    if first.len() >= 3 && first[0] == 0x16 && first[1] == 0x03 {
+        return Protocol::Tls;
+    }
+    let method_len = first.iter().take_while(|b| b.is_ascii_uppercase()).count();
+    if (3..=7).contains(&method_len) && first.get(method_len) == Some(&b' ') {
+        return Protocol::Http1;
+    }
+    Protocol::Tcp
+}
+
+/// Serve one listener until the process ends.
+pub async fn serve(
+    listener: TcpListener,
+    direction: Direction,
+    detect_timeout: Duration,
+    shared: Shared,
+) {
+    let own = listener.local_addr().ok();
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let snapshot = shared.read().expect("config lock").clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection(
+                stream,
+                ClientAddr(peer),
+                own,
+                direction,
+                detect_timeout,
+                snapshot,
+            )
+            .await
+            {
+                debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+}
+
+async fn connection(
+    stream: TcpStream,
+    client: ClientAddr,
+    own: Option<SocketAddr>,
+    direction: Direction,
+    detect_timeout: Duration,
+    snapshot: Arc<Snapshot>,
+) -> io::Result<()> {
+    let orig = original_dst(&stream)?;
+    // Not redirected: relaying to "the original destination" would be a loop back to us.
+    let local = stream.local_addr()?;
+    if orig.0 == local && own.is_some_and(|o| o.port() == local.port()) {
+        warn!(client = %client.0, "connection reached the proxy directly (not redirected): closed");
+        return Ok(());
+    }
+    let mut first = [0u8; 24];
+    let n = match tokio::time::timeout(detect_timeout, stream.peek(&mut first)).await {
+        Ok(r) => r?,
+        Err(_) => 0,
+    };
+    let protocol = detect(&first[..n]);
+    debug!(client = %client.0, orig = %orig.0, ?protocol, ?direction, "connection");
+    match protocol {
+        Protocol::Http1 | Protocol::Http2 => {
+            let svc = hyper::service::service_fn(move |req| {
+                let snapshot = snapshot.clone();
+                async move {
+                    Ok::<_, Infallible>(request(req, client, orig, direction, &snapshot).await)
+                }
+            });
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                .await
+                .map_err(io::Error::other)
+        }
+        Protocol::Tls | Protocol::Tcp => {
+            let target = match direction {
+                Direction::Inbound => orig.0,
+                Direction::Outbound => match snapshot.router.tcp_cluster(orig.0) {
+                    Some(name) => {
+                        let cl = snapshot.clusters.get(name).expect("validated");
+                        let hash = hash_bytes(client.0.ip().to_string().as_bytes());
+                        match cl.balancer.pick(Some(hash), &|_| true) {
+                            Some(p) => p.addr,
+                            None => return Ok(()),
+                        }
+                    }
+                    None => orig.0,
+                },
+            };
+            relay(stream, target, direction).await
+        }
+    }
+}
+
+/// Connect to `target`, from the inbound passthrough source for inbound traffic.
+async fn connect(target: SocketAddr, direction: Direction) -> io::Result<TcpStream> {
+    let socket = match target {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    if direction == Direction::Inbound {
+        let src: IpAddr = match target {
+            SocketAddr::V4(_) => INBOUND_SOURCE_V4.into(),
+            SocketAddr::V6(_) => INBOUND_SOURCE_V6.into(),
+        };
+        socket.bind(SocketAddr::new(src, 0))?;
+    }
+    socket.set_nodelay(true)?;
+    socket.connect(target).await
+}
+
+/// Relay bytes both ways, passing each half-close on.
+async fn relay(mut down: TcpStream, target: SocketAddr, direction: Direction) -> io::Result<()> {
+    let mut up = connect(target, direction).await?;
+    tokio::io::copy_bidirectional(&mut down, &mut up).await?;
+    Ok(())
+}
+
+fn full(status: StatusCode, text: &str) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(format!("{text}\n")))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    r
+}
+
+fn set_headers(h: &mut hyper::HeaderMap, add: &[crate::config::HeaderValue], remove: &[String]) {
+    for name in remove {
+        h.remove(name.as_str());
+    }
+    for hv in add {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(hv.name.as_bytes()),
+            HeaderValue::from_str(&hv.value),
+        ) {
+            h.insert(n, v);
+        }
+    }
+}
+
+/// Route and forward one request.
+async fn request(
+    mut req: Request<Incoming>,
+    client: ClientAddr,
+    orig: OrigDstAddr,
+    direction: Direction,
+    snap: &Snapshot,
+) -> Response<Body> {
+    let authority = req
+        .uri()
+        .authority()
+        .map(|a| a.to_string())
+        .or_else(|| {
+            req.headers()
+                .get(HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(String::from)
+        })
+        .unwrap_or_default();
+    let mut timeout = Duration::from_secs(15);
+    let mut response_edits = None;
+    let mut http2 = req.version() == hyper::Version::HTTP_2;
+    let mut _pick = None;
+    let target = match direction {
+        Direction::Inbound => orig.0,
+        Direction::Outbound => {
+            let pq = req
+                .uri()
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_string();
+            let route = snap.router.virtual_host(&authority, orig.0).and_then(|vh| {
+                debug!(vhost = vh.name, authority, orig = %orig.0, "virtual host");
+                vh.route(&pq, req.headers())
+            });
+            match route {
+                // No route: the original destination, as Istio's PassthroughCluster.
+                None => orig.0,
+                Some(route) => {
+                    let name = route.target.cluster();
+                    let Some(cl) = snap.clusters.get(name) else {
+                        return full(StatusCode::SERVICE_UNAVAILABLE, "no such cluster");
+                    };
+                    let hash = match &cl.config.hash_policy {
+                        Some(HashPolicy {
+                            header: Some(h), ..
+                        }) => req
+                            .headers()
+                            .get(h.as_str())
+                            .map(|v| hash_bytes(v.as_bytes())),
+                        Some(HashPolicy {
+                            source_ip: true, ..
+                        }) => Some(hash_bytes(client.0.ip().to_string().as_bytes())),
+                        _ => None,
+                    };
+                    let Some(pick) = cl.balancer.pick(hash, &|_| true) else {
+                        return full(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
+                    };
+                    set_headers(
+                        req.headers_mut(),
+                        &route.request_headers_to_add,
+                        &route.request_headers_to_remove,
+                    );
+                    timeout = route.timeout;
+                    response_edits = Some(route);
+                    http2 = http2 || cl.config.http2;
+                    let addr = pick.addr;
+                    _pick = Some(pick);
+                    addr
+                }
+            }
+        }
+    };
+    let upstream = async {
+        let stream = connect(target, direction)
+            .await
+            .map_err(|e| e.to_string())?;
+        forward(req, stream, http2, &authority).await
+    };
+    let mut resp = match tokio::time::timeout(timeout, upstream).await {
+        Err(_) => return full(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"),
+        Ok(Err(e)) => {
+            return full(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("upstream connect error or disconnect/reset before headers: {e}"),
+            )
+        }
+        Ok(Ok(r)) => r,
+    };
+    if let Some(route) = response_edits {
+        set_headers(
+            resp.headers_mut(),
+            &route.response_headers_to_add,
+            &route.response_headers_to_remove,
+        );
+    }
+    resp
+}
+
+/// Send `req` over `stream` with HTTP/1.1 or HTTP/2 and return the response, its body streamed.
+async fn forward(
+    mut req: Request<Incoming>,
+    stream: TcpStream,
+    http2: bool,
+    authority: &str,
+) -> Result<Response<Body>, String> {
+    let io = TokioIo::new(stream);
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    let resp = if http2 {
+        let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        let host = if authority.is_empty() {
+            "localhost"
+        } else {
+            authority
+        };
+        *req.uri_mut() = format!("http://{host}{pq}")
+            .parse::<Uri>()
+            .map_err(|e| e.to_string())?;
+        *req.version_mut() = hyper::Version::HTTP_2;
+        req.headers_mut().remove(HOST);
+        send.send_request(req).await.map_err(|e| e.to_string())?
+    } else {
+        let (mut send, conn) = hyper::client::conn::http1::handshake(io)
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+        if !req.headers().contains_key(HOST) && !authority.is_empty() {
+            if let Ok(v) = HeaderValue::from_str(authority) {
+                req.headers_mut().insert(HOST, v);
+            }
+        }
+        *req.uri_mut() = pq.parse::<Uri>().map_err(|e| e.to_string())?;
+        *req.version_mut() = hyper::Version::HTTP_11;
+        send.send_request(req).await.map_err(|e| e.to_string())?
+    };
+    Ok(resp.map(|b| b.boxed()))
+}
+
+/// Bind every listener of `config`.
+pub async fn bind(config: &Config) -> anyhow::Result<Vec<(TcpListener, Direction, Duration)>> {
+    let mut out = Vec::new();
+    for l in &config.listeners {
+        let socket = match l.address {
+            SocketAddr::V4(_) => TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => TcpSocket::new_v6()?,
+        };
+        socket.set_reuseaddr(true)?;
+        socket
+            .bind(l.address)
+            .map_err(|e| anyhow::anyhow!("listener {} ({}): {e}", l.name, l.address))?;
+        let listener = socket.listen(1024)?;
+        info!(name = l.name, address = %l.address, direction = ?l.direction, "listening");
+        out.push((
+            listener,
+            l.direction,
+            Duration::from_millis(l.detect_timeout_ms),
+        ));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protocols_are_told_apart_by_their_first_bytes() {
+        assert_eq!(detect(b"GET / HTTP/1.1\r\n"), Protocol::Http1);
+        assert_eq!(detect(b"OPTIONS * HTTP/1.1"), Protocol::Http1);
+        assert_eq!(detect(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), Protocol::Http2);
+        assert_eq!(detect(&[0x16, 0x03, 0x01, 0x02, 0x00]), Protocol::Tls);
+        assert_eq!(detect(b""), Protocol::Tcp);
+        assert_eq!(detect(b"\x00\x00\x00\x08\x04\xd2\x16\x2f"), Protocol::Tcp);
+        assert_eq!(detect(b"HELLO"), Protocol::Tcp);
+    }
+}

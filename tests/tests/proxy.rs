@@ -1,0 +1,242 @@
+//! sockmesh-proxy in a pod, behind istio's iptables rules (loaded by the real iptables) and
+//! behind sockmesh: the same requests must reach the same upstreams, through the same routes.
+
+use std::process::Command;
+
+use sockmesh_tests::{
+    kit::Outcome,
+    lab::{run, sibling_bin, testkit_bin, Lab},
+    pods::{self, Mode, Pod, PEER_V4, POD_V4},
+    profiles::Profile,
+};
+
+const VIP: &str = "10.96.0.10";
+
+fn proxy_config(lab: &Lab) -> std::path::PathBuf {
+    let path = lab.dir.join("proxy.yaml");
+    let yaml = format!(
+        r#"
+listeners:
+  - {{name: outbound, address: "0.0.0.0:15001", direction: outbound}}
+  - {{name: inbound, address: "0.0.0.0:15006", direction: inbound}}
+virtual_hosts:
+  - name: reviews
+    domains: ["reviews", "{VIP}:80"]
+    routes:
+      - match: {{prefix: /v2}}
+        route: {{cluster: reviews-v2}}
+      - match: {{prefix: /, headers: [{{name: x-user, present: true}}]}}
+        route: {{cluster: reviews-sticky}}
+      - route: {{cluster: reviews}}
+        response_headers_to_add: [{{name: x-route, value: default}}]
+clusters:
+  - name: reviews
+    lb_policy: round_robin
+    endpoints: [{{address: "{PEER_V4}:18081"}}, {{address: "{PEER_V4}:18082"}}]
+  - name: reviews-v2
+    endpoints: [{{address: "{PEER_V4}:18083"}}]
+  - name: reviews-sticky
+    lb_policy: maglev
+    hash_policy: {{header: x-user}}
+    endpoints: [{{address: "{PEER_V4}:18081"}}, {{address: "{PEER_V4}:18082"}}]
+"#
+    );
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+fn get(
+    lab: &Lab,
+    pod: &Pod,
+    from_peer: bool,
+    dst: &str,
+    path: &str,
+    host: &str,
+    hdr: &[&str],
+) -> String {
+    let (ns, in_cgroup) = if from_peer {
+        (&pod.peer, false)
+    } else {
+        (&pod.ns, pod.in_cgroup)
+    };
+    let mut cmd: Command = lab.command(ns, in_cgroup, testkit_bin().unwrap()).unwrap();
+    cmd.args([
+        "http-get", dst, "--path", path, "--host", host, "--uid", "1000", "--gid", "1000",
+    ]);
+    for h in hdr {
+        cmd.args(["--header", h]);
+    }
+    let out = run(&mut cmd).unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The body line of a response (the upstream's report), with the x-route header if any.
+fn summary(resp: &str) -> String {
+    let route = resp
+        .lines()
+        .find_map(|l| l.strip_prefix("x-route: "))
+        .map(|r| format!(" [route {r}]"))
+        .unwrap_or_default();
+    let body = resp.split("\r\n\r\n").nth(1).unwrap_or(resp).trim();
+    format!("{body}{route}")
+}
+
+/// Run the scenario with the pod captured by `mode`; what each request produced.
+fn scenario(mode: Mode) -> Vec<String> {
+    let tag = match mode {
+        Mode::Iptables => "pxi",
+        Mode::Sockmesh => "pxs",
+    };
+    let mut lab = Lab::new(tag).unwrap();
+    if mode == Mode::Sockmesh {
+        lab.start_agent().unwrap();
+    }
+    let p = Profile::default_sidecar();
+    let pod = pods::pod_with(&mut lab, "p", &p, mode, &[]).unwrap();
+    // Upstreams on the peer; the app in the pod.
+    let mut up = lab
+        .command(&pod.peer, false, testkit_bin().unwrap())
+        .unwrap();
+    up.arg("http-serve").args([
+        format!("up1@{PEER_V4}:18081"),
+        format!("up2@{PEER_V4}:18082"),
+        format!("v2@{PEER_V4}:18083"),
+        format!("direct@{PEER_V4}:18090"),
+    ]);
+    lab.spawn(up, Some("ready")).unwrap();
+    let mut app = lab
+        .command(&pod.ns, pod.in_cgroup, testkit_bin().unwrap())
+        .unwrap();
+    app.args(["http-serve", "app@0.0.0.0:8080"]);
+    lab.spawn(app, Some("ready")).unwrap();
+    let config = proxy_config(&lab);
+    let mut proxy = lab
+        .command(
+            &pod.ns,
+            pod.in_cgroup,
+            sibling_bin("sockmesh-proxy", "SOCKMESH_PROXY_BIN").unwrap(),
+        )
+        .unwrap();
+    proxy.arg("--config").arg(&config);
+    lab.spawn(proxy, Some("ready")).unwrap();
+    match mode {
+        Mode::Iptables => pods::apply_iptables(&pod, &p).unwrap(),
+        Mode::Sockmesh => {
+            pods::apply_sockmesh(&lab, &pod, &p).unwrap();
+        }
+    }
+
+    let mut seen = Vec::new();
+    let vip = format!("{VIP}:80");
+    // Round robin over the VIP's cluster, by Host and by original destination.
+    for _ in 0..2 {
+        seen.push(summary(&get(&lab, &pod, false, &vip, "/a", "reviews", &[])));
+    }
+    seen.push(summary(&get(
+        &lab,
+        &pod,
+        false,
+        &vip,
+        "/b",
+        "unknown.host",
+        &[],
+    )));
+    seen.push(summary(&get(
+        &lab,
+        &pod,
+        false,
+        &vip,
+        "/b",
+        "unknown.host",
+        &[],
+    )));
+    // A prefix route.
+    seen.push(summary(&get(
+        &lab,
+        &pod,
+        false,
+        &vip,
+        "/v2/x",
+        "reviews",
+        &[],
+    )));
+    // Consistent hashing on a header: the same user, the same upstream.
+    let sticky: Vec<String> = (0..4)
+        .map(|_| {
+            summary(&get(
+                &lab,
+                &pod,
+                false,
+                &vip,
+                "/",
+                "reviews",
+                &["x-user: alice"],
+            ))
+        })
+        .collect();
+    assert!(sticky.windows(2).all(|w| w[0] == w[1]), "{sticky:?}");
+    seen.extend(sticky);
+    // No route: passed through to the original destination.
+    let direct = format!("{PEER_V4}:18090");
+    seen.push(summary(&get(
+        &lab,
+        &pod,
+        false,
+        &direct,
+        "/",
+        "elsewhere",
+        &[],
+    )));
+    // Raw TCP (server-first): relayed to the original destination.
+    let out = run(lab
+        .command(&pod.ns, pod.in_cgroup, testkit_bin().unwrap())
+        .unwrap()
+        .args([
+            "connect",
+            &format!("{PEER_V4}:9090"),
+            "--uid",
+            "1000",
+            "--gid",
+            "1000",
+        ]))
+    .unwrap();
+    let tcp: Outcome = serde_json::from_slice(&out.stdout).unwrap();
+    match &tcp {
+        Outcome::Ok {
+            listener,
+            client_ip,
+            ..
+        } => seen.push(format!("tcp {listener} from={client_ip}")),
+        other => seen.push(format!("tcp {other:?}")),
+    }
+    // Inbound: from the peer to the app, through the inbound listener, from 127.0.0.6.
+    seen.push(summary(&get(
+        &lab,
+        &pod,
+        true,
+        &format!("{POD_V4}:8080"),
+        "/in",
+        "app",
+        &[],
+    )));
+    seen
+}
+
+#[test]
+fn routes_and_balances_the_same_under_iptables_and_sockmesh() {
+    let ipt = scenario(Mode::Iptables);
+    let expected_prefix = [
+        format!("up1 GET /a host=reviews from={POD_V4} [route default]"),
+        format!("up2 GET /a host=reviews from={POD_V4} [route default]"),
+        // By original destination (VIP:port) when the authority is unknown.
+        format!("up1 GET /b host=unknown.host from={POD_V4} [route default]"),
+        format!("up2 GET /b host=unknown.host from={POD_V4} [route default]"),
+        format!("v2 GET /v2/x host=reviews from={POD_V4}"),
+    ];
+    assert_eq!(ipt[..5], expected_prefix, "{ipt:#?}");
+    assert_eq!(ipt[9], format!("direct GET / host=elsewhere from={POD_V4}"));
+    assert_eq!(ipt[10], format!("tcp peer:9090 from={POD_V4}"));
+    assert_eq!(ipt[11], "app GET /in host=app from=127.0.0.6");
+    let smesh = scenario(Mode::Sockmesh);
+    assert_eq!(smesh, ipt, "sockmesh and iptables disagree");
+}
