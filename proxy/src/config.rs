@@ -72,6 +72,68 @@ pub struct Route {
     pub response_headers_to_add: Vec<HeaderValue>,
     #[serde(default)]
     pub response_headers_to_remove: Vec<String>,
+    /// Fault injection (Envoy's HTTP fault filter, per route).
+    pub fault: Option<Fault>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fault {
+    pub delay: Option<FaultDelay>,
+    pub abort: Option<FaultAbort>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultDelay {
+    pub fixed_delay_ms: u64,
+    /// Share of requests delayed, 0 to 100.
+    #[serde(default = "hundred")]
+    pub percentage: f64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultAbort {
+    pub http_status: u16,
+    #[serde(default = "hundred")]
+    pub percentage: f64,
+}
+
+fn hundred() -> f64 {
+    100.0
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryPolicy {
+    /// Comma-separated: `5xx`, `gateway-error`, `connect-failure`, `reset`, `retriable-4xx`.
+    #[serde(default = "default_retry_on")]
+    pub retry_on: String,
+    #[serde(default = "one")]
+    pub num_retries: u32,
+    /// Each attempt's own limit (0: only the route's timeout).
+    #[serde(default)]
+    pub per_try_timeout_ms: u64,
+    /// Backoff: a random wait up to base * 2^(attempt-1), capped at 10 x base (Envoy's).
+    #[serde(default = "default_backoff_ms")]
+    pub base_interval_ms: u64,
+}
+
+fn default_retry_on() -> String {
+    "5xx,connect-failure,reset".into()
+}
+
+fn default_backoff_ms() -> u64 {
+    25
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MirrorPolicy {
+    pub cluster: String,
+    #[serde(default = "hundred")]
+    pub percentage: f64,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -114,6 +176,10 @@ pub struct RouteAction {
     /// Per-route timeout for the whole request (default 15 s, as Envoy's).
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
+    pub retry_policy: Option<RetryPolicy>,
+    /// Shadow traffic: a copy of each request, answer ignored, Host with "-shadow" appended.
+    #[serde(default)]
+    pub request_mirror_policies: Vec<MirrorPolicy>,
 }
 
 fn default_timeout_ms() -> u64 {
@@ -157,6 +223,63 @@ pub struct Cluster {
     #[serde(default)]
     pub http2: bool,
     pub endpoints: Vec<EndpointConfig>,
+    /// Passive health: endpoints answering 5xx in a row are ejected for a while.
+    pub outlier_detection: Option<OutlierDetection>,
+    /// Retries allowed at once: `budget_percent` of active requests, at least
+    /// `min_retry_concurrency` (Envoy's retry budget).
+    #[serde(default)]
+    pub retry_budget: RetryBudget,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutlierDetection {
+    #[serde(default = "five")]
+    pub consecutive_5xx: u32,
+    /// Ejection lasts this times the number of times the endpoint was ejected.
+    #[serde(default = "thirty_s")]
+    pub base_ejection_time_ms: u64,
+    /// Never eject more than this share of the cluster (one endpoint may always go).
+    #[serde(default = "ten")]
+    pub max_ejection_percent: u32,
+}
+
+fn five() -> u32 {
+    5
+}
+
+fn ten() -> u32 {
+    10
+}
+
+fn thirty_s() -> u64 {
+    30_000
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryBudget {
+    #[serde(default = "twenty")]
+    pub budget_percent: u32,
+    #[serde(default = "three")]
+    pub min_retry_concurrency: u32,
+}
+
+impl Default for RetryBudget {
+    fn default() -> Self {
+        RetryBudget {
+            budget_percent: 20,
+            min_retry_concurrency: 3,
+        }
+    }
+}
+
+fn twenty() -> u32 {
+    20
+}
+
+fn three() -> u32 {
+    3
 }
 
 /// One of: a request header's value, or the client's address.
@@ -340,6 +463,35 @@ impl Config {
                     }
                 }
                 let a = &r.route;
+                for (k, m) in a.request_mirror_policies.iter().enumerate() {
+                    if !known(&m.cluster) {
+                        return Err((
+                            format!("{f}.route.request_mirror_policies[{k}].cluster"),
+                            format!("no cluster {:?}", m.cluster),
+                        ));
+                    }
+                }
+                if let Some(rp) = &a.retry_policy {
+                    for cond in rp.retry_on.split(',').map(str::trim) {
+                        if !crate::router::RETRY_ON.contains(&cond) {
+                            return Err((
+                                format!("{f}.route.retry_policy.retry_on"),
+                                format!(
+                                    "{cond:?} is not one of {}",
+                                    crate::router::RETRY_ON.join(", ")
+                                ),
+                            ));
+                        }
+                    }
+                }
+                if let Some(abort) = r.fault.as_ref().and_then(|f| f.abort.as_ref()) {
+                    if !(200..600).contains(&abort.http_status) {
+                        return Err((
+                            format!("{f}.fault.abort.http_status"),
+                            format!("{} is not an HTTP status", abort.http_status),
+                        ));
+                    }
+                }
                 match (&a.cluster, a.weighted_clusters.is_empty()) {
                     (Some(c), true) if !known(c) => {
                         return Err((format!("{f}.route.cluster"), format!("no cluster {c:?}")))
@@ -454,6 +606,9 @@ clusters:
         )
         .unwrap_err()
         .to_string();
-        assert!(e.contains("listeners[0].direction") && e.contains("line 3"), "{e}");
+        assert!(
+            e.contains("listeners[0].direction") && e.contains("line 3"),
+            "{e}"
+        );
     }
 }

@@ -13,7 +13,16 @@ use std::{
 use hyper::HeaderMap;
 use regex::Regex;
 
-use crate::config::{Config, HeaderValue, Route as RouteConfig};
+use crate::config::{Config, Fault, HeaderValue, MirrorPolicy, RetryPolicy, Route as RouteConfig};
+
+/// The `retry_on` conditions understood.
+pub const RETRY_ON: [&str; 5] = [
+    "5xx",
+    "gateway-error",
+    "connect-failure",
+    "reset",
+    "retriable-4xx",
+];
 
 #[derive(Debug)]
 enum Domain {
@@ -58,6 +67,9 @@ pub struct Route {
     pub request_headers_to_remove: Vec<String>,
     pub response_headers_to_add: Vec<HeaderValue>,
     pub response_headers_to_remove: Vec<String>,
+    pub fault: Option<Fault>,
+    pub retry: Option<RetryPolicy>,
+    pub mirrors: Vec<MirrorPolicy>,
 }
 
 #[derive(Debug)]
@@ -135,7 +147,15 @@ fn compile_route(r: &RouteConfig) -> Route {
         request_headers_to_remove: r.request_headers_to_remove.clone(),
         response_headers_to_add: r.response_headers_to_add.clone(),
         response_headers_to_remove: r.response_headers_to_remove.clone(),
+        fault: r.fault.clone(),
+        retry: r.route.retry_policy.clone(),
+        mirrors: r.route.request_mirror_policies.clone(),
     }
+}
+
+/// Whether a share (0 to 100) of requests is hit this time.
+pub fn chance(percentage: f64) -> bool {
+    (random_u64() % 1_000_000) as f64 / 10_000.0 < percentage
 }
 
 fn domain(d: &str) -> Domain {

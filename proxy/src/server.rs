@@ -43,10 +43,106 @@ pub struct OrigDstAddr(pub SocketAddr);
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ClientAddr(pub SocketAddr);
 
-/// A cluster and its balancer.
+/// A cluster, its balancer, and its passive health and retry accounting.
 pub struct ClusterState {
     pub config: Cluster,
     pub balancer: Balancer,
+    outliers: std::sync::Mutex<HashMap<SocketAddr, Outlier>>,
+    active: std::sync::atomic::AtomicU64,
+    retrying: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Default)]
+struct Outlier {
+    consecutive_5xx: u32,
+    ejections: u32,
+    until: Option<std::time::Instant>,
+}
+
+/// Decrements a counter when dropped.
+pub struct Gauge<'a>(&'a std::sync::atomic::AtomicU64);
+
+impl Drop for Gauge<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl ClusterState {
+    fn new(config: &Cluster) -> ClusterState {
+        ClusterState {
+            balancer: Balancer::new(config.policy(), config.endpoint_list()),
+            config: config.clone(),
+            outliers: Default::default(),
+            active: Default::default(),
+            retrying: Default::default(),
+        }
+    }
+
+    /// Whether passive health checking has ejected `addr` for now.
+    pub fn ejected(&self, addr: SocketAddr) -> bool {
+        let now = std::time::Instant::now();
+        self.outliers
+            .lock()
+            .expect("outliers lock")
+            .get(&addr)
+            .and_then(|o| o.until)
+            .is_some_and(|t| now < t)
+    }
+
+    /// Count an attempt's outcome; eject after `consecutive_5xx` failures in a row.
+    fn record(&self, addr: SocketAddr, outcome: &Result<Response<Body>, Failure>) {
+        let Some(od) = &self.config.outlier_detection else {
+            return;
+        };
+        let bad = match outcome {
+            Ok(r) => r.status().is_server_error(),
+            Err(_) => true,
+        };
+        let mut map = self.outliers.lock().expect("outliers lock");
+        let now = std::time::Instant::now();
+        let ejected_now = map
+            .values()
+            .filter(|o| o.until.is_some_and(|t| now < t))
+            .count();
+        let o = map.entry(addr).or_default();
+        if !bad {
+            o.consecutive_5xx = 0;
+            return;
+        }
+        o.consecutive_5xx += 1;
+        let total = self.config.endpoints.len().max(1);
+        let under_cap = ejected_now * 100 / total < od.max_ejection_percent as usize;
+        if o.consecutive_5xx >= od.consecutive_5xx && under_cap {
+            o.ejections += 1;
+            o.consecutive_5xx = 0;
+            let time = od.base_ejection_time_ms * o.ejections as u64;
+            o.until = Some(now + Duration::from_millis(time));
+            warn!(cluster = self.config.name, endpoint = %addr, ms = time, "endpoint ejected (outlier)");
+        }
+    }
+
+    fn request_started(&self) -> Gauge<'_> {
+        self.active
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Gauge(&self.active)
+    }
+
+    fn retry_started(&self) -> Gauge<'_> {
+        self.retrying
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Gauge(&self.retrying)
+    }
+
+    /// Envoy's retry budget: retries in flight below `budget_percent` of active requests, or
+    /// below `min_retry_concurrency`.
+    fn retry_allowed(&self) -> bool {
+        let b = &self.config.retry_budget;
+        let active = self.active.load(std::sync::atomic::Ordering::Relaxed);
+        let retrying = self.retrying.load(std::sync::atomic::Ordering::Relaxed);
+        let budget = (active * b.budget_percent as u64 / 100).max(b.min_retry_concurrency as u64);
+        retrying < budget
+    }
 }
 
 /// Everything a connection needs, swapped as a whole on reload.
@@ -62,15 +158,7 @@ impl Snapshot {
             clusters: c
                 .clusters
                 .iter()
-                .map(|cl| {
-                    (
-                        cl.name.clone(),
-                        ClusterState {
-                            balancer: Balancer::new(cl.policy(), cl.endpoint_list()),
-                            config: cl.clone(),
-                        },
-                    )
-                })
+                .map(|cl| (cl.name.clone(), ClusterState::new(cl)))
                 .collect(),
         }
     }
@@ -288,9 +376,60 @@ fn set_headers(h: &mut hyper::HeaderMap, add: &[crate::config::HeaderValue], rem
     }
 }
 
+/// Largest request body kept for retries and mirrors; a larger one is sent once, unmirrored.
+const REPLAY_LIMIT: usize = 64 * 1024;
+
+fn boxed_bytes(b: Bytes) -> Body {
+    Full::new(b).map_err(|never| match never {}).boxed()
+}
+
+/// A request's head, to send it again (retries, mirrors).
+#[derive(Clone)]
+struct Head {
+    method: hyper::Method,
+    uri: Uri,
+    version: hyper::Version,
+    headers: hyper::HeaderMap,
+}
+
+impl Head {
+    fn request(&self, body: Body) -> Request<Body> {
+        let mut r = Request::new(body);
+        *r.method_mut() = self.method.clone();
+        *r.uri_mut() = self.uri.clone();
+        *r.version_mut() = self.version;
+        *r.headers_mut() = self.headers.clone();
+        r
+    }
+}
+
+/// Whether an attempt's outcome is one `retry_on` retries.
+fn retriable(retry_on: &str, outcome: &Result<Response<Body>, Failure>) -> bool {
+    retry_on
+        .split(',')
+        .map(str::trim)
+        .any(|c| match (c, outcome) {
+            ("5xx", Ok(r)) => r.status().is_server_error(),
+            ("5xx", Err(_)) => true,
+            ("gateway-error", Ok(r)) => matches!(r.status().as_u16(), 502..=504),
+            ("connect-failure", Err(Failure::Connect(_))) => true,
+            ("reset", Err(Failure::Reset(_))) => true,
+            ("retriable-4xx", Ok(r)) => r.status() == StatusCode::CONFLICT,
+            _ => false,
+        })
+}
+
+/// Why an attempt produced no response.
+#[derive(Debug)]
+enum Failure {
+    Connect(String),
+    Reset(String),
+    Timeout,
+}
+
 /// Route and forward one request.
 async fn request(
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
     client: ClientAddr,
     orig: OrigDstAddr,
     direction: Direction,
@@ -307,89 +446,262 @@ async fn request(
                 .map(String::from)
         })
         .unwrap_or_default();
-    let mut timeout = Duration::from_secs(15);
-    let mut response_edits = None;
-    let mut http2 = req.version() == hyper::Version::HTTP_2;
-    let mut _pick = None;
-    let target = match direction {
-        Direction::Inbound => orig.0,
+    let downstream_h2 = req.version() == hyper::Version::HTTP_2;
+    let route = match direction {
+        Direction::Inbound => None,
         Direction::Outbound => {
             let pq = req
                 .uri()
                 .path_and_query()
                 .map_or("/", |p| p.as_str())
                 .to_string();
-            let route = snap.router.virtual_host(&authority, orig.0).and_then(|vh| {
+            snap.router.virtual_host(&authority, orig.0).and_then(|vh| {
                 debug!(vhost = vh.name, authority, orig = %orig.0, "virtual host");
                 vh.route(&pq, req.headers())
-            });
-            match route {
-                // No route: the original destination, as Istio's PassthroughCluster.
-                None => orig.0,
-                Some(route) => {
-                    let name = route.target.cluster();
-                    let Some(cl) = snap.clusters.get(name) else {
-                        return full(StatusCode::SERVICE_UNAVAILABLE, "no such cluster");
-                    };
-                    let hash = match &cl.config.hash_policy {
-                        Some(HashPolicy {
-                            header: Some(h), ..
-                        }) => req
-                            .headers()
-                            .get(h.as_str())
-                            .map(|v| hash_bytes(v.as_bytes())),
-                        Some(HashPolicy {
-                            source_ip: true, ..
-                        }) => Some(hash_bytes(client.0.ip().to_string().as_bytes())),
-                        _ => None,
-                    };
-                    let Some(pick) = cl.balancer.pick(hash, &|_| true) else {
-                        return full(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
-                    };
-                    set_headers(
-                        req.headers_mut(),
-                        &route.request_headers_to_add,
-                        &route.request_headers_to_remove,
-                    );
-                    timeout = route.timeout;
-                    response_edits = Some(route);
-                    http2 = http2 || cl.config.http2;
-                    let addr = pick.addr;
-                    _pick = Some(pick);
-                    addr
-                }
+            })
+        }
+    };
+    let Some(route) = route else {
+        // Inbound, or no route: the original destination (Istio's PassthroughCluster).
+        let req = req.map(|b| b.boxed());
+        return match attempt(req, orig.0, direction, downstream_h2, &authority, None).await {
+            Ok(r) => r,
+            Err(f) => failure_response(f),
+        };
+    };
+    if let Some(fault) = &route.fault {
+        if let Some(d) = fault
+            .delay
+            .as_ref()
+            .filter(|d| crate::router::chance(d.percentage))
+        {
+            tokio::time::sleep(Duration::from_millis(d.fixed_delay_ms)).await;
+        }
+        if let Some(a) = fault
+            .abort
+            .as_ref()
+            .filter(|a| crate::router::chance(a.percentage))
+        {
+            let status =
+                StatusCode::from_u16(a.http_status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+            return full(status, "fault filter abort");
+        }
+    }
+    let name = route.target.cluster();
+    let Some(cl) = snap.clusters.get(name) else {
+        return full(StatusCode::SERVICE_UNAVAILABLE, "no such cluster");
+    };
+    let hash = match &cl.config.hash_policy {
+        Some(HashPolicy {
+            header: Some(h), ..
+        }) => req
+            .headers()
+            .get(h.as_str())
+            .map(|v| hash_bytes(v.as_bytes())),
+        Some(HashPolicy {
+            source_ip: true, ..
+        }) => Some(hash_bytes(client.0.ip().to_string().as_bytes())),
+        _ => None,
+    };
+    let (parts, body) = req.into_parts();
+    let mut head = Head {
+        method: parts.method,
+        uri: parts.uri,
+        version: parts.version,
+        headers: parts.headers,
+    };
+    set_headers(
+        &mut head.headers,
+        &route.request_headers_to_add,
+        &route.request_headers_to_remove,
+    );
+    // Keep the body when it may be sent again, if it is small enough.
+    let replay = route.retry.is_some() || !route.mirrors.is_empty();
+    let (body, kept) = if replay && body_fits(&body) {
+        match body.collect().await {
+            Ok(c) => {
+                let b = c.to_bytes();
+                (boxed_bytes(b.clone()), Some(b))
+            }
+            Err(e) => {
+                return full(
+                    StatusCode::BAD_REQUEST,
+                    &format!("reading the request: {e}"),
+                )
             }
         }
+    } else {
+        (body.boxed(), None)
     };
-    let upstream = async {
+    if let Some(bytes) = &kept {
+        for m in route
+            .mirrors
+            .iter()
+            .filter(|m| crate::router::chance(m.percentage))
+        {
+            mirror(snap, &m.cluster, &head, bytes.clone(), &authority, hash);
+        }
+    }
+    let http2 = downstream_h2 || cl.config.http2;
+    let per_try = route
+        .retry
+        .as_ref()
+        .map(|r| r.per_try_timeout_ms)
+        .filter(|t| *t > 0)
+        .map(Duration::from_millis);
+    let retries = match (&route.retry, &kept) {
+        (Some(r), Some(_)) => r.num_retries,
+        _ => 0,
+    };
+    let send = async {
+        let mut body = Some(body);
+        let mut n = 0u32;
+        loop {
+            let Some(pick) = cl.balancer.pick(hash, &|a| !cl.ejected(a)) else {
+                return full(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
+            };
+            let b = body
+                .take()
+                .unwrap_or_else(|| boxed_bytes(kept.clone().unwrap_or_default()));
+            let outcome = attempt(
+                head.request(b),
+                pick.addr,
+                direction,
+                http2,
+                &authority,
+                per_try,
+            )
+            .await;
+            cl.record(pick.addr, &outcome);
+            drop(pick);
+            let again = n < retries
+                && retriable(
+                    &route
+                        .retry
+                        .as_ref()
+                        .expect("retries need a policy")
+                        .retry_on,
+                    &outcome,
+                )
+                && cl.retry_allowed();
+            if !again {
+                return match outcome {
+                    Ok(r) => r,
+                    Err(f) => failure_response(f),
+                };
+            }
+            n += 1;
+            let _retry = cl.retry_started();
+            let base = route
+                .retry
+                .as_ref()
+                .map_or(25, |r| r.base_interval_ms)
+                .max(1);
+            let cap = (base << (n - 1).min(16)).min(base * 10);
+            tokio::time::sleep(Duration::from_millis(crate::router::random_u64() % cap + 1)).await;
+        }
+    };
+    let _active = cl.request_started();
+    let mut resp = match tokio::time::timeout(route.timeout, send).await {
+        Err(_) => return full(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"),
+        Ok(r) => r,
+    };
+    set_headers(
+        resp.headers_mut(),
+        &route.response_headers_to_add,
+        &route.response_headers_to_remove,
+    );
+    resp
+}
+
+/// Whether a request body is known to fit the replay limit (by its length or end).
+fn body_fits(b: &Incoming) -> bool {
+    use hyper::body::Body as _;
+    b.size_hint()
+        .upper()
+        .is_some_and(|u| u <= REPLAY_LIMIT as u64)
+}
+
+fn failure_response(f: Failure) -> Response<Body> {
+    match f {
+        Failure::Timeout => full(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"),
+        Failure::Connect(e) | Failure::Reset(e) => full(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("upstream connect error or disconnect/reset before headers: {e}"),
+        ),
+    }
+}
+
+/// Fire-and-forget copy of a request to `cluster`, its Host with "-shadow" appended.
+fn mirror(
+    snap: &Snapshot,
+    cluster: &str,
+    head: &Head,
+    body: Bytes,
+    authority: &str,
+    hash: Option<u64>,
+) {
+    let Some(cl) = snap.clusters.get(cluster) else {
+        return;
+    };
+    let Some(pick) = cl.balancer.pick(hash, &|a| !cl.ejected(a)) else {
+        return;
+    };
+    let host = match authority.rsplit_once(':') {
+        Some((h, p)) if p.parse::<u16>().is_ok() => format!("{h}-shadow:{p}"),
+        _ => format!("{authority}-shadow"),
+    };
+    let mut head = head.clone();
+    if let Ok(v) = HeaderValue::from_str(&host) {
+        head.headers.insert(HOST, v);
+    }
+    let http2 = cl.config.http2 || head.version == hyper::Version::HTTP_2;
+    tokio::spawn(async move {
+        let r = attempt(
+            head.request(boxed_bytes(body)),
+            pick.addr,
+            Direction::Outbound,
+            http2,
+            &host,
+            Some(Duration::from_secs(15)),
+        )
+        .await;
+        if let Ok(resp) = r {
+            // Read the answer so the connection ends cleanly; it is not used.
+            let _ = resp.into_body().collect().await;
+        }
+        drop(pick);
+    });
+}
+
+/// One attempt: connect, send, wait for the response head.
+async fn attempt(
+    req: Request<Body>,
+    target: SocketAddr,
+    direction: Direction,
+    http2: bool,
+    authority: &str,
+    limit: Option<Duration>,
+) -> Result<Response<Body>, Failure> {
+    let go = async {
         let stream = connect(target, direction)
             .await
-            .map_err(|e| e.to_string())?;
-        forward(req, stream, http2, &authority).await
+            .map_err(|e| Failure::Connect(e.to_string()))?;
+        forward(req, stream, http2, authority)
+            .await
+            .map_err(Failure::Reset)
     };
-    let mut resp = match tokio::time::timeout(timeout, upstream).await {
-        Err(_) => return full(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"),
-        Ok(Err(e)) => {
-            return full(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &format!("upstream connect error or disconnect/reset before headers: {e}"),
-            )
-        }
-        Ok(Ok(r)) => r,
-    };
-    if let Some(route) = response_edits {
-        set_headers(
-            resp.headers_mut(),
-            &route.response_headers_to_add,
-            &route.response_headers_to_remove,
-        );
+    match limit {
+        None => go.await,
+        Some(t) => tokio::time::timeout(t, go)
+            .await
+            .map_err(|_| Failure::Timeout)?,
     }
-    resp
 }
 
 /// Send `req` over `stream` with HTTP/1.1 or HTTP/2 and return the response, its body streamed.
 async fn forward(
-    mut req: Request<Incoming>,
+    mut req: Request<Body>,
     stream: TcpStream,
     http2: bool,
     authority: &str,

@@ -761,23 +761,35 @@ pub fn load(spec: &ConnectSpec, expect: &str, stop: &std::path::Path, max: Durat
     report
 }
 
-/// Minimal HTTP/1.1 upstreams, given as `name@addr:port`: each request is answered with
-/// `name METHOD PATH host=HOST from=PEER-IP` and an `x-upstream: name` header, then closed.
-/// Prints "ready" once every address is bound.
-pub fn http_server(specs: &[String]) -> Result<()> {
+/// Minimal HTTP/1.1 upstreams, given as `name@addr:port[!status]`: each request is answered
+/// (with `status`, 200 by default) with `name METHOD PATH host=HOST from=PEER-IP` and an
+/// `x-upstream: name` header, then closed. With `log`, each request is appended to that file as
+/// `name METHOD PATH host=HOST`. Prints "ready" once every address is bound.
+pub fn http_server(specs: &[String], log: Option<std::path::PathBuf>) -> Result<()> {
     let mut threads = Vec::new();
+    let log = std::sync::Arc::new(log);
     for spec in specs {
-        let (name, addr) = spec
+        let (name, rest) = spec
             .split_once('@')
-            .with_context(|| format!("{spec}: want name@addr:port"))?;
+            .with_context(|| format!("{spec}: want name@addr:port[!status]"))?;
+        let (addr, status) = match rest.split_once('!') {
+            Some((a, s)) => (
+                a,
+                s.parse::<u16>()
+                    .with_context(|| format!("{spec}: status"))?,
+            ),
+            None => (rest, 200),
+        };
         let listener =
             std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
         let name = name.to_string();
+        let log = log.clone();
         threads.push(std::thread::spawn(move || {
             for conn in listener.incoming().flatten() {
                 let name = name.clone();
+                let log = log.clone();
                 std::thread::spawn(move || {
-                    let _ = answer_http(conn, &name);
+                    let _ = answer_http(conn, &name, status, log.as_ref().as_deref());
                 });
             }
         }));
@@ -790,7 +802,12 @@ pub fn http_server(specs: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn answer_http(mut conn: TcpStream, name: &str) -> Result<()> {
+fn answer_http(
+    mut conn: TcpStream,
+    name: &str,
+    status: u16,
+    log: Option<&std::path::Path>,
+) -> Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(5)))?;
     let peer = conn.peer_addr()?;
     let mut head = Vec::new();
@@ -809,10 +826,17 @@ fn answer_http(mut conn: TcpStream, name: &str) -> Result<()> {
         .filter_map(|l| l.split_once(':'))
         .find(|(k, _)| k.eq_ignore_ascii_case("host"))
         .map_or("", |(_, v)| v.trim());
+    if let Some(file) = log {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(file)?;
+        writeln!(f, "{name} {method} {path} host={host}")?;
+    }
     let body = format!("{name} {method} {path} host={host} from={}\n", peer.ip());
     write!(
         conn,
-        "HTTP/1.1 200 OK\r\nx-upstream: {name}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status} X\r\nx-upstream: {name}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     )?;
     Ok(())

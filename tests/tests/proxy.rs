@@ -240,3 +240,153 @@ fn routes_and_balances_the_same_under_iptables_and_sockmesh() {
     let smesh = scenario(Mode::Sockmesh);
     assert_eq!(smesh, ipt, "sockmesh and iptables disagree");
 }
+
+/// Retries, outlier ejection, fault injection and mirroring, seen from the upstreams, with the
+/// proxy behind sockmesh.
+#[test]
+fn retries_ejection_faults_and_mirroring_are_seen_by_the_upstreams() {
+    let mut lab = Lab::new("pxr").unwrap();
+    lab.start_agent().unwrap();
+    let p = Profile::default_sidecar();
+    let pod = pods::pod_with(&mut lab, "p", &p, Mode::Sockmesh, &[]).unwrap();
+    let log = lab.dir.join("upstreams.log");
+    let mut up = lab
+        .command(&pod.peer, false, testkit_bin().unwrap())
+        .unwrap();
+    up.arg("http-serve").arg("--log").arg(&log).args([
+        format!("bad@{PEER_V4}:18091!503"),
+        format!("good@{PEER_V4}:18092"),
+        format!("bad2@{PEER_V4}:18093!503"),
+        format!("good2@{PEER_V4}:18094"),
+        format!("shadow@{PEER_V4}:18095"),
+    ]);
+    lab.spawn(up, Some("ready")).unwrap();
+    let config = lab.dir.join("proxy.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+listeners:
+  - {{name: outbound, address: "0.0.0.0:15001", direction: outbound}}
+virtual_hosts:
+  - name: flaky
+    domains: [flaky]
+    routes:
+      - route: {{cluster: flaky, retry_policy: {{retry_on: "5xx", num_retries: 2, base_interval_ms: 1}}}}
+  - name: eject
+    domains: [eject]
+    routes: [{{route: {{cluster: eject}}}}]
+  - name: faults
+    domains: [faults]
+    routes:
+      - match: {{prefix: /abort}}
+        fault: {{abort: {{http_status: 418}}}}
+        route: {{cluster: good}}
+      - match: {{prefix: /delay}}
+        fault: {{delay: {{fixed_delay_ms: 300}}}}
+        route: {{cluster: good}}
+  - name: shop
+    domains: [shop]
+    routes:
+      - route: {{cluster: good, request_mirror_policies: [{{cluster: shadow}}]}}
+clusters:
+  - name: flaky
+    endpoints: [{{address: "{PEER_V4}:18091"}}, {{address: "{PEER_V4}:18092"}}]
+  - name: eject
+    outlier_detection: {{consecutive_5xx: 2, base_ejection_time_ms: 60000, max_ejection_percent: 50}}
+    endpoints: [{{address: "{PEER_V4}:18093"}}, {{address: "{PEER_V4}:18094"}}]
+  - name: good
+    endpoints: [{{address: "{PEER_V4}:18092"}}]
+  - name: shadow
+    endpoints: [{{address: "{PEER_V4}:18095"}}]
+"#
+        ),
+    )
+    .unwrap();
+    let mut proxy = lab
+        .command(
+            &pod.ns,
+            pod.in_cgroup,
+            sibling_bin("sockmesh-proxy", "SOCKMESH_PROXY_BIN").unwrap(),
+        )
+        .unwrap();
+    proxy.arg("--config").arg(&config);
+    lab.spawn(proxy, Some("ready")).unwrap();
+    pods::apply_sockmesh(&lab, &pod, &p).unwrap();
+    let vip = format!("{VIP}:80");
+    let status = |resp: &str| resp.split(' ').nth(1).unwrap_or_default().to_string();
+    let seen = |name: &str, path: &str| {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with(&format!("{name} ")) && l.contains(&format!(" {path} ")))
+            .count()
+    };
+
+    // Retries: every answer is the good upstream's, though half the first tries hit the bad one.
+    for i in 0..4 {
+        let r = get(&lab, &pod, false, &vip, &format!("/r{i}"), "flaky", &[]);
+        assert_eq!(status(&r), "200", "{r}");
+        assert!(summary(&r).starts_with("good "), "{r}");
+    }
+    let bad_tries: usize = (0..4).map(|i| seen("bad", &format!("/r{i}"))).sum();
+    assert!(bad_tries >= 2, "the retried upstream saw {bad_tries} tries");
+
+    // Outlier ejection: after two 503s in a row bad2 is ejected; it sees no more requests.
+    let answers: Vec<String> = (0..10)
+        .map(|i| {
+            status(&get(
+                &lab,
+                &pod,
+                false,
+                &vip,
+                &format!("/e{i}"),
+                "eject",
+                &[],
+            ))
+        })
+        .collect();
+    let bad2: usize = (0..10).map(|i| seen("bad2", &format!("/e{i}"))).sum();
+    assert_eq!(
+        bad2, 2,
+        "bad2 should see exactly the two requests that ejected it"
+    );
+    assert_eq!(
+        answers.iter().filter(|s| *s == "503").count(),
+        2,
+        "{answers:?}"
+    );
+    assert!(answers[4..].iter().all(|s| s == "200"), "{answers:?}");
+
+    // Fault injection: an abort never reaches the upstream; a delay holds the request.
+    let r = get(&lab, &pod, false, &vip, "/abort", "faults", &[]);
+    assert_eq!(status(&r), "418", "{r}");
+    assert_eq!(seen("good", "/abort"), 0);
+    let t = std::time::Instant::now();
+    let r = get(&lab, &pod, false, &vip, "/delay", "faults", &[]);
+    assert_eq!(status(&r), "200", "{r}");
+    assert!(
+        t.elapsed() >= std::time::Duration::from_millis(300),
+        "no delay: {:?}",
+        t.elapsed()
+    );
+
+    // Mirroring: the shadow sees a copy with "-shadow" on its Host; the client gets good's.
+    let r = get(&lab, &pod, false, &vip, "/buy", "shop", &[]);
+    assert!(summary(&r).starts_with("good GET /buy host=shop "), "{r}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text
+            .lines()
+            .any(|l| l == "shadow GET /buy host=shop-shadow")
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no shadow request:\n{text}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

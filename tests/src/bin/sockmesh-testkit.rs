@@ -76,7 +76,12 @@ enum Cmd {
         max_ms: u64,
     },
     /// HTTP/1.1 upstreams `name@addr:port` that say who answered; prints "ready".
-    HttpServe { specs: Vec<String> },
+    HttpServe {
+        specs: Vec<String>,
+        /// Append each request to this file.
+        #[arg(long)]
+        log: Option<std::path::PathBuf>,
+    },
     /// One HTTP/1.1 GET (as --uid/--gid); prints the whole response.
     HttpGet {
         dst: SocketAddr,
@@ -141,7 +146,7 @@ fn main() -> anyhow::Result<()> {
             print!("{body}");
             Ok(())
         }
-        Cmd::HttpServe { specs } => kit::http_server(&specs),
+        Cmd::HttpServe { specs, log } => kit::http_server(&specs, log),
         Cmd::HttpGet {
             dst,
             path,
