@@ -20,6 +20,17 @@ pub struct Config {
     /// Raw TCP by original destination port (or `ip:port`), for traffic that is not HTTP.
     #[serde(default)]
     pub tcp_routes: Vec<TcpRoute>,
+    /// The admin endpoint (keep it on localhost).
+    pub admin: Option<Admin>,
+    /// The file's text, for the admin's config dump.
+    #[serde(skip)]
+    pub source: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    pub address: SocketAddr,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -370,10 +381,11 @@ impl Config {
     }
 
     pub fn parse(path: &str, text: &str) -> Result<Config, ConfigError> {
-        let c: Config = serde_yaml::from_str(text).map_err(|source| ConfigError::Parse {
+        let mut c: Config = serde_yaml::from_str(text).map_err(|source| ConfigError::Parse {
             path: path.to_string(),
             source,
         })?;
+        c.source = text.to_string();
         c.validate()
             .map_err(|(field, problem)| ConfigError::Invalid {
                 path: path.to_string(),

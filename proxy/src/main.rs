@@ -7,6 +7,7 @@ mod balancer;
 mod config;
 mod router;
 mod server;
+mod stats;
 
 use std::{
     path::PathBuf,
@@ -56,8 +57,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let listeners = server::bind(&config).await?;
     drop_privileges(args.uid, args.gid)?;
     let shared: server::Shared = Arc::new(RwLock::new(Arc::new(server::Snapshot::new(&config))));
-    for (listener, direction, detect) in listeners {
-        tokio::spawn(server::serve(listener, direction, detect, shared.clone()));
+    for (name, listener, direction, detect) in listeners {
+        tokio::spawn(server::serve(
+            name,
+            listener,
+            direction,
+            detect,
+            shared.clone(),
+        ));
+    }
+    if let Some(admin) = &config.admin {
+        let l = tokio::net::TcpListener::bind(admin.address)
+            .await
+            .map_err(|e| anyhow::anyhow!("admin {}: {e}", admin.address))?;
+        info!(address = %admin.address, "admin endpoint");
+        tokio::spawn(server::admin(l, shared.clone()));
     }
     println!("ready");
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;

@@ -58,6 +58,8 @@ pub enum Target {
 
 #[derive(Debug)]
 pub struct Route {
+    /// `virtual host/index`, for stats and logs.
+    pub name: String,
     path: PathMatch,
     headers: Vec<(String, Cond)>,
     query: Vec<(String, Cond)>,
@@ -104,7 +106,7 @@ impl Cond {
     }
 }
 
-fn compile_route(r: &RouteConfig) -> Route {
+fn compile_route(name: String, r: &RouteConfig) -> Route {
     let m = &r.matcher;
     let path = match (&m.path, &m.prefix, &m.regex) {
         (Some(p), _, _) => PathMatch::Exact(p.clone()),
@@ -125,6 +127,7 @@ fn compile_route(r: &RouteConfig) -> Route {
         ),
     };
     Route {
+        name,
         path,
         headers: m
             .headers
@@ -181,7 +184,12 @@ impl Router {
             .map(|v| VirtualHost {
                 name: v.name.clone(),
                 domains: v.domains.iter().map(|d| domain(d)).collect(),
-                routes: v.routes.iter().map(compile_route).collect(),
+                routes: v
+                    .routes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| compile_route(format!("{}/{i}", v.name), r))
+                    .collect(),
             })
             .collect();
         let tcp = c

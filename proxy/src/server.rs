@@ -26,6 +26,7 @@ use crate::{
     balancer::{hash_bytes, Balancer},
     config::{Cluster, Config, Direction, HashPolicy},
     router::Router,
+    stats,
 };
 
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -119,6 +120,13 @@ impl ClusterState {
             let time = od.base_ejection_time_ms * o.ejections as u64;
             o.until = Some(now + Duration::from_millis(time));
             warn!(cluster = self.config.name, endpoint = %addr, ms = time, "endpoint ejected (outlier)");
+            stats::inc(
+                "sockmesh_proxy_upstream_ejections_total",
+                &[
+                    ("cluster", &self.config.name),
+                    ("endpoint", &addr.to_string()),
+                ],
+            );
         }
     }
 
@@ -149,6 +157,8 @@ impl ClusterState {
 pub struct Snapshot {
     pub router: Router,
     pub clusters: HashMap<String, ClusterState>,
+    /// The configuration's text (admin config dump).
+    pub source: String,
 }
 
 impl Snapshot {
@@ -160,6 +170,7 @@ impl Snapshot {
                 .iter()
                 .map(|cl| (cl.name.clone(), ClusterState::new(cl)))
                 .collect(),
+            source: c.source.clone(),
         }
     }
 }
@@ -239,12 +250,14 @@ pub fn detect(first: &[u8]) -> Protocol {
 
 /// Serve one listener until the process ends.
 pub async fn serve(
+    name: String,
     listener: TcpListener,
     direction: Direction,
     detect_timeout: Duration,
     shared: Shared,
 ) {
     let own = listener.local_addr().ok();
+    let name: &'static str = Box::leak(name.into_boxed_str());
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -255,7 +268,14 @@ pub async fn serve(
             }
         };
         let snapshot = shared.read().expect("config lock").clone();
+        stats::inc("sockmesh_proxy_downstream_cx_total", &[("listener", name)]);
+        stats::gauge(
+            "sockmesh_proxy_downstream_cx_active",
+            &[("listener", name)],
+            1,
+        );
         tokio::spawn(async move {
+            let _active = ListenerGauge(name);
             if let Err(e) = connection(
                 stream,
                 ClientAddr(peer),
@@ -269,6 +289,19 @@ pub async fn serve(
                 debug!(%peer, error = %e, "connection ended with an error");
             }
         });
+    }
+}
+
+/// Counts a connection out of its listener's active gauge when dropped.
+struct ListenerGauge(&'static str);
+
+impl Drop for ListenerGauge {
+    fn drop(&mut self) {
+        stats::gauge(
+            "sockmesh_proxy_downstream_cx_active",
+            &[("listener", self.0)],
+            -1,
+        );
     }
 }
 
@@ -296,10 +329,16 @@ async fn connection(
     debug!(client = %client.0, orig = %orig.0, ?protocol, ?direction, "connection");
     match protocol {
         Protocol::Http1 | Protocol::Http2 => {
-            let svc = hyper::service::service_fn(move |req| {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let snapshot = snapshot.clone();
                 async move {
-                    Ok::<_, Infallible>(request(req, client, orig, direction, &snapshot).await)
+                    let start = std::time::Instant::now();
+                    let method = req.method().clone();
+                    let path = req.uri().path().to_string();
+                    let mut trace = Trace::new(direction);
+                    let resp = request(req, client, orig, direction, &snapshot, &mut trace).await;
+                    trace.done(&method, &path, client, orig, resp.status(), start);
+                    Ok::<_, Infallible>(resp)
                 }
             });
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -427,6 +466,64 @@ enum Failure {
     Timeout,
 }
 
+/// What became of a request, for stats and the access log.
+struct Trace {
+    route: String,
+    cluster: String,
+    upstream: Option<SocketAddr>,
+}
+
+impl Trace {
+    fn new(direction: Direction) -> Trace {
+        let cluster = match direction {
+            Direction::Inbound => "InboundPassthroughCluster",
+            Direction::Outbound => "PassthroughCluster",
+        };
+        Trace {
+            route: "-".into(),
+            cluster: cluster.into(),
+            upstream: None,
+        }
+    }
+
+    fn done(
+        &self,
+        method: &hyper::Method,
+        path: &str,
+        client: ClientAddr,
+        orig: OrigDstAddr,
+        status: StatusCode,
+        start: std::time::Instant,
+    ) {
+        let ms = start.elapsed().as_secs_f64() * 1000.0;
+        let class = stats::class(status.as_u16());
+        stats::inc(
+            "sockmesh_proxy_requests_total",
+            &[
+                ("route", &self.route),
+                ("cluster", &self.cluster),
+                ("code_class", class),
+            ],
+        );
+        stats::observe_ms(
+            "sockmesh_proxy_request_duration_ms",
+            &[("cluster", &self.cluster)],
+            ms,
+        );
+        info!(
+            target: "access",
+            "{method} {path} {} client={} orig={} route={} cluster={} upstream={} {:.1}ms",
+            status.as_u16(),
+            client.0,
+            orig.0,
+            self.route,
+            self.cluster,
+            self.upstream.map_or("-".to_string(), |u| u.to_string()),
+            ms
+        );
+    }
+}
+
 /// Route and forward one request.
 async fn request(
     req: Request<Incoming>,
@@ -434,6 +531,7 @@ async fn request(
     orig: OrigDstAddr,
     direction: Direction,
     snap: &Snapshot,
+    trace: &mut Trace,
 ) -> Response<Body> {
     let authority = req
         .uri()
@@ -463,6 +561,7 @@ async fn request(
     };
     let Some(route) = route else {
         // Inbound, or no route: the original destination (Istio's PassthroughCluster).
+        trace.upstream = Some(orig.0);
         let req = req.map(|b| b.boxed());
         return match attempt(req, orig.0, direction, downstream_h2, &authority, None).await {
             Ok(r) => r,
@@ -487,7 +586,9 @@ async fn request(
             return full(status, "fault filter abort");
         }
     }
+    trace.route = route.name.clone();
     let name = route.target.cluster();
+    trace.cluster = name.to_string();
     let Some(cl) = snap.clusters.get(name) else {
         return full(StatusCode::SERVICE_UNAVAILABLE, "no such cluster");
     };
@@ -591,6 +692,10 @@ async fn request(
                 };
             }
             n += 1;
+            stats::inc(
+                "sockmesh_proxy_upstream_rq_retry_total",
+                &[("cluster", name)],
+            );
             let _retry = cl.retry_started();
             let base = route
                 .retry
@@ -748,7 +853,9 @@ async fn forward(
 }
 
 /// Bind every listener of `config`.
-pub async fn bind(config: &Config) -> anyhow::Result<Vec<(TcpListener, Direction, Duration)>> {
+pub async fn bind(
+    config: &Config,
+) -> anyhow::Result<Vec<(String, TcpListener, Direction, Duration)>> {
     let mut out = Vec::new();
     for l in &config.listeners {
         let socket = match l.address {
@@ -762,12 +869,70 @@ pub async fn bind(config: &Config) -> anyhow::Result<Vec<(TcpListener, Direction
         let listener = socket.listen(1024)?;
         info!(name = l.name, address = %l.address, direction = ?l.direction, "listening");
         out.push((
+            l.name.clone(),
             listener,
             l.direction,
             Duration::from_millis(l.detect_timeout_ms),
         ));
     }
     Ok(out)
+}
+
+/// The admin endpoint: `/ready`, `/stats/prometheus`, `/clusters`, `/config_dump`.
+pub async fn admin(listener: TcpListener, shared: Shared) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let snap = shared.read().expect("config lock").clone();
+                async move { Ok::<_, Infallible>(admin_page(req.uri().path(), &snap)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn admin_page(path: &str, snap: &Snapshot) -> Response<Body> {
+    match path {
+        "/ready" => full(StatusCode::OK, "LIVE"),
+        "/stats" | "/stats/prometheus" => full(StatusCode::OK, stats::render().trim_end()),
+        "/config_dump" => full(StatusCode::OK, snap.source.trim_end()),
+        "/clusters" => {
+            let mut out = String::new();
+            let mut names: Vec<&String> = snap.clusters.keys().collect();
+            names.sort();
+            for name in names {
+                let cl = &snap.clusters[name];
+                for e in cl.balancer.endpoints() {
+                    let health = if cl.ejected(e.addr) {
+                        "/failed_outlier_check"
+                    } else {
+                        "healthy"
+                    };
+                    out.push_str(&format!(
+                        "{name}::{}::health_flags::{health}\n{name}::{}::rq_active::{}\n{name}::{}::weight::{}\n{name}::{}::priority::{}\n",
+                        e.addr,
+                        e.addr,
+                        cl.balancer.active(e.addr),
+                        e.addr,
+                        e.weight,
+                        e.addr,
+                        e.priority
+                    ));
+                }
+            }
+            full(StatusCode::OK, out.trim_end())
+        }
+        _ => full(
+            StatusCode::NOT_FOUND,
+            "not found: /ready, /stats/prometheus, /clusters, /config_dump",
+        ),
+    }
 }
 
 #[cfg(test)]

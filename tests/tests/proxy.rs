@@ -16,6 +16,7 @@ fn proxy_config(lab: &Lab) -> std::path::PathBuf {
     let path = lab.dir.join("proxy.yaml");
     let yaml = format!(
         r#"
+admin: {{address: "127.0.0.1:15000"}}
 listeners:
   - {{name: outbound, address: "0.0.0.0:15001", direction: outbound}}
   - {{name: inbound, address: "0.0.0.0:15006", direction: inbound}}

@@ -1,0 +1,181 @@
+//! Counters, gauges and latency histograms, rendered in Prometheus' text format by the admin
+//! endpoint. Series are keyed by metric name and labels.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write,
+    sync::{LazyLock, Mutex},
+};
+
+type Labels = Vec<(&'static str, String)>;
+
+/// Latency bucket bounds, in milliseconds.
+const BUCKETS_MS: [f64; 14] = [
+    0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
+];
+
+#[derive(Default)]
+struct Histogram {
+    counts: [u64; BUCKETS_MS.len()],
+    sum: f64,
+    total: u64,
+}
+
+#[derive(Default)]
+struct Registry {
+    counters: BTreeMap<(&'static str, Labels), u64>,
+    gauges: BTreeMap<(&'static str, Labels), i64>,
+    histograms: BTreeMap<(&'static str, Labels), Histogram>,
+}
+
+static REGISTRY: LazyLock<Mutex<Registry>> = LazyLock::new(Default::default);
+
+fn labels(l: &[(&'static str, &str)]) -> Labels {
+    l.iter().map(|(k, v)| (*k, v.to_string())).collect()
+}
+
+pub fn inc(name: &'static str, l: &[(&'static str, &str)]) {
+    *REGISTRY
+        .lock()
+        .expect("stats lock")
+        .counters
+        .entry((name, labels(l)))
+        .or_default() += 1;
+}
+
+pub fn gauge(name: &'static str, l: &[(&'static str, &str)], delta: i64) {
+    *REGISTRY
+        .lock()
+        .expect("stats lock")
+        .gauges
+        .entry((name, labels(l)))
+        .or_default() += delta;
+}
+
+pub fn observe_ms(name: &'static str, l: &[(&'static str, &str)], ms: f64) {
+    let mut r = REGISTRY.lock().expect("stats lock");
+    let h = r.histograms.entry((name, labels(l))).or_default();
+    for (i, bound) in BUCKETS_MS.iter().enumerate() {
+        if ms <= *bound {
+            h.counts[i] += 1;
+        }
+    }
+    h.sum += ms;
+    h.total += 1;
+}
+
+/// `2xx`, `4xx`, ... for a status code.
+pub fn class(status: u16) -> &'static str {
+    match status / 100 {
+        1 => "1xx",
+        2 => "2xx",
+        3 => "3xx",
+        4 => "4xx",
+        _ => "5xx",
+    }
+}
+
+fn series(out: &mut String, name: &str, l: &Labels, extra: Option<(&str, &str)>, value: &str) {
+    out.push_str(name);
+    let all: Vec<String> = l
+        .iter()
+        .map(|(k, v)| format!("{k}=\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\"")))
+        .chain(extra.map(|(k, v)| format!("{k}=\"{v}\"")))
+        .collect();
+    if !all.is_empty() {
+        let _ = write!(out, "{{{}}}", all.join(","));
+    }
+    let _ = writeln!(out, " {value}");
+}
+
+/// Every series, in Prometheus' text exposition format.
+pub fn render() -> String {
+    let r = REGISTRY.lock().expect("stats lock");
+    let mut out = String::new();
+    let mut last = "";
+    for ((name, l), v) in &r.counters {
+        if *name != last {
+            let _ = writeln!(out, "# TYPE {name} counter");
+            last = name;
+        }
+        series(&mut out, name, l, None, &v.to_string());
+    }
+    for ((name, l), v) in &r.gauges {
+        if *name != last {
+            let _ = writeln!(out, "# TYPE {name} gauge");
+            last = name;
+        }
+        series(&mut out, name, l, None, &v.to_string());
+    }
+    for ((name, l), h) in &r.histograms {
+        if *name != last {
+            let _ = writeln!(out, "# TYPE {name} histogram");
+            last = name;
+        }
+        let bucket = format!("{name}_bucket");
+        for (i, bound) in BUCKETS_MS.iter().enumerate() {
+            series(
+                &mut out,
+                &bucket,
+                l,
+                Some(("le", &bound.to_string())),
+                &h.counts[i].to_string(),
+            );
+        }
+        series(
+            &mut out,
+            &bucket,
+            l,
+            Some(("le", "+Inf")),
+            &h.total.to_string(),
+        );
+        series(
+            &mut out,
+            &format!("{name}_sum"),
+            l,
+            None,
+            &h.sum.to_string(),
+        );
+        series(
+            &mut out,
+            &format!("{name}_count"),
+            l,
+            None,
+            &h.total.to_string(),
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        inc("t_requests_total", &[("cluster", "a\"b")]);
+        inc("t_requests_total", &[("cluster", "a\"b")]);
+        gauge("t_active", &[("listener", "outbound")], 1);
+        observe_ms("t_latency_ms", &[("cluster", "a")], 3.0);
+        let text = render();
+        assert!(
+            text.contains(
+                "# TYPE t_requests_total counter\nt_requests_total{cluster=\"a\\\"b\"} 2\n"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("t_active{listener=\"outbound\"} 1"), "{text}");
+        assert!(
+            text.contains("t_latency_ms_bucket{cluster=\"a\",le=\"2.5\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("t_latency_ms_bucket{cluster=\"a\",le=\"5\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("t_latency_ms_count{cluster=\"a\"} 1"),
+            "{text}"
+        );
+    }
+}
