@@ -604,7 +604,9 @@ async fn request(
         }) => Some(hash_bytes(client.0.ip().to_string().as_bytes())),
         _ => None,
     };
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
+    // An upgrade (WebSocket) goes with the first attempt only.
+    let mut on_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
     let mut head = Head {
         method: parts.method,
         uri: parts.uri,
@@ -664,15 +666,25 @@ async fn request(
             let b = body
                 .take()
                 .unwrap_or_else(|| boxed_bytes(kept.clone().unwrap_or_default()));
-            let outcome = attempt(
-                head.request(b),
-                pick.addr,
-                direction,
-                http2,
-                &authority,
-                per_try,
-            )
-            .await;
+            let mut this = head.request(b);
+            if let Some(u) = on_upgrade.take() {
+                this.extensions_mut().insert(u);
+            }
+            trace.upstream = Some(pick.addr);
+            let outcome = attempt(this, pick.addr, direction, http2, &authority, per_try).await;
+            let code = match &outcome {
+                Ok(r) => stats::class(r.status().as_u16()),
+                Err(_) => "5xx",
+            };
+            let endpoint = pick.addr.to_string();
+            stats::inc(
+                "sockmesh_proxy_upstream_rq_total",
+                &[
+                    ("cluster", name),
+                    ("endpoint", &endpoint),
+                    ("code_class", code),
+                ],
+            );
             cl.record(pick.addr, &outcome);
             drop(pick);
             let again = n < retries
@@ -847,7 +859,24 @@ async fn forward(
         }
         *req.uri_mut() = pq.parse::<Uri>().map_err(|e| e.to_string())?;
         *req.version_mut() = hyper::Version::HTTP_11;
-        send.send_request(req).await.map_err(|e| e.to_string())?
+        let down = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>();
+        let mut resp = send.send_request(req).await.map_err(|e| e.to_string())?;
+        // WebSocket and other upgrades: once both sides have switched, relay bytes.
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(down) = down {
+                let up = hyper::upgrade::on(&mut resp);
+                tokio::spawn(async move {
+                    if let (Ok(d), Ok(u)) = (down.await, up.await) {
+                        let _ = tokio::io::copy_bidirectional(
+                            &mut TokioIo::new(d),
+                            &mut TokioIo::new(u),
+                        )
+                        .await;
+                    }
+                });
+            }
+        }
+        resp
     };
     Ok(resp.map(|b| b.boxed()))
 }

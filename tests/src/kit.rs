@@ -826,6 +826,28 @@ fn answer_http(
         .filter_map(|l| l.split_once(':'))
         .find(|(k, _)| k.eq_ignore_ascii_case("host"))
         .map_or("", |(_, v)| v.trim());
+    let upgrade = head
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.eq_ignore_ascii_case("upgrade"))
+        .map(|(_, v)| v.trim().to_string());
+    if let Some(proto) = upgrade {
+        // Switch, then echo every byte back until the client half-closes; then say goodbye.
+        write!(
+            conn,
+            "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: {proto}\r\n\r\n{name} echoes: "
+        )?;
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = conn.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            conn.write_all(&buf[..n])?;
+        }
+        write!(conn, " (client closed its side; {name} says bye)")?;
+        return Ok(());
+    }
     if let Some(file) = log {
         let mut f = std::fs::OpenOptions::new()
             .create(true)
@@ -859,4 +881,38 @@ pub fn http_get(spec: &ConnectSpec, path: &str, host: &str, headers: &[String]) 
     let mut out = String::new();
     s.read_to_string(&mut out).context("read")?;
     Ok(out)
+}
+
+/// An HTTP/1.1 upgrade (`Upgrade: echo`) as `spec` describes; after the 101, sends `message`,
+/// half-closes, and returns everything that came after the response head.
+pub fn http_upgrade(spec: &ConnectSpec, host: &str, message: &str) -> Result<String> {
+    let dst = spec.dst.context("no destination")?;
+    take_credentials(spec)?;
+    let mut s =
+        TcpStream::connect_timeout(&dst, spec.timeout).with_context(|| format!("connect {dst}"))?;
+    s.set_read_timeout(Some(spec.timeout))?;
+    write!(
+        s,
+        "GET /ws HTTP/1.1\r\nhost: {host}\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n"
+    )?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut byte)? == 0 {
+            bail!(
+                "closed before the response head: {}",
+                String::from_utf8_lossy(&head)
+            );
+        }
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    if !head.starts_with("HTTP/1.1 101") {
+        bail!("no upgrade: {head}");
+    }
+    s.write_all(message.as_bytes())?;
+    s.shutdown(std::net::Shutdown::Write)?;
+    let mut rest = String::new();
+    s.read_to_string(&mut rest)?;
+    Ok(rest)
 }

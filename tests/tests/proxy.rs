@@ -21,6 +21,9 @@ listeners:
   - {{name: outbound, address: "0.0.0.0:15001", direction: outbound}}
   - {{name: inbound, address: "0.0.0.0:15006", direction: inbound}}
 virtual_hosts:
+  - name: reviews-v2
+    domains: ["reviews-v2"]
+    routes: [{{route: {{cluster: reviews-v2}}}}]
   - name: reviews
     domains: ["reviews", "{VIP}:80"]
     routes:
@@ -220,6 +223,52 @@ fn scenario(mode: Mode) -> Vec<String> {
         "app",
         &[],
     )));
+    // A WebSocket-style upgrade through a routed cluster, with a half-close after it.
+    let out = run(lab
+        .command(&pod.ns, pod.in_cgroup, testkit_bin().unwrap())
+        .unwrap()
+        .args([
+            "http-upgrade",
+            &vip,
+            "--host",
+            "reviews-v2",
+            "--message",
+            "hello",
+        ])
+        .args(["--uid", "1000", "--gid", "1000"]))
+    .unwrap();
+    seen.push(String::from_utf8_lossy(&out.stdout).into_owned());
+    // The admin endpoint (localhost is never captured): stats and endpoint health.
+    let stats = get(
+        &lab,
+        &pod,
+        false,
+        "127.0.0.1:15000",
+        "/stats/prometheus",
+        "admin",
+        &[],
+    );
+    for endpoint in [18081, 18082] {
+        let line = format!(
+            "sockmesh_proxy_upstream_rq_total{{cluster=\"reviews\",endpoint=\"{PEER_V4}:{endpoint}\",code_class=\"2xx\"}} 2"
+        );
+        assert!(stats.contains(&line), "no {line} in\n{stats}");
+    }
+    let sticky = "sockmesh_proxy_requests_total{route=\"reviews/1\",cluster=\"reviews-sticky\",code_class=\"2xx\"} 4";
+    assert!(stats.contains(sticky), "no {sticky} in\n{stats}");
+    let inbound = "sockmesh_proxy_downstream_cx_total{listener=\"inbound\"} 1";
+    assert!(stats.contains(inbound), "no {inbound} in\n{stats}");
+    let clusters = get(
+        &lab,
+        &pod,
+        false,
+        "127.0.0.1:15000",
+        "/clusters",
+        "admin",
+        &[],
+    );
+    let healthy = format!("reviews::{PEER_V4}:18081::health_flags::healthy");
+    assert!(clusters.contains(&healthy), "{clusters}");
     seen
 }
 
@@ -238,6 +287,10 @@ fn routes_and_balances_the_same_under_iptables_and_sockmesh() {
     assert_eq!(ipt[9], format!("direct GET / host=elsewhere from={POD_V4}"));
     assert_eq!(ipt[10], format!("tcp peer:9090 from={POD_V4}"));
     assert_eq!(ipt[11], "app GET /in host=app from=127.0.0.6");
+    assert_eq!(
+        ipt[12],
+        "v2 echoes: hello (client closed its side; v2 says bye)"
+    );
     let smesh = scenario(Mode::Sockmesh);
     assert_eq!(smesh, ipt, "sockmesh and iptables disagree");
 }

@@ -97,6 +97,18 @@ enum Cmd {
         #[arg(long)]
         gid: Option<u32>,
     },
+    /// An HTTP/1.1 upgrade to an echo protocol; sends MESSAGE, half-closes, prints the rest.
+    HttpUpgrade {
+        dst: SocketAddr,
+        #[arg(long)]
+        host: String,
+        #[arg(long)]
+        message: String,
+        #[arg(long)]
+        uid: Option<u32>,
+        #[arg(long)]
+        gid: Option<u32>,
+    },
     /// The demo lab: pods in netns, the agent, a listener on 15001, real connections, dump.
     Lab,
 }
@@ -144,6 +156,27 @@ fn main() -> anyhow::Result<()> {
                 ..Default::default()
             })?;
             print!("{body}");
+            Ok(())
+        }
+        Cmd::HttpUpgrade {
+            dst,
+            host,
+            message,
+            uid,
+            gid,
+        } => {
+            let out = kit::http_upgrade(
+                &ConnectSpec {
+                    dst: Some(dst),
+                    uid,
+                    gid,
+                    timeout: Duration::from_secs(5),
+                    ..Default::default()
+                },
+                &host,
+                &message,
+            )?;
+            print!("{out}");
             Ok(())
         }
         Cmd::HttpServe { specs, log } => kit::http_server(&specs, log),
