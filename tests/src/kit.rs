@@ -916,3 +916,87 @@ pub fn http_upgrade(spec: &ConnectSpec, host: &str, message: &str) -> Result<Str
     s.read_to_string(&mut rest)?;
     Ok(rest)
 }
+
+/// A gRPC upstream (the agent's API, answering Status with its own port as the cookie), for
+/// HTTP/2 and trailers through the proxy. Prints "ready" once bound.
+pub fn grpc_server(addr: SocketAddr) -> Result<()> {
+    use crate::api::pb;
+    struct Upstream(u16);
+    #[tonic::async_trait]
+    impl pb::agent_server::Agent for Upstream {
+        async fn register(
+            &self,
+            _: tonic::Request<pb::RegisterRequest>,
+        ) -> Result<tonic::Response<pb::PodReply>, tonic::Status> {
+            Err(tonic::Status::unimplemented("test upstream"))
+        }
+        async fn update(
+            &self,
+            _: tonic::Request<pb::RegisterRequest>,
+        ) -> Result<tonic::Response<pb::PodReply>, tonic::Status> {
+            Err(tonic::Status::unimplemented("test upstream"))
+        }
+        async fn unregister(
+            &self,
+            _: tonic::Request<pb::UnregisterRequest>,
+        ) -> Result<tonic::Response<pb::PodReply>, tonic::Status> {
+            // An error travels in the trailers: the proxy must pass them on.
+            Err(tonic::Status::permission_denied("trailers arrived"))
+        }
+        async fn status(
+            &self,
+            _: tonic::Request<pb::StatusRequest>,
+        ) -> Result<tonic::Response<pb::PodReply>, tonic::Status> {
+            Ok(tonic::Response::new(pb::PodReply {
+                netns_cookie: self.0.into(),
+                registered: true,
+            }))
+        }
+        async fn list(
+            &self,
+            _: tonic::Request<pb::ListRequest>,
+        ) -> Result<tonic::Response<pb::ListReply>, tonic::Status> {
+            Err(tonic::Status::unimplemented("test upstream"))
+        }
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        println!("ready");
+        std::io::stdout().flush()?;
+        tonic::transport::Server::builder()
+            .add_service(pb::agent_server::AgentServer::new(Upstream(addr.port())))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await?;
+        anyhow::Ok(())
+    })
+}
+
+/// gRPC calls through `dst` with `authority` (as `spec` describes): Status, then Unregister
+/// (which fails with a status carried in trailers). Prints both outcomes.
+pub fn grpc_call(spec: &ConnectSpec, authority: &str) -> Result<String> {
+    use crate::api::pb;
+    let dst = spec.dst.context("no destination")?;
+    take_credentials(spec)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{dst}"))?
+            .origin(format!("http://{authority}").parse()?)
+            .connect()
+            .await?;
+        let mut c = pb::agent_client::AgentClient::new(channel);
+        let s = c.status(pb::StatusRequest {}).await?.into_inner();
+        let u = c.unregister(pb::UnregisterRequest {}).await.unwrap_err();
+        Ok(format!(
+            "status cookie={} registered={}; unregister {:?}: {}",
+            s.netns_cookie,
+            s.registered,
+            u.code(),
+            u.message()
+        ))
+    })
+}

@@ -21,6 +21,9 @@ listeners:
   - {{name: outbound, address: "0.0.0.0:15001", direction: outbound}}
   - {{name: inbound, address: "0.0.0.0:15006", direction: inbound}}
 virtual_hosts:
+  - name: grpc
+    domains: ["grpc-svc"]
+    routes: [{{route: {{cluster: grpc}}}}]
   - name: reviews-v2
     domains: ["reviews-v2"]
     routes: [{{route: {{cluster: reviews-v2}}}}]
@@ -34,6 +37,9 @@ virtual_hosts:
       - route: {{cluster: reviews}}
         response_headers_to_add: [{{name: x-route, value: default}}]
 clusters:
+  - name: grpc
+    http2: true
+    endpoints: [{{address: "{PEER_V4}:18096"}}]
   - name: reviews
     lb_policy: round_robin
     endpoints: [{{address: "{PEER_V4}:18081"}}, {{address: "{PEER_V4}:18082"}}]
@@ -108,6 +114,11 @@ fn scenario(mode: Mode) -> Vec<String> {
         format!("direct@{PEER_V4}:18090"),
     ]);
     lab.spawn(up, Some("ready")).unwrap();
+    let mut grpc = lab
+        .command(&pod.peer, false, testkit_bin().unwrap())
+        .unwrap();
+    grpc.args(["grpc-serve", &format!("{PEER_V4}:18096")]);
+    lab.spawn(grpc, Some("ready")).unwrap();
     let mut app = lab
         .command(&pod.ns, pod.in_cgroup, testkit_bin().unwrap())
         .unwrap();
@@ -238,6 +249,14 @@ fn scenario(mode: Mode) -> Vec<String> {
         .args(["--uid", "1000", "--gid", "1000"]))
     .unwrap();
     seen.push(String::from_utf8_lossy(&out.stdout).into_owned());
+    // gRPC (HTTP/2 with prior knowledge, status in trailers) routed by authority.
+    let out = run(lab
+        .command(&pod.ns, pod.in_cgroup, testkit_bin().unwrap())
+        .unwrap()
+        .args(["grpc-call", &vip, "--authority", "grpc-svc"])
+        .args(["--uid", "1000", "--gid", "1000"]))
+    .unwrap();
+    seen.push(String::from_utf8_lossy(&out.stdout).trim().to_string());
     // The admin endpoint (localhost is never captured): stats and endpoint health.
     let stats = get(
         &lab,
@@ -290,6 +309,10 @@ fn routes_and_balances_the_same_under_iptables_and_sockmesh() {
     assert_eq!(
         ipt[12],
         "v2 echoes: hello (client closed its side; v2 says bye)"
+    );
+    assert_eq!(
+        ipt[13],
+        "status cookie=18096 registered=true; unregister PermissionDenied: trailers arrived"
     );
     let smesh = scenario(Mode::Sockmesh);
     assert_eq!(smesh, ipt, "sockmesh and iptables disagree");

@@ -109,6 +109,18 @@ enum Cmd {
         #[arg(long)]
         gid: Option<u32>,
     },
+    /// A gRPC upstream on ADDR; prints "ready".
+    GrpcServe { addr: SocketAddr },
+    /// gRPC calls through DST with --authority; prints their outcomes.
+    GrpcCall {
+        dst: SocketAddr,
+        #[arg(long)]
+        authority: String,
+        #[arg(long)]
+        uid: Option<u32>,
+        #[arg(long)]
+        gid: Option<u32>,
+    },
     /// The demo lab: pods in netns, the agent, a listener on 15001, real connections, dump.
     Lab,
 }
@@ -177,6 +189,26 @@ fn main() -> anyhow::Result<()> {
                 &message,
             )?;
             print!("{out}");
+            Ok(())
+        }
+        Cmd::GrpcServe { addr } => kit::grpc_server(addr),
+        Cmd::GrpcCall {
+            dst,
+            authority,
+            uid,
+            gid,
+        } => {
+            let out = kit::grpc_call(
+                &ConnectSpec {
+                    dst: Some(dst),
+                    uid,
+                    gid,
+                    timeout: Duration::from_secs(5),
+                    ..Default::default()
+                },
+                &authority,
+            )?;
+            println!("{out}");
             Ok(())
         }
         Cmd::HttpServe { specs, log } => kit::http_server(&specs, log),
