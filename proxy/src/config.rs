@@ -20,11 +20,22 @@ pub struct Config {
     /// Raw TCP by original destination port (or `ip:port`), for traffic that is not HTTP.
     #[serde(default)]
     pub tcp_routes: Vec<TcpRoute>,
+    /// TLS passed through by SNI (server name, `*.suffix` allowed) to a cluster; other TLS goes
+    /// to its original destination.
+    #[serde(default)]
+    pub tls_routes: Vec<TlsRoute>,
     /// The admin endpoint (keep it on localhost).
     pub admin: Option<Admin>,
     /// The file's text, for the admin's config dump.
     #[serde(skip)]
     pub source: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsRoute {
+    pub sni: String,
+    pub cluster: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -532,6 +543,14 @@ impl Config {
                         ))
                     }
                 }
+            }
+        }
+        for (i, t) in self.tls_routes.iter().enumerate() {
+            if !known(&t.cluster) {
+                return Err((
+                    format!("tls_routes[{i}].cluster"),
+                    format!("no cluster {:?}", t.cluster),
+                ));
             }
         }
         for (i, t) in self.tcp_routes.iter().enumerate() {

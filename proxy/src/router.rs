@@ -85,6 +85,7 @@ pub struct VirtualHost {
 pub struct Router {
     vhosts: Vec<VirtualHost>,
     tcp: Vec<(Option<std::net::IpAddr>, u16, String)>,
+    tls: Vec<(Domain, String)>,
 }
 
 fn cond(exact: &Option<String>, regex: &Option<String>, present: Option<bool>) -> Cond {
@@ -204,7 +205,12 @@ impl Router {
                 ),
             })
             .collect();
-        Router { vhosts, tcp }
+        let tls = c
+            .tls_routes
+            .iter()
+            .map(|t| (domain(&t.sni), t.cluster.clone()))
+            .collect();
+        Router { vhosts, tcp, tls }
     }
 
     /// The virtual host for a request to `authority` that was sent to `orig_dst`.
@@ -238,6 +244,24 @@ impl Router {
             }
         }
         best.map(|(_, _, vh)| vh)
+    }
+
+    /// The cluster for TLS with server name `sni`: an exact name first, then the longest
+    /// `*.suffix`.
+    pub fn tls_cluster(&self, sni: &str) -> Option<&str> {
+        let sni = sni.to_ascii_lowercase();
+        self.tls
+            .iter()
+            .filter_map(|(d, c)| match d {
+                Domain::Exact(e) if *e == sni => Some((usize::MAX, c)),
+                Domain::Suffix(s) if sni.ends_with(s.as_str()) && sni.len() > s.len() => {
+                    Some((s.len(), c))
+                }
+                Domain::Any => Some((0, c)),
+                _ => None,
+            })
+            .max_by_key(|(score, _)| *score)
+            .map(|(_, c)| c.as_str())
     }
 
     /// The cluster for raw TCP to `orig_dst`, if a tcp route names it.

@@ -348,9 +348,22 @@ async fn connection(
                 .map_err(io::Error::other)
         }
         Protocol::Tls | Protocol::Tcp => {
+            // TLS by server name, when a TLS route names it.
+            let by_sni = match (protocol, direction) {
+                (Protocol::Tls, Direction::Outbound) => client_hello_sni(&stream, detect_timeout)
+                    .await
+                    .and_then(|sni| {
+                        debug!(sni, "TLS server name");
+                        snapshot.router.tls_cluster(&sni).map(String::from)
+                    }),
+                _ => None,
+            };
             let target = match direction {
                 Direction::Inbound => orig.0,
-                Direction::Outbound => match snapshot.router.tcp_cluster(orig.0) {
+                Direction::Outbound => match by_sni
+                    .as_deref()
+                    .or_else(|| snapshot.router.tcp_cluster(orig.0))
+                {
                     Some(name) => {
                         let cl = snapshot.clusters.get(name).expect("validated");
                         let hash = hash_bytes(client.0.ip().to_string().as_bytes());
@@ -365,6 +378,93 @@ async fn connection(
             relay(stream, target, direction).await
         }
     }
+}
+
+/// Wait (up to `limit`) for the whole first TLS record and read its server name.
+async fn client_hello_sni(stream: &TcpStream, limit: Duration) -> Option<String> {
+    let mut buf = vec![0u8; 16 * 1024 + 5];
+    let deadline = tokio::time::Instant::now() + limit.max(Duration::from_millis(500));
+    loop {
+        let n = tokio::time::timeout_at(deadline, stream.peek(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        if n >= 5 {
+            let want = 5 + u16::from_be_bytes([buf[3], buf[4]]) as usize;
+            if n >= want || n == buf.len() {
+                return sni(&buf[..n.min(want)]);
+            }
+        }
+        // More is on its way: peek returns what is there, so wait a little.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+    }
+}
+
+/// The server name (SNI) of a TLS ClientHello record, if it has one.
+pub fn sni(record: &[u8]) -> Option<String> {
+    fn u16_at(b: &[u8], i: usize) -> Option<usize> {
+        Some(u16::from_be_bytes([*b.get(i)?, *b.get(i + 1)?]) as usize)
+    }
+    // Record header (5), handshake header (4), version (2), random (32).
+    if record.first() != Some(&0x16) || record.get(5) != Some(&0x01) {
+        return None;
+    }
+    let mut i = 5 + 4 + 2 + 32;
+    i += 1 + *record.get(i)? as usize; // session id
+    i += 2 + u16_at(record, i)?; // cipher suites
+    i += 1 + *record.get(i)? as usize; // compression methods
+    let end = (i + 2 + u16_at(record, i)?).min(record.len());
+    i += 2;
+    while i + 4 <= end {
+        let (kind, len) = (u16_at(record, i)?, u16_at(record, i + 2)?);
+        let body = record.get(i + 4..i + 4 + len)?;
+        if kind == 0 {
+            // server_name_list: length (2), then entries of type (1), length (2), name.
+            let mut j = 2;
+            while j + 3 <= body.len() {
+                let name_len = u16_at(body, j + 1)?;
+                let name = body.get(j + 3..j + 3 + name_len)?;
+                if body[j] == 0 {
+                    return String::from_utf8(name.to_vec()).ok();
+                }
+                j += 3 + name_len;
+            }
+            return None;
+        }
+        i += 4 + len;
+    }
+    None
+}
+
+/// A minimal TLS 1.2-style ClientHello record naming `server`.
+#[cfg(test)]
+fn client_hello(server: &str) -> Vec<u8> {
+    let name = server.as_bytes();
+    let mut sni_ext = Vec::new();
+    sni_ext.extend_from_slice(&((name.len() + 3) as u16).to_be_bytes());
+    sni_ext.push(0);
+    sni_ext.extend_from_slice(&(name.len() as u16).to_be_bytes());
+    sni_ext.extend_from_slice(name);
+    let mut exts = vec![0, 0];
+    exts.extend_from_slice(&(sni_ext.len() as u16).to_be_bytes());
+    exts.extend_from_slice(&sni_ext);
+    let mut body = vec![0x03, 0x03];
+    body.extend_from_slice(&[7u8; 32]);
+    body.push(0); // no session id
+    body.extend_from_slice(&[0, 2, 0x13, 0x01]); // one cipher suite
+    body.extend_from_slice(&[1, 0]); // null compression
+    body.extend_from_slice(&(exts.len() as u16).to_be_bytes());
+    body.extend_from_slice(&exts);
+    let mut hs = vec![0x01];
+    hs.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+    hs.extend_from_slice(&body);
+    let mut rec = vec![0x16, 0x03, 0x01];
+    rec.extend_from_slice(&(hs.len() as u16).to_be_bytes());
+    rec.extend_from_slice(&hs);
+    rec
 }
 
 /// Connect to `target`, from the inbound passthrough source for inbound traffic.
@@ -967,6 +1067,15 @@ fn admin_page(path: &str, snap: &Snapshot) -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn server_names_are_read_from_client_hellos() {
+        let hello = client_hello("api.example.com");
+        assert_eq!(detect(&hello), Protocol::Tls);
+        assert_eq!(sni(&hello).as_deref(), Some("api.example.com"));
+        assert_eq!(sni(&hello[..hello.len() - 3]), None, "truncated");
+        assert_eq!(sni(b"GET / HTTP/1.1"), None);
+    }
 
     #[test]
     fn protocols_are_told_apart_by_their_first_bytes() {

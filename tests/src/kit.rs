@@ -1000,3 +1000,37 @@ pub fn grpc_call(spec: &ConnectSpec, authority: &str) -> Result<String> {
         ))
     })
 }
+
+/// Send a TLS ClientHello naming `server` (as `spec` describes) and return what the far end
+/// sends back: the proxy passes TLS through by server name, without terminating it.
+pub fn tls_hello(spec: &ConnectSpec, server: &str) -> Result<String> {
+    let dst = spec.dst.context("no destination")?;
+    take_credentials(spec)?;
+    let name = server.as_bytes();
+    // server_name extension: list length, host_name entry (type 0), name.
+    let mut ext = ((name.len() + 3) as u16).to_be_bytes().to_vec();
+    ext.push(0);
+    ext.extend_from_slice(&(name.len() as u16).to_be_bytes());
+    ext.extend_from_slice(name);
+    let mut exts = vec![0, 0];
+    exts.extend_from_slice(&(ext.len() as u16).to_be_bytes());
+    exts.extend_from_slice(&ext);
+    // ClientHello: version, random, empty session id, one suite, null compression, extensions.
+    let mut hello = vec![0x03, 0x03];
+    hello.extend_from_slice(&[42u8; 32]);
+    hello.extend_from_slice(&[0, 0, 2, 0x13, 0x01, 1, 0]);
+    hello.extend_from_slice(&(exts.len() as u16).to_be_bytes());
+    hello.extend_from_slice(&exts);
+    let mut record = vec![0x16, 0x03, 0x01];
+    record.extend_from_slice(&((hello.len() + 4) as u16).to_be_bytes());
+    record.push(0x01);
+    record.extend_from_slice(&(hello.len() as u32).to_be_bytes()[1..]);
+    record.extend_from_slice(&hello);
+    let mut s =
+        TcpStream::connect_timeout(&dst, spec.timeout).with_context(|| format!("connect {dst}"))?;
+    s.set_read_timeout(Some(spec.timeout))?;
+    s.write_all(&record)?;
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    Ok(out)
+}

@@ -36,7 +36,11 @@ virtual_hosts:
         route: {{cluster: reviews-sticky}}
       - route: {{cluster: reviews}}
         response_headers_to_add: [{{name: x-route, value: default}}]
+tls_routes:
+  - {{sni: "*.secure.example", cluster: tls}}
 clusters:
+  - name: tls
+    endpoints: [{{address: "{PEER_V4}:9091"}}]
   - name: grpc
     http2: true
     endpoints: [{{address: "{PEER_V4}:18096"}}]
@@ -257,6 +261,18 @@ fn scenario(mode: Mode) -> Vec<String> {
         .args(["--uid", "1000", "--gid", "1000"]))
     .unwrap();
     seen.push(String::from_utf8_lossy(&out.stdout).trim().to_string());
+    // TLS passed through by server name: a named one to its cluster, another to where it went.
+    for sni in ["api.secure.example", "other.example"] {
+        let out = run(lab
+            .command(&pod.ns, pod.in_cgroup, testkit_bin().unwrap())
+            .unwrap()
+            .args(["tls-hello", &format!("{PEER_V4}:9090"), "--sni", sni])
+            .args(["--uid", "1000", "--gid", "1000"]))
+        .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let first = text.split(' ').next().unwrap_or_default();
+        seen.push(format!("tls {sni} -> {first}"));
+    }
     // The admin endpoint (localhost is never captured): stats and endpoint health.
     let stats = get(
         &lab,
@@ -310,6 +326,8 @@ fn routes_and_balances_the_same_under_iptables_and_sockmesh() {
         ipt[12],
         "v2 echoes: hello (client closed its side; v2 says bye)"
     );
+    assert_eq!(ipt[14], "tls api.secure.example -> listener=peer:9091");
+    assert_eq!(ipt[15], "tls other.example -> listener=peer:9090");
     assert_eq!(
         ipt[13],
         "status cookie=18096 registered=true; unregister PermissionDenied: trailers arrived"

@@ -121,6 +121,16 @@ enum Cmd {
         #[arg(long)]
         gid: Option<u32>,
     },
+    /// Send a TLS ClientHello with --sni to DST; print what comes back.
+    TlsHello {
+        dst: SocketAddr,
+        #[arg(long)]
+        sni: String,
+        #[arg(long)]
+        uid: Option<u32>,
+        #[arg(long)]
+        gid: Option<u32>,
+    },
     /// The demo lab: pods in netns, the agent, a listener on 15001, real connections, dump.
     Lab,
 }
@@ -192,6 +202,20 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::GrpcServe { addr } => kit::grpc_server(addr),
+        Cmd::TlsHello { dst, sni, uid, gid } => {
+            let out = kit::tls_hello(
+                &ConnectSpec {
+                    dst: Some(dst),
+                    uid,
+                    gid,
+                    timeout: Duration::from_secs(5),
+                    ..Default::default()
+                },
+                &sni,
+            )?;
+            print!("{out}");
+            Ok(())
+        }
         Cmd::GrpcCall {
             dst,
             authority,
