@@ -247,10 +247,62 @@ pub struct Cluster {
     pub endpoints: Vec<EndpointConfig>,
     /// Passive health: endpoints answering 5xx in a row are ejected for a while.
     pub outlier_detection: Option<OutlierDetection>,
+    /// Active health: probes each endpoint; failing ones get no traffic.
+    pub health_check: Option<HealthCheck>,
+    /// Limits beyond which requests fail fast with 503 rather than queue (Envoy's defaults).
+    #[serde(default)]
+    pub circuit_breakers: CircuitBreakers,
     /// Retries allowed at once: `budget_percent` of active requests, at least
     /// `min_retry_concurrency` (Envoy's retry budget).
     #[serde(default)]
     pub retry_budget: RetryBudget,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    #[serde(default = "thousand")]
+    pub interval_ms: u64,
+    #[serde(default = "five_hundred")]
+    pub timeout_ms: u64,
+    /// Failed probes in a row that make an endpoint unhealthy.
+    #[serde(default = "three")]
+    pub unhealthy_threshold: u32,
+    /// Passed probes in a row that make it healthy again.
+    #[serde(default = "one")]
+    pub healthy_threshold: u32,
+    /// An HTTP/1.1 GET of this path must answer 2xx; without it, a TCP connect must succeed.
+    pub http_path: Option<String>,
+}
+
+fn thousand() -> u64 {
+    1000
+}
+
+fn five_hundred() -> u64 {
+    500
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CircuitBreakers {
+    #[serde(default = "k1024")]
+    pub max_connections: u64,
+    #[serde(default = "k1024")]
+    pub max_requests: u64,
+}
+
+impl Default for CircuitBreakers {
+    fn default() -> Self {
+        CircuitBreakers {
+            max_connections: 1024,
+            max_requests: 1024,
+        }
+    }
+}
+
+fn k1024() -> u64 {
+    1024
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -56,7 +56,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let config = config::Config::load(&args.config)?;
     let listeners = server::bind(&config).await?;
     drop_privileges(args.uid, args.gid)?;
-    let shared: server::Shared = Arc::new(RwLock::new(Arc::new(server::Snapshot::new(&config))));
+    let first = Arc::new(server::Snapshot::new(&config));
+    server::start_health_checks(&first);
+    let shared: server::Shared = Arc::new(RwLock::new(first));
     for (name, listener, direction, detect) in listeners {
         tokio::spawn(server::serve(
             name,
@@ -75,13 +77,28 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     println!("ready");
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut seen = modified(&args.config);
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     loop {
-        hup.recv().await;
+        // SIGHUP, or the file changed (checked every second).
+        tokio::select! {
+            _ = hup.recv() => {}
+            _ = tick.tick() => {
+                let now = modified(&args.config);
+                if now == seen {
+                    continue;
+                }
+                seen = now;
+            }
+        }
         // A bad file is refused and the running configuration kept. Listeners stay as bound;
         // established connections keep the configuration they started with.
         match config::Config::load(&args.config) {
             Ok(c) => {
-                *shared.write().expect("config lock") = Arc::new(server::Snapshot::new(&c));
+                let snap = Arc::new(server::Snapshot::new(&c));
+                server::start_health_checks(&snap);
+                *shared.write().expect("config lock") = snap;
                 info!(config = %args.config.display(), "configuration reloaded");
             }
             Err(e) => warn!("configuration not reloaded, the previous one stays: {e}"),

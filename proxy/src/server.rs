@@ -49,8 +49,17 @@ pub struct ClusterState {
     pub config: Cluster,
     pub balancer: Balancer,
     outliers: std::sync::Mutex<HashMap<SocketAddr, Outlier>>,
+    probes: std::sync::Mutex<HashMap<SocketAddr, Probe>>,
+    connections: std::sync::atomic::AtomicU64,
     active: std::sync::atomic::AtomicU64,
     retrying: std::sync::atomic::AtomicU64,
+}
+
+/// Active health of one endpoint: healthy until `unhealthy_threshold` probes fail in a row.
+struct Probe {
+    healthy: bool,
+    fails: u32,
+    passes: u32,
 }
 
 #[derive(Default)]
@@ -75,8 +84,48 @@ impl ClusterState {
             balancer: Balancer::new(config.policy(), config.endpoint_list()),
             config: config.clone(),
             outliers: Default::default(),
+            probes: Default::default(),
+            connections: Default::default(),
             active: Default::default(),
             retrying: Default::default(),
+        }
+    }
+
+    /// Whether `addr` may get traffic: not ejected, not failing its active health check.
+    pub fn usable(&self, addr: SocketAddr) -> bool {
+        !self.ejected(addr) && !self.failing_health_check(addr)
+    }
+
+    pub fn failing_health_check(&self, addr: SocketAddr) -> bool {
+        self.probes
+            .lock()
+            .expect("probes lock")
+            .get(&addr)
+            .is_some_and(|p| !p.healthy)
+    }
+
+    /// Count a probe; flip the endpoint's health at the thresholds.
+    fn probed(&self, addr: SocketAddr, ok: bool, hc: &crate::config::HealthCheck) {
+        let mut map = self.probes.lock().expect("probes lock");
+        let p = map.entry(addr).or_insert(Probe {
+            healthy: true,
+            fails: 0,
+            passes: 0,
+        });
+        if ok {
+            p.fails = 0;
+            p.passes += 1;
+            if !p.healthy && p.passes >= hc.healthy_threshold {
+                p.healthy = true;
+                info!(cluster = self.config.name, endpoint = %addr, "endpoint passes its health check");
+            }
+        } else {
+            p.passes = 0;
+            p.fails += 1;
+            if p.healthy && p.fails >= hc.unhealthy_threshold {
+                p.healthy = false;
+                warn!(cluster = self.config.name, endpoint = %addr, "endpoint fails its health check");
+            }
         }
     }
 
@@ -367,8 +416,19 @@ async fn connection(
                     Some(name) => {
                         let cl = snapshot.clusters.get(name).expect("validated");
                         let hash = hash_bytes(client.0.ip().to_string().as_bytes());
-                        match cl.balancer.pick(Some(hash), &|_| true) {
-                            Some(p) => p.addr,
+                        if cl.connections.load(std::sync::atomic::Ordering::Relaxed)
+                            >= cl.config.circuit_breakers.max_connections
+                        {
+                            warn!(cluster = name, "circuit breaker: max_connections reached");
+                            return Ok(());
+                        }
+                        match cl.balancer.pick(Some(hash), &|a| cl.usable(a)) {
+                            Some(p) => {
+                                cl.connections
+                                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                let _open = Gauge(&cl.connections);
+                                return relay(stream, p.addr, direction).await;
+                            }
                             None => return Ok(()),
                         }
                     }
@@ -760,7 +820,7 @@ async fn request(
         let mut body = Some(body);
         let mut n = 0u32;
         loop {
-            let Some(pick) = cl.balancer.pick(hash, &|a| !cl.ejected(a)) else {
+            let Some(pick) = cl.balancer.pick(hash, &|a| cl.usable(a)) else {
                 return full(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
             };
             let b = body
@@ -818,6 +878,21 @@ async fn request(
             tokio::time::sleep(Duration::from_millis(crate::router::random_u64() % cap + 1)).await;
         }
     };
+    if cl.active.load(std::sync::atomic::Ordering::Relaxed)
+        >= cl.config.circuit_breakers.max_requests
+    {
+        stats::inc(
+            "sockmesh_proxy_upstream_rq_overflow_total",
+            &[("cluster", name)],
+        );
+        let mut r = full(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "upstream overflow (circuit breaker)",
+        );
+        r.headers_mut()
+            .insert("x-envoy-overloaded", HeaderValue::from_static("true"));
+        return r;
+    }
     let _active = cl.request_started();
     let mut resp = match tokio::time::timeout(route.timeout, send).await {
         Err(_) => return full(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"),
@@ -861,7 +936,7 @@ fn mirror(
     let Some(cl) = snap.clusters.get(cluster) else {
         return;
     };
-    let Some(pick) = cl.balancer.pick(hash, &|a| !cl.ejected(a)) else {
+    let Some(pick) = cl.balancer.pick(hash, &|a| cl.usable(a)) else {
         return;
     };
     let host = match authority.rsplit_once(':') {
@@ -1007,6 +1082,55 @@ pub async fn bind(
     Ok(out)
 }
 
+/// Probe every endpoint of every cluster with a health check, for as long as `snap` is the
+/// configuration in force (a reload starts new probes).
+pub fn start_health_checks(snap: &Arc<Snapshot>) {
+    for (name, cl) in &snap.clusters {
+        let Some(hc) = cl.config.health_check.clone() else {
+            continue;
+        };
+        let weak = Arc::downgrade(snap);
+        let name = name.clone();
+        tokio::spawn(async move {
+            loop {
+                let Some(snap) = weak.upgrade() else {
+                    return;
+                };
+                let cl = &snap.clusters[&name];
+                for e in cl.balancer.endpoints() {
+                    let ok = probe(e.addr, &hc, &name).await;
+                    cl.probed(e.addr, ok, &hc);
+                }
+                drop(snap);
+                tokio::time::sleep(Duration::from_millis(hc.interval_ms)).await;
+            }
+        });
+    }
+}
+
+/// One health probe: a TCP connect, or an HTTP/1.1 GET that must answer 2xx.
+async fn probe(addr: SocketAddr, hc: &crate::config::HealthCheck, cluster: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let check = async {
+        let mut s = TcpStream::connect(addr).await?;
+        let Some(path) = &hc.http_path else {
+            return Ok::<bool, io::Error>(true);
+        };
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nhost: {cluster}\r\nuser-agent: sockmesh-proxy-hc\r\nconnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await?;
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head).await?;
+        Ok(head.starts_with(b"HTTP/1.") && head[9] == b'2')
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_millis(hc.timeout_ms), check).await,
+        Ok(Ok(true))
+    )
+}
+
 /// The admin endpoint: `/ready`, `/stats/prometheus`, `/clusters`, `/config_dump`.
 pub async fn admin(listener: TcpListener, shared: Shared) {
     loop {
@@ -1038,10 +1162,11 @@ fn admin_page(path: &str, snap: &Snapshot) -> Response<Body> {
             for name in names {
                 let cl = &snap.clusters[name];
                 for e in cl.balancer.endpoints() {
-                    let health = if cl.ejected(e.addr) {
-                        "/failed_outlier_check"
-                    } else {
-                        "healthy"
+                    let health = match (cl.ejected(e.addr), cl.failing_health_check(e.addr)) {
+                        (false, false) => "healthy",
+                        (true, false) => "/failed_outlier_check",
+                        (false, true) => "/failed_active_hc",
+                        (true, true) => "/failed_active_hc/failed_outlier_check",
                     };
                     out.push_str(&format!(
                         "{name}::{}::health_flags::{health}\n{name}::{}::rq_active::{}\n{name}::{}::weight::{}\n{name}::{}::priority::{}\n",

@@ -361,9 +361,13 @@ fn retries_ejection_faults_and_mirroring_are_seen_by_the_upstreams() {
         &config,
         format!(
             r#"
+admin: {{address: "127.0.0.1:15000"}}
 listeners:
   - {{name: outbound, address: "0.0.0.0:15001", direction: outbound}}
 virtual_hosts:
+  - name: hc
+    domains: [hc]
+    routes: [{{route: {{cluster: hc}}}}]
   - name: flaky
     domains: [flaky]
     routes:
@@ -394,6 +398,9 @@ clusters:
     endpoints: [{{address: "{PEER_V4}:18092"}}]
   - name: shadow
     endpoints: [{{address: "{PEER_V4}:18095"}}]
+  - name: hc
+    health_check: {{interval_ms: 100, unhealthy_threshold: 2, http_path: /healthz}}
+    endpoints: [{{address: "{PEER_V4}:18091"}}, {{address: "{PEER_V4}:18092"}}]
 "#
         ),
     )
@@ -484,4 +491,60 @@ clusters:
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+
+    // Active health checks: the endpoint answering 503 to /healthz gets no traffic.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let failing = format!("hc::{PEER_V4}:18091::health_flags::/failed_active_hc");
+    loop {
+        let clusters = get(
+            &lab,
+            &pod,
+            false,
+            "127.0.0.1:15000",
+            "/clusters",
+            "admin",
+            &[],
+        );
+        if clusters.contains(&failing) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no failed health check:\n{clusters}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    for i in 0..6 {
+        let r = get(&lab, &pod, false, &vip, &format!("/hc{i}"), "hc", &[]);
+        assert!(summary(&r).starts_with("good "), "{r}");
+    }
+    assert_eq!(
+        (0..6)
+            .map(|i| seen("bad", &format!("/hc{i}")))
+            .sum::<usize>(),
+        0
+    );
+
+    // Reload on file change: shop now goes to the shadow cluster; a broken file is refused and
+    // the running configuration kept.
+    let text = std::fs::read_to_string(&config).unwrap();
+    let changed = text.replace(
+        "{cluster: good, request_mirror_policies: [{cluster: shadow}]}",
+        "{cluster: shadow}",
+    );
+    assert_ne!(changed, text);
+    std::fs::write(&config, &changed).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let r = get(&lab, &pod, false, &vip, "/after", "shop", &[]);
+        if summary(&r).starts_with("shadow GET /after") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not reloaded: {r}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    std::fs::write(&config, "listeners: [ this is not valid").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let r = get(&lab, &pod, false, &vip, "/still", "shop", &[]);
+    assert!(summary(&r).starts_with("shadow GET /still"), "{r}");
 }
