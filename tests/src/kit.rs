@@ -1034,3 +1034,144 @@ pub fn tls_hello(spec: &ConnectSpec, server: &str) -> Result<String> {
     let _ = s.read_to_string(&mut out);
     Ok(out)
 }
+
+/// Keep-alive HTTP/1.1 upstreams on `addrs`: every request gets `200 ok`. Prints "ready".
+pub fn http_keepalive_server(addrs: &[SocketAddr]) -> Result<()> {
+    let mut threads = Vec::new();
+    for addr in addrs {
+        let listener = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+        threads.push(std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let _ = keepalive_conn(conn);
+                });
+            }
+        }));
+    }
+    println!("ready");
+    std::io::stdout().flush()?;
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(())
+}
+
+fn keepalive_conn(conn: TcpStream) -> Result<()> {
+    use std::io::BufRead;
+    conn.set_nodelay(true)?;
+    let mut reader = std::io::BufReader::new(conn.try_clone()?);
+    let mut out = conn;
+    loop {
+        let mut close = false;
+        let mut length = 0usize;
+        let mut line = String::new();
+        // Request line and headers.
+        loop {
+            line.clear();
+            if reader.read_line(&mut line)? == 0 {
+                return Ok(());
+            }
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = l.split_once(':') {
+                if k.eq_ignore_ascii_case("connection") && v.trim().eq_ignore_ascii_case("close") {
+                    close = true;
+                }
+                if k.eq_ignore_ascii_case("content-length") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+            }
+        }
+        let mut body = vec![0u8; length];
+        reader.read_exact(&mut body)?;
+        out.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")?;
+        if close {
+            return Ok(());
+        }
+    }
+}
+
+/// Open and close connections to `dst` for `secs` (as `spec` describes, reading until the
+/// listener closes); the number completed.
+pub fn bench_connect(spec: &ConnectSpec, secs: f64) -> Result<u64> {
+    let dst = spec.dst.context("no destination")?;
+    take_credentials(spec)?;
+    let end = std::time::Instant::now() + Duration::from_secs_f64(secs);
+    let mut n = 0;
+    let mut sink = Vec::new();
+    while std::time::Instant::now() < end {
+        let mut s = TcpStream::connect(dst).with_context(|| format!("connect {dst}"))?;
+        sink.clear();
+        s.read_to_end(&mut sink)?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// Requests per second and latency of keep-alive HTTP/1.1 GETs to `dst` over `conns`
+/// connections for `secs`: (requests, p50 µs, p99 µs).
+pub fn bench_http(
+    spec: &ConnectSpec,
+    host: &str,
+    conns: usize,
+    secs: f64,
+) -> Result<(u64, u64, u64)> {
+    use std::io::BufRead;
+    let dst = spec.dst.context("no destination")?;
+    take_credentials(spec)?;
+    let end = std::time::Instant::now() + Duration::from_secs_f64(secs);
+    let request = format!("GET / HTTP/1.1\r\nhost: {host}\r\n\r\n");
+    let workers: Vec<_> = (0..conns)
+        .map(|_| {
+            let request = request.clone();
+            std::thread::spawn(move || -> Result<Vec<u32>> {
+                let s = TcpStream::connect(dst).with_context(|| format!("connect {dst}"))?;
+                s.set_nodelay(true)?;
+                let mut reader = std::io::BufReader::new(s.try_clone()?);
+                let mut out = s;
+                let mut lat = Vec::new();
+                let mut line = String::new();
+                while std::time::Instant::now() < end {
+                    let t = std::time::Instant::now();
+                    out.write_all(request.as_bytes())?;
+                    let mut length = 0usize;
+                    loop {
+                        line.clear();
+                        if reader.read_line(&mut line)? == 0 {
+                            bail!("the server closed the connection");
+                        }
+                        let l = line.trim_end();
+                        if l.is_empty() {
+                            break;
+                        }
+                        if let Some((k, v)) = l.split_once(':') {
+                            if k.eq_ignore_ascii_case("content-length") {
+                                length = v.trim().parse().unwrap_or(0);
+                            }
+                        }
+                    }
+                    let mut body = vec![0u8; length];
+                    reader.read_exact(&mut body)?;
+                    lat.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                }
+                Ok(lat)
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for w in workers {
+        all.extend(
+            w.join()
+                .map_err(|_| anyhow::anyhow!("a client thread panicked"))??,
+        );
+    }
+    all.sort_unstable();
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+            .unwrap_or(0) as u64
+    };
+    Ok((all.len() as u64, pct(0.5), pct(0.99)))
+}

@@ -2,6 +2,7 @@
 //! programs run inside it, istio-iptables' reference rules, and the demo.
 
 pub mod api;
+pub mod bench;
 pub mod demo;
 pub mod kit;
 pub mod lab;

@@ -28,6 +28,12 @@ enum Task {
     Lab,
     /// Everything CI checks: fmt, clippy, unit, integration and conformance tests, clean-up.
     Test,
+    /// The benchmark suite on release builds: prints the report and writes docs/benchmarks.md.
+    Bench {
+        /// Tiny sizes, to check that the suite runs (the figures are not worth quoting).
+        #[arg(long)]
+        smoke: bool,
+    },
     /// Check that no lab namespace, cgroup, bpffs mount or sockmesh program is left behind.
     CheckClean,
 }
@@ -40,6 +46,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
     // Real CNI plugins (bridge, host-local) for the CNI plugin's chained test.
     ("containernetworking-plugins", "/usr/lib/cni/bridge"),
+    // The baseline proxy of the benchmark (and its smoke test).
+    ("haproxy", "haproxy"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -241,6 +249,31 @@ fn install_bpf_linker() -> Result<()> {
     )
 }
 
+/// Release builds, then the suite; the report goes to docs/benchmarks.md (not with --smoke).
+fn bench(smoke: bool) -> Result<()> {
+    setup()?;
+    status(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "sockmesh",
+        "-p",
+        "sockmesh-proxy",
+        "-p",
+        "sockmesh-tests",
+        "--bins",
+    ]))?;
+    let mut cmd = Command::new(root().join("target/release/sockmesh-testkit"));
+    cmd.arg("bench");
+    if smoke {
+        cmd.arg("--smoke");
+    } else {
+        cmd.arg("--out").arg(root().join("docs/benchmarks.md"));
+    }
+    status(&mut cmd)?;
+    check_clean()
+}
+
 fn build() -> Result<()> {
     status(cargo().args(["build", "--workspace", "--bins"]))
 }
@@ -331,6 +364,7 @@ fn main() -> ExitCode {
         Task::Lab => lab(),
         Task::Test => test(),
         Task::CheckClean => check_clean(),
+        Task::Bench { smoke } => bench(smoke),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -131,6 +131,41 @@ enum Cmd {
         #[arg(long)]
         gid: Option<u32>,
     },
+    /// Keep-alive HTTP/1.1 upstreams answering "ok"; prints "ready".
+    HttpKeepalive { addrs: Vec<SocketAddr> },
+    /// Connections opened and closed to DST for --secs; prints the count.
+    BenchConnect {
+        dst: SocketAddr,
+        #[arg(long)]
+        secs: f64,
+        #[arg(long)]
+        uid: Option<u32>,
+        #[arg(long)]
+        gid: Option<u32>,
+    },
+    /// Keep-alive GETs to DST; prints "requests p50_us p99_us".
+    BenchHttp {
+        dst: SocketAddr,
+        #[arg(long)]
+        host: String,
+        #[arg(long, default_value = "4")]
+        conns: usize,
+        #[arg(long)]
+        secs: f64,
+        #[arg(long)]
+        uid: Option<u32>,
+        #[arg(long)]
+        gid: Option<u32>,
+    },
+    /// The benchmark suite (run by `cargo xtask bench`): prints a Markdown report.
+    Bench {
+        /// Tiny sizes: checks that the suite runs, measures nothing worth quoting.
+        #[arg(long)]
+        smoke: bool,
+        /// Write the report here as well.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
     /// The demo lab: pods in netns, the agent, a listener on 15001, real connections, dump.
     Lab,
 }
@@ -202,6 +237,50 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::GrpcServe { addr } => kit::grpc_server(addr),
+        Cmd::HttpKeepalive { addrs } => kit::http_keepalive_server(&addrs),
+        Cmd::BenchConnect {
+            dst,
+            secs,
+            uid,
+            gid,
+        } => {
+            let spec = ConnectSpec {
+                dst: Some(dst),
+                uid,
+                gid,
+                timeout: Duration::from_secs(5),
+                ..Default::default()
+            };
+            println!("{}", kit::bench_connect(&spec, secs)?);
+            Ok(())
+        }
+        Cmd::BenchHttp {
+            dst,
+            host,
+            conns,
+            secs,
+            uid,
+            gid,
+        } => {
+            let spec = ConnectSpec {
+                dst: Some(dst),
+                uid,
+                gid,
+                timeout: Duration::from_secs(5),
+                ..Default::default()
+            };
+            let (n, p50, p99) = kit::bench_http(&spec, &host, conns, secs)?;
+            println!("{n} {p50} {p99}");
+            Ok(())
+        }
+        Cmd::Bench { smoke, out } => {
+            let report = sockmesh_tests::bench::run(smoke)?;
+            print!("{report}");
+            if let Some(path) = out {
+                std::fs::write(&path, &report)?;
+            }
+            Ok(())
+        }
         Cmd::TlsHello { dst, sni, uid, gid } => {
             let out = kit::tls_hello(
                 &ConnectSpec {

@@ -1,0 +1,43 @@
+//! A smoke run of the benchmark suite (tiny sizes), so that it cannot rot: every measurement
+//! runs, every baseline is measured, and the report has its tables and ratios. The figures of
+//! a smoke run are not checked against any target: numbers live in `cargo xtask bench`.
+
+use sockmesh_tests::lab::{run, testkit_bin};
+
+#[test]
+fn the_benchmark_suite_runs_and_reports_every_ratio() {
+    let out =
+        run(std::process::Command::new(testkit_bin().unwrap()).args(["bench", "--smoke"])).unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "| direct (no capture) |",
+        "| iptables REDIRECT (istio rules) |",
+        "| sockmesh |",
+        "sockmesh / iptables: ",
+        "| HAProxy |",
+        "| sockmesh-proxy |",
+        "sockmesh-proxy / HAProxy: requests/s ",
+    ] {
+        assert!(
+            report.contains(needle),
+            "no {needle:?} in the report:\n{report}"
+        );
+    }
+    // Every ratio is a finite positive number.
+    let ratio = |after: &str| -> f64 {
+        let tail = &report[report.find(after).unwrap() + after.len()..];
+        let num: String = tail
+            .chars()
+            .take_while(|c| c.is_ascii_digit() || *c == '.')
+            .collect();
+        num.parse()
+            .unwrap_or_else(|_| panic!("no number after {after:?}:\n{report}"))
+    };
+    for after in [
+        "sockmesh / iptables: ",
+        "sockmesh-proxy / HAProxy: requests/s ",
+    ] {
+        let r = ratio(after);
+        assert!(r.is_finite() && r > 0.0, "{after}{r}");
+    }
+}
