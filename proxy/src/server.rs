@@ -976,10 +976,13 @@ async fn attempt(
     limit: Option<Duration>,
 ) -> Result<Response<Body>, Failure> {
     let go = async {
+        if !http2 {
+            return pooled(req, target, direction, authority).await;
+        }
         let stream = connect(target, direction)
             .await
             .map_err(|e| Failure::Connect(e.to_string()))?;
-        forward(req, stream, http2, authority)
+        forward_h2(req, stream, authority)
             .await
             .map_err(Failure::Reset)
     };
@@ -991,68 +994,102 @@ async fn attempt(
     }
 }
 
-/// Send `req` over `stream` with HTTP/1.1 or HTTP/2 and return the response, its body streamed.
-async fn forward(
+type Pool =
+    hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Body>;
+
+/// HTTP/1.1 upstream connection pools (keyed by endpoint): outbound, and inbound from the
+/// passthrough source addresses.
+static POOLS: std::sync::LazyLock<(Pool, Pool)> = std::sync::LazyLock::new(|| {
+    let pool = |inbound: bool| {
+        let mut c = hyper_util::client::legacy::connect::HttpConnector::new();
+        c.set_nodelay(true);
+        if inbound {
+            c.set_local_addresses(INBOUND_SOURCE_V4, INBOUND_SOURCE_V6);
+        }
+        hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build(c)
+    };
+    (pool(false), pool(true))
+});
+
+/// Send an HTTP/1.1 request to `target` over a pooled connection; the Host header keeps the
+/// client's authority. Upgrades (WebSocket) are relayed once both sides switch.
+async fn pooled(
     mut req: Request<Body>,
-    stream: TcpStream,
-    http2: bool,
+    target: SocketAddr,
+    direction: Direction,
     authority: &str,
-) -> Result<Response<Body>, String> {
-    let io = TokioIo::new(stream);
+) -> Result<Response<Body>, Failure> {
+    if !req.headers().contains_key(HOST) && !authority.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(authority) {
+            req.headers_mut().insert(HOST, v);
+        }
+    }
     let pq = req
         .uri()
         .path_and_query()
         .map_or("/", |p| p.as_str())
         .to_string();
-    let resp = if http2 {
-        let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
-            .await
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(conn);
-        let host = if authority.is_empty() {
-            "localhost"
-        } else {
-            authority
-        };
-        *req.uri_mut() = format!("http://{host}{pq}")
-            .parse::<Uri>()
-            .map_err(|e| e.to_string())?;
-        *req.version_mut() = hyper::Version::HTTP_2;
-        req.headers_mut().remove(HOST);
-        send.send_request(req).await.map_err(|e| e.to_string())?
-    } else {
-        let (mut send, conn) = hyper::client::conn::http1::handshake(io)
-            .await
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(async move {
-            let _ = conn.with_upgrades().await;
-        });
-        if !req.headers().contains_key(HOST) && !authority.is_empty() {
-            if let Ok(v) = HeaderValue::from_str(authority) {
-                req.headers_mut().insert(HOST, v);
-            }
-        }
-        *req.uri_mut() = pq.parse::<Uri>().map_err(|e| e.to_string())?;
-        *req.version_mut() = hyper::Version::HTTP_11;
-        let down = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>();
-        let mut resp = send.send_request(req).await.map_err(|e| e.to_string())?;
-        // WebSocket and other upgrades: once both sides have switched, relay bytes.
-        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            if let Some(down) = down {
-                let up = hyper::upgrade::on(&mut resp);
-                tokio::spawn(async move {
-                    if let (Ok(d), Ok(u)) = (down.await, up.await) {
-                        let _ = tokio::io::copy_bidirectional(
-                            &mut TokioIo::new(d),
-                            &mut TokioIo::new(u),
-                        )
-                        .await;
-                    }
-                });
-            }
-        }
-        resp
+    *req.uri_mut() = format!("http://{target}{pq}")
+        .parse::<Uri>()
+        .map_err(|e| Failure::Reset(e.to_string()))?;
+    *req.version_mut() = hyper::Version::HTTP_11;
+    let down = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>();
+    let pool = match direction {
+        Direction::Outbound => &POOLS.0,
+        Direction::Inbound => &POOLS.1,
     };
+    let mut resp = pool.request(req).await.map_err(|e| {
+        if e.is_connect() {
+            Failure::Connect(format!("{e:?}"))
+        } else {
+            Failure::Reset(format!("{e:?}"))
+        }
+    })?;
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(down) = down {
+            let up = hyper::upgrade::on(&mut resp);
+            tokio::spawn(async move {
+                if let (Ok(d), Ok(u)) = (down.await, up.await) {
+                    let _ =
+                        tokio::io::copy_bidirectional(&mut TokioIo::new(d), &mut TokioIo::new(u))
+                            .await;
+                }
+            });
+        }
+    }
+    Ok(resp.map(|b| b.boxed()))
+}
+
+/// Send `req` over `stream` with HTTP/2 (h2c, prior knowledge); the response's body streams.
+/// The client's authority becomes `:authority`.
+async fn forward_h2(
+    mut req: Request<Body>,
+    stream: TcpStream,
+    authority: &str,
+) -> Result<Response<Body>, String> {
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let host = if authority.is_empty() {
+        "localhost"
+    } else {
+        authority
+    };
+    *req.uri_mut() = format!("http://{host}{pq}")
+        .parse::<Uri>()
+        .map_err(|e| e.to_string())?;
+    *req.version_mut() = hyper::Version::HTTP_2;
+    req.headers_mut().remove(HOST);
+    let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
     Ok(resp.map(|b| b.boxed()))
 }
 

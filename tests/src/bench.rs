@@ -280,8 +280,8 @@ pub fn run(smoke: bool) -> Result<String> {
         o_p99.0 / h_p99.0
     ));
     r.push_str(
-        "Known cause of the gap: sockmesh-proxy opens one upstream connection per request (no \
-         connection pool yet); HAProxy reuses upstream connections (`http-reuse always`).\n\n\
+        "Both proxies keep upstream connections alive (sockmesh-proxy pools HTTP/1.1 per \
+         endpoint; HAProxy with `http-reuse always`). Both run as uid 1337, in the pod.\n\n\
          Not measured yet (issue #6): the app-to-proxy hop against a Unix-socket hop, sk_msg \
          acceleration, rule scale, pod scale.\n",
     );
