@@ -60,14 +60,11 @@ pub struct Listener {
     pub name: String,
     pub address: SocketAddr,
     pub direction: Direction,
-    /// How long to wait for a client's first bytes before treating the connection as TCP
-    /// (server-first protocols send nothing).
-    #[serde(default = "default_detect_ms")]
+    /// How long to wait for a client's first bytes before treating the connection as TCP;
+    /// 0 (the default, as Istio's) waits for them. Server-first protocols send nothing: declare
+    /// their ports in `tcp_routes`, which skips detection.
+    #[serde(default)]
     pub detect_timeout_ms: u64,
-}
-
-fn default_detect_ms() -> u64 {
-    100
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -384,7 +381,8 @@ fn one() -> u32 {
 pub struct TcpRoute {
     /// `port` or `ip:port` of the original destination.
     pub destination: String,
-    pub cluster: String,
+    /// Where to send it; none: the original destination (declared TCP, not sniffed).
+    pub cluster: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -614,11 +612,8 @@ impl Config {
                     format!("{:?} is neither a port nor ip:port", t.destination),
                 ));
             }
-            if !known(&t.cluster) {
-                return Err((
-                    format!("{f}.cluster"),
-                    format!("no cluster {:?}", t.cluster),
-                ));
+            if let Some(cl) = t.cluster.as_deref().filter(|c| !known(c)) {
+                return Err((format!("{f}.cluster"), format!("no cluster {cl:?}")));
             }
         }
         Ok(())

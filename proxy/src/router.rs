@@ -84,7 +84,7 @@ pub struct VirtualHost {
 #[derive(Debug, Default)]
 pub struct Router {
     vhosts: Vec<VirtualHost>,
-    tcp: Vec<(Option<std::net::IpAddr>, u16, String)>,
+    tcp: Vec<(Option<std::net::IpAddr>, u16, Option<String>)>,
     tls: Vec<(Domain, String)>,
 }
 
@@ -264,8 +264,9 @@ impl Router {
             .map(|(_, c)| c.as_str())
     }
 
-    /// The cluster for raw TCP to `orig_dst`, if a tcp route names it.
-    pub fn tcp_cluster(&self, orig_dst: SocketAddr) -> Option<&str> {
+    /// The TCP route for `orig_dst`, if one is declared: its cluster, or none for the original
+    /// destination.
+    pub fn tcp_route(&self, orig_dst: SocketAddr) -> Option<Option<&str>> {
         self.tcp
             .iter()
             .filter(|(ip, port, _)| {
@@ -273,7 +274,7 @@ impl Router {
             })
             // An ip:port route wins over a port route.
             .max_by_key(|(ip, _, _)| ip.is_some())
-            .map(|(_, _, c)| c.as_str())
+            .map(|(_, _, c)| c.as_deref())
     }
 }
 
@@ -451,13 +452,21 @@ clusters:
 tcp_routes:
   - {destination: "5432", cluster: a}
   - {destination: "10.0.0.9:5432", cluster: b}
+  - {destination: "3306"}
 clusters:
   - {name: a, endpoints: [{address: "10.0.0.1:80"}]}
   - {name: b, endpoints: [{address: "10.0.0.2:80"}]}
 "#,
         );
-        assert_eq!(r.tcp_cluster("10.0.0.8:5432".parse().unwrap()), Some("a"));
-        assert_eq!(r.tcp_cluster("10.0.0.9:5432".parse().unwrap()), Some("b"));
-        assert_eq!(r.tcp_cluster("10.0.0.9:5433".parse().unwrap()), None);
+        assert_eq!(
+            r.tcp_route("10.0.0.8:5432".parse().unwrap()),
+            Some(Some("a"))
+        );
+        assert_eq!(
+            r.tcp_route("10.0.0.9:5432".parse().unwrap()),
+            Some(Some("b"))
+        );
+        assert_eq!(r.tcp_route("10.0.0.9:5433".parse().unwrap()), None);
+        assert_eq!(r.tcp_route("10.0.0.9:3306".parse().unwrap()), Some(None));
     }
 }

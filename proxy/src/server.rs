@@ -283,18 +283,65 @@ pub enum Protocol {
     Tcp,
 }
 
-pub fn detect(first: &[u8]) -> Protocol {
-    if first.starts_with(b"PRI * HTTP/2") {
-        return Protocol::Http2;
+/// What complete first bytes say (tests; connections use [`sniff`]).
+#[cfg(test)]
+fn detect(first: &[u8]) -> Protocol {
+    detect_partial(first).unwrap_or(Protocol::Tcp)
+}
+
+/// [`detect`] on the bytes so far, or None while they are the start of something that the
+/// next bytes decide (a client's first segment can be as short as one byte).
+fn detect_partial(first: &[u8]) -> Option<Protocol> {
+    const PREFACE: &[u8] = b"PRI * HTTP/2";
+    if first.starts_with(PREFACE) {
+        return Some(Protocol::Http2);
     }
-    if first.len() >= 3 && first[0] == 0x16 && first[1] == 0x03 {
-        return Protocol::Tls;
+    if first.is_empty() || PREFACE.starts_with(first) {
+        return None;
+    }
+    if first[0] == 0x16 {
+        return match first.get(1) {
+            None => None,
+            Some(0x03) => Some(Protocol::Tls),
+            Some(_) => Some(Protocol::Tcp),
+        };
     }
     let method_len = first.iter().take_while(|b| b.is_ascii_uppercase()).count();
-    if (3..=7).contains(&method_len) && first.get(method_len) == Some(&b' ') {
-        return Protocol::Http1;
+    match first.get(method_len) {
+        Some(b' ') if (3..=7).contains(&method_len) => Some(Protocol::Http1),
+        None if method_len <= 7 => None,
+        _ => Some(Protocol::Tcp),
     }
-    Protocol::Tcp
+}
+
+/// Peek until the first bytes tell the protocol: wait for the first byte (up to `first_limit`
+/// if not zero), then at most a second for the rest of a split method or preface.
+async fn sniff(stream: &TcpStream, first_limit: Duration) -> io::Result<Protocol> {
+    let mut buf = [0u8; 24];
+    let n = if first_limit.is_zero() {
+        stream.peek(&mut buf).await?
+    } else {
+        match tokio::time::timeout(first_limit, stream.peek(&mut buf)).await {
+            Ok(r) => r?,
+            Err(_) => return Ok(Protocol::Tcp),
+        }
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    let mut n = n;
+    loop {
+        if n == 0 {
+            // The client closed without a byte.
+            return Ok(Protocol::Tcp);
+        }
+        if let Some(p) = detect_partial(&buf[..n]) {
+            return Ok(p);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Ok(Protocol::Tcp);
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        n = stream.peek(&mut buf).await?;
+    }
 }
 
 /// Serve one listener until the process ends.
@@ -369,12 +416,15 @@ async fn connection(
         warn!(client = %client.0, "connection reached the proxy directly (not redirected): closed");
         return Ok(());
     }
-    let mut first = [0u8; 24];
-    let n = match tokio::time::timeout(detect_timeout, stream.peek(&mut first)).await {
-        Ok(r) => r?,
-        Err(_) => 0,
+    // A declared TCP port is not sniffed (server-first protocols send nothing).
+    let declared = match direction {
+        Direction::Outbound => snapshot.router.tcp_route(orig.0),
+        Direction::Inbound => None,
     };
-    let protocol = detect(&first[..n]);
+    let protocol = match declared {
+        Some(_) => Protocol::Tcp,
+        None => sniff(&stream, detect_timeout).await?,
+    };
     debug!(client = %client.0, orig = %orig.0, ?protocol, ?direction, "connection");
     match protocol {
         Protocol::Http1 | Protocol::Http2 => {
@@ -399,20 +449,17 @@ async fn connection(
         Protocol::Tls | Protocol::Tcp => {
             // TLS by server name, when a TLS route names it.
             let by_sni = match (protocol, direction) {
-                (Protocol::Tls, Direction::Outbound) => client_hello_sni(&stream, detect_timeout)
-                    .await
-                    .and_then(|sni| {
+                (Protocol::Tls, Direction::Outbound) => {
+                    client_hello_sni(&stream).await.and_then(|sni| {
                         debug!(sni, "TLS server name");
                         snapshot.router.tls_cluster(&sni).map(String::from)
-                    }),
+                    })
+                }
                 _ => None,
             };
             let target = match direction {
                 Direction::Inbound => orig.0,
-                Direction::Outbound => match by_sni
-                    .as_deref()
-                    .or_else(|| snapshot.router.tcp_cluster(orig.0))
-                {
+                Direction::Outbound => match by_sni.as_deref().or(declared.flatten()) {
                     Some(name) => {
                         let cl = snapshot.clusters.get(name).expect("validated");
                         let hash = hash_bytes(client.0.ip().to_string().as_bytes());
@@ -440,10 +487,10 @@ async fn connection(
     }
 }
 
-/// Wait (up to `limit`) for the whole first TLS record and read its server name.
-async fn client_hello_sni(stream: &TcpStream, limit: Duration) -> Option<String> {
+/// Wait (up to 5 s) for the whole first TLS record and read its server name.
+async fn client_hello_sni(stream: &TcpStream) -> Option<String> {
     let mut buf = vec![0u8; 16 * 1024 + 5];
-    let deadline = tokio::time::Instant::now() + limit.max(Duration::from_millis(500));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
         let n = tokio::time::timeout_at(deadline, stream.peek(&mut buf))
             .await
@@ -1248,5 +1295,13 @@ mod tests {
         assert_eq!(detect(b""), Protocol::Tcp);
         assert_eq!(detect(b"\x00\x00\x00\x08\x04\xd2\x16\x2f"), Protocol::Tcp);
         assert_eq!(detect(b"HELLO"), Protocol::Tcp);
+        // Split first segments wait for more bytes.
+        assert_eq!(detect_partial(b"G"), None);
+        assert_eq!(detect_partial(b"GET"), None);
+        assert_eq!(detect_partial(b"GET "), Some(Protocol::Http1));
+        assert_eq!(detect_partial(b"PRI * H"), None);
+        assert_eq!(detect_partial(&[0x16]), None);
+        assert_eq!(detect_partial(b"get / HTTP/1.1"), Some(Protocol::Tcp));
+        assert_eq!(detect_partial(b"ABCDEFGHIJ"), Some(Protocol::Tcp));
     }
 }

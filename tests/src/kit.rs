@@ -826,11 +826,42 @@ fn answer_http(
         .filter_map(|l| l.split_once(':'))
         .find(|(k, _)| k.eq_ignore_ascii_case("host"))
         .map_or("", |(_, v)| v.trim());
-    let upgrade = head
-        .lines()
-        .filter_map(|l| l.split_once(':'))
-        .find(|(k, _)| k.eq_ignore_ascii_case("upgrade"))
-        .map(|(_, v)| v.trim().to_string());
+    let header = |name: &str| {
+        head.lines()
+            .filter_map(|l| l.split_once(':'))
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.trim().to_string())
+    };
+    let upgrade = header("upgrade");
+    // A request body is read in full and summed; /bytes/N answers N pattern bytes.
+    let length: usize = header("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    if length > 0 {
+        let mut body = vec![0u8; length];
+        conn.read_exact(&mut body)?;
+        let text = format!("{name} got {length} bytes sum={:016x}\n", checksum(&body));
+        write!(
+            conn,
+            "HTTP/1.1 {status} X\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{text}",
+            text.len()
+        )?;
+        return Ok(());
+    }
+    if let Some(n) = path
+        .strip_prefix("/bytes/")
+        .and_then(|n| n.parse::<usize>().ok())
+    {
+        write!(
+            conn,
+            "HTTP/1.1 {status} X\r\ncontent-length: {n}\r\nconnection: close\r\n\r\n"
+        )?;
+        let data = pattern(n);
+        for chunk in data.chunks(64 * 1024) {
+            conn.write_all(chunk)?;
+        }
+        return Ok(());
+    }
     if let Some(proto) = upgrade {
         // Switch, then echo every byte back until the client half-closes; then say goodbye.
         write!(
@@ -1174,4 +1205,48 @@ pub fn bench_http(
             .unwrap_or(0) as u64
     };
     Ok((all.len() as u64, pct(0.5), pct(0.99)))
+}
+
+/// `n` bytes of a fixed pattern, for large bodies.
+pub fn pattern(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i % 251) as u8).collect()
+}
+
+/// FNV-1a over `b`: the same bytes, the same sum.
+pub fn checksum(b: &[u8]) -> u64 {
+    b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, x| {
+        (h ^ *x as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// A POST of `n` pattern bytes (written in pieces, as a stream), or with `n` = 0 a GET; returns
+/// "status=S len=L sum=X" of the response body.
+pub fn http_transfer(spec: &ConnectSpec, path: &str, host: &str, n: usize) -> Result<String> {
+    let dst = spec.dst.context("no destination")?;
+    take_credentials(spec)?;
+    let mut s =
+        TcpStream::connect_timeout(&dst, spec.timeout).with_context(|| format!("connect {dst}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let method = if n > 0 { "POST" } else { "GET" };
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nhost: {host}\r\ncontent-length: {n}\r\nconnection: close\r\n\r\n"
+    )?;
+    for chunk in pattern(n).chunks(7919) {
+        s.write_all(chunk)?;
+    }
+    let mut all = Vec::new();
+    s.read_to_end(&mut all)?;
+    let split = all
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .context("no response head")?;
+    let head = String::from_utf8_lossy(&all[..split]).into_owned();
+    let body = &all[split + 4..];
+    let status = head.split(' ').nth(1).unwrap_or("?");
+    Ok(format!(
+        "status={status} len={} sum={:016x}",
+        body.len(),
+        checksum(body)
+    ))
 }

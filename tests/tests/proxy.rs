@@ -38,9 +38,11 @@ virtual_hosts:
         response_headers_to_add: [{{name: x-route, value: default}}]
 tls_routes:
   - {{sni: "*.secure.example", cluster: tls}}
+tcp_routes:
+  - {{destination: "9090"}}
 clusters:
   - name: tls
-    endpoints: [{{address: "{PEER_V4}:9091"}}]
+    endpoints: [{{address: "{PEER_V4}:9090"}}]
   - name: grpc
     http2: true
     endpoints: [{{address: "{PEER_V4}:18096"}}]
@@ -136,7 +138,10 @@ fn scenario(mode: Mode) -> Vec<String> {
             sibling_bin("sockmesh-proxy", "SOCKMESH_PROXY_BIN").unwrap(),
         )
         .unwrap();
-    proxy.arg("--config").arg(&config);
+    proxy
+        .arg("--config")
+        .arg(&config)
+        .env("SOCKMESH_PROXY_LOG", "debug");
     lab.spawn(proxy, Some("ready")).unwrap();
     match mode {
         Mode::Iptables => pods::apply_iptables(&pod, &p).unwrap(),
@@ -253,6 +258,25 @@ fn scenario(mode: Mode) -> Vec<String> {
         .args(["--uid", "1000", "--gid", "1000"]))
     .unwrap();
     seen.push(String::from_utf8_lossy(&out.stdout).into_owned());
+    // Large bodies both ways, streamed through a route without retries (5 MB each).
+    for (path, bytes) in [("/upload", "5000000"), ("/bytes/5000000", "0")] {
+        let out = run(lab
+            .command(&pod.ns, pod.in_cgroup, testkit_bin().unwrap())
+            .unwrap()
+            .args([
+                "http-transfer",
+                &vip,
+                "--path",
+                path,
+                "--host",
+                "reviews-v2",
+                "--bytes",
+                bytes,
+            ])
+            .args(["--uid", "1000", "--gid", "1000"]))
+        .unwrap();
+        seen.push(String::from_utf8_lossy(&out.stdout).trim().to_string());
+    }
     // gRPC (HTTP/2 with prior knowledge, status in trailers) routed by authority.
     let out = run(lab
         .command(&pod.ns, pod.in_cgroup, testkit_bin().unwrap())
@@ -266,7 +290,7 @@ fn scenario(mode: Mode) -> Vec<String> {
         let out = run(lab
             .command(&pod.ns, pod.in_cgroup, testkit_bin().unwrap())
             .unwrap()
-            .args(["tls-hello", &format!("{PEER_V4}:9090"), "--sni", sni])
+            .args(["tls-hello", &format!("{PEER_V4}:9091"), "--sni", sni])
             .args(["--uid", "1000", "--gid", "1000"]))
         .unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
@@ -326,10 +350,31 @@ fn routes_and_balances_the_same_under_iptables_and_sockmesh() {
         ipt[12],
         "v2 echoes: hello (client closed its side; v2 says bye)"
     );
-    assert_eq!(ipt[14], "tls api.secure.example -> listener=peer:9091");
-    assert_eq!(ipt[15], "tls other.example -> listener=peer:9090");
+    // Large bodies arrive whole, in both directions.
+    let five_mb = sockmesh_tests::kit::pattern(5_000_000);
+    let upload = format!(
+        "v2 got 5000000 bytes sum={:016x}\n",
+        sockmesh_tests::kit::checksum(&five_mb)
+    );
     assert_eq!(
         ipt[13],
+        format!(
+            "status=200 len={} sum={:016x}",
+            upload.len(),
+            sockmesh_tests::kit::checksum(upload.as_bytes())
+        )
+    );
+    assert_eq!(
+        ipt[14],
+        format!(
+            "status=200 len=5000000 sum={:016x}",
+            sockmesh_tests::kit::checksum(&five_mb)
+        )
+    );
+    assert_eq!(ipt[16], "tls api.secure.example -> listener=peer:9090");
+    assert_eq!(ipt[17], "tls other.example -> listener=peer:9091");
+    assert_eq!(
+        ipt[15],
         "status cookie=18096 registered=true; unregister PermissionDenied: trailers arrived"
     );
     let smesh = scenario(Mode::Sockmesh);
@@ -412,7 +457,10 @@ clusters:
             sibling_bin("sockmesh-proxy", "SOCKMESH_PROXY_BIN").unwrap(),
         )
         .unwrap();
-    proxy.arg("--config").arg(&config);
+    proxy
+        .arg("--config")
+        .arg(&config)
+        .env("SOCKMESH_PROXY_LOG", "debug");
     lab.spawn(proxy, Some("ready")).unwrap();
     pods::apply_sockmesh(&lab, &pod, &p).unwrap();
     let vip = format!("{VIP}:80");

@@ -166,6 +166,21 @@ enum Cmd {
         #[arg(long)]
         out: Option<std::path::PathBuf>,
     },
+    /// POST --bytes pattern bytes (or GET when 0) to DST; prints status, length and sum of the
+    /// response body.
+    HttpTransfer {
+        dst: SocketAddr,
+        #[arg(long, default_value = "/")]
+        path: String,
+        #[arg(long)]
+        host: String,
+        #[arg(long, default_value = "0")]
+        bytes: usize,
+        #[arg(long)]
+        uid: Option<u32>,
+        #[arg(long)]
+        gid: Option<u32>,
+    },
     /// The demo lab: pods in netns, the agent, a listener on 15001, real connections, dump.
     Lab,
 }
@@ -237,6 +252,24 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::GrpcServe { addr } => kit::grpc_server(addr),
+        Cmd::HttpTransfer {
+            dst,
+            path,
+            host,
+            bytes,
+            uid,
+            gid,
+        } => {
+            let spec = ConnectSpec {
+                dst: Some(dst),
+                uid,
+                gid,
+                timeout: Duration::from_secs(5),
+                ..Default::default()
+            };
+            println!("{}", kit::http_transfer(&spec, &path, &host, bytes)?);
+            Ok(())
+        }
         Cmd::HttpKeepalive { addrs } => kit::http_keepalive_server(&addrs),
         Cmd::BenchConnect {
             dst,
