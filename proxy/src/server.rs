@@ -226,11 +226,24 @@ impl Snapshot {
 
 pub type Shared = Arc<RwLock<Arc<Snapshot>>>;
 
+/// `a` with a v4-mapped IPv6 address written as the IPv4 address it is.
+pub fn unmapped(a: SocketAddr) -> SocketAddr {
+    match a {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => a,
+        },
+        v4 => v4,
+    }
+}
+
 /// `SO_ORIGINAL_DST` (IPv4) or `IP6T_SO_ORIGINAL_DST` (IPv6), else the socket's local address
-/// (what a connection that was not redirected reports).
+/// (what a connection that was not redirected reports). An IPv4 connection accepted by a
+/// dual-stack IPv6 listener (a v4-mapped local address) is an IPv4 connection to conntrack,
+/// so it is asked at the IPv4 level.
 pub fn original_dst(s: &TcpStream) -> io::Result<OrigDstAddr> {
     const SO_ORIGINAL_DST: libc::c_int = 80;
-    let local = s.local_addr()?;
+    let local = unmapped(s.local_addr()?);
     let fd = s.as_raw_fd();
     // SAFETY: the buffers are sized for the address family asked for.
     unsafe {
@@ -374,7 +387,7 @@ pub async fn serve(
             let _active = ListenerGauge(name);
             if let Err(e) = connection(
                 stream,
-                ClientAddr(peer),
+                ClientAddr(unmapped(peer)),
                 own,
                 direction,
                 detect_timeout,
@@ -411,7 +424,7 @@ async fn connection(
 ) -> io::Result<()> {
     let orig = original_dst(&stream)?;
     // Not redirected: relaying to "the original destination" would be a loop back to us.
-    let local = stream.local_addr()?;
+    let local = unmapped(stream.local_addr()?);
     if orig.0 == local && own.is_some_and(|o| o.port() == local.port()) {
         warn!(client = %client.0, "connection reached the proxy directly (not redirected): closed");
         return Ok(());

@@ -6,7 +6,7 @@ use std::process::Command;
 use sockmesh_tests::{
     kit::Outcome,
     lab::{run, sibling_bin, testkit_bin, Lab},
-    pods::{self, Mode, Pod, PEER_V4, POD_V4},
+    pods::{self, Mode, Pod, PEER_V4, PEER_V6, POD_V4, POD_V6},
     profiles::Profile,
 };
 
@@ -595,4 +595,125 @@ clusters:
     std::thread::sleep(std::time::Duration::from_millis(2500));
     let r = get(&lab, &pod, false, &vip, "/still", "shop", &[]);
     assert!(summary(&r).starts_with("shadow GET /still"), "{r}");
+}
+
+/// A dual-stack pod (istio's `ISTIO_DUAL_STACK`): the proxy's listeners are IPv6 sockets that
+/// also take IPv4, so IPv4 connections arrive v4-mapped and their original destination must
+/// still be read at the IPv4 level.
+fn dual_stack_scenario(mode: Mode) -> Vec<String> {
+    let tag = match mode {
+        Mode::Iptables => "p6i",
+        Mode::Sockmesh => "p6s",
+    };
+    let mut lab = Lab::new(tag).unwrap();
+    if mode == Mode::Sockmesh {
+        lab.start_agent().unwrap();
+    }
+    let mut p = Profile::default_sidecar();
+    p.dual_stack = true;
+    let pod = pods::pod_with(&mut lab, "p", &p, mode, &[]).unwrap();
+    let mut up = lab
+        .command(&pod.peer, false, testkit_bin().unwrap())
+        .unwrap();
+    up.arg("http-serve").args([
+        format!("direct6@[{PEER_V6}]:18090"),
+        format!("up6@[{PEER_V6}]:18081"),
+        format!("direct4@{PEER_V4}:18091"),
+    ]);
+    lab.spawn(up, Some("ready")).unwrap();
+    let mut app = lab
+        .command(&pod.ns, pod.in_cgroup, testkit_bin().unwrap())
+        .unwrap();
+    app.args(["http-serve", "app@[::]:8080"]);
+    lab.spawn(app, Some("ready")).unwrap();
+    let config = lab.dir.join("proxy.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+listeners:
+  - {{name: outbound, address: "[::]:15001", direction: outbound}}
+  - {{name: inbound, address: "[::]:15006", direction: inbound}}
+virtual_hosts:
+  - name: svc6
+    domains: [svc6]
+    routes: [{{route: {{cluster: up6}}}}]
+clusters:
+  - name: up6
+    endpoints: [{{address: "[{PEER_V6}]:18081"}}]
+"#
+        ),
+    )
+    .unwrap();
+    let mut proxy = lab
+        .command(
+            &pod.ns,
+            pod.in_cgroup,
+            sibling_bin("sockmesh-proxy", "SOCKMESH_PROXY_BIN").unwrap(),
+        )
+        .unwrap();
+    proxy.arg("--config").arg(&config);
+    lab.spawn(proxy, Some("ready")).unwrap();
+    match mode {
+        Mode::Iptables => pods::apply_iptables(&pod, &p).unwrap(),
+        Mode::Sockmesh => {
+            pods::apply_sockmesh(&lab, &pod, &p).unwrap();
+        }
+    }
+    let v6 = |a: &str, port: u16| format!("[{a}]:{port}");
+    vec![
+        summary(&get(
+            &lab,
+            &pod,
+            false,
+            &v6(PEER_V6, 18090),
+            "/",
+            "elsewhere",
+            &[],
+        )),
+        summary(&get(&lab, &pod, false, &v6(PEER_V6, 80), "/", "svc6", &[])),
+        summary(&get(
+            &lab,
+            &pod,
+            false,
+            &format!("{PEER_V4}:18091"),
+            "/",
+            "v4",
+            &[],
+        )),
+        summary(&get(
+            &lab,
+            &pod,
+            true,
+            &v6(POD_V6, 8080),
+            "/in6",
+            "app",
+            &[],
+        )),
+        summary(&get(
+            &lab,
+            &pod,
+            true,
+            &format!("{POD_V4}:8080"),
+            "/in4",
+            "app",
+            &[],
+        )),
+    ]
+}
+
+#[test]
+fn dual_stack_pod_the_same_under_iptables_and_sockmesh() {
+    let ipt = dual_stack_scenario(Mode::Iptables);
+    assert_eq!(
+        ipt,
+        [
+            format!("direct6 GET / host=elsewhere from={POD_V6}"),
+            format!("up6 GET / host=svc6 from={POD_V6}"),
+            format!("direct4 GET / host=v4 from={POD_V4}"),
+            "app GET /in6 host=app from=::6".to_string(),
+            "app GET /in4 host=app from=::ffff:127.0.0.6".to_string(),
+        ]
+    );
+    assert_eq!(dual_stack_scenario(Mode::Sockmesh), ipt);
 }
