@@ -17,6 +17,8 @@ fn the_benchmark_suite_runs_and_reports_every_ratio() {
         "| HAProxy |",
         "| sockmesh-proxy |",
         "sockmesh-proxy / HAProxy: requests/s ",
+        "| connect-time capture within 5% of direct (>= 0.95) |",
+        "| proxy p99 lower than HAProxy's (< 1.00) |",
     ] {
         assert!(
             report.contains(needle),
