@@ -370,6 +370,19 @@ pub struct ConnectSpec {
     pub udp: Option<UdpMode>,
 }
 
+impl ConnectSpec {
+    /// A connection to `dst` as `uid`/`gid`, with a 5 s timeout and nothing else set.
+    pub fn to(dst: SocketAddr, uid: Option<u32>, gid: Option<u32>) -> Self {
+        ConnectSpec {
+            dst: Some(dst),
+            uid,
+            gid,
+            timeout: Duration::from_secs(5),
+            ..Default::default()
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum UdpMode {
     /// connect() then send(), as glibc's resolver does.

@@ -86,6 +86,16 @@ fn get(
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Run the testkit with `args` in the pod, as the app does (uid/gid 1000, in the pod's cgroup);
+/// its stdout.
+fn as_app(lab: &Lab, pod: &Pod, args: &[&str]) -> String {
+    let mut cmd: Command = lab
+        .command(&pod.ns, pod.in_cgroup, testkit_bin().unwrap())
+        .unwrap();
+    cmd.args(args).args(["--uid", "1000", "--gid", "1000"]);
+    String::from_utf8_lossy(&run(&mut cmd).unwrap().stdout).into_owned()
+}
+
 /// The body line of a response (the upstream's report), with the x-route header if any.
 fn summary(resp: &str) -> String {
     let route = resp
@@ -138,10 +148,7 @@ fn scenario(mode: Mode) -> Vec<String> {
             sibling_bin("sockmesh-proxy", "SOCKMESH_PROXY_BIN").unwrap(),
         )
         .unwrap();
-    proxy
-        .arg("--config")
-        .arg(&config)
-        .env("SOCKMESH_PROXY_LOG", "debug");
+    proxy.arg("--config").arg(&config);
     lab.spawn(proxy, Some("ready")).unwrap();
     match mode {
         Mode::Iptables => pods::apply_iptables(&pod, &p).unwrap(),
@@ -212,19 +219,8 @@ fn scenario(mode: Mode) -> Vec<String> {
         &[],
     )));
     // Raw TCP (server-first): relayed to the original destination.
-    let out = run(lab
-        .command(&pod.ns, pod.in_cgroup, testkit_bin().unwrap())
-        .unwrap()
-        .args([
-            "connect",
-            &format!("{PEER_V4}:9090"),
-            "--uid",
-            "1000",
-            "--gid",
-            "1000",
-        ]))
-    .unwrap();
-    let tcp: Outcome = serde_json::from_slice(&out.stdout).unwrap();
+    let out = as_app(&lab, &pod, &["connect", &format!("{PEER_V4}:9090")]);
+    let tcp: Outcome = serde_json::from_str(&out).unwrap();
     match &tcp {
         Outcome::Ok {
             listener,
@@ -244,56 +240,39 @@ fn scenario(mode: Mode) -> Vec<String> {
         &[],
     )));
     // A WebSocket-style upgrade through a routed cluster, with a half-close after it.
-    let out = run(lab
-        .command(&pod.ns, pod.in_cgroup, testkit_bin().unwrap())
-        .unwrap()
-        .args([
-            "http-upgrade",
-            &vip,
-            "--host",
-            "reviews-v2",
-            "--message",
-            "hello",
-        ])
-        .args(["--uid", "1000", "--gid", "1000"]))
-    .unwrap();
-    seen.push(String::from_utf8_lossy(&out.stdout).into_owned());
+    let upgrade = [
+        "http-upgrade",
+        &vip,
+        "--host",
+        "reviews-v2",
+        "--message",
+        "hello",
+    ];
+    seen.push(as_app(&lab, &pod, &upgrade));
     // Large bodies both ways, streamed through a route without retries (5 MB each).
     for (path, bytes) in [("/upload", "5000000"), ("/bytes/5000000", "0")] {
-        let out = run(lab
-            .command(&pod.ns, pod.in_cgroup, testkit_bin().unwrap())
-            .unwrap()
-            .args([
-                "http-transfer",
-                &vip,
-                "--path",
-                path,
-                "--host",
-                "reviews-v2",
-                "--bytes",
-                bytes,
-            ])
-            .args(["--uid", "1000", "--gid", "1000"]))
-        .unwrap();
-        seen.push(String::from_utf8_lossy(&out.stdout).trim().to_string());
+        let args = [
+            "http-transfer",
+            &vip,
+            "--path",
+            path,
+            "--host",
+            "reviews-v2",
+            "--bytes",
+            bytes,
+        ];
+        seen.push(as_app(&lab, &pod, &args).trim().to_string());
     }
     // gRPC (HTTP/2 with prior knowledge, status in trailers) routed by authority.
-    let out = run(lab
-        .command(&pod.ns, pod.in_cgroup, testkit_bin().unwrap())
-        .unwrap()
-        .args(["grpc-call", &vip, "--authority", "grpc-svc"])
-        .args(["--uid", "1000", "--gid", "1000"]))
-    .unwrap();
-    seen.push(String::from_utf8_lossy(&out.stdout).trim().to_string());
+    let grpc = as_app(&lab, &pod, &["grpc-call", &vip, "--authority", "grpc-svc"]);
+    seen.push(grpc.trim().to_string());
     // TLS passed through by server name: a named one to its cluster, another to where it went.
     for sni in ["api.secure.example", "other.example"] {
-        let out = run(lab
-            .command(&pod.ns, pod.in_cgroup, testkit_bin().unwrap())
-            .unwrap()
-            .args(["tls-hello", &format!("{PEER_V4}:9091"), "--sni", sni])
-            .args(["--uid", "1000", "--gid", "1000"]))
-        .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
+        let text = as_app(
+            &lab,
+            &pod,
+            &["tls-hello", &format!("{PEER_V4}:9091"), "--sni", sni],
+        );
         let first = text.split(' ').next().unwrap_or_default();
         seen.push(format!("tls {sni} -> {first}"));
     }
@@ -457,10 +436,7 @@ clusters:
             sibling_bin("sockmesh-proxy", "SOCKMESH_PROXY_BIN").unwrap(),
         )
         .unwrap();
-    proxy
-        .arg("--config")
-        .arg(&config)
-        .env("SOCKMESH_PROXY_LOG", "debug");
+    proxy.arg("--config").arg(&config);
     lab.spawn(proxy, Some("ready")).unwrap();
     pods::apply_sockmesh(&lab, &pod, &p).unwrap();
     let vip = format!("{VIP}:80");

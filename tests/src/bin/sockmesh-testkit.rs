@@ -237,17 +237,7 @@ fn main() -> anyhow::Result<()> {
             uid,
             gid,
         } => {
-            let out = kit::http_upgrade(
-                &ConnectSpec {
-                    dst: Some(dst),
-                    uid,
-                    gid,
-                    timeout: Duration::from_secs(5),
-                    ..Default::default()
-                },
-                &host,
-                &message,
-            )?;
+            let out = kit::http_upgrade(&ConnectSpec::to(dst, uid, gid), &host, &message)?;
             print!("{out}");
             Ok(())
         }
@@ -260,13 +250,7 @@ fn main() -> anyhow::Result<()> {
             uid,
             gid,
         } => {
-            let spec = ConnectSpec {
-                dst: Some(dst),
-                uid,
-                gid,
-                timeout: Duration::from_secs(5),
-                ..Default::default()
-            };
+            let spec = ConnectSpec::to(dst, uid, gid);
             println!("{}", kit::http_transfer(&spec, &path, &host, bytes)?);
             Ok(())
         }
@@ -277,13 +261,7 @@ fn main() -> anyhow::Result<()> {
             uid,
             gid,
         } => {
-            let spec = ConnectSpec {
-                dst: Some(dst),
-                uid,
-                gid,
-                timeout: Duration::from_secs(5),
-                ..Default::default()
-            };
+            let spec = ConnectSpec::to(dst, uid, gid);
             println!("{}", kit::bench_connect(&spec, secs)?);
             Ok(())
         }
@@ -295,13 +273,7 @@ fn main() -> anyhow::Result<()> {
             uid,
             gid,
         } => {
-            let spec = ConnectSpec {
-                dst: Some(dst),
-                uid,
-                gid,
-                timeout: Duration::from_secs(5),
-                ..Default::default()
-            };
+            let spec = ConnectSpec::to(dst, uid, gid);
             let (n, p50, p99) = kit::bench_http(&spec, &host, conns, secs)?;
             println!("{n} {p50} {p99}");
             Ok(())
@@ -315,16 +287,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::TlsHello { dst, sni, uid, gid } => {
-            let out = kit::tls_hello(
-                &ConnectSpec {
-                    dst: Some(dst),
-                    uid,
-                    gid,
-                    timeout: Duration::from_secs(5),
-                    ..Default::default()
-                },
-                &sni,
-            )?;
+            let out = kit::tls_hello(&ConnectSpec::to(dst, uid, gid), &sni)?;
             print!("{out}");
             Ok(())
         }
@@ -334,16 +297,7 @@ fn main() -> anyhow::Result<()> {
             uid,
             gid,
         } => {
-            let out = kit::grpc_call(
-                &ConnectSpec {
-                    dst: Some(dst),
-                    uid,
-                    gid,
-                    timeout: Duration::from_secs(5),
-                    ..Default::default()
-                },
-                &authority,
-            )?;
+            let out = kit::grpc_call(&ConnectSpec::to(dst, uid, gid), &authority)?;
             println!("{out}");
             Ok(())
         }
@@ -356,18 +310,7 @@ fn main() -> anyhow::Result<()> {
             uid,
             gid,
         } => {
-            let out = kit::http_get(
-                &ConnectSpec {
-                    dst: Some(dst),
-                    uid,
-                    gid,
-                    timeout: Duration::from_secs(5),
-                    ..Default::default()
-                },
-                &path,
-                &host,
-                &headers,
-            )?;
+            let out = kit::http_get(&ConnectSpec::to(dst, uid, gid), &path, &host, &headers)?;
             print!("{out}");
             Ok(())
         }
