@@ -26,6 +26,9 @@ pub struct Config {
     pub tls_routes: Vec<TlsRoute>,
     /// The admin endpoint (keep it on localhost).
     pub admin: Option<Admin>,
+    /// A control plane serving Envoy's xDS v3 (ADS): its listeners, routes, clusters and
+    /// endpoints are added to the ones in this file.
+    pub xds: Option<XdsSettings>,
     /// The file's text, for the admin's config dump.
     #[serde(skip)]
     pub source: String,
@@ -36,6 +39,21 @@ pub struct Config {
 pub struct TlsRoute {
     pub sni: String,
     pub cluster: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct XdsSettings {
+    /// `http://host:port` or `unix:/path/to/socket` (as Istio's agent serves its proxy).
+    pub address: String,
+    /// The node id the control plane knows this proxy by.
+    pub node_id: String,
+    #[serde(default = "default_node_cluster")]
+    pub node_cluster: String,
+}
+
+fn default_node_cluster() -> String {
+    "sockmesh".into()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -230,7 +248,7 @@ pub enum LbPolicy {
     Maglev,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Cluster {
     pub name: String,
@@ -255,7 +273,7 @@ pub struct Cluster {
     pub retry_budget: RetryBudget,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct HealthCheck {
     #[serde(default = "thousand")]
@@ -280,13 +298,17 @@ fn five_hundred() -> u64 {
     500
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct CircuitBreakers {
     #[serde(default = "k1024")]
     pub max_connections: u64,
+    /// Requests in flight to the cluster at once.
     #[serde(default = "k1024")]
     pub max_requests: u64,
+    /// Requests waiting for one of those slots; beyond, 503 at once.
+    #[serde(default = "k1024")]
+    pub max_pending_requests: u64,
 }
 
 impl Default for CircuitBreakers {
@@ -294,6 +316,7 @@ impl Default for CircuitBreakers {
         CircuitBreakers {
             max_connections: 1024,
             max_requests: 1024,
+            max_pending_requests: 1024,
         }
     }
 }
@@ -302,7 +325,7 @@ fn k1024() -> u64 {
     1024
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct OutlierDetection {
     #[serde(default = "five")]
@@ -327,7 +350,7 @@ fn thirty_s() -> u64 {
     30_000
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RetryBudget {
     #[serde(default = "twenty")]
@@ -354,7 +377,7 @@ fn three() -> u32 {
 }
 
 /// One of: a request header's value, or the client's address.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct HashPolicy {
     pub header: Option<String>,
@@ -362,7 +385,7 @@ pub struct HashPolicy {
     pub source_ip: bool,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct EndpointConfig {
     pub address: SocketAddr,
@@ -383,6 +406,13 @@ pub struct TcpRoute {
     pub destination: String,
     /// Where to send it; none: the original destination (declared TCP, not sniffed).
     pub cluster: Option<String>,
+}
+
+/// Where a configuration comes from: a file alone is held to all its references.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    File,
+    Merged,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -447,7 +477,7 @@ impl Config {
             source,
         })?;
         c.source = text.to_string();
-        c.validate()
+        c.validate(Origin::File)
             .map_err(|(field, problem)| ConfigError::Invalid {
                 path: path.to_string(),
                 field,
@@ -456,8 +486,17 @@ impl Config {
         Ok(c)
     }
 
+    /// Check a configuration merged from this file and a control plane's resources: as a file,
+    /// but (as Envoy) a cluster may have no endpoints yet and a route may name a cluster not
+    /// (yet) defined; its requests get 503.
+    pub fn validate_merged(&self) -> Result<(), String> {
+        self.validate(Origin::Merged)
+            .map_err(|(field, problem)| format!("{field}: {problem}"))
+    }
+
     /// The meaning: names unique, references resolve, regexes compile, weights usable.
-    fn validate(&self) -> Result<(), (String, String)> {
+    fn validate(&self, origin: Origin) -> Result<(), (String, String)> {
+        let lenient = origin == Origin::Merged;
         let mut names = BTreeSet::new();
         for (i, c) in self.clusters.iter().enumerate() {
             let f = format!("clusters[{i}]");
@@ -467,7 +506,7 @@ impl Config {
                     format!("{:?} is defined twice", c.name),
                 ));
             }
-            if c.endpoints.is_empty() {
+            if c.endpoints.is_empty() && !lenient {
                 return Err((
                     format!("{f}.endpoints"),
                     "a cluster needs an endpoint".into(),
@@ -497,7 +536,7 @@ impl Config {
                 ));
             }
         }
-        let known = |name: &str| names.contains(name);
+        let known = |name: &str| lenient || names.contains(name);
         for (i, l) in self.listeners.iter().enumerate() {
             if self.listeners[..i].iter().any(|o| o.address == l.address) {
                 return Err((

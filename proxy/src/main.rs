@@ -5,14 +5,16 @@
 
 mod balancer;
 mod config;
+mod control;
 mod router;
 mod server;
 mod stats;
+mod xds;
 
 use std::{
     path::PathBuf,
     process::ExitCode,
-    sync::{Arc, RwLock},
+    sync::{Arc, Mutex},
 };
 
 use clap::Parser;
@@ -54,19 +56,20 @@ fn drop_privileges(uid: u32, gid: u32) -> anyhow::Result<()> {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let config = config::Config::load(&args.config)?;
-    let listeners = server::bind(&config).await?;
+    let mut control = control::Control::new(config.clone());
+    // The file's listeners are bound before privileges go; later ones (from a reload or the
+    // control plane) are bound as the proxy's user.
+    control.start().map_err(anyhow::Error::msg)?;
     drop_privileges(args.uid, args.gid)?;
-    let first = Arc::new(server::Snapshot::new(&config));
-    server::start_health_checks(&first);
-    let shared: server::Shared = Arc::new(RwLock::new(first));
-    for (name, listener, direction, detect) in listeners {
-        tokio::spawn(server::serve(
-            name,
-            listener,
-            direction,
-            detect,
-            shared.clone(),
-        ));
+    let shared = control.shared();
+    let control = Arc::new(Mutex::new(control));
+    if let Some(x) = &config.xds {
+        info!(
+            address = x.address,
+            node = x.node_id,
+            "following a control plane (ADS)"
+        );
+        tokio::spawn(xds::run(x.clone(), control.clone()));
     }
     if let Some(admin) = &config.admin {
         let l = tokio::net::TcpListener::bind(admin.address)
@@ -92,15 +95,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 seen = now;
             }
         }
-        // A bad file is refused and the running configuration kept. Listeners stay as bound;
-        // established connections keep the configuration they started with.
-        match config::Config::load(&args.config) {
-            Ok(c) => {
-                let snap = Arc::new(server::Snapshot::new(&c));
-                server::start_health_checks(&snap);
-                *shared.write().expect("config lock") = snap;
-                info!(config = %args.config.display(), "configuration reloaded");
+        // A bad file (or listeners that cannot be bound) is refused and the running
+        // configuration kept. Established connections keep the configuration they started with.
+        let loaded = config::Config::load(&args.config).map_err(|e| e.to_string());
+        let result = loaded.and_then(|c| {
+            let mut control = control.lock().expect("control lock");
+            if c.xds != control.file().xds
+                || c.admin.as_ref().map(|a| a.address)
+                    != control.file().admin.as_ref().map(|a| a.address)
+            {
+                warn!("the xds and admin sections change only with a restart");
             }
+            control.set_file(c)
+        });
+        match result {
+            Ok(()) => info!(config = %args.config.display(), "configuration reloaded"),
             Err(e) => warn!("configuration not reloaded, the previous one stays: {e}"),
         }
     }

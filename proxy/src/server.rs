@@ -44,10 +44,18 @@ pub struct OrigDstAddr(pub SocketAddr);
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ClientAddr(pub SocketAddr);
 
-/// A cluster, its balancer, and its passive health and retry accounting.
+/// A cluster, its balancer, and its passive health and retry accounting. It outlives a reload
+/// that leaves the cluster as it was, or changes only its endpoints (EDS): balancer state,
+/// health and counters carry over.
 pub struct ClusterState {
+    /// The cluster's settings; its endpoints are in the balancer (the list here is empty).
     pub config: Cluster,
     pub balancer: Balancer,
+    probing: std::sync::atomic::AtomicBool,
+    /// One permit per request in flight (`max_requests`).
+    slots: tokio::sync::Semaphore,
+    /// Requests waiting for a permit (`max_pending_requests`).
+    pending: std::sync::atomic::AtomicU64,
     outliers: std::sync::Mutex<HashMap<SocketAddr, Outlier>>,
     probes: std::sync::Mutex<HashMap<SocketAddr, Probe>>,
     connections: std::sync::atomic::AtomicU64,
@@ -82,7 +90,16 @@ impl ClusterState {
     fn new(config: &Cluster) -> ClusterState {
         ClusterState {
             balancer: Balancer::new(config.policy(), config.endpoint_list()),
-            config: config.clone(),
+            config: Cluster {
+                endpoints: Vec::new(),
+                ..config.clone()
+            },
+            probing: Default::default(),
+            slots: tokio::sync::Semaphore::new(
+                (config.circuit_breakers.max_requests as usize)
+                    .min(tokio::sync::Semaphore::MAX_PERMITS),
+            ),
+            pending: Default::default(),
             outliers: Default::default(),
             probes: Default::default(),
             connections: Default::default(),
@@ -161,7 +178,7 @@ impl ClusterState {
             return;
         }
         o.consecutive_5xx += 1;
-        let total = self.config.endpoints.len().max(1);
+        let total = self.balancer.endpoints().len().max(1);
         let under_cap = ejected_now * 100 / total < od.max_ejection_percent as usize;
         if o.consecutive_5xx >= od.consecutive_5xx && under_cap {
             o.ejections += 1;
@@ -205,20 +222,38 @@ impl ClusterState {
 /// Everything a connection needs, swapped as a whole on reload.
 pub struct Snapshot {
     pub router: Router,
-    pub clusters: HashMap<String, ClusterState>,
+    pub clusters: HashMap<String, Arc<ClusterState>>,
     /// The configuration's text (admin config dump).
     pub source: String,
 }
 
 impl Snapshot {
-    pub fn new(c: &Config) -> Snapshot {
+    /// The snapshot of `c`, keeping the state of `previous`'s clusters that `c` leaves as they
+    /// were or changes only in their endpoints.
+    pub fn new(c: &Config, previous: Option<&Snapshot>) -> Snapshot {
+        let clusters = c
+            .clusters
+            .iter()
+            .map(|cl| {
+                let settings = Cluster {
+                    endpoints: Vec::new(),
+                    ..cl.clone()
+                };
+                let state = match previous.and_then(|p| p.clusters.get(&cl.name)) {
+                    Some(old) if old.config == settings => {
+                        if old.balancer.endpoints() != cl.endpoint_list() {
+                            old.balancer.set_endpoints(cl.endpoint_list());
+                        }
+                        old.clone()
+                    }
+                    _ => Arc::new(ClusterState::new(cl)),
+                };
+                (cl.name.clone(), state)
+            })
+            .collect();
         Snapshot {
             router: Router::new(c),
-            clusters: c
-                .clusters
-                .iter()
-                .map(|cl| (cl.name.clone(), ClusterState::new(cl)))
-                .collect(),
+            clusters,
             source: c.source.clone(),
         }
     }
@@ -359,22 +394,37 @@ async fn sniff(stream: &TcpStream, first_limit: Duration) -> io::Result<Protocol
 
 /// Serve one listener until the process ends.
 pub async fn serve(
-    name: String,
     listener: TcpListener,
-    direction: Direction,
-    detect_timeout: Duration,
+    mut spec: tokio::sync::watch::Receiver<Option<ListenerSpec>>,
     shared: Shared,
 ) {
     let own = listener.local_addr().ok();
-    let name: &'static str = Box::leak(name.into_boxed_str());
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            changed = spec.changed() => {
+                if changed.is_err() || spec.borrow().is_none() {
+                    info!(address = ?own, "listener removed: no new connections (established ones go on)");
+                    return;
+                }
+                continue;
+            }
+        };
+        let (stream, peer) = match accepted {
             Ok(c) => c,
             Err(e) => {
                 warn!(error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
+        };
+        let Some(ListenerSpec {
+            name,
+            direction,
+            detect_timeout,
+        }) = spec.borrow().clone()
+        else {
+            return;
         };
         let snapshot = shared.read().expect("config lock").clone();
         stats::inc("sockmesh_proxy_downstream_cx_total", &[("listener", name)]);
@@ -474,7 +524,10 @@ async fn connection(
                 Direction::Inbound => orig.0,
                 Direction::Outbound => match by_sni.as_deref().or(declared.flatten()) {
                     Some(name) => {
-                        let cl = snapshot.clusters.get(name).expect("validated");
+                        let Some(cl) = snapshot.clusters.get(name) else {
+                            warn!(cluster = name, "TCP route to a cluster not defined: closed");
+                            return Ok(());
+                        };
                         let hash = hash_bytes(client.0.ip().to_string().as_bytes());
                         if cl.connections.load(std::sync::atomic::Ordering::Relaxed)
                             >= cl.config.circuit_breakers.max_connections
@@ -938,23 +991,37 @@ async fn request(
             tokio::time::sleep(Duration::from_millis(crate::router::random_u64() % cap + 1)).await;
         }
     };
-    if cl.active.load(std::sync::atomic::Ordering::Relaxed)
-        >= cl.config.circuit_breakers.max_requests
-    {
-        stats::inc(
-            "sockmesh_proxy_upstream_rq_overflow_total",
-            &[("cluster", name)],
-        );
-        let mut r = full(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "upstream overflow (circuit breaker)",
-        );
-        r.headers_mut()
-            .insert("x-envoy-overloaded", HeaderValue::from_static("true"));
-        return r;
-    }
+    let deadline = tokio::time::Instant::now() + route.timeout;
+    // Circuit breakers: a request beyond `max_requests` waits for a slot, unless
+    // `max_pending_requests` already wait; then it fails at once, as Envoy's overflow.
+    let _slot = match cl.slots.try_acquire() {
+        Ok(slot) => slot,
+        Err(_) => {
+            let waiting = cl
+                .pending
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let _pending = Gauge(&cl.pending);
+            if waiting >= cl.config.circuit_breakers.max_pending_requests {
+                stats::inc(
+                    "sockmesh_proxy_upstream_rq_overflow_total",
+                    &[("cluster", name)],
+                );
+                let mut r = full(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "upstream overflow (circuit breaker)",
+                );
+                r.headers_mut()
+                    .insert("x-envoy-overloaded", HeaderValue::from_static("true"));
+                return r;
+            }
+            match tokio::time::timeout_at(deadline, cl.slots.acquire()).await {
+                Ok(Ok(slot)) => slot,
+                _ => return full(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"),
+            }
+        }
+    };
     let _active = cl.request_started();
-    let mut resp = match tokio::time::timeout(route.timeout, send).await {
+    let mut resp = match tokio::time::timeout_at(deadline, send).await {
         Err(_) => return full(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"),
         Ok(r) => r,
     };
@@ -1154,51 +1221,72 @@ async fn forward_h2(
 }
 
 /// Bind every listener of `config`.
-pub async fn bind(
-    config: &Config,
-) -> anyhow::Result<Vec<(String, TcpListener, Direction, Duration)>> {
-    let mut out = Vec::new();
-    for l in &config.listeners {
-        let socket = match l.address {
-            SocketAddr::V4(_) => TcpSocket::new_v4()?,
-            SocketAddr::V6(_) => TcpSocket::new_v6()?,
-        };
-        socket.set_reuseaddr(true)?;
-        socket
-            .bind(l.address)
-            .map_err(|e| anyhow::anyhow!("listener {} ({}): {e}", l.name, l.address))?;
-        let listener = socket.listen(1024)?;
-        info!(name = l.name, address = %l.address, direction = ?l.direction, "listening");
-        out.push((
-            l.name.clone(),
-            listener,
-            l.direction,
-            Duration::from_millis(l.detect_timeout_ms),
-        ));
-    }
-    Ok(out)
+/// What a listener does with the connections it accepts; it may change without rebinding.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListenerSpec {
+    pub name: &'static str,
+    pub direction: Direction,
+    pub detect_timeout: Duration,
 }
 
-/// Probe every endpoint of every cluster with a health check, for as long as `snap` is the
-/// configuration in force (a reload starts new probes).
-pub fn start_health_checks(snap: &Arc<Snapshot>) {
+impl ListenerSpec {
+    pub fn of(l: &crate::config::Listener) -> ListenerSpec {
+        ListenerSpec {
+            name: intern(&l.name),
+            direction: l.direction,
+            detect_timeout: Duration::from_millis(l.detect_timeout_ms),
+        }
+    }
+}
+
+/// Listener names label metrics for the process's life: each distinct name is kept once.
+fn intern(name: &str) -> &'static str {
+    static NAMES: std::sync::Mutex<std::collections::BTreeSet<&'static str>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut names = NAMES.lock().expect("names lock");
+    match names.get(name) {
+        Some(n) => n,
+        None => {
+            let n: &'static str = Box::leak(name.to_owned().into_boxed_str());
+            names.insert(n);
+            n
+        }
+    }
+}
+
+/// Bind a listener's address (SO_REUSEADDR, backlog 1024).
+pub fn bind(l: &crate::config::Listener) -> io::Result<TcpListener> {
+    let socket = match l.address {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(l.address)?;
+    socket.listen(1024)
+}
+
+/// Probe every endpoint of every cluster with a health check, for as long as its cluster
+/// state lives (a cluster carried over by a reload keeps its one prober).
+pub fn start_health_checks(snap: &Snapshot) {
     for (name, cl) in &snap.clusters {
         let Some(hc) = cl.config.health_check.clone() else {
             continue;
         };
-        let weak = Arc::downgrade(snap);
+        if cl.probing.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            continue;
+        }
+        let weak = Arc::downgrade(cl);
         let name = name.clone();
         tokio::spawn(async move {
             loop {
-                let Some(snap) = weak.upgrade() else {
+                let Some(cl) = weak.upgrade() else {
                     return;
                 };
-                let cl = &snap.clusters[&name];
                 for e in cl.balancer.endpoints() {
                     let ok = probe(e.addr, &hc, &name).await;
                     cl.probed(e.addr, ok, &hc);
                 }
-                drop(snap);
+                drop(cl);
                 tokio::time::sleep(Duration::from_millis(hc.interval_ms)).await;
             }
         });

@@ -776,7 +776,7 @@ pub fn load(spec: &ConnectSpec, expect: &str, stop: &std::path::Path, max: Durat
 
 /// Minimal HTTP/1.1 upstreams, given as `name@addr:port[!status]`: each request is answered
 /// (with `status`, 200 by default) with `name METHOD PATH host=HOST from=PEER-IP` and an
-/// `x-upstream: name` header, then closed. With `log`, each request is appended to that file as
+/// `x-upstream: name` header, then closed; `/sleep/MS` answers after MS milliseconds. With `log`, each request is appended to that file as
 /// `name METHOD PATH host=HOST`. Prints "ready" once every address is bound.
 pub fn http_server(specs: &[String], log: Option<std::path::PathBuf>) -> Result<()> {
     let mut threads = Vec::new();
@@ -891,6 +891,13 @@ fn answer_http(
         }
         write!(conn, " (client closed its side; {name} says bye)")?;
         return Ok(());
+    }
+    // /sleep/MS answers after MS milliseconds (a slow upstream).
+    if let Some(ms) = path
+        .strip_prefix("/sleep/")
+        .and_then(|n| n.parse::<u64>().ok())
+    {
+        std::thread::sleep(Duration::from_millis(ms));
     }
     if let Some(file) = log {
         let mut f = std::fs::OpenOptions::new()

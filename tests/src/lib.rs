@@ -8,3 +8,4 @@ pub mod kit;
 pub mod lab;
 pub mod pods;
 pub mod profiles;
+pub mod xds;

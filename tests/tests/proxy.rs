@@ -693,3 +693,232 @@ fn dual_stack_pod_the_same_under_iptables_and_sockmesh() {
     );
     assert_eq!(dual_stack_scenario(Mode::Sockmesh), ipt);
 }
+
+/// Three requests at once to `/sleep/MS` of `host` through the VIP; their status codes.
+fn concurrent_statuses(lab: &Lab, pod: &Pod, host: &str, ms: u64) -> Vec<String> {
+    let vip = format!("{VIP}:80");
+    let path = format!("/sleep/{ms}");
+    let mut out: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..3)
+            .map(|_| s.spawn(|| get(lab, pod, false, &vip, &path, host, &[])))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                let r = h.join().unwrap();
+                r.split(' ').nth(1).unwrap_or("none").to_string()
+            })
+            .collect()
+    });
+    out.sort();
+    out
+}
+
+#[test]
+fn a_control_plane_drives_listeners_routes_clusters_and_endpoints_over_ads() {
+    use sockmesh_tests::xds::{self, ControlPlane, CLUSTER, ENDPOINT, LISTENER, ROUTE};
+    use std::time::Duration;
+    let mut lab = Lab::new("pxx").unwrap();
+    lab.start_agent().unwrap();
+    let p = Profile::default_sidecar();
+    let pod = pods::pod_with(&mut lab, "p", &p, Mode::Sockmesh, &[]).unwrap();
+    let mut up = lab
+        .command(&pod.peer, false, testkit_bin().unwrap())
+        .unwrap();
+    up.arg("http-serve").args([
+        format!("up1@{PEER_V4}:18081"),
+        format!("up2@{PEER_V4}:18082"),
+        format!("v2@{PEER_V4}:18083"),
+    ]);
+    lab.spawn(up, Some("ready")).unwrap();
+    let mut app = lab
+        .command(&pod.ns, pod.in_cgroup, testkit_bin().unwrap())
+        .unwrap();
+    app.args(["http-serve", "app@0.0.0.0:8080"]);
+    lab.spawn(app, Some("ready")).unwrap();
+
+    // The control plane's first state: clusters, their endpoints, one listener, its routes.
+    let cp = ControlPlane::start(&lab.dir.join("xds.sock")).unwrap();
+    let ep = |port: u16| {
+        std::net::SocketAddr::from((PEER_V4.parse::<std::net::Ipv4Addr>().unwrap(), port))
+    };
+    use envoy_types::pb::envoy::config::cluster::v3::cluster::LbPolicy;
+    let clusters = |extra: Option<(String, envoy_types::pb::google::protobuf::Any)>| {
+        let mut v = vec![
+            xds::eds_cluster("reviews", LbPolicy::RoundRobin, None),
+            xds::eds_cluster("reviews-v2", LbPolicy::RoundRobin, None),
+            xds::eds_cluster("limited", LbPolicy::RoundRobin, Some((1, 1))),
+        ];
+        v.extend(extra);
+        v
+    };
+    let c1 = cp.set(CLUSTER, clusters(None));
+    let endpoints = |reviews: &[u16]| {
+        vec![
+            xds::assignment(
+                "reviews",
+                &reviews.iter().map(|p| ep(*p)).collect::<Vec<_>>(),
+            ),
+            xds::assignment("reviews-v2", &[ep(18083)]),
+            xds::assignment("limited", &[ep(18081)]),
+        ]
+    };
+    let e1 = cp.set(ENDPOINT, endpoints(&[18081, 18082]));
+    let outbound = || {
+        xds::listener(
+            "outbound",
+            "0.0.0.0:15001".parse().unwrap(),
+            false,
+            Some("80"),
+        )
+    };
+    let l1 = cp.set(LISTENER, vec![outbound()]);
+    let routes = |default: &str| {
+        xds::route_config(
+            "80",
+            vec![
+                (
+                    "reviews",
+                    vec!["reviews".into(), format!("{VIP}:80")],
+                    vec![
+                        xds::route("/v2", "reviews-v2", "v2"),
+                        xds::route("/", default, "xds"),
+                    ],
+                ),
+                (
+                    "limited",
+                    vec!["limited".into()],
+                    vec![xds::route("/", "limited", "limited")],
+                ),
+            ],
+        )
+    };
+    let r1 = cp.set(ROUTE, vec![routes("reviews")]);
+
+    // The proxy knows only the control plane and its admin address.
+    let config = lab.dir.join("proxy.yaml");
+    let sock = lab.dir.join("xds.sock");
+    std::fs::write(
+        &config,
+        format!(
+            "admin: {{address: \"127.0.0.1:15000\"}}\nxds: {{address: \"unix:{}\", node_id: \"sidecar~{POD_V4}~p.lab~lab.svc.cluster.local\"}}\n",
+            sock.display()
+        ),
+    )
+    .unwrap();
+    let mut proxy = lab
+        .command(
+            &pod.ns,
+            pod.in_cgroup,
+            sibling_bin("sockmesh-proxy", "SOCKMESH_PROXY_BIN").unwrap(),
+        )
+        .unwrap();
+    proxy.arg("--config").arg(&config);
+    lab.spawn(proxy, Some("ready")).unwrap();
+    pods::apply_sockmesh(&lab, &pod, &p).unwrap();
+
+    let wait = Duration::from_secs(10);
+    for (type_url, v) in [(CLUSTER, c1), (ENDPOINT, e1), (LISTENER, l1), (ROUTE, r1)] {
+        assert_eq!(
+            cp.answer(type_url, v, wait).unwrap(),
+            Ok(()),
+            "{type_url} v{v}"
+        );
+    }
+    let node = cp.seen();
+    assert!(
+        node.iter()
+            .any(|s| s.type_url == ENDPOINT && s.resource_names.iter().any(|n| n == "limited")),
+        "EDS is asked for by cluster name: {node:#?}"
+    );
+    let vip = format!("{VIP}:80");
+    let ask = |path: &str, host: &str| summary(&get(&lab, &pod, false, &vip, path, host, &[]));
+    // Round robin over the EDS endpoints; a prefix route; by Host and by VIP.
+    let mut rr = vec![ask("/a", "reviews"), ask("/a", "reviews")];
+    rr.sort();
+    assert_eq!(
+        rr,
+        [
+            format!("up1 GET /a host=reviews from={POD_V4} [route xds]"),
+            format!("up2 GET /a host=reviews from={POD_V4} [route xds]"),
+        ]
+    );
+    assert_eq!(
+        ask("/v2/x", "unknown.host"),
+        format!("v2 GET /v2/x host=unknown.host from={POD_V4} [route v2]")
+    );
+
+    // Endpoints change (EDS): up1 leaves the cluster.
+    let e2 = cp.set(ENDPOINT, endpoints(&[18082]));
+    assert_eq!(cp.answer(ENDPOINT, e2, wait).unwrap(), Ok(()));
+    for _ in 0..3 {
+        assert!(ask("/e", "reviews").starts_with("up2 "));
+    }
+    // Routes change (RDS): the default route goes to reviews-v2.
+    let r2 = cp.set(ROUTE, vec![routes("reviews-v2")]);
+    assert_eq!(cp.answer(ROUTE, r2, wait).unwrap(), Ok(()));
+    assert_eq!(
+        ask("/r", "reviews"),
+        format!("v2 GET /r host=reviews from={POD_V4} [route xds]")
+    );
+
+    // A cluster the proxy cannot honour: refused with the reason, the previous clusters stay.
+    let bad = xds::eds_cluster("odd", LbPolicy::ClusterProvided, None);
+    let c2 = cp.set(CLUSTER, clusters(Some(bad)));
+    let nack = cp.answer(CLUSTER, c2, wait).unwrap().unwrap_err();
+    assert!(
+        nack.contains("Cluster \"odd\"") && nack.contains("lb_policy"),
+        "{nack}"
+    );
+    assert_eq!(
+        ask("/after-nack", "reviews"),
+        format!("v2 GET /after-nack host=reviews from={POD_V4} [route xds]")
+    );
+
+    // Circuit breakers from CDS: one request in flight, one waiting, the third refused.
+    assert_eq!(
+        concurrent_statuses(&lab, &pod, "limited", 1500),
+        ["200", "200", "503"]
+    );
+
+    // Listeners change (LDS): an inbound listener is added, then the outbound one removed.
+    let inbound = xds::listener("inbound", "0.0.0.0:15006".parse().unwrap(), true, None);
+    let l2 = cp.set(LISTENER, vec![outbound(), inbound.clone()]);
+    assert_eq!(cp.answer(LISTENER, l2, wait).unwrap(), Ok(()));
+    let from_peer = summary(&get(
+        &lab,
+        &pod,
+        true,
+        &format!("{POD_V4}:8080"),
+        "/in",
+        "app",
+        &[],
+    ));
+    assert_eq!(from_peer, "app GET /in host=app from=127.0.0.6");
+    let l3 = cp.set(LISTENER, vec![inbound]);
+    assert_eq!(cp.answer(LISTENER, l3, wait).unwrap(), Ok(()));
+    let mut gone = lab
+        .command(&pod.ns, pod.in_cgroup, testkit_bin().unwrap())
+        .unwrap();
+    gone.args(["http-get", &vip, "--path", "/gone", "--host", "reviews"]);
+    gone.args(["--uid", "1000", "--gid", "1000"]);
+    let gone = gone.output().unwrap();
+    let text = String::from_utf8_lossy(&gone.stdout);
+    assert!(
+        !gone.status.success() && !text.contains("GET /gone"),
+        "the outbound listener was removed, yet: {text}"
+    );
+    let dump = get(
+        &lab,
+        &pod,
+        false,
+        "127.0.0.1:15000",
+        "/config_dump",
+        "admin",
+        &[],
+    );
+    assert!(
+        dump.contains("from the control plane") && dump.contains("\"inbound\""),
+        "{dump}"
+    );
+}

@@ -1,0 +1,131 @@
+//! What is in force, and how it changes: the file's configuration merged with a control
+//! plane's resources, the listeners bound for it, and the snapshot connections use. A change
+//! is installed completely or not at all: listeners it adds are bound first, and a failure
+//! leaves everything as it was.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, RwLock},
+};
+
+use tokio::sync::watch;
+use tracing::info;
+
+use crate::{
+    config::Config,
+    server::{self, ListenerSpec, Shared, Snapshot},
+    xds,
+};
+
+/// The running proxy's configuration sources and listeners.
+pub struct Control {
+    /// The configuration file as last loaded.
+    file: Config,
+    /// The control plane's resources as last accepted.
+    dynamic: xds::Resources,
+    /// Bound listeners by address; sending `None` closes one.
+    listeners: HashMap<SocketAddr, watch::Sender<Option<ListenerSpec>>>,
+    shared: Option<Shared>,
+}
+
+impl Control {
+    pub fn new(file: Config) -> Control {
+        Control {
+            file,
+            dynamic: xds::Resources::default(),
+            listeners: HashMap::new(),
+            shared: None,
+        }
+    }
+
+    /// The snapshot connections use (after the first install).
+    pub fn shared(&self) -> Shared {
+        self.shared.clone().expect("installed")
+    }
+
+    pub fn file(&self) -> &Config {
+        &self.file
+    }
+
+    /// The control plane's resources in force.
+    pub fn dynamic(&self) -> &xds::Resources {
+        &self.dynamic
+    }
+
+    /// Put a new configuration file in force with the current dynamic resources.
+    pub fn set_file(&mut self, file: Config) -> Result<(), String> {
+        let merged = xds::merge(&file, &self.dynamic)?;
+        self.install(&merged)?;
+        self.file = file;
+        Ok(())
+    }
+
+    /// Put a control plane's resources in force with the file's configuration.
+    pub fn set_dynamic(&mut self, dynamic: xds::Resources) -> Result<(), String> {
+        let merged = xds::merge(&self.file, &dynamic)?;
+        self.install(&merged)?;
+        self.dynamic = dynamic;
+        Ok(())
+    }
+
+    /// The file's configuration alone (the first install, before any control plane).
+    pub fn start(&mut self) -> Result<(), String> {
+        let file = self.file.clone();
+        self.install(&file)
+    }
+
+    fn install(&mut self, c: &Config) -> Result<(), String> {
+        // Bind what is new first: a listener that cannot be bound refuses the whole change.
+        let mut bound = Vec::new();
+        for l in &c.listeners {
+            if !self.listeners.contains_key(&l.address) {
+                let socket = server::bind(l)
+                    .map_err(|e| format!("listener {:?} ({}): bind: {e}", l.name, l.address))?;
+                bound.push((l, socket));
+            }
+        }
+        let previous = self
+            .shared
+            .as_ref()
+            .map(|s| s.read().expect("config lock").clone());
+        let snap = Arc::new(Snapshot::new(c, previous.as_deref()));
+        server::start_health_checks(&snap);
+        let shared = match &self.shared {
+            Some(s) => {
+                *s.write().expect("config lock") = snap;
+                s.clone()
+            }
+            None => {
+                let s: Shared = Arc::new(RwLock::new(snap));
+                self.shared = Some(s.clone());
+                s
+            }
+        };
+        // Listeners that stay take their new settings; removed ones stop accepting.
+        self.listeners.retain(
+            |addr, tx| match c.listeners.iter().find(|l| l.address == *addr) {
+                Some(l) => {
+                    let spec = ListenerSpec::of(l);
+                    tx.send_if_modified(|cur| {
+                        let changed = cur.as_ref() != Some(&spec);
+                        *cur = Some(spec);
+                        changed
+                    });
+                    true
+                }
+                None => {
+                    let _ = tx.send(None);
+                    false
+                }
+            },
+        );
+        for (l, socket) in bound {
+            info!(name = l.name, address = %l.address, direction = ?l.direction, "listening");
+            let (tx, rx) = watch::channel(Some(ListenerSpec::of(l)));
+            self.listeners.insert(l.address, tx);
+            tokio::spawn(server::serve(socket, rx, shared.clone()));
+        }
+        Ok(())
+    }
+}
