@@ -797,15 +797,50 @@ impl Trace {
     }
 }
 
+/// An HTTP/1.1 `Upgrade: h2c` request is answered as HTTP/1.1, as if it had not asked: the
+/// server may decline an upgrade (RFC 9110 7.8), RFC 9113 dropped this way to HTTP/2, and
+/// Envoy declines it too. Its upgrade headers go, so no upstream switches either.
+fn decline_h2c_upgrade(headers: &mut hyper::HeaderMap) {
+    let h2c = headers
+        .get(hyper::header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|p| p.trim().eq_ignore_ascii_case("h2c")));
+    if !h2c {
+        return;
+    }
+    headers.remove(hyper::header::UPGRADE);
+    headers.remove("http2-settings");
+    let rest: Vec<String> = headers
+        .get_all(hyper::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| {
+            !t.is_empty()
+                && !t.eq_ignore_ascii_case("upgrade")
+                && !t.eq_ignore_ascii_case("http2-settings")
+        })
+        .map(String::from)
+        .collect();
+    headers.remove(hyper::header::CONNECTION);
+    if let Ok(v) = HeaderValue::from_str(&rest.join(", ")) {
+        if !rest.is_empty() {
+            headers.insert(hyper::header::CONNECTION, v);
+        }
+    }
+}
+
 /// Route and forward one request.
 async fn request(
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     client: ClientAddr,
     orig: OrigDstAddr,
     direction: Direction,
     snap: &Snapshot,
     trace: &mut Trace,
 ) -> Response<Body> {
+    decline_h2c_upgrade(req.headers_mut());
     let authority = req
         .uri()
         .authority()
@@ -1106,10 +1141,8 @@ async fn attempt(
         if !http2 {
             return pooled(req, target, direction, authority).await;
         }
-        let stream = connect(target, direction)
-            .await
-            .map_err(|e| Failure::Connect(e.to_string()))?;
-        forward_h2(req, stream, authority)
+        let send = h2_connection(target, direction).await?;
+        forward_h2(req, send, authority)
             .await
             .map_err(Failure::Reset)
     };
@@ -1189,11 +1222,44 @@ async fn pooled(
     Ok(resp.map(|b| b.boxed()))
 }
 
-/// Send `req` over `stream` with HTTP/2 (h2c, prior knowledge); the response's body streams.
-/// The client's authority becomes `:authority`.
+type H2 = hyper::client::conn::http2::SendRequest<Body>;
+
+/// HTTP/2 upstream connections, one per endpoint and direction, shared by all requests
+/// (streams multiplexed); a closed one is replaced on next use.
+static H2_POOL: std::sync::LazyLock<std::sync::Mutex<HashMap<(SocketAddr, bool), H2>>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// The pooled HTTP/2 (h2c, prior knowledge) connection to `target`, opened if needed.
+async fn h2_connection(target: SocketAddr, direction: Direction) -> Result<H2, Failure> {
+    let key = (target, direction == Direction::Inbound);
+    if let Some(send) = H2_POOL
+        .lock()
+        .expect("h2 pool lock")
+        .get(&key)
+        .filter(|s| !s.is_closed())
+    {
+        return Ok(send.clone());
+    }
+    let stream = connect(target, direction)
+        .await
+        .map_err(|e| Failure::Connect(e.to_string()))?;
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .map_err(|e| Failure::Reset(e.to_string()))?;
+    tokio::spawn(conn);
+    H2_POOL
+        .lock()
+        .expect("h2 pool lock")
+        .insert(key, send.clone());
+    Ok(send)
+}
+
+/// Send `req` over an HTTP/2 connection; the response's body streams. The client's
+/// authority becomes `:authority`.
 async fn forward_h2(
     mut req: Request<Body>,
-    stream: TcpStream,
+    mut send: H2,
     authority: &str,
 ) -> Result<Response<Body>, String> {
     let pq = req
@@ -1201,11 +1267,7 @@ async fn forward_h2(
         .path_and_query()
         .map_or("/", |p| p.as_str())
         .to_string();
-    let (mut send, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
+    send.ready().await.map_err(|e| e.to_string())?;
     let host = if authority.is_empty() {
         "localhost"
     } else {

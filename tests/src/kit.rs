@@ -968,11 +968,16 @@ pub fn http_upgrade(spec: &ConnectSpec, host: &str, message: &str) -> Result<Str
     Ok(rest)
 }
 
-/// A gRPC upstream (the agent's API, answering Status with its own port as the cookie), for
-/// HTTP/2 and trailers through the proxy. Prints "ready" once bound.
+/// A gRPC upstream (the agent's API, answering Status with the number of connections it has
+/// accepted as the cookie), for HTTP/2, trailers and upstream connection reuse through the
+/// proxy. Prints "ready" once bound.
 pub fn grpc_server(addr: SocketAddr) -> Result<()> {
     use crate::api::pb;
-    struct Upstream(u16);
+    use std::sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    };
+    struct Upstream(Arc<AtomicU64>);
     #[tonic::async_trait]
     impl pb::agent_server::Agent for Upstream {
         async fn register(
@@ -999,7 +1004,7 @@ pub fn grpc_server(addr: SocketAddr) -> Result<()> {
             _: tonic::Request<pb::StatusRequest>,
         ) -> Result<tonic::Response<pb::PodReply>, tonic::Status> {
             Ok(tonic::Response::new(pb::PodReply {
-                netns_cookie: self.0.into(),
+                netns_cookie: self.0.load(Ordering::Relaxed),
                 registered: true,
             }))
         }
@@ -1017,9 +1022,18 @@ pub fn grpc_server(addr: SocketAddr) -> Result<()> {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         println!("ready");
         std::io::stdout().flush()?;
+        let accepted = Arc::new(AtomicU64::new(0));
+        let counter = accepted.clone();
+        let incoming = tokio_stream::StreamExt::map(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            move |c| {
+                counter.fetch_add(1, Ordering::Relaxed);
+                c
+            },
+        );
         tonic::transport::Server::builder()
-            .add_service(pb::agent_server::AgentServer::new(Upstream(addr.port())))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .add_service(pb::agent_server::AgentServer::new(Upstream(accepted)))
+            .serve_with_incoming(incoming)
             .await?;
         anyhow::Ok(())
     })

@@ -263,9 +263,12 @@ fn scenario(mode: Mode) -> Vec<String> {
         ];
         seen.push(as_app(&lab, &pod, &args).trim().to_string());
     }
-    // gRPC (HTTP/2 with prior knowledge, status in trailers) routed by authority.
-    let grpc = as_app(&lab, &pod, &["grpc-call", &vip, "--authority", "grpc-svc"]);
-    seen.push(grpc.trim().to_string());
+    // gRPC (HTTP/2 with prior knowledge, status in trailers) routed by authority, from two
+    // clients: the upstream counts its connections, one shared by all their streams.
+    for _ in 0..2 {
+        let grpc = as_app(&lab, &pod, &["grpc-call", &vip, "--authority", "grpc-svc"]);
+        seen.push(grpc.trim().to_string());
+    }
     // TLS passed through by server name: a named one to its cluster, another to where it went.
     for sni in ["api.secure.example", "other.example"] {
         let text = as_app(
@@ -276,6 +279,19 @@ fn scenario(mode: Mode) -> Vec<String> {
         let first = text.split(' ').next().unwrap_or_default();
         seen.push(format!("tls {sni} -> {first}"));
     }
+    // HTTP/1.1 asking to upgrade to h2c is answered in HTTP/1.1, and the upgrade does not
+    // reach the upstream (which would switch and echo).
+    let h2c = [
+        "upgrade: h2c",
+        "http2-settings: AAMAAABkAAQCAAAAAAIAAAAA",
+        "connection: Upgrade, HTTP2-Settings",
+    ];
+    let r = get(&lab, &pod, false, &vip, "/h2c", "reviews-v2", &h2c);
+    seen.push(format!(
+        "{} {}",
+        r.lines().next().unwrap_or_default(),
+        summary(&r)
+    ));
     // The admin endpoint (localhost is never captured): stats and endpoint health.
     let stats = get(
         &lab,
@@ -350,11 +366,17 @@ fn routes_and_balances_the_same_under_iptables_and_sockmesh() {
             sockmesh_tests::kit::checksum(&five_mb)
         )
     );
-    assert_eq!(ipt[16], "tls api.secure.example -> listener=peer:9090");
-    assert_eq!(ipt[17], "tls other.example -> listener=peer:9091");
+    for grpc in &ipt[15..17] {
+        assert_eq!(
+            grpc,
+            "status cookie=1 registered=true; unregister PermissionDenied: trailers arrived"
+        );
+    }
+    assert_eq!(ipt[17], "tls api.secure.example -> listener=peer:9090");
+    assert_eq!(ipt[18], "tls other.example -> listener=peer:9091");
     assert_eq!(
-        ipt[15],
-        "status cookie=18096 registered=true; unregister PermissionDenied: trailers arrived"
+        ipt[19],
+        format!("HTTP/1.1 200 X v2 GET /h2c host=reviews-v2 from={POD_V4}")
     );
     let smesh = scenario(Mode::Sockmesh);
     assert_eq!(smesh, ipt, "sockmesh and iptables disagree");
@@ -412,6 +434,9 @@ virtual_hosts:
     domains: [shop]
     routes:
       - route: {{cluster: good, request_mirror_policies: [{{cluster: shadow}}]}}
+  - name: slow
+    domains: [slow]
+    routes: [{{route: {{cluster: good, timeout_ms: 300}}}}]
 clusters:
   - name: flaky
     endpoints: [{{address: "{PEER_V4}:18091"}}, {{address: "{PEER_V4}:18092"}}]
@@ -549,28 +574,63 @@ clusters:
         0
     );
 
-    // Reload on file change: shop now goes to the shadow cluster; a broken file is refused and
-    // the running configuration kept.
-    let text = std::fs::read_to_string(&config).unwrap();
+    // A per-route timeout: the client gets 504 long before the upstream, which got the
+    // request, answers.
+    let t = std::time::Instant::now();
+    let r = get(&lab, &pod, false, &vip, "/sleep/1500", "slow", &[]);
+    assert_eq!(status(&r), "504", "{r}");
+    assert!(
+        t.elapsed() < std::time::Duration::from_millis(1200),
+        "{:?}",
+        t.elapsed()
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while seen("good", "/sleep/1500") == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the upstream never got the timed-out request"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+
+    // Reload on file change: shop now goes to the shadow cluster; a request in flight on a
+    // connection made before goes on with the configuration it started with; a broken file
+    // is refused and the running configuration kept.
+    let in_flight = std::thread::scope(|s| {
+        let before = s.spawn(|| get(&lab, &pod, false, &vip, "/sleep/2500", "shop", &[]));
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        reload_to_shadow(&lab, &pod, &config, &vip);
+        before.join().unwrap()
+    });
+    assert!(
+        summary(&in_flight).starts_with("good GET /sleep/2500 host=shop "),
+        "{in_flight}"
+    );
+    std::fs::write(&config, "listeners: [ this is not valid").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let r = get(&lab, &pod, false, &vip, "/still", "shop", &[]);
+    assert!(summary(&r).starts_with("shadow GET /still"), "{r}");
+}
+
+/// Rewrite the resilience test's file so that shop goes to the shadow cluster; wait until the
+/// proxy has it.
+fn reload_to_shadow(lab: &Lab, pod: &Pod, config: &std::path::Path, vip: &str) {
+    let text = std::fs::read_to_string(config).unwrap();
     let changed = text.replace(
         "{cluster: good, request_mirror_policies: [{cluster: shadow}]}",
         "{cluster: shadow}",
     );
     assert_ne!(changed, text);
-    std::fs::write(&config, &changed).unwrap();
+    std::fs::write(config, &changed).unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
-        let r = get(&lab, &pod, false, &vip, "/after", "shop", &[]);
+        let r = get(lab, pod, false, vip, "/after", "shop", &[]);
         if summary(&r).starts_with("shadow GET /after") {
             break;
         }
         assert!(std::time::Instant::now() < deadline, "not reloaded: {r}");
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
-    std::fs::write(&config, "listeners: [ this is not valid").unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(2500));
-    let r = get(&lab, &pod, false, &vip, "/still", "shop", &[]);
-    assert!(summary(&r).starts_with("shadow GET /still"), "{r}");
 }
 
 /// A dual-stack pod (istio's `ISTIO_DUAL_STACK`): the proxy's listeners are IPv6 sockets that
