@@ -96,6 +96,15 @@ fn as_app(lab: &Lab, pod: &Pod, args: &[&str]) -> String {
     String::from_utf8_lossy(&run(&mut cmd).unwrap().stdout).into_owned()
 }
 
+/// Run the testkit with `args` on the pod's peer (the client of inbound traffic); its stdout.
+fn as_peer(lab: &Lab, pod: &Pod, args: &[&str]) -> String {
+    let mut cmd: Command = lab
+        .command(&pod.peer, false, testkit_bin().unwrap())
+        .unwrap();
+    cmd.args(args);
+    String::from_utf8_lossy(&run(&mut cmd).unwrap().stdout).into_owned()
+}
+
 /// The body line of a response (the upstream's report), with the x-route header if any.
 fn summary(resp: &str) -> String {
     let route = resp
@@ -140,6 +149,11 @@ fn scenario(mode: Mode) -> Vec<String> {
         .unwrap();
     app.args(["http-serve", "app@0.0.0.0:8080"]);
     lab.spawn(app, Some("ready")).unwrap();
+    let mut app_grpc = lab
+        .command(&pod.ns, pod.in_cgroup, testkit_bin().unwrap())
+        .unwrap();
+    app_grpc.args(["grpc-serve", "0.0.0.0:8096"]);
+    lab.spawn(app_grpc, Some("ready")).unwrap();
     let config = proxy_config(&lab);
     let mut proxy = lab
         .command(
@@ -292,6 +306,27 @@ fn scenario(mode: Mode) -> Vec<String> {
         r.lines().next().unwrap_or_default(),
         summary(&r)
     ));
+    // Inbound, through the inbound listener to the app: an upgrade with a half-close, large
+    // bodies both ways, gRPC with trailers.
+    let app = format!("{POD_V4}:8080");
+    let upgrade = ["http-upgrade", &app, "--host", "app", "--message", "hello"];
+    seen.push(as_peer(&lab, &pod, &upgrade));
+    for (path, bytes) in [("/upload", "5000000"), ("/bytes/5000000", "0")] {
+        let args = [
+            "http-transfer",
+            &app,
+            "--path",
+            path,
+            "--host",
+            "app",
+            "--bytes",
+            bytes,
+        ];
+        seen.push(as_peer(&lab, &pod, &args).trim().to_string());
+    }
+    let app_grpc = format!("{POD_V4}:8096");
+    let grpc = as_peer(&lab, &pod, &["grpc-call", &app_grpc, "--authority", "app"]);
+    seen.push(grpc.trim().to_string());
     // The admin endpoint (localhost is never captured): stats and endpoint health.
     let stats = get(
         &lab,
@@ -310,7 +345,7 @@ fn scenario(mode: Mode) -> Vec<String> {
     }
     let sticky = "sockmesh_proxy_requests_total{route=\"reviews/1\",cluster=\"reviews-sticky\",code_class=\"2xx\"} 4";
     assert!(stats.contains(sticky), "no {sticky} in\n{stats}");
-    let inbound = "sockmesh_proxy_downstream_cx_total{listener=\"inbound\"} 1";
+    let inbound = "sockmesh_proxy_downstream_cx_total{listener=\"inbound\"} 5";
     assert!(stats.contains(inbound), "no {inbound} in\n{stats}");
     let clusters = get(
         &lab,
@@ -377,6 +412,27 @@ fn routes_and_balances_the_same_under_iptables_and_sockmesh() {
     assert_eq!(
         ipt[19],
         format!("HTTP/1.1 200 X v2 GET /h2c host=reviews-v2 from={POD_V4}")
+    );
+    assert_eq!(
+        ipt[20],
+        "app echoes: hello (client closed its side; app says bye)"
+    );
+    let app_upload = format!(
+        "app got 5000000 bytes sum={:016x}\n",
+        sockmesh_tests::kit::checksum(&five_mb)
+    );
+    assert_eq!(
+        ipt[21],
+        format!(
+            "status=200 len={} sum={:016x}",
+            app_upload.len(),
+            sockmesh_tests::kit::checksum(app_upload.as_bytes())
+        )
+    );
+    assert_eq!(ipt[22], ipt[14], "the 5 MB download, inbound");
+    assert_eq!(
+        ipt[23],
+        "status cookie=1 registered=true; unregister PermissionDenied: trailers arrived"
     );
     let smesh = scenario(Mode::Sockmesh);
     assert_eq!(smesh, ipt, "sockmesh and iptables disagree");
