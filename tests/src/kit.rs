@@ -892,6 +892,26 @@ fn answer_http(
         write!(conn, " (client closed its side; {name} says bye)")?;
         return Ok(());
     }
+    // /stream/N answers N chunks 200 ms apart (chunked), to see that they are not buffered.
+    if let Some(n) = path
+        .strip_prefix("/stream/")
+        .and_then(|n| n.parse::<usize>().ok())
+    {
+        write!(
+            conn,
+            "HTTP/1.1 {status} X\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+        )?;
+        for i in 0..n {
+            if i > 0 {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            let line = format!("{name} chunk {i}\n");
+            write!(conn, "{:x}\r\n{line}\r\n", line.len())?;
+            conn.flush()?;
+        }
+        write!(conn, "0\r\n\r\n")?;
+        return Ok(());
+    }
     // /sleep/MS answers after MS milliseconds (a slow upstream).
     if let Some(ms) = path
         .strip_prefix("/sleep/")
@@ -1255,6 +1275,45 @@ pub fn checksum(b: &[u8]) -> u64 {
 
 /// A POST of `n` pattern bytes (written in pieces, as a stream), or with `n` = 0 a GET; returns
 /// "status=S len=L sum=X" of the response body.
+/// GET `/stream/N` (as `spec` describes) and watch the chunks arrive: how many, and whether
+/// the last came at least 100 ms per gap after the first (sent 200 ms apart: a proxy that
+/// buffered the body would deliver them together).
+pub fn http_stream(spec: &ConnectSpec, n: usize, host: &str) -> Result<String> {
+    let dst = spec.dst.context("no destination")?;
+    take_credentials(spec)?;
+    let mut s =
+        TcpStream::connect_timeout(&dst, spec.timeout).with_context(|| format!("connect {dst}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET /stream/{n} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n"
+    )?;
+    let mut all = Vec::new();
+    let mut buf = [0u8; 4096];
+    let (mut first, mut last) = (None, None);
+    loop {
+        let got = s.read(&mut buf)?;
+        if got == 0 {
+            break;
+        }
+        all.extend_from_slice(&buf[..got]);
+        let text = String::from_utf8_lossy(&all);
+        if first.is_none() && text.contains(" chunk 0\n") {
+            first = Some(std::time::Instant::now());
+        }
+        if last.is_none() && text.contains(&format!(" chunk {}\n", n.saturating_sub(1))) {
+            last = Some(std::time::Instant::now());
+        }
+    }
+    let text = String::from_utf8_lossy(&all);
+    let chunks = text.matches(" chunk ").count();
+    let spread = match (first, last) {
+        (Some(f), Some(l)) => l.duration_since(f) >= Duration::from_millis(100 * (n as u64 - 1)),
+        _ => false,
+    };
+    Ok(format!("chunks={chunks} streamed={spread}"))
+}
+
 pub fn http_transfer(spec: &ConnectSpec, path: &str, host: &str, n: usize) -> Result<String> {
     let dst = spec.dst.context("no destination")?;
     take_credentials(spec)?;

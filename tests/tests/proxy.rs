@@ -327,6 +327,11 @@ fn scenario(mode: Mode) -> Vec<String> {
     let app_grpc = format!("{POD_V4}:8096");
     let grpc = as_peer(&lab, &pod, &["grpc-call", &app_grpc, "--authority", "app"]);
     seen.push(grpc.trim().to_string());
+    // A response streamed in chunks 200 ms apart arrives as it is sent, both ways.
+    let out = ["http-stream", &vip, "--host", "reviews-v2"];
+    seen.push(format!("outbound {}", as_app(&lab, &pod, &out).trim()));
+    let inb = ["http-stream", &app, "--host", "app"];
+    seen.push(format!("inbound {}", as_peer(&lab, &pod, &inb).trim()));
     // The admin endpoint (localhost is never captured): stats and endpoint health.
     let stats = get(
         &lab,
@@ -345,7 +350,7 @@ fn scenario(mode: Mode) -> Vec<String> {
     }
     let sticky = "sockmesh_proxy_requests_total{route=\"reviews/1\",cluster=\"reviews-sticky\",code_class=\"2xx\"} 4";
     assert!(stats.contains(sticky), "no {sticky} in\n{stats}");
-    let inbound = "sockmesh_proxy_downstream_cx_total{listener=\"inbound\"} 5";
+    let inbound = "sockmesh_proxy_downstream_cx_total{listener=\"inbound\"} 6";
     assert!(stats.contains(inbound), "no {inbound} in\n{stats}");
     let clusters = get(
         &lab,
@@ -430,6 +435,13 @@ fn routes_and_balances_the_same_under_iptables_and_sockmesh() {
         )
     );
     assert_eq!(ipt[22], ipt[14], "the 5 MB download, inbound");
+    assert_eq!(
+        ipt[24..26],
+        [
+            "outbound chunks=4 streamed=true",
+            "inbound chunks=4 streamed=true"
+        ]
+    );
     assert_eq!(
         ipt[23],
         "status cookie=1 registered=true; unregister PermissionDenied: trailers arrived"

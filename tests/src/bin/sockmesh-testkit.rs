@@ -181,6 +181,18 @@ enum Cmd {
         #[arg(long)]
         gid: Option<u32>,
     },
+    /// GET /stream/N from DST; prints how many chunks came and whether they came spread out.
+    HttpStream {
+        dst: SocketAddr,
+        #[arg(long, default_value = "4")]
+        chunks: usize,
+        #[arg(long)]
+        host: String,
+        #[arg(long)]
+        uid: Option<u32>,
+        #[arg(long)]
+        gid: Option<u32>,
+    },
     /// The demo lab: pods in netns, the agent, a listener on 15001, real connections, dump.
     Lab,
 }
@@ -252,6 +264,17 @@ fn main() -> anyhow::Result<()> {
         } => {
             let spec = ConnectSpec::to(dst, uid, gid);
             println!("{}", kit::http_transfer(&spec, &path, &host, bytes)?);
+            Ok(())
+        }
+        Cmd::HttpStream {
+            dst,
+            chunks,
+            host,
+            uid,
+            gid,
+        } => {
+            let spec = ConnectSpec::to(dst, uid, gid);
+            println!("{}", kit::http_stream(&spec, chunks, &host)?);
             Ok(())
         }
         Cmd::HttpKeepalive { addrs } => kit::http_keepalive_server(&addrs),
