@@ -479,11 +479,9 @@ async fn connection(
         warn!(client = %client.0, "connection reached the proxy directly (not redirected): closed");
         return Ok(());
     }
-    // A declared TCP port is not sniffed (server-first protocols send nothing).
-    let declared = match direction {
-        Direction::Outbound => snapshot.router.tcp_route(orig.0),
-        Direction::Inbound => None,
-    };
+    // A declared TCP port is not sniffed (server-first protocols send nothing); inbound, it
+    // goes to the app whatever the route's cluster.
+    let declared = snapshot.router.tcp_route(orig.0);
     let protocol = match declared {
         Some(_) => Protocol::Tcp,
         None => sniff(&stream, detect_timeout).await?,

@@ -924,7 +924,8 @@ fn answer_http(
             .create(true)
             .append(true)
             .open(file)?;
-        writeln!(f, "{name} {method} {path} host={host}")?;
+        // One write per line: threads append to the same file at once.
+        f.write_all(format!("{name} {method} {path} host={host}\n").as_bytes())?;
     }
     let body = format!("{name} {method} {path} host={host} from={}\n", peer.ip());
     write!(

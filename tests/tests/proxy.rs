@@ -154,6 +154,11 @@ fn scenario(mode: Mode) -> Vec<String> {
         .unwrap();
     app_grpc.args(["grpc-serve", "0.0.0.0:8096"]);
     lab.spawn(app_grpc, Some("ready")).unwrap();
+    let mut app_tcp = lab
+        .command(&pod.ns, pod.in_cgroup, testkit_bin().unwrap())
+        .unwrap();
+    app_tcp.args(["listen", "app-tcp@0.0.0.0:9090"]);
+    lab.spawn(app_tcp, Some("ready")).unwrap();
     let config = proxy_config(&lab);
     let mut proxy = lab
         .command(
@@ -327,6 +332,16 @@ fn scenario(mode: Mode) -> Vec<String> {
     let app_grpc = format!("{POD_V4}:8096");
     let grpc = as_peer(&lab, &pod, &["grpc-call", &app_grpc, "--authority", "app"]);
     seen.push(grpc.trim().to_string());
+    // Raw TCP inbound (server-first, its port declared): to the app from 127.0.0.6.
+    let out = as_peer(&lab, &pod, &["connect", &format!("{POD_V4}:9090")]);
+    match serde_json::from_str::<Outcome>(&out).unwrap() {
+        Outcome::Ok {
+            listener,
+            client_ip,
+            ..
+        } => seen.push(format!("tcp inbound {listener} from={client_ip}")),
+        other => seen.push(format!("tcp inbound {other:?}")),
+    }
     // A response streamed in chunks 200 ms apart arrives as it is sent, both ways.
     let out = ["http-stream", &vip, "--host", "reviews-v2"];
     seen.push(format!("outbound {}", as_app(&lab, &pod, &out).trim()));
@@ -350,7 +365,7 @@ fn scenario(mode: Mode) -> Vec<String> {
     }
     let sticky = "sockmesh_proxy_requests_total{route=\"reviews/1\",cluster=\"reviews-sticky\",code_class=\"2xx\"} 4";
     assert!(stats.contains(sticky), "no {sticky} in\n{stats}");
-    let inbound = "sockmesh_proxy_downstream_cx_total{listener=\"inbound\"} 6";
+    let inbound = "sockmesh_proxy_downstream_cx_total{listener=\"inbound\"} 7";
     assert!(stats.contains(inbound), "no {inbound} in\n{stats}");
     let clusters = get(
         &lab,
@@ -435,8 +450,9 @@ fn routes_and_balances_the_same_under_iptables_and_sockmesh() {
         )
     );
     assert_eq!(ipt[22], ipt[14], "the 5 MB download, inbound");
+    assert_eq!(ipt[24], "tcp inbound app-tcp from=127.0.0.6");
     assert_eq!(
-        ipt[24..26],
+        ipt[25..27],
         [
             "outbound chunks=4 streamed=true",
             "inbound chunks=4 streamed=true"
