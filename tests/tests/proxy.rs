@@ -534,6 +534,9 @@ clusters:
   - name: hc
     health_check: {{interval_ms: 100, unhealthy_threshold: 2, http_path: /healthz}}
     endpoints: [{{address: "{PEER_V4}:18091"}}, {{address: "{PEER_V4}:18092"}}]
+  - name: tcp-hc
+    health_check: {{interval_ms: 100, unhealthy_threshold: 2}}
+    endpoints: [{{address: "{PEER_V4}:18099"}}, {{address: "{PEER_V4}:18092"}}]
 "#
         ),
     )
@@ -628,6 +631,9 @@ clusters:
     // Active health checks: the endpoint answering 503 to /healthz gets no traffic.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     let failing = format!("hc::{PEER_V4}:18091::health_flags::/failed_active_hc");
+    // The TCP check: nothing listens on 18099.
+    let tcp_failing = format!("tcp-hc::{PEER_V4}:18099::health_flags::/failed_active_hc");
+    let tcp_healthy = format!("tcp-hc::{PEER_V4}:18092::health_flags::healthy");
     loop {
         let clusters = get(
             &lab,
@@ -638,7 +644,10 @@ clusters:
             "admin",
             &[],
         );
-        if clusters.contains(&failing) {
+        if clusters.contains(&failing)
+            && clusters.contains(&tcp_failing)
+            && clusters.contains(&tcp_healthy)
+        {
             break;
         }
         assert!(
