@@ -264,7 +264,8 @@ pub struct Cluster {
     pub outlier_detection: Option<OutlierDetection>,
     /// Active health: probes each endpoint; failing ones get no traffic.
     pub health_check: Option<HealthCheck>,
-    /// Limits beyond which requests fail fast with 503 rather than queue (Envoy's defaults).
+    /// Limits on connections and requests in flight, and on requests waiting for one (beyond:
+    /// 503 at once); Envoy's defaults.
     #[serde(default)]
     pub circuit_breakers: CircuitBreakers,
     /// Retries allowed at once: `budget_percent` of active requests, at least

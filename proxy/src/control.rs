@@ -44,10 +44,6 @@ impl Control {
         self.shared.clone().expect("installed")
     }
 
-    pub fn file(&self) -> &Config {
-        &self.file
-    }
-
     /// The control plane's resources in force.
     pub fn dynamic(&self) -> &xds::Resources {
         &self.dynamic

@@ -63,6 +63,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     drop_privileges(args.uid, args.gid)?;
     let shared = control.shared();
     let control = Arc::new(Mutex::new(control));
+    let started = (config.xds.clone(), config.admin.as_ref().map(|a| a.address));
     if let Some(x) = &config.xds {
         info!(
             address = x.address,
@@ -100,10 +101,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let loaded = config::Config::load(&args.config).map_err(|e| e.to_string());
         let result = loaded.and_then(|c| {
             let mut control = control.lock().expect("control lock");
-            if c.xds != control.file().xds
-                || c.admin.as_ref().map(|a| a.address)
-                    != control.file().admin.as_ref().map(|a| a.address)
-            {
+            if (c.xds.clone(), c.admin.as_ref().map(|a| a.address)) != started {
                 warn!("the xds and admin sections change only with a restart");
             }
             control.set_file(c)

@@ -1280,7 +1280,6 @@ async fn forward_h2(
     Ok(resp.map(|b| b.boxed()))
 }
 
-/// Bind every listener of `config`.
 /// What a listener does with the connections it accepts; it may change without rebinding.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ListenerSpec {

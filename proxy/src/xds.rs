@@ -320,6 +320,9 @@ fn listener(
     hashes: &mut BTreeMap<String, HashPolicy>,
 ) -> Result<(), String> {
     let address = socket_addr(&l.address, "address")?;
+    if l.bind_to_port.as_ref().is_some_and(|b| !b.value) {
+        return Err("bind_to_port false (a listener reached through another's original destination) is not supported".into());
+    }
     let direction = match core::TrafficDirection::try_from(l.traffic_direction) {
         Ok(core::TrafficDirection::Inbound) => Direction::Inbound,
         Ok(core::TrafficDirection::Outbound | core::TrafficDirection::Unspecified) => {
@@ -342,6 +345,11 @@ fn listener(
     let chains = l.filter_chains.iter().chain(l.default_filter_chain.iter());
     for (i, chain) in chains.enumerate() {
         let m = chain.filter_chain_match.clone().unwrap_or_default();
+        if chain.transport_socket.is_some() {
+            return Err(format!(
+                "filter_chains[{i}]: transport_socket (TLS termination) is not supported"
+            ));
+        }
         for (j, f) in chain.filters.iter().enumerate() {
             let at = format!("filter_chains[{i}].filters[{j}] ({})", f.name);
             let any = match &f.config_type {
@@ -513,6 +521,9 @@ fn route(
         route_match::PathSpecifier as P,
     };
     let m = r.r#match.clone().unwrap_or_default();
+    if m.runtime_fraction.is_some() {
+        return Err("match.runtime_fraction is not supported".into());
+    }
     if m.case_sensitive.as_ref().is_some_and(|c| !c.value) {
         return Err("match.case_sensitive false is not supported".into());
     }
@@ -585,6 +596,12 @@ fn route(
             Ok(name.to_string())
         }
     };
+    if !ra.prefix_rewrite.is_empty()
+        || ra.regex_rewrite.is_some()
+        || ra.host_rewrite_specifier.is_some()
+    {
+        return Err("path and host rewrites are not supported".into());
+    }
     use rds::route_action::ClusterSpecifier as C;
     let (cluster, weighted_clusters) = match &ra.cluster_specifier {
         Some(C::Cluster(name)) => (Some(usable(name)?), Vec::new()),
@@ -735,6 +752,9 @@ fn endpoints(cla: &eds::ClusterLoadAssignment) -> Result<Vec<EndpointConfig>, St
 
 fn cluster(c: &cds::Cluster, r: &Resources, hash: Option<&HashPolicy>) -> Result<Cluster, String> {
     use cds::cluster::{DiscoveryType, LbPolicy as L};
+    if c.transport_socket.is_some() {
+        return Err("transport_socket (TLS to the endpoints) is not supported".into());
+    }
     let endpoint_list = match discovery(c)? {
         DiscoveryType::Static | DiscoveryType::StrictDns | DiscoveryType::LogicalDns => {
             match &c.load_assignment {
@@ -759,10 +779,10 @@ fn cluster(c: &cds::Cluster, r: &Resources, hash: Option<&HashPolicy>) -> Result
         Ok(L::Random) => LbPolicy::Random,
         Ok(L::RingHash) => LbPolicy::RingHash,
         Ok(L::Maglev) => LbPolicy::Maglev,
-        _ => {
+        other => {
             return Err(format!(
                 "lb_policy {} is not supported (ROUND_ROBIN, LEAST_REQUEST, RANDOM, RING_HASH and MAGLEV are)",
-                c.lb_policy
+                other.map_or_else(|_| c.lb_policy.to_string(), |p| p.as_str_name().to_string())
             ))
         }
     };
@@ -871,14 +891,20 @@ struct Stream {
 /// Follow the control plane for the life of the process: reconnect with a backoff when the
 /// stream ends; the resources in force stay meanwhile, as Envoy keeps them.
 pub async fn run(settings: XdsSettings, control: Arc<Mutex<Control>>) {
-    let mut backoff = Duration::from_millis(250);
+    const FIRST: Duration = Duration::from_millis(250);
+    let mut backoff = FIRST;
     loop {
-        match session(&settings, &control).await {
+        let mut answered = false;
+        match session(&settings, &control, &mut answered).await {
             Ok(()) => warn!(
                 address = settings.address,
                 "xDS stream closed by the control plane"
             ),
             Err(e) => warn!(address = settings.address, "xDS stream: {e:#}"),
+        }
+        // A stream that got answers starts the backoff over.
+        if answered {
+            backoff = FIRST;
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -907,7 +933,11 @@ async fn channel(address: &str) -> anyhow::Result<tonic::transport::Channel> {
     )
 }
 
-async fn session(settings: &XdsSettings, control: &Arc<Mutex<Control>>) -> anyhow::Result<()> {
+async fn session(
+    settings: &XdsSettings,
+    control: &Arc<Mutex<Control>>,
+    answered: &mut bool,
+) -> anyhow::Result<()> {
     let ch = channel(&settings.address).await?;
     let mut client = AggregatedDiscoveryServiceClient::new(ch);
     let (tx, rx) = tokio::sync::mpsc::channel::<DiscoveryRequest>(16);
@@ -953,6 +983,7 @@ async fn session(settings: &XdsSettings, control: &Arc<Mutex<Control>>) -> anyho
         "xDS stream open"
     );
     while let Some(resp) = responses.message().await? {
+        *answered = true;
         let DiscoveryResponse {
             version_info,
             resources,
