@@ -467,13 +467,24 @@ fn routes_and_balances_the_same_under_iptables_and_sockmesh() {
 }
 
 /// Retries, outlier ejection, fault injection and mirroring, seen from the upstreams, with the
-/// proxy behind sockmesh.
+/// proxy behind iptables and behind sockmesh.
 #[test]
 fn retries_ejection_faults_and_mirroring_are_seen_by_the_upstreams() {
-    let mut lab = Lab::new("pxr").unwrap();
-    lab.start_agent().unwrap();
+    resilience(Mode::Iptables);
+    resilience(Mode::Sockmesh);
+}
+
+fn resilience(mode: Mode) {
+    let mut lab = Lab::new(match mode {
+        Mode::Iptables => "pxri",
+        Mode::Sockmesh => "pxrs",
+    })
+    .unwrap();
+    if mode == Mode::Sockmesh {
+        lab.start_agent().unwrap();
+    }
     let p = Profile::default_sidecar();
-    let pod = pods::pod_with(&mut lab, "p", &p, Mode::Sockmesh, &[]).unwrap();
+    let pod = pods::pod_with(&mut lab, "p", &p, mode, &[]).unwrap();
     let log = lab.dir.join("upstreams.log");
     let mut up = lab
         .command(&pod.peer, false, testkit_bin().unwrap())
@@ -550,7 +561,12 @@ clusters:
         .unwrap();
     proxy.arg("--config").arg(&config);
     lab.spawn(proxy, Some("ready")).unwrap();
-    pods::apply_sockmesh(&lab, &pod, &p).unwrap();
+    match mode {
+        Mode::Iptables => pods::apply_iptables(&pod, &p).unwrap(),
+        Mode::Sockmesh => {
+            pods::apply_sockmesh(&lab, &pod, &p).unwrap();
+        }
+    }
     let vip = format!("{VIP}:80");
     let status = |resp: &str| resp.split(' ').nth(1).unwrap_or_default().to_string();
     let seen = |name: &str, path: &str| {
