@@ -22,7 +22,14 @@ struct Sizes {
     rounds: usize,
     secs: f64,
     conns: usize,
+    /// Rule scale: exclusions of each kind.
+    rules: &'static [usize],
+    /// Pod scale: pods registered.
+    pods: &'static [usize],
 }
+
+/// Median, min and max.
+type Spread = (f64, f64, f64);
 
 /// Median and spread of a series.
 fn stats(v: &[f64]) -> (f64, f64, f64) {
@@ -104,6 +111,108 @@ fn wait_for_proxy(lab: &Lab, pod: &Pod) -> Result<()> {
     }
 }
 
+/// `n` excluded CIDRs (`-x`) and `n` excluded ports (`-o`), none of them the benchmark's
+/// destination (peer:80).
+fn exclusions(n: usize) -> (Vec<String>, Vec<u16>) {
+    let cidrs = (0..n)
+        .map(|i| format!("1.{}.{}.0/24", i / 100, i % 100))
+        .collect();
+    let ports = (0..n).map(|i| 20_000 + i as u16).collect();
+    (cidrs, ports)
+}
+
+/// Unregister `pod` and register it again with `prof`.
+fn reregister(lab: &Lab, pod: &Pod, prof: &Profile) -> Result<()> {
+    run_cmd(
+        lab.sockmesh_in(&pod.ns)?
+            .args(["init", "istio", "--cleanup-only"]),
+    )?;
+    pods::apply_sockmesh(lab, pod, prof)?;
+    Ok(())
+}
+
+/// A new network namespace (made by a short-lived thread), kept alive by the returned fd.
+fn new_netns() -> Result<std::os::fd::OwnedFd> {
+    std::thread::spawn(|| -> Result<std::os::fd::OwnedFd> {
+        // SAFETY: only this thread's namespace changes; it ends right after.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            bail!("unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
+        }
+        Ok(std::fs::File::open("/proc/thread-self/ns/net")?.into())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("netns thread panicked"))?
+}
+
+/// Register `fds`' namespaces with the agent one after the other (as init containers do, each
+/// its own connection); seconds taken.
+fn register_all(
+    rt: &tokio::runtime::Runtime,
+    lab: &Lab,
+    fds: &[std::os::fd::OwnedFd],
+) -> Result<f64> {
+    use std::os::fd::AsRawFd;
+    let t = std::time::Instant::now();
+    rt.block_on(async {
+        for fd in fds {
+            let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+            let mut c = crate::api::pod_client(&lab.socket, std::path::Path::new(&path)).await?;
+            c.register(crate::api::pb::RegisterRequest {
+                settings: Some(crate::api::default_settings()),
+            })
+            .await
+            .context("registering a pod")?;
+        }
+        anyhow::Ok(())
+    })?;
+    Ok(t.elapsed().as_secs_f64())
+}
+
+fn unregister_all(
+    rt: &tokio::runtime::Runtime,
+    lab: &Lab,
+    fds: &[std::os::fd::OwnedFd],
+) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    rt.block_on(async {
+        for fd in fds {
+            let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+            let mut c = crate::api::pod_client(&lab.socket, std::path::Path::new(&path)).await?;
+            c.unregister(crate::api::pb::UnregisterRequest {}).await?;
+        }
+        anyhow::Ok(())
+    })
+}
+
+/// The agent's resident memory, MiB.
+fn rss_mib(pid: u32) -> Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("no VmRSS")?;
+    Ok(kb / 1024.0)
+}
+
+/// Kernel memory of the BPF maps the agent holds (the `memlock` of each map fd), MiB.
+fn map_memory_mib(pid: u32) -> Result<f64> {
+    let mut total = 0u64;
+    for e in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
+        let info = std::fs::read_to_string(e?.path()).unwrap_or_default();
+        if !info.contains("map_type:") {
+            continue;
+        }
+        total += info
+            .lines()
+            .find_map(|l| l.strip_prefix("memlock:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Ok(total as f64 / (1024.0 * 1024.0))
+}
+
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
@@ -126,12 +235,16 @@ pub fn run(smoke: bool) -> Result<String> {
             rounds: 1,
             secs: 0.3,
             conns: 2,
+            rules: &[1, 100],
+            pods: &[1, 10],
         }
     } else {
         Sizes {
             rounds: 5,
             secs: 2.0,
             conns: 4,
+            rules: &[1, 100, 1000, 10_000],
+            pods: &[1, 100, 1000],
         }
     };
     let mut lab = Lab::new("bench")?;
@@ -171,6 +284,30 @@ pub fn run(smoke: bool) -> Result<String> {
         ),
     )?;
 
+    // 3. Rule scale: for each size, a pod with istio's iptables rules, n excluded CIDRs and n
+    // excluded ports, and its own listener on 15001; sockmesh's side is the sockmesh pod,
+    // registered again with the same exclusions (pod addresses are unique on a node).
+    let mut scaled = Vec::new();
+    for (k, &n) in s.rules.iter().enumerate() {
+        let mut prof = p.clone();
+        (prof.exclude, prof.outbound_exclude_ports) = exclusions(n);
+        let i = pods::pod_with(&mut lab, &format!("ri{k}"), &prof, Mode::Iptables, &[15001])?;
+        pods::apply_iptables(&i, &prof)?;
+        scaled.push((n, i, prof));
+    }
+    let mut c_rules: Vec<(Vec<f64>, Vec<f64>)> = vec![Default::default(); scaled.len()];
+    // 4. Pod scale: namespaces registered and unregistered by the benchmark itself.
+    let agent = lab.agent_pid().context("the agent's pid")?;
+    let most = *s.pods.iter().max().unwrap_or(&1);
+    let spare: Vec<std::os::fd::OwnedFd> = (0..most).map(|_| new_netns()).collect::<Result<_>>()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut reg: Vec<Vec<f64>> = vec![Vec::new(); s.pods.len()];
+    let mut rss: Vec<Vec<f64>> = vec![Vec::new(); s.pods.len()];
+    let mut mem: Vec<Vec<f64>> = vec![Vec::new(); s.pods.len()];
+    let (mut cap_before, mut cap_after) = (Vec::new(), Vec::new());
+
     let (mut c_direct, mut c_ipt, mut c_sm) = (Vec::new(), Vec::new(), Vec::new());
     let mut ours: Vec<(f64, f64, f64)> = Vec::new();
     let mut theirs: Vec<(f64, f64, f64)> = Vec::new();
@@ -183,6 +320,27 @@ pub fn run(smoke: bool) -> Result<String> {
         l.args(["listen", "pod:15001@0.0.0.0:15001"]);
         let li = lab.spawn(l, Some("ready"))?;
         c_sm.push(connects(&lab, &sm, true, &peer80, s.secs)?);
+
+        // 3. Rule scale.
+        for ((_, i, prof), (ci, cm)) in scaled.iter().zip(c_rules.iter_mut()) {
+            ci.push(connects(&lab, i, false, &peer80, s.secs)?);
+            reregister(&lab, &sm, prof)?;
+            cm.push(connects(&lab, &sm, true, &peer80, s.secs)?);
+        }
+        reregister(&lab, &sm, &p)?;
+
+        // 4. Pod scale: register n pods, read the agent's memory, (at the most) measure the
+        // sockmesh pod's capture, unregister them.
+        cap_before.push(connects(&lab, &sm, true, &peer80, s.secs)?);
+        for (k, &n) in s.pods.iter().enumerate() {
+            reg[k].push(register_all(&rt, &lab, &spare[..n])? / n as f64);
+            rss[k].push(rss_mib(agent)?);
+            mem[k].push(map_memory_mib(agent)?);
+            if n == most {
+                cap_after.push(connects(&lab, &sm, true, &peer80, s.secs)?);
+            }
+            unregister_all(&rt, &lab, &spare[..n])?;
+        }
         lab.kill(li)?;
 
         // 5. The proxy against HAProxy, one after the other, on the same pod and upstreams.
@@ -251,6 +409,55 @@ pub fn run(smoke: bool) -> Result<String> {
         r.push_str(&format!("| {name} | {} | {:.2} |\n", fmt(v), v.0 / d.0));
     }
     r.push_str(&format!("\nsockmesh / iptables: {:.2}\n\n", m.0 / i.0));
+    r.push_str("## 3. Rule scale\n\n");
+    r.push_str(
+        "The same short connections from pods whose capture excludes n CIDRs (`-x`, /24s) and \
+         n ports (`-o`), none of them the destination, so every exclusion is checked. \
+         iptables holds one rule per exclusion; sockmesh an LPM trie entry per CIDR and a \
+         hash entry per port.\n\n\
+         | exclusions (each kind) | iptables conn/s | iptables vs 1 | sockmesh conn/s | sockmesh vs 1 |\n\
+         |---|---|---|---|---|\n",
+    );
+    let rules: Vec<(Spread, Spread)> = c_rules
+        .iter()
+        .map(|(ci, cm)| (stats(ci), stats(cm)))
+        .collect();
+    for ((n, _, _), (ri, rm)) in scaled.iter().zip(&rules) {
+        r.push_str(&format!(
+            "| {n} | {} | {:.2} | {} | {:.2} |\n",
+            fmt(*ri),
+            ri.0 / rules[0].0 .0,
+            fmt(*rm),
+            rm.0 / rules[0].1 .0
+        ));
+    }
+    r.push_str("\n## 4. Pod scale\n\n");
+    r.push_str(&format!(
+        "n network namespaces registered with the agent one after the other over its API (a \
+         connection each, istio's default settings), then unregistered; the agent's resident \
+         memory and its BPF maps' kernel memory (memlock) with n registered. Then the capture \
+         cost of a registered pod with {most} others registered, against the same pod alone, \
+         in the same round.\n\n\
+         | pods | ms per registration | agent RSS MiB | BPF map memory MiB |\n|---|---|---|---|\n"
+    ));
+    let ms = |v: &[f64]| stats(&v.iter().map(|x| x * 1000.0).collect::<Vec<_>>());
+    let two = |(mid, lo, hi): (f64, f64, f64)| format!("{mid:.2} [{lo:.2}–{hi:.2}]");
+    for (k, n) in s.pods.iter().enumerate() {
+        r.push_str(&format!(
+            "| {n} | {} | {} | {} |\n",
+            two(ms(&reg[k])),
+            two(stats(&rss[k])),
+            two(stats(&mem[k]))
+        ));
+    }
+    let (before, after) = (stats(&cap_before), stats(&cap_after));
+    r.push_str(&format!(
+        "\nCapture of one pod, connections/s: alone {}, with {most} others registered {} \
+         (ratio {:.2}).\n\n",
+        fmt(before),
+        fmt(after),
+        after.0 / before.0
+    ));
     r.push_str("## 5. The proxy against HAProxy\n\n");
     r.push_str(&format!(
         "HTTP/1.1 keep-alive GETs from the app over {} connections to a service VIP, captured \
@@ -292,6 +499,24 @@ pub fn run(smoke: bool) -> Result<String> {
         "| connect-time capture within 5% of direct (>= 0.95) | {connect:.2} | {} |\n",
         verdict(connect >= 0.95, format!("{:.2}", 0.95 - connect))
     ));
+    let last = rules.len() - 1;
+    let scale = rules[last].1 .0 / rules[0].1 .0;
+    r.push_str(&format!(
+        "| per-connect cost with {} exclusions within 5% of 1 (>= 0.95) | {scale:.2} | {} |\n",
+        s.rules[last],
+        verdict(scale >= 0.95, format!("{:.2}", 0.95 - scale))
+    ));
+    let k = s.pods.len() - 1;
+    let total = stats(&reg[k]).0 * most as f64;
+    r.push_str(&format!(
+        "| registering {most} pods in under 2 s | {total:.2} s | {} |\n",
+        verdict(total < 2.0, format!("{:.2} s", total - 2.0))
+    ));
+    let peak = stats(&rss[k]).0;
+    r.push_str(&format!(
+        "| agent under 30 MiB RSS with {most} pods | {peak:.1} MiB | {} |\n",
+        verdict(peak < 30.0, format!("{:.1} MiB", peak - 30.0))
+    ));
     let rps = o_rps.0 / h_rps.0;
     r.push_str(&format!(
         "| proxy requests/s at least HAProxy's (>= 1.00) | {rps:.2} | {} |\n",
@@ -313,7 +538,7 @@ pub fn run(smoke: bool) -> Result<String> {
         "Both proxies keep upstream connections alive (sockmesh-proxy pools HTTP/1.1 per \
          endpoint; HAProxy with `http-reuse always`). Both run as uid 1337, in the pod.\n\n\
          Not measured yet (issue #6): the app-to-proxy hop against a Unix-socket hop, sk_msg \
-         acceleration, rule scale, pod scale.\n",
+         acceleration.\n",
     );
     Ok(r)
 }

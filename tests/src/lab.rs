@@ -294,6 +294,11 @@ impl Lab {
     /// namespace (mounts shared, so it sees the lab's cgroup and bpffs): then even an agent that
     /// wrongly accepted its own namespace as a pod's would capture the lab's, never the
     /// machine's. Its metrics port is inside `node`.
+    /// The agent's process id (when started directly, not through nsenter).
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(|a| a.child.id())
+    }
+
     pub fn start_agent_in(&mut self, node: Option<&Netns>) -> Result<()> {
         let log = self.dir.join("agent.log");
         let out = fs::File::create(&log)?;

@@ -19,6 +19,12 @@ fn the_benchmark_suite_runs_and_reports_every_ratio() {
         "sockmesh-proxy / HAProxy: requests/s ",
         "| connect-time capture within 5% of direct (>= 0.95) |",
         "| proxy p99 lower than HAProxy's (< 1.00) |",
+        "## 3. Rule scale",
+        "| exclusions (each kind) | iptables conn/s |",
+        "## 4. Pod scale",
+        "| pods | ms per registration |",
+        "| registering 10 pods in under 2 s |",
+        "| agent under 30 MiB RSS with 10 pods |",
     ] {
         assert!(
             report.contains(needle),
@@ -38,6 +44,7 @@ fn the_benchmark_suite_runs_and_reports_every_ratio() {
     for after in [
         "sockmesh / iptables: ",
         "sockmesh-proxy / HAProxy: requests/s ",
+        "others registered ",
     ] {
         let r = ratio(after);
         assert!(r.is_finite() && r > 0.0, "{after}{r}");
