@@ -517,7 +517,7 @@ fn connect_inner(spec: &ConnectSpec) -> Result<Outcome> {
 }
 
 /// Become `spec.gid`/`spec.uid` for good (no supplementary groups).
-fn take_credentials(spec: &ConnectSpec) -> Result<()> {
+pub fn take_credentials(spec: &ConnectSpec) -> Result<()> {
     // SAFETY: credential changes of this single-threaded process.
     unsafe {
         if (spec.gid.is_some() || spec.uid.is_some()) && libc::setgroups(0, std::ptr::null()) != 0 {

@@ -125,6 +125,8 @@ pub struct Agent {
 }
 
 pub struct Lab {
+    /// Extra arguments for the agent (before `start_agent`).
+    pub agent_args: Vec<String>,
     pub name: String,
     pub dir: PathBuf,
     pub cgroup: PathBuf,
@@ -156,6 +158,7 @@ impl Lab {
             bpffs_mount,
             netns: Vec::new(),
             children: Vec::new(),
+            agent_args: Vec::new(),
             agent: None,
             bpffs_mounted: false,
         };
@@ -322,6 +325,7 @@ impl Lab {
             .arg(&self.socket)
             // Any free port: several labs run at once.
             .args(["--metrics", "127.0.0.1:0"])
+            .args(&self.agent_args)
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)

@@ -44,6 +44,14 @@ pub struct AgentArgs {
     /// HTTP address for /metrics (Prometheus), /healthz and /readyz; "off" to disable.
     #[arg(long, default_value = "127.0.0.1:15094")]
     pub metrics: String,
+    /// Socket acceleration (sk_msg) of registered pods' local connections, for the whole node;
+    /// a pod turns it off for itself with SOCKMESH_ACCELERATION=off at init. Off by default:
+    /// on current kernels sk_msg differs from TCP where a user can see it (no back pressure,
+    /// splice(2) readers see nothing, blocking reads may fail with EAGAIN early; see
+    /// docs/operations.md). Turn it on only where every pod's local peers read with an event
+    /// loop, without splice.
+    #[arg(long, default_value = "off", value_parser = ["on", "off"])]
+    pub acceleration: String,
 }
 
 struct State {
@@ -184,9 +192,16 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     }
     bpf::prepare_bpffs(&args.bpffs)?;
     let cgroup = bpf::open_cgroup2(&args.cgroup)?;
-    let mut ebpf = bpf::load(&args.bpffs)?;
+    let accel = args.acceleration == "on";
+    let mut ebpf = bpf::load(&args.bpffs, accel)?;
     forward_kernel_logs(&mut ebpf);
     let actions = bpf::attach_all(&mut ebpf, cgroup.as_fd(), &args.bpffs)?;
+    if accel {
+        bpf::attach_sk_msg(&mut ebpf)?;
+        info!("socket acceleration on: local connections of registered pods skip TCP/IP");
+    } else {
+        info!("socket acceleration off (the default; --acceleration on turns it on)");
+    }
     for (link, action) in &actions {
         info!(link, ?action, cgroup = %args.cgroup.display(), "program in force");
     }

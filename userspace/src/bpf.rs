@@ -12,12 +12,12 @@ use std::{
 };
 
 use aya::{
-    maps::{lpm_trie::LpmTrie, HashMap, Map, MapData, MapError, PerCpuHashMap},
-    programs::{CgroupSock, CgroupSockAddr, CgroupSockopt, ProgramError, SkLookup, SockOps},
+    maps::{lpm_trie::LpmTrie, HashMap, Map, MapData, MapError, PerCpuHashMap, SockHash},
+    programs::{CgroupSock, CgroupSockAddr, CgroupSockopt, ProgramError, SkLookup, SkMsg, SockOps},
     Ebpf, EbpfLoader,
 };
 use sockmesh_common::{
-    names, CidrKey, ConnKey, CounterKey, LocalAddrKey, MemberKey, OrigDst, PodConfig,
+    names, CidrKey, ConnKey, CounterKey, LocalAddrKey, MemberKey, OrigDst, PodConfig, SockKey,
 };
 
 use crate::sys::{self, SyscallError};
@@ -192,8 +192,8 @@ pub fn open_cgroup2(dir: &Path) -> Result<fs::File, BpfError> {
 }
 
 /// Key and value sizes of every pinned map, as this build lays them out.
-fn map_layouts() -> [(&'static str, usize, usize); 11] {
-    use sockmesh_common::{ListenerKey, SockOwner};
+fn map_layouts() -> [(&'static str, usize, usize); 13] {
+    use sockmesh_common::{ListenerKey, SockKey, SockOwner};
     use std::mem::size_of;
     // LPM-trie keys carry a 4-byte prefix length before the data.
     let lpm = 4 + size_of::<CidrKey>();
@@ -209,6 +209,8 @@ fn map_layouts() -> [(&'static str, usize, usize); 11] {
         (names::ADDR_POD, 16, 8),
         (names::ROUTE_SRC, lpm, 16),
         (names::COUNTERS, size_of::<CounterKey>(), 8),
+        (names::SOCKS, size_of::<SockKey>(), 4),
+        (names::SOCK_TCP, 4, 1),
     ]
 }
 
@@ -239,10 +241,12 @@ fn check_pinned_layouts(dir: &Path) -> Result<(), BpfError> {
 }
 
 /// Load the object with every map pinned (or reused) under `bpffs/maps`.
-pub fn load(bpffs: &Path) -> Result<Ebpf, BpfError> {
+pub fn load(bpffs: &Path, accel: bool) -> Result<Ebpf, BpfError> {
     let dir = maps_dir(bpffs);
     check_pinned_layouts(&dir)?;
+    let accel = u8::from(accel);
     let mut loader = EbpfLoader::new();
+    loader.override_global("SOCKMESH_ACCEL", &accel, true);
     let paths: Vec<(&'static str, PathBuf)> =
         names::ALL.iter().map(|n| (*n, dir.join(n))).collect();
     for (name, path) in &paths {
@@ -388,6 +392,31 @@ pub fn attach_all(
     Ok(done)
 }
 
+/// Load the sk_msg program and attach it to the acceleration socket map. The attachment stays
+/// with the pinned map (a later agent's replaces it); it is not a pinned link.
+pub fn attach_sk_msg(ebpf: &mut Ebpf) -> Result<(), BpfError> {
+    const NAME: &str = "sockmesh_sk_msg";
+    let wrap = |source| BpfError::Program { name: NAME, source };
+    let socks: SockHash<MapData, SockKey> = ebpf
+        .take_map(names::SOCKS)
+        .ok_or_else(|| BpfError::Setup(format!("the kernel object has no map {}", names::SOCKS)))?
+        .try_into()
+        .map_err(|source| BpfError::Map {
+            name: names::SOCKS,
+            path: PathBuf::from(names::SOCKS),
+            source,
+        })?;
+    let prog = ebpf
+        .program_mut(NAME)
+        .ok_or_else(|| BpfError::Setup(format!("the kernel object has no program {NAME}")))?;
+    let p: &mut SkMsg = prog.try_into().map_err(wrap)?;
+    p.load().map_err(wrap)?;
+    let id = p.attach(socks.fd()).map_err(wrap)?;
+    // Dropping the link would detach the program; it stays attached for the map's life.
+    std::mem::forget(p.take_link(id).map_err(wrap)?);
+    Ok(())
+}
+
 /// Load the sk_lookup program (attached per pod netns, not to the cgroup).
 pub fn load_sk_lookup(ebpf: &mut Ebpf) -> Result<OwnedFd, BpfError> {
     const NAME: &str = "sockmesh_sk_lookup";
@@ -521,6 +550,8 @@ pub struct PinnedMaps {
     pub route_src: LpmTrie<MapData, CidrKey, [u8; 16]>,
     pub orig_dst: HashMap<MapData, ConnKey, OrigDst>,
     pub counters: PerCpuHashMap<MapData, CounterKey, u64>,
+    /// Sockets of local connections that sk_msg shortcuts (entries leave with their sockets).
+    pub socks: SockHash<MapData, SockKey>,
 }
 
 fn open_map(bpffs: &Path, name: &'static str) -> Result<Map, BpfError> {
@@ -566,6 +597,9 @@ impl PinnedMaps {
             counters: open_map(bpffs, names::COUNTERS)?
                 .try_into()
                 .map_err(|e| typed(names::COUNTERS, e))?,
+            socks: open_map(bpffs, names::SOCKS)?
+                .try_into()
+                .map_err(|e| typed(names::SOCKS, e))?,
         })
     }
 }

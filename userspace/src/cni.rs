@@ -22,6 +22,9 @@ use crate::api::{self, pb};
 /// The CNI versions this plugin speaks.
 pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 
+/// A pod annotation: `off` turns socket acceleration off for the pod.
+pub const ACCELERATION_ANNOTATION: &str = "sockmesh.io/acceleration";
+
 /// The runtime capability that carries pod annotations.
 pub const ANNOTATIONS_CAPABILITY: &str = "io.kubernetes.cri.pod-annotations";
 
@@ -344,6 +347,10 @@ fn add(conf: &NetConf, inv: &Invocation) -> Result<Value, CniError> {
     argv.extend(istio_argv(ann).into_iter().map(OsString::from));
     argv.extend(["--network-namespace".into(), OsString::from(&inv.netns)]);
     argv.extend(["--agent-socket".into(), conf.agent_socket.clone().into()]);
+    // sockmesh's per-pod acceleration switch, as init reads it.
+    if let Some(v) = ann.get(ACCELERATION_ANNOTATION) {
+        std::env::set_var(crate::init::ACCELERATION_ENV, v);
+    }
     crate::init::run_for_cni(argv).map_err(|e| {
         CniError::new(
             code::REGISTRATION_FAILED,

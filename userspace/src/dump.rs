@@ -127,6 +127,17 @@ pub fn run(args: DumpArgs) -> anyhow::Result<()> {
         let (k, v) = item?;
         conns.push((k, v));
     }
+    let mut socks = Vec::new();
+    for k in maps.socks.keys() {
+        socks.push(k?);
+    }
+    socks.sort_by_key(|k| (k.netns, k.local, k.local_port));
+    let ends = |k: &sockmesh_common::SockKey| {
+        (
+            SocketAddr::new(addr_to_ip(&k.local), k.local_port).to_string(),
+            SocketAddr::new(addr_to_ip(&k.remote), k.remote_port).to_string(),
+        )
+    };
 
     if args.json {
         let pods_json: Vec<Value> = pods
@@ -157,12 +168,20 @@ pub fn run(args: DumpArgs) -> anyhow::Result<()> {
                 })
             })
             .collect();
+        let socks_json: Vec<Value> = socks
+            .iter()
+            .map(|k| {
+                let (local, remote) = ends(k);
+                json!({"netns_cookie": k.netns, "local": local, "remote": remote})
+            })
+            .collect();
         println!(
             "{}",
             serde_json::to_string_pretty(&json!({
                 "bpffs": args.bpffs,
                 "pods": pods_json,
                 "original_destinations": conns_json,
+                "accelerated_sockets": socks_json,
             }))?
         );
         return Ok(());
@@ -204,6 +223,14 @@ pub fn run(args: DumpArgs) -> anyhow::Result<()> {
                 .map(Reason::name)
                 .unwrap_or("unknown"),
         );
+    }
+    println!(
+        "\naccelerated sockets (sk_msg shortcuts their local connections): {}",
+        socks.len()
+    );
+    for k in &socks {
+        let (local, remote) = ends(k);
+        println!("  {:<20} {local:<28} <-> {remote}", k.netns);
     }
     let orphans: Vec<&u64> = counts
         .keys()

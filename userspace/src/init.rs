@@ -17,6 +17,9 @@ const AGENT_TIMEOUT: Duration = Duration::from_secs(30);
 /// istio-iptables' exit code for a failed validation (constants.ValidationErrorCode).
 const VALIDATION_ERROR_CODE: i32 = 126;
 
+/// Turns socket acceleration off for the pod being registered (`off`; `on` is the default).
+pub const ACCELERATION_ENV: &str = "SOCKMESH_ACCELERATION";
+
 /// Why `init` failed, with its exit code.
 enum Failure {
     Error(String),
@@ -129,11 +132,23 @@ fn run(flavor: Flavor, argv: Vec<OsString>, out: &mut dyn Write) -> Result<(), F
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
     let if_addrs: Vec<IfAddr> = addrs.iter().map(|a| IfAddr { ip: a.ip }).collect();
-    let (spec, action) = match &parsed {
+    let (mut spec, action) = match &parsed {
         Parsed::Istio(a) => a.to_spec(&ProcessEnv, &if_addrs),
         Parsed::Linkerd(a) => a.to_spec(),
     }
     .map_err(|e| e.to_string())?;
+    // sockmesh's own per-pod switch (the node's is the agent's --acceleration).
+    match std::env::var(ACCELERATION_ENV).as_deref() {
+        Err(_) | Ok("" | "on") => {}
+        Ok("off") => spec.config.flags |= flags::NO_ACCEL,
+        Ok(other) => {
+            return Err(format!(
+                "{ACCELERATION_ENV}={other:?}: want on or off (socket acceleration of this pod's \
+                 local connections)"
+            )
+            .into())
+        }
+    }
     for note in &action.notes {
         eprintln!("sockmesh init {}: note: {note}", flavor.name());
     }

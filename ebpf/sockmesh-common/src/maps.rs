@@ -26,7 +26,9 @@ pub mod names {
     pub const ADDR_POD: &str = "SM_ADDR_POD";
     pub const ROUTE_SRC: &str = "SM_ROUTE_SRC";
     pub const COUNTERS: &str = "SM_COUNTERS";
-    pub const ALL: [&str; 11] = [
+    pub const SOCKS: &str = "SM_SOCKS";
+    pub const SOCK_TCP: &str = "SM_SOCK_TCP";
+    pub const ALL: [&str; 13] = [
         PODS,
         MEMBERS,
         CIDRS,
@@ -38,6 +40,8 @@ pub mod names {
         ADDR_POD,
         ROUTE_SRC,
         COUNTERS,
+        SOCKS,
+        SOCK_TCP,
     ];
 }
 
@@ -53,6 +57,7 @@ pub mod sizes {
     pub const LISTENERS: u32 = 65_536;
     pub const ADDR_POD: u32 = 65_536;
     pub const ROUTE_SRC: u32 = 65_536;
+    pub const SOCKS: u32 = 65_536;
 }
 
 /// `PodConfig::flags` bits.
@@ -92,6 +97,8 @@ pub mod flags {
     /// tunnel port is not exempt, and the proxy's own calls to the pod's addresses reach the
     /// inbound listener unrewritten.
     pub const TPROXY: u32 = 1 << 15;
+    /// No socket acceleration for this pod (its local hops go through TCP/IP, as with iptables).
+    pub const NO_ACCEL: u32 = 1 << 16;
     /// Every bit above.
     pub const ALL: u32 = OUTBOUND_ALL
         | IPV6
@@ -107,7 +114,8 @@ pub mod flags {
         | DNS_ALL
         | EXCLUDE_IFACES
         | KUBE_VIRT
-        | TPROXY;
+        | TPROXY
+        | NO_ACCEL;
 }
 
 /// A registered pod's settings in istio terms. Value of the `PODS` map, keyed by netns cookie.
@@ -369,6 +377,78 @@ pub struct ConnKey {
     pub _pad: u32,
 }
 
+/// Key of the `SOCKS` socket hash (sk_msg acceleration): one end of an established local TCP
+/// connection, by its pod's netns and its own 4-tuple. Its peer's key is [`SockKey::peer`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    pub netns: u64,
+    pub local: Addr,
+    pub remote: Addr,
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub _pad: u32,
+}
+
+/// Whether `a` is a loopback address (127.0.0.0/8 v4-mapped, or ::1).
+pub const fn is_loopback(a: &Addr) -> bool {
+    if is_v4_mapped(a) {
+        return a[12] == 127;
+    }
+    let mut i = 0;
+    while i < 15 {
+        if a[i] != 0 {
+            return false;
+        }
+        i += 1;
+    }
+    a[15] == 1
+}
+
+impl SockKey {
+    /// The socket's key when its connection can be shortcut, given the netns of the pod that
+    /// owns the remote address (`remote_pod`, from `ADDR_POD`): a loopback peer is in the same
+    /// netns; a peer at a pod address of this node is in that pod's. Any other peer is not
+    /// local: `None`.
+    pub const fn local_conn(
+        netns: u64,
+        local: Addr,
+        local_port: u16,
+        remote: Addr,
+        remote_port: u16,
+        remote_pod: Option<u64>,
+    ) -> Option<SockKey> {
+        if !is_loopback(&remote) && remote_pod.is_none() {
+            return None;
+        }
+        Some(SockKey {
+            netns,
+            local,
+            remote,
+            local_port,
+            remote_port,
+            _pad: 0,
+        })
+    }
+
+    /// The key under which the other end of this socket's connection is (or would be)
+    /// stored: the 4-tuple reversed, in the netns that owns this socket's remote address.
+    pub const fn peer(&self, remote_pod: Option<u64>) -> SockKey {
+        let netns = match remote_pod {
+            Some(n) if !is_loopback(&self.remote) => n,
+            _ => self.netns,
+        };
+        SockKey {
+            netns,
+            local: self.remote,
+            remote: self.local,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+            _pad: 0,
+        }
+    }
+}
+
 /// Value of `ORIG_DST` and of the per-socket `SOCK_DST` storage: where the connection was going.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -429,6 +509,10 @@ pub mod counters {
     pub const ORIG_DST_RELEASED: u32 = 104;
     /// A listening socket could not be recorded (the listener map is full).
     pub const LISTENER_STORE_FAILED: u32 = 105;
+    /// An established local connection's socket entered the acceleration map.
+    pub const ACCEL_SOCK_ADDED: u32 = 106;
+    /// It could not (the map is full): that connection stays on TCP/IP.
+    pub const ACCEL_SOCK_FULL: u32 = 107;
 
     pub const fn name(c: u32) -> Option<&'static str> {
         match c {
@@ -438,6 +522,8 @@ pub mod counters {
             ORIG_DST_STORE_FAILED => Some("orig_dst_store_failed"),
             ORIG_DST_RELEASED => Some("orig_dst_released"),
             LISTENER_STORE_FAILED => Some("listener_store_failed"),
+            ACCEL_SOCK_ADDED => Some("accel_sock_added"),
+            ACCEL_SOCK_FULL => Some("accel_sock_full"),
             _ => None,
         }
     }
@@ -480,4 +566,45 @@ mod pod_impls {
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::CounterKey {}
     unsafe impl aya::Pod for super::ListenerKey {}
+    unsafe impl aya::Pod for super::SockKey {}
+}
+
+#[cfg(test)]
+mod accel_tests {
+    use super::*;
+
+    const POD: Addr = v4_mapped([10, 0, 0, 5]);
+    const OTHER_POD: Addr = v4_mapped([10, 0, 0, 6]);
+    const LO: Addr = v4_mapped([127, 0, 0, 1]);
+    const LO6: Addr = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+    const REMOTE: Addr = v4_mapped([192, 0, 2, 20]);
+
+    #[test]
+    fn loopback_is_127_slash_8_and_the_v6_one() {
+        assert!(is_loopback(&LO) && is_loopback(&v4_mapped([127, 9, 9, 6])) && is_loopback(&LO6));
+        assert!(!is_loopback(&POD) && !is_loopback(&[0; 16]));
+    }
+
+    #[test]
+    fn the_app_to_proxy_hop_pairs_its_two_ends() {
+        // The app's socket (bound to the pod address by the redirect) and the proxy's accepted
+        // one, in the same pod.
+        let app = SockKey::local_conn(7, POD, 40000, LO, 15001, None).unwrap();
+        let proxy = SockKey::local_conn(7, LO, 15001, POD, 40000, Some(7)).unwrap();
+        assert_eq!(app.peer(None), proxy);
+        assert_eq!(proxy.peer(Some(7)), app);
+    }
+
+    #[test]
+    fn proxy_to_proxy_on_one_node_crosses_netns() {
+        let client = SockKey::local_conn(7, POD, 40001, OTHER_POD, 15006, Some(8)).unwrap();
+        let server = SockKey::local_conn(8, OTHER_POD, 15006, POD, 40001, Some(7)).unwrap();
+        assert_eq!(client.peer(Some(8)), server);
+        assert_eq!(server.peer(Some(7)), client);
+    }
+
+    #[test]
+    fn a_peer_off_the_node_is_not_shortcut() {
+        assert_eq!(SockKey::local_conn(7, POD, 40002, REMOTE, 80, None), None);
+    }
 }

@@ -5,8 +5,9 @@ use core::{
 
 use aya_ebpf::{
     bindings::{
-        bpf_sock, BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE,
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        bpf_sock, BPF_ANY, BPF_F_INGRESS, BPF_F_NO_PREALLOC, BPF_NOEXIST,
+        BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE,
     },
     btf_maps::SkStorage,
@@ -16,16 +17,20 @@ use aya_ebpf::{
             bpf_bind, bpf_get_netns_cookie, bpf_sk_storage_get, bpf_sock_ops_cb_flags_set,
         },
     },
-    macros::{btf_map, cgroup_sock, cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sock_ops},
+    macros::{
+        btf_map, cgroup_sock, cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sk_msg, sock_ops,
+    },
     maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuHashMap, SockHash},
-    programs::{SkLookupContext, SockAddrContext, SockContext, SockOpsContext, SockoptContext},
+    programs::{
+        SkLookupContext, SkMsgContext, SockAddrContext, SockContext, SockOpsContext, SockoptContext,
+    },
     EbpfContext,
 };
 use sockmesh_common::{
-    counters, decide, decide_inbound, is_v4_mapped, sizes, v4_mapped, Action, Addr, Arrival,
-    CidrKey, CidrKind, Conn, ConnKey, CounterKey, ListenerKey, LocalAddrKey, MemberKey, MemberKind,
-    OrigDst, PodConfig, Proto, Reason, Rules, SockOwner, Verdict, AF_INET, AF_INET6,
-    CIDR_KEY_FIXED_BITS, LISTENER_SLOTS,
+    counters, decide, decide_inbound, flags, is_loopback, is_v4_mapped, sizes, v4_mapped, Action,
+    Addr, Arrival, CidrKey, CidrKind, Conn, ConnKey, CounterKey, ListenerKey, LocalAddrKey,
+    MemberKey, MemberKind, OrigDst, PodConfig, Proto, Reason, Rules, SockKey, SockOwner, Verdict,
+    AF_INET, AF_INET6, CIDR_KEY_FIXED_BITS, LISTENER_SLOTS,
 };
 
 #[map(name = "SM_PODS")]
@@ -66,6 +71,19 @@ static ADDR_POD: HashMap<Addr, u64> = HashMap::with_max_entries(sizes::ADDR_POD,
 #[map(name = "SM_ROUTE_SRC")]
 static ROUTE_SRC: LpmTrie<CidrKey, Addr> =
     LpmTrie::with_max_entries(sizes::ROUTE_SRC, BPF_F_NO_PREALLOC);
+
+/// Both ends of established local connections of registered pods (sk_msg acceleration).
+#[map(name = "SM_SOCKS")]
+static SOCKS: SockHash<SockKey> = SockHash::with_max_entries(sizes::SOCKS, 0);
+
+/// The node's acceleration switch, set by the agent when it loads the programs (1: on).
+#[no_mangle]
+static SOCKMESH_ACCEL: u8 = 0;
+
+/// Accelerated sockets some of whose data went by TCP (their peer was not in `SOCKS` yet):
+/// the rest of it goes by TCP too, since a reader takes redirected data before TCP's.
+#[btf_map(name = "SM_SOCK_TCP")]
+static SOCK_TCP: SkStorage<u8> = SkStorage::new();
 
 /// Who created each socket of a registered pod.
 #[btf_map(name = "SM_SOCK_OWNER")]
@@ -639,6 +657,14 @@ fn try_getpeername(ctx: &SockAddrContext, v6: bool) {
 
 #[sock_ops]
 pub fn sockmesh_sockops(ctx: SockOpsContext) -> u32 {
+    // Acceleration and the rest each in their own frame (the verifier adds up nested frames).
+    let op = ctx.op();
+    if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB || op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+        let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+        if let Some(counter) = accelerate(&ctx, netns) {
+            count(netns, counter);
+        }
+    }
     try_sockops(&ctx);
     1
 }
@@ -664,7 +690,7 @@ fn sockops_conn_key(ctx: &SockOpsContext, netns: u64) -> ConnKey {
     }
 }
 
-#[inline(always)]
+#[inline(never)]
 fn try_sockops(ctx: &SockOpsContext) {
     let op = ctx.op();
     if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
@@ -737,6 +763,96 @@ fn try_sockops(ctx: &SockOpsContext) {
         return;
     }
     unsafe { bpf_sock_ops_cb_flags_set(ctx.ops, BPF_SOCK_OPS_STATE_CB_FLAG as i32) };
+}
+
+/// Put an established socket of a registered pod in `SOCKS` when its peer is local (loopback,
+/// or a pod address of this node) and acceleration is on for the node and the pod. The kernel
+/// takes the entry out when the socket closes. The counter to count, if any (counted by the
+/// caller: three frames deep would pass the verifier's stack limit).
+#[inline(never)]
+fn accelerate(ctx: &SockOpsContext, netns: u64) -> Option<u32> {
+    if unsafe { ptr::read_volatile(&SOCKMESH_ACCEL) } == 0 {
+        return None;
+    }
+    let pod = unsafe { PODS.get(&netns) }?;
+    if pod.flags & flags::NO_ACCEL != 0 {
+        return None;
+    }
+    // One key on the stack (the connect programs' frames leave little room): the 4-tuple as
+    // `sockops_conn_key` reads it, checked as `SockKey::local_conn` would.
+    let k = sockops_conn_key(ctx, netns);
+    let mut key = SockKey {
+        netns,
+        local: k.client,
+        remote: k.server,
+        local_port: k.client_port,
+        remote_port: k.server_port,
+        _pad: 0,
+    };
+    if !is_loopback(&key.remote) && unsafe { ADDR_POD.get(&key.remote) }.is_none() {
+        return None;
+    }
+    match SOCKS.update(&mut key, unsafe { &mut *ctx.ops }, BPF_ANY as u64) {
+        Ok(()) => Some(counters::ACCEL_SOCK_ADDED),
+        Err(_) => Some(counters::ACCEL_SOCK_FULL),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// sk_msg (attached to SOCKS): a message sent on one end of a local connection goes straight to
+// the other end's receive queue, skipping TCP/IP; without the other end in SOCKS it goes by TCP.
+
+#[sk_msg]
+pub fn sockmesh_sk_msg(ctx: SkMsgContext) -> u32 {
+    try_sk_msg(&ctx);
+    SK_PASS
+}
+
+#[inline(always)]
+fn try_sk_msg(ctx: &SkMsgContext) {
+    let msg = ctx.msg;
+    let sk = unsafe { (*msg).__bindgen_anon_3.sk };
+    if sk.is_null() {
+        return;
+    }
+    let tcp = ptr::from_ref(&SOCK_TCP).cast_mut().cast::<c_void>();
+    // Once by TCP, always by TCP: the two paths do not keep each other's order.
+    if !unsafe { bpf_sk_storage_get(tcp, sk.cast(), ptr::null_mut(), 0) }.is_null() {
+        return;
+    }
+    let netns = unsafe { bpf_get_netns_cookie(msg.cast()) };
+    let (local, remote) = unsafe {
+        if (*msg).family == AF_INET as u32 {
+            (
+                v4_mapped((*msg).local_ip4.to_ne_bytes()),
+                v4_mapped((*msg).remote_ip4.to_ne_bytes()),
+            )
+        } else {
+            (read_words!(msg, local_ip6), read_words!(msg, remote_ip6))
+        }
+    };
+    let me = SockKey {
+        netns,
+        local,
+        remote,
+        local_port: unsafe { (*msg).local_port } as u16,
+        remote_port: u32::from_be(unsafe { (*msg).remote_port }) as u16,
+        _pad: 0,
+    };
+    let remote_pod = unsafe { ADDR_POD.get(&remote) }.copied();
+    let mut peer = me.peer(remote_pod);
+    // SK_DROP when the peer is not in the map: the caller passes the message on by TCP, and
+    // the socket is marked so that the rest follows it.
+    if SOCKS.redirect_msg(ctx, &mut peer, BPF_F_INGRESS as u64) != SK_PASS as i64 {
+        unsafe {
+            bpf_sk_storage_get(
+                tcp,
+                sk.cast(),
+                ptr::null_mut(),
+                BPF_SK_STORAGE_GET_F_CREATE as u64,
+            )
+        };
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -181,6 +181,21 @@ enum Cmd {
         #[arg(long)]
         gid: Option<u32>,
     },
+    /// Serve socket-acceleration cases (see sockmesh_tests::accel) on ADDR.
+    AccelServe {
+        addr: SocketAddr,
+        #[arg(long)]
+        log: std::path::PathBuf,
+    },
+    /// Run one socket-acceleration case against DST; prints its outcome.
+    AccelCase {
+        dst: SocketAddr,
+        case: String,
+        #[arg(long)]
+        uid: Option<u32>,
+        #[arg(long)]
+        gid: Option<u32>,
+    },
     /// GET /stream/N from DST; prints how many chunks came and whether they came spread out.
     HttpStream {
         dst: SocketAddr,
@@ -278,6 +293,21 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::HttpKeepalive { addrs } => kit::http_keepalive_server(&addrs),
+        Cmd::AccelServe { addr, log } => sockmesh_tests::accel::serve(addr, log),
+        Cmd::AccelCase {
+            dst,
+            case,
+            uid,
+            gid,
+        } => {
+            let mut spec = ConnectSpec::to(dst, uid, gid);
+            spec.timeout = std::time::Duration::from_secs(20);
+            println!("{}", sockmesh_tests::accel::client(&spec, &case)?);
+            let early =
+                sockmesh_tests::accel::EARLY_EAGAIN.load(std::sync::atomic::Ordering::Relaxed);
+            eprintln!("{case}: blocking reads that returned EAGAIN early: {early}");
+            Ok(())
+        }
         Cmd::BenchConnect {
             dst,
             secs,
