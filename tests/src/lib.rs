@@ -5,6 +5,7 @@ pub mod accel;
 pub mod api;
 pub mod bench;
 pub mod demo;
+pub mod hop;
 pub mod kit;
 pub mod lab;
 pub mod pods;

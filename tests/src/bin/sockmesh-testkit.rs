@@ -181,6 +181,38 @@ enum Cmd {
         #[arg(long)]
         gid: Option<u32>,
     },
+    /// The benchmark's minimal forwarder: LISTEN (and --unix PATH) relayed to --upstream.
+    HopForward {
+        listen: SocketAddr,
+        #[arg(long)]
+        unix: Option<std::path::PathBuf>,
+        #[arg(long)]
+        upstream: SocketAddr,
+    },
+    /// The benchmark's upstream (echo or sink) on ADDR.
+    HopUpstream { addr: SocketAddr },
+    /// Round trips of --size bytes through DST (ip:port or unix:PATH) for --secs.
+    HopRr {
+        dst: String,
+        #[arg(long)]
+        size: usize,
+        #[arg(long)]
+        secs: f64,
+        #[arg(long)]
+        uid: Option<u32>,
+        #[arg(long)]
+        gid: Option<u32>,
+    },
+    /// --bytes through DST (ip:port or unix:PATH) to the sink; bytes per second.
+    HopBulk {
+        dst: String,
+        #[arg(long)]
+        bytes: usize,
+        #[arg(long)]
+        uid: Option<u32>,
+        #[arg(long)]
+        gid: Option<u32>,
+    },
     /// Serve socket-acceleration cases (see sockmesh_tests::accel) on ADDR.
     AccelServe {
         addr: SocketAddr,
@@ -293,6 +325,36 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::HttpKeepalive { addrs } => kit::http_keepalive_server(&addrs),
+        Cmd::HopForward {
+            listen,
+            unix,
+            upstream,
+        } => sockmesh_tests::hop::forward(listen, unix, upstream),
+        Cmd::HopUpstream { addr } => sockmesh_tests::hop::upstream(addr),
+        Cmd::HopRr {
+            dst,
+            size,
+            secs,
+            uid,
+            gid,
+        } => {
+            let spec = ConnectSpec::to("127.0.0.1:1".parse()?, uid, gid);
+            println!(
+                "{}",
+                sockmesh_tests::hop::round_trips(&dst, &spec, size, secs)?
+            );
+            Ok(())
+        }
+        Cmd::HopBulk {
+            dst,
+            bytes,
+            uid,
+            gid,
+        } => {
+            let spec = ConnectSpec::to("127.0.0.1:1".parse()?, uid, gid);
+            println!("{}", sockmesh_tests::hop::bulk(&dst, &spec, bytes)?);
+            Ok(())
+        }
         Cmd::AccelServe { addr, log } => sockmesh_tests::accel::serve(addr, log),
         Cmd::AccelCase {
             dst,

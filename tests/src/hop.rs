@@ -1,0 +1,228 @@
+//! The app-to-proxy hop of the benchmark: a minimal forwarder standing where the proxy stands
+//! (on the outbound port, and on a Unix socket for the Unix-socket baseline), an upstream that
+//! echoes or sinks, and a client that measures round trips and bulk throughput through them.
+
+use std::{
+    io::{Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    os::unix::net::{UnixListener, UnixStream},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+use crate::{
+    accel::Patient,
+    kit::{take_credentials, ConnectSpec},
+};
+
+/// Copy `from` to `to` until EOF, then half-close `to`.
+fn pump(mut from: impl Read, to: &TcpStream) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if (&mut &*to).write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
+}
+
+/// Relay an accepted TCP connection to `upstream`, both ways, a thread each.
+fn relay_tcp(down: TcpStream, upstream: SocketAddr) -> Result<()> {
+    let up = TcpStream::connect(upstream).with_context(|| format!("connect {upstream}"))?;
+    up.set_nodelay(true)?;
+    down.set_nodelay(true)?;
+    let (d2, u2) = (down.try_clone()?, up.try_clone()?);
+    std::thread::spawn(move || pump(Patient(&u2), &d2));
+    pump(Patient(&down), &up);
+    Ok(())
+}
+
+/// Relay an accepted Unix-socket connection to `upstream`.
+fn relay_unix(down: UnixStream, upstream: SocketAddr) -> Result<()> {
+    let up = TcpStream::connect(upstream).with_context(|| format!("connect {upstream}"))?;
+    up.set_nodelay(true)?;
+    let (mut d2, u2) = (down.try_clone()?, up.try_clone()?);
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match Patient(&u2).read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if d2.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = d2.shutdown(Shutdown::Write);
+    });
+    pump(down, &up);
+    Ok(())
+}
+
+/// Forward connections on `listen` (and on the Unix socket `unix`) to `upstream`; prints
+/// "ready" once bound.
+pub fn forward(listen: SocketAddr, unix: Option<PathBuf>, upstream: SocketAddr) -> Result<()> {
+    let tcp = TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
+    if let Some(path) = unix {
+        let _ = std::fs::remove_file(&path);
+        let l = UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o666))?;
+        std::thread::spawn(move || {
+            for c in l.incoming().flatten() {
+                std::thread::spawn(move || relay_unix(c, upstream));
+            }
+        });
+    }
+    println!("ready");
+    std::io::stdout().flush()?;
+    for c in tcp.incoming().flatten() {
+        std::thread::spawn(move || relay_tcp(c, upstream));
+    }
+    Ok(())
+}
+
+/// The upstream: a first byte `r` makes a connection an echo; `b` a sink that answers "ok"
+/// with the byte count at EOF. Prints "ready" once bound.
+pub fn upstream(addr: SocketAddr) -> Result<()> {
+    let l = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+    println!("ready");
+    std::io::stdout().flush()?;
+    for c in l.incoming().flatten() {
+        std::thread::spawn(move || -> Result<()> {
+            c.set_nodelay(true)?;
+            let mut c = c;
+            let mut kind = [0u8; 1];
+            c.read_exact(&mut kind)?;
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut total = 0u64;
+            loop {
+                let n = c.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                total += n as u64;
+                if kind[0] == b'r' {
+                    c.write_all(&buf[..n])?;
+                }
+            }
+            if kind[0] == b'b' {
+                writeln!(c, "ok {total}")?;
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
+/// A TCP or Unix-socket client stream.
+enum Conn {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Conn {
+    fn open(dst: &str, spec: &ConnectSpec) -> Result<Conn> {
+        if let Some(path) = dst.strip_prefix("unix:") {
+            return Ok(Conn::Unix(
+                UnixStream::connect(path).with_context(|| format!("connect {path}"))?,
+            ));
+        }
+        let addr: SocketAddr = dst.parse().with_context(|| format!("{dst}: address"))?;
+        let s = TcpStream::connect_timeout(&addr, spec.timeout)
+            .with_context(|| format!("connect {addr}"))?;
+        s.set_nodelay(true)?;
+        Ok(Conn::Tcp(s))
+    }
+
+    fn write_all(&mut self, b: &[u8]) -> std::io::Result<()> {
+        match self {
+            Conn::Tcp(s) => s.write_all(b),
+            Conn::Unix(s) => s.write_all(b),
+        }
+    }
+
+    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Tcp(s) => Patient(s).read(b),
+            Conn::Unix(s) => s.read(b),
+        }
+    }
+
+    fn read_exact(&mut self, mut b: &mut [u8]) -> Result<()> {
+        while !b.is_empty() {
+            let n = self.read(b)?;
+            if n == 0 {
+                bail!("early end of stream");
+            }
+            b = &mut b[n..];
+        }
+        Ok(())
+    }
+
+    fn shutdown_write(&self) -> std::io::Result<()> {
+        match self {
+            Conn::Tcp(s) => s.shutdown(Shutdown::Write),
+            Conn::Unix(s) => s.shutdown(Shutdown::Write),
+        }
+    }
+}
+
+/// Round trips of `size` bytes for `secs` on one connection to `dst` (`ip:port` or
+/// `unix:PATH`): "ROUND_TRIPS P50_US P99_US".
+pub fn round_trips(dst: &str, spec: &ConnectSpec, size: usize, secs: f64) -> Result<String> {
+    take_credentials(spec)?;
+    let mut c = Conn::open(dst, spec)?;
+    c.write_all(b"r")?;
+    let msg = vec![7u8; size];
+    let mut back = vec![0u8; size];
+    let mut lat = Vec::new();
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    while Instant::now() < end {
+        let t = Instant::now();
+        c.write_all(&msg)?;
+        c.read_exact(&mut back)?;
+        lat.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    lat.sort_by(f64::total_cmp);
+    let at = |q: f64| lat[((lat.len() as f64 * q) as usize).min(lat.len() - 1)];
+    Ok(format!("{} {:.1} {:.1}", lat.len(), at(0.5), at(0.99)))
+}
+
+/// `total` bytes in 64 KiB writes to `dst` and the upstream's count back: "BYTES_PER_SECOND".
+pub fn bulk(dst: &str, spec: &ConnectSpec, total: usize) -> Result<String> {
+    take_credentials(spec)?;
+    let mut c = Conn::open(dst, spec)?;
+    let chunk = vec![9u8; 64 * 1024];
+    let t = Instant::now();
+    c.write_all(b"b")?;
+    let mut sent = 0;
+    while sent < total {
+        let n = chunk.len().min(total - sent);
+        c.write_all(&chunk[..n])?;
+        sent += n;
+    }
+    c.shutdown_write()?;
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 64];
+    loop {
+        let n = c.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        answer.extend_from_slice(&buf[..n]);
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let answer = String::from_utf8_lossy(&answer);
+    if answer.trim() != format!("ok {total}") {
+        bail!("the upstream answered {answer:?}, want \"ok {total}\"");
+    }
+    Ok(format!("{:.0}", total as f64 / secs))
+}
