@@ -30,6 +30,9 @@ struct Sizes {
     bulk: usize,
 }
 
+/// One round of one hop path: 64 B p50 and p99 µs, 4 KiB p50 and p99 µs, bulk MB/s.
+type HopRound = (f64, f64, f64, f64, f64);
+
 /// Median, min and max.
 type Spread = (f64, f64, f64);
 
@@ -339,7 +342,7 @@ pub fn run(smoke: bool) -> Result<String> {
     let hop_sock = hop_dir.join("hop.sock");
     let hop_unix = format!("unix:{}", hop_sock.display());
     // Per path: 64 B (p50, p99), 4 KiB (p50, p99), bulk MB/s.
-    let mut hops: Vec<Vec<(f64, f64, f64, f64, f64)>> = vec![Vec::new(); 4];
+    let mut hops: Vec<Vec<HopRound>> = vec![Vec::new(); 4];
     // Upstreams of the proxy benchmark, on the sockmesh pod's peer.
     let mut up = lab.command(&sm.peer, false, testkit_bin()?)?;
     up.args([
