@@ -248,6 +248,11 @@ impl Lab {
         Ok(cmd)
     }
 
+    /// The process id of a process started with [`Lab::spawn`].
+    pub fn pid(&self, index: usize) -> Option<u32> {
+        self.children.get(index).map(|c| c.id())
+    }
+
     /// Stop a process started with [`Lab::spawn`] (by the index it returned).
     pub fn kill(&mut self, index: usize) -> Result<()> {
         let c = self.children.get_mut(index).context("no such child")?;
