@@ -219,7 +219,15 @@ pub fn register(
     spec: &PodSpec,
     local: &[IpAddr],
 ) -> Result<(), RegistryError> {
-    let old = PodKeys::read(maps, netns);
+    // A pod not registered yet has nothing in the maps (netns cookies are never reused, and a
+    // failed registration undoes its writes), so only a re-registration reads what is there:
+    // reading scans whole maps, which grows with the node's pods.
+    let known = maps.pods.get(&netns, 0).is_ok();
+    let old = if known {
+        PodKeys::read(maps, netns)
+    } else {
+        PodKeys::default()
+    };
     let new = PodKeys::from_spec(netns, spec, local);
     let mut undo = Undo::default();
     if let Err(e) = write_sets(maps, netns, &old, &new, &mut undo) {
@@ -231,7 +239,7 @@ pub fn register(
         return Err(map_err(names::PODS, e));
     }
     // Source-address hints (no capture decision depends on them): replaced wholesale.
-    set_route_sources(maps, netns, spec);
+    set_route_sources(maps, netns, spec, known);
     // The new config is in force; drop what only the old one had.
     for m in old.members.difference(&new.members) {
         let _ = maps.members.remove(&member_key(netns, *m));
@@ -305,7 +313,7 @@ fn route_src_keys(maps: &PinnedMaps, netns: u64) -> Vec<Key<CidrKey>> {
         .collect()
 }
 
-fn set_route_sources(maps: &mut PinnedMaps, netns: u64, spec: &PodSpec) {
+fn set_route_sources(maps: &mut PinnedMaps, netns: u64, spec: &PodSpec, known: bool) {
     let new: Vec<(Key<CidrKey>, [u8; 16])> = spec
         .route_sources
         .iter()
@@ -322,7 +330,12 @@ fn set_route_sources(maps: &mut PinnedMaps, netns: u64, spec: &PodSpec) {
             )
         })
         .collect();
-    for old in route_src_keys(maps, netns) {
+    let old_keys = if known {
+        route_src_keys(maps, netns)
+    } else {
+        Vec::new()
+    };
+    for old in old_keys {
         let kept = new
             .iter()
             .any(|(k, _)| k.prefix_len() == old.prefix_len() && k.data() == old.data());

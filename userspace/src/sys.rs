@@ -250,49 +250,159 @@ pub struct Route {
     pub prefsrc: Option<IpAddr>,
 }
 
-/// The main routing table of the calling thread's netns, both families, read with
-/// `ip -j route`. Routes without a device (unreachable, blackhole) are left out.
+/// The main routing table of the calling thread's netns, both families, from a netlink route
+/// dump (as `ip route show table main` lists it). Routes without a device (unreachable,
+/// blackhole, multipath) are left out.
 pub fn main_routes() -> Result<Vec<Route>, String> {
     let mut out = Vec::new();
-    for family in ["-4", "-6"] {
-        let o = std::process::Command::new("ip")
-            .args(["-j", family, "route", "show", "table", "main"])
-            .output()
-            .map_err(|e| format!("running ip (iproute2) to read the pod's routes: {e}"))?;
-        if !o.status.success() {
-            return Err(format!(
-                "reading the pod's routes failed: {}",
-                String::from_utf8_lossy(&o.stderr).trim()
-            ));
-        }
-        let routes: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout)
-            .map_err(|e| format!("ip -j route printed something unexpected: {e}"))?;
-        for r in routes {
-            let (Some(dst), Some(dev)) = (r["dst"].as_str(), r["dev"].as_str()) else {
-                continue;
-            };
-            let (ip, len) = match dst {
-                "default" if family == "-4" => (IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
-                "default" => (IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0),
-                d => match d.split_once('/') {
-                    Some((a, l)) => match (a.parse::<IpAddr>(), l.parse::<u8>()) {
-                        (Ok(a), Ok(l)) => (a, l),
-                        _ => continue,
-                    },
-                    None => match d.parse::<IpAddr>() {
-                        Ok(a) => (a, if a.is_ipv4() { 32 } else { 128 }),
-                        Err(_) => continue,
-                    },
-                },
-            };
-            out.push(Route {
-                dst: crate::spec::Cidr::new(ip, len),
-                dev: dev.to_string(),
-                prefsrc: r["prefsrc"].as_str().and_then(|s| s.parse().ok()),
-            });
-        }
+    for family in [libc::AF_INET, libc::AF_INET6] {
+        dump_routes(family, &mut out)
+            .map_err(|e| format!("reading the pod's routes (netlink RTM_GETROUTE): {e}"))?;
     }
     Ok(out)
+}
+
+// Netlink route messages (linux/netlink.h, linux/rtnetlink.h).
+const NLMSG_HDR: usize = 16;
+const RTMSG: usize = 12;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const RTM_NEWROUTE: u16 = 24;
+const RTM_GETROUTE: u16 = 26;
+const NLM_F_REQUEST: u16 = 1;
+const NLM_F_DUMP: u16 = 0x300;
+const RTA_DST: u16 = 1;
+const RTA_OIF: u16 = 4;
+const RTA_PREFSRC: u16 = 7;
+const RTA_TABLE: u16 = 15;
+const RT_TABLE_MAIN: u32 = 254;
+
+fn align4(n: usize) -> usize {
+    (n + 3) & !3
+}
+
+fn ip_from(family: i32, b: &[u8]) -> Option<IpAddr> {
+    match (family, b.len()) {
+        (libc::AF_INET, 4) => Some(IpAddr::from(<[u8; 4]>::try_from(b).ok()?)),
+        (libc::AF_INET6, 16) => Some(IpAddr::from(<[u8; 16]>::try_from(b).ok()?)),
+        _ => None,
+    }
+}
+
+fn if_name(index: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: buf holds IF_NAMESIZE bytes, as if_indextoname needs.
+    let p = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: on success buf holds a NUL-terminated name.
+    Some(
+        unsafe { CStr::from_ptr(buf.as_ptr()) }
+            .to_string_lossy()
+            .into_owned(),
+    )
+}
+
+/// One route message's route, if it is in the main table and has a device.
+fn parse_route(family: i32, msg: &[u8]) -> Option<Route> {
+    let rtm = msg.get(NLMSG_HDR..NLMSG_HDR + RTMSG)?;
+    let dst_len = rtm[1];
+    let mut table = rtm[4] as u32;
+    let (mut dst, mut oif, mut prefsrc) = (None, None, None);
+    let mut at = NLMSG_HDR + RTMSG;
+    while at + 4 <= msg.len() {
+        let len = u16::from_ne_bytes([msg[at], msg[at + 1]]) as usize;
+        let kind = u16::from_ne_bytes([msg[at + 2], msg[at + 3]]);
+        if len < 4 || at + len > msg.len() {
+            break;
+        }
+        let data = &msg[at + 4..at + len];
+        match kind {
+            RTA_DST => dst = ip_from(family, data),
+            RTA_OIF if data.len() == 4 => oif = Some(u32::from_ne_bytes(data.try_into().ok()?)),
+            RTA_PREFSRC => prefsrc = ip_from(family, data),
+            RTA_TABLE if data.len() == 4 => table = u32::from_ne_bytes(data.try_into().ok()?),
+            _ => {}
+        }
+        at += align4(len);
+    }
+    if table != RT_TABLE_MAIN {
+        return None;
+    }
+    let dev = if_name(oif?)?;
+    let ip = dst.unwrap_or(if family == libc::AF_INET {
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+    } else {
+        IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+    });
+    Some(Route {
+        dst: crate::spec::Cidr::new(ip, dst_len),
+        dev,
+        prefsrc,
+    })
+}
+
+fn dump_routes(family: i32, out: &mut Vec<Route>) -> io::Result<()> {
+    // SAFETY: a new socket; owned below.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        )
+    };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: raw is a new fd owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let mut req = [0u8; NLMSG_HDR + RTMSG];
+    req[0..4].copy_from_slice(&((NLMSG_HDR + RTMSG) as u32).to_ne_bytes());
+    req[4..6].copy_from_slice(&RTM_GETROUTE.to_ne_bytes());
+    req[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+    req[8..12].copy_from_slice(&1u32.to_ne_bytes());
+    req[NLMSG_HDR] = family as u8;
+    // SAFETY: send from a buffer of its length.
+    if unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        // SAFETY: recv into a buffer of its length.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        let mut at = 0;
+        let n = n as usize;
+        while at + NLMSG_HDR <= n {
+            let len = u32::from_ne_bytes(buf[at..at + 4].try_into().expect("4 bytes")) as usize;
+            let kind = u16::from_ne_bytes([buf[at + 4], buf[at + 5]]);
+            if len < NLMSG_HDR || at + len > n {
+                return Err(io::Error::other("truncated netlink message"));
+            }
+            match kind {
+                NLMSG_DONE => return Ok(()),
+                NLMSG_ERROR => {
+                    let code = buf
+                        .get(at + NLMSG_HDR..at + NLMSG_HDR + 4)
+                        .map_or(0, |b| i32::from_ne_bytes(b.try_into().expect("4 bytes")));
+                    if code != 0 {
+                        return Err(io::Error::from_raw_os_error(-code));
+                    }
+                    return Ok(());
+                }
+                RTM_NEWROUTE => out.extend(parse_route(family, &buf[at..at + len])),
+                _ => {}
+            }
+            at += align4(len);
+        }
+    }
 }
 
 /// Raise the open-file limit to its hard limit: each API connection holds a socket and a
@@ -310,4 +420,44 @@ pub fn raise_nofile() -> Result<u64, SyscallError> {
         return Err(last_err("setrlimit(RLIMIT_NOFILE)"));
     }
     Ok(r.rlim_cur)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    /// The netlink dump agrees with iproute2 on this machine's own main table (read only).
+    #[test]
+    fn netlink_routes_are_what_ip_route_shows() {
+        let ours: BTreeSet<String> = super::main_routes()
+            .unwrap()
+            .iter()
+            .map(|r| format!("{} dev {} src {:?}", r.dst, r.dev, r.prefsrc))
+            .collect();
+        let mut theirs = BTreeSet::new();
+        for family in ["-4", "-6"] {
+            let o = std::process::Command::new("ip")
+                .args(["-j", family, "route", "show", "table", "main"])
+                .output()
+                .expect("ip (iproute2) is needed by this test: apt install iproute2");
+            let routes: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
+            for r in routes {
+                let (Some(dst), Some(dev)) = (r["dst"].as_str(), r["dev"].as_str()) else {
+                    continue;
+                };
+                let dst = match dst {
+                    "default" if family == "-4" => "0.0.0.0/0".to_string(),
+                    "default" => "::/0".to_string(),
+                    d if d.contains('/') => d.to_string(),
+                    d if d.contains(':') => format!("{d}/128"),
+                    d => format!("{d}/32"),
+                };
+                let src: Option<std::net::IpAddr> =
+                    r["prefsrc"].as_str().and_then(|s| s.parse().ok());
+                theirs.insert(format!("{dst} dev {dev} src {src:?}"));
+            }
+        }
+        assert!(!ours.is_empty(), "no route at all?");
+        assert_eq!(ours, theirs);
+    }
 }
