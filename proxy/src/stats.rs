@@ -1,13 +1,66 @@
 //! Counters, gauges and latency histograms, rendered in Prometheus' text format by the admin
-//! endpoint. Series are keyed by metric name and labels.
+//! endpoint. Series are keyed by metric name and labels, found by a hash of the borrowed name
+//! and labels: counting an existing series allocates nothing.
 
 use std::{
-    collections::BTreeMap,
+    collections::HashMap,
     fmt::Write,
+    hash::{Hash, Hasher},
     sync::{LazyLock, Mutex},
 };
 
 type Labels = Vec<(&'static str, String)>;
+
+struct Series<T> {
+    name: &'static str,
+    labels: Labels,
+    value: T,
+}
+
+/// Series of one kind, by the hash of their name and labels (collisions share a bucket).
+struct Table<T>(HashMap<u64, Vec<Series<T>>>);
+
+impl<T> Default for Table<T> {
+    fn default() -> Self {
+        Table(HashMap::new())
+    }
+}
+
+impl<T: Default> Table<T> {
+    fn get(&mut self, name: &'static str, l: &[(&'static str, &str)]) -> &mut T {
+        let mut h = std::hash::DefaultHasher::new();
+        name.hash(&mut h);
+        l.hash(&mut h);
+        let bucket = self.0.entry(h.finish()).or_default();
+        let same = |s: &Series<T>| {
+            s.name == name
+                && s.labels.len() == l.len()
+                && s.labels
+                    .iter()
+                    .zip(l)
+                    .all(|((k, v), (k2, v2))| k == k2 && v == v2)
+        };
+        let i = match bucket.iter().position(same) {
+            Some(i) => i,
+            None => {
+                bucket.push(Series {
+                    name,
+                    labels: labels(l),
+                    value: T::default(),
+                });
+                bucket.len() - 1
+            }
+        };
+        &mut bucket[i].value
+    }
+
+    /// Every series, by name and then labels.
+    fn sorted(&self) -> Vec<&Series<T>> {
+        let mut all: Vec<&Series<T>> = self.0.values().flatten().collect();
+        all.sort_by(|a, b| (a.name, &a.labels).cmp(&(b.name, &b.labels)));
+        all
+    }
+}
 
 /// Latency bucket bounds, in milliseconds.
 const BUCKETS_MS: [f64; 14] = [
@@ -23,9 +76,9 @@ struct Histogram {
 
 #[derive(Default)]
 struct Registry {
-    counters: BTreeMap<(&'static str, Labels), u64>,
-    gauges: BTreeMap<(&'static str, Labels), i64>,
-    histograms: BTreeMap<(&'static str, Labels), Histogram>,
+    counters: Table<u64>,
+    gauges: Table<i64>,
+    histograms: Table<Histogram>,
 }
 
 static REGISTRY: LazyLock<Mutex<Registry>> = LazyLock::new(Default::default);
@@ -35,26 +88,16 @@ fn labels(l: &[(&'static str, &str)]) -> Labels {
 }
 
 pub fn inc(name: &'static str, l: &[(&'static str, &str)]) {
-    *REGISTRY
-        .lock()
-        .expect("stats lock")
-        .counters
-        .entry((name, labels(l)))
-        .or_default() += 1;
+    *REGISTRY.lock().expect("stats lock").counters.get(name, l) += 1;
 }
 
 pub fn gauge(name: &'static str, l: &[(&'static str, &str)], delta: i64) {
-    *REGISTRY
-        .lock()
-        .expect("stats lock")
-        .gauges
-        .entry((name, labels(l)))
-        .or_default() += delta;
+    *REGISTRY.lock().expect("stats lock").gauges.get(name, l) += delta;
 }
 
 pub fn observe_ms(name: &'static str, l: &[(&'static str, &str)], ms: f64) {
     let mut r = REGISTRY.lock().expect("stats lock");
-    let h = r.histograms.entry((name, labels(l))).or_default();
+    let h = r.histograms.get(name, l);
     for (i, bound) in BUCKETS_MS.iter().enumerate() {
         if ms <= *bound {
             h.counts[i] += 1;
@@ -93,21 +136,36 @@ pub fn render() -> String {
     let r = REGISTRY.lock().expect("stats lock");
     let mut out = String::new();
     let mut last = "";
-    for ((name, l), v) in &r.counters {
+    for Series {
+        name,
+        labels: l,
+        value: v,
+    } in r.counters.sorted()
+    {
         if *name != last {
             let _ = writeln!(out, "# TYPE {name} counter");
             last = name;
         }
         series(&mut out, name, l, None, &v.to_string());
     }
-    for ((name, l), v) in &r.gauges {
+    for Series {
+        name,
+        labels: l,
+        value: v,
+    } in r.gauges.sorted()
+    {
         if *name != last {
             let _ = writeln!(out, "# TYPE {name} gauge");
             last = name;
         }
         series(&mut out, name, l, None, &v.to_string());
     }
-    for ((name, l), h) in &r.histograms {
+    for Series {
+        name,
+        labels: l,
+        value: h,
+    } in r.histograms.sorted()
+    {
         if *name != last {
             let _ = writeln!(out, "# TYPE {name} histogram");
             last = name;
