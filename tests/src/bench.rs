@@ -412,7 +412,7 @@ pub fn run(smoke: bool) -> Result<String> {
     std::fs::write(
         &haproxy_cfg,
         format!(
-            "global\n  maxconn 4096\n  uid 1337\n  gid 1337\n\
+            "global\n  maxconn 4096\n  uid 1337\n  gid 1337\n  nbthread 1\n\
              defaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n  option http-keep-alive\n  http-reuse always\n\
              frontend out\n  bind 0.0.0.0:15001\n  default_backend reviews\n\
              backend reviews\n  balance roundrobin\n  server up1 {PEER_V4}:18081\n  server up2 {PEER_V4}:18082\n"
@@ -733,7 +733,8 @@ pub fn run(smoke: bool) -> Result<String> {
         "HTTP/1.1 keep-alive GETs from the app over {} connections to a service VIP, captured \
          by sockmesh to the proxy on 15001, round robin over two keep-alive upstreams on the \
          peer host. Same pod, upstreams and capture for both proxies, one after the other in \
-         each round.\n\n",
+         each round. Equal cores: each proxy serves on one thread (sockmesh-proxy's default \
+         `--workers 1`, HAProxy's `nbthread 1`).\n\n",
         s.conns
     ));
     r.push_str("| proxy | requests/s | p50 µs | p99 µs |\n|---|---|---|---|\n");
