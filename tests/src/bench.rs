@@ -306,21 +306,22 @@ fn rss_mib(pid: u32) -> Result<f64> {
     Ok(kb / 1024.0)
 }
 
-/// Kernel memory of the BPF maps the agent holds (the `memlock` of each map fd), MiB.
+/// Kernel memory of the BPF maps the agent holds (the `memlock` of each map, counted once
+/// however many fds the agent has to it), MiB.
 fn map_memory_mib(pid: u32) -> Result<f64> {
-    let mut total = 0u64;
+    let mut maps = std::collections::BTreeMap::new();
     for e in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
         let info = std::fs::read_to_string(e?.path()).unwrap_or_default();
-        if !info.contains("map_type:") {
-            continue;
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        if let (Some(id), Some(bytes)) = (field("map_id:"), field("memlock:")) {
+            maps.insert(id, bytes);
         }
-        total += info
-            .lines()
-            .find_map(|l| l.strip_prefix("memlock:"))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or(0);
     }
-    Ok(total as f64 / (1024.0 * 1024.0))
+    Ok(maps.values().sum::<u64>() as f64 / (1024.0 * 1024.0))
 }
 
 fn machine() -> String {
