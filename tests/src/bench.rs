@@ -2,11 +2,17 @@
 //! measured in the same run, on the same machine: the median of interleaved rounds, with the
 //! spread. The report is Markdown (docs/benchmarks.md).
 //!
-//! Measured so far:
+//! Measured (the numbers of issue #6):
 //! 1. capture cost at connect time: short connections per second to the outbound port, direct,
-//!    through istio's iptables rules (real iptables), and through sockmesh;
+//!    through istio's iptables rules (real iptables), and through sockmesh, with the kernel's
+//!    run-time statistics of each sockmesh program;
+//! 2. the app-to-proxy hop through a minimal forwarder: round trips and bulk, under iptables,
+//!    sockmesh, sockmesh with sk_msg, and over a Unix socket;
+//! 3. rule scale: 1 to 10,000 excluded CIDRs and ports, iptables against sockmesh;
+//! 4. pod scale: registering 1 to 1,000 pods, the agent's memory and CPU, capture with 1,000
+//!    registered;
 //! 5. the proxy: sockmesh-proxy against HAProxy in the same role (HTTP/1.1 keep-alive clients,
-//!    a round-robin cluster of two upstreams), under sockmesh capture.
+//!    a round-robin cluster of two upstreams), under sockmesh capture, one thread each.
 
 use std::{process::Command, time::Duration};
 

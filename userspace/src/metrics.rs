@@ -122,6 +122,8 @@ pub fn render(health: &Health) -> anyhow::Result<String> {
             ev::ORIG_DST_STORE_FAILED,
             ev::ORIG_DST_RELEASED,
             ev::LISTENER_STORE_FAILED,
+            ev::ACCEL_SOCK_ADDED,
+            ev::ACCEL_SOCK_FULL,
         ] {
             let name = ev::name(code).expect("named counter");
             if let Some(n) = c.get(name) {

@@ -503,7 +503,8 @@ pub mod counters {
     pub const ORIG_DST_LOCAL: u32 = 101;
     /// getpeername rewritten to the original destination.
     pub const PEERNAME_REWRITE: u32 = 102;
-    /// A redirect record could not be stored (map full): the connect was refused.
+    /// A redirect record could not be stored (map full): by connect4, the connect was refused;
+    /// by sock_ops (`SM_ORIG_DST`), the connection goes on and the proxy sees the capture port.
     pub const ORIG_DST_STORE_FAILED: u32 = 103;
     /// A redirect record was removed when its socket closed.
     pub const ORIG_DST_RELEASED: u32 = 104;
