@@ -128,15 +128,15 @@ impl Resources {
         ) -> Result<BTreeMap<String, M>, String> {
             let mut out = BTreeMap::new();
             for (i, any) in resources.iter().enumerate() {
-                if any.type_url != M::type_url() {
-                    return Err(format!(
-                        "resources[{i}]: a {} in a response of {}",
-                        any.type_url,
-                        M::type_url()
-                    ));
-                }
-                let m = M::decode(any.value.as_slice())
-                    .map_err(|e| format!("resources[{i}]: not a valid {}: {e}", M::full_name()))?;
+                let m = unpack::<M>(any)
+                    .map_err(|e| format!("resources[{i}]: {e}"))?
+                    .ok_or_else(|| {
+                        format!(
+                            "resources[{i}]: a {} in a response of {}",
+                            any.type_url,
+                            M::type_url()
+                        )
+                    })?;
                 let n = name(&m);
                 if out.insert(n.clone(), m).is_some() {
                     return Err(format!("{} {n:?} is sent twice", M::NAME));

@@ -141,10 +141,8 @@ fn register(lab: &Lab, pod: &Pod, prof: &Profile, accel: bool, again: bool) -> R
                 .args(["init", "istio", "--cleanup-only"]),
         )?;
     }
-    let mut init = lab.sockmesh_in(&pod.ns)?;
-    init.args(prof.init_args())
-        .env("SOCKMESH_ACCELERATION", if accel { "on" } else { "off" });
-    run_cmd(&mut init)?;
+    let accel = if accel { "on" } else { "off" };
+    pods::apply_sockmesh_env(lab, pod, prof, &[("SOCKMESH_ACCELERATION", accel)])?;
     Ok(())
 }
 
@@ -190,10 +188,8 @@ fn bulk(lab: &Lab, pod: &Pod, dst: &str, bytes: usize) -> Result<f64> {
 
 /// The minimal forwarder on the pod's outbound port (and a Unix socket), as the proxy user.
 fn forwarder(lab: &mut Lab, pod: &Pod, unix: &std::path::Path) -> Result<usize> {
-    let mut cmd = lab.command(&pod.ns, true, "setpriv")?;
-    cmd.args(["--reuid=1337", "--regid=1337", "--clear-groups"])
-        .arg(testkit_bin()?)
-        .args(["hop-forward", "0.0.0.0:15001", "--unix"])
+    let mut cmd = pods::as_user(lab, pod, 1337, &testkit_bin()?)?;
+    cmd.args(["hop-forward", "0.0.0.0:15001", "--unix"])
         .arg(unix)
         .args(["--upstream", &format!("{PEER_V4}:18100")]);
     lab.spawn(cmd, Some("ready"))

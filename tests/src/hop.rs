@@ -17,20 +17,20 @@ use crate::{
     kit::{take_credentials, ConnectSpec},
 };
 
-/// Copy `from` to `to` until EOF, then half-close `to`.
-fn pump(mut from: impl Read, to: &TcpStream) {
+/// Copy `from` to `to` until EOF, then half-close `to` (`done`).
+fn pump(mut from: impl Read, mut to: impl Write, done: impl FnOnce()) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => {
-                if (&mut &*to).write_all(&buf[..n]).is_err() {
+                if to.write_all(&buf[..n]).is_err() {
                     break;
                 }
             }
         }
     }
-    let _ = to.shutdown(Shutdown::Write);
+    done();
 }
 
 /// Relay an accepted TCP connection to `upstream`, both ways, a thread each.
@@ -39,8 +39,14 @@ fn relay_tcp(down: TcpStream, upstream: SocketAddr) -> Result<()> {
     up.set_nodelay(true)?;
     down.set_nodelay(true)?;
     let (d2, u2) = (down.try_clone()?, up.try_clone()?);
-    std::thread::spawn(move || pump(Patient(&u2), &d2));
-    pump(Patient(&down), &up);
+    std::thread::spawn(move || {
+        pump(Patient(&u2), &d2, || {
+            let _ = d2.shutdown(Shutdown::Write);
+        })
+    });
+    pump(Patient(&down), &up, || {
+        let _ = up.shutdown(Shutdown::Write);
+    });
     Ok(())
 }
 
@@ -48,22 +54,15 @@ fn relay_tcp(down: TcpStream, upstream: SocketAddr) -> Result<()> {
 fn relay_unix(down: UnixStream, upstream: SocketAddr) -> Result<()> {
     let up = TcpStream::connect(upstream).with_context(|| format!("connect {upstream}"))?;
     up.set_nodelay(true)?;
-    let (mut d2, u2) = (down.try_clone()?, up.try_clone()?);
+    let (d2, u2) = (down.try_clone()?, up.try_clone()?);
     std::thread::spawn(move || {
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            match Patient(&u2).read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if d2.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            }
-        }
-        let _ = d2.shutdown(Shutdown::Write);
+        pump(Patient(&u2), &d2, || {
+            let _ = d2.shutdown(Shutdown::Write);
+        })
     });
-    pump(down, &up);
+    pump(&down, &up, || {
+        let _ = up.shutdown(Shutdown::Write);
+    });
     Ok(())
 }
 
@@ -149,28 +148,19 @@ impl Conn {
         }
     }
 
-    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
-        match self {
-            Conn::Tcp(s) => Patient(s).read(b),
-            Conn::Unix(s) => s.read(b),
-        }
-    }
-
-    fn read_exact(&mut self, mut b: &mut [u8]) -> Result<()> {
-        while !b.is_empty() {
-            let n = self.read(b)?;
-            if n == 0 {
-                bail!("early end of stream");
-            }
-            b = &mut b[n..];
-        }
-        Ok(())
-    }
-
     fn shutdown_write(&self) -> std::io::Result<()> {
         match self {
             Conn::Tcp(s) => s.shutdown(Shutdown::Write),
             Conn::Unix(s) => s.shutdown(Shutdown::Write),
+        }
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Tcp(s) => Patient(s).read(b),
+            Conn::Unix(s) => s.read(b),
         }
     }
 }
@@ -211,14 +201,7 @@ pub fn bulk(dst: &str, spec: &ConnectSpec, total: usize) -> Result<String> {
     }
     c.shutdown_write()?;
     let mut answer = Vec::new();
-    let mut buf = [0u8; 64];
-    loop {
-        let n = c.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        answer.extend_from_slice(&buf[..n]);
-    }
+    c.read_to_end(&mut answer)?;
     let secs = t.elapsed().as_secs_f64();
     let answer = String::from_utf8_lossy(&answer);
     if answer.trim() != format!("ok {total}") {

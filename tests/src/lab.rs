@@ -61,6 +61,14 @@ pub fn sockmesh_bin() -> Result<PathBuf> {
     sibling_bin("sockmesh", "SOCKMESH_BIN")
 }
 
+/// `sockmesh dump --json` of the maps pinned under `bpffs` (works while the agent is down).
+pub fn dump(bpffs: &Path) -> Result<serde_json::Value> {
+    let out = run(Command::new(sockmesh_bin()?)
+        .args(["dump", "--json", "--bpffs"])
+        .arg(bpffs))?;
+    serde_json::from_slice(&out.stdout).context("sockmesh dump --json printed no JSON")
+}
+
 pub fn testkit_bin() -> Result<PathBuf> {
     sibling_bin("sockmesh-testkit", "SOCKMESH_TESTKIT_BIN")
 }
@@ -302,6 +310,11 @@ impl Lab {
     /// namespace (mounts shared, so it sees the lab's cgroup and bpffs): then even an agent that
     /// wrongly accepted its own namespace as a pod's would capture the lab's, never the
     /// machine's. Its metrics port is inside `node`.
+    /// `sockmesh dump --json` of this lab's maps.
+    pub fn dump(&self) -> Result<serde_json::Value> {
+        dump(&self.bpffs)
+    }
+
     /// The agent's process id (when started directly, not through nsenter).
     pub fn agent_pid(&self) -> Option<u32> {
         self.agent.as_ref().map(|a| a.child.id())

@@ -255,7 +255,19 @@ pub fn apply_iptables(pod: &Pod, profile: &Profile) -> Result<()> {
 
 /// Register the pod with the lab's agent through `sockmesh init istio` and the profile's argv.
 pub fn apply_sockmesh(lab: &Lab, pod: &Pod, profile: &Profile) -> Result<String> {
+    apply_sockmesh_env(lab, pod, profile, &[])
+}
+
+/// [`apply_sockmesh`] with more environment for `init` (sockmesh's own settings, such as
+/// `SOCKMESH_ACCELERATION`).
+pub fn apply_sockmesh_env(
+    lab: &Lab,
+    pod: &Pod,
+    profile: &Profile,
+    env: &[(&str, &str)],
+) -> Result<String> {
     let mut cmd = lab.sockmesh_in(&pod.ns)?;
+    cmd.envs(env.iter().copied());
     cmd.args(profile.init_args());
     if let Some(d) = &profile.dns {
         // The pod's resolv.conf (istio-iptables reads /etc/resolv.conf in the pod).

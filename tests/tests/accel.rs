@@ -11,7 +11,7 @@
 use std::process::Command;
 
 use sockmesh_tests::{
-    lab::{run, sockmesh_bin, testkit_bin, Lab},
+    lab::{run, testkit_bin, Lab},
     pods::{self, Mode, Pod, PEER_V4},
     profiles::Profile,
 };
@@ -48,21 +48,18 @@ fn lab(tag: &str, accel: Accel) -> (Lab, Pod, std::path::PathBuf) {
     let p = Profile::default_sidecar();
     let pod = pods::pod_with(&mut lab, "a", &p, Mode::Sockmesh, &[]).unwrap();
     let log = lab.dir.join("accel-server.log");
-    let mut server = lab.command(&pod.ns, pod.in_cgroup, "setpriv").unwrap();
+    let mut server = pods::as_user(&lab, &pod, 1337, &testkit_bin().unwrap()).unwrap();
     server
-        .args(["--reuid=1337", "--regid=1337", "--clear-groups"])
-        .arg(testkit_bin().unwrap())
         .args(["accel-serve", "0.0.0.0:15001", "--log"])
         .arg(&log);
     lab.spawn(server, Some("ready")).unwrap();
     std::fs::write(&log, "").unwrap();
     std::fs::set_permissions(&log, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
-    let mut init = lab.sockmesh_in(&pod.ns).unwrap();
-    init.args(p.init_args());
-    if accel == Accel::OffForThePod {
-        init.env("SOCKMESH_ACCELERATION", "off");
-    }
-    run(&mut init).unwrap();
+    let env: &[(&str, &str)] = match accel {
+        Accel::OffForThePod => &[("SOCKMESH_ACCELERATION", "off")],
+        Accel::On | Accel::OffForTheNode => &[],
+    };
+    pods::apply_sockmesh_env(&lab, &pod, &p, env).unwrap();
     (lab, pod, log)
 }
 
@@ -190,12 +187,10 @@ fn off_for_the_node_by_default() {
 fn thousands_of_concurrent_connections_and_the_map_follows_the_sockets() {
     let (lab, pod, _) = lab("accm", Accel::On);
     let dump = || {
-        let out = run(Command::new(sockmesh_bin().unwrap())
-            .args(["dump", "--json", "--bpffs"])
-            .arg(&lab.bpffs))
-        .unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        v["accelerated_sockets"].as_array().unwrap().len()
+        lab.dump().unwrap()["accelerated_sockets"]
+            .as_array()
+            .unwrap()
+            .len()
     };
     assert_eq!(dump(), 0);
     // While the 2,000 connections are open, dump shows both ends of them.

@@ -258,13 +258,7 @@ fn pods_that_are_gone_are_forgotten_and_their_address_reused() {
     let a = pods::pod_with(&mut lab, "a", &p, Mode::Sockmesh, &[]).unwrap();
     pods::apply_sockmesh(&lab, &a, &p).unwrap();
     let bpffs = lab.bpffs.clone();
-    let dump = move || -> serde_json::Value {
-        let out = run(Command::new(sockmesh_bin().unwrap())
-            .args(["dump", "--json", "--bpffs"])
-            .arg(&bpffs))
-        .unwrap();
-        serde_json::from_slice(&out.stdout).unwrap()
-    };
+    let dump = move || sockmesh_tests::lab::dump(&bpffs).unwrap();
     let first = dump()["pods"][0]["netns_cookie"].as_u64().unwrap();
     let peer = a.peer.clone();
     lab.remove_netns(&a.ns).unwrap();

@@ -4,7 +4,7 @@
 
 use sockmesh_tests::{
     kit::Outcome,
-    lab::{run, sockmesh_bin, Lab},
+    lab::Lab,
     pods::{self, Mode, POD_V4},
     profiles::{self, Profile},
 };
@@ -73,11 +73,7 @@ fn conformance(p: &Profile) -> Vec<(String, Outcome)> {
     );
 
     // Original-destination records leave with their sockets: every probe has closed.
-    let out = run(std::process::Command::new(sockmesh_bin().unwrap())
-        .args(["dump", "--json", "--bpffs"])
-        .arg(&lab.bpffs))
-    .unwrap();
-    let dump: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let dump = lab.dump().unwrap();
     let live = dump["original_destinations"].as_array().unwrap();
     assert!(live.is_empty(), "records outlived their sockets: {live:?}");
     assert_eq!(dump["pods"].as_array().unwrap().len(), 1, "{dump}");

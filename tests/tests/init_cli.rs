@@ -12,11 +12,7 @@ use sockmesh_tests::{
 };
 
 fn dump(lab: &Lab) -> serde_json::Value {
-    let out = run(Command::new(sockmesh_bin().unwrap())
-        .args(["dump", "--json", "--bpffs"])
-        .arg(&lab.bpffs))
-    .unwrap();
-    serde_json::from_slice(&out.stdout).unwrap()
+    lab.dump().unwrap()
 }
 
 fn registered(lab: &Lab) -> usize {

@@ -178,65 +178,27 @@ fn scenario(mode: Mode) -> Vec<String> {
 
     let mut seen = Vec::new();
     let vip = format!("{VIP}:80");
+    // The app's GET to `dst`, summarized.
+    let app_get = |dst: &str, path: &str, host: &str, hdr: &[&str]| {
+        summary(&get(&lab, &pod, false, dst, path, host, hdr))
+    };
     // Round robin over the VIP's cluster, by Host and by original destination.
     for _ in 0..2 {
-        seen.push(summary(&get(&lab, &pod, false, &vip, "/a", "reviews", &[])));
+        seen.push(app_get(&vip, "/a", "reviews", &[]));
     }
-    seen.push(summary(&get(
-        &lab,
-        &pod,
-        false,
-        &vip,
-        "/b",
-        "unknown.host",
-        &[],
-    )));
-    seen.push(summary(&get(
-        &lab,
-        &pod,
-        false,
-        &vip,
-        "/b",
-        "unknown.host",
-        &[],
-    )));
+    for _ in 0..2 {
+        seen.push(app_get(&vip, "/b", "unknown.host", &[]));
+    }
     // A prefix route.
-    seen.push(summary(&get(
-        &lab,
-        &pod,
-        false,
-        &vip,
-        "/v2/x",
-        "reviews",
-        &[],
-    )));
+    seen.push(app_get(&vip, "/v2/x", "reviews", &[]));
     // Consistent hashing on a header: the same user, the same upstream.
     let sticky: Vec<String> = (0..4)
-        .map(|_| {
-            summary(&get(
-                &lab,
-                &pod,
-                false,
-                &vip,
-                "/",
-                "reviews",
-                &["x-user: alice"],
-            ))
-        })
+        .map(|_| app_get(&vip, "/", "reviews", &["x-user: alice"]))
         .collect();
     assert!(sticky.windows(2).all(|w| w[0] == w[1]), "{sticky:?}");
     seen.extend(sticky);
     // No route: passed through to the original destination.
-    let direct = format!("{PEER_V4}:18090");
-    seen.push(summary(&get(
-        &lab,
-        &pod,
-        false,
-        &direct,
-        "/",
-        "elsewhere",
-        &[],
-    )));
+    seen.push(app_get(&format!("{PEER_V4}:18090"), "/", "elsewhere", &[]));
     // Raw TCP (server-first): relayed to the original destination.
     let out = as_app(&lab, &pod, &["connect", &format!("{PEER_V4}:9090")]);
     let tcp: Outcome = serde_json::from_str(&out).unwrap();
