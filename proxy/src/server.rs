@@ -496,7 +496,11 @@ async fn connection(
                     let method = req.method().clone();
                     let path = req.uri().path().to_string();
                     let mut trace = Trace::new(direction);
-                    let resp = request(req, client, orig, direction, &snapshot, &mut trace).await;
+                    let mut resp =
+                        request(req, client, orig, direction, &snapshot, &mut trace).await;
+                    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+                        strip_hop_by_hop(resp.headers_mut());
+                    }
                     trace.done(&method, &path, client, orig, resp.status(), start);
                     Ok::<_, Infallible>(resp)
                 }
@@ -795,37 +799,66 @@ impl Trace {
     }
 }
 
-/// An HTTP/1.1 `Upgrade: h2c` request is answered as HTTP/1.1, as if it had not asked: the
-/// server may decline an upgrade (RFC 9110 7.8), RFC 9113 dropped this way to HTTP/2, and
-/// Envoy declines it too. Its upgrade headers go, so no upstream switches either.
-fn decline_h2c_upgrade(headers: &mut hyper::HeaderMap) {
-    let h2c = headers
-        .get(hyper::header::UPGRADE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|p| p.trim().eq_ignore_ascii_case("h2c")));
-    if !h2c {
+/// Headers that belong to one connection (RFC 9110 7.6.1) and are not forwarded, besides
+/// those the `Connection` header names.
+const HOP_BY_HOP: [&str; 6] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "upgrade",
+    "http2-settings",
+];
+
+/// Remove the hop-by-hop headers of a request or response before it is forwarded, as Envoy
+/// does: `Connection` and the headers it names, Keep-Alive, Proxy-Connection, TE (but
+/// `te: trailers`, which gRPC needs) and Upgrade. So a client's `connection: close` closes
+/// its own connection, not the pooled upstream one. Transfer-Encoding is left to the codec.
+///
+/// An upgrade (WebSocket) keeps `Upgrade` and `connection: upgrade`. An HTTP/1.1
+/// `Upgrade: h2c` does not: it is declined and answered as HTTP/1.1, as if it had not asked
+/// (a server may decline an upgrade, RFC 9110 7.8; RFC 9113 dropped this way to HTTP/2, and
+/// Envoy declines it too).
+fn strip_hop_by_hop(headers: &mut hyper::HeaderMap) {
+    if !HOP_BY_HOP.iter().any(|h| headers.contains_key(*h)) {
         return;
     }
-    headers.remove(hyper::header::UPGRADE);
-    headers.remove("http2-settings");
-    let rest: Vec<String> = headers
-        .get_all(hyper::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|t| {
-            !t.is_empty()
-                && !t.eq_ignore_ascii_case("upgrade")
-                && !t.eq_ignore_ascii_case("http2-settings")
-        })
-        .map(String::from)
-        .collect();
-    headers.remove(hyper::header::CONNECTION);
-    if let Ok(v) = HeaderValue::from_str(&rest.join(", ")) {
-        if !rest.is_empty() {
-            headers.insert(hyper::header::CONNECTION, v);
+    let tokens = |headers: &hyper::HeaderMap| -> Vec<String> {
+        headers
+            .get_all(hyper::header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|t| t.trim().to_ascii_lowercase())
+            .filter(|t| !t.is_empty())
+            .collect()
+    };
+    let named = tokens(headers);
+    let upgrade = headers
+        .get(hyper::header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.split(',').any(|p| p.trim().eq_ignore_ascii_case("h2c")))
+        .is_some()
+        && named.iter().any(|t| t == "upgrade");
+    for name in &named {
+        if !(upgrade && name == "upgrade") {
+            headers.remove(name.as_str());
         }
+    }
+    let te_trailers = headers
+        .get(hyper::header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    for name in HOP_BY_HOP {
+        let keep = (upgrade && name == "upgrade") || (te_trailers && name == "te");
+        if !keep {
+            headers.remove(name);
+        }
+    }
+    if upgrade {
+        headers.insert(
+            hyper::header::CONNECTION,
+            HeaderValue::from_static("upgrade"),
+        );
     }
 }
 
@@ -838,7 +871,7 @@ async fn request(
     snap: &Snapshot,
     trace: &mut Trace,
 ) -> Response<Body> {
-    decline_h2c_upgrade(req.headers_mut());
+    strip_hop_by_hop(req.headers_mut());
     let authority = req
         .uri()
         .authority()
@@ -1436,6 +1469,76 @@ fn admin_page(path: &str, snap: &Snapshot) -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn headers(list: &[(&'static str, &'static str)]) -> hyper::HeaderMap {
+        let mut h = hyper::HeaderMap::new();
+        for (k, v) in list {
+            h.append(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    fn names(h: &hyper::HeaderMap) -> Vec<String> {
+        let mut n: Vec<String> = h
+            .iter()
+            .map(|(k, v)| format!("{k}: {}", v.to_str().unwrap()))
+            .collect();
+        n.sort();
+        n
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_not_forwarded() {
+        let mut h = headers(&[
+            ("host", "a"),
+            ("connection", "close, X-Hop"),
+            ("x-hop", "1"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("te", "trailers"),
+            ("x-end", "2"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(names(&h), ["host: a", "te: trailers", "x-end: 2"]);
+        // TE other than trailers is this hop's.
+        let mut h = headers(&[("te", "gzip"), ("x-end", "2")]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(names(&h), ["x-end: 2"]);
+        // Nothing hop-by-hop: left alone.
+        let mut h = headers(&[("host", "a"), ("x-end", "2")]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(names(&h), ["host: a", "x-end: 2"]);
+    }
+
+    #[test]
+    fn upgrades_keep_their_headers_but_h2c_is_declined() {
+        let mut ws = headers(&[
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "websocket"),
+            ("sec-websocket-key", "k"),
+        ]);
+        strip_hop_by_hop(&mut ws);
+        assert_eq!(
+            names(&ws),
+            [
+                "connection: upgrade",
+                "sec-websocket-key: k",
+                "upgrade: websocket"
+            ]
+        );
+        let mut h2c = headers(&[
+            ("connection", "Upgrade, HTTP2-Settings"),
+            ("upgrade", "h2c"),
+            ("http2-settings", "AAMAAABkAAQCAAAAAAIAAAAA"),
+            ("host", "a"),
+        ]);
+        strip_hop_by_hop(&mut h2c);
+        assert_eq!(names(&h2c), ["host: a"]);
+        // An Upgrade header the Connection header does not name is not an upgrade.
+        let mut stray = headers(&[("upgrade", "websocket"), ("host", "a")]);
+        strip_hop_by_hop(&mut stray);
+        assert_eq!(names(&stray), ["host: a"]);
+    }
 
     #[test]
     fn server_names_are_read_from_client_hellos() {

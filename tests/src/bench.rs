@@ -77,23 +77,35 @@ fn connects(lab: &Lab, pod: &Pod, in_cgroup: bool, dst: &str, secs: f64) -> Resu
     Ok(n / secs)
 }
 
-/// (requests/s, p50 µs, p99 µs) through whatever listens on the pod's 15001.
-fn http(lab: &Lab, pod: &Pod, s: &Sizes) -> Result<(f64, f64, f64)> {
-    let out = testkit(
-        lab,
-        pod,
-        true,
-        &[
-            "bench-http",
-            "10.96.0.10:80",
-            "--host",
-            "reviews",
-            "--conns",
-            &s.conns.to_string(),
-            "--secs",
-            &s.secs.to_string(),
-        ],
-    )?;
+/// The connection benchmarks' listener on the pod's 15001 (the testkit's lean one: it reads
+/// the original destination once per connection, as a proxy does); the lab's process index.
+fn lean_listener(lab: &mut Lab, pod: &Pod, in_cgroup: bool) -> Result<usize> {
+    let mut l = lab.command(&pod.ns, in_cgroup, testkit_bin()?)?;
+    l.args(["listen", "b/pod:15001@0.0.0.0:15001"]);
+    lab.spawn(l, Some("ready"))
+}
+
+/// The proxy benchmark's two client modes: keep-alive, and a new connection per request.
+const HTTP_MODES: [(&str, bool); 2] = [("keep-alive", false), ("new connections", true)];
+
+/// (requests/s, p50 µs, p99 µs) through whatever listens on the pod's 15001; `new_conn`: a
+/// connection per request.
+fn http(lab: &Lab, pod: &Pod, s: &Sizes, new_conn: bool) -> Result<(f64, f64, f64)> {
+    let (conns, secs) = (s.conns.to_string(), s.secs.to_string());
+    let mut args = vec![
+        "bench-http",
+        "10.96.0.10:80",
+        "--host",
+        "reviews",
+        "--conns",
+        &conns,
+        "--secs",
+        &secs,
+    ];
+    if new_conn {
+        args.push("--new-conn");
+    }
+    let out = testkit(lab, pod, true, &args)?;
     let f: Vec<f64> = out.split(' ').filter_map(|x| x.parse().ok()).collect();
     if f.len() != 3 || f[0] == 0.0 {
         bail!("bench-http gave {out:?}");
@@ -368,8 +380,10 @@ pub fn run(smoke: bool) -> Result<String> {
     lab.start_agent()?;
     let p = Profile::default_sidecar();
     // Three pods: no capture, istio's iptables rules, sockmesh.
-    let direct = pods::pod_with(&mut lab, "d", &p, Mode::Iptables, &[15001])?;
-    let ipt = pods::pod_with(&mut lab, "i", &p, Mode::Iptables, &[15001])?;
+    let direct = pods::pod_with(&mut lab, "d", &p, Mode::Iptables, &[])?;
+    lean_listener(&mut lab, &direct, false)?;
+    let ipt = pods::pod_with(&mut lab, "i", &p, Mode::Iptables, &[])?;
+    lean_listener(&mut lab, &ipt, false)?;
     pods::apply_iptables(&ipt, &p)?;
     let sm = pods::pod_with(&mut lab, "s", &p, Mode::Sockmesh, &[])?;
     register(&lab, &sm, &p, false, false)?;
@@ -429,7 +443,8 @@ pub fn run(smoke: bool) -> Result<String> {
     for (k, &n) in s.rules.iter().enumerate() {
         let mut prof = p.clone();
         (prof.exclude, prof.outbound_exclude_ports) = exclusions(n);
-        let i = pods::pod_with(&mut lab, &format!("ri{k}"), &prof, Mode::Iptables, &[15001])?;
+        let i = pods::pod_with(&mut lab, &format!("ri{k}"), &prof, Mode::Iptables, &[])?;
+        lean_listener(&mut lab, &i, false)?;
         pods::apply_iptables(&i, &prof)?;
         scaled.push((n, i, prof));
     }
@@ -451,17 +466,18 @@ pub fn run(smoke: bool) -> Result<String> {
     // and the agent's CPU time per request and per registration.
     let _stats = BpfStats::on()?;
     let mut progs: std::collections::BTreeMap<String, (Vec<f64>, Vec<f64>)> = Default::default();
-    let (mut cpu_ours, mut cpu_theirs, mut cpu_reg) = (Vec::new(), Vec::new(), Vec::new());
-    let mut ours: Vec<(f64, f64, f64)> = Vec::new();
-    let mut theirs: Vec<(f64, f64, f64)> = Vec::new();
+    let mut cpu_reg = Vec::new();
+    // Section 5, per client mode: (requests/s, p50, p99) and CPU µs per request, per proxy.
+    let mut ours: [Vec<(f64, f64, f64)>; 2] = Default::default();
+    let mut theirs: [Vec<(f64, f64, f64)>; 2] = Default::default();
+    let mut cpu_ours: [Vec<f64>; 2] = Default::default();
+    let mut cpu_theirs: [Vec<f64>; 2] = Default::default();
     let peer80 = format!("{PEER_V4}:80");
     for _ in 0..s.rounds {
         // 1. Connect-time capture cost. The sockmesh pod's listener on 15001 lives only for this.
         c_direct.push(connects(&lab, &direct, false, "127.0.0.1:15001", s.secs)?);
         c_ipt.push(connects(&lab, &ipt, false, &peer80, s.secs)?);
-        let mut l = lab.command(&sm.ns, true, testkit_bin()?)?;
-        l.args(["listen", "pod:15001@0.0.0.0:15001"]);
-        let li = lab.spawn(l, Some("ready"))?;
+        let li = lean_listener(&mut lab, &sm, true)?;
         let before = prog_stats()?;
         let rate = connects(&lab, &sm, true, &peer80, s.secs)?;
         let after = prog_stats()?;
@@ -538,20 +554,24 @@ pub fn run(smoke: bool) -> Result<String> {
         let pi = lab.spawn(cmd, Some("ready"))?;
         wait_for_proxy(&lab, &sm)?;
         let pid = lab.pid(pi).context("the proxy's pid")?;
-        let cpu0 = cpu_secs(pid)?;
-        let o = http(&lab, &sm, &s)?;
-        cpu_ours.push((cpu_secs(pid)? - cpu0) / (o.0 * s.secs) * 1e6);
-        ours.push(o);
+        for (k, (_, new_conn)) in HTTP_MODES.into_iter().enumerate() {
+            let cpu0 = cpu_secs(pid)?;
+            let o = http(&lab, &sm, &s, new_conn)?;
+            cpu_ours[k].push((cpu_secs(pid)? - cpu0) / (o.0 * s.secs) * 1e6);
+            ours[k].push(o);
+        }
         lab.kill(pi)?;
         let mut cmd = lab.command(&sm.ns, true, "haproxy")?;
         cmd.arg("-db").arg("-f").arg(&haproxy_cfg);
         let hi = lab.spawn(cmd, None)?;
         wait_for_proxy(&lab, &sm)?;
         let pid = lab.pid(hi).context("HAProxy's pid")?;
-        let cpu0 = cpu_secs(pid)?;
-        let t = http(&lab, &sm, &s)?;
-        cpu_theirs.push((cpu_secs(pid)? - cpu0) / (t.0 * s.secs) * 1e6);
-        theirs.push(t);
+        for (k, (_, new_conn)) in HTTP_MODES.into_iter().enumerate() {
+            let cpu0 = cpu_secs(pid)?;
+            let t = http(&lab, &sm, &s, new_conn)?;
+            cpu_theirs[k].push((cpu_secs(pid)? - cpu0) / (t.0 * s.secs) * 1e6);
+            theirs[k].push(t);
+        }
         lab.kill(hi)?;
     }
 
@@ -559,16 +579,13 @@ pub fn run(smoke: bool) -> Result<String> {
     let col = |v: &[(f64, f64, f64)], f: fn(&(f64, f64, f64)) -> f64| {
         stats(&v.iter().map(f).collect::<Vec<_>>())
     };
-    let (o_rps, o_p50, o_p99) = (
-        col(&ours, |x| x.0),
-        col(&ours, |x| x.1),
-        col(&ours, |x| x.2),
-    );
-    let (h_rps, h_p50, h_p99) = (
-        col(&theirs, |x| x.0),
-        col(&theirs, |x| x.1),
-        col(&theirs, |x| x.2),
-    );
+    // Per client mode: ((requests/s, p50, p99) of sockmesh-proxy, the same of HAProxy).
+    type Http = ((f64, f64, f64), (f64, f64, f64), (f64, f64, f64));
+    let three =
+        |v: &[(f64, f64, f64)]| -> Http { (col(v, |x| x.0), col(v, |x| x.1), col(v, |x| x.2)) };
+    let proxies: Vec<(Http, Http)> = (0..2)
+        .map(|k| (three(&ours[k]), three(&theirs[k])))
+        .collect();
     let mut r = String::new();
     r.push_str("# Benchmarks\n\n");
     r.push_str(&format!(
@@ -589,7 +606,9 @@ pub fn run(smoke: bool) -> Result<String> {
         "Short TCP connections (connect, read the listener's one line, close) per second, from \
          an app (uid 1000) to the outbound port: directly to 127.0.0.1:15001 with no capture, \
          and to a remote address redirected to 15001 by istio's rules (real iptables) or by \
-         sockmesh.\n\n",
+         sockmesh. The listener is the same on every path and does per connection what a \
+         transparent proxy does before routing: accept, read SO_ORIGINAL_DST once, then it \
+         answers one line and closes.\n\n",
     );
     r.push_str("| path | connections/s | ratio to direct |\n|---|---|---|\n");
     for (name, v) in [
@@ -733,40 +752,51 @@ pub fn run(smoke: bool) -> Result<String> {
     ));
     r.push_str("## 5. The proxy against HAProxy\n\n");
     r.push_str(&format!(
-        "HTTP/1.1 keep-alive GETs from the app over {} connections to a service VIP, captured \
-         by sockmesh to the proxy on 15001, round robin over two keep-alive upstreams on the \
-         peer host. Same pod, upstreams and capture for both proxies, one after the other in \
-         each round. Equal cores: each proxy serves on one thread (sockmesh-proxy's default \
-         `--workers 1`, HAProxy's `nbthread 1`).\n\n",
+        "HTTP/1.1 GETs from the app by {} clients to a service VIP, captured by sockmesh to \
+         the proxy on 15001, round robin over two keep-alive upstreams on the peer host. Two \
+         client modes: each client keeps its connection alive, or opens a new connection per \
+         request (`connection: close`; its latency includes the connect). Same pod, upstreams \
+         and capture for both proxies, one after the other in each round. Equal cores: each \
+         proxy serves on one thread (sockmesh-proxy's default `--workers 1`, HAProxy's \
+         `nbthread 1`). CPU is the proxy's time per request (user and system, all threads, \
+         from /proc).\n\n",
         s.conns
     ));
-    r.push_str("| proxy | requests/s | p50 µs | p99 µs |\n|---|---|---|---|\n");
-    r.push_str(&format!(
-        "| HAProxy | {} | {} | {} |\n",
-        fmt(h_rps),
-        fmt(h_p50),
-        fmt(h_p99)
-    ));
-    r.push_str(&format!(
-        "| sockmesh-proxy | {} | {} | {} |\n",
-        fmt(o_rps),
-        fmt(o_p50),
-        fmt(o_p99)
-    ));
-    r.push_str(&format!(
-        "\nsockmesh-proxy / HAProxy: requests/s {:.2}, p50 {:.2}, p99 {:.2} (below 1 is better \
-         for latency).\n\n",
-        o_rps.0 / h_rps.0,
-        o_p50.0 / h_p50.0,
-        o_p99.0 / h_p99.0
-    ));
-    let (cpu_o, cpu_h) = (stats(&cpu_ours).0, stats(&cpu_theirs).0);
-    r.push_str(&format!(
-        "CPU time per request (user and system, all threads, from /proc): sockmesh-proxy \
-         {cpu_o:.1} µs, HAProxy {cpu_h:.1} µs ({:.2}x). The load generator and the upstreams \
-         share the same 2 cores, so the proxy that spends less per request serves more.\n\n",
-        cpu_o / cpu_h
-    ));
+    r.push_str(
+        "| clients | proxy | requests/s | p50 µs | p99 µs | CPU µs per request |\n\
+         |---|---|---|---|---|---|\n",
+    );
+    for (k, (mode, _)) in HTTP_MODES.into_iter().enumerate() {
+        let (o, h) = proxies[k];
+        for (name, (rps, p50, p99), cpu) in [
+            ("HAProxy", h, &cpu_theirs[k]),
+            ("sockmesh-proxy", o, &cpu_ours[k]),
+        ] {
+            r.push_str(&format!(
+                "| {mode} | {name} | {} | {} | {} | {:.1} |\n",
+                fmt(rps),
+                fmt(p50),
+                fmt(p99),
+                stats(cpu).0
+            ));
+        }
+    }
+    r.push('\n');
+    for (k, (mode, _)) in HTTP_MODES.into_iter().enumerate() {
+        let (o, h) = proxies[k];
+        r.push_str(&format!(
+            "sockmesh-proxy / HAProxy, {mode}: requests/s {:.2}, p50 {:.2}, p99 {:.2} (below 1 \
+             is better for latency), CPU per request {:.2}.\n\n",
+            o.0 .0 / h.0 .0,
+            o.1 .0 / h.1 .0,
+            o.2 .0 / h.2 .0,
+            stats(&cpu_ours[k]).0 / stats(&cpu_theirs[k]).0,
+        ));
+    }
+    r.push_str(
+        "The load generator and the upstreams share the same 2 cores, so the proxy that spends \
+         less per request serves more.\n\n",
+    );
     r.push_str("## Targets (issue #6)\n\n| target | measured | verdict |\n|---|---|---|\n");
     let verdict = |met: bool, by: String| {
         if met {
@@ -813,16 +843,20 @@ pub fn run(smoke: bool) -> Result<String> {
         "| agent under 30 MiB RSS with {most} pods | {peak:.1} MiB | {} |\n",
         verdict(peak < 30.0, format!("{:.1} MiB", peak - 30.0))
     ));
-    let rps = o_rps.0 / h_rps.0;
-    r.push_str(&format!(
-        "| proxy requests/s at least HAProxy's (>= 1.00) | {rps:.2} | {} |\n",
-        verdict(rps >= 1.0, format!("{:.2}", 1.0 - rps))
-    ));
-    let p99 = o_p99.0 / h_p99.0;
-    r.push_str(&format!(
-        "| proxy p99 lower than HAProxy's (< 1.00) | {p99:.2} | {} |\n\n",
-        verdict(p99 < 1.0, format!("{:.2}", p99 - 1.0))
-    ));
+    for (k, (mode, _)) in HTTP_MODES.into_iter().enumerate() {
+        let (o, h) = proxies[k];
+        let rps = o.0 .0 / h.0 .0;
+        r.push_str(&format!(
+            "| proxy requests/s at least HAProxy's ({mode}, >= 1.00) | {rps:.2} | {} |\n",
+            verdict(rps >= 1.0, format!("{:.2}", 1.0 - rps))
+        ));
+        let p99 = o.2 .0 / h.2 .0;
+        r.push_str(&format!(
+            "| proxy p99 lower than HAProxy's ({mode}, < 1.00) | {p99:.2} | {} |\n",
+            verdict(p99 < 1.0, format!("{:.2}", p99 - 1.0))
+        ));
+    }
+    r.push('\n');
     r.push_str(
         "Why, from the figures above: capture at connect costs sockmesh its programs' time \
          per connection (section 1's program table) plus what any redirected connection pays \

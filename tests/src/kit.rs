@@ -161,7 +161,9 @@ pub fn other_sockopts(fd: RawFd, peer: SocketAddr) -> String {
     out.join(",")
 }
 
-/// Serve `name@addr:port` listeners until killed; prints "ready" once all are bound.
+/// Serve `name@addr:port` listeners until killed; prints "ready" once all are bound. Name
+/// prefixes: `udp/` (a UDP socket), `t/` (IP_TRANSPARENT), `r/` (SO_REUSEPORT), `b/` (the
+/// benchmark's lean listener, see `serve_lean`).
 pub fn listen(specs: &[String]) -> Result<()> {
     let mut threads = Vec::new();
     for spec in specs {
@@ -185,10 +187,18 @@ pub fn listen(specs: &[String]) -> Result<()> {
             Some(n) => (n, true),
             None => (name, false),
         };
+        let (name, lean) = match name.strip_prefix("b/") {
+            Some(n) => (n, true),
+            None => (name, false),
+        };
         let listener = bind_listener(addr, transparent, reuseport)
             .with_context(|| format!("binding {addr}"))?;
         let name = name.to_string();
-        threads.push(std::thread::spawn(move || serve(listener, name)));
+        if lean {
+            threads.push(std::thread::spawn(move || serve_lean(listener, name)));
+        } else {
+            threads.push(std::thread::spawn(move || serve(listener, name)));
+        }
     }
     println!("ready");
     std::io::stdout().flush()?;
@@ -348,6 +358,23 @@ fn serve(listener: TcpListener, name: String) {
             );
         }
         let _ = conn.write_all(line.as_bytes());
+    }
+}
+
+/// A listener that does per connection what a transparent proxy does before it routes (the
+/// benchmark's, `b/`): accept, read the original destination once (as Envoy's original_dst
+/// listener filter), answer one line and close. No other socket calls, so a capture's hooks
+/// are charged for what a proxy meets, not for the conformance checks `serve` makes.
+fn serve_lean(listener: TcpListener, name: String) {
+    loop {
+        let Ok((mut conn, peer)) = listener.accept() else {
+            continue;
+        };
+        let orig = match original_dst(conn.as_raw_fd(), peer) {
+            Ok(a) => unmap(a).to_string(),
+            Err(e) => e,
+        };
+        let _ = conn.write_all(format!("listener={name} orig={orig}\n").as_bytes());
     }
 }
 
@@ -846,6 +873,23 @@ fn answer_http(
             .map(|(_, v)| v.trim().to_string())
     };
     let upgrade = header("upgrade");
+    // /headers answers the names of the request's headers, sorted (what a proxy forwarded).
+    if path == "/headers" {
+        let mut names: Vec<String> = head
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, _)| k.trim().to_ascii_lowercase())
+            .collect();
+        names.sort();
+        let body = format!("{name} headers: {}\n", names.join(","));
+        write!(
+            conn,
+            "HTTP/1.1 {status} X\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )?;
+        return Ok(());
+    }
     // A request body is read in full and summed; /bytes/N answers N pattern bytes.
     let length: usize = header("content-length")
         .and_then(|v| v.parse().ok())
@@ -1142,11 +1186,14 @@ pub fn http_keepalive_server(addrs: &[SocketAddr]) -> Result<()> {
     Ok(())
 }
 
+/// Answer "ok" to each request on `conn` until the client closes it or asks to; the
+/// `x-request-on-connection` header counts the connection's requests (1, 2, ...).
 fn keepalive_conn(conn: TcpStream) -> Result<()> {
     use std::io::BufRead;
     conn.set_nodelay(true)?;
     let mut reader = std::io::BufReader::new(conn.try_clone()?);
     let mut out = conn;
+    let mut served = 0u64;
     loop {
         let mut close = false;
         let mut length = 0usize;
@@ -1172,7 +1219,11 @@ fn keepalive_conn(conn: TcpStream) -> Result<()> {
         }
         let mut body = vec![0u8; length];
         reader.read_exact(&mut body)?;
-        out.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")?;
+        served += 1;
+        write!(
+            out,
+            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-request-on-connection: {served}\r\n\r\nok"
+        )?;
         if close {
             return Ok(());
         }
@@ -1196,50 +1247,50 @@ pub fn bench_connect(spec: &ConnectSpec, secs: f64) -> Result<u64> {
     Ok(n)
 }
 
-/// Requests per second and latency of keep-alive HTTP/1.1 GETs to `dst` over `conns`
-/// connections for `secs`: (requests, p50 µs, p99 µs).
+/// Requests per second and latency of HTTP/1.1 GETs to `dst` from `conns` clients for `secs`:
+/// (requests, p50 µs, p99 µs). Each client keeps one connection alive, or (`new_conn`) opens a
+/// connection per request, asks with `connection: close` and closes it after the answer; its
+/// latency includes the connect.
 pub fn bench_http(
     spec: &ConnectSpec,
     host: &str,
     conns: usize,
     secs: f64,
+    new_conn: bool,
 ) -> Result<(u64, u64, u64)> {
-    use std::io::BufRead;
     let dst = spec.dst.context("no destination")?;
     take_credentials(spec)?;
     let end = std::time::Instant::now() + Duration::from_secs_f64(secs);
-    let request = format!("GET / HTTP/1.1\r\nhost: {host}\r\n\r\n");
+    let close = if new_conn {
+        "connection: close\r\n"
+    } else {
+        ""
+    };
+    let request = format!("GET / HTTP/1.1\r\nhost: {host}\r\n{close}\r\n");
+    let connect = move || -> Result<(std::io::BufReader<TcpStream>, TcpStream)> {
+        let s = TcpStream::connect(dst).with_context(|| format!("connect {dst}"))?;
+        s.set_nodelay(true)?;
+        Ok((std::io::BufReader::new(s.try_clone()?), s))
+    };
     let workers: Vec<_> = (0..conns)
         .map(|_| {
             let request = request.clone();
             std::thread::spawn(move || -> Result<Vec<u32>> {
-                let s = TcpStream::connect(dst).with_context(|| format!("connect {dst}"))?;
-                s.set_nodelay(true)?;
-                let mut reader = std::io::BufReader::new(s.try_clone()?);
-                let mut out = s;
+                let mut conn = if new_conn { None } else { Some(connect()?) };
                 let mut lat = Vec::new();
                 let mut line = String::new();
+                let mut body = Vec::new();
                 while std::time::Instant::now() < end {
                     let t = std::time::Instant::now();
+                    let (reader, out) = match &mut conn {
+                        Some(c) => c,
+                        slot => slot.insert(connect()?),
+                    };
                     out.write_all(request.as_bytes())?;
-                    let mut length = 0usize;
-                    loop {
-                        line.clear();
-                        if reader.read_line(&mut line)? == 0 {
-                            bail!("the server closed the connection");
-                        }
-                        let l = line.trim_end();
-                        if l.is_empty() {
-                            break;
-                        }
-                        if let Some((k, v)) = l.split_once(':') {
-                            if k.eq_ignore_ascii_case("content-length") {
-                                length = v.trim().parse().unwrap_or(0);
-                            }
-                        }
+                    read_response(reader, &mut line, &mut body)?;
+                    if new_conn {
+                        conn = None;
                     }
-                    let mut body = vec![0u8; length];
-                    reader.read_exact(&mut body)?;
                     lat.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
                 }
                 Ok(lat)
@@ -1260,6 +1311,34 @@ pub fn bench_http(
             .unwrap_or(0) as u64
     };
     Ok((all.len() as u64, pct(0.5), pct(0.99)))
+}
+
+/// Read one HTTP/1.1 response with a content-length (head into `line`, body into `body`).
+fn read_response(
+    reader: &mut std::io::BufReader<TcpStream>,
+    line: &mut String,
+    body: &mut Vec<u8>,
+) -> Result<()> {
+    use std::io::BufRead;
+    let mut length = 0usize;
+    loop {
+        line.clear();
+        if reader.read_line(line)? == 0 {
+            bail!("the server closed the connection");
+        }
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = l.split_once(':') {
+            if k.eq_ignore_ascii_case("content-length") {
+                length = v.trim().parse().unwrap_or(0);
+            }
+        }
+    }
+    body.resize(length, 0);
+    reader.read_exact(body)?;
+    Ok(())
 }
 
 /// `n` bytes of a fixed pattern, for large bodies.

@@ -27,6 +27,9 @@ virtual_hosts:
   - name: reviews-v2
     domains: ["reviews-v2"]
     routes: [{{route: {{cluster: reviews-v2}}}}]
+  - name: keepalive
+    domains: ["keepalive"]
+    routes: [{{route: {{cluster: keepalive}}}}]
   - name: reviews
     domains: ["reviews", "{VIP}:80"]
     routes:
@@ -51,6 +54,8 @@ clusters:
     endpoints: [{{address: "{PEER_V4}:18081"}}, {{address: "{PEER_V4}:18082"}}]
   - name: reviews-v2
     endpoints: [{{address: "{PEER_V4}:18083"}}]
+  - name: keepalive
+    endpoints: [{{address: "{PEER_V4}:18084"}}]
   - name: reviews-sticky
     lb_policy: maglev
     hash_policy: {{header: x-user}}
@@ -139,6 +144,11 @@ fn scenario(mode: Mode) -> Vec<String> {
         format!("direct@{PEER_V4}:18090"),
     ]);
     lab.spawn(up, Some("ready")).unwrap();
+    let mut ka = lab
+        .command(&pod.peer, false, testkit_bin().unwrap())
+        .unwrap();
+    ka.args(["http-keepalive", &format!("{PEER_V4}:18084")]);
+    lab.spawn(ka, Some("ready")).unwrap();
     let mut grpc = lab
         .command(&pod.peer, false, testkit_bin().unwrap())
         .unwrap();
@@ -309,6 +319,40 @@ fn scenario(mode: Mode) -> Vec<String> {
     seen.push(format!("outbound {}", as_app(&lab, &pod, &out).trim()));
     let inb = ["http-stream", &app, "--host", "app"];
     seen.push(format!("inbound {}", as_peer(&lab, &pod, &inb).trim()));
+    // Hop-by-hop headers stay on their hop: the upstream sees neither `connection` nor what it
+    // names, nor keep-alive, but `te: trailers` and the end-to-end ones.
+    let hop = [
+        "connection: close, x-hop",
+        "x-hop: 1",
+        "keep-alive: timeout=5",
+        "te: trailers",
+        "x-end: 2",
+    ];
+    seen.push(summary(&get(
+        &lab,
+        &pod,
+        false,
+        &vip,
+        "/headers",
+        "reviews-v2",
+        &hop,
+    )));
+    // So a client's `connection: close` closes its own connection, and the proxy's upstream
+    // connection (a keep-alive upstream) serves the next client too.
+    let on_conn: Vec<String> = (0..2)
+        .map(|_| {
+            let r = get(&lab, &pod, false, &vip, "/", "keepalive", &[]);
+            r.lines()
+                .find_map(|l| l.strip_prefix("x-request-on-connection: "))
+                .unwrap_or("none")
+                .trim()
+                .to_string()
+        })
+        .collect();
+    seen.push(format!(
+        "upstream requests on its connection: {}",
+        on_conn.join(" ")
+    ));
     // The admin endpoint (localhost is never captured): stats and endpoint health.
     let stats = get(
         &lab,
@@ -424,6 +468,8 @@ fn routes_and_balances_the_same_under_iptables_and_sockmesh() {
         ipt[23],
         "status cookie=1 registered=true; unregister PermissionDenied: trailers arrived"
     );
+    assert_eq!(ipt[27], "v2 headers: host,te,x-end");
+    assert_eq!(ipt[28], "upstream requests on its connection: 1 2");
     let smesh = scenario(Mode::Sockmesh);
     assert_eq!(smesh, ipt, "sockmesh and iptables disagree");
 }

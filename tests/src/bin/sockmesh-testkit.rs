@@ -152,6 +152,9 @@ enum Cmd {
         conns: usize,
         #[arg(long)]
         secs: f64,
+        /// A new connection per request (`connection: close`) instead of keep-alive.
+        #[arg(long)]
+        new_conn: bool,
         #[arg(long)]
         uid: Option<u32>,
         #[arg(long)]
@@ -385,11 +388,12 @@ fn main() -> anyhow::Result<()> {
             host,
             conns,
             secs,
+            new_conn,
             uid,
             gid,
         } => {
             let spec = ConnectSpec::to(dst, uid, gid);
-            let (n, p50, p99) = kit::bench_http(&spec, &host, conns, secs)?;
+            let (n, p50, p99) = kit::bench_http(&spec, &host, conns, secs, new_conn)?;
             println!("{n} {p50} {p99}");
             Ok(())
         }
