@@ -14,11 +14,15 @@ fn the_benchmark_suite_runs_and_reports_every_ratio() {
         "| iptables REDIRECT (istio rules) |",
         "| sockmesh |",
         "sockmesh / iptables: ",
-        "| HAProxy |",
-        "| sockmesh-proxy |",
-        "sockmesh-proxy / HAProxy: requests/s ",
+        "| keep-alive | HAProxy |",
+        "| keep-alive | sockmesh-proxy |",
+        "| new connections | HAProxy |",
+        "| new connections | sockmesh-proxy |",
+        "sockmesh-proxy / HAProxy, keep-alive: requests/s ",
+        "sockmesh-proxy / HAProxy, new connections: requests/s ",
         "| connect-time capture within 5% of direct (>= 0.95) |",
-        "| proxy p99 lower than HAProxy's (< 1.00) |",
+        "| proxy p99 lower than HAProxy's (keep-alive, < 1.00) |",
+        "| proxy p99 lower than HAProxy's (new connections, < 1.00) |",
         "## 2. The app-to-proxy hop",
         "| sockmesh + sk_msg |",
         "| Unix socket |",
@@ -47,7 +51,8 @@ fn the_benchmark_suite_runs_and_reports_every_ratio() {
     };
     for after in [
         "sockmesh / iptables: ",
-        "sockmesh-proxy / HAProxy: requests/s ",
+        "sockmesh-proxy / HAProxy, keep-alive: requests/s ",
+        "sockmesh-proxy / HAProxy, new connections: requests/s ",
         "others registered ",
     ] {
         let r = ratio(after);
