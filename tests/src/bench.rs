@@ -145,7 +145,7 @@ fn exclusions(n: usize) -> (Vec<String>, Vec<u16>) {
 }
 
 /// Register `pod` with `prof` (after unregistering it, if `again`), with socket acceleration
-/// on or off for it (the node's agent has it on).
+/// for all its sockets or off for it (the node's agent has it on).
 fn register(lab: &Lab, pod: &Pod, prof: &Profile, accel: bool, again: bool) -> Result<()> {
     if again {
         run_cmd(
@@ -153,7 +153,8 @@ fn register(lab: &Lab, pod: &Pod, prof: &Profile, accel: bool, again: bool) -> R
                 .args(["init", "istio", "--cleanup-only"]),
         )?;
     }
-    let accel = if accel { "on" } else { "off" };
+    // The hop's app writes to its forwarder (the proxy): acceleration for all the pod's sockets.
+    let accel = if accel { "all" } else { "off" };
     pods::apply_sockmesh_env(lab, pod, prof, &[("SOCKMESH_ACCELERATION", accel)])?;
     Ok(())
 }
@@ -870,9 +871,11 @@ pub fn run(smoke: bool) -> Result<String> {
     r.push_str(
         "Both proxies keep upstream connections alive (sockmesh-proxy pools HTTP/1.1 per \
          endpoint; HAProxy with `http-reuse always`). Both run as uid 1337, in the pod.\n\n\
-         sk_msg acceleration is off by default: on this kernel it differs from TCP where a \
-         user can see it (no back pressure, splice readers get nothing, blocking reads can fail \
-         early with EAGAIN; tests/tests/accel.rs pins these down). The hop's forwarder reads as \
+         sk_msg acceleration is off by default: on this kernel it still differs from TCP where a \
+         user can see it (splice readers of redirected data get none of it, blocking reads on a \
+         socket in the map can fail early with EAGAIN; tests/tests/accel.rs pins these down). \
+         The hop's pod has it for all its sockets (`SOCKMESH_ACCELERATION=all`), the app's \
+         included. The hop's forwarder reads as \
          an event loop does, so the hop measures what it gives where it is safe.\n",
     );
     Ok(r)

@@ -45,11 +45,11 @@ pub struct AgentArgs {
     #[arg(long, default_value = "127.0.0.1:15094")]
     pub metrics: String,
     /// Socket acceleration (sk_msg) of registered pods' local connections, for the whole node;
-    /// a pod turns it off for itself with SOCKMESH_ACCELERATION=off at init. Off by default:
-    /// on current kernels sk_msg differs from TCP where a user can see it (no back pressure,
-    /// splice(2) readers see nothing, blocking reads may fail with EAGAIN early; see
-    /// docs/operations.md). Turn it on only where every pod's local peers read with an event
-    /// loop, without splice.
+    /// each pod chooses with SOCKMESH_ACCELERATION at init: proxies (the default: its proxy's
+    /// sockets), all (its app's too) or off. Off by default: on current kernels a socket that
+    /// receives redirected data and is read with splice(2) sees none of it, and blocking reads
+    /// on a socket in the map may fail with EAGAIN early (see docs/operations.md). Needs the
+    /// kernel's BTF.
     #[arg(long, default_value = "off", value_parser = ["on", "off"])]
     pub acceleration: String,
 }

@@ -17,7 +17,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use sockmesh_common::{
-    names, CidrKey, ConnKey, CounterKey, LocalAddrKey, MemberKey, OrigDst, PodConfig, SockKey,
+    names, AccelSock, CidrKey, ConnKey, CounterKey, KernelOffsets, LocalAddrKey, MemberKey,
+    OrigDst, PodConfig, SockKey,
 };
 
 use crate::sys::{self, SyscallError};
@@ -192,7 +193,7 @@ pub fn open_cgroup2(dir: &Path) -> Result<fs::File, BpfError> {
 }
 
 /// Key and value sizes of every pinned map, as this build lays them out.
-fn map_layouts() -> [(&'static str, usize, usize); 13] {
+fn map_layouts() -> [(&'static str, usize, usize); 14] {
     use sockmesh_common::{ListenerKey, SockKey, SockOwner};
     use std::mem::size_of;
     // LPM-trie keys carry a 4-byte prefix length before the data.
@@ -211,6 +212,7 @@ fn map_layouts() -> [(&'static str, usize, usize); 13] {
         (names::COUNTERS, size_of::<CounterKey>(), 8),
         (names::SOCKS, size_of::<SockKey>(), 4),
         (names::SOCK_TCP, 4, 1),
+        (names::PEER_SK, size_of::<SockKey>(), size_of::<AccelSock>()),
     ]
 }
 
@@ -244,9 +246,24 @@ fn check_pinned_layouts(dir: &Path) -> Result<(), BpfError> {
 pub fn load(bpffs: &Path, accel: bool) -> Result<Ebpf, BpfError> {
     let dir = maps_dir(bpffs);
     check_pinned_layouts(&dir)?;
+    // sk_msg reads a few kernel fields whose offsets the BTF gives; without acceleration they
+    // are left unknown (nothing is redirected).
+    let offsets = if accel {
+        crate::btf::kernel_offsets().map_err(|e| {
+            BpfError::Setup(format!(
+                "socket acceleration reads how much each reader has left unread from a kernel \
+                 field found through the kernel's BTF, and that failed: {e}. Use a kernel with \
+                 CONFIG_DEBUG_INFO_BTF (and sockmap's msg_tot_len, 6.x), or run with \
+                 --acceleration off"
+            ))
+        })?
+    } else {
+        KernelOffsets::default()
+    };
     let accel = u8::from(accel);
     let mut loader = EbpfLoader::new();
     loader.override_global("SOCKMESH_ACCEL", &accel, true);
+    loader.override_global("SOCKMESH_KERNEL_OFFSETS", &offsets, true);
     let paths: Vec<(&'static str, PathBuf)> =
         names::ALL.iter().map(|n| (*n, dir.join(n))).collect();
     for (name, path) in &paths {

@@ -22,7 +22,8 @@ use crate::api::{self, pb};
 /// The CNI versions this plugin speaks.
 pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 
-/// A pod annotation: `off` turns socket acceleration off for the pod.
+/// A pod annotation: the pod's socket acceleration, as `SOCKMESH_ACCELERATION` (`off`,
+/// `proxies`, `all`).
 pub const ACCELERATION_ANNOTATION: &str = "sockmesh.io/acceleration";
 
 /// The runtime capability that carries pod annotations.

@@ -17,8 +17,23 @@ const AGENT_TIMEOUT: Duration = Duration::from_secs(30);
 /// istio-iptables' exit code for a failed validation (constants.ValidationErrorCode).
 const VALIDATION_ERROR_CODE: i32 = 126;
 
-/// Turns socket acceleration off for the pod being registered (`off`; `on` is the default).
+/// Socket acceleration of the pod being registered: `off`, `proxies` (the default: the
+/// proxy's sockets only) or `all` (the app's too).
 pub const ACCELERATION_ENV: &str = "SOCKMESH_ACCELERATION";
+
+/// The pod flags for a `SOCKMESH_ACCELERATION` value (unset or empty: the default).
+pub fn acceleration_flags(value: Option<&str>) -> Result<u32, String> {
+    match value {
+        None | Some("" | "proxies") => Ok(0),
+        Some("off") => Ok(flags::NO_ACCEL),
+        Some("all") => Ok(flags::ACCEL_APPS),
+        Some(other) => Err(format!(
+            "{ACCELERATION_ENV}={other:?}: want off, proxies (the default: the proxy's local \
+             connections skip TCP/IP) or all (the app's writes to its proxy too; its blocking \
+             reads may then return EAGAIN early, see docs/operations.md)"
+        )),
+    }
+}
 
 /// Why `init` failed, with its exit code.
 enum Failure {
@@ -138,17 +153,7 @@ fn run(flavor: Flavor, argv: Vec<OsString>, out: &mut dyn Write) -> Result<(), F
     }
     .map_err(|e| e.to_string())?;
     // sockmesh's own per-pod switch (the node's is the agent's --acceleration).
-    match std::env::var(ACCELERATION_ENV).as_deref() {
-        Err(_) | Ok("" | "on") => {}
-        Ok("off") => spec.config.flags |= flags::NO_ACCEL,
-        Ok(other) => {
-            return Err(format!(
-                "{ACCELERATION_ENV}={other:?}: want on or off (socket acceleration of this pod's \
-                 local connections)"
-            )
-            .into())
-        }
-    }
+    spec.config.flags |= acceleration_flags(std::env::var(ACCELERATION_ENV).ok().as_deref())?;
     for note in &action.notes {
         eprintln!("sockmesh init {}: note: {note}", flavor.name());
     }
@@ -349,4 +354,23 @@ pub fn decision_table(spec: &PodSpec, local: &[IpAddr]) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acceleration_levels_and_a_bad_one() {
+        assert_eq!(acceleration_flags(None), Ok(0));
+        assert_eq!(acceleration_flags(Some("")), Ok(0));
+        assert_eq!(acceleration_flags(Some("proxies")), Ok(0));
+        assert_eq!(acceleration_flags(Some("off")), Ok(flags::NO_ACCEL));
+        assert_eq!(acceleration_flags(Some("all")), Ok(flags::ACCEL_APPS));
+        let e = acceleration_flags(Some("on")).unwrap_err();
+        assert!(
+            e.contains("want off, proxies") && e.contains("\"on\""),
+            "{e}"
+        );
+    }
 }

@@ -3,6 +3,7 @@
 mod agent;
 mod api;
 mod bpf;
+mod btf;
 mod cni;
 mod cni_install;
 mod dump;

@@ -404,6 +404,17 @@ impl PodSpec {
             ("IPv6 capture".into(), c.has(flags::IPV6).to_string()),
             ("DNS capture (to 15053)".into(), self.dns_setting()),
             (
+                "socket acceleration (SOCKMESH_ACCELERATION)".into(),
+                if c.has(flags::NO_ACCEL) {
+                    "off"
+                } else if c.has(flags::ACCEL_APPS) {
+                    "all (the app's sockets too)"
+                } else {
+                    "proxies (the proxy's sockets)"
+                }
+                .into(),
+            ),
+            (
                 "-m (inbound interception mode)".into(),
                 if c.has(flags::TPROXY) {
                     format!("TPROXY (mark {}, table {})", c.tproxy_mark, c.tproxy_table)

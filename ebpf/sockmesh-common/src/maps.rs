@@ -28,7 +28,8 @@ pub mod names {
     pub const COUNTERS: &str = "SM_COUNTERS";
     pub const SOCKS: &str = "SM_SOCKS";
     pub const SOCK_TCP: &str = "SM_SOCK_TCP";
-    pub const ALL: [&str; 13] = [
+    pub const PEER_SK: &str = "SM_PEER_SK";
+    pub const ALL: [&str; 14] = [
         PODS,
         MEMBERS,
         CIDRS,
@@ -42,6 +43,7 @@ pub mod names {
         COUNTERS,
         SOCKS,
         SOCK_TCP,
+        PEER_SK,
     ];
 }
 
@@ -99,6 +101,11 @@ pub mod flags {
     pub const TPROXY: u32 = 1 << 15;
     /// No socket acceleration for this pod (its local hops go through TCP/IP, as with iptables).
     pub const NO_ACCEL: u32 = 1 << 16;
+    /// Socket acceleration for the app's sockets as well as the proxy's
+    /// (`SOCKMESH_ACCELERATION=all`): the app's writes to its proxy skip TCP/IP too, but its
+    /// socket then reads through the kernel's sk_msg path, whose blocking reads can return
+    /// EAGAIN early. Without it only the proxy's sockets are accelerated.
+    pub const ACCEL_APPS: u32 = 1 << 17;
     /// Every bit above.
     pub const ALL: u32 = OUTBOUND_ALL
         | IPV6
@@ -115,7 +122,8 @@ pub mod flags {
         | EXCLUDE_IFACES
         | KUBE_VIRT
         | TPROXY
-        | NO_ACCEL;
+        | NO_ACCEL
+        | ACCEL_APPS;
 }
 
 /// A registered pod's settings in istio terms. Value of the `PODS` map, keyed by netns cookie.
@@ -158,6 +166,21 @@ impl PodConfig {
     /// Whether any inbound connection can be captured (linkerd always captures inbound).
     pub const fn inbound_capture(&self) -> bool {
         self.has(flags::INBOUND_ALL | flags::INBOUND_LIST | flags::LINKERD)
+    }
+
+    /// Whether a socket created by `owner` is the proxy's: its uid is one of `-u`'s or its gid
+    /// one of `-g`'s (the owner matches by which istio-iptables knows the proxy's traffic).
+    pub const fn is_proxy(&self, owner: &SockOwner) -> bool {
+        let mut i = 0;
+        while i < MAX_OWNERS {
+            if (i < self.n_uids as usize && self.uids[i] == owner.uid)
+                || (i < self.n_gids as usize && self.gids[i] == owner.gid)
+            {
+                return true;
+            }
+            i += 1;
+        }
+        false
     }
 }
 
@@ -449,6 +472,78 @@ impl SockKey {
     }
 }
 
+/// Most bytes sk_msg leaves unread in a socket's queue of redirected data. TCP stops a writer
+/// when the reader's buffers are full; a redirect has no such limit, so sk_msg keeps to this
+/// window and, past it, sends the rest of the connection by TCP, whose back pressure then holds
+/// (data already queued is read first, so the order stays). 1 MiB: room for a bulk transfer's
+/// writes while its reader catches up, and no more than a TCP receive buffer grows to (6 MiB
+/// by default).
+pub const ACCEL_WINDOW: u64 = 1 << 20;
+
+/// Whether `size` more bytes may be redirected to a socket with `unread` bytes queued
+/// (`None`: not known) without passing [`ACCEL_WINDOW`].
+pub const fn window_has_room(unread: Option<u64>, size: u64) -> bool {
+    match unread {
+        Some(u) => u.saturating_add(size) <= ACCEL_WINDOW,
+        None => false,
+    }
+}
+
+/// Where the kernel keeps what sk_msg needs to know of two sockets that it cannot ask through
+/// its context; the agent reads these offsets from the running kernel's BTF and gives them to
+/// the programs at load time (zero: unknown, nothing is redirected).
+/// - What sk_msg has queued for a socket and its reader has not taken: `struct sock`'s
+///   `sk_user_data` points (low bits are flags) to the socket's `struct sk_psock`, whose
+///   `msg_tot_len` counts those bytes.
+/// - Whether a sender's TCP data has all been read (see [`tcp_drained`]): `struct tcp_sock`'s
+///   `write_seq` and `snd_una` of the sender, `rcv_nxt` and `copied_seq` of its peer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    pub sk_user_data: u32,
+    pub psock_msg_tot_len: u32,
+    pub tcp_write_seq: u32,
+    pub tcp_snd_una: u32,
+    pub tcp_rcv_nxt: u32,
+    pub tcp_copied_seq: u32,
+}
+
+impl KernelOffsets {
+    pub const fn known(&self) -> bool {
+        self.sk_user_data != 0
+            && self.psock_msg_tot_len != 0
+            && self.tcp_write_seq != 0
+            && self.tcp_snd_una != 0
+            && self.tcp_rcv_nxt != 0
+            && self.tcp_copied_seq != 0
+    }
+}
+
+/// Whether a sender that went by TCP may go back to redirecting without its data being read
+/// out of order: everything it wrote is acknowledged (`write_seq == snd_una`: on a local
+/// connection, in the peer's receive queue) and its peer has read all it received
+/// (`rcv_nxt == copied_seq`). A reader takes redirected data before TCP's, so redirecting
+/// with TCP data unread would let later bytes overtake earlier ones.
+pub const fn tcp_drained(write_seq: u32, snd_una: u32, rcv_nxt: u32, copied_seq: u32) -> bool {
+    write_seq == snd_una && rcv_nxt == copied_seq
+}
+
+/// Value of `PEER_SK`: an accelerated socket's kernel address, and whether sk_msg may send to
+/// it (`receives`, 1): only sockets of a pod's proxy, whose readers are event loops that do
+/// not splice (Envoy, linkerd2-proxy, sockmesh-proxy). An app's socket never receives
+/// redirected data (it gets it by TCP), so whatever way the app reads (blocking reads,
+/// splice(2)) sees TCP's behaviour; its own writes to the proxy are redirected.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AccelSock {
+    pub addr: u64,
+    pub receives: u32,
+    pub _pad: u32,
+}
+
+/// Flag bits in the low end of `sk_user_data` (SK_USER_DATA_NOCOPY, _BPF, _PSOCK).
+pub const SK_USER_DATA_FLAGS: u64 = 7;
+
 /// Value of `ORIG_DST` and of the per-socket `SOCK_DST` storage: where the connection was going.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -514,6 +609,12 @@ pub mod counters {
     pub const ACCEL_SOCK_ADDED: u32 = 106;
     /// It could not (the map is full): that connection stays on TCP/IP.
     pub const ACCEL_SOCK_FULL: u32 = 107;
+    /// A sender of an accelerated connection went by TCP because its reader had
+    /// `ACCEL_WINDOW` unread (or how much could not be read): TCP's back pressure holds it
+    /// until the reader has read all of it (`ACCEL_RESUMED`).
+    pub const ACCEL_WINDOW_FULL: u32 = 108;
+    /// A sender that had gone by TCP went back to redirecting, its TCP data all read.
+    pub const ACCEL_RESUMED: u32 = 109;
 
     pub const fn name(c: u32) -> Option<&'static str> {
         match c {
@@ -525,6 +626,8 @@ pub mod counters {
             LISTENER_STORE_FAILED => Some("listener_store_failed"),
             ACCEL_SOCK_ADDED => Some("accel_sock_added"),
             ACCEL_SOCK_FULL => Some("accel_sock_full"),
+            ACCEL_WINDOW_FULL => Some("accel_window_full"),
+            ACCEL_RESUMED => Some("accel_resumed"),
             _ => None,
         }
     }
@@ -568,11 +671,51 @@ mod pod_impls {
     unsafe impl aya::Pod for super::CounterKey {}
     unsafe impl aya::Pod for super::ListenerKey {}
     unsafe impl aya::Pod for super::SockKey {}
+    unsafe impl aya::Pod for super::KernelOffsets {}
+    unsafe impl aya::Pod for super::AccelSock {}
 }
 
 #[cfg(test)]
 mod accel_tests {
     use super::*;
+
+    #[test]
+    fn the_window_holds_what_a_reader_has_not_taken() {
+        assert!(window_has_room(Some(0), ACCEL_WINDOW));
+        assert!(!window_has_room(Some(0), ACCEL_WINDOW + 1));
+        assert!(window_has_room(Some(ACCEL_WINDOW - 100), 100));
+        assert!(!window_has_room(Some(ACCEL_WINDOW - 100), 101));
+        assert!(!window_has_room(Some(u64::MAX), 1), "no wrap-around");
+        // Not knowing how much is unread is no room: TCP.
+        assert!(!window_has_room(None, 1));
+    }
+
+    #[test]
+    fn proxy_sockets_are_known_by_their_owner() {
+        let mut cfg: PodConfig = unsafe { core::mem::zeroed() };
+        cfg.uids[0] = 1337;
+        cfg.n_uids = 1;
+        cfg.gids[0] = 1338;
+        cfg.n_gids = 1;
+        let owner = |uid, gid| SockOwner { uid, gid };
+        assert!(cfg.is_proxy(&owner(1337, 0)));
+        assert!(cfg.is_proxy(&owner(1000, 1338)), "by gid, as -g");
+        assert!(!cfg.is_proxy(&owner(1000, 1000)));
+        // Entries past the counts do not count.
+        cfg.uids[1] = 1000;
+        assert!(!cfg.is_proxy(&owner(1000, 1000)));
+    }
+
+    #[test]
+    fn back_to_redirecting_only_once_tcp_data_is_all_read() {
+        assert!(tcp_drained(1000, 1000, 500, 500));
+        // Written, not yet acknowledged (maybe not yet in the peer's queue).
+        assert!(!tcp_drained(1001, 1000, 500, 500));
+        // In the peer's queue, not yet read.
+        assert!(!tcp_drained(1000, 1000, 501, 500));
+        // Sequence numbers wrap: only equality counts.
+        assert!(tcp_drained(3, 3, u32::MAX, u32::MAX));
+    }
 
     const POD: Addr = v4_mapped([10, 0, 0, 5]);
     const OTHER_POD: Addr = v4_mapped([10, 0, 0, 6]);

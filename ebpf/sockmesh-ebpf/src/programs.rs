@@ -5,14 +5,14 @@ use core::{
 
 use aya_ebpf::{
     bindings::{
-        bpf_sock, BPF_ANY, BPF_F_INGRESS, BPF_F_NO_PREALLOC, BPF_NOEXIST,
-        BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        bpf_map_type, bpf_sock, BPF_ANY, BPF_F_CLONE, BPF_F_INGRESS, BPF_F_NO_PREALLOC,
+        BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE,
     },
     btf_maps::SkStorage,
     helpers::{
-        bpf_get_current_uid_gid,
+        bpf_get_current_uid_gid, bpf_probe_read_kernel,
         generated::{
             bpf_bind, bpf_get_netns_cookie, bpf_sk_storage_get, bpf_sock_ops_cb_flags_set,
         },
@@ -27,10 +27,11 @@ use aya_ebpf::{
     EbpfContext,
 };
 use sockmesh_common::{
-    counters, decide, decide_inbound, flags, is_loopback, is_v4_mapped, sizes, v4_mapped, Action,
-    Addr, Arrival, CidrKey, CidrKind, Conn, ConnKey, CounterKey, ListenerKey, LocalAddrKey,
-    MemberKey, MemberKind, OrigDst, PodConfig, Proto, Reason, Rules, SockKey, SockOwner, Verdict,
-    AF_INET, AF_INET6, CIDR_KEY_FIXED_BITS, LISTENER_SLOTS,
+    counters, decide, decide_inbound, flags, is_loopback, is_v4_mapped, sizes, tcp_drained,
+    v4_mapped, window_has_room, AccelSock, Action, Addr, Arrival, CidrKey, CidrKind, Conn, ConnKey,
+    CounterKey, KernelOffsets, ListenerKey, LocalAddrKey, MemberKey, MemberKind, OrigDst,
+    PodConfig, Proto, Reason, Rules, SockKey, SockOwner, Verdict, AF_INET, AF_INET6,
+    CIDR_KEY_FIXED_BITS, LISTENER_SLOTS, SK_USER_DATA_FLAGS,
 };
 
 #[map(name = "SM_PODS")]
@@ -80,14 +81,70 @@ static SOCKS: SockHash<SockKey> = SockHash::with_max_entries(sizes::SOCKS, 0);
 #[no_mangle]
 static SOCKMESH_ACCEL: u8 = 0;
 
-/// Accelerated sockets some of whose data went by TCP (their peer was not in `SOCKS` yet):
-/// the rest of it goes by TCP too, since a reader takes redirected data before TCP's.
+/// Accelerated sockets sending by TCP (1) or redirecting (0): by TCP when the peer was not in
+/// `SOCKS` yet or its window was full, until all of that TCP data has been read, since a
+/// reader takes redirected data before TCP's.
 #[btf_map(name = "SM_SOCK_TCP")]
 static SOCK_TCP: SkStorage<u8> = SkStorage::new();
 
+/// Each accelerated socket's kernel address (where sk_msg reads how much its reader has left
+/// unread, see `unread`) and whether it receives redirected data, by its key. An LRU map, so
+/// closed sockets' entries give way; a stale one is never used to send to (that goes by
+/// `SOCKS`), only to size the window.
+#[map(name = "SM_PEER_SK")]
+static PEER_SK: LruHashMap<SockKey, AccelSock> = LruHashMap::with_max_entries(sizes::SOCKS, 0);
+
+/// Where the fields sk_msg reads are in the running kernel's structs (see `KernelOffsets`),
+/// set by the agent at load; zero: unknown, nothing is redirected.
+#[no_mangle]
+static SOCKMESH_KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
+    sk_user_data: 0,
+    psock_msg_tot_len: 0,
+    tcp_write_seq: 0,
+    tcp_snd_una: 0,
+    tcp_rcv_nxt: 0,
+    tcp_copied_seq: 0,
+};
+
 /// Who created each socket of a registered pod.
+/// Accepted sockets inherit their listener's (the map is made with BPF_F_CLONE), so a proxy's
+/// accepted connections are known as the proxy's.
 #[btf_map(name = "SM_SOCK_OWNER")]
-static SOCK_OWNER: SkStorage<SockOwner> = SkStorage::new();
+static SOCK_OWNER: ClonedSkStorage<SockOwner> = ClonedSkStorage::new();
+
+/// Socket storage whose values are copied to the sockets a listener accepts (BPF_F_CLONE),
+/// which aya's `SkStorage` does not offer. Laid out as aya's BTF map definitions are: the
+/// loader reads the map's type, flags and sizes from these fields' types.
+#[repr(C)]
+struct ClonedSkStorage<T> {
+    r#type: *const [i32; bpf_map_type::BPF_MAP_TYPE_SK_STORAGE as usize],
+    key: *const i32,
+    value: *const T,
+    max_entries: *const [i32; 0],
+    map_flags: *const [i32; (BPF_F_NO_PREALLOC | BPF_F_CLONE) as usize],
+}
+
+// SAFETY: placeholders the loader patches; never dereferenced.
+unsafe impl<T> Sync for ClonedSkStorage<T> {}
+
+impl<T> ClonedSkStorage<T> {
+    const fn new() -> Self {
+        Self {
+            r#type: ptr::null(),
+            key: ptr::null(),
+            value: ptr::null(),
+            max_entries: ptr::null(),
+            map_flags: ptr::null(),
+        }
+    }
+
+    /// The value of socket `sk` (a kernel socket pointer), if it has one.
+    #[inline(always)]
+    fn get(&self, sk: *mut c_void) -> *mut T {
+        let map = ptr::from_ref(self).cast_mut().cast::<c_void>();
+        unsafe { bpf_sk_storage_get(map, sk, ptr::null_mut(), 0) }.cast()
+    }
+}
 
 const SOL_IP: i32 = 0;
 const SOL_IPV6: i32 = 41;
@@ -368,7 +425,7 @@ fn read_conn<const V6: bool>(ctx: &SockAddrContext, netns: u64, conn: &mut Conn)
     }
     // The socket's creator, as iptables' owner match; the current task for sockets created
     // before the pod was registered.
-    let owner = unsafe { SOCK_OWNER.get_ptr_mut(ctx) };
+    let owner = SOCK_OWNER.get(unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk }.cast());
     let (uid, gid) = if owner.is_null() {
         let ids = bpf_get_current_uid_gid();
         (ids as u32, (ids >> 32) as u32)
@@ -792,10 +849,58 @@ fn accelerate(ctx: &SockOpsContext, netns: u64) -> Option<u32> {
     if !is_loopback(&key.remote) && unsafe { ADDR_POD.get(&key.remote) }.is_none() {
         return None;
     }
+    // Its address and role first: once in SOCKS the socket can be sent to. An app's socket
+    // only if the pod says so (all).
+    let Some(proxy) = record_address(ctx, &key, pod) else {
+        return Some(counters::ACCEL_SOCK_FULL);
+    };
+    if !proxy && pod.flags & flags::ACCEL_APPS == 0 {
+        return None;
+    }
     match SOCKS.update(&mut key, unsafe { &mut *ctx.ops }, BPF_ANY as u64) {
         Ok(()) => Some(counters::ACCEL_SOCK_ADDED),
         Err(_) => Some(counters::ACCEL_SOCK_FULL),
     }
+}
+
+/// Record the socket's kernel address under `key` (for senders to size its window), and
+/// whether it receives redirected data (a socket of `pod`'s proxy). Whether it is the proxy's,
+/// or `None` if it could not be stored.
+#[inline(never)]
+fn record_address(ctx: &SockOpsContext, key: &SockKey, pod: &PodConfig) -> Option<bool> {
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return None;
+    }
+    let owner = SOCK_OWNER.get(sk.cast());
+    let proxy = !owner.is_null() && pod.is_proxy(unsafe { &*owner });
+    let value = AccelSock {
+        addr: sk as u64,
+        receives: u32::from(proxy),
+        _pad: 0,
+    };
+    PEER_SK.insert(key, &value, BPF_ANY as u64).ok()?;
+    Some(proxy)
+}
+
+/// Bytes sk_msg has queued for the socket at kernel address `sk` that its reader has not taken
+/// (its psock's `msg_tot_len`), or `None` if they cannot be read.
+#[inline(never)]
+fn unread(sk: u64) -> Option<u64> {
+    let off = unsafe { ptr::read_volatile(&SOCKMESH_KERNEL_OFFSETS) };
+    if !off.known() {
+        return None;
+    }
+    let user_data: u64 =
+        unsafe { bpf_probe_read_kernel((sk + u64::from(off.sk_user_data)) as *const u64) }.ok()?;
+    let psock = user_data & !SK_USER_DATA_FLAGS;
+    if psock == 0 {
+        return None;
+    }
+    let len: u32 =
+        unsafe { bpf_probe_read_kernel((psock + u64::from(off.psock_msg_tot_len)) as *const u32) }
+            .ok()?;
+    Some(u64::from(len))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -813,11 +918,6 @@ fn try_sk_msg(ctx: &SkMsgContext) {
     let msg = ctx.msg;
     let sk = unsafe { (*msg).__bindgen_anon_3.sk };
     if sk.is_null() {
-        return;
-    }
-    let tcp = ptr::from_ref(&SOCK_TCP).cast_mut().cast::<c_void>();
-    // Once by TCP, always by TCP: the two paths do not keep each other's order.
-    if !unsafe { bpf_sk_storage_get(tcp, sk.cast(), ptr::null_mut(), 0) }.is_null() {
         return;
     }
     let netns = unsafe { bpf_get_netns_cookie(msg.cast()) };
@@ -841,17 +941,68 @@ fn try_sk_msg(ctx: &SkMsgContext) {
     };
     let remote_pod = unsafe { ADDR_POD.get(&remote) }.copied();
     let mut peer = me.peer(remote_pod);
-    // SK_DROP when the peer is not in the map: the caller passes the message on by TCP, and
-    // the socket is marked so that the rest follows it.
-    if SOCKS.redirect_msg(ctx, &mut peer, BPF_F_INGRESS as u64) != SK_PASS as i64 {
-        unsafe {
-            bpf_sk_storage_get(
-                tcp,
-                sk.cast(),
-                ptr::null_mut(),
-                BPF_SK_STORAGE_GET_F_CREATE as u64,
-            )
-        };
+    let size = u64::from(unsafe { (*msg).size });
+    // Whatever is not redirected here the caller sends by TCP; the socket is then marked so
+    // that the rest follows, until all of it has been read (the two paths do not keep each
+    // other's order: a reader takes redirected data first).
+    let tcp = unsafe {
+        bpf_sk_storage_get(
+            ptr::from_ref(&SOCK_TCP).cast_mut().cast::<c_void>(),
+            sk.cast(),
+            ptr::null_mut(),
+            BPF_SK_STORAGE_GET_F_CREATE as u64,
+        )
+    }
+    .cast::<u8>();
+    if tcp.is_null() {
+        return;
+    }
+    // Both ends' kernel addresses: the peer's is missing until it is in SOCKS.
+    let (Some(me_sk), Some(peer_sk)) = (unsafe { PEER_SK.get(&me) }, unsafe { PEER_SK.get(&peer) })
+    else {
+        unsafe { *tcp = 1 };
+        return;
+    };
+    // An app's socket gets all its data by TCP.
+    if peer_sk.receives == 0 {
+        return;
+    }
+    let (me_sk, peer_sk) = (me_sk.addr, peer_sk.addr);
+    if unsafe { *tcp } != 0 {
+        if !drained(me_sk, peer_sk) {
+            return;
+        }
+        count(netns, counters::ACCEL_RESUMED);
+    }
+    // Within the peer's window, redirected; SK_DROP when the peer is not in the map.
+    if !window_has_room(unread(peer_sk), size) {
+        unsafe { *tcp = 1 };
+        count(netns, counters::ACCEL_WINDOW_FULL);
+        return;
+    }
+    let redirected = SOCKS.redirect_msg(ctx, &mut peer, BPF_F_INGRESS as u64) == SK_PASS as i64;
+    unsafe { *tcp = u8::from(!redirected) };
+}
+
+/// Whether all the TCP data the socket at kernel address `sender` sent its peer (at `peer`)
+/// has been read ([`tcp_drained`]); false if the fields cannot be read.
+#[inline(never)]
+fn drained(sender: u64, peer: u64) -> bool {
+    let off = unsafe { ptr::read_volatile(&SOCKMESH_KERNEL_OFFSETS) };
+    if !off.known() {
+        return false;
+    }
+    let field = |sk: u64, at: u32| unsafe {
+        bpf_probe_read_kernel((sk + u64::from(at)) as *const u32).ok()
+    };
+    match (
+        field(sender, off.tcp_write_seq),
+        field(sender, off.tcp_snd_una),
+        field(peer, off.tcp_rcv_nxt),
+        field(peer, off.tcp_copied_seq),
+    ) {
+        (Some(w), Some(u), Some(n), Some(c)) => tcp_drained(w, u, n, c),
+        _ => false,
     }
 }
 
