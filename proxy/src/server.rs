@@ -276,9 +276,8 @@ pub fn unmapped(a: SocketAddr) -> SocketAddr {
 /// (what a connection that was not redirected reports). An IPv4 connection accepted by a
 /// dual-stack IPv6 listener (a v4-mapped local address) is an IPv4 connection to conntrack,
 /// so it is asked at the IPv4 level.
-pub fn original_dst(s: &TcpStream) -> io::Result<OrigDstAddr> {
+pub fn original_dst(s: &TcpStream, local: SocketAddr) -> io::Result<OrigDstAddr> {
     const SO_ORIGINAL_DST: libc::c_int = 80;
-    let local = unmapped(s.local_addr()?);
     let fd = s.as_raw_fd();
     // SAFETY: the buffers are sized for the address family asked for.
     unsafe {
@@ -472,9 +471,9 @@ async fn connection(
     detect_timeout: Duration,
     snapshot: Arc<Snapshot>,
 ) -> io::Result<()> {
-    let orig = original_dst(&stream)?;
-    // Not redirected: relaying to "the original destination" would be a loop back to us.
     let local = unmapped(stream.local_addr()?);
+    let orig = original_dst(&stream, local)?;
+    // Not redirected: relaying to "the original destination" would be a loop back to us.
     if orig.0 == local && own.is_some_and(|o| o.port() == local.port()) {
         warn!(client = %client.0, "connection reached the proxy directly (not redirected): closed");
         return Ok(());
@@ -505,11 +504,24 @@ async fn connection(
                     Ok::<_, Infallible>(resp)
                 }
             });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                .await
-                .map_err(io::Error::other)
+            // The protocol is known from the sniff: hyper's own codec for it, without
+            // hyper-util's second detection (a read of its own, and a rewind buffer on every
+            // read after).
+            let io = TokioIo::new(stream);
+            match protocol {
+                Protocol::Http2 => {
+                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(io, svc)
+                        .await
+                }
+                _ => {
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, svc)
+                        .with_upgrades()
+                        .await
+                }
+            }
+            .map_err(io::Error::other)
         }
         Protocol::Tls | Protocol::Tcp => {
             // TLS by server name, when a TLS route names it.
