@@ -863,7 +863,11 @@ pub fn run(smoke: bool) -> Result<String> {
          per connection (section 1's program table) plus what any redirected connection pays \
          (iptables' path is as far from direct); the hop's round trip is dominated by the \
          forwarder and the veth hop to the upstream, which sk_msg does not touch, so it \
-         changes latency little and bulk throughput much; a registration's wall time against \
+         changes latency little; in bulk the app outruns the forwarder (whose upstream is \
+         slower than a local write), so sk_msg fills the forwarder's 1 MiB window, the rest \
+         goes by TCP with TCP's back pressure, and bulk gains little (before sk_msg kept back \
+         pressure, this hop measured 1.64x to 2.75x iptables by letting the app's writes pile \
+         up unbounded in kernel memory); a registration's wall time against \
          the agent's CPU time in it (section 4) says how much is the agent's work and how \
          much the API round trip; the proxies' CPU time per request (section 5) is why one \
          serves more than the other on 2 shared cores.\n\n",

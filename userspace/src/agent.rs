@@ -218,6 +218,10 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         let _ = registry::unregister(&mut maps, netns);
         info!(netns, "forgot a pod whose network namespace is gone");
     }
+    // Loading parsed the object's and the kernel's BTF (several MiB, freed since); the
+    // allocator would otherwise keep those pages for the agent's whole life.
+    // SAFETY: malloc_trim only hands free heap memory back to the system.
+    unsafe { libc::malloc_trim(0) };
     let maps = Arc::new(Mutex::new(maps));
     *health.maps.lock().expect("lock") = Some(maps.clone());
     let state = Arc::new(State {
