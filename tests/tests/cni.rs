@@ -207,6 +207,33 @@ fn registered(lab: &Lab, pod: &Netns) -> bool {
     })
 }
 
+/// The pod's socket acceleration as the agent holds it (dump's settings of its registration).
+fn acceleration(lab: &Lab, pod: &Netns) -> String {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let cookie = rt.block_on(async {
+        let mut c = api::pod_client(&lab.socket, &pod.path()).await.unwrap();
+        c.status(pb::StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .netns_cookie
+    });
+    let dump = lab.dump().unwrap();
+    let reg = dump["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["netns_cookie"] == json!(cookie))
+        .unwrap_or_else(|| panic!("pod {cookie} not in the dump: {dump}"));
+    reg["settings"]["socket acceleration (SOCKMESH_ACCELERATION)"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
 /// Connect from the pod (in the captured cgroup, as an app's uid) and report where it landed.
 fn connect(lab: &Lab, pod: &Netns, dst: &str) -> Outcome {
     let out = sockmesh_tests::lab::run(
@@ -252,6 +279,10 @@ fn chained_after_bridge_captures_injected_pods_as_istio_cni_would() {
     );
     assert!(a.stderr.contains("captured"), "{}", a.stderr);
     assert!(registered(&lab, &web));
+    assert!(
+        acceleration(&lab, &web).starts_with("proxies"),
+        "the default"
+    );
     pods::listen(&mut lab, &web, true, "proxy", &[15001]).unwrap();
     match connect(&lab, &web, &format!("{GATEWAY}:80")) {
         Outcome::Ok { listener, orig, .. } => {
@@ -273,9 +304,14 @@ fn chained_after_bridge_captures_injected_pods_as_istio_cni_would() {
     ));
     // Without the annotation, istio-cni's default applies: 15020 bypasses the proxy.
     let api_pod = lab.netns("api").unwrap();
-    let defaults = json!({ "sidecar.istio.io/status": "{}" });
+    // (Its acceleration annotation is sockmesh's own, read as SOCKMESH_ACCELERATION is.)
+    let defaults = json!({
+        "sidecar.istio.io/status": "{}",
+        "sockmesh.io/acceleration": "all",
+    });
     let d = rt.add(&lab, &api_pod, "api", &defaults);
     assert!(d.ok, "{:?} {}", d.out, d.stderr);
+    assert!(acceleration(&lab, &api_pod).starts_with("all"));
     pods::listen(&mut lab, &api_pod, true, "proxy", &[15001]).unwrap();
     assert_eq!(
         connect(&lab, &api_pod, &format!("{GATEWAY}:15020")),
@@ -345,6 +381,22 @@ fn chained_after_bridge_captures_injected_pods_as_istio_cni_would() {
     );
     assert!(!registered(&lab, &cache));
     rt.del(&lab, &cache, "cache", &bad);
+    // A bad acceleration value too.
+    let bad_accel = json!({
+        "sidecar.istio.io/status": "{}",
+        "sockmesh.io/acceleration": "fast",
+    });
+    let c = rt.add(&lab, &cache, "cache", &bad_accel);
+    assert!(!c.ok, "a bad acceleration value accepted");
+    assert_eq!(c.out["code"], 101, "{}", c.out);
+    let details = c.out["details"].as_str().unwrap_or_default();
+    assert!(
+        details.contains("SOCKMESH_ACCELERATION=\"fast\"") && details.contains("want off"),
+        "{}",
+        c.out
+    );
+    assert!(!registered(&lab, &cache));
+    rt.del(&lab, &cache, "cache", &bad_accel);
 
     // DEL removes the capture, and is idempotent.
     rt.del(&lab, &web, "web", &injected);
