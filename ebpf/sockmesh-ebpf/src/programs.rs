@@ -34,24 +34,30 @@ use sockmesh_common::{
     CIDR_KEY_FIXED_BITS, LISTENER_SLOTS, SK_USER_DATA_FLAGS,
 };
 
+// The hash maps that hold what registrations write are not preallocated (BPF_F_NO_PREALLOC):
+// their memory follows the pods registered rather than the maps' sizes. LRU maps and socket
+// hashes cannot be so made.
+
 #[map(name = "SM_PODS")]
-static PODS: HashMap<u64, PodConfig> = HashMap::with_max_entries(sizes::PODS, 0);
+static PODS: HashMap<u64, PodConfig> = HashMap::with_max_entries(sizes::PODS, BPF_F_NO_PREALLOC);
 
 #[map(name = "SM_MEMBERS")]
-static MEMBERS: HashMap<MemberKey, u8> = HashMap::with_max_entries(sizes::MEMBERS, 0);
+static MEMBERS: HashMap<MemberKey, u8> =
+    HashMap::with_max_entries(sizes::MEMBERS, BPF_F_NO_PREALLOC);
 
 #[map(name = "SM_CIDRS")]
 static CIDRS: LpmTrie<CidrKey, u8> = LpmTrie::with_max_entries(sizes::CIDRS, BPF_F_NO_PREALLOC);
 
 #[map(name = "SM_LOCAL_ADDRS")]
-static LOCAL_ADDRS: HashMap<LocalAddrKey, u8> = HashMap::with_max_entries(sizes::LOCAL_ADDRS, 0);
+static LOCAL_ADDRS: HashMap<LocalAddrKey, u8> =
+    HashMap::with_max_entries(sizes::LOCAL_ADDRS, BPF_F_NO_PREALLOC);
 
 #[map(name = "SM_ORIG_DST")]
 static ORIG_DST: LruHashMap<ConnKey, OrigDst> = LruHashMap::with_max_entries(sizes::ORIG_DST, 0);
 
 #[map(name = "SM_COUNTERS")]
 static COUNTERS: PerCpuHashMap<CounterKey, u64> =
-    PerCpuHashMap::with_max_entries(sizes::COUNTERS, 0);
+    PerCpuHashMap::with_max_entries(sizes::COUNTERS, BPF_F_NO_PREALLOC);
 
 /// The original destination of a redirected socket, for as long as the socket lives.
 #[btf_map(name = "SM_SOCK_DST")]
@@ -65,7 +71,7 @@ static LISTENERS: SockHash<ListenerKey> = SockHash::with_max_entries(sizes::LIST
 
 /// A registered pod's own addresses → its netns cookie (sk_lookup cannot read the cookie).
 #[map(name = "SM_ADDR_POD")]
-static ADDR_POD: HashMap<Addr, u64> = HashMap::with_max_entries(sizes::ADDR_POD, 0);
+static ADDR_POD: HashMap<Addr, u64> = HashMap::with_max_entries(sizes::ADDR_POD, BPF_F_NO_PREALLOC);
 
 /// A pod's routes (keys as `CidrKind::RouteV4/V6`) → the source address the kernel picks for
 /// them: what a redirected socket is bound to, so the proxy sees the usual client address.
