@@ -276,6 +276,7 @@ pub fn unmapped(a: SocketAddr) -> SocketAddr {
 /// (what a connection that was not redirected reports). An IPv4 connection accepted by a
 /// dual-stack IPv6 listener (a v4-mapped local address) is an IPv4 connection to conntrack,
 /// so it is asked at the IPv4 level.
+/// `local` is the socket's local address, unmapped (a v4-mapped one would ask at the IPv6 level).
 pub fn original_dst(s: &TcpStream, local: SocketAddr) -> io::Result<OrigDstAddr> {
     const SO_ORIGINAL_DST: libc::c_int = 80;
     let fd = s.as_raw_fd();
@@ -824,7 +825,7 @@ const HOP_BY_HOP: [&str; 6] = [
 
 /// Remove the hop-by-hop headers of a request or response before it is forwarded, as Envoy
 /// does: `Connection` and the headers it names, Keep-Alive, Proxy-Connection, TE (but
-/// `te: trailers`, which gRPC needs) and Upgrade. So a client's `connection: close` closes
+/// `te: trailers`, which gRPC needs, whatever else TE lists or Connection says) and Upgrade. So a client's `connection: close` closes
 /// its own connection, not the pooled upstream one. Transfer-Encoding is left to the codec.
 ///
 /// An upgrade (WebSocket) keeps `Upgrade` and `connection: upgrade`. An HTTP/1.1
@@ -846,25 +847,33 @@ fn strip_hop_by_hop(headers: &mut hyper::HeaderMap) {
             .collect()
     };
     let named = tokens(headers);
+    // `te: trailers` goes on (gRPC needs it) even when Connection names TE, as RFC 9110 10.1.4
+    // asks a client to; other TE codings are this hop's.
+    let te_trailers = headers
+        .get_all(hyper::header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|c| {
+            c.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .eq_ignore_ascii_case("trailers")
+        });
     let upgrade = headers
         .get(hyper::header::UPGRADE)
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.split(',').any(|p| p.trim().eq_ignore_ascii_case("h2c")))
         .is_some()
         && named.iter().any(|t| t == "upgrade");
-    for name in &named {
+    for name in named.iter().map(String::as_str).chain(HOP_BY_HOP) {
         if !(upgrade && name == "upgrade") {
-            headers.remove(name.as_str());
-        }
-    }
-    let te_trailers = headers
-        .get(hyper::header::TE)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    for name in HOP_BY_HOP {
-        let keep = (upgrade && name == "upgrade") || (te_trailers && name == "te");
-        if !keep {
             headers.remove(name);
         }
+    }
+    if te_trailers {
+        headers.insert(hyper::header::TE, HeaderValue::from_static("trailers"));
     }
     if upgrade {
         headers.insert(
@@ -1516,6 +1525,11 @@ mod tests {
         let mut h = headers(&[("te", "gzip"), ("x-end", "2")]);
         strip_hop_by_hop(&mut h);
         assert_eq!(names(&h), ["x-end: 2"]);
+        // Named by Connection (as RFC 9110 asks of a client sending TE), or with other codings,
+        // trailers still go on, alone.
+        let mut h = headers(&[("connection", "TE"), ("te", "trailers, deflate;q=0.5")]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(names(&h), ["te: trailers"]);
         // Nothing hop-by-hop: left alone.
         let mut h = headers(&[("host", "a"), ("x-end", "2")]);
         strip_hop_by_hop(&mut h);

@@ -18,7 +18,7 @@ const AGENT_TIMEOUT: Duration = Duration::from_secs(30);
 const VALIDATION_ERROR_CODE: i32 = 126;
 
 /// Socket acceleration of the pod being registered: `off`, `proxies` (the default: the
-/// proxy's sockets only) or `all` (the app's too).
+/// proxy's sockets only) or `all` (the app's too; `on`, as earlier releases said it).
 pub const ACCELERATION_ENV: &str = "SOCKMESH_ACCELERATION";
 
 /// The pod flags for a `SOCKMESH_ACCELERATION` value (unset or empty: the default).
@@ -26,7 +26,8 @@ pub fn acceleration_flags(value: Option<&str>) -> Result<u32, String> {
     match value {
         None | Some("" | "proxies") => Ok(0),
         Some("off") => Ok(flags::NO_ACCEL),
-        Some("all") => Ok(flags::ACCEL_APPS),
+        // `on` is how earlier releases said it, when every local socket was accelerated.
+        Some("all" | "on") => Ok(flags::ACCEL_APPS),
         Some(other) => Err(format!(
             "{ACCELERATION_ENV}={other:?}: want off, proxies (the default: the proxy's local \
              connections skip TCP/IP) or all (the app's writes to its proxy too; its blocking \
@@ -367,9 +368,14 @@ mod tests {
         assert_eq!(acceleration_flags(Some("proxies")), Ok(0));
         assert_eq!(acceleration_flags(Some("off")), Ok(flags::NO_ACCEL));
         assert_eq!(acceleration_flags(Some("all")), Ok(flags::ACCEL_APPS));
-        let e = acceleration_flags(Some("on")).unwrap_err();
+        assert_eq!(
+            acceleration_flags(Some("on")),
+            Ok(flags::ACCEL_APPS),
+            "the old spelling"
+        );
+        let e = acceleration_flags(Some("fast")).unwrap_err();
         assert!(
-            e.contains("want off, proxies") && e.contains("\"on\""),
+            e.contains("want off, proxies") && e.contains("\"fast\""),
             "{e}"
         );
     }

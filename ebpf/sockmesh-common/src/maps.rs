@@ -607,7 +607,8 @@ pub mod counters {
     pub const LISTENER_STORE_FAILED: u32 = 105;
     /// An established local connection's socket entered the acceleration map.
     pub const ACCEL_SOCK_ADDED: u32 = 106;
-    /// It could not (the map is full): that connection stays on TCP/IP.
+    /// It could not (`SOCKS` or `PEER_SK` is full, or the socket was gone): that socket stays
+    /// on TCP/IP.
     pub const ACCEL_SOCK_FULL: u32 = 107;
     /// A sender of an accelerated connection went by TCP because its reader had
     /// `ACCEL_WINDOW` unread (or how much could not be read): TCP's back pressure holds it

@@ -793,6 +793,7 @@ fn try_sockops(ctx: &SockOpsContext) {
             if ORIG_DST.remove(&key).is_ok() {
                 count(netns, counters::ORIG_DST_RELEASED);
             }
+            forget_address(ctx, netns);
         }
         return;
     }
@@ -855,38 +856,68 @@ fn accelerate(ctx: &SockOpsContext, netns: u64) -> Option<u32> {
     if !is_loopback(&key.remote) && unsafe { ADDR_POD.get(&key.remote) }.is_none() {
         return None;
     }
-    // Its address and role first: once in SOCKS the socket can be sent to. An app's socket
-    // only if the pod says so (all).
-    let Some(proxy) = record_address(ctx, &key, pod) else {
-        return Some(counters::ACCEL_SOCK_FULL);
-    };
+    // The proxy's sockets; an app's only if the pod says so (all).
+    let proxy = is_proxy_socket(ctx, pod);
     if !proxy && pod.flags & flags::ACCEL_APPS == 0 {
         return None;
     }
+    // Its address and role first: once in SOCKS the socket can be sent to.
+    if !record_address(ctx, &key, proxy) {
+        return Some(counters::ACCEL_SOCK_FULL);
+    }
     match SOCKS.update(&mut key, unsafe { &mut *ctx.ops }, BPF_ANY as u64) {
-        Ok(()) => Some(counters::ACCEL_SOCK_ADDED),
+        Ok(()) => {
+            // Told when it closes, to forget its address (see `forget_address`).
+            unsafe { bpf_sock_ops_cb_flags_set(ctx.ops, BPF_SOCK_OPS_STATE_CB_FLAG as i32) };
+            Some(counters::ACCEL_SOCK_ADDED)
+        }
         Err(_) => Some(counters::ACCEL_SOCK_FULL),
     }
 }
 
-/// Record the socket's kernel address under `key` (for senders to size its window), and
-/// whether it receives redirected data (a socket of `pod`'s proxy). Whether it is the proxy's,
-/// or `None` if it could not be stored.
+/// Whether the socket is `pod`'s proxy's: its creator (or its listener's, for an accepted
+/// one) is one of the proxy's uids or gids.
 #[inline(never)]
-fn record_address(ctx: &SockOpsContext, key: &SockKey, pod: &PodConfig) -> Option<bool> {
+fn is_proxy_socket(ctx: &SockOpsContext, pod: &PodConfig) -> bool {
     let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
     if sk.is_null() {
-        return None;
+        return false;
     }
     let owner = SOCK_OWNER.get(sk.cast());
-    let proxy = !owner.is_null() && pod.is_proxy(unsafe { &*owner });
+    !owner.is_null() && pod.is_proxy(unsafe { &*owner })
+}
+
+/// An accelerated socket closed: its entry in `PEER_SK` goes, so that the LRU map only ever
+/// has to make room by dropping closed sockets' entries that this missed.
+#[inline(never)]
+fn forget_address(ctx: &SockOpsContext, netns: u64) {
+    let k = sockops_conn_key(ctx, netns);
+    let key = SockKey {
+        netns,
+        local: k.client,
+        remote: k.server,
+        local_port: k.client_port,
+        remote_port: k.server_port,
+        _pad: 0,
+    };
+    let _ = PEER_SK.remove(&key);
+}
+
+/// Record the socket's kernel address under `key` (for senders to size its window), and
+/// whether it receives redirected data (`proxy`: a socket of the pod's proxy). False if it
+/// could not be stored.
+#[inline(never)]
+fn record_address(ctx: &SockOpsContext, key: &SockKey, proxy: bool) -> bool {
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return false;
+    }
     let value = AccelSock {
         addr: sk as u64,
         receives: u32::from(proxy),
         _pad: 0,
     };
-    PEER_SK.insert(key, &value, BPF_ANY as u64).ok()?;
-    Some(proxy)
+    PEER_SK.insert(key, &value, BPF_ANY as u64).is_ok()
 }
 
 /// Bytes sk_msg has queued for the socket at kernel address `sk` that its reader has not taken
@@ -911,7 +942,8 @@ fn unread(sk: u64) -> Option<u64> {
 
 // ---------------------------------------------------------------------------------------------
 // sk_msg (attached to SOCKS): a message sent on one end of a local connection goes straight to
-// the other end's receive queue, skipping TCP/IP; without the other end in SOCKS it goes by TCP.
+// the other end's receive queue, skipping TCP/IP, when that end receives redirected data (the
+// proxy's) and its window has room; otherwise by TCP, until what went that way has been read.
 
 #[sk_msg]
 pub fn sockmesh_sk_msg(ctx: SkMsgContext) -> u32 {
@@ -974,20 +1006,23 @@ fn try_sk_msg(ctx: &SkMsgContext) {
         return;
     }
     let (me_sk, peer_sk) = (me_sk.addr, peer_sk.addr);
-    if unsafe { *tcp } != 0 {
-        if !drained(me_sk, peer_sk) {
-            return;
-        }
-        count(netns, counters::ACCEL_RESUMED);
+    let by_tcp = unsafe { *tcp } != 0;
+    if by_tcp && !drained(me_sk, peer_sk) {
+        return;
     }
     // Within the peer's window, redirected; SK_DROP when the peer is not in the map.
     if !window_has_room(unread(peer_sk), size) {
-        unsafe { *tcp = 1 };
-        count(netns, counters::ACCEL_WINDOW_FULL);
+        if !by_tcp {
+            unsafe { *tcp = 1 };
+            count(netns, counters::ACCEL_WINDOW_FULL);
+        }
         return;
     }
     let redirected = SOCKS.redirect_msg(ctx, &mut peer, BPF_F_INGRESS as u64) == SK_PASS as i64;
     unsafe { *tcp = u8::from(!redirected) };
+    if redirected && by_tcp {
+        count(netns, counters::ACCEL_RESUMED);
+    }
 }
 
 /// Whether all the TCP data the socket at kernel address `sender` sent its peer (at `peer`)
