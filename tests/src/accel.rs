@@ -346,6 +346,28 @@ pub fn client(spec: &ConnectSpec, case: &str) -> Result<String> {
             s.write_all(format!("source {}\n", 8 << 20).as_bytes())?;
             format!("received {}", drain(&mut Patient(&s))?)
         }
+        // What FIONREAD says is waiting once 1,000 bytes have arrived (the server sends them and
+        // closes; we wait until poll says readable, and a moment more).
+        "fionread" => {
+            s.write_all(b"source 1000\n")?;
+            let mut p = libc::pollfd {
+                fd: s.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: poll on one open fd; ioctl into a c_int.
+            let waiting = unsafe {
+                libc::poll(&mut p, 1, 5000);
+                std::thread::sleep(Duration::from_millis(100));
+                let mut n: libc::c_int = -1;
+                libc::ioctl(s.as_raw_fd(), libc::FIONREAD, &mut n);
+                n
+            };
+            format!(
+                "FIONREAD said {waiting}; received {}",
+                drain(&mut Patient(&s))?
+            )
+        }
         // The server stops reading: 16 MiB of writes wait, then all arrive.
         "back-pressure" => {
             s.write_all(b"stall\n")?;

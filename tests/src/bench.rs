@@ -876,8 +876,9 @@ pub fn run(smoke: bool) -> Result<String> {
         "Both proxies keep upstream connections alive (sockmesh-proxy pools HTTP/1.1 per \
          endpoint; HAProxy with `http-reuse always`). Both run as uid 1337, in the pod.\n\n\
          sk_msg acceleration is off by default: on this kernel it still differs from TCP where a \
-         user can see it (splice readers of redirected data get none of it, blocking reads on a \
-         socket in the map can fail early with EAGAIN; tests/tests/accel.rs pins these down). \
+         user can see it (splice readers of redirected data get none of it; on a socket in the \
+         map, FIONREAD counts only redirected data and blocking reads can fail early with \
+         EAGAIN; tests/tests/accel.rs pins these down). \
          The hop's pod has it for all its sockets (`SOCKMESH_ACCELERATION=all`), the app's \
          included. The hop's forwarder reads as \
          an event loop does, so the hop measures what it gives where it is safe.\n",

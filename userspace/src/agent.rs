@@ -47,9 +47,9 @@ pub struct AgentArgs {
     /// Socket acceleration (sk_msg) of registered pods' local connections, for the whole node;
     /// each pod chooses with SOCKMESH_ACCELERATION at init: proxies (the default: its proxy's
     /// sockets), all (its app's too) or off. Off by default: on current kernels a socket that
-    /// receives redirected data and is read with splice(2) sees none of it, and blocking reads
-    /// on a socket in the map may fail with EAGAIN early (see docs/operations.md). Needs the
-    /// kernel's BTF.
+    /// receives redirected data and is read with splice(2) sees none of it, and on a socket in
+    /// the map FIONREAD counts only redirected data and blocking reads may fail with EAGAIN
+    /// early (see docs/operations.md). Needs the kernel's BTF.
     #[arg(long, default_value = "off", value_parser = ["on", "off"])]
     pub acceleration: String,
 }
