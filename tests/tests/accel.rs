@@ -99,7 +99,7 @@ fn case_as(lab: &Lab, pod: &Pod, proxy: bool, case: &str) -> String {
 
 /// Every case's outcome, its path split off; the server's log at the end. The client is the
 /// app, but with the pod's default acceleration (`Proxies`), another proxy.
-fn outcomes(accel: Accel) -> (Vec<String>, Vec<String>, String) {
+fn outcomes(accel: Accel) -> (Vec<String>, Vec<String>, String, serde_json::Value) {
     let tag = match accel {
         Accel::On => "acc1",
         Accel::OffForThePod => "acc0",
@@ -124,7 +124,9 @@ fn outcomes(accel: Accel) -> (Vec<String>, Vec<String>, String) {
         std::thread::sleep(std::time::Duration::from_millis(50));
         text = std::fs::read_to_string(&log).unwrap();
     }
-    (seen, paths, text)
+    // The pod's counters, as dump shows them.
+    let counters = lab.dump().unwrap()["pods"][0]["counters"].clone();
+    (seen, paths, text, counters)
 }
 
 fn sums_match(line: &str) {
@@ -161,13 +163,25 @@ const KNOWN_DIFFERENCES: [Known; 2] = [
 fn every_case_is_byte_exact_with_acceleration_on_and_off_but_the_known_differences() {
     // On for all the pod's sockets, app to proxy (the proxy receives redirected data, the app
     // gets its by TCP); the pod's default, proxy to proxy (both receive redirected data); off.
-    let (all, all_paths, all_log) = outcomes(Accel::On);
-    let (pp, pp_paths, pp_log) = outcomes(Accel::Proxies);
-    let (off, off_paths, off_log) = outcomes(Accel::OffForThePod);
-    for (on, on_paths, on_log, known) in [
-        (&all, &all_paths, &all_log, &KNOWN_DIFFERENCES[..]),
-        (&pp, &pp_paths, &pp_log, &KNOWN_DIFFERENCES[..1]),
+    let (all, all_paths, all_log, all_counts) = outcomes(Accel::On);
+    let (pp, pp_paths, pp_log, pp_counts) = outcomes(Accel::Proxies);
+    let (off, off_paths, off_log, off_counts) = outcomes(Accel::OffForThePod);
+    for (on, on_paths, on_log, known, counts) in [
+        (
+            &all,
+            &all_paths,
+            &all_log,
+            &KNOWN_DIFFERENCES[..],
+            &all_counts,
+        ),
+        (&pp, &pp_paths, &pp_log, &KNOWN_DIFFERENCES[..1], &pp_counts),
     ] {
+        // The stalled and the slow readers made writers go by TCP, and dump says so.
+        let n = |c: &str| counts[c].as_u64().unwrap_or(0);
+        assert!(
+            n("accel_sock_added") >= 2 * CASES.len() as u64 && n("accel_window_full") >= 1,
+            "{counts}"
+        );
         same_but_the_known_differences(on, &off, known);
         sent_what_fits_by_sk_msg(on_paths);
         assert!(
@@ -183,6 +197,7 @@ fn every_case_is_byte_exact_with_acceleration_on_and_off_but_the_known_differenc
         sums_match(line);
     }
     logged_what_came_after(&off_log);
+    assert!(off_counts.get("accel_sock_added").is_none(), "{off_counts}");
     for p in &off_paths {
         assert!(p.contains(": tcp "), "not accelerated: {off_paths:#?}");
     }
