@@ -265,6 +265,16 @@ fn splice_drain(s: &impl AsRawFd, sum: &mut Sum) -> Result<()> {
 /// Payload bytes this socket sent through TCP/IP (TCP_INFO `tcpi_bytes_sent`; redirected
 /// data never counts there).
 fn tcp_bytes_sent(s: &TcpStream) -> Result<u64> {
+    tcp_info_u64(s, 200)
+}
+
+/// Payload bytes this socket received through TCP/IP (TCP_INFO `tcpi_bytes_received`).
+fn tcp_bytes_received(s: &TcpStream) -> Result<u64> {
+    tcp_info_u64(s, 128)
+}
+
+/// The u64 of `struct tcp_info` at byte `at`.
+fn tcp_info_u64(s: &TcpStream, at: usize) -> Result<u64> {
     let mut info = [0u8; 256];
     let mut len = info.len() as libc::socklen_t;
     // SAFETY: getsockopt into a buffer of `len` bytes.
@@ -277,12 +287,11 @@ fn tcp_bytes_sent(s: &TcpStream) -> Result<u64> {
             &mut len,
         )
     };
-    if rc != 0 || len < 208 {
+    if rc != 0 || (len as usize) < at + 8 {
         bail!("TCP_INFO: {}", std::io::Error::last_os_error());
     }
-    // struct tcp_info: tcpi_bytes_sent is the u64 at offset 200.
     Ok(u64::from_ne_bytes(
-        info[200..208].try_into().expect("8 bytes"),
+        info[at..at + 8].try_into().expect("8 bytes"),
     ))
 }
 
@@ -345,6 +354,13 @@ pub fn client(spec: &ConnectSpec, case: &str) -> Result<String> {
         "download" => {
             s.write_all(format!("source {}\n", 8 << 20).as_bytes())?;
             format!("received {}", drain(&mut Patient(&s))?)
+        }
+        // The download, and how much of it came through TCP/IP (not one of the compared cases:
+        // that differs by design).
+        "download-path" => {
+            s.write_all(format!("source {}\n", 1 << 20).as_bytes())?;
+            let got = drain(&mut Patient(&s))?;
+            format!("received {got}, {} by TCP", tcp_bytes_received(&s)?)
         }
         // What FIONREAD says is waiting once 1,000 bytes have arrived (the server sends them and
         // closes; we wait until poll says readable, and a moment more).

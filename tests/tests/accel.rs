@@ -299,6 +299,27 @@ fn by_default_proxies_are_accelerated_and_apps_are_not() {
         app.rsplit_once(" path=").unwrap().0,
         line.rsplit_once(" path=").unwrap().0
     );
+    // What a proxy sends a proxy skips TCP/IP too (but for a head start).
+    let down = case_as(&lab, &pod, true, "download-path");
+    assert!(down.starts_with("received 1048576 bytes"), "{down}");
+    assert!(received_by_tcp(&down) <= HEAD_START, "{down}");
+}
+
+/// From a `download-path` line: the bytes that came through TCP/IP (the count includes the
+/// FIN's one).
+fn received_by_tcp(line: &str) -> u64 {
+    let (_, n) = line.split_once(", ").unwrap();
+    n.split(' ').next().unwrap().parse().unwrap()
+}
+
+/// With `all`, the app's writes to its proxy skip TCP/IP, but what the proxy sends the app
+/// comes by TCP: an app's socket never receives redirected data.
+#[test]
+fn with_all_the_app_still_receives_by_tcp() {
+    let (lab, pod, _) = lab("acca", Accel::On);
+    let down = case(&lab, &pod, "download-path");
+    assert!(down.starts_with("received 1048576 bytes"), "{down}");
+    assert!(received_by_tcp(&down) >= 1 << 20, "{down}");
 }
 
 #[test]
