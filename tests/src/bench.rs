@@ -113,6 +113,30 @@ fn http(lab: &Lab, pod: &Pod, s: &Sizes, new_conn: bool) -> Result<(f64, f64, f6
     Ok((f[0] / s.secs, f[1], f[2]))
 }
 
+/// One round of section 5 for one proxy: start it (`cmd`, ready when it prints `ready`, if
+/// given), measure each client mode of `HTTP_MODES` through it (the figures, and its CPU µs
+/// per request), stop it.
+fn proxy_round(
+    lab: &mut Lab,
+    pod: &Pod,
+    s: &Sizes,
+    cmd: Command,
+    ready: Option<&str>,
+    runs: &mut [Vec<(f64, f64, f64)>; 2],
+    cpu: &mut [Vec<f64>; 2],
+) -> Result<()> {
+    let i = lab.spawn(cmd, ready)?;
+    wait_for_proxy(lab, pod)?;
+    let pid = lab.pid(i).context("the proxy's pid")?;
+    for (k, (_, new_conn)) in HTTP_MODES.into_iter().enumerate() {
+        let cpu0 = cpu_secs(pid)?;
+        let r = http(lab, pod, s, new_conn)?;
+        cpu[k].push((cpu_secs(pid)? - cpu0) / (r.0 * s.secs) * 1e6);
+        runs[k].push(r);
+    }
+    lab.kill(i)
+}
+
 /// Wait until an HTTP request through the pod's 15001 succeeds (a proxy has started).
 fn wait_for_proxy(lab: &Lab, pod: &Pod) -> Result<()> {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -552,28 +576,18 @@ pub fn run(smoke: bool) -> Result<String> {
         cmd.arg("--config")
             .arg(&proxy_yaml)
             .env("SOCKMESH_PROXY_LOG", "warn");
-        let pi = lab.spawn(cmd, Some("ready"))?;
-        wait_for_proxy(&lab, &sm)?;
-        let pid = lab.pid(pi).context("the proxy's pid")?;
-        for (k, (_, new_conn)) in HTTP_MODES.into_iter().enumerate() {
-            let cpu0 = cpu_secs(pid)?;
-            let o = http(&lab, &sm, &s, new_conn)?;
-            cpu_ours[k].push((cpu_secs(pid)? - cpu0) / (o.0 * s.secs) * 1e6);
-            ours[k].push(o);
-        }
-        lab.kill(pi)?;
+        proxy_round(
+            &mut lab,
+            &sm,
+            &s,
+            cmd,
+            Some("ready"),
+            &mut ours,
+            &mut cpu_ours,
+        )?;
         let mut cmd = lab.command(&sm.ns, true, "haproxy")?;
         cmd.arg("-db").arg("-f").arg(&haproxy_cfg);
-        let hi = lab.spawn(cmd, None)?;
-        wait_for_proxy(&lab, &sm)?;
-        let pid = lab.pid(hi).context("HAProxy's pid")?;
-        for (k, (_, new_conn)) in HTTP_MODES.into_iter().enumerate() {
-            let cpu0 = cpu_secs(pid)?;
-            let t = http(&lab, &sm, &s, new_conn)?;
-            cpu_theirs[k].push((cpu_secs(pid)? - cpu0) / (t.0 * s.secs) * 1e6);
-            theirs[k].push(t);
-        }
-        lab.kill(hi)?;
+        proxy_round(&mut lab, &sm, &s, cmd, None, &mut theirs, &mut cpu_theirs)?;
     }
 
     let (d, i, m) = (stats(&c_direct), stats(&c_ipt), stats(&c_sm));

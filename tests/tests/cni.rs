@@ -193,34 +193,24 @@ impl Runtime {
 }
 
 fn registered(lab: &Lab, pod: &Netns) -> bool {
+    status(lab, pod).registered
+}
+
+/// The agent's answer to the pod's Status call.
+fn status(lab: &Lab, pod: &Netns) -> pb::PodReply {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
         let mut c = api::pod_client(&lab.socket, &pod.path()).await.unwrap();
-        c.status(pb::StatusRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .registered
+        c.status(pb::StatusRequest {}).await.unwrap().into_inner()
     })
 }
 
 /// The pod's socket acceleration as the agent holds it (dump's settings of its registration).
 fn acceleration(lab: &Lab, pod: &Netns) -> String {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let cookie = rt.block_on(async {
-        let mut c = api::pod_client(&lab.socket, &pod.path()).await.unwrap();
-        c.status(pb::StatusRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .netns_cookie
-    });
+    let cookie = status(lab, pod).netns_cookie;
     let dump = lab.dump().unwrap();
     let reg = dump["pods"]
         .as_array()

@@ -753,6 +753,20 @@ fn sockops_conn_key(ctx: &SockOpsContext, netns: u64) -> ConnKey {
     }
 }
 
+/// The socket's key in `SOCKS` and `PEER_SK`: its 4-tuple as `sockops_conn_key` reads it.
+#[inline(always)]
+fn sockops_sock_key(ctx: &SockOpsContext, netns: u64) -> SockKey {
+    let k = sockops_conn_key(ctx, netns);
+    SockKey {
+        netns,
+        local: k.client,
+        remote: k.server,
+        local_port: k.client_port,
+        remote_port: k.server_port,
+        _pad: 0,
+    }
+}
+
 #[inline(never)]
 fn try_sockops(ctx: &SockOpsContext) {
     let op = ctx.op();
@@ -842,17 +856,9 @@ fn accelerate(ctx: &SockOpsContext, netns: u64) -> Option<u32> {
     if pod.flags & flags::NO_ACCEL != 0 {
         return None;
     }
-    // One key on the stack (the connect programs' frames leave little room): the 4-tuple as
-    // `sockops_conn_key` reads it, checked as `SockKey::local_conn` would.
-    let k = sockops_conn_key(ctx, netns);
-    let mut key = SockKey {
-        netns,
-        local: k.client,
-        remote: k.server,
-        local_port: k.client_port,
-        remote_port: k.server_port,
-        _pad: 0,
-    };
+    // One key on the stack (the connect programs' frames leave little room), checked as
+    // `SockKey::local_conn` would.
+    let mut key = sockops_sock_key(ctx, netns);
     if !is_loopback(&key.remote) && unsafe { ADDR_POD.get(&key.remote) }.is_none() {
         return None;
     }
@@ -891,16 +897,7 @@ fn is_proxy_socket(ctx: &SockOpsContext, pod: &PodConfig) -> bool {
 /// has to make room by dropping closed sockets' entries that this missed.
 #[inline(never)]
 fn forget_address(ctx: &SockOpsContext, netns: u64) {
-    let k = sockops_conn_key(ctx, netns);
-    let key = SockKey {
-        netns,
-        local: k.client,
-        remote: k.server,
-        local_port: k.client_port,
-        remote_port: k.server_port,
-        _pad: 0,
-    };
-    let _ = PEER_SK.remove(&key);
+    let _ = PEER_SK.remove(&sockops_sock_key(ctx, netns));
 }
 
 /// Record the socket's kernel address under `key` (for senders to size its window), and

@@ -143,7 +143,7 @@ enum Cmd {
         #[arg(long)]
         gid: Option<u32>,
     },
-    /// Keep-alive GETs to DST; prints "requests p50_us p99_us".
+    /// GETs to DST, keep-alive or (--new-conn) a connection each; prints "requests p50_us p99_us".
     BenchHttp {
         dst: SocketAddr,
         #[arg(long)]
