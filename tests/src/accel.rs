@@ -95,7 +95,11 @@ impl Read for PatientFor<'_> {
 
 /// Read to EOF; the sum of what came.
 fn drain(r: &mut impl Read) -> std::io::Result<Sum> {
-    let mut s = Sum::default();
+    drain_on(r, Sum::default())
+}
+
+/// Read to EOF; `s` with what came added.
+fn drain_on(r: &mut impl Read, mut s: Sum) -> std::io::Result<Sum> {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         match r.read(&mut buf) {
@@ -169,6 +173,15 @@ fn serve_one(conn: TcpStream, log: &std::path::Path) -> Result<()> {
         "stall" => {
             std::thread::sleep(Duration::from_secs(1));
             let s = drain(&mut r)?;
+            writeln!(w, "got {s}")?;
+        }
+        // Stop reading for a second, read n bytes, say so, then read to EOF.
+        "stall-ack" => {
+            std::thread::sleep(Duration::from_secs(1));
+            let mut first = vec![0u8; n];
+            r.read_exact(&mut first)?;
+            writeln!(w, "read {n}")?;
+            let s = drain_on(&mut r, Sum::of(&first))?;
             writeln!(w, "got {s}")?;
         }
         // Read to EOF by splice(2) through a pipe.
@@ -397,6 +410,23 @@ pub fn client(spec: &ConnectSpec, case: &str) -> Result<String> {
                 Sum::of(&data),
                 reply(&mut s)?
             )
+        }
+        // The server stops reading while 4 MiB are written (they outrun it); once it says it
+        // has read them all, 1 MiB more.
+        "resume" => {
+            let (first, then) = (pattern(4 << 20), pattern(1 << 20));
+            s.write_all(format!("stall-ack {}\n", first.len()).as_bytes())?;
+            s.write_all(&first)?;
+            let mut ack = [0u8; 13];
+            Patient(&s).read_exact(&mut ack)?;
+            if ack != *format!("read {}\n", first.len()).as_bytes() {
+                bail!("the server said {:?}", String::from_utf8_lossy(&ack));
+            }
+            s.write_all(&then)?;
+            s.shutdown(Shutdown::Write)?;
+            let mut sent = Sum::of(&first);
+            sent.add(&then);
+            format!("sent {sent} / {}", reply(&mut s)?)
         }
         // The client half-closes first; the server answers after it.
         "client-half-close" => {

@@ -28,13 +28,14 @@ enum Accel {
     OffForTheNode,
 }
 
-const CASES: [&str; 12] = [
+const CASES: [&str; 13] = [
     "big-write",
     "small-writes",
     "echo-both-ways",
     "download",
     "fionread",
     "back-pressure",
+    "resume",
     "client-half-close",
     "server-half-close",
     "rst",
@@ -176,10 +177,13 @@ fn every_case_is_byte_exact_with_acceleration_on_and_off_but_the_known_differenc
         ),
         (&pp, &pp_paths, &pp_log, &KNOWN_DIFFERENCES[..1], &pp_counts),
     ] {
-        // The stalled and the slow readers made writers go by TCP, and dump says so.
+        // The stalled and the slow readers made writers go by TCP, and, once their readers
+        // had caught up, back to sk_msg; dump says so.
         let n = |c: &str| counts[c].as_u64().unwrap_or(0);
         assert!(
-            n("accel_sock_added") >= 2 * CASES.len() as u64 && n("accel_window_full") >= 1,
+            n("accel_sock_added") >= 2 * CASES.len() as u64
+                && n("accel_window_full") >= 1
+                && n("accel_resumed") >= 1,
             "{counts}"
         );
         same_but_the_known_differences(on, &off, known);
@@ -238,6 +242,9 @@ fn logged_what_came_after(log: &str) {
 /// 64 KiB, and the rest follows by sk_msg once they have been read.
 const HEAD_START: u64 = 64 << 10;
 
+/// What sk_msg leaves unread in a reader's socket before its writer goes by TCP.
+const ACCEL_WINDOW: u64 = sockmesh_common::maps::ACCEL_WINDOW;
+
 /// The path with acceleration on. The cases whose reader keeps up skip TCP/IP but for a head
 /// start, and most of them entirely. Where the writer outruns its reader (bulk, a stalled or a
 /// splicing reader), what does not fit the reader's window goes by TCP, but at least a quarter
@@ -249,7 +256,16 @@ fn sent_what_fits_by_sk_msg(on_paths: &[String]) {
         let by_tcp: u64 = path.strip_prefix("tcp ").map_or(0, |n| n.parse().unwrap());
         match OUTRUN.iter().find(|(c, _)| *c == case) {
             Some((_, written)) => {
-                assert!(written - by_tcp >= 256 << 10, "accelerated: {on_paths:#?}")
+                assert!(written - by_tcp >= 256 << 10, "accelerated: {on_paths:#?}");
+                // The stalled reader's writer filled the window, went by TCP, and came back
+                // to sk_msg once its reader had caught up: more than a window's worth (and a
+                // head start) skipped TCP/IP.
+                if case == "resume" {
+                    assert!(
+                        written - by_tcp > ACCEL_WINDOW + HEAD_START,
+                        "the writer did not come back to sk_msg: {on_paths:#?}"
+                    );
+                }
             }
             None => {
                 assert!(by_tcp <= HEAD_START, "accelerated: {on_paths:#?}");
@@ -262,10 +278,11 @@ fn sent_what_fits_by_sk_msg(on_paths: &[String]) {
 }
 
 /// The cases whose writer can outrun its reader, and the bytes each writes.
-const OUTRUN: [(&str, u64); 5] = [
+const OUTRUN: [(&str, u64); 6] = [
     ("big-write", 8 << 20),
     ("echo-both-ways", 4 << 20),
     ("back-pressure", 16 << 20),
+    ("resume", 5 << 20),
     ("sendfile", 4 << 20),
     ("splice", 4 << 20),
 ];
