@@ -397,15 +397,33 @@ pub struct ConnectSpec {
     pub udp: Option<UdpMode>,
 }
 
+/// Who a test client connects as: `--uid`/`--gid` of every testkit client (root's when not
+/// given). Capture tells the app (1000 here) from the proxy (1337) by these.
+#[derive(clap::Args, Clone, Copy, Debug, Default)]
+pub struct Identity {
+    #[arg(long)]
+    pub uid: Option<u32>,
+    #[arg(long)]
+    pub gid: Option<u32>,
+}
+
 impl ConnectSpec {
-    /// A connection to `dst` as `uid`/`gid`, with a 5 s timeout and nothing else set.
-    pub fn to(dst: SocketAddr, uid: Option<u32>, gid: Option<u32>) -> Self {
+    /// Connections as `id` (to a destination given elsewhere), with a 5 s timeout and nothing
+    /// else set.
+    pub fn by(id: Identity) -> Self {
         ConnectSpec {
-            dst: Some(dst),
-            uid,
-            gid,
+            uid: id.uid,
+            gid: id.gid,
             timeout: Duration::from_secs(5),
             ..Default::default()
+        }
+    }
+
+    /// A connection to `dst` as `id`, with a 5 s timeout and nothing else set.
+    pub fn to(dst: SocketAddr, id: Identity) -> Self {
+        ConnectSpec {
+            dst: Some(dst),
+            ..ConnectSpec::by(id)
         }
     }
 }

@@ -4,7 +4,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use clap::{Parser, Subcommand};
-use sockmesh_tests::kit::{self, ConnectSpec};
+use sockmesh_tests::kit::{self, ConnectSpec, Identity};
 
 #[derive(Parser)]
 struct Cli {
@@ -19,10 +19,8 @@ enum Cmd {
     /// Connect once and print the outcome as JSON.
     Connect {
         dst: SocketAddr,
-        #[arg(long)]
-        uid: Option<u32>,
-        #[arg(long)]
-        gid: Option<u32>,
+        #[command(flatten)]
+        id: Identity,
         #[arg(long)]
         bind: Option<std::net::IpAddr>,
         /// Dial an IPv4 destination from an AF_INET6 socket as ::ffff:a.b.c.d.
@@ -43,10 +41,8 @@ enum Cmd {
     /// Connect once (as --uid/--gid) and print everything the server sends.
     Fetch {
         dst: SocketAddr,
-        #[arg(long)]
-        uid: Option<u32>,
-        #[arg(long)]
-        gid: Option<u32>,
+        #[command(flatten)]
+        id: Identity,
     },
     /// A minimal transparent proxy on the outbound and inbound capture ports.
     Proxy {
@@ -68,10 +64,8 @@ enum Cmd {
         expect: String,
         #[arg(long)]
         stop: std::path::PathBuf,
-        #[arg(long)]
-        uid: Option<u32>,
-        #[arg(long)]
-        gid: Option<u32>,
+        #[command(flatten)]
+        id: Identity,
         #[arg(long, default_value = "60000")]
         max_ms: u64,
     },
@@ -92,10 +86,8 @@ enum Cmd {
         /// Extra request headers, "name: value".
         #[arg(long = "header")]
         headers: Vec<String>,
-        #[arg(long)]
-        uid: Option<u32>,
-        #[arg(long)]
-        gid: Option<u32>,
+        #[command(flatten)]
+        id: Identity,
     },
     /// An HTTP/1.1 upgrade to an echo protocol; sends MESSAGE, half-closes, prints the rest.
     HttpUpgrade {
@@ -104,10 +96,8 @@ enum Cmd {
         host: String,
         #[arg(long)]
         message: String,
-        #[arg(long)]
-        uid: Option<u32>,
-        #[arg(long)]
-        gid: Option<u32>,
+        #[command(flatten)]
+        id: Identity,
     },
     /// A gRPC upstream on ADDR; prints "ready".
     GrpcServe { addr: SocketAddr },
@@ -116,20 +106,16 @@ enum Cmd {
         dst: SocketAddr,
         #[arg(long)]
         authority: String,
-        #[arg(long)]
-        uid: Option<u32>,
-        #[arg(long)]
-        gid: Option<u32>,
+        #[command(flatten)]
+        id: Identity,
     },
     /// Send a TLS ClientHello with --sni to DST; print what comes back.
     TlsHello {
         dst: SocketAddr,
         #[arg(long)]
         sni: String,
-        #[arg(long)]
-        uid: Option<u32>,
-        #[arg(long)]
-        gid: Option<u32>,
+        #[command(flatten)]
+        id: Identity,
     },
     /// Keep-alive HTTP/1.1 upstreams answering "ok"; prints "ready".
     HttpKeepalive { addrs: Vec<SocketAddr> },
@@ -138,10 +124,8 @@ enum Cmd {
         dst: SocketAddr,
         #[arg(long)]
         secs: f64,
-        #[arg(long)]
-        uid: Option<u32>,
-        #[arg(long)]
-        gid: Option<u32>,
+        #[command(flatten)]
+        id: Identity,
     },
     /// GETs to DST, keep-alive or (--new-conn) a connection each; prints "requests p50_us p99_us".
     BenchHttp {
@@ -155,10 +139,8 @@ enum Cmd {
         /// A new connection per request (`connection: close`) instead of keep-alive.
         #[arg(long)]
         new_conn: bool,
-        #[arg(long)]
-        uid: Option<u32>,
-        #[arg(long)]
-        gid: Option<u32>,
+        #[command(flatten)]
+        id: Identity,
     },
     /// The benchmark suite (run by `cargo xtask bench`): prints a Markdown report.
     Bench {
@@ -179,10 +161,8 @@ enum Cmd {
         host: String,
         #[arg(long, default_value = "0")]
         bytes: usize,
-        #[arg(long)]
-        uid: Option<u32>,
-        #[arg(long)]
-        gid: Option<u32>,
+        #[command(flatten)]
+        id: Identity,
     },
     /// The benchmark's minimal forwarder: LISTEN (and --unix PATH) relayed to --upstream.
     HopForward {
@@ -201,20 +181,16 @@ enum Cmd {
         size: usize,
         #[arg(long)]
         secs: f64,
-        #[arg(long)]
-        uid: Option<u32>,
-        #[arg(long)]
-        gid: Option<u32>,
+        #[command(flatten)]
+        id: Identity,
     },
     /// --bytes through DST (ip:port or unix:PATH) to the sink; bytes per second.
     HopBulk {
         dst: String,
         #[arg(long)]
         bytes: usize,
-        #[arg(long)]
-        uid: Option<u32>,
-        #[arg(long)]
-        gid: Option<u32>,
+        #[command(flatten)]
+        id: Identity,
     },
     /// Serve socket-acceleration cases (see sockmesh_tests::accel) on ADDR.
     AccelServe {
@@ -226,10 +202,8 @@ enum Cmd {
     AccelCase {
         dst: SocketAddr,
         case: String,
-        #[arg(long)]
-        uid: Option<u32>,
-        #[arg(long)]
-        gid: Option<u32>,
+        #[command(flatten)]
+        id: Identity,
     },
     /// GET /stream/N from DST; prints how many chunks came and whether they came spread out.
     HttpStream {
@@ -238,10 +212,8 @@ enum Cmd {
         chunks: usize,
         #[arg(long)]
         host: String,
-        #[arg(long)]
-        uid: Option<u32>,
-        #[arg(long)]
-        gid: Option<u32>,
+        #[command(flatten)]
+        id: Identity,
     },
     /// The demo lab: pods in netns, the agent, a listener on 15001, real connections, dump.
     Lab,
@@ -252,8 +224,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Listen { specs } => kit::listen(&specs),
         Cmd::Connect {
             dst,
-            uid,
-            gid,
+            id,
             bind,
             v4_mapped,
             timeout_ms,
@@ -268,26 +239,21 @@ fn main() -> anyhow::Result<()> {
                 Some(other) => anyhow::bail!("--udp {other}: want connected or unconnected"),
             };
             let outcome = kit::connect(&ConnectSpec {
-                dst: Some(dst),
-                uid,
-                gid,
                 bind,
                 v4_mapped,
                 timeout: Duration::from_millis(timeout_ms),
                 hold: Duration::from_millis(hold_ms),
                 creds_after_socket,
                 udp,
+                ..ConnectSpec::to(dst, id)
             });
             println!("{}", serde_json::to_string(&outcome)?);
             Ok(())
         }
-        Cmd::Fetch { dst, uid, gid } => {
+        Cmd::Fetch { dst, id } => {
             let body = kit::fetch(&ConnectSpec {
-                dst: Some(dst),
-                uid,
-                gid,
                 timeout: Duration::from_secs(3),
-                ..Default::default()
+                ..ConnectSpec::to(dst, id)
             })?;
             print!("{body}");
             Ok(())
@@ -296,10 +262,9 @@ fn main() -> anyhow::Result<()> {
             dst,
             host,
             message,
-            uid,
-            gid,
+            id,
         } => {
-            let out = kit::http_upgrade(&ConnectSpec::to(dst, uid, gid), &host, &message)?;
+            let out = kit::http_upgrade(&ConnectSpec::to(dst, id), &host, &message)?;
             print!("{out}");
             Ok(())
         }
@@ -309,10 +274,9 @@ fn main() -> anyhow::Result<()> {
             path,
             host,
             bytes,
-            uid,
-            gid,
+            id,
         } => {
-            let spec = ConnectSpec::to(dst, uid, gid);
+            let spec = ConnectSpec::to(dst, id);
             println!("{}", kit::http_transfer(&spec, &path, &host, bytes)?);
             Ok(())
         }
@@ -320,10 +284,9 @@ fn main() -> anyhow::Result<()> {
             dst,
             chunks,
             host,
-            uid,
-            gid,
+            id,
         } => {
-            let spec = ConnectSpec::to(dst, uid, gid);
+            let spec = ConnectSpec::to(dst, id);
             println!("{}", kit::http_stream(&spec, chunks, &host)?);
             Ok(())
         }
@@ -338,34 +301,23 @@ fn main() -> anyhow::Result<()> {
             dst,
             size,
             secs,
-            uid,
-            gid,
+            id,
         } => {
-            let spec = ConnectSpec::to("127.0.0.1:1".parse()?, uid, gid);
+            let spec = ConnectSpec::by(id);
             println!(
                 "{}",
                 sockmesh_tests::hop::round_trips(&dst, &spec, size, secs)?
             );
             Ok(())
         }
-        Cmd::HopBulk {
-            dst,
-            bytes,
-            uid,
-            gid,
-        } => {
-            let spec = ConnectSpec::to("127.0.0.1:1".parse()?, uid, gid);
+        Cmd::HopBulk { dst, bytes, id } => {
+            let spec = ConnectSpec::by(id);
             println!("{}", sockmesh_tests::hop::bulk(&dst, &spec, bytes)?);
             Ok(())
         }
         Cmd::AccelServe { addr, log } => sockmesh_tests::accel::serve(addr, log),
-        Cmd::AccelCase {
-            dst,
-            case,
-            uid,
-            gid,
-        } => {
-            let mut spec = ConnectSpec::to(dst, uid, gid);
+        Cmd::AccelCase { dst, case, id } => {
+            let mut spec = ConnectSpec::to(dst, id);
             spec.timeout = std::time::Duration::from_secs(20);
             println!("{}", sockmesh_tests::accel::client(&spec, &case)?);
             let early =
@@ -373,13 +325,8 @@ fn main() -> anyhow::Result<()> {
             eprintln!("{case}: blocking reads that returned EAGAIN early: {early}");
             Ok(())
         }
-        Cmd::BenchConnect {
-            dst,
-            secs,
-            uid,
-            gid,
-        } => {
-            let spec = ConnectSpec::to(dst, uid, gid);
+        Cmd::BenchConnect { dst, secs, id } => {
+            let spec = ConnectSpec::to(dst, id);
             println!("{}", kit::bench_connect(&spec, secs)?);
             Ok(())
         }
@@ -389,10 +336,9 @@ fn main() -> anyhow::Result<()> {
             conns,
             secs,
             new_conn,
-            uid,
-            gid,
+            id,
         } => {
-            let spec = ConnectSpec::to(dst, uid, gid);
+            let spec = ConnectSpec::to(dst, id);
             let (n, p50, p99) = kit::bench_http(&spec, &host, conns, secs, new_conn)?;
             println!("{n} {p50} {p99}");
             Ok(())
@@ -405,18 +351,13 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::TlsHello { dst, sni, uid, gid } => {
-            let out = kit::tls_hello(&ConnectSpec::to(dst, uid, gid), &sni)?;
+        Cmd::TlsHello { dst, sni, id } => {
+            let out = kit::tls_hello(&ConnectSpec::to(dst, id), &sni)?;
             print!("{out}");
             Ok(())
         }
-        Cmd::GrpcCall {
-            dst,
-            authority,
-            uid,
-            gid,
-        } => {
-            let out = kit::grpc_call(&ConnectSpec::to(dst, uid, gid), &authority)?;
+        Cmd::GrpcCall { dst, authority, id } => {
+            let out = kit::grpc_call(&ConnectSpec::to(dst, id), &authority)?;
             println!("{out}");
             Ok(())
         }
@@ -426,10 +367,9 @@ fn main() -> anyhow::Result<()> {
             path,
             host,
             headers,
-            uid,
-            gid,
+            id,
         } => {
-            let out = kit::http_get(&ConnectSpec::to(dst, uid, gid), &path, &host, &headers)?;
+            let out = kit::http_get(&ConnectSpec::to(dst, id), &path, &host, &headers)?;
             print!("{out}");
             Ok(())
         }
@@ -443,16 +383,12 @@ fn main() -> anyhow::Result<()> {
             dst,
             expect,
             stop,
-            uid,
-            gid,
+            id,
             max_ms,
         } => {
             let spec = ConnectSpec {
-                dst: Some(dst),
-                uid,
-                gid,
                 timeout: Duration::from_secs(2),
-                ..Default::default()
+                ..ConnectSpec::to(dst, id)
             };
             let report = kit::load(&spec, &expect, &stop, Duration::from_millis(max_ms));
             println!("{}", serde_json::to_string(&report)?);
