@@ -317,20 +317,25 @@ fn register_all(
     Ok(t.elapsed().as_secs_f64())
 }
 
+/// Unregister `fds`' namespaces the same way; seconds taken.
 fn unregister_all(
     rt: &tokio::runtime::Runtime,
     lab: &Lab,
     fds: &[std::os::fd::OwnedFd],
-) -> Result<()> {
+) -> Result<f64> {
     use std::os::fd::AsRawFd;
+    let t = std::time::Instant::now();
     rt.block_on(async {
         for fd in fds {
             let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
             let mut c = crate::api::pod_client(&lab.socket, std::path::Path::new(&path)).await?;
-            c.unregister(crate::api::pb::UnregisterRequest {}).await?;
+            c.unregister(crate::api::pb::UnregisterRequest {})
+                .await
+                .context("unregistering a pod")?;
         }
         anyhow::Ok(())
-    })
+    })?;
+    Ok(t.elapsed().as_secs_f64())
 }
 
 /// The agent's resident memory, MiB.
@@ -482,6 +487,7 @@ pub fn run(smoke: bool) -> Result<String> {
         .enable_all()
         .build()?;
     let mut reg: Vec<Vec<f64>> = vec![Vec::new(); s.pods.len()];
+    let mut unreg: Vec<Vec<f64>> = vec![Vec::new(); s.pods.len()];
     let mut rss: Vec<Vec<f64>> = vec![Vec::new(); s.pods.len()];
     let mut mem: Vec<Vec<f64>> = vec![Vec::new(); s.pods.len()];
     let (mut cap_before, mut cap_after) = (Vec::new(), Vec::new());
@@ -539,7 +545,7 @@ pub fn run(smoke: bool) -> Result<String> {
             if n == most {
                 cap_after.push(connects(&lab, &sm, true, &peer80, s.secs)?);
             }
-            unregister_all(&rt, &lab, &spare[..n])?;
+            unreg[k].push(unregister_all(&rt, &lab, &spare[..n])? / n as f64);
         }
         lab.kill(li)?;
 
@@ -735,18 +741,19 @@ pub fn run(smoke: bool) -> Result<String> {
     r.push_str("\n## 4. Pod scale\n\n");
     r.push_str(&format!(
         "n network namespaces registered with the agent one after the other over its API (a \
-         connection each, istio's default settings), then unregistered; the agent's resident \
-         memory and its BPF maps' kernel memory (memlock) with n registered. Then the capture \
-         cost of a registered pod with {most} others registered, against the same pod alone, \
-         in the same round.\n\n\
-         | pods | ms per registration | agent RSS MiB | BPF map memory MiB |\n|---|---|---|---|\n"
+         connection each, istio's default settings), then unregistered the same way; \
+         the agent's resident memory and its BPF maps' kernel memory (memlock) with n \
+         registered. Then the capture cost of a registered pod with {most} others registered, \
+         against the same pod alone, in the same round.\n\n\
+         | pods | ms per registration | ms per unregistration | agent RSS MiB | BPF map memory MiB |\n|---|---|---|---|---|\n"
     ));
     let ms = |v: &[f64]| stats(&v.iter().map(|x| x * 1000.0).collect::<Vec<_>>());
     let two = |(mid, lo, hi): (f64, f64, f64)| format!("{mid:.2} [{lo:.2}–{hi:.2}]");
     for (k, n) in s.pods.iter().enumerate() {
         r.push_str(&format!(
-            "| {n} | {} | {} | {} |\n",
+            "| {n} | {} | {} | {} | {} |\n",
             two(ms(&reg[k])),
+            two(ms(&unreg[k])),
             two(stats(&rss[k])),
             two(stats(&mem[k]))
         ));
