@@ -1276,20 +1276,28 @@ async fn pooled(
 
 type H2 = hyper::client::conn::http2::SendRequest<Body>;
 
+/// One endpoint's HTTP/2 connection (none yet, or closed), behind an async lock that is held
+/// while it is opened.
+type H2Slot = std::sync::Arc<tokio::sync::Mutex<Option<H2>>>;
+
 /// HTTP/2 upstream connections, one per endpoint and direction, shared by all requests
 /// (streams multiplexed); a closed one is replaced on next use.
-static H2_POOL: std::sync::LazyLock<std::sync::Mutex<HashMap<(SocketAddr, bool), H2>>> =
+static H2_POOL: std::sync::LazyLock<std::sync::Mutex<HashMap<(SocketAddr, bool), H2Slot>>> =
     std::sync::LazyLock::new(Default::default);
 
 /// The pooled HTTP/2 (h2c, prior knowledge) connection to `target`, opened if needed.
+/// Requests that arrive while it is being opened wait for it rather than open their own; if
+/// opening fails, the next of them tries in turn.
 async fn h2_connection(target: SocketAddr, direction: Direction) -> Result<H2, Failure> {
     let key = (target, direction == Direction::Inbound);
-    if let Some(send) = H2_POOL
+    let slot = H2_POOL
         .lock()
         .expect("h2 pool lock")
-        .get(&key)
-        .filter(|s| !s.is_closed())
-    {
+        .entry(key)
+        .or_default()
+        .clone();
+    let mut slot = slot.lock().await;
+    if let Some(send) = slot.as_ref().filter(|s| !s.is_closed()) {
         return Ok(send.clone());
     }
     let stream = connect(target, direction)
@@ -1300,10 +1308,7 @@ async fn h2_connection(target: SocketAddr, direction: Direction) -> Result<H2, F
             .await
             .map_err(|e| Failure::Reset(e.to_string()))?;
     tokio::spawn(conn);
-    H2_POOL
-        .lock()
-        .expect("h2 pool lock")
-        .insert(key, send.clone());
+    *slot = Some(send.clone());
     Ok(send)
 }
 

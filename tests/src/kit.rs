@@ -1149,6 +1149,42 @@ pub fn grpc_call(spec: &ConnectSpec, authority: &str) -> Result<String> {
     })
 }
 
+/// `n` gRPC clients through `dst` with `authority`: all connect first, then all call Status
+/// at once (their requests reach the proxy together). "N of N calls succeeded".
+pub fn grpc_calls_together(spec: &ConnectSpec, authority: &str, n: usize) -> Result<String> {
+    use crate::api::pb;
+    let dst = spec.dst.context("no destination")?;
+    take_credentials(spec)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let mut clients = Vec::new();
+        for _ in 0..n {
+            let channel = tonic::transport::Endpoint::from_shared(format!("http://{dst}"))?
+                .origin(format!("http://{authority}").parse()?)
+                .connect()
+                .await?;
+            clients.push(pb::agent_client::AgentClient::new(channel));
+        }
+        let go = std::sync::Arc::new(tokio::sync::Barrier::new(n));
+        let mut calls = tokio::task::JoinSet::new();
+        for mut c in clients {
+            let go = go.clone();
+            calls.spawn(async move {
+                go.wait().await;
+                c.status(pb::StatusRequest {}).await
+            });
+        }
+        let mut ok = 0;
+        while let Some(r) = calls.join_next().await {
+            ok += usize::from(matches!(r, Ok(Ok(_))));
+        }
+        anyhow::Ok(format!("{ok} of {n} calls succeeded"))
+    })
+}
+
 /// Send a TLS ClientHello naming `server` (as `spec` describes) and return what the far end
 /// sends back: the proxy passes TLS through by server name, without terminating it.
 pub fn tls_hello(spec: &ConnectSpec, server: &str) -> Result<String> {

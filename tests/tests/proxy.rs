@@ -254,8 +254,19 @@ fn scenario(mode: Mode) -> Vec<String> {
         ];
         seen.push(as_app(&lab, &pod, &args).trim().to_string());
     }
-    // gRPC (HTTP/2 with prior knowledge, status in trailers) routed by authority, from two
-    // clients: the upstream counts its connections, one shared by all their streams.
+    // gRPC (HTTP/2 with prior knowledge, status in trailers) routed by authority: first eight
+    // clients whose calls reach the proxy together, before it has an upstream connection, then
+    // two more; the upstream counts its connections, one shared by all their streams.
+    let burst = [
+        "grpc-call",
+        &vip,
+        "--authority",
+        "grpc-svc",
+        "--together",
+        "8",
+    ];
+    let burst = as_app(&lab, &pod, &burst);
+    assert_eq!(burst.trim(), "8 of 8 calls succeeded");
     for _ in 0..2 {
         let grpc = as_app(&lab, &pod, &["grpc-call", &vip, "--authority", "grpc-svc"]);
         seen.push(grpc.trim().to_string());

@@ -106,6 +106,10 @@ enum Cmd {
         dst: SocketAddr,
         #[arg(long)]
         authority: String,
+        /// Instead: this many clients connect, then all call Status at once; prints the
+        /// number of calls that succeeded.
+        #[arg(long)]
+        together: Option<usize>,
         #[command(flatten)]
         id: Identity,
     },
@@ -356,8 +360,17 @@ fn main() -> anyhow::Result<()> {
             print!("{out}");
             Ok(())
         }
-        Cmd::GrpcCall { dst, authority, id } => {
-            let out = kit::grpc_call(&ConnectSpec::to(dst, id), &authority)?;
+        Cmd::GrpcCall {
+            dst,
+            authority,
+            together,
+            id,
+        } => {
+            let spec = ConnectSpec::to(dst, id);
+            let out = match together {
+                None => kit::grpc_call(&spec, &authority)?,
+                Some(n) => kit::grpc_calls_together(&spec, &authority, n)?,
+            };
             println!("{out}");
             Ok(())
         }
