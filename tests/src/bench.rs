@@ -660,8 +660,8 @@ pub fn run(smoke: bool) -> Result<String> {
     ));
     r.push_str("## 2. The app-to-proxy hop\n\n");
     r.push_str(&format!(
-        "From the app (uid 1000) through a minimal forwarder on the outbound port (a thread \
-         per direction, as uid 1337) to an upstream on the peer host: round trips of 64 B and \
+        "From the app (uid 1000) through a minimal forwarder on the outbound port (one \
+         thread, an event loop as proxies are, as uid 1337) to an upstream on the peer host: round trips of 64 B and \
          4 KiB on one connection for {} s (latency per round trip), and {} MiB in 64 KiB \
          writes to a sink that answers with the count (throughput to the answer). Paths: \
          istio's iptables rules; sockmesh (its own pod settings: no sk_msg); sockmesh with \

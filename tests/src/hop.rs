@@ -1,11 +1,12 @@
 //! The app-to-proxy hop of the benchmark: a minimal forwarder standing where the proxy stands
-//! (on the outbound port, and on a Unix socket for the Unix-socket baseline), an upstream that
-//! echoes or sinks, and a client that measures round trips and bulk throughput through them.
+//! (on the outbound port, and on a Unix socket for the Unix-socket baseline), an event loop as
+//! proxies are, an upstream that echoes or sinks, and a client that measures round trips and
+//! bulk throughput through them.
 
 use std::{
     io::{Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
-    os::unix::net::{UnixListener, UnixStream},
+    os::unix::net::UnixStream,
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -17,75 +18,51 @@ use crate::{
     kit::{take_credentials, ConnectSpec},
 };
 
-/// Copy `from` to `to` until EOF, then half-close `to` (`done`).
-fn pump(mut from: impl Read, mut to: impl Write, done: impl FnOnce()) {
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        match from.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                if to.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
-        }
-    }
-    done();
+/// Relay `down` to a new connection to `upstream`, both ways, each side half-closed when the
+/// other has, until both have closed.
+async fn relay<S>(mut down: S, upstream: SocketAddr)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let Ok(mut up) = tokio::net::TcpStream::connect(upstream).await else {
+        return;
+    };
+    let _ = up.set_nodelay(true);
+    let _ = tokio::io::copy_bidirectional_with_sizes(&mut down, &mut up, 64 << 10, 64 << 10).await;
 }
 
-/// Relay an accepted TCP connection to `upstream`, both ways, a thread each.
-fn relay_tcp(down: TcpStream, upstream: SocketAddr) -> Result<()> {
-    let up = TcpStream::connect(upstream).with_context(|| format!("connect {upstream}"))?;
-    up.set_nodelay(true)?;
-    down.set_nodelay(true)?;
-    let (d2, u2) = (down.try_clone()?, up.try_clone()?);
-    std::thread::spawn(move || {
-        pump(Patient(&u2), &d2, || {
-            let _ = d2.shutdown(Shutdown::Write);
-        })
-    });
-    pump(Patient(&down), &up, || {
-        let _ = up.shutdown(Shutdown::Write);
-    });
-    Ok(())
-}
-
-/// Relay an accepted Unix-socket connection to `upstream`.
-fn relay_unix(down: UnixStream, upstream: SocketAddr) -> Result<()> {
-    let up = TcpStream::connect(upstream).with_context(|| format!("connect {upstream}"))?;
-    up.set_nodelay(true)?;
-    let (d2, u2) = (down.try_clone()?, up.try_clone()?);
-    std::thread::spawn(move || {
-        pump(Patient(&u2), &d2, || {
-            let _ = d2.shutdown(Shutdown::Write);
-        })
-    });
-    pump(&down, &up, || {
-        let _ = up.shutdown(Shutdown::Write);
-    });
-    Ok(())
-}
-
-/// Forward connections on `listen` (and on the Unix socket `unix`) to `upstream`; prints
-/// "ready" once bound.
+/// Forward connections on `listen` (and on the Unix socket `unix`) to `upstream` as a proxy
+/// does: one thread running an event loop (tokio's current-thread runtime) over nonblocking
+/// sockets. Prints "ready" once bound.
 pub fn forward(listen: SocketAddr, unix: Option<PathBuf>, upstream: SocketAddr) -> Result<()> {
-    let tcp = TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
-    if let Some(path) = unix {
-        let _ = std::fs::remove_file(&path);
-        let l = UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
-        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o666))?;
-        std::thread::spawn(move || {
-            for c in l.incoming().flatten() {
-                std::thread::spawn(move || relay_unix(c, upstream));
-            }
-        });
-    }
-    println!("ready");
-    std::io::stdout().flush()?;
-    for c in tcp.incoming().flatten() {
-        std::thread::spawn(move || relay_tcp(c, upstream));
-    }
-    Ok(())
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let tcp = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding {listen}"))?;
+        if let Some(path) = unix {
+            let _ = std::fs::remove_file(&path);
+            let l = tokio::net::UnixListener::bind(&path)
+                .with_context(|| format!("binding {}", path.display()))?;
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o666))?;
+            tokio::spawn(async move {
+                while let Ok((c, _)) = l.accept().await {
+                    tokio::spawn(relay(c, upstream));
+                }
+            });
+        }
+        println!("ready");
+        std::io::stdout().flush()?;
+        loop {
+            let Ok((c, _)) = tcp.accept().await else {
+                continue;
+            };
+            let _ = c.set_nodelay(true);
+            tokio::spawn(relay(c, upstream));
+        }
+    })
 }
 
 /// The upstream: a first byte `r` makes a connection an echo; `b` a sink that answers "ok"
