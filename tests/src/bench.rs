@@ -882,9 +882,12 @@ pub fn run(smoke: bool) -> Result<String> {
     r.push_str(
         "Why, from the figures above: capture at connect costs sockmesh its programs' time \
          per connection (section 1's program table) plus what any redirected connection pays \
-         (iptables' path is as far from direct); the hop's round trip is dominated by the \
-         forwarder and the veth hop to the upstream, which sk_msg does not touch, so it \
-         changes latency little; in bulk the app outruns the forwarder (whose upstream is \
+         (iptables' path is as far from direct); a round trip through the hop has four legs \
+         (app to forwarder, forwarder to upstream and back over the veth, forwarder to app) \
+         and sk_msg shortcuts only the first (an app's socket never receives redirected data, \
+         so the answer reaches it by TCP; the veth legs are not local), while the \
+         forwarder's and the upstream's wakeups take most of the time, so it changes latency \
+         little; in bulk the app outruns the forwarder (whose upstream is \
          slower than a local write), so sk_msg fills the forwarder's 1 MiB window, the rest \
          goes by TCP with TCP's back pressure, and bulk gains little (before sk_msg kept back \
          pressure, this hop measured 1.64x to 2.75x iptables by letting the app's writes pile \
