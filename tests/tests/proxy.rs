@@ -91,6 +91,26 @@ fn get(
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Start sockmesh-proxy in the pod with `config`, then capture the pod's traffic to it (with
+/// istio's iptables rules, or by sockmesh).
+fn start_proxy(lab: &mut Lab, pod: &Pod, config: &std::path::Path, mode: Mode, p: &Profile) {
+    let mut proxy = lab
+        .command(
+            &pod.ns,
+            pod.in_cgroup,
+            sibling_bin("sockmesh-proxy", "SOCKMESH_PROXY_BIN").unwrap(),
+        )
+        .unwrap();
+    proxy.arg("--config").arg(config);
+    lab.spawn(proxy, Some("ready")).unwrap();
+    match mode {
+        Mode::Iptables => pods::apply_iptables(pod, p).unwrap(),
+        Mode::Sockmesh => {
+            pods::apply_sockmesh(lab, pod, p).unwrap();
+        }
+    }
+}
+
 /// Run the testkit with `args` in the pod, as the app does (uid/gid 1000, in the pod's cgroup);
 /// its stdout.
 fn as_app(lab: &Lab, pod: &Pod, args: &[&str]) -> String {
@@ -170,21 +190,7 @@ fn scenario(mode: Mode) -> Vec<String> {
     app_tcp.args(["listen", "app-tcp@0.0.0.0:9090"]);
     lab.spawn(app_tcp, Some("ready")).unwrap();
     let config = proxy_config(&lab);
-    let mut proxy = lab
-        .command(
-            &pod.ns,
-            pod.in_cgroup,
-            sibling_bin("sockmesh-proxy", "SOCKMESH_PROXY_BIN").unwrap(),
-        )
-        .unwrap();
-    proxy.arg("--config").arg(&config);
-    lab.spawn(proxy, Some("ready")).unwrap();
-    match mode {
-        Mode::Iptables => pods::apply_iptables(&pod, &p).unwrap(),
-        Mode::Sockmesh => {
-            pods::apply_sockmesh(&lab, &pod, &p).unwrap();
-        }
-    }
+    start_proxy(&mut lab, &pod, &config, mode, &p);
 
     let mut seen = Vec::new();
     let vip = format!("{VIP}:80");
@@ -571,21 +577,7 @@ clusters:
         ),
     )
     .unwrap();
-    let mut proxy = lab
-        .command(
-            &pod.ns,
-            pod.in_cgroup,
-            sibling_bin("sockmesh-proxy", "SOCKMESH_PROXY_BIN").unwrap(),
-        )
-        .unwrap();
-    proxy.arg("--config").arg(&config);
-    lab.spawn(proxy, Some("ready")).unwrap();
-    match mode {
-        Mode::Iptables => pods::apply_iptables(&pod, &p).unwrap(),
-        Mode::Sockmesh => {
-            pods::apply_sockmesh(&lab, &pod, &p).unwrap();
-        }
-    }
+    start_proxy(&mut lab, &pod, &config, mode, &p);
     let vip = format!("{VIP}:80");
     let status = |resp: &str| resp.split(' ').nth(1).unwrap_or_default().to_string();
     let seen = |name: &str, path: &str| {
@@ -809,21 +801,7 @@ clusters:
         ),
     )
     .unwrap();
-    let mut proxy = lab
-        .command(
-            &pod.ns,
-            pod.in_cgroup,
-            sibling_bin("sockmesh-proxy", "SOCKMESH_PROXY_BIN").unwrap(),
-        )
-        .unwrap();
-    proxy.arg("--config").arg(&config);
-    lab.spawn(proxy, Some("ready")).unwrap();
-    match mode {
-        Mode::Iptables => pods::apply_iptables(&pod, &p).unwrap(),
-        Mode::Sockmesh => {
-            pods::apply_sockmesh(&lab, &pod, &p).unwrap();
-        }
-    }
+    start_proxy(&mut lab, &pod, &config, mode, &p);
     let v6 = |a: &str, port: u16| format!("[{a}]:{port}");
     vec![
         summary(&get(
@@ -994,16 +972,7 @@ fn a_control_plane_drives_listeners_routes_clusters_and_endpoints_over_ads() {
         ),
     )
     .unwrap();
-    let mut proxy = lab
-        .command(
-            &pod.ns,
-            pod.in_cgroup,
-            sibling_bin("sockmesh-proxy", "SOCKMESH_PROXY_BIN").unwrap(),
-        )
-        .unwrap();
-    proxy.arg("--config").arg(&config);
-    lab.spawn(proxy, Some("ready")).unwrap();
-    pods::apply_sockmesh(&lab, &pod, &p).unwrap();
+    start_proxy(&mut lab, &pod, &config, Mode::Sockmesh, &p);
 
     let wait = Duration::from_secs(10);
     for (type_url, v) in [(CLUSTER, c1), (ENDPOINT, e1), (LISTENER, l1), (ROUTE, r1)] {

@@ -571,7 +571,11 @@ pub struct PinnedMaps {
     pub socks: SockHash<MapData, SockKey>,
 }
 
-fn open_map(bpffs: &Path, name: &'static str) -> Result<Map, BpfError> {
+/// The map pinned as `name`, as the type `T` that this build gives it.
+fn open_map<T>(bpffs: &Path, name: &'static str) -> Result<T, BpfError>
+where
+    T: TryFrom<Map, Error = MapError>,
+{
     let path = maps_dir(bpffs).join(name);
     let err = |source| BpfError::Map {
         name,
@@ -579,44 +583,24 @@ fn open_map(bpffs: &Path, name: &'static str) -> Result<Map, BpfError> {
         source,
     };
     let data = MapData::from_pin(&path).map_err(err)?;
-    Map::from_map_data(data).map_err(err)
+    Map::from_map_data(data)
+        .map_err(err)?
+        .try_into()
+        .map_err(err)
 }
 
 impl PinnedMaps {
     pub fn open(bpffs: &Path) -> Result<Self, BpfError> {
-        let typed = |name: &'static str, e: MapError| BpfError::Map {
-            name,
-            path: maps_dir(bpffs).join(name),
-            source: e,
-        };
         Ok(PinnedMaps {
-            pods: open_map(bpffs, names::PODS)?
-                .try_into()
-                .map_err(|e| typed(names::PODS, e))?,
-            members: open_map(bpffs, names::MEMBERS)?
-                .try_into()
-                .map_err(|e| typed(names::MEMBERS, e))?,
-            cidrs: open_map(bpffs, names::CIDRS)?
-                .try_into()
-                .map_err(|e| typed(names::CIDRS, e))?,
-            local_addrs: open_map(bpffs, names::LOCAL_ADDRS)?
-                .try_into()
-                .map_err(|e| typed(names::LOCAL_ADDRS, e))?,
-            addr_pod: open_map(bpffs, names::ADDR_POD)?
-                .try_into()
-                .map_err(|e| typed(names::ADDR_POD, e))?,
-            route_src: open_map(bpffs, names::ROUTE_SRC)?
-                .try_into()
-                .map_err(|e| typed(names::ROUTE_SRC, e))?,
-            orig_dst: open_map(bpffs, names::ORIG_DST)?
-                .try_into()
-                .map_err(|e| typed(names::ORIG_DST, e))?,
-            counters: open_map(bpffs, names::COUNTERS)?
-                .try_into()
-                .map_err(|e| typed(names::COUNTERS, e))?,
-            socks: open_map(bpffs, names::SOCKS)?
-                .try_into()
-                .map_err(|e| typed(names::SOCKS, e))?,
+            pods: open_map(bpffs, names::PODS)?,
+            members: open_map(bpffs, names::MEMBERS)?,
+            cidrs: open_map(bpffs, names::CIDRS)?,
+            local_addrs: open_map(bpffs, names::LOCAL_ADDRS)?,
+            addr_pod: open_map(bpffs, names::ADDR_POD)?,
+            route_src: open_map(bpffs, names::ROUTE_SRC)?,
+            orig_dst: open_map(bpffs, names::ORIG_DST)?,
+            counters: open_map(bpffs, names::COUNTERS)?,
+            socks: open_map(bpffs, names::SOCKS)?,
         })
     }
 }
