@@ -210,37 +210,72 @@ pub fn listen(specs: &[String]) -> Result<()> {
 
 /// A UDP socket on `addr` (IPv6-only for IPv6 addresses, so v4 and v6 can share a port).
 fn bind_udp(addr: SocketAddr) -> Result<UdpSocket> {
+    let sock = new_socket(addr, libc::SOCK_DGRAM)?;
+    let fd = sock.as_raw_fd();
+    if addr.is_ipv6() {
+        set_opt(
+            fd,
+            libc::IPPROTO_IPV6,
+            libc::IPV6_V6ONLY,
+            &ONE,
+            "IPV6_V6ONLY",
+        )?;
+    }
+    bind_to(fd, addr)?;
+    Ok(UdpSocket::from(sock))
+}
+
+/// A new socket of `kind` in `addr`'s family, closed on exec.
+fn new_socket(addr: SocketAddr, kind: libc::c_int) -> Result<OwnedFd> {
     let family = if addr.is_ipv4() {
         libc::AF_INET
     } else {
         libc::AF_INET6
     };
     // SAFETY: plain socket(2).
-    let fd = unsafe { libc::socket(family, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    let fd = unsafe { libc::socket(family, kind | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
         bail!("socket: {}", std::io::Error::last_os_error());
     }
-    // SAFETY: fresh fd.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    let one: libc::c_int = 1;
-    if addr.is_ipv6() {
-        // SAFETY: valid option pointer.
-        unsafe {
-            libc::setsockopt(
-                fd,
-                libc::IPPROTO_IPV6,
-                libc::IPV6_V6ONLY,
-                (&one as *const libc::c_int).cast(),
-                4,
-            )
-        };
+    // SAFETY: a fresh fd, owned from here on.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The value of a boolean socket option that turns it on.
+const ONE: libc::c_int = 1;
+
+/// setsockopt(2) of a plain value; `what` names the option if it fails.
+fn set_opt<T>(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: &T,
+    what: &str,
+) -> Result<()> {
+    // SAFETY: the pointer and size describe `value`.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (value as *const T).cast(),
+            mem::size_of::<T>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        bail!("{what}: {}", std::io::Error::last_os_error());
     }
+    Ok(())
+}
+
+/// bind(2) to `addr`.
+fn bind_to(fd: RawFd, addr: SocketAddr) -> Result<()> {
     let (ss, len) = std_to_sockaddr(addr);
-    // SAFETY: valid sockaddr.
+    // SAFETY: a valid sockaddr of `len` bytes.
     if unsafe { libc::bind(fd, (&ss as *const libc::sockaddr_storage).cast(), len) } != 0 {
-        bail!("bind: {}", std::io::Error::last_os_error());
+        bail!("bind {addr}: {}", std::io::Error::last_os_error());
     }
-    Ok(UdpSocket::from(sock))
+    Ok(())
 }
 
 /// Answer every datagram with the listener's name and the sender's address.
@@ -257,73 +292,46 @@ fn serve_udp(sock: UdpSocket, name: String) {
 
 /// IP_TRANSPARENT (IPV6_TRANSPARENT) on `fd`: listen for or connect from non-local addresses.
 fn set_transparent(fd: RawFd, v6: bool) -> Result<()> {
-    let one: libc::c_int = 1;
     let (level, name) = if v6 {
         (libc::SOL_IPV6, libc::IPV6_TRANSPARENT)
     } else {
         (libc::SOL_IP, libc::IP_TRANSPARENT)
     };
-    // SAFETY: valid option pointer.
-    if unsafe { libc::setsockopt(fd, level, name, (&one as *const libc::c_int).cast(), 4) } != 0 {
-        bail!("IP_TRANSPARENT: {}", std::io::Error::last_os_error());
-    }
-    Ok(())
+    set_opt(fd, level, name, &ONE, "IP_TRANSPARENT")
 }
 
 fn bind_listener(addr: SocketAddr, transparent: bool, reuseport: bool) -> Result<TcpListener> {
-    let family = if addr.is_ipv4() {
-        libc::AF_INET
-    } else {
-        libc::AF_INET6
-    };
-    // SAFETY: plain socket(2).
-    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        bail!("socket: {}", std::io::Error::last_os_error());
-    }
-    // SAFETY: fresh fd.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    let one: libc::c_int = 1;
-    // SAFETY: valid option pointers.
-    unsafe {
-        libc::setsockopt(
+    let sock = new_socket(addr, libc::SOCK_STREAM)?;
+    let fd = sock.as_raw_fd();
+    set_opt(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_REUSEADDR,
+        &ONE,
+        "SO_REUSEADDR",
+    )?;
+    if addr.is_ipv6() {
+        set_opt(
             fd,
-            libc::SOL_SOCKET,
-            libc::SO_REUSEADDR,
-            (&one as *const libc::c_int).cast(),
-            4,
-        );
-        if addr.is_ipv6() {
-            libc::setsockopt(
-                fd,
-                libc::IPPROTO_IPV6,
-                libc::IPV6_V6ONLY,
-                (&one as *const libc::c_int).cast(),
-                4,
-            );
-        }
+            libc::IPPROTO_IPV6,
+            libc::IPV6_V6ONLY,
+            &ONE,
+            "IPV6_V6ONLY",
+        )?;
     }
     if transparent {
         set_transparent(fd, addr.is_ipv6())?;
     }
     if reuseport {
-        let one: libc::c_int = 1;
-        // SAFETY: valid option pointer.
-        unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_REUSEPORT,
-                (&one as *const libc::c_int).cast(),
-                4,
-            )
-        };
+        set_opt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEPORT,
+            &ONE,
+            "SO_REUSEPORT",
+        )?;
     }
-    let (ss, len) = std_to_sockaddr(addr);
-    // SAFETY: ss is a valid sockaddr of len bytes.
-    if unsafe { libc::bind(fd, (&ss as *const libc::sockaddr_storage).cast(), len) } != 0 {
-        bail!("bind: {}", std::io::Error::last_os_error());
-    }
+    bind_to(fd, addr)?;
     // SAFETY: bound socket.
     if unsafe { libc::listen(fd, 128) } != 0 {
         bail!("listen: {}", std::io::Error::last_os_error());
@@ -458,55 +466,26 @@ fn connect_inner(spec: &ConnectSpec) -> Result<Outcome> {
         }
         (a, _) => a,
     };
-    let family = if dial.is_ipv4() {
-        libc::AF_INET
-    } else {
-        libc::AF_INET6
-    };
     let kind = if spec.udp.is_some() {
         libc::SOCK_DGRAM
     } else {
         libc::SOCK_STREAM
     };
-    // SAFETY: plain socket(2).
-    let fd = unsafe { libc::socket(family, kind | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        bail!("socket: {}", std::io::Error::last_os_error());
-    }
-    // SAFETY: fresh fd.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let sock = new_socket(dial, kind)?;
+    let fd = sock.as_raw_fd();
     if let Some(b) = spec.bind {
-        let b = match (b, family) {
-            (IpAddr::V4(v4), libc::AF_INET6) => IpAddr::V6(v4.to_ipv6_mapped()),
+        let b = match (b, dial) {
+            (IpAddr::V4(v4), SocketAddr::V6(_)) => IpAddr::V6(v4.to_ipv6_mapped()),
             (b, _) => b,
         };
-        let (ss, len) = std_to_sockaddr(SocketAddr::new(b, 0));
-        // SAFETY: valid sockaddr.
-        if unsafe { libc::bind(fd, (&ss as *const libc::sockaddr_storage).cast(), len) } != 0 {
-            bail!("bind {b}: {}", std::io::Error::last_os_error());
-        }
+        bind_to(fd, SocketAddr::new(b, 0))?;
     }
     let tv = libc::timeval {
         tv_sec: spec.timeout.as_secs() as libc::time_t,
         tv_usec: spec.timeout.subsec_micros() as libc::suseconds_t,
     };
-    // SAFETY: valid option pointers.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_SNDTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            mem::size_of::<libc::timeval>() as u32,
-        );
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            mem::size_of::<libc::timeval>() as u32,
-        );
-    }
+    set_opt(fd, libc::SOL_SOCKET, libc::SO_SNDTIMEO, &tv, "SO_SNDTIMEO")?;
+    set_opt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv, "SO_RCVTIMEO")?;
     if spec.creds_after_socket {
         take_credentials(spec)?;
     }
@@ -685,39 +664,13 @@ fn relay(mut client: TcpStream, hop: &str, mode: Upstream) {
 
 /// Connect to `dst` from `src`; with `mark`, transparently (a non-local `src`) and marked.
 fn connect_from(src: IpAddr, dst: SocketAddr, mark: Option<u32>) -> Result<TcpStream> {
-    let family = if dst.is_ipv4() {
-        libc::AF_INET
-    } else {
-        libc::AF_INET6
-    };
-    // SAFETY: plain socket(2).
-    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        bail!("socket: {}", std::io::Error::last_os_error());
-    }
-    // SAFETY: fresh fd.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let sock = new_socket(dst, libc::SOCK_STREAM)?;
+    let fd = sock.as_raw_fd();
     if let Some(mark) = mark {
         set_transparent(fd, dst.is_ipv6())?;
-        // SAFETY: valid option pointer.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_MARK,
-                (&mark as *const u32).cast(),
-                4,
-            )
-        };
-        if rc != 0 {
-            bail!("SO_MARK: {}", std::io::Error::last_os_error());
-        }
+        set_opt(fd, libc::SOL_SOCKET, libc::SO_MARK, &mark, "SO_MARK")?;
     }
-    let (ss, len) = std_to_sockaddr(SocketAddr::new(src, 0));
-    // SAFETY: valid sockaddr.
-    if unsafe { libc::bind(fd, (&ss as *const libc::sockaddr_storage).cast(), len) } != 0 {
-        bail!("bind {src}: {}", std::io::Error::last_os_error());
-    }
+    bind_to(fd, SocketAddr::new(src, 0))?;
     let (ss, len) = std_to_sockaddr(dst);
     // SAFETY: valid sockaddr.
     if unsafe { libc::connect(fd, (&ss as *const libc::sockaddr_storage).cast(), len) } != 0 {
