@@ -6,6 +6,7 @@
 mod balancer;
 mod config;
 mod control;
+mod pool;
 mod router;
 mod server;
 mod stats;

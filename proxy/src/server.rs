@@ -29,7 +29,7 @@ use crate::{
     stats,
 };
 
-type Body = BoxBody<Bytes, hyper::Error>;
+pub type Body = BoxBody<Bytes, hyper::Error>;
 
 /// The source of inbound passthrough connections to the app, as Istio's Envoy uses: the
 /// capture rules let traffic from these addresses through.
@@ -656,7 +656,7 @@ fn client_hello(server: &str) -> Vec<u8> {
 }
 
 /// Connect to `target`, from the inbound passthrough source for inbound traffic.
-async fn connect(target: SocketAddr, direction: Direction) -> io::Result<TcpStream> {
+pub async fn connect(target: SocketAddr, direction: Direction) -> io::Result<TcpStream> {
     let socket = match target {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => TcpSocket::new_v6()?,
@@ -748,7 +748,7 @@ fn retriable(retry_on: &str, outcome: &Result<Response<Body>, Failure>) -> bool 
 
 /// Why an attempt produced no response.
 #[derive(Debug)]
-enum Failure {
+pub enum Failure {
     Connect(String),
     Reset(String),
     Timeout,
@@ -1206,25 +1206,6 @@ async fn attempt(
     }
 }
 
-type Pool =
-    hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Body>;
-
-/// HTTP/1.1 upstream connection pools (keyed by endpoint): outbound, and inbound from the
-/// passthrough source addresses.
-static POOLS: std::sync::LazyLock<(Pool, Pool)> = std::sync::LazyLock::new(|| {
-    let pool = |inbound: bool| {
-        let mut c = hyper_util::client::legacy::connect::HttpConnector::new();
-        c.set_nodelay(true);
-        if inbound {
-            c.set_local_addresses(INBOUND_SOURCE_V4, INBOUND_SOURCE_V6);
-        }
-        hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build(c)
-    };
-    (pool(false), pool(true))
-});
-
 /// Send an HTTP/1.1 request to `target` over a pooled connection; the Host header keeps the
 /// client's authority. Upgrades (WebSocket) are relayed once both sides switch.
 async fn pooled(
@@ -1238,27 +1219,18 @@ async fn pooled(
             req.headers_mut().insert(HOST, v);
         }
     }
-    let pq = req
-        .uri()
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_string();
-    *req.uri_mut() = format!("http://{target}{pq}")
-        .parse::<Uri>()
-        .map_err(|e| Failure::Reset(e.to_string()))?;
+    // The request line names the path (origin form), as clients write it to a server.
+    if req.uri().scheme().is_some() || req.uri().authority().is_some() {
+        let pq = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/"));
+        *req.uri_mut() = Uri::from(pq);
+    }
     *req.version_mut() = hyper::Version::HTTP_11;
     let down = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>();
-    let pool = match direction {
-        Direction::Outbound => &POOLS.0,
-        Direction::Inbound => &POOLS.1,
-    };
-    let mut resp = pool.request(req).await.map_err(|e| {
-        if e.is_connect() {
-            Failure::Connect(format!("{e:?}"))
-        } else {
-            Failure::Reset(format!("{e:?}"))
-        }
-    })?;
+    let mut resp = crate::pool::send(req, target, direction).await?;
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(down) = down {
             let up = hyper::upgrade::on(&mut resp);

@@ -1,0 +1,305 @@
+//! HTTP/1.1 upstream connections kept alive per endpoint and direction. A connection goes
+//! back to the pool when its response has been read to the end, by the response body itself
+//! (no task per request), and is taken again only once its codec says it is ready. Idle ones
+//! are closed after [`IDLE_TIMEOUT`].
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{LazyLock, Mutex},
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::{
+    body::{Body as _, Frame, Incoming, SizeHint},
+    client::conn::http1::SendRequest,
+    Request, Response, StatusCode,
+};
+use hyper_util::rt::TokioIo;
+
+use crate::{
+    config::Direction,
+    server::{connect, Body, Failure},
+};
+
+/// How long an unused connection stays open.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// An endpoint, and whether the connection is inbound (from the passthrough source).
+type Key = (SocketAddr, bool);
+
+type Sender = SendRequest<Body>;
+
+struct Idle {
+    send: Sender,
+    since: Instant,
+}
+
+static IDLE: LazyLock<Mutex<HashMap<Key, Vec<Idle>>>> = LazyLock::new(Default::default);
+
+/// Close the connections that have idled past the timeout, every tenth of it (started with
+/// the first request).
+fn reap_idle() {
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    STARTED.call_once(|| {
+        tokio::spawn(async {
+            let mut tick = tokio::time::interval(IDLE_TIMEOUT / 10);
+            loop {
+                tick.tick().await;
+                let now = Instant::now();
+                IDLE.lock().expect("pool lock").retain(|_, list| {
+                    list.retain(|i| fresh(i, now));
+                    !list.is_empty()
+                });
+            }
+        });
+    });
+}
+
+/// Whether an idle connection may still be used.
+fn fresh(i: &Idle, now: Instant) -> bool {
+    !i.send.is_closed() && now.duration_since(i.since) < IDLE_TIMEOUT
+}
+
+/// An idle connection to the endpoint that can take a request now, if there is one; the
+/// ones that closed or idled out meanwhile are dropped on the way.
+async fn checkout(key: Key) -> Option<Sender> {
+    loop {
+        let idle = IDLE.lock().expect("pool lock").get_mut(&key)?.pop()?;
+        if !fresh(&idle, Instant::now()) {
+            continue;
+        }
+        let mut send = idle.send;
+        if send.ready().await.is_ok() {
+            return Some(send);
+        }
+    }
+}
+
+/// Keep `send` for the endpoint's next request; drop its idle connections that are closed or
+/// past the timeout.
+fn checkin(key: Key, send: Sender) {
+    let now = Instant::now();
+    let mut idle = IDLE.lock().expect("pool lock");
+    let list = idle.entry(key).or_default();
+    list.retain(|i| fresh(i, now));
+    list.push(Idle { send, since: now });
+}
+
+/// A new connection to the endpoint.
+async fn open(target: SocketAddr, direction: Direction) -> Result<Sender, Failure> {
+    let stream = connect(target, direction)
+        .await
+        .map_err(|e| Failure::Connect(e.to_string()))?;
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| Failure::Connect(e.to_string()))?;
+    tokio::spawn(conn.with_upgrades());
+    Ok(send)
+}
+
+/// Send `req` (origin-form URI) to `target` over a pooled connection, or a new one. A request
+/// that a pooled connection closed on before sending any of it goes again on a new one.
+pub async fn send(
+    req: Request<Body>,
+    target: SocketAddr,
+    direction: Direction,
+) -> Result<Response<Body>, Failure> {
+    reap_idle();
+    let key = (target, direction == Direction::Inbound);
+    let (mut send, reused) = match checkout(key).await {
+        Some(s) => (s, true),
+        None => (open(target, direction).await?, false),
+    };
+    let resp = match send.try_send_request(req).await {
+        Ok(r) => r,
+        Err(mut e) => match e.take_message() {
+            Some(req) if reused => {
+                send = open(target, direction).await?;
+                send.send_request(req)
+                    .await
+                    .map_err(|e| Failure::Reset(e.to_string()))?
+            }
+            _ => return Err(Failure::Reset(e.into_error().to_string())),
+        },
+    };
+    // An upgraded connection is the client's now.
+    let home = (resp.status() != StatusCode::SWITCHING_PROTOCOLS).then_some((key, send));
+    Ok(resp.map(|body| Returning { body, home }.boxed()))
+}
+
+/// A response body that puts its connection back in the pool once it has been read to the
+/// end (or, being empty, is dropped unread). A body dropped half read takes the connection
+/// with it.
+struct Returning {
+    body: Incoming,
+    home: Option<(Key, Sender)>,
+}
+
+impl Returning {
+    fn go_home(&mut self) {
+        if let Some((key, send)) = self.home.take() {
+            checkin(key, send);
+        }
+    }
+}
+
+impl hyper::body::Body for Returning {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => self.go_home(),
+            Poll::Ready(Some(Ok(_))) if self.body.is_end_stream() => self.go_home(),
+            Poll::Ready(Some(Err(_))) => self.home = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for Returning {
+    fn drop(&mut self) {
+        if self.body.is_end_stream() {
+            self.go_home();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    };
+
+    use http_body_util::Empty;
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpListener,
+    };
+
+    use super::*;
+
+    /// An upstream on loopback answering "ok" to each request; after `per_conn` answers it
+    /// closes the connection (without saying so, as an idle timeout does). Counts connections.
+    async fn upstream(per_conn: usize) -> (SocketAddr, Arc<AtomicUsize>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut c, _)) = l.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    for _ in 0..per_conn {
+                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                            let mut chunk = [0u8; 1024];
+                            match c.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        buf.clear();
+                        let body = "x".repeat(100_000);
+                        let head =
+                            format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
+                        if c.write_all(head.as_bytes()).await.is_err()
+                            || c.write_all(body.as_bytes()).await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn get() -> Request<Body> {
+        Request::get("/")
+            .header("host", "up")
+            .body(
+                Empty::<Bytes>::new()
+                    .map_err(|never| match never {})
+                    .boxed(),
+            )
+            .unwrap()
+    }
+
+    async fn read_all(r: Response<Body>) -> usize {
+        r.into_body().collect().await.unwrap().to_bytes().len()
+    }
+
+    #[tokio::test]
+    async fn a_response_read_to_the_end_gives_its_connection_back() {
+        let (addr, accepted) = upstream(usize::MAX).await;
+        for _ in 0..3 {
+            let r = send(get(), addr, Direction::Outbound).await.ok().unwrap();
+            assert_eq!(read_all(r).await, 100_000);
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_response_dropped_half_read_takes_its_connection_along() {
+        let (addr, accepted) = upstream(usize::MAX).await;
+        let r = send(get(), addr, Direction::Outbound).await.ok().unwrap();
+        let mut body = r.into_body();
+        body.frame().await.unwrap().unwrap();
+        drop(body);
+        let r = send(get(), addr, Direction::Outbound).await.ok().unwrap();
+        assert_eq!(read_all(r).await, 100_000);
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_pooled_connection_the_upstream_closed_is_replaced_unseen() {
+        let (addr, accepted) = upstream(1).await;
+        for _ in 0..3 {
+            let r = send(get(), addr, Direction::Outbound).await.ok().unwrap();
+            assert_eq!(read_all(r).await, 100_000);
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn concurrent_requests_each_get_a_connection() {
+        let (addr, accepted) = upstream(usize::MAX).await;
+        let (a, b) = tokio::join!(
+            send(get(), addr, Direction::Outbound),
+            send(get(), addr, Direction::Outbound)
+        );
+        let (a, b) = (a.ok().unwrap(), b.ok().unwrap());
+        assert_eq!(read_all(a).await + read_all(b).await, 200_000);
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        // Both went back: two more at once need no new connection.
+        let (a, b) = tokio::join!(
+            send(get(), addr, Direction::Outbound),
+            send(get(), addr, Direction::Outbound)
+        );
+        assert_eq!(
+            read_all(a.ok().unwrap()).await + read_all(b.ok().unwrap()).await,
+            200_000
+        );
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+}
