@@ -67,6 +67,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     control.start().map_err(anyhow::Error::msg)?;
     drop_privileges(args.uid, args.gid)?;
     let shared = control.shared();
+    tokio::spawn(pool::reap_idle());
     let control = Arc::new(Mutex::new(control));
     let started = (config.xds.clone(), config.admin.as_ref().map(|a| a.address));
     if let Some(x) = &config.xds {

@@ -1,7 +1,7 @@
 //! HTTP/1.1 upstream connections kept alive per endpoint and direction. A connection goes
 //! back to the pool when its response has been read to the end, by the response body itself
-//! (no task per request), and is taken again only once its codec says it is ready. Idle ones
-//! are closed after [`IDLE_TIMEOUT`].
+//! (no task per request), and is taken again only once its codec says it is ready for another
+//! request. Idle ones are closed after [`IDLE_TIMEOUT`].
 
 use std::{
     collections::HashMap,
@@ -41,23 +41,18 @@ struct Idle {
 
 static IDLE: LazyLock<Mutex<HashMap<Key, Vec<Idle>>>> = LazyLock::new(Default::default);
 
-/// Close the connections that have idled past the timeout, every tenth of it (started with
-/// the first request).
-fn reap_idle() {
-    static STARTED: std::sync::Once = std::sync::Once::new();
-    STARTED.call_once(|| {
-        tokio::spawn(async {
-            let mut tick = tokio::time::interval(IDLE_TIMEOUT / 10);
-            loop {
-                tick.tick().await;
-                let now = Instant::now();
-                IDLE.lock().expect("pool lock").retain(|_, list| {
-                    list.retain(|i| fresh(i, now));
-                    !list.is_empty()
-                });
-            }
+/// Close the connections that have idled past the timeout, every tenth of it, for as long as
+/// the runtime it is spawned on runs (the proxy's one; started by `main`).
+pub async fn reap_idle() {
+    let mut tick = tokio::time::interval(IDLE_TIMEOUT / 10);
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        IDLE.lock().expect("pool lock").retain(|_, list| {
+            list.retain(|i| fresh(i, now));
+            !list.is_empty()
         });
-    });
+    }
 }
 
 /// Whether an idle connection may still be used.
@@ -65,19 +60,16 @@ fn fresh(i: &Idle, now: Instant) -> bool {
     !i.send.is_closed() && now.duration_since(i.since) < IDLE_TIMEOUT
 }
 
-/// An idle connection to the endpoint that can take a request now, if there is one; the
-/// ones that closed or idled out meanwhile are dropped on the way.
-async fn checkout(key: Key) -> Option<Sender> {
-    loop {
-        let idle = IDLE.lock().expect("pool lock").get_mut(&key)?.pop()?;
-        if !fresh(&idle, Instant::now()) {
-            continue;
-        }
-        let mut send = idle.send;
-        if send.ready().await.is_ok() {
-            return Some(send);
-        }
-    }
+/// The most recently used idle connection to the endpoint that can take a request now, if
+/// any; the ones that closed or idled out are dropped. One not ready yet (its request body
+/// still going out after an early response) stays for later: nothing waits for it.
+fn checkout(key: Key) -> Option<Sender> {
+    let now = Instant::now();
+    let mut idle = IDLE.lock().expect("pool lock");
+    let list = idle.get_mut(&key)?;
+    list.retain(|i| fresh(i, now));
+    let ready = list.iter().rposition(|i| i.send.is_ready())?;
+    Some(list.remove(ready).send)
 }
 
 /// Keep `send` for the endpoint's next request; drop its idle connections that are closed or
@@ -109,9 +101,8 @@ pub async fn send(
     target: SocketAddr,
     direction: Direction,
 ) -> Result<Response<Body>, Failure> {
-    reap_idle();
     let key = (target, direction == Direction::Inbound);
-    let (mut send, reused) = match checkout(key).await {
+    let (mut send, reused) = match checkout(key) {
         Some(s) => (s, true),
         None => (open(target, direction).await?, false),
     };
@@ -279,6 +270,66 @@ mod tests {
             assert_eq!(read_all(r).await, 100_000);
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
+
+    /// An upstream that answers 401 as soon as a request's head is in and then reads (and
+    /// drops) whatever else comes, for ever. Counts connections.
+    async fn early_answers() -> (SocketAddr, Arc<AtomicUsize>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut c, _)) = l.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match c.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let answer = b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n";
+                    if c.write_all(answer).await.is_err() {
+                        return;
+                    }
+                    while matches!(c.read(&mut chunk).await, Ok(n) if n > 0) {}
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    #[tokio::test]
+    async fn a_connection_still_sending_its_request_is_not_waited_for() {
+        let (addr, accepted) = early_answers().await;
+        // An upload whose client stalls after its first piece: the answer comes first.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, hyper::Error>>(1);
+        tx.send(Ok(Frame::data(Bytes::from_static(b"first piece"))))
+            .await
+            .unwrap();
+        let upload =
+            http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        let req = Request::post("/upload")
+            .header("host", "up")
+            .header("content-length", "1000000")
+            .body(upload.boxed())
+            .unwrap();
+        let r = send(req, addr, Direction::Outbound).await.ok().unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(read_all(r).await, 0);
+        // The next request does not queue behind the stalled upload.
+        let next = tokio::time::timeout(
+            Duration::from_secs(5),
+            send(get(), addr, Direction::Outbound),
+        )
+        .await
+        .expect("the next request waited for the stalled upload's connection");
+        assert_eq!(next.ok().unwrap().status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        drop(tx);
     }
 
     #[tokio::test]

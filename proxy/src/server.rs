@@ -655,8 +655,18 @@ fn client_hello(server: &str) -> Vec<u8> {
     rec
 }
 
-/// Connect to `target`, from the inbound passthrough source for inbound traffic.
+/// How long an upstream connection may take to open (Envoy's default `connect_timeout`).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connect to `target`, from the inbound passthrough source for inbound traffic, within
+/// [`CONNECT_TIMEOUT`].
 pub async fn connect(target: SocketAddr, direction: Direction) -> io::Result<TcpStream> {
+    tokio::time::timeout(CONNECT_TIMEOUT, connect_untimed(target, direction))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
+}
+
+async fn connect_untimed(target: SocketAddr, direction: Direction) -> io::Result<TcpStream> {
     let socket = match target {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => TcpSocket::new_v6()?,
@@ -1214,13 +1224,21 @@ async fn pooled(
     direction: Direction,
     authority: &str,
 ) -> Result<Response<Body>, Failure> {
-    if !req.headers().contains_key(HOST) && !authority.is_empty() {
-        if let Ok(v) = HeaderValue::from_str(authority) {
+    // HTTP/1.1 requires Host: the client's authority, else the endpoint's address.
+    if !req.headers().contains_key(HOST) {
+        let host = if authority.is_empty() {
+            HeaderValue::from_str(&target.to_string())
+        } else {
+            HeaderValue::from_str(authority)
+        };
+        if let Ok(v) = host {
             req.headers_mut().insert(HOST, v);
         }
     }
-    // The request line names the path (origin form), as clients write it to a server.
-    if req.uri().scheme().is_some() || req.uri().authority().is_some() {
+    // The request line names the path (origin form), as clients write it to a server; a
+    // CONNECT keeps its authority form.
+    let absolute = req.uri().scheme().is_some() || req.uri().authority().is_some();
+    if absolute && req.method() != hyper::Method::CONNECT {
         let pq = req
             .uri()
             .path_and_query()

@@ -31,9 +31,16 @@ where
     let _ = tokio::io::copy_bidirectional_with_sizes(&mut down, &mut up, 64 << 10, 64 << 10).await;
 }
 
+/// Say why an accept failed (out of file descriptors, say) and give it a moment.
+async fn accept_failed(e: std::io::Error) {
+    eprintln!("hop-forward: accept: {e}");
+    tokio::time::sleep(Duration::from_millis(10)).await;
+}
+
 /// Forward connections on `listen` (and on the Unix socket `unix`) to `upstream` as a proxy
 /// does: one thread running an event loop (tokio's current-thread runtime) over nonblocking
-/// sockets. Prints "ready" once bound.
+/// sockets. epoll reports data that sk_msg redirected to a socket as readable (tcp_bpf's
+/// `sock_is_readable`, Linux 5.16 and later). Prints "ready" once bound.
 pub fn forward(listen: SocketAddr, unix: Option<PathBuf>, upstream: SocketAddr) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -48,19 +55,24 @@ pub fn forward(listen: SocketAddr, unix: Option<PathBuf>, upstream: SocketAddr) 
                 .with_context(|| format!("binding {}", path.display()))?;
             std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o666))?;
             tokio::spawn(async move {
-                while let Ok((c, _)) = l.accept().await {
-                    tokio::spawn(relay(c, upstream));
+                loop {
+                    match l.accept().await {
+                        Ok((c, _)) => drop(tokio::spawn(relay(c, upstream))),
+                        Err(e) => accept_failed(e).await,
+                    }
                 }
             });
         }
         println!("ready");
         std::io::stdout().flush()?;
         loop {
-            let Ok((c, _)) = tcp.accept().await else {
-                continue;
-            };
-            let _ = c.set_nodelay(true);
-            tokio::spawn(relay(c, upstream));
+            match tcp.accept().await {
+                Ok((c, _)) => {
+                    let _ = c.set_nodelay(true);
+                    tokio::spawn(relay(c, upstream));
+                }
+                Err(e) => accept_failed(e).await,
+            }
         }
     })
 }
