@@ -1,7 +1,11 @@
-//! HTTP/1.1 upstream connections kept alive per endpoint and direction. A connection goes
-//! back to the pool when its response has been read to the end, by the response body itself
-//! (no task per request), and is taken again only once its codec says it is ready for another
-//! request. Idle ones are closed after [`IDLE_TIMEOUT`].
+//! Upstream connections, per endpoint and direction.
+//!
+//! HTTP/1.1 ones are kept alive: a connection goes back to the pool when its response has been
+//! read to the end, by the response body itself (no task per request), and is taken again only
+//! once its codec says it is ready for another request. Idle ones are closed after
+//! [`IDLE_TIMEOUT`].
+//!
+//! HTTP/2 ones are shared: one connection per endpoint carries every request as a stream.
 
 use std::{
     collections::HashMap,
@@ -19,7 +23,7 @@ use hyper::{
     client::conn::http1::SendRequest,
     Request, Response, StatusCode,
 };
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use crate::{
     config::Direction,
@@ -41,18 +45,27 @@ struct Idle {
 
 static IDLE: LazyLock<Mutex<HashMap<Key, Vec<Idle>>>> = LazyLock::new(Default::default);
 
-/// Close the connections that have idled past the timeout, every tenth of it, for as long as
-/// the runtime it is spawned on runs (the proxy's one; started by `main`).
+/// Every tenth of the idle timeout, close the HTTP/1.1 connections that have idled past it
+/// and forget the HTTP/2 slots whose connection has closed (endpoints come and go), for as
+/// long as the runtime it is spawned on runs (the proxy's one; started by `main`).
 pub async fn reap_idle() {
     let mut tick = tokio::time::interval(IDLE_TIMEOUT / 10);
     loop {
         tick.tick().await;
-        let now = Instant::now();
-        IDLE.lock().expect("pool lock").retain(|_, list| {
-            list.retain(|i| fresh(i, now));
-            !list.is_empty()
-        });
+        reap(Instant::now());
     }
+}
+
+fn reap(now: Instant) {
+    IDLE.lock().expect("pool lock").retain(|_, list| {
+        list.retain(|i| fresh(i, now));
+        !list.is_empty()
+    });
+    // A slot being opened (locked) stays.
+    H2_POOL.lock().expect("h2 pool lock").retain(|_, slot| {
+        slot.try_lock()
+            .map_or(true, |s| s.as_ref().is_some_and(|send| !send.is_closed()))
+    });
 }
 
 /// Whether an idle connection may still be used.
@@ -121,6 +134,43 @@ pub async fn send(
     // An upgraded connection is the client's now.
     let home = (resp.status() != StatusCode::SWITCHING_PROTOCOLS).then_some((key, send));
     Ok(resp.map(|body| Returning { body, home }.boxed()))
+}
+
+pub type H2 = hyper::client::conn::http2::SendRequest<Body>;
+
+/// One endpoint's HTTP/2 connection (none yet, or closed), behind an async lock that is held
+/// while it is opened.
+type H2Slot = std::sync::Arc<tokio::sync::Mutex<Option<H2>>>;
+
+/// HTTP/2 upstream connections, one per endpoint and direction, shared by all requests
+/// (streams multiplexed); a closed one is replaced on next use.
+static H2_POOL: LazyLock<Mutex<HashMap<Key, H2Slot>>> = LazyLock::new(Default::default);
+
+/// The pooled HTTP/2 (h2c, prior knowledge) connection to `target`, opened if needed.
+/// Requests that arrive while it is being opened wait for it rather than open their own; if
+/// opening fails, the next of them tries in turn.
+pub async fn h2_connection(target: SocketAddr, direction: Direction) -> Result<H2, Failure> {
+    let key = (target, direction == Direction::Inbound);
+    let slot = H2_POOL
+        .lock()
+        .expect("h2 pool lock")
+        .entry(key)
+        .or_default()
+        .clone();
+    let mut slot = slot.lock().await;
+    if let Some(send) = slot.as_ref().filter(|s| !s.is_closed()) {
+        return Ok(send.clone());
+    }
+    let stream = connect(target, direction)
+        .await
+        .map_err(|e| Failure::Connect(e.to_string()))?;
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .map_err(|e| Failure::Reset(e.to_string()))?;
+    tokio::spawn(conn);
+    *slot = Some(send.clone());
+    Ok(send)
 }
 
 /// A response body that puts its connection back in the pool once it has been read to the
@@ -330,6 +380,43 @@ mod tests {
         assert_eq!(next.ok().unwrap().status(), StatusCode::UNAUTHORIZED);
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
         drop(tx);
+    }
+
+    #[tokio::test]
+    async fn closed_connections_are_forgotten() {
+        // An HTTP/2 upstream that takes the preface and closes; an HTTP/1.1 one that answers.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let h2 = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut c, _)) = l.accept().await {
+                let mut preface = [0u8; 24];
+                let _ = c.read_exact(&mut preface).await;
+            }
+        });
+        let (h1, _) = upstream(usize::MAX).await;
+        let r = send(get(), h1, Direction::Outbound).await.ok().unwrap();
+        read_all(r).await;
+        let send = h2_connection(h2, Direction::Outbound).await.ok().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !send.is_closed() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(send.is_closed());
+        let has = || {
+            (
+                IDLE.lock().unwrap().contains_key(&(h1, false)),
+                H2_POOL.lock().unwrap().contains_key(&(h2, false)),
+            )
+        };
+        assert_eq!(has(), (true, true));
+        // The HTTP/1.1 one is still fresh, and stops being so at the idle timeout (reaping
+        // then would close other tests' connections too).
+        reap(Instant::now());
+        assert_eq!(has(), (true, false));
+        let idle = IDLE.lock().unwrap();
+        let i = &idle[&(h1, false)][0];
+        assert!(fresh(i, Instant::now()));
+        assert!(!fresh(i, i.since + IDLE_TIMEOUT));
     }
 
     #[tokio::test]

@@ -1203,7 +1203,7 @@ async fn attempt(
         if !http2 {
             return pooled(req, target, direction, authority).await;
         }
-        let send = h2_connection(target, direction).await?;
+        let send = crate::pool::h2_connection(target, direction).await?;
         forward_h2(req, send, authority)
             .await
             .map_err(Failure::Reset)
@@ -1264,49 +1264,11 @@ async fn pooled(
     Ok(resp.map(|b| b.boxed()))
 }
 
-type H2 = hyper::client::conn::http2::SendRequest<Body>;
-
-/// One endpoint's HTTP/2 connection (none yet, or closed), behind an async lock that is held
-/// while it is opened.
-type H2Slot = std::sync::Arc<tokio::sync::Mutex<Option<H2>>>;
-
-/// HTTP/2 upstream connections, one per endpoint and direction, shared by all requests
-/// (streams multiplexed); a closed one is replaced on next use.
-static H2_POOL: std::sync::LazyLock<std::sync::Mutex<HashMap<(SocketAddr, bool), H2Slot>>> =
-    std::sync::LazyLock::new(Default::default);
-
-/// The pooled HTTP/2 (h2c, prior knowledge) connection to `target`, opened if needed.
-/// Requests that arrive while it is being opened wait for it rather than open their own; if
-/// opening fails, the next of them tries in turn.
-async fn h2_connection(target: SocketAddr, direction: Direction) -> Result<H2, Failure> {
-    let key = (target, direction == Direction::Inbound);
-    let slot = H2_POOL
-        .lock()
-        .expect("h2 pool lock")
-        .entry(key)
-        .or_default()
-        .clone();
-    let mut slot = slot.lock().await;
-    if let Some(send) = slot.as_ref().filter(|s| !s.is_closed()) {
-        return Ok(send.clone());
-    }
-    let stream = connect(target, direction)
-        .await
-        .map_err(|e| Failure::Connect(e.to_string()))?;
-    let (send, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .map_err(|e| Failure::Reset(e.to_string()))?;
-    tokio::spawn(conn);
-    *slot = Some(send.clone());
-    Ok(send)
-}
-
 /// Send `req` over an HTTP/2 connection; the response's body streams. The client's
 /// authority becomes `:authority`.
 async fn forward_h2(
     mut req: Request<Body>,
-    mut send: H2,
+    mut send: crate::pool::H2,
     authority: &str,
 ) -> Result<Response<Body>, String> {
     let pq = req
