@@ -272,6 +272,9 @@ pub struct Cluster {
     /// `min_retry_concurrency` (Envoy's retry budget).
     #[serde(default)]
     pub retry_budget: RetryBudget,
+    /// How long a connection to an endpoint may take to open (Envoy's default: 5 s).
+    #[serde(default = "five_thousand")]
+    pub connect_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -297,6 +300,10 @@ fn thousand() -> u64 {
 
 fn five_hundred() -> u64 {
     500
+}
+
+fn five_thousand() -> u64 {
+    5000
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -440,6 +447,10 @@ pub enum ConfigError {
 }
 
 impl Cluster {
+    pub fn connect_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.connect_timeout_ms)
+    }
+
     pub fn policy(&self) -> Policy {
         match self.lb_policy {
             LbPolicy::RoundRobin => Policy::RoundRobin,
@@ -511,6 +522,12 @@ impl Config {
                 return Err((
                     format!("{f}.endpoints"),
                     "a cluster needs an endpoint".into(),
+                ));
+            }
+            if c.connect_timeout_ms == 0 {
+                return Err((
+                    format!("{f}.connect_timeout_ms"),
+                    "must be 1 or more (5000 when left out)".into(),
                 ));
             }
             for (j, e) in c.endpoints.iter().enumerate() {
@@ -689,6 +706,19 @@ clusters:
         let c = Config::parse("t.yaml", GOOD).unwrap();
         assert_eq!(c.virtual_hosts[0].routes.len(), 2);
         assert_eq!(c.clusters[1].lb_policy, LbPolicy::Maglev);
+        assert_eq!(c.clusters[0].connect_timeout_ms, 5000);
+        let c = Config::parse(
+            "t.yaml",
+            &GOOD.replace(
+                "  - name: v1\n",
+                "  - name: v1\n    connect_timeout_ms: 250\n",
+            ),
+        )
+        .unwrap();
+        assert_eq!(
+            c.clusters[0].connect_timeout(),
+            std::time::Duration::from_millis(250)
+        );
     }
 
     #[test]
@@ -718,6 +748,16 @@ clusters:
         .unwrap_err()
         .to_string();
         assert!(e.contains("clusters[1].hash_policy"), "{e}");
+        let e = Config::parse(
+            "t.yaml",
+            &GOOD.replace(
+                "  - name: v1\n",
+                "  - name: v1\n    connect_timeout_ms: 0\n",
+            ),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("clusters[0].connect_timeout_ms"), "{e}");
         let e = Config::parse(
             "t.yaml",
             &GOOD.replace("direction: outbound", "direction: sideways"),

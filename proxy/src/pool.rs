@@ -27,7 +27,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use crate::{
     config::Direction,
-    server::{connect, Body, Failure},
+    server::{connect, Body, Failure, Upstream},
 };
 
 /// How long an unused connection stays open.
@@ -96,8 +96,8 @@ fn checkin(key: Key, send: Sender) {
 }
 
 /// A new connection to the endpoint.
-async fn open(target: SocketAddr, direction: Direction) -> Result<Sender, Failure> {
-    let stream = connect(target, direction)
+async fn open(to: Upstream) -> Result<Sender, Failure> {
+    let stream = connect(to.addr, to.direction, to.connect_timeout)
         .await
         .map_err(|e| Failure::Connect(e.to_string()))?;
     let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
@@ -109,21 +109,17 @@ async fn open(target: SocketAddr, direction: Direction) -> Result<Sender, Failur
 
 /// Send `req` (origin-form URI) to `target` over a pooled connection, or a new one. A request
 /// that a pooled connection closed on before sending any of it goes again on a new one.
-pub async fn send(
-    req: Request<Body>,
-    target: SocketAddr,
-    direction: Direction,
-) -> Result<Response<Body>, Failure> {
-    let key = (target, direction == Direction::Inbound);
+pub async fn send(req: Request<Body>, to: Upstream) -> Result<Response<Body>, Failure> {
+    let key = (to.addr, to.direction == Direction::Inbound);
     let (mut send, reused) = match checkout(key) {
         Some(s) => (s, true),
-        None => (open(target, direction).await?, false),
+        None => (open(to).await?, false),
     };
     let resp = match send.try_send_request(req).await {
         Ok(r) => r,
         Err(mut e) => match e.take_message() {
             Some(req) if reused => {
-                send = open(target, direction).await?;
+                send = open(to).await?;
                 send.send_request(req)
                     .await
                     .map_err(|e| Failure::Reset(e.to_string()))?
@@ -149,8 +145,8 @@ static H2_POOL: LazyLock<Mutex<HashMap<Key, H2Slot>>> = LazyLock::new(Default::d
 /// The pooled HTTP/2 (h2c, prior knowledge) connection to `target`, opened if needed.
 /// Requests that arrive while it is being opened wait for it rather than open their own; if
 /// opening fails, the next of them tries in turn.
-pub async fn h2_connection(target: SocketAddr, direction: Direction) -> Result<H2, Failure> {
-    let key = (target, direction == Direction::Inbound);
+pub async fn h2_connection(to: Upstream) -> Result<H2, Failure> {
+    let key = (to.addr, to.direction == Direction::Inbound);
     let slot = H2_POOL
         .lock()
         .expect("h2 pool lock")
@@ -161,7 +157,7 @@ pub async fn h2_connection(target: SocketAddr, direction: Direction) -> Result<H
     if let Some(send) = slot.as_ref().filter(|s| !s.is_closed()) {
         return Ok(send.clone());
     }
-    let stream = connect(target, direction)
+    let stream = connect(to.addr, to.direction, to.connect_timeout)
         .await
         .map_err(|e| Failure::Connect(e.to_string()))?;
     let (send, conn) =
@@ -275,6 +271,16 @@ mod tests {
         (addr, accepted)
     }
 
+    /// Outbound to `addr`, HTTP/1.1, with the default connect timeout.
+    fn to(addr: SocketAddr) -> Upstream {
+        Upstream {
+            addr,
+            direction: Direction::Outbound,
+            http2: false,
+            connect_timeout: crate::server::CONNECT_TIMEOUT,
+        }
+    }
+
     fn get() -> Request<Body> {
         Request::get("/")
             .header("host", "up")
@@ -294,7 +300,7 @@ mod tests {
     async fn a_response_read_to_the_end_gives_its_connection_back() {
         let (addr, accepted) = upstream(usize::MAX).await;
         for _ in 0..3 {
-            let r = send(get(), addr, Direction::Outbound).await.ok().unwrap();
+            let r = send(get(), to(addr)).await.ok().unwrap();
             assert_eq!(read_all(r).await, 100_000);
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
@@ -303,11 +309,11 @@ mod tests {
     #[tokio::test]
     async fn a_response_dropped_half_read_takes_its_connection_along() {
         let (addr, accepted) = upstream(usize::MAX).await;
-        let r = send(get(), addr, Direction::Outbound).await.ok().unwrap();
+        let r = send(get(), to(addr)).await.ok().unwrap();
         let mut body = r.into_body();
         body.frame().await.unwrap().unwrap();
         drop(body);
-        let r = send(get(), addr, Direction::Outbound).await.ok().unwrap();
+        let r = send(get(), to(addr)).await.ok().unwrap();
         assert_eq!(read_all(r).await, 100_000);
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
@@ -316,7 +322,7 @@ mod tests {
     async fn a_pooled_connection_the_upstream_closed_is_replaced_unseen() {
         let (addr, accepted) = upstream(1).await;
         for _ in 0..3 {
-            let r = send(get(), addr, Direction::Outbound).await.ok().unwrap();
+            let r = send(get(), to(addr)).await.ok().unwrap();
             assert_eq!(read_all(r).await, 100_000);
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 3);
@@ -367,16 +373,13 @@ mod tests {
             .header("content-length", "1000000")
             .body(upload.boxed())
             .unwrap();
-        let r = send(req, addr, Direction::Outbound).await.ok().unwrap();
+        let r = send(req, to(addr)).await.ok().unwrap();
         assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
         assert_eq!(read_all(r).await, 0);
         // The next request does not queue behind the stalled upload.
-        let next = tokio::time::timeout(
-            Duration::from_secs(5),
-            send(get(), addr, Direction::Outbound),
-        )
-        .await
-        .expect("the next request waited for the stalled upload's connection");
+        let next = tokio::time::timeout(Duration::from_secs(5), send(get(), to(addr)))
+            .await
+            .expect("the next request waited for the stalled upload's connection");
         assert_eq!(next.ok().unwrap().status(), StatusCode::UNAUTHORIZED);
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
         drop(tx);
@@ -394,9 +397,9 @@ mod tests {
             }
         });
         let (h1, _) = upstream(usize::MAX).await;
-        let r = send(get(), h1, Direction::Outbound).await.ok().unwrap();
+        let r = send(get(), to(h1)).await.ok().unwrap();
         read_all(r).await;
-        let send = h2_connection(h2, Direction::Outbound).await.ok().unwrap();
+        let send = h2_connection(to(h2)).await.ok().unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
         while !send.is_closed() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -422,18 +425,12 @@ mod tests {
     #[tokio::test]
     async fn concurrent_requests_each_get_a_connection() {
         let (addr, accepted) = upstream(usize::MAX).await;
-        let (a, b) = tokio::join!(
-            send(get(), addr, Direction::Outbound),
-            send(get(), addr, Direction::Outbound)
-        );
+        let (a, b) = tokio::join!(send(get(), to(addr)), send(get(), to(addr)));
         let (a, b) = (a.ok().unwrap(), b.ok().unwrap());
         assert_eq!(read_all(a).await + read_all(b).await, 200_000);
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
         // Both went back: two more at once need no new connection.
-        let (a, b) = tokio::join!(
-            send(get(), addr, Direction::Outbound),
-            send(get(), addr, Direction::Outbound)
-        );
+        let (a, b) = tokio::join!(send(get(), to(addr)), send(get(), to(addr)));
         assert_eq!(
             read_all(a.ok().unwrap()).await + read_all(b.ok().unwrap()).await,
             200_000

@@ -555,7 +555,8 @@ async fn connection(
                                 cl.connections
                                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                                 let _open = Gauge(&cl.connections);
-                                return relay(stream, p.addr, direction).await;
+                                let timeout = cl.config.connect_timeout();
+                                return relay(stream, p.addr, direction, timeout).await;
                             }
                             None => return Ok(()),
                         }
@@ -563,7 +564,7 @@ async fn connection(
                     None => orig.0,
                 },
             };
-            relay(stream, target, direction).await
+            relay(stream, target, direction, CONNECT_TIMEOUT).await
         }
     }
 }
@@ -655,13 +656,18 @@ fn client_hello(server: &str) -> Vec<u8> {
     rec
 }
 
-/// How long an upstream connection may take to open (Envoy's default `connect_timeout`).
+/// How long a connection to an original destination may take to open (Envoy's default
+/// `connect_timeout`; a cluster's endpoints have the cluster's).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Connect to `target`, from the inbound passthrough source for inbound traffic, within
-/// [`CONNECT_TIMEOUT`].
-pub async fn connect(target: SocketAddr, direction: Direction) -> io::Result<TcpStream> {
-    tokio::time::timeout(CONNECT_TIMEOUT, connect_untimed(target, direction))
+/// `timeout`.
+pub async fn connect(
+    target: SocketAddr,
+    direction: Direction,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    tokio::time::timeout(timeout, connect_untimed(target, direction))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
 }
@@ -683,8 +689,13 @@ async fn connect_untimed(target: SocketAddr, direction: Direction) -> io::Result
 }
 
 /// Relay bytes both ways, passing each half-close on.
-async fn relay(mut down: TcpStream, target: SocketAddr, direction: Direction) -> io::Result<()> {
-    let mut up = connect(target, direction).await?;
+async fn relay(
+    mut down: TcpStream,
+    target: SocketAddr,
+    direction: Direction,
+    connect_timeout: Duration,
+) -> io::Result<()> {
+    let mut up = connect(target, direction, connect_timeout).await?;
     tokio::io::copy_bidirectional(&mut down, &mut up).await?;
     Ok(())
 }
@@ -933,7 +944,13 @@ async fn request(
         // Inbound, or no route: the original destination (Istio's PassthroughCluster).
         trace.upstream = Some(orig.0);
         let req = req.map(|b| b.boxed());
-        return match attempt(req, orig.0, direction, downstream_h2, &authority, None).await {
+        let passthrough = Upstream {
+            addr: orig.0,
+            direction,
+            http2: downstream_h2,
+            connect_timeout: CONNECT_TIMEOUT,
+        };
+        return match attempt(req, passthrough, &authority, None).await {
             Ok(r) => r,
             Err(f) => failure_response(f),
         };
@@ -1041,7 +1058,13 @@ async fn request(
                 this.extensions_mut().insert(u);
             }
             trace.upstream = Some(pick.addr);
-            let outcome = attempt(this, pick.addr, direction, http2, &authority, per_try).await;
+            let to = Upstream {
+                addr: pick.addr,
+                direction,
+                http2,
+                connect_timeout: cl.config.connect_timeout(),
+            };
+            let outcome = attempt(this, to, &authority, per_try).await;
             let code = match &outcome {
                 Ok(r) => stats::class(r.status().as_u16()),
                 Err(_) => "5xx",
@@ -1172,12 +1195,17 @@ fn mirror(
         head.headers.insert(HOST, v);
     }
     let http2 = cl.config.http2 || head.version == hyper::Version::HTTP_2;
+    let connect_timeout = cl.config.connect_timeout();
     tokio::spawn(async move {
+        let to = Upstream {
+            addr: pick.addr,
+            direction: Direction::Outbound,
+            http2,
+            connect_timeout,
+        };
         let r = attempt(
             head.request(boxed_bytes(body)),
-            pick.addr,
-            Direction::Outbound,
-            http2,
+            to,
             &host,
             Some(Duration::from_secs(15)),
         )
@@ -1190,20 +1218,28 @@ fn mirror(
     });
 }
 
+/// Where an attempt goes, and how.
+#[derive(Clone, Copy)]
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub direction: Direction,
+    /// HTTP/2 (h2c), else HTTP/1.1.
+    pub http2: bool,
+    pub connect_timeout: Duration,
+}
+
 /// One attempt: connect, send, wait for the response head.
 async fn attempt(
     req: Request<Body>,
-    target: SocketAddr,
-    direction: Direction,
-    http2: bool,
+    to: Upstream,
     authority: &str,
     limit: Option<Duration>,
 ) -> Result<Response<Body>, Failure> {
     let go = async {
-        if !http2 {
-            return pooled(req, target, direction, authority).await;
+        if !to.http2 {
+            return pooled(req, to, authority).await;
         }
-        let send = crate::pool::h2_connection(target, direction).await?;
+        let send = crate::pool::h2_connection(to).await?;
         forward_h2(req, send, authority)
             .await
             .map_err(Failure::Reset)
@@ -1220,14 +1256,13 @@ async fn attempt(
 /// client's authority. Upgrades (WebSocket) are relayed once both sides switch.
 async fn pooled(
     mut req: Request<Body>,
-    target: SocketAddr,
-    direction: Direction,
+    to: Upstream,
     authority: &str,
 ) -> Result<Response<Body>, Failure> {
     // HTTP/1.1 requires Host: the client's authority, else the endpoint's address.
     if !req.headers().contains_key(HOST) {
         let host = if authority.is_empty() {
-            HeaderValue::from_str(&target.to_string())
+            HeaderValue::from_str(&to.addr.to_string())
         } else {
             HeaderValue::from_str(authority)
         };
@@ -1248,7 +1283,7 @@ async fn pooled(
     }
     *req.version_mut() = hyper::Version::HTTP_11;
     let down = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>();
-    let mut resp = crate::pool::send(req, target, direction).await?;
+    let mut resp = crate::pool::send(req, to).await?;
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(down) = down {
             let up = hyper::upgrade::on(&mut resp);

@@ -876,6 +876,7 @@ fn cluster(c: &cds::Cluster, r: &Resources, hash: Option<&HashPolicy>) -> Result
         health_check,
         circuit_breakers,
         retry_budget,
+        connect_timeout_ms: ms(&c.connect_timeout).filter(|t| *t > 0).unwrap_or(5000),
     })
 }
 
@@ -1133,6 +1134,26 @@ mod tests {
         let wanted = r.wanted(Kind::Endpoint);
         r.take(Kind::Endpoint, &[], &wanted).unwrap();
         assert!(r.endpoints.is_empty());
+    }
+
+    #[test]
+    fn a_clusters_connect_timeout_is_kept_and_defaults_to_envoys() {
+        let mut r = Resources::default();
+        let mut istio = eds_cluster("istio", cds::cluster::LbPolicy::RoundRobin);
+        istio.connect_timeout = Some(envoy_types::pb::google::protobuf::Duration {
+            seconds: 10,
+            nanos: 0,
+        });
+        let plain = eds_cluster("plain", cds::cluster::LbPolicy::RoundRobin);
+        r.take(Kind::Cluster, &[any(&istio), any(&plain)], &BTreeSet::new())
+            .unwrap();
+        let m = merge(&base(), &r).unwrap();
+        let timeout = |name: &str| {
+            let c = m.clusters.iter().find(|c| c.name == name).unwrap();
+            c.connect_timeout()
+        };
+        assert_eq!(timeout("istio"), std::time::Duration::from_secs(10));
+        assert_eq!(timeout("plain"), std::time::Duration::from_secs(5));
     }
 
     #[test]
