@@ -273,7 +273,7 @@ pub struct Cluster {
     #[serde(default)]
     pub retry_budget: RetryBudget,
     /// How long a connection to an endpoint may take to open (Envoy's default: 5 s).
-    #[serde(default = "five_thousand")]
+    #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
 }
 
@@ -302,8 +302,11 @@ fn five_hundred() -> u64 {
     500
 }
 
-fn five_thousand() -> u64 {
-    5000
+/// Envoy's default `connect_timeout`, for clusters that set none and original destinations.
+pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5000;
+
+fn default_connect_timeout_ms() -> u64 {
+    DEFAULT_CONNECT_TIMEOUT_MS
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

@@ -95,12 +95,22 @@ fn checkin(key: Key, send: Sender) {
     list.push(Idle { send, since: now });
 }
 
-/// A new connection to the endpoint.
-async fn open(to: Upstream) -> Result<Sender, Failure> {
-    let stream = connect(to.addr, to.direction, to.connect_timeout)
+/// The pools' key for `to`: its endpoint, and whether the connection is inbound.
+fn key(to: &Upstream) -> Key {
+    (to.addr, to.direction == Direction::Inbound)
+}
+
+/// A new TCP connection to the endpoint, for either protocol.
+async fn dial(to: &Upstream) -> Result<TokioIo<tokio::net::TcpStream>, Failure> {
+    connect(to.addr, to.direction, to.connect_timeout)
         .await
-        .map_err(|e| Failure::Connect(e.to_string()))?;
-    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .map(TokioIo::new)
+        .map_err(|e| Failure::Connect(e.to_string()))
+}
+
+/// A new HTTP/1.1 connection to the endpoint.
+async fn open(to: Upstream) -> Result<Sender, Failure> {
+    let (send, conn) = hyper::client::conn::http1::handshake(dial(&to).await?)
         .await
         .map_err(|e| Failure::Connect(e.to_string()))?;
     tokio::spawn(conn.with_upgrades());
@@ -110,7 +120,7 @@ async fn open(to: Upstream) -> Result<Sender, Failure> {
 /// Send `req` (origin-form URI) to `target` over a pooled connection, or a new one. A request
 /// that a pooled connection closed on before sending any of it goes again on a new one.
 pub async fn send(req: Request<Body>, to: Upstream) -> Result<Response<Body>, Failure> {
-    let key = (to.addr, to.direction == Direction::Inbound);
+    let key = key(&to);
     let (mut send, reused) = match checkout(key) {
         Some(s) => (s, true),
         None => (open(to).await?, false),
@@ -146,22 +156,18 @@ static H2_POOL: LazyLock<Mutex<HashMap<Key, H2Slot>>> = LazyLock::new(Default::d
 /// Requests that arrive while it is being opened wait for it rather than open their own; if
 /// opening fails, the next of them tries in turn.
 pub async fn h2_connection(to: Upstream) -> Result<H2, Failure> {
-    let key = (to.addr, to.direction == Direction::Inbound);
     let slot = H2_POOL
         .lock()
         .expect("h2 pool lock")
-        .entry(key)
+        .entry(key(&to))
         .or_default()
         .clone();
     let mut slot = slot.lock().await;
     if let Some(send) = slot.as_ref().filter(|s| !s.is_closed()) {
         return Ok(send.clone());
     }
-    let stream = connect(to.addr, to.direction, to.connect_timeout)
-        .await
-        .map_err(|e| Failure::Connect(e.to_string()))?;
     let (send, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), dial(&to).await?)
             .await
             .map_err(|e| Failure::Reset(e.to_string()))?;
     tokio::spawn(conn);
@@ -238,37 +244,55 @@ mod tests {
     /// An upstream on loopback answering "ok" to each request; after `per_conn` answers it
     /// closes the connection (without saying so, as an idle timeout does). Counts connections.
     async fn upstream(per_conn: usize) -> (SocketAddr, Arc<AtomicUsize>) {
+        counting(move |mut c| async move {
+            for _ in 0..per_conn {
+                if !read_head(&mut c).await {
+                    return;
+                }
+                let body = "x".repeat(100_000);
+                let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
+                if c.write_all(head.as_bytes()).await.is_err()
+                    || c.write_all(body.as_bytes()).await.is_err()
+                {
+                    return;
+                }
+            }
+        })
+        .await
+    }
+
+    /// An upstream on loopback that runs `serve` on each connection it accepts, and counts
+    /// them.
+    async fn counting<F, Fut>(serve: F) -> (SocketAddr, Arc<AtomicUsize>)
+    where
+        F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let count = accepted.clone();
         tokio::spawn(async move {
-            while let Ok((mut c, _)) = l.accept().await {
+            while let Ok((c, _)) = l.accept().await {
                 count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    for _ in 0..per_conn {
-                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                            let mut chunk = [0u8; 1024];
-                            match c.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                            }
-                        }
-                        buf.clear();
-                        let body = "x".repeat(100_000);
-                        let head =
-                            format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
-                        if c.write_all(head.as_bytes()).await.is_err()
-                            || c.write_all(body.as_bytes()).await.is_err()
-                        {
-                            return;
-                        }
-                    }
-                });
+                tokio::spawn(serve(c));
             }
         });
         (addr, accepted)
+    }
+
+    /// Read up to the end of a request's head (the requests here have no body); false when
+    /// the connection ended first.
+    async fn read_head(c: &mut tokio::net::TcpStream) -> bool {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            match c.read(&mut byte).await {
+                Ok(1) => head.push(byte[0]),
+                _ => return false,
+            }
+        }
+        true
     }
 
     /// Outbound to `addr`, HTTP/1.1, with the default connect timeout.
@@ -331,31 +355,18 @@ mod tests {
     /// An upstream that answers 401 as soon as a request's head is in and then reads (and
     /// drops) whatever else comes, for ever. Counts connections.
     async fn early_answers() -> (SocketAddr, Arc<AtomicUsize>) {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
-        tokio::spawn(async move {
-            while let Ok((mut c, _)) = l.accept().await {
-                count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    let mut chunk = [0u8; 1024];
-                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match c.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                    let answer = b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n";
-                    if c.write_all(answer).await.is_err() {
-                        return;
-                    }
-                    while matches!(c.read(&mut chunk).await, Ok(n) if n > 0) {}
-                });
+        counting(|mut c| async move {
+            if !read_head(&mut c).await {
+                return;
             }
-        });
-        (addr, accepted)
+            let answer = b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n";
+            if c.write_all(answer).await.is_err() {
+                return;
+            }
+            let mut chunk = [0u8; 1024];
+            while matches!(c.read(&mut chunk).await, Ok(n) if n > 0) {}
+        })
+        .await
     }
 
     #[tokio::test]
@@ -388,14 +399,11 @@ mod tests {
     #[tokio::test]
     async fn closed_connections_are_forgotten() {
         // An HTTP/2 upstream that takes the preface and closes; an HTTP/1.1 one that answers.
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let h2 = l.local_addr().unwrap();
-        tokio::spawn(async move {
-            while let Ok((mut c, _)) = l.accept().await {
-                let mut preface = [0u8; 24];
-                let _ = c.read_exact(&mut preface).await;
-            }
-        });
+        let (h2, _) = counting(|mut c| async move {
+            let mut preface = [0u8; 24];
+            let _ = c.read_exact(&mut preface).await;
+        })
+        .await;
         let (h1, _) = upstream(usize::MAX).await;
         let r = send(get(), to(h1)).await.ok().unwrap();
         read_all(r).await;

@@ -658,7 +658,8 @@ fn client_hello(server: &str) -> Vec<u8> {
 
 /// How long a connection to an original destination may take to open (Envoy's default
 /// `connect_timeout`; a cluster's endpoints have the cluster's).
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const CONNECT_TIMEOUT: Duration =
+    Duration::from_millis(crate::config::DEFAULT_CONNECT_TIMEOUT_MS);
 
 /// Connect to `target`, from the inbound passthrough source for inbound traffic, within
 /// `timeout`.

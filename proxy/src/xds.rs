@@ -876,7 +876,9 @@ fn cluster(c: &cds::Cluster, r: &Resources, hash: Option<&HashPolicy>) -> Result
         health_check,
         circuit_breakers,
         retry_budget,
-        connect_timeout_ms: ms(&c.connect_timeout).filter(|t| *t > 0).unwrap_or(5000),
+        connect_timeout_ms: ms(&c.connect_timeout)
+            .filter(|t| *t > 0)
+            .unwrap_or(crate::config::DEFAULT_CONNECT_TIMEOUT_MS),
     })
 }
 
