@@ -210,16 +210,13 @@ fn serve_one(conn: TcpStream, log: &std::path::Path) -> Result<()> {
                 l_onoff: 1,
                 l_linger: 0,
             };
-            // SAFETY: setsockopt with a plain struct on an open socket.
-            unsafe {
-                libc::setsockopt(
-                    w.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_LINGER,
-                    (&l as *const libc::linger).cast(),
-                    std::mem::size_of::<libc::linger>() as u32,
-                );
-            }
+            crate::kit::set_opt(
+                w.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                &l,
+                "SO_LINGER",
+            )?;
             drop(r);
             drop(conn);
         }

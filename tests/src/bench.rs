@@ -293,45 +293,40 @@ fn new_netns() -> Result<std::os::fd::OwnedFd> {
     .map_err(|_| anyhow::anyhow!("netns thread panicked"))?
 }
 
-/// Register `fds`' namespaces with the agent one after the other (as init containers do, each
-/// its own connection); seconds taken.
-fn register_all(
-    rt: &tokio::runtime::Runtime,
-    lab: &Lab,
-    fds: &[std::os::fd::OwnedFd],
-) -> Result<f64> {
-    use std::os::fd::AsRawFd;
-    let t = std::time::Instant::now();
-    rt.block_on(async {
-        for fd in fds {
-            let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
-            let mut c = crate::api::pod_client(&lab.socket, std::path::Path::new(&path)).await?;
-            c.register(crate::api::pb::RegisterRequest {
-                settings: Some(crate::api::default_settings()),
-            })
-            .await
-            .context("registering a pod")?;
-        }
-        anyhow::Ok(())
-    })?;
-    Ok(t.elapsed().as_secs_f64())
+/// What the pod-scale section asks of the agent for each namespace.
+#[derive(Clone, Copy)]
+enum PodCall {
+    Register,
+    Unregister,
 }
 
-/// Unregister `fds`' namespaces the same way; seconds taken.
-fn unregister_all(
+/// Make `call` for `fds`' namespaces one after the other (as init containers do, each its own
+/// connection); seconds taken.
+fn call_each(
     rt: &tokio::runtime::Runtime,
     lab: &Lab,
     fds: &[std::os::fd::OwnedFd],
+    call: PodCall,
 ) -> Result<f64> {
+    use crate::api::pb;
     use std::os::fd::AsRawFd;
     let t = std::time::Instant::now();
     rt.block_on(async {
         for fd in fds {
             let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
             let mut c = crate::api::pod_client(&lab.socket, std::path::Path::new(&path)).await?;
-            c.unregister(crate::api::pb::UnregisterRequest {})
-                .await
-                .context("unregistering a pod")?;
+            match call {
+                PodCall::Register => c
+                    .register(pb::RegisterRequest {
+                        settings: Some(crate::api::default_settings()),
+                    })
+                    .await
+                    .context("registering a pod")?,
+                PodCall::Unregister => c
+                    .unregister(pb::UnregisterRequest {})
+                    .await
+                    .context("unregistering a pod")?,
+            };
         }
         anyhow::Ok(())
     })?;
@@ -536,7 +531,7 @@ pub fn run(smoke: bool) -> Result<String> {
         cap_before.push(connects(&lab, &sm, true, &peer80, s.secs)?);
         for (k, &n) in s.pods.iter().enumerate() {
             let cpu0 = cpu_secs(agent)?;
-            reg[k].push(register_all(&rt, &lab, &spare[..n])? / n as f64);
+            reg[k].push(call_each(&rt, &lab, &spare[..n], PodCall::Register)? / n as f64);
             if n == most {
                 cpu_reg.push((cpu_secs(agent)? - cpu0) / n as f64);
             }
@@ -545,7 +540,7 @@ pub fn run(smoke: bool) -> Result<String> {
             if n == most {
                 cap_after.push(connects(&lab, &sm, true, &peer80, s.secs)?);
             }
-            unreg[k].push(unregister_all(&rt, &lab, &spare[..n])? / n as f64);
+            unreg[k].push(call_each(&rt, &lab, &spare[..n], PodCall::Unregister)? / n as f64);
         }
         lab.kill(li)?;
 

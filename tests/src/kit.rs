@@ -212,15 +212,7 @@ pub fn listen(specs: &[String]) -> Result<()> {
 fn bind_udp(addr: SocketAddr) -> Result<UdpSocket> {
     let sock = new_socket(addr, libc::SOCK_DGRAM)?;
     let fd = sock.as_raw_fd();
-    if addr.is_ipv6() {
-        set_opt(
-            fd,
-            libc::IPPROTO_IPV6,
-            libc::IPV6_V6ONLY,
-            &ONE,
-            "IPV6_V6ONLY",
-        )?;
-    }
+    v6_only(fd, addr)?;
     bind_to(fd, addr)?;
     Ok(UdpSocket::from(sock))
 }
@@ -245,7 +237,7 @@ fn new_socket(addr: SocketAddr, kind: libc::c_int) -> Result<OwnedFd> {
 const ONE: libc::c_int = 1;
 
 /// setsockopt(2) of a plain value; `what` names the option if it fails.
-fn set_opt<T>(
+pub(crate) fn set_opt<T>(
     fd: RawFd,
     level: libc::c_int,
     name: libc::c_int,
@@ -264,6 +256,21 @@ fn set_opt<T>(
     };
     if rc != 0 {
         bail!("{what}: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// IPV6_V6ONLY for a socket that will be bound to an IPv6 `addr` (so v4 and v6 can share a
+/// port); nothing for an IPv4 one.
+fn v6_only(fd: RawFd, addr: SocketAddr) -> Result<()> {
+    if addr.is_ipv6() {
+        set_opt(
+            fd,
+            libc::IPPROTO_IPV6,
+            libc::IPV6_V6ONLY,
+            &ONE,
+            "IPV6_V6ONLY",
+        )?;
     }
     Ok(())
 }
@@ -310,15 +317,7 @@ fn bind_listener(addr: SocketAddr, transparent: bool, reuseport: bool) -> Result
         &ONE,
         "SO_REUSEADDR",
     )?;
-    if addr.is_ipv6() {
-        set_opt(
-            fd,
-            libc::IPPROTO_IPV6,
-            libc::IPV6_V6ONLY,
-            &ONE,
-            "IPV6_V6ONLY",
-        )?;
-    }
+    v6_only(fd, addr)?;
     if transparent {
         set_transparent(fd, addr.is_ipv6())?;
     }
