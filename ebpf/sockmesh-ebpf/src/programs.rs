@@ -753,6 +753,13 @@ fn sockops_conn_key(ctx: &SockOpsContext, netns: u64) -> ConnKey {
     }
 }
 
+/// The sock_ops context's socket, if it has one.
+#[inline(always)]
+fn sockops_sk(ctx: &SockOpsContext) -> Option<*mut bpf_sock> {
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    (!sk.is_null()).then_some(sk)
+}
+
 /// The socket's key in `SOCKS` and `PEER_SK`: its 4-tuple as `sockops_conn_key` reads it.
 #[inline(always)]
 fn sockops_sock_key(ctx: &SockOpsContext, netns: u64) -> SockKey {
@@ -811,10 +818,9 @@ fn try_sockops(ctx: &SockOpsContext) {
         }
         return;
     }
-    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
-    if sk.is_null() {
+    let Some(sk) = sockops_sk(ctx) else {
         return;
-    }
+    };
     let map = ptr::from_ref(&SOCK_DST).cast_mut().cast::<c_void>();
     let record = unsafe { bpf_sk_storage_get(map, sk.cast(), ptr::null_mut(), 0) };
     if record.is_null() {
@@ -885,10 +891,9 @@ fn accelerate(ctx: &SockOpsContext, netns: u64) -> Option<u32> {
 /// one) is one of the proxy's uids or gids.
 #[inline(never)]
 fn is_proxy_socket(ctx: &SockOpsContext, pod: &PodConfig) -> bool {
-    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
-    if sk.is_null() {
+    let Some(sk) = sockops_sk(ctx) else {
         return false;
-    }
+    };
     let owner = SOCK_OWNER.get(sk.cast());
     !owner.is_null() && pod.is_proxy(unsafe { &*owner })
 }
@@ -905,10 +910,9 @@ fn forget_address(ctx: &SockOpsContext, netns: u64) {
 /// could not be stored.
 #[inline(never)]
 fn record_address(ctx: &SockOpsContext, key: &SockKey, proxy: bool) -> bool {
-    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
-    if sk.is_null() {
+    let Some(sk) = sockops_sk(ctx) else {
         return false;
-    }
+    };
     let value = AccelSock {
         addr: sk as u64,
         receives: u32::from(proxy),
@@ -917,14 +921,18 @@ fn record_address(ctx: &SockOpsContext, key: &SockKey, proxy: bool) -> bool {
     PEER_SK.insert(key, &value, BPF_ANY as u64).is_ok()
 }
 
+/// The kernel's field offsets the agent set at load, if it set them.
+#[inline(always)]
+fn kernel_offsets() -> Option<KernelOffsets> {
+    let off = unsafe { ptr::read_volatile(&SOCKMESH_KERNEL_OFFSETS) };
+    off.known().then_some(off)
+}
+
 /// Bytes sk_msg has queued for the socket at kernel address `sk` that its reader has not taken
 /// (its psock's `msg_tot_len`), or `None` if they cannot be read.
 #[inline(never)]
 fn unread(sk: u64) -> Option<u64> {
-    let off = unsafe { ptr::read_volatile(&SOCKMESH_KERNEL_OFFSETS) };
-    if !off.known() {
-        return None;
-    }
+    let off = kernel_offsets()?;
     let user_data: u64 =
         unsafe { bpf_probe_read_kernel((sk + u64::from(off.sk_user_data)) as *const u64) }.ok()?;
     let psock = user_data & !SK_USER_DATA_FLAGS;
@@ -1026,10 +1034,9 @@ fn try_sk_msg(ctx: &SkMsgContext) {
 /// has been read ([`tcp_drained`]); false if the fields cannot be read.
 #[inline(never)]
 fn drained(sender: u64, peer: u64) -> bool {
-    let off = unsafe { ptr::read_volatile(&SOCKMESH_KERNEL_OFFSETS) };
-    if !off.known() {
+    let Some(off) = kernel_offsets() else {
         return false;
-    }
+    };
     let field = |sk: u64, at: u32| unsafe {
         bpf_probe_read_kernel((sk + u64::from(at)) as *const u32).ok()
     };
