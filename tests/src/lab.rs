@@ -321,7 +321,7 @@ impl Lab {
     }
 
     pub fn start_agent_in(&mut self, node: Option<&Netns>) -> Result<()> {
-        let log = self.dir.join("agent.log");
+        let log = self.agent_log_path();
         let out = fs::File::create(&log)?;
         let mut cmd = match node {
             None => Command::new(sockmesh_bin()?),
@@ -391,7 +391,7 @@ impl Lab {
 
     /// The agent's metrics address, from its log.
     pub fn metrics_addr(&self) -> Result<std::net::SocketAddr> {
-        let log = fs::read_to_string(self.dir.join("agent.log"))?;
+        let log = fs::read_to_string(self.agent_log_path())?;
         log.lines()
             .rev()
             .find_map(|l| {
@@ -402,8 +402,14 @@ impl Lab {
             .ok_or_else(|| anyhow!("the agent logged no metrics address:\n{log}"))
     }
 
+    /// The agent's log, its last 60 lines.
     pub fn agent_log(&self) -> String {
-        tail(&self.dir.join("agent.log"), 60)
+        tail(&self.agent_log_path(), 60)
+    }
+
+    /// Where the agent's whole log is.
+    pub fn agent_log_path(&self) -> PathBuf {
+        self.dir.join("agent.log")
     }
 
     /// `sockmesh` with the lab's bpffs/socket, run in `ns` (not in the cgroup: init need not be).

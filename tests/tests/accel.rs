@@ -296,14 +296,7 @@ fn by_default_proxies_are_accelerated_and_apps_are_not() {
     let (lab, pod, _) = lab("accp", Accel::Proxies);
     let app = case(&lab, &pod, "small-writes");
     assert!(app.contains(" path=tcp "), "{app}");
-    let mut proxy = lab
-        .command(&pod.ns, pod.in_cgroup, testkit_bin().unwrap())
-        .unwrap();
-    proxy
-        .args(["accel-case", "127.0.0.1:15001", "small-writes"])
-        .args(["--uid", "1337", "--gid", "1337"]);
-    let out = run(&mut proxy).unwrap();
-    let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let line = case_as(&lab, &pod, true, "small-writes");
     let by_tcp: u64 = line
         .rsplit_once(" path=tcp ")
         .map_or(0, |(_, n)| n.parse().unwrap());

@@ -329,7 +329,7 @@ fn garbage_truncated_and_idle_connections_do_not_stop_the_agent() {
         lab.agent_log()
     );
     // The whole log: the idle callers' 300 warnings come after, so a tail may miss it.
-    let log = std::fs::read_to_string(lab.dir.join("agent.log")).unwrap();
+    let log = std::fs::read_to_string(lab.agent_log_path()).unwrap();
     assert!(
         log.contains("is not sockmesh's"),
         "a wrong preamble is logged:\n{log}"
