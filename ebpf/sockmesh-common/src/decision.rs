@@ -6,7 +6,7 @@
 //! Rule numbers follow `shared/spec/istio-iptables.md` §2.2 "Locally generated traffic".
 
 use crate::maps::{
-    flags, is_v4_mapped, v4_octets, Addr, CidrKind, MemberKind, PodConfig, MAX_OWNERS,
+    flags, is_v4_mapped, v4_octets, Addr, CidrKind, MemberKind, PodConfig, SockOwner, MAX_OWNERS,
 };
 
 #[repr(u32)]
@@ -473,16 +473,10 @@ fn tproxy_to_local<R: Rules>(cfg: &PodConfig, rules: &R, conn: &Conn) -> bool {
     {
         return false;
     }
-    let mut owner = false;
-    let mut i = 0;
-    while i < MAX_OWNERS {
-        if (i < cfg.n_uids as usize && cfg.uids[i] == conn.uid)
-            || (i < cfg.n_gids as usize && cfg.gids[i] == conn.gid)
-        {
-            owner = true;
-        }
-        i += 1;
-    }
+    let owner = cfg.is_proxy(&SockOwner {
+        uid: conn.uid,
+        gid: conn.gid,
+    });
     let passthrough = if is_v4_mapped(&conn.src) {
         v4_octets(&conn.src) == V4_INBOUND_PASSTHROUGH
     } else {
