@@ -243,7 +243,7 @@ fn logged_what_came_after(log: &str) {
 const HEAD_START: u64 = 64 << 10;
 
 /// What sk_msg leaves unread in a reader's socket before its writer goes by TCP.
-const ACCEL_WINDOW: u64 = sockmesh_common::maps::ACCEL_WINDOW;
+const ACCEL_WINDOW: u64 = sockmesh_common::ACCEL_WINDOW;
 
 /// The path with acceleration on. The cases whose reader keeps up skip TCP/IP but for a head
 /// start, and most of them entirely. Where the writer outruns its reader (bulk, a stalled or a

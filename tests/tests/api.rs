@@ -9,7 +9,7 @@ use std::{
 };
 
 use sockmesh_tests::{
-    api::{self, pb, raise_nofile, raw, send_with_fds, PREAMBLE},
+    api::{self, pb, raise_nofile, raw, send_preamble, PREAMBLE},
     lab::{Lab, Netns},
 };
 use tonic::Code;
@@ -213,10 +213,10 @@ fn malformed_settings_are_refused_by_field_and_leave_nothing() {
         let cases: [(&str, Edit); 12] = [
             ("unknown bits", |s| s.flags |= 1 << 30),
             ("contradictory settings: inbound capture", |s| {
-                s.flags |= sockmesh_common::flags::INBOUND_LIST
+                s.flags |= sockmesh_common::PodFlags::INBOUND_LIST.bits()
             }),
             ("contradictory settings: TPROXY", |s| {
-                s.flags |= sockmesh_common::flags::TPROXY
+                s.flags |= sockmesh_common::PodFlags::TPROXY.bits()
             }),
             ("outbound_port", |s| s.outbound_port = 70_000),
             ("ports must be 1-65535", |s| s.inbound_port = 0),
@@ -255,7 +255,7 @@ fn malformed_settings_are_refused_by_field_and_leave_nothing() {
         }
         // Valid in form, impossible in the pod: an interface it does not have.
         let mut s = api::default_settings();
-        s.flags |= sockmesh_common::flags::EXCLUDE_IFACES;
+        s.flags |= sockmesh_common::PodFlags::EXCLUDE_IFACES.bits();
         s.exclude_interfaces = vec!["nope0".into()];
         expect_refused(
             register(&lab, pod, s).await,
@@ -303,7 +303,7 @@ fn garbage_truncated_and_idle_connections_do_not_stop_the_agent() {
             .as_slice(),
     ] {
         let mut s = UnixStream::connect(&lab.socket).unwrap();
-        send_with_fds(&s, PREAMBLE, &[ns.as_fd()]).unwrap();
+        send_preamble(&s, PREAMBLE, &[ns.as_fd()]).unwrap();
         let _ = s.write_all(tail);
         drop(s);
     }

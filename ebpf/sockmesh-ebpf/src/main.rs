@@ -1,19 +1,42 @@
-//! sockmesh's kernel programs.
+//! sockmesh's kernel programs, one module per hook:
 //!
-//! - `connect4`/`connect6` decide with [`sockmesh_common::decide`] and rewrite the destination of
-//!   captured connects to localhost:15001 (or :15006), remembering the original destination in
-//!   per-socket storage.
-//! - `sockops` re-keys that record by the connection's 4-tuple once it is established, so the
-//!   proxy's accepted socket can find it, and drops it when the socket closes.
-//! - `getsockopt` answers SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST as conntrack would.
-//! - `getpeername4`/`getpeername6` show the app its original peer.
+//! - [`connect`]: `connect4`/`connect6` (and `sendmsg4`/`sendmsg6` for DNS) decide with
+//!   [`sockmesh_common::decide`] and rewrite captured calls to localhost:15001 (or :15006,
+//!   :15053), keeping the original destination in per-socket storage.
+//! - [`sockops`]: re-keys that record by the connection's 4-tuple once it is established, so
+//!   the proxy's accepted socket can find it, drops it when the socket closes, and records
+//!   listening sockets.
+//! - [`getsockopt`]: answers SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST as conntrack would.
+//! - [`getpeername`], [`recvmsg`]: show the app its original peer.
+//! - [`sk_lookup`]: steers new inbound connections to the pod's proxy.
+//! - [`sock_create`]: remembers each socket's creator (iptables' owner match).
+//! - [`accel`]: opt-in socket acceleration (sock_ops + sk_msg).
 //!
-//! Every program acts only on sockets of registered pods (netns cookie in `SM_PODS`).
+//! [`maps`] holds the maps they share; [`ctx`] the context reads and writes. Every program acts
+//! only on sockets of registered pods (netns cookie in `SM_PODS`).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 #[cfg(target_arch = "bpf")]
-mod programs;
+mod accel;
+#[cfg(target_arch = "bpf")]
+mod connect;
+#[cfg(target_arch = "bpf")]
+mod ctx;
+#[cfg(target_arch = "bpf")]
+mod getpeername;
+#[cfg(target_arch = "bpf")]
+mod getsockopt;
+#[cfg(target_arch = "bpf")]
+mod maps;
+#[cfg(target_arch = "bpf")]
+mod recvmsg;
+#[cfg(target_arch = "bpf")]
+mod sk_lookup;
+#[cfg(target_arch = "bpf")]
+mod sock_create;
+#[cfg(target_arch = "bpf")]
+mod sockops;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

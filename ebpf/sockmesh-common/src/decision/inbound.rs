@@ -1,0 +1,107 @@
+//! The inbound decision: what happens to a new TCP connection to one of the pod's addresses.
+//! istio's PREROUTING rules (`-k`, `-c`, `ISTIO_INBOUND`) or linkerd's `PROXY_INIT_REDIRECT`
+//! for connections from outside; the outbound rules' records for those made inside.
+
+use super::{is_local, Arrival, Lookups, Reason, Rules, Verdict, LOOPBACK_IFINDEX};
+use crate::{
+    addr::is_v4_mapped,
+    pod::{CidrKind, MemberKind, PodConfig, PodFlags},
+};
+
+/// What sk_lookup does with a new TCP connection `a` to one of the pod's addresses: `None`
+/// when it is not inbound traffic (made inside the pod, so the outbound rules decided it when
+/// it connected, and it is left alone uncounted); else the verdict, whose redirect becomes
+/// [`Verdict::no_listener`] when no proxy listens on its port.
+///
+/// Made inside the pod: it arrives on lo, or from one of the pod's own addresses (the kernel
+/// may report another ingress for those). Only a TPROXY-mode call that the outbound rules
+/// marked for the inbound listener is steered to it. A connection the pod made from a
+/// transparent source ([`super::local_origin`]) is local traffic too, whatever it looks like
+/// here.
+#[inline(always)]
+pub fn decide_arrival<L: Lookups>(cfg: &PodConfig, lookups: &L, a: &Arrival) -> Option<Verdict> {
+    if a.ifindex == LOOPBACK_IFINDEX || is_local(lookups, &a.src) {
+        return match lookups.recorded(a) {
+            Some(Reason::TproxyToLocal) => {
+                Some(Verdict::redirect(cfg.inbound_port, Reason::TproxyToLocal))
+            }
+            _ => None,
+        };
+    }
+    if let Some(Reason::LocalOrigin) = lookups.recorded(a) {
+        return None;
+    }
+    Some(decide_inbound(cfg, lookups, a))
+}
+
+/// Decide what the pod's nat PREROUTING rules (istio's `-k` and `-c` rules and
+/// `ISTIO_INBOUND`, or linkerd's `PROXY_INIT_REDIRECT`) would do with a new TCP connection.
+#[inline(always)]
+pub fn decide_inbound<R: Rules>(cfg: &PodConfig, rules: &R, a: &Arrival) -> Verdict {
+    let src = &a.src;
+    let dport = a.dport;
+    let v4 = is_v4_mapped(src);
+    if !v4 && !cfg.has(PodFlags::IPV6) {
+        return Verdict::pass(Reason::NoIpv6Rules);
+    }
+    let redirect = |reason| Verdict::redirect(cfg.inbound_port, reason);
+    // -k: inserted first in PREROUTING: traffic entering there is outbound traffic.
+    if cfg.has(PodFlags::KUBE_VIRT) && rules.member(MemberKind::KubeVirtIfindex, a.ifindex) {
+        let include = if v4 {
+            CidrKind::IncludeV4
+        } else {
+            CidrKind::IncludeV6
+        };
+        return if cfg.has(PodFlags::OUTBOUND_ALL) || rules.cidr(include, &a.dst) {
+            Verdict::redirect(cfg.outbound_port, Reason::KubeVirtRedirect)
+        } else {
+            Verdict::pass(Reason::KubeVirtReturn)
+        };
+    }
+    // -c: appended to PREROUTING before the ISTIO_INBOUND jump.
+    if cfg.has(PodFlags::EXCLUDE_IFACES) && rules.member(MemberKind::ExcludedIfindex, a.ifindex) {
+        return Verdict::pass(Reason::InterfaceExcluded);
+    }
+    if cfg.has(PodFlags::LINKERD) {
+        if rules.port_range(CidrKind::InboundIgnorePorts, dport) {
+            return Verdict::pass(Reason::InboundPortExcluded);
+        }
+        let subnets = if v4 {
+            CidrKind::IgnoreSubnetV4
+        } else {
+            CidrKind::IgnoreSubnetV6
+        };
+        if rules.cidr(subnets, src) {
+            return Verdict::pass(Reason::InboundSubnetIgnored);
+        }
+        if !cfg.has(PodFlags::INBOUND_LIST) {
+            return redirect(Reason::InboundCaptureAll);
+        }
+        return if rules.port_range(CidrKind::RedirectPorts, dport) {
+            redirect(Reason::InboundPortIncluded)
+        } else {
+            Verdict::pass(Reason::InboundPortNotListed)
+        };
+    }
+    // TPROXY mode has no nat ISTIO_INBOUND jump, so the tunnel port is not exempt.
+    let tunnel = !cfg.has(PodFlags::TPROXY) && dport == cfg.tunnel_port;
+    if cfg.has(PodFlags::INBOUND_ALL) {
+        if tunnel {
+            Verdict::pass(Reason::InboundTunnelPort)
+        } else if rules.member(MemberKind::InboundExcludePort, dport as u32) {
+            Verdict::pass(Reason::InboundPortExcluded)
+        } else {
+            redirect(Reason::InboundCaptureAll)
+        }
+    } else if cfg.has(PodFlags::INBOUND_LIST) {
+        if tunnel {
+            Verdict::pass(Reason::InboundTunnelPort)
+        } else if rules.member(MemberKind::InboundPort, dport as u32) {
+            redirect(Reason::InboundPortIncluded)
+        } else {
+            Verdict::pass(Reason::InboundPortNotListed)
+        }
+    } else {
+        Verdict::pass(Reason::InboundOff)
+    }
+}

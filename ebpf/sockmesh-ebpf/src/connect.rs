@@ -1,0 +1,269 @@
+//! `cgroup/connect4`, `connect6` and (for DNS over unconnected UDP) `sendmsg4`, `sendmsg6`:
+//! decide with [`sockmesh_common::decide`], rewrite a captured call to localhost at the capture
+//! port, and keep the original destination in the socket's storage.
+
+use core::ptr::{self, addr_of_mut};
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_uid_gid, generated::bpf_bind},
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+};
+use sockmesh_common::{
+    counters, decide, is_loopback, is_unspecified, is_v4_mapped, local_origin, v4_mapped, Action,
+    Addr, Conn, NetnsCookie, OrigDst, PodConfig, PodFlags, Proto, Reason, Verdict, AF_INET,
+    AF_INET6, V4_LOOPBACK, V6_LOOPBACK,
+};
+
+use crate::{
+    ctx::{self, read_words, v4_word, write_words, SOCK_DGRAM, SOCK_STREAM},
+    maps::{count, is_local, pod, route_key, PodRules, ROUTE_SRC, SOCK_DST, SOCK_OWNER},
+};
+
+#[cgroup_sock_addr(connect4)]
+pub fn sockmesh_connect4(ctx: SockAddrContext) -> i32 {
+    try_connect::<true, false>(&ctx)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn sockmesh_connect6(ctx: SockAddrContext) -> i32 {
+    try_connect::<true, true>(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sockmesh_sendmsg4(ctx: SockAddrContext) -> i32 {
+    try_connect::<false, false>(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sockmesh_sendmsg6(ctx: SockAddrContext) -> i32 {
+    try_connect::<false, true>(&ctx)
+}
+
+/// Decide and redirect a connect() (`CONNECT`) or an unconnected UDP sendmsg(). Returns 1 to
+/// let the call proceed (rewritten or not), 0 to refuse it with EPERM: only when a captured
+/// call could not be recorded, so nothing escapes capture.
+#[inline(always)]
+fn try_connect<const CONNECT: bool, const V6: bool>(ctx: &SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    let netns = ctx::netns(ctx);
+    let Some(cfg) = pod(netns) else {
+        return 1;
+    };
+    let proto = match unsafe { (*sa).type_ } {
+        SOCK_STREAM => Proto::Tcp,
+        // UDP is only ever captured for DNS.
+        SOCK_DGRAM if cfg.has(PodFlags::DNS) => Proto::Udp,
+        _ => return 1,
+    };
+    let mut conn = Conn {
+        proto,
+        dst: [0; 16],
+        dport: 0,
+        src: [0; 16],
+        uid: 0,
+        gid: 0,
+        dst_is_local: false,
+        mark: 0,
+    };
+    read_conn::<V6>(ctx, netns, &mut conn);
+    let rules = PodRules { netns };
+    let verdict = decide(cfg, &rules, &conn);
+    count(netns, verdict.reason() as u32);
+    if verdict.action == Action::Pass {
+        if CONNECT && local_origin(&rules, &conn) {
+            let local_origin = Verdict::tproxy(0, Reason::LocalOrigin);
+            return redirect::<CONNECT, V6>(ctx, cfg, &conn, &local_origin);
+        }
+        // A socket connected again (UDP can) must not keep an earlier capture's record.
+        if CONNECT {
+            let sk = unsafe { (*sa).__bindgen_anon_1.sk };
+            if !unsafe { SOCK_DST.get_ptr_mut(ctx) }.is_null() {
+                let _ = unsafe { SOCK_DST.delete(sk) };
+            }
+        }
+        return 1;
+    }
+    redirect::<CONNECT, V6>(ctx, cfg, &conn, &verdict)
+}
+
+/// Fill `conn` from the context: destination (0.0.0.0 / :: read as localhost), bound source,
+/// port, the socket owner's credentials, and whether the destination is local. A BPF subprogram
+/// (not inlined) to keep the caller's stack frame small.
+#[inline(never)]
+fn read_conn<const V6: bool>(ctx: &SockAddrContext, netns: NetnsCookie, conn: &mut Conn) {
+    let v6 = V6;
+    let sa = ctx.sock_addr;
+    let sk = unsafe { (*sa).__bindgen_anon_1.sk };
+    let (mut dst, src) = if v6 {
+        unsafe { (read_words!(sa, user_ip6), read_words!(sk, src_ip6)) }
+    } else {
+        (
+            v4_mapped(unsafe { (*sa).user_ip4 }.to_ne_bytes()),
+            v4_mapped(unsafe { (*sk).src_ip4 }.to_ne_bytes()),
+        )
+    };
+    if is_unspecified(&dst) {
+        dst = if v6 && !is_v4_mapped(&dst) {
+            V6_LOOPBACK
+        } else {
+            v4_mapped(V4_LOOPBACK)
+        };
+    }
+    // The socket's creator, as iptables' owner match; the current task for sockets created
+    // before the pod was registered.
+    let owner = SOCK_OWNER.get(unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk }.cast());
+    let (uid, gid) = if owner.is_null() {
+        let ids = bpf_get_current_uid_gid();
+        (ids as u32, (ids >> 32) as u32)
+    } else {
+        let o = unsafe { *owner };
+        (o.uid, o.gid)
+    };
+    conn.dst = dst;
+    conn.src = src;
+    conn.dport = u16::from_be(unsafe { (*sa).user_port } as u16);
+    conn.uid = uid;
+    conn.gid = gid;
+    conn.dst_is_local = is_local(netns, &dst);
+    conn.mark = unsafe { (*sk).mark };
+}
+
+/// Record the original destination and rewrite the call to localhost at the verdict's port;
+/// for connect(), also bind the source (see [`set_source`]). Returns the program's verdict.
+#[inline(never)]
+fn redirect<const CONNECT: bool, const V6: bool>(
+    ctx: &SockAddrContext,
+    cfg: &PodConfig,
+    conn: &Conn,
+    verdict: &Verdict,
+) -> i32 {
+    let rewrite = match verdict.action {
+        Action::Redirect => true,
+        // TPROXY: remembered (sock_ops publishes it for sk_lookup), destination left alone.
+        Action::Tproxy => false,
+        Action::Pass | Action::Refuse => return 1,
+    };
+    let v4_dst = is_v4_mapped(&conn.dst);
+    let mut record = OrigDst {
+        addr: conn.dst,
+        port: conn.dport,
+        family: if v4_dst { AF_INET } else { AF_INET6 },
+        reason: verdict.reason as u32,
+    };
+    let stored = unsafe { SOCK_DST.get_or_insert_ptr_mut(ctx, Some(&mut record)) };
+    if stored.is_null() {
+        count(ctx::netns(ctx), counters::ORIG_DST_STORE_FAILED);
+        return 0;
+    }
+    unsafe { *stored = record };
+    if !rewrite {
+        return 1;
+    }
+    set_source::<CONNECT, V6>(ctx, cfg, conn);
+    let target = if v4_dst {
+        v4_mapped(V4_LOOPBACK)
+    } else {
+        V6_LOOPBACK
+    };
+    ctx::write_user_addr(ctx, &target, verdict.port, V6);
+    1
+}
+
+#[repr(C)]
+struct SockaddrIn {
+    family: u16,
+    port: u16,
+    addr: [u8; 4],
+    zero: [u8; 8],
+}
+
+#[repr(C)]
+struct SockaddrIn6 {
+    family: u16,
+    port: u16,
+    flowinfo: u32,
+    addr: Addr,
+    scope_id: u32,
+}
+
+/// The source address the kernel would have chosen for the original destination of an unbound
+/// socket: the destination itself for the pod's own address, the pod's primary address for a
+/// remote one, nothing (the default is right) for localhost or a bound socket.
+#[inline(always)]
+fn natural_source(netns: NetnsCookie, cfg: &PodConfig, conn: &Conn) -> Option<Addr> {
+    if !is_unspecified(&conn.src) {
+        return None;
+    }
+    if conn.dst_is_local {
+        return (!is_loopback(&conn.dst)).then_some(conn.dst);
+    }
+    // The route's source address, else the pod's primary address.
+    if let Some(src) = ROUTE_SRC.get(&route_key(netns, &conn.dst)) {
+        if !is_unspecified_words(src) {
+            return Some(*src);
+        }
+    }
+    if is_v4_mapped(&conn.dst) {
+        (cfg.src_v4 != [0, 0, 0, 0]).then(|| v4_mapped(cfg.src_v4))
+    } else {
+        (!is_unspecified_words(&cfg.src_v6)).then_some(cfg.src_v6)
+    }
+}
+
+/// All zeroes (an address the agent left unset).
+#[inline(always)]
+fn is_unspecified_words(a: &Addr) -> bool {
+    let w = ctx::words_from_addr(a);
+    w[0] == 0 && w[1] == 0 && w[2] == 0 && w[3] == 0
+}
+
+/// Give a redirected call the source address it would have had without capture, so the proxy
+/// sees the peer it sees after iptables' REDIRECT (the pod's address, not 127.0.0.1): bind the
+/// socket (connect, with `bpf_bind`, port 0) or set the datagram's source (sendmsg). A failure
+/// leaves the call as it was.
+#[inline(never)]
+fn set_source<const CONNECT: bool, const V6: bool>(
+    ctx: &SockAddrContext,
+    cfg: &PodConfig,
+    conn: &Conn,
+) {
+    let Some(source) = natural_source(ctx::netns(ctx), cfg, conn) else {
+        return;
+    };
+    let sa = ctx.sock_addr;
+    unsafe {
+        if !CONNECT {
+            if V6 {
+                write_words!(sa, msg_src_ip6, &source);
+            } else {
+                ptr::write_volatile(addr_of_mut!((*sa).msg_src_ip4), v4_word(&source));
+            }
+        } else if V6 {
+            let mut sa = SockaddrIn6 {
+                family: AF_INET6,
+                port: 0,
+                flowinfo: 0,
+                addr: source,
+                scope_id: 0,
+            };
+            bpf_bind(
+                ctx.sock_addr,
+                ptr::from_mut(&mut sa).cast(),
+                core::mem::size_of::<SockaddrIn6>() as i32,
+            );
+        } else {
+            let mut sa = SockaddrIn {
+                family: AF_INET,
+                port: 0,
+                addr: [source[12], source[13], source[14], source[15]],
+                zero: [0; 8],
+            };
+            bpf_bind(
+                ctx.sock_addr,
+                ptr::from_mut(&mut sa).cast(),
+                core::mem::size_of::<SockaddrIn>() as i32,
+            );
+        }
+    }
+}

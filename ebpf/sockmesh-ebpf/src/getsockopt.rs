@@ -1,0 +1,140 @@
+//! `cgroup/getsockopt`: answer SO_ORIGINAL_DST (SOL_IP, 80) and IP6T_SO_ORIGINAL_DST
+//! (SOL_IPV6, 80) on a pod's sockets as conntrack would: the redirect record's destination,
+//! else the socket's own local address.
+
+use core::ptr::{self, addr_of_mut};
+
+use aya_ebpf::{bindings::bpf_sock, macros::cgroup_sockopt, programs::SockoptContext};
+use sockmesh_common::{
+    counters, is_v4_mapped, v4_mapped, Addr, ConnKey, PodFlags, AF_INET, AF_INET6,
+};
+
+use crate::{
+    ctx::{self, read_words, IPPROTO_TCP, SOL_IP, SOL_IPV6, SO_ORIGINAL_DST},
+    maps::{count, pod, ORIG_DST},
+};
+
+#[cgroup_sockopt(getsockopt)]
+pub fn sockmesh_getsockopt(ctx: SockoptContext) -> i32 {
+    try_getsockopt(&ctx);
+    1
+}
+
+#[inline(always)]
+fn try_getsockopt(ctx: &SockoptContext) {
+    let so = ctx.sockopt;
+    let (level, optname) = unsafe { ((*so).level, (*so).optname) };
+    if optname != SO_ORIGINAL_DST || (level != SOL_IP && level != SOL_IPV6) {
+        return;
+    }
+    let sk: *mut bpf_sock = unsafe { (*so).__bindgen_anon_1.sk };
+    if sk.is_null() {
+        return;
+    }
+    let (family, protocol) = unsafe { ((*sk).family, (*sk).protocol) };
+    if protocol != IPPROTO_TCP {
+        return;
+    }
+    let netns = ctx::netns(ctx);
+    let Some(cfg) = pod(netns) else {
+        return;
+    };
+    let (client, server) = unsafe {
+        if family == AF_INET as u32 {
+            (
+                v4_mapped((*sk).dst_ip4.to_ne_bytes()),
+                v4_mapped((*sk).src_ip4.to_ne_bytes()),
+            )
+        } else {
+            (read_words!(sk, dst_ip6), read_words!(sk, src_ip6))
+        }
+    };
+    let client_port = u16::from_be(unsafe { (*sk).dst_port });
+    if client_port == 0 {
+        // Not connected: conntrack has nothing for it either.
+        return;
+    }
+    let server_port = unsafe { (*sk).src_port } as u16;
+    // conntrack answers SOL_IP for IPv4 flows (v4 sockets, or v6 sockets with a v4-mapped peer)
+    // and SOL_IPV6 for IPv6 flows.
+    let v4_flow = is_v4_mapped(&client);
+    if (level == SOL_IP) != v4_flow {
+        return;
+    }
+    let key = ConnKey {
+        netns,
+        client,
+        server,
+        client_port,
+        server_port,
+        _pad: 0,
+    };
+    let (addr, port, counter) = match unsafe { ORIG_DST.get(&key) } {
+        Some(o) => (o.addr, o.port, counters::ORIG_DST_HIT),
+        None => {
+            // A flow that was not redirected: conntrack reports its own destination, but only
+            // where the pod has rules for that family.
+            if !v4_flow && !cfg.has(PodFlags::IPV6) {
+                return;
+            }
+            (server, server_port, counters::ORIG_DST_LOCAL)
+        }
+    };
+    let optval = unsafe { (*so).__bindgen_anon_2.optval }.cast::<u8>();
+    let optval_end = unsafe { (*so).__bindgen_anon_3.optval_end }.cast::<u8>();
+    let len: usize = if v4_flow { 16 } else { 28 };
+    if (optval as usize) + len > optval_end as usize {
+        return;
+    }
+    unsafe {
+        if (*so).optlen < len as i32 {
+            return;
+        }
+        if v4_flow {
+            write_sockaddr_in(optval, &addr, port);
+        } else {
+            write_sockaddr_in6(optval, &addr, port);
+        }
+        ptr::write_volatile(addr_of_mut!((*so).optlen), len as i32);
+        ptr::write_volatile(addr_of_mut!((*so).retval), 0);
+    }
+    count(netns, counter);
+}
+
+/// `struct sockaddr_in` into the first 16 bytes of `out` (bounds checked by the caller).
+#[inline(always)]
+unsafe fn write_sockaddr_in(out: *mut u8, addr: &Addr, port: u16) {
+    let fam = AF_INET.to_ne_bytes();
+    let p = port.to_be_bytes();
+    let bytes: [u8; 16] = [
+        fam[0], fam[1], p[0], p[1], addr[12], addr[13], addr[14], addr[15], 0, 0, 0, 0, 0, 0, 0, 0,
+    ];
+    let mut i = 0;
+    while i < 16 {
+        unsafe { ptr::write_volatile(out.add(i), bytes[i]) };
+        i += 1;
+    }
+}
+
+/// `struct sockaddr_in6` into the first 28 bytes of `out` (bounds checked by the caller).
+#[inline(always)]
+unsafe fn write_sockaddr_in6(out: *mut u8, addr: &Addr, port: u16) {
+    let fam = AF_INET6.to_ne_bytes();
+    let p = port.to_be_bytes();
+    let head: [u8; 8] = [fam[0], fam[1], p[0], p[1], 0, 0, 0, 0];
+    let mut i = 0;
+    while i < 8 {
+        unsafe { ptr::write_volatile(out.add(i), head[i]) };
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 16 {
+        unsafe { ptr::write_volatile(out.add(8 + i), addr[i]) };
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 4 {
+        unsafe { ptr::write_volatile(out.add(24 + i), 0) };
+        i += 1;
+    }
+}

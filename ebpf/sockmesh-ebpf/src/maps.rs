@@ -1,0 +1,251 @@
+//! The maps and globals every program shares, the pod's lookups answered from them, and the
+//! per-pod counters.
+
+use core::{ffi::c_void, ptr};
+
+use aya_ebpf::{
+    bindings::{bpf_map_type, BPF_F_CLONE, BPF_F_NO_PREALLOC, BPF_NOEXIST},
+    btf_maps::SkStorage,
+    helpers::generated::bpf_sk_storage_get,
+    macros::{btf_map, map},
+    maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuHashMap, SockHash},
+};
+use sockmesh_common::{
+    is_v4_mapped, sizes, AccelSock, Addr, Arrival, CidrKey, CidrKind, ConnKey, CounterKey,
+    KernelOffsets, ListenerKey, LocalAddrKey, Lookups, MemberKey, MemberKind, NetnsCookie, OrigDst,
+    PodConfig, Reason, Rules, SockKey, SockOwner, CIDR_KEY_FIXED_BITS,
+};
+
+// The hash maps that hold what registrations write are not preallocated (BPF_F_NO_PREALLOC):
+// their memory follows the pods registered rather than the maps' sizes. LRU maps and socket
+// hashes cannot be so made.
+
+#[map(name = "SM_PODS")]
+pub static PODS: HashMap<NetnsCookie, PodConfig> =
+    HashMap::with_max_entries(sizes::PODS, BPF_F_NO_PREALLOC);
+
+#[map(name = "SM_MEMBERS")]
+static MEMBERS: HashMap<MemberKey, u8> =
+    HashMap::with_max_entries(sizes::MEMBERS, BPF_F_NO_PREALLOC);
+
+#[map(name = "SM_CIDRS")]
+static CIDRS: LpmTrie<CidrKey, u8> = LpmTrie::with_max_entries(sizes::CIDRS, BPF_F_NO_PREALLOC);
+
+#[map(name = "SM_LOCAL_ADDRS")]
+static LOCAL_ADDRS: HashMap<LocalAddrKey, u8> =
+    HashMap::with_max_entries(sizes::LOCAL_ADDRS, BPF_F_NO_PREALLOC);
+
+#[map(name = "SM_ORIG_DST")]
+pub static ORIG_DST: LruHashMap<ConnKey, OrigDst> =
+    LruHashMap::with_max_entries(sizes::ORIG_DST, 0);
+
+#[map(name = "SM_COUNTERS")]
+static COUNTERS: PerCpuHashMap<CounterKey, u64> =
+    PerCpuHashMap::with_max_entries(sizes::COUNTERS, BPF_F_NO_PREALLOC);
+
+/// The original destination of a redirected socket, for as long as the socket lives.
+#[btf_map(name = "SM_SOCK_DST")]
+pub static SOCK_DST: SkStorage<OrigDst> = SkStorage::new();
+
+/// Listening TCP sockets of the attached cgroup, by (netns, port, family): where sk_lookup finds
+/// a pod's inbound proxy. Recorded whether or not the pod is registered yet, so a proxy that
+/// listened before `init` is found; entries leave with their sockets.
+#[map(name = "SM_LISTENERS")]
+pub static LISTENERS: SockHash<ListenerKey> = SockHash::with_max_entries(sizes::LISTENERS, 0);
+
+/// A registered pod's own addresses → its netns cookie (sk_lookup cannot read the cookie).
+#[map(name = "SM_ADDR_POD")]
+pub static ADDR_POD: HashMap<Addr, NetnsCookie> =
+    HashMap::with_max_entries(sizes::ADDR_POD, BPF_F_NO_PREALLOC);
+
+/// A pod's routes (keys as `CidrKind::RouteV4/V6`) → the source address the kernel picks for
+/// them: what a redirected socket is bound to, so the proxy sees the usual client address.
+#[map(name = "SM_ROUTE_SRC")]
+pub static ROUTE_SRC: LpmTrie<CidrKey, Addr> =
+    LpmTrie::with_max_entries(sizes::ROUTE_SRC, BPF_F_NO_PREALLOC);
+
+/// Both ends of established local connections of registered pods (sk_msg acceleration).
+#[map(name = "SM_SOCKS")]
+pub static SOCKS: SockHash<SockKey> = SockHash::with_max_entries(sizes::SOCKS, 0);
+
+/// The node's acceleration switch, set by the agent when it loads the programs (1: on).
+#[no_mangle]
+pub static SOCKMESH_ACCEL: u8 = 0;
+
+/// Accelerated sockets sending by TCP (1) or redirecting (0): by TCP when the peer was not in
+/// `SOCKS` yet or its window was full, until all of that TCP data has been read, since a
+/// reader takes redirected data before TCP's.
+#[btf_map(name = "SM_SOCK_TCP")]
+pub static SOCK_TCP: SkStorage<u8> = SkStorage::new();
+
+/// Each accelerated socket's kernel address (where sk_msg reads how much its reader has left
+/// unread, see `unread`) and whether it receives redirected data, by its key. An LRU map, so
+/// closed sockets' entries give way; a stale one is never used to send to (that goes by
+/// `SOCKS`), only to size the window.
+#[map(name = "SM_PEER_SK")]
+pub static PEER_SK: LruHashMap<SockKey, AccelSock> = LruHashMap::with_max_entries(sizes::SOCKS, 0);
+
+/// Where the fields sk_msg reads are in the running kernel's structs (see `KernelOffsets`),
+/// set by the agent at load; zero: unknown, nothing is redirected.
+#[no_mangle]
+pub static SOCKMESH_KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
+    sk_user_data: 0,
+    psock_msg_tot_len: 0,
+    tcp_write_seq: 0,
+    tcp_snd_una: 0,
+    tcp_rcv_nxt: 0,
+    tcp_copied_seq: 0,
+};
+
+/// Who created each socket of a registered pod.
+/// Accepted sockets inherit their listener's (the map is made with BPF_F_CLONE), so a proxy's
+/// accepted connections are known as the proxy's.
+#[btf_map(name = "SM_SOCK_OWNER")]
+pub static SOCK_OWNER: ClonedSkStorage<SockOwner> = ClonedSkStorage::new();
+
+/// Socket storage whose values are copied to the sockets a listener accepts (BPF_F_CLONE),
+/// which aya's `SkStorage` does not offer. Laid out as aya's BTF map definitions are: the
+/// loader reads the map's type, flags and sizes from these fields' types.
+#[repr(C)]
+pub struct ClonedSkStorage<T> {
+    r#type: *const [i32; bpf_map_type::BPF_MAP_TYPE_SK_STORAGE as usize],
+    key: *const i32,
+    value: *const T,
+    max_entries: *const [i32; 0],
+    map_flags: *const [i32; (BPF_F_NO_PREALLOC | BPF_F_CLONE) as usize],
+}
+
+// SAFETY: placeholders the loader patches; never dereferenced.
+unsafe impl<T> Sync for ClonedSkStorage<T> {}
+
+impl<T> ClonedSkStorage<T> {
+    const fn new() -> Self {
+        Self {
+            r#type: ptr::null(),
+            key: ptr::null(),
+            value: ptr::null(),
+            max_entries: ptr::null(),
+            map_flags: ptr::null(),
+        }
+    }
+
+    /// The map, as helpers take it.
+    #[inline(always)]
+    pub fn as_ptr(&self) -> *mut c_void {
+        ptr::from_ref(self).cast_mut().cast::<c_void>()
+    }
+
+    /// The value of socket `sk` (a kernel socket pointer), if it has one.
+    #[inline(always)]
+    pub fn get(&self, sk: *mut c_void) -> *mut T {
+        unsafe { bpf_sk_storage_get(self.as_ptr(), sk, ptr::null_mut(), 0) }.cast()
+    }
+}
+
+/// Socket `sk`'s value in socket storage `map` (a kernel socket pointer), if it has one:
+/// what aya's `SkStorage` offers only for sock_addr contexts.
+#[inline(always)]
+pub fn sk_storage_of<T>(map: &SkStorage<T>, sk: *mut c_void) -> *mut T {
+    let map = ptr::from_ref(map).cast_mut().cast::<c_void>();
+    unsafe { bpf_sk_storage_get(map, sk, ptr::null_mut(), 0) }.cast()
+}
+
+/// The registered pod of netns `netns`, if it is one.
+#[inline(always)]
+pub fn pod(netns: NetnsCookie) -> Option<&'static PodConfig> {
+    unsafe { PODS.get(&netns) }
+}
+
+/// Set lookups of one pod, answered from the maps.
+pub struct PodRules {
+    pub netns: NetnsCookie,
+}
+
+impl Rules for PodRules {
+    #[inline(always)]
+    fn member(&self, kind: MemberKind, value: u32) -> bool {
+        let key = MemberKey {
+            netns: self.netns,
+            kind: kind as u32,
+            value,
+        };
+        unsafe { MEMBERS.get(&key) }.is_some()
+    }
+
+    #[inline(always)]
+    fn cidr(&self, kind: CidrKind, addr: &Addr) -> bool {
+        let bits = if kind.is_v6() { 128 } else { 32 };
+        let key = Key::new(
+            CIDR_KEY_FIXED_BITS + bits,
+            CidrKey::new(self.netns, kind, addr),
+        );
+        CIDRS.get(&key).is_some()
+    }
+
+    #[inline(always)]
+    fn route_excluded(&self, dst: &Addr) -> bool {
+        CIDRS
+            .get(&route_key(self.netns, dst))
+            .is_some_and(|v| *v == 1)
+    }
+
+    #[inline(always)]
+    fn port_range(&self, kind: CidrKind, port: u16) -> bool {
+        let key = Key::new(
+            CIDR_KEY_FIXED_BITS + 16,
+            CidrKey::port(self.netns, kind, port),
+        );
+        CIDRS.get(&key).is_some()
+    }
+}
+
+impl Lookups for PodRules {
+    #[inline(always)]
+    fn pod_addr(&self, addr: &Addr) -> bool {
+        let key = LocalAddrKey {
+            netns: self.netns,
+            addr: *addr,
+        };
+        unsafe { LOCAL_ADDRS.get(&key) }.is_some()
+    }
+
+    #[inline(always)]
+    fn recorded(&self, a: &Arrival) -> Option<Reason> {
+        let record = unsafe { ORIG_DST.get(&ConnKey::arrival(self.netns, a)) }?;
+        Reason::from_u32(record.reason)
+    }
+}
+
+/// The key of `dst`'s route in pod `netns`'s routing table (`CidrKind::RouteV4/V6`).
+#[inline(always)]
+pub fn route_key(netns: NetnsCookie, dst: &Addr) -> Key<CidrKey> {
+    let (kind, bits) = if is_v4_mapped(dst) {
+        (CidrKind::RouteV4, 32)
+    } else {
+        (CidrKind::RouteV6, 128)
+    };
+    Key::new(CIDR_KEY_FIXED_BITS + bits, CidrKey::new(netns, kind, dst))
+}
+
+/// Whether `dst` is an address of pod `netns`, i.e. the route would leave through `lo`.
+/// A BPF subprogram (not inlined) to keep its callers' stack frames small.
+#[inline(never)]
+pub fn is_local(netns: NetnsCookie, dst: &Addr) -> bool {
+    sockmesh_common::is_local(&PodRules { netns }, dst)
+}
+
+/// Add one to pod `netns`'s `counter` (a [`Reason`]'s value, or one of `counters`).
+#[inline(never)]
+pub fn count(netns: NetnsCookie, counter: u32) {
+    let key = CounterKey {
+        netns,
+        counter,
+        _pad: 0,
+    };
+    match COUNTERS.get_ptr_mut(&key) {
+        Some(v) => unsafe { *v += 1 },
+        None => {
+            let _ = COUNTERS.insert(&key, &1, BPF_NOEXIST as u64);
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! `sock_ops`: publish a redirected connection's original destination under its 4-tuple once
+//! established (for SO_ORIGINAL_DST and sk_lookup), forget it on close; record listening
+//! sockets (where sk_lookup finds a pod's proxy); and hand established local connections to
+//! acceleration ([`crate::accel`]).
+
+use aya_ebpf::{
+    bindings::{
+        bpf_sock, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE,
+    },
+    helpers::generated::bpf_sock_ops_cb_flags_set,
+    macros::sock_ops,
+    programs::SockOpsContext,
+};
+use sockmesh_common::{
+    counters, v4_mapped, ConnKey, ListenerKey, NetnsCookie, OrigDst, Reason, SockKey, AF_INET,
+    LISTENER_SLOTS,
+};
+
+use crate::{
+    accel,
+    ctx::{self, read_words},
+    maps::{count, sk_storage_of, LISTENERS, ORIG_DST, SOCK_DST},
+};
+
+#[sock_ops]
+pub fn sockmesh_sockops(ctx: SockOpsContext) -> u32 {
+    // Acceleration and the rest each in their own frame (the verifier adds up nested frames).
+    let op = ctx.op();
+    if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB || op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+        let netns = ctx::netns(&ctx);
+        if let Some(counter) = accel::accelerate(&ctx, netns) {
+            count(netns, counter);
+        }
+    }
+    try_sockops(&ctx);
+    1
+}
+
+/// The connection's key in `ORIG_DST`, seen from this socket: it is the client.
+#[inline(always)]
+fn conn_key(ctx: &SockOpsContext, netns: NetnsCookie) -> ConnKey {
+    let (client, server) = if ctx.family() == AF_INET as u32 {
+        (
+            v4_mapped(ctx.local_ip4().to_ne_bytes()),
+            v4_mapped(ctx.remote_ip4().to_ne_bytes()),
+        )
+    } else {
+        let ops = ctx.ops;
+        unsafe { (read_words!(ops, local_ip6), read_words!(ops, remote_ip6)) }
+    };
+    ConnKey {
+        netns,
+        client,
+        server,
+        client_port: ctx.local_port() as u16,
+        server_port: u32::from_be(ctx.remote_port()) as u16,
+        _pad: 0,
+    }
+}
+
+/// The socket's key in `SOCKS` and `PEER_SK`: its 4-tuple as [`conn_key`] reads it.
+#[inline(always)]
+pub fn sock_key(ctx: &SockOpsContext, netns: NetnsCookie) -> SockKey {
+    let k = conn_key(ctx, netns);
+    SockKey {
+        netns,
+        local: k.client,
+        remote: k.server,
+        local_port: k.client_port,
+        remote_port: k.server_port,
+        _pad: 0,
+    }
+}
+
+/// The sock_ops context's socket, if it has one.
+#[inline(always)]
+pub fn sk(ctx: &SockOpsContext) -> Option<*mut bpf_sock> {
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    (!sk.is_null()).then_some(sk)
+}
+
+/// Ask to be told when the socket changes state (for its close).
+#[inline(always)]
+pub fn watch_state(ctx: &SockOpsContext) {
+    unsafe { bpf_sock_ops_cb_flags_set(ctx.ops, BPF_SOCK_OPS_STATE_CB_FLAG as i32) };
+}
+
+#[inline(never)]
+fn try_sockops(ctx: &SockOpsContext) {
+    let op = ctx.op();
+    if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
+        && op != BPF_SOCK_OPS_STATE_CB
+        && op != BPF_SOCK_OPS_TCP_LISTEN_CB
+        && op != BPF_SOCK_OPS_TCP_CONNECT_CB
+    {
+        return;
+    }
+    let netns = ctx::netns(ctx);
+    if op == BPF_SOCK_OPS_TCP_LISTEN_CB {
+        record_listener(ctx, netns);
+        return;
+    }
+    if op == BPF_SOCK_OPS_STATE_CB {
+        if ctx.arg(1) == BPF_TCP_CLOSE {
+            if ORIG_DST.remove(&conn_key(ctx, netns)).is_ok() {
+                count(netns, counters::ORIG_DST_RELEASED);
+            }
+            accel::forget_address(ctx, netns);
+        }
+        return;
+    }
+    publish(ctx, netns, op == BPF_SOCK_OPS_TCP_CONNECT_CB);
+}
+
+/// Several sockets may listen on one port (SO_REUSEPORT workers): each takes a free slot, so
+/// one closing (its entry leaves with it) does not hide the others.
+#[inline(always)]
+fn record_listener(ctx: &SockOpsContext, netns: NetnsCookie) {
+    let mut slot = 0;
+    while slot < LISTENER_SLOTS {
+        let mut key = ListenerKey {
+            netns,
+            port: ctx.local_port(),
+            family: ctx.family(),
+            slot,
+            _pad: 0,
+        };
+        if LISTENERS
+            .update(&mut key, unsafe { &mut *ctx.ops }, BPF_NOEXIST as u64)
+            .is_ok()
+        {
+            return;
+        }
+        slot += 1;
+    }
+    count(netns, counters::LISTENER_STORE_FAILED);
+}
+
+/// Publish the socket's original destination (its `SOCK_DST` record) under its 4-tuple. A
+/// TPROXY record must be published before the SYN goes out (`connecting`), for sk_lookup to
+/// see it; redirected connections are published once established.
+#[inline(always)]
+fn publish(ctx: &SockOpsContext, netns: NetnsCookie, connecting: bool) {
+    let Some(sk) = sk(ctx) else {
+        return;
+    };
+    let record = sk_storage_of(&SOCK_DST, sk.cast());
+    if record.is_null() {
+        return;
+    }
+    let record: OrigDst = unsafe { *record };
+    if connecting && !record.is(Reason::TproxyToLocal) && !record.is(Reason::LocalOrigin) {
+        return;
+    }
+    if ORIG_DST.insert(&conn_key(ctx, netns), &record, 0).is_err() {
+        count(netns, counters::ORIG_DST_STORE_FAILED);
+        aya_log_ebpf::error!(
+            ctx,
+            "pod netns {}: original destination not stored (map full?): the proxy will see \
+             the capture port",
+            netns.get()
+        );
+        return;
+    }
+    watch_state(ctx);
+}

@@ -1,0 +1,519 @@
+//! The loader: the kernel object loaded with its maps pinned (or reused), its cgroup programs
+//! attached through pinned BPF links, sk_lookup attached per pod netns.
+//!
+//! Links are made and pinned with the raw `bpf(2)` commands (aya 0.14 cannot pin a getsockopt
+//! link). A link that is already pinned is updated in place with `BPF_LINK_UPDATE`, so a restarted
+//! or upgraded agent swaps programs atomically and capture never lapses.
+
+use std::{
+    fs,
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{MapData, MapError, SockHash},
+    programs::{
+        CgroupSock, CgroupSockAddr, CgroupSockopt, Program, ProgramError, SkLookup, SkMsg, SockOps,
+    },
+    Ebpf, EbpfLoader,
+};
+use sockmesh_common::{names, KernelOffsets, NetnsCookie, SockKey};
+
+use super::{
+    maps::{check_pinned_layouts, maps_dir},
+    sys::{self, SyscallError},
+};
+
+/// The kernel object, built by build.rs.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sockmesh-ebpf"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum BpfError {
+    #[error(transparent)]
+    Syscall(#[from] SyscallError),
+    #[error("loading the kernel object failed: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("map {name} at {path}: {source}")]
+    Map {
+        name: &'static str,
+        path: PathBuf,
+        #[source]
+        source: MapError,
+    },
+    #[error("the kernel object has no {0}: was it built from this source?")]
+    Missing(String),
+    #[error(
+        "{dir} is not on a bpf filesystem: mount one first (mount -t bpf bpf {parent}) or pass \
+         --bpffs with a folder under a bpffs mount"
+    )]
+    NotBpffs { dir: PathBuf, parent: PathBuf },
+    #[error("cannot create {path}: {source}")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("--cgroup {dir}: {source}")]
+    Cgroup {
+        dir: PathBuf,
+        #[source]
+        source: SyscallError,
+    },
+    #[error(
+        "--cgroup {0} is not a cgroup v2 directory (cgroup v1 cannot carry socket programs): \
+         pass the cgroup2 mount or a folder under it (see `mount -t cgroup2`)"
+    )]
+    NotCgroup2(PathBuf),
+    #[error("--cgroup {dir}: cannot open: {source}")]
+    OpenCgroup {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "pinned map {path} has key/value sizes {found:?}, this build needs {wanted:?}: it was \
+         left by a release with another map layout; migrate it, or start on a new --bpffs \
+         folder and register the pods again"
+    )]
+    Layout {
+        path: PathBuf,
+        found: (usize, usize),
+        wanted: (usize, usize),
+    },
+    #[error(
+        "socket acceleration reads how much each reader has left unread from a kernel field \
+         found through the kernel's BTF, and that failed: {0}. Use a kernel with \
+         CONFIG_DEBUG_INFO_BTF (and sockmap's msg_tot_len, 6.x), or run with --acceleration off"
+    )]
+    Btf(#[source] super::btf::BtfError),
+}
+
+/// The cgroup programs and where each is attached.
+pub struct Attachment {
+    pub program: &'static str,
+    pub attach_type: u32,
+    pub link_name: &'static str,
+    kind: ProgKind,
+}
+
+#[derive(Clone, Copy)]
+enum ProgKind {
+    Sock,
+    SockAddr,
+    SockOps,
+    Sockopt,
+}
+
+// enum bpf_attach_type (include/uapi/linux/bpf.h).
+const BPF_CGROUP_INET_SOCK_CREATE: u32 = 2;
+const BPF_CGROUP_SOCK_OPS: u32 = 3;
+const BPF_CGROUP_INET4_CONNECT: u32 = 10;
+const BPF_CGROUP_INET6_CONNECT: u32 = 11;
+const BPF_CGROUP_UDP4_SENDMSG: u32 = 14;
+const BPF_CGROUP_UDP6_SENDMSG: u32 = 15;
+const BPF_CGROUP_UDP4_RECVMSG: u32 = 19;
+const BPF_CGROUP_UDP6_RECVMSG: u32 = 20;
+const BPF_CGROUP_GETSOCKOPT: u32 = 21;
+const BPF_CGROUP_INET4_GETPEERNAME: u32 = 29;
+const BPF_CGROUP_INET6_GETPEERNAME: u32 = 30;
+const BPF_SK_LOOKUP: u32 = 36;
+
+pub const ATTACHMENTS: [Attachment; 11] = [
+    Attachment {
+        program: "sockmesh_sendmsg4",
+        attach_type: BPF_CGROUP_UDP4_SENDMSG,
+        link_name: "sendmsg4",
+        kind: ProgKind::SockAddr,
+    },
+    Attachment {
+        program: "sockmesh_sendmsg6",
+        attach_type: BPF_CGROUP_UDP6_SENDMSG,
+        link_name: "sendmsg6",
+        kind: ProgKind::SockAddr,
+    },
+    Attachment {
+        program: "sockmesh_recvmsg4",
+        attach_type: BPF_CGROUP_UDP4_RECVMSG,
+        link_name: "recvmsg4",
+        kind: ProgKind::SockAddr,
+    },
+    Attachment {
+        program: "sockmesh_recvmsg6",
+        attach_type: BPF_CGROUP_UDP6_RECVMSG,
+        link_name: "recvmsg6",
+        kind: ProgKind::SockAddr,
+    },
+    Attachment {
+        program: "sockmesh_sock_create",
+        attach_type: BPF_CGROUP_INET_SOCK_CREATE,
+        link_name: "sock_create",
+        kind: ProgKind::Sock,
+    },
+    Attachment {
+        program: "sockmesh_connect4",
+        attach_type: BPF_CGROUP_INET4_CONNECT,
+        link_name: "connect4",
+        kind: ProgKind::SockAddr,
+    },
+    Attachment {
+        program: "sockmesh_connect6",
+        attach_type: BPF_CGROUP_INET6_CONNECT,
+        link_name: "connect6",
+        kind: ProgKind::SockAddr,
+    },
+    Attachment {
+        program: "sockmesh_getpeername4",
+        attach_type: BPF_CGROUP_INET4_GETPEERNAME,
+        link_name: "getpeername4",
+        kind: ProgKind::SockAddr,
+    },
+    Attachment {
+        program: "sockmesh_getpeername6",
+        attach_type: BPF_CGROUP_INET6_GETPEERNAME,
+        link_name: "getpeername6",
+        kind: ProgKind::SockAddr,
+    },
+    Attachment {
+        program: "sockmesh_sockops",
+        attach_type: BPF_CGROUP_SOCK_OPS,
+        link_name: "sockops",
+        kind: ProgKind::SockOps,
+    },
+    Attachment {
+        program: "sockmesh_getsockopt",
+        attach_type: BPF_CGROUP_GETSOCKOPT,
+        link_name: "getsockopt",
+        kind: ProgKind::Sockopt,
+    },
+];
+
+pub fn links_dir(bpffs: &Path) -> PathBuf {
+    bpffs.join("links")
+}
+
+/// Check that `dir` is (inside) a mounted bpf filesystem, creating it if needed.
+pub fn prepare_bpffs(dir: &Path) -> Result<(), BpfError> {
+    let parent = dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    if sys::fs_magic(parent)? != sys::BPF_FS_MAGIC {
+        return Err(BpfError::NotBpffs {
+            dir: dir.to_owned(),
+            parent: parent.to_owned(),
+        });
+    }
+    for path in [maps_dir(dir), links_dir(dir)] {
+        fs::create_dir_all(&path).map_err(|source| BpfError::CreateDir { path, source })?;
+    }
+    Ok(())
+}
+
+/// Open `dir` as a cgroup v2 directory.
+pub fn open_cgroup2(dir: &Path) -> Result<fs::File, BpfError> {
+    let magic = sys::fs_magic(dir).map_err(|source| BpfError::Cgroup {
+        dir: dir.to_owned(),
+        source,
+    })?;
+    if magic != sys::CGROUP2_SUPER_MAGIC {
+        return Err(BpfError::NotCgroup2(dir.to_owned()));
+    }
+    fs::File::open(dir).map_err(|source| BpfError::OpenCgroup {
+        dir: dir.to_owned(),
+        source,
+    })
+}
+
+/// Load the object with every map pinned (or reused) under `bpffs/maps`.
+pub fn load(bpffs: &Path, accel: bool) -> Result<Ebpf, BpfError> {
+    let dir = maps_dir(bpffs);
+    check_pinned_layouts(&dir)?;
+    // sk_msg reads a few kernel fields whose offsets the BTF gives; without acceleration they
+    // are left unknown (nothing is redirected).
+    let offsets = if accel {
+        super::btf::kernel_offsets().map_err(BpfError::Btf)?
+    } else {
+        KernelOffsets::default()
+    };
+    let accel = u8::from(accel);
+    let mut loader = EbpfLoader::new();
+    loader.override_global("SOCKMESH_ACCEL", &accel, true);
+    loader.override_global("SOCKMESH_KERNEL_OFFSETS", &offsets, true);
+    let paths: Vec<(&'static str, PathBuf)> =
+        names::ALL.iter().map(|n| (*n, dir.join(n))).collect();
+    for (name, path) in &paths {
+        loader.map_pin_path(name, path.clone());
+    }
+    Ok(loader.load(OBJECT)?)
+}
+
+fn bpf_syscall(cmd: u32, attr: &mut [u64; 8], call: &'static str) -> Result<i64, SyscallError> {
+    // SAFETY: attr is a zeroed, 64-byte bpf_attr prefix laid out for `cmd`.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd as libc::c_long,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(attr) as libc::c_long,
+        )
+    };
+    if rc < 0 {
+        Err(sys::last_err(call))
+    } else {
+        Ok(rc)
+    }
+}
+
+const BPF_OBJ_PIN: u32 = 6;
+const BPF_OBJ_GET: u32 = 7;
+const BPF_LINK_CREATE: u32 = 28;
+const BPF_LINK_UPDATE: u32 = 29;
+
+fn u32_pair(lo: u32, hi: u32) -> u64 {
+    lo as u64 | ((hi as u64) << 32)
+}
+
+fn cpath(p: &Path) -> std::ffi::CString {
+    std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).expect("path without NUL")
+}
+
+/// BPF_LINK_CREATE for a cgroup program.
+fn link_create(
+    prog: BorrowedFd<'_>,
+    cgroup: BorrowedFd<'_>,
+    attach_type: u32,
+) -> Result<OwnedFd, SyscallError> {
+    let mut attr = [0u64; 8];
+    attr[0] = u32_pair(prog.as_raw_fd() as u32, cgroup.as_raw_fd() as u32);
+    attr[1] = u32_pair(attach_type, 0);
+    let fd = bpf_syscall(BPF_LINK_CREATE, &mut attr, "bpf(BPF_LINK_CREATE)")?;
+    // SAFETY: the kernel returned a new fd.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> Result<(), SyscallError> {
+    let c = cpath(path);
+    let mut attr = [0u64; 8];
+    attr[0] = c.as_ptr() as u64;
+    attr[1] = u32_pair(fd.as_raw_fd() as u32, 0);
+    bpf_syscall(BPF_OBJ_PIN, &mut attr, "bpf(BPF_OBJ_PIN)").map(|_| ())
+}
+
+fn obj_get(path: &Path) -> Result<OwnedFd, SyscallError> {
+    let c = cpath(path);
+    let mut attr = [0u64; 8];
+    attr[0] = c.as_ptr() as u64;
+    let fd = bpf_syscall(BPF_OBJ_GET, &mut attr, "bpf(BPF_OBJ_GET)")?;
+    // SAFETY: the kernel returned a new fd.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> Result<(), SyscallError> {
+    let mut attr = [0u64; 8];
+    attr[0] = u32_pair(link.as_raw_fd() as u32, prog.as_raw_fd() as u32);
+    bpf_syscall(BPF_LINK_UPDATE, &mut attr, "bpf(BPF_LINK_UPDATE)").map(|_| ())
+}
+
+/// The object's program `name`.
+fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Program, BpfError> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| BpfError::Missing(format!("program {name}")))
+}
+
+/// Load `$prog` as a `$ty` program and return a copy of its fd (aya's program types share no
+/// trait for `load` and `fd`).
+macro_rules! load_fd {
+    ($prog:expr, $ty:ty, $name:expr) => {{
+        let wrap = |source| BpfError::Program {
+            name: $name,
+            source,
+        };
+        let p: &mut $ty = $prog.try_into().map_err(wrap)?;
+        p.load().map_err(wrap)?;
+        p.fd()
+            .map_err(wrap)?
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|source| SyscallError {
+                call: "dup(prog)",
+                source,
+            })?
+    }};
+}
+
+/// How a program came to be in force.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkAction {
+    Created,
+    Updated,
+}
+
+/// Load every cgroup program and put it in force on `cgroup` through a link pinned under
+/// `bpffs/links`: a new link if none is pinned, else the pinned link is switched to the new
+/// program atomically.
+pub fn attach_all(
+    ebpf: &mut Ebpf,
+    cgroup: BorrowedFd<'_>,
+    bpffs: &Path,
+) -> Result<Vec<(&'static str, LinkAction)>, BpfError> {
+    // Load every program first, so a verifier rejection leaves nothing half attached.
+    let mut loaded = Vec::new();
+    for a in &ATTACHMENTS {
+        let prog = program(ebpf, a.program)?;
+        let fd = match a.kind {
+            ProgKind::Sock => load_fd!(prog, CgroupSock, a.program),
+            ProgKind::SockAddr => load_fd!(prog, CgroupSockAddr, a.program),
+            ProgKind::SockOps => load_fd!(prog, SockOps, a.program),
+            ProgKind::Sockopt => load_fd!(prog, CgroupSockopt, a.program),
+        };
+        loaded.push((a, fd));
+    }
+    let mut done = Vec::new();
+    for (a, fd) in loaded {
+        let pin = links_dir(bpffs).join(a.link_name);
+        let action = if pin.exists() {
+            let link = obj_get(&pin)?;
+            link_update(link.as_fd(), fd.as_fd())?;
+            LinkAction::Updated
+        } else {
+            let link = link_create(fd.as_fd(), cgroup, a.attach_type)?;
+            obj_pin(link.as_fd(), &pin)?;
+            LinkAction::Created
+        };
+        done.push((a.link_name, action));
+    }
+    Ok(done)
+}
+
+/// Load the sk_msg program and attach it to the acceleration socket map. The attachment stays
+/// with the pinned map (a later agent's replaces it); it is not a pinned link.
+pub fn attach_sk_msg(ebpf: &mut Ebpf) -> Result<(), BpfError> {
+    const NAME: &str = "sockmesh_sk_msg";
+    let wrap = |source| BpfError::Program { name: NAME, source };
+    let socks: SockHash<MapData, SockKey> = ebpf
+        .take_map(names::SOCKS)
+        .ok_or_else(|| BpfError::Missing(format!("map {}", names::SOCKS)))?
+        .try_into()
+        .map_err(|source| BpfError::Map {
+            name: names::SOCKS,
+            path: PathBuf::from(names::SOCKS),
+            source,
+        })?;
+    let p: &mut SkMsg = program(ebpf, NAME)?.try_into().map_err(wrap)?;
+    p.load().map_err(wrap)?;
+    let id = p.attach(socks.fd()).map_err(wrap)?;
+    // Dropping the link would detach the program; it stays attached for the map's life.
+    std::mem::forget(p.take_link(id).map_err(wrap)?);
+    Ok(())
+}
+
+/// Load the sk_lookup program (attached per pod netns, not to the cgroup).
+pub fn load_sk_lookup(ebpf: &mut Ebpf) -> Result<OwnedFd, BpfError> {
+    const NAME: &str = "sockmesh_sk_lookup";
+    Ok(load_fd!(program(ebpf, NAME)?, SkLookup, NAME))
+}
+
+const NETNS_LINK_PREFIX: &str = "sk_lookup-";
+
+fn netns_link_pin(bpffs: &Path, netns: NetnsCookie) -> PathBuf {
+    links_dir(bpffs).join(format!("{NETNS_LINK_PREFIX}{netns}"))
+}
+
+/// The pinned sk_lookup links: (pod netns cookie, pin path).
+fn netns_links(bpffs: &Path) -> Vec<(NetnsCookie, PathBuf)> {
+    let Ok(rd) = fs::read_dir(links_dir(bpffs)) else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let cookie = name.strip_prefix(NETNS_LINK_PREFIX)?.parse().ok()?;
+            Some((NetnsCookie(cookie), e.path()))
+        })
+        .collect()
+}
+
+/// Put the sk_lookup program in force in pod netns `netns` (fd `ns`) through a pinned link.
+pub fn attach_netns(
+    prog: BorrowedFd<'_>,
+    ns: BorrowedFd<'_>,
+    bpffs: &Path,
+    netns: NetnsCookie,
+) -> Result<LinkAction, BpfError> {
+    let pin = netns_link_pin(bpffs, netns);
+    if pin.exists() {
+        let link = obj_get(&pin)?;
+        link_update(link.as_fd(), prog)?;
+        return Ok(LinkAction::Updated);
+    }
+    let link = link_create(prog, ns, BPF_SK_LOOKUP)?;
+    obj_pin(link.as_fd(), &pin)?;
+    Ok(LinkAction::Created)
+}
+
+/// Detach the sk_lookup program from pod netns `netns` (dropping the pin releases the link).
+pub fn detach_netns(bpffs: &Path, netns: NetnsCookie) -> bool {
+    fs::remove_file(netns_link_pin(bpffs, netns)).is_ok()
+}
+
+/// Switch every pod's sk_lookup link to `prog`. Links whose netns is gone are dropped; their
+/// cookies are returned.
+pub fn update_netns_links(
+    prog: BorrowedFd<'_>,
+    bpffs: &Path,
+) -> Result<(usize, Vec<NetnsCookie>), BpfError> {
+    let mut updated = 0;
+    let mut gone = Vec::new();
+    for (cookie, pin) in netns_links(bpffs) {
+        let link = obj_get(&pin)?;
+        match link_update(link.as_fd(), prog) {
+            Ok(()) => updated += 1,
+            // A link whose netns died is defunct: forget it.
+            Err(e) if e.source.raw_os_error() == Some(libc::ENOLINK) => {
+                let _ = fs::remove_file(&pin);
+                gone.push(cookie);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok((updated, gone))
+}
+
+const BPF_OBJ_GET_INFO_BY_FD: u32 = 15;
+
+/// Whether the netns a pinned netns link is attached to still exists (a link is detached,
+/// `netns_ino` 0, when its namespace is destroyed).
+fn netns_link_alive(pin: &Path) -> Result<bool, SyscallError> {
+    let link = obj_get(pin)?;
+    // struct bpf_link_info: type, id, prog_id, then an 8-aligned union whose netns member is
+    // { netns_ino, attach_type }.
+    let mut info = [0u32; 16];
+    let mut attr = [0u64; 8];
+    attr[0] = u32_pair(link.as_raw_fd() as u32, std::mem::size_of_val(&info) as u32);
+    attr[1] = info.as_mut_ptr() as u64;
+    bpf_syscall(
+        BPF_OBJ_GET_INFO_BY_FD,
+        &mut attr,
+        "bpf(BPF_OBJ_GET_INFO_BY_FD)",
+    )?;
+    Ok(info[4] != 0)
+}
+
+/// Netns cookies of registered pods whose namespace no longer exists; their pins are removed.
+pub fn dead_pods(bpffs: &Path) -> Result<Vec<NetnsCookie>, BpfError> {
+    let mut gone = Vec::new();
+    for (cookie, pin) in netns_links(bpffs) {
+        if !netns_link_alive(&pin)? {
+            let _ = fs::remove_file(&pin);
+            gone.push(cookie);
+        }
+    }
+    Ok(gone)
+}
