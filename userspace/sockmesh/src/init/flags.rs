@@ -33,12 +33,21 @@ pub trait CommandLine: Parser {
     }
 }
 
+/// A value that is not of Go's spelling for its type.
+#[derive(Debug, thiserror::Error)]
+pub enum GoValueError {
+    #[error("'{0}' is not a boolean (use true or false)")]
+    Bool(String),
+    #[error("'{0}' is not a duration (e.g. 5s, 500ms, 1m)")]
+    Duration(String),
+}
+
 /// Parse Go's strconv.ParseBool spellings, as pflag does.
-pub fn go_bool(s: &str) -> Result<bool, String> {
+pub fn go_bool(s: &str) -> Result<bool, GoValueError> {
     match s {
         "1" | "t" | "T" | "TRUE" | "true" | "True" => Ok(true),
         "0" | "f" | "F" | "FALSE" | "false" | "False" => Ok(false),
-        _ => Err(format!("'{s}' is not a boolean (use true or false)")),
+        _ => Err(GoValueError::Bool(s.to_string())),
     }
 }
 
@@ -136,7 +145,7 @@ pub fn env_bool(env: &dyn Env, names: &[&str]) -> Result<bool, FlagError> {
     match env_any(env, names) {
         None => Ok(false),
         Some((_, v)) if v.is_empty() => Ok(false),
-        Some((name, v)) => go_bool(&v).map_err(|m| err(&name, m)),
+        Some((name, v)) => go_bool(&v).map_err(|m| err(&name, m.to_string())),
     }
 }
 
@@ -165,8 +174,8 @@ fn one_line_clap_error(e: clap::Error, takes: &str) -> ArgvError {
 }
 
 /// Go's time.ParseDuration, for the units istio's flags use.
-pub fn parse_go_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("'{s}' is not a duration (e.g. 5s, 500ms, 1m)");
+pub fn parse_go_duration(s: &str) -> Result<Duration, GoValueError> {
+    let bad = || GoValueError::Duration(s.to_string());
     if s == "0" {
         return Ok(Duration::ZERO);
     }

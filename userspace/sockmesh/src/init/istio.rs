@@ -328,8 +328,8 @@ impl IstioArgs {
             }
         }
         let probe_port = parse_port("--iptables-probe-port", &self.iptables_probe_port)?;
-        let probe_timeout =
-            parse_go_duration(&self.probe_timeout).map_err(|m| err("--probe-timeout", m))?;
+        let probe_timeout = parse_go_duration(&self.probe_timeout)
+            .map_err(|m| err("--probe-timeout", m.to_string()))?;
         let tproxy_mark = self
             .tproxy_mark
             .parse::<u32>()
