@@ -6,8 +6,6 @@ use std::{collections::BTreeSet, net::SocketAddr, path::Path};
 
 use serde::Deserialize;
 
-use crate::balancer::{Endpoint, Policy};
-
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -452,27 +450,6 @@ pub enum ConfigError {
 impl Cluster {
     pub fn connect_timeout(&self) -> std::time::Duration {
         std::time::Duration::from_millis(self.connect_timeout_ms)
-    }
-
-    pub fn policy(&self) -> Policy {
-        match self.lb_policy {
-            LbPolicy::RoundRobin => Policy::RoundRobin,
-            LbPolicy::LeastRequest => Policy::least_request(),
-            LbPolicy::Random => Policy::Random,
-            LbPolicy::RingHash => Policy::ring_hash(),
-            LbPolicy::Maglev => Policy::maglev(),
-        }
-    }
-
-    pub fn endpoint_list(&self) -> Vec<Endpoint> {
-        self.endpoints
-            .iter()
-            .map(|e| Endpoint {
-                addr: e.address,
-                weight: e.weight,
-                priority: e.priority,
-            })
-            .collect()
     }
 }
 

@@ -3,19 +3,16 @@
 //! is installed completely or not at all: listeners it adds are bound first, and a failure
 //! leaves everything as it was.
 
-use std::{
-    collections::HashMap,
-    net::SocketAddr,
-    sync::{Arc, RwLock},
-};
+use std::{collections::HashMap, net::SocketAddr, sync::Arc};
 
 use tokio::sync::watch;
 use tracing::info;
 
 use crate::{
     config::Config,
-    server::{self, ListenerSpec, Shared, Snapshot},
-    xds,
+    listener::{self, ListenerSpec},
+    snapshot::{Shared, Snapshot},
+    transport, xds,
 };
 
 /// The running proxy's configuration sources and listeners.
@@ -76,24 +73,21 @@ impl Control {
         let mut bound = Vec::new();
         for l in &c.listeners {
             if !self.listeners.contains_key(&l.address) {
-                let socket = server::bind(l)
+                let socket = transport::bind(l.address)
                     .map_err(|e| format!("listener {:?} ({}): bind: {e}", l.name, l.address))?;
                 bound.push((l, socket));
             }
         }
-        let previous = self
-            .shared
-            .as_ref()
-            .map(|s| s.read().expect("config lock").clone());
+        let previous = self.shared.as_ref().map(Shared::load);
         let snap = Arc::new(Snapshot::new(c, previous.as_deref()));
-        server::start_health_checks(&snap);
+        snap.start_health_checks();
         let shared = match &self.shared {
             Some(s) => {
-                *s.write().expect("config lock") = snap;
+                s.store(snap);
                 s.clone()
             }
             None => {
-                let s: Shared = Arc::new(RwLock::new(snap));
+                let s = Shared::new(snap);
                 self.shared = Some(s.clone());
                 s
             }
@@ -120,7 +114,7 @@ impl Control {
             info!(name = l.name, address = %l.address, direction = ?l.direction, "listening");
             let (tx, rx) = watch::channel(Some(ListenerSpec::of(l)));
             self.listeners.insert(l.address, tx);
-            tokio::spawn(server::serve(socket, rx, shared.clone()));
+            tokio::spawn(listener::serve(socket, rx, shared.clone()));
         }
         Ok(())
     }

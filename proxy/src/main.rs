@@ -3,13 +3,18 @@
 //! and route to clusters of endpoints, balances across them, and relays anything else as TCP.
 //! It works the same under iptables' REDIRECT and under sockmesh.
 
-mod balancer;
+mod admin;
+mod cluster;
 mod config;
 mod control;
-mod pool;
+mod http;
+mod listener;
 mod router;
-mod server;
+mod snapshot;
 mod stats;
+mod tcp;
+mod transport;
+mod upstream;
 mod xds;
 
 use std::{
@@ -67,7 +72,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     control.start().map_err(anyhow::Error::msg)?;
     drop_privileges(args.uid, args.gid)?;
     let shared = control.shared();
-    tokio::spawn(pool::reap_idle());
+    tokio::spawn(upstream::reap_idle());
     let control = Arc::new(Mutex::new(control));
     let started = (config.xds.clone(), config.admin.as_ref().map(|a| a.address));
     if let Some(x) = &config.xds {
@@ -83,7 +88,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .await
             .map_err(|e| anyhow::anyhow!("admin {}: {e}", admin.address))?;
         info!(address = %admin.address, "admin endpoint");
-        tokio::spawn(server::admin(l, shared.clone()));
+        tokio::spawn(admin::serve(l, shared.clone()));
     }
     println!("ready");
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;

@@ -1,0 +1,154 @@
+//! A request's attempts at a cluster: an endpoint each, retried under the route's policy and
+//! the cluster's retry budget, with a random backoff.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::{upgrade::OnUpgrade, Response, StatusCode};
+
+use super::{replay::Head, response::failure_response, trace::Trace};
+use crate::{
+    cluster::ClusterState,
+    config::{Direction, RetryPolicy},
+    router::random_u64,
+    stats,
+    upstream::{self, text_response, Body, Failure, Upstream},
+};
+
+/// The backoff base when a policy gives none (Envoy's 25 ms).
+const DEFAULT_BASE_INTERVAL_MS: u64 = 25;
+
+/// One request's way to a cluster.
+pub struct Attempts<'a> {
+    pub cluster: &'a ClusterState,
+    /// The cluster's name as routed (stats).
+    pub name: &'a str,
+    pub head: Head,
+    /// The body for the first attempt; later ones replay `kept`.
+    pub body: Body,
+    /// The body's bytes, when small enough to send again.
+    pub kept: Option<Bytes>,
+    /// The client's side of an upgrade, for the first attempt only.
+    pub on_upgrade: Option<OnUpgrade>,
+    pub retry: Option<&'a RetryPolicy>,
+    pub direction: Direction,
+    pub http2: bool,
+    pub authority: &'a str,
+    pub hash: Option<u64>,
+}
+
+impl Attempts<'_> {
+    /// Send until an attempt's outcome is not retried, and answer with it.
+    pub async fn run(self, trace: &mut Trace) -> Response<Body> {
+        let Attempts {
+            cluster: cl,
+            name,
+            head,
+            body,
+            kept,
+            mut on_upgrade,
+            retry,
+            direction,
+            http2,
+            authority,
+            hash,
+        } = self;
+        let per_try = retry
+            .map(|r| r.per_try_timeout_ms)
+            .filter(|t| *t > 0)
+            .map(Duration::from_millis);
+        // Only a kept body can be sent again.
+        let retries = match (retry, &kept) {
+            (Some(r), Some(_)) => r.num_retries,
+            _ => 0,
+        };
+        let mut body = Some(body);
+        let mut n = 0u32;
+        loop {
+            let Some(pick) = cl.pick(hash) else {
+                return text_response(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
+            };
+            let b = body
+                .take()
+                .unwrap_or_else(|| upstream::from_bytes(kept.clone().unwrap_or_default()));
+            let mut this = head.request(b);
+            if let Some(u) = on_upgrade.take() {
+                this.extensions_mut().insert(u);
+            }
+            trace.upstream = Some(pick.addr);
+            let to = Upstream {
+                addr: pick.addr,
+                direction,
+                http2,
+                connect_timeout: cl.config.connect_timeout(),
+            };
+            let outcome = upstream::send(this, to, authority, per_try).await;
+            count(name, pick.addr, &outcome);
+            cl.record(pick.addr, failed(&outcome));
+            drop(pick);
+            let again = match retry {
+                Some(r) => n < retries && retriable(&r.retry_on, &outcome) && cl.retry_allowed(),
+                None => false,
+            };
+            if !again {
+                return outcome.unwrap_or_else(failure_response);
+            }
+            n += 1;
+            stats::inc(
+                "sockmesh_proxy_upstream_rq_retry_total",
+                &[("cluster", name)],
+            );
+            let _retry = cl.retry_started();
+            tokio::time::sleep(backoff(retry, n)).await;
+        }
+    }
+}
+
+/// Count an attempt at `endpoint` of `cluster` by its status class (no response is 5xx).
+fn count(cluster: &str, endpoint: std::net::SocketAddr, outcome: &Result<Response<Body>, Failure>) {
+    let code = match outcome {
+        Ok(r) => stats::class(r.status().as_u16()),
+        Err(_) => "5xx",
+    };
+    stats::inc(
+        "sockmesh_proxy_upstream_rq_total",
+        &[
+            ("cluster", cluster),
+            ("endpoint", &endpoint.to_string()),
+            ("code_class", code),
+        ],
+    );
+}
+
+/// Whether an outcome counts against the endpoint (outlier detection): a 5xx, or none.
+fn failed(outcome: &Result<Response<Body>, Failure>) -> bool {
+    match outcome {
+        Ok(r) => r.status().is_server_error(),
+        Err(_) => true,
+    }
+}
+
+/// Whether an attempt's outcome is one `retry_on` retries.
+fn retriable(retry_on: &str, outcome: &Result<Response<Body>, Failure>) -> bool {
+    retry_on
+        .split(',')
+        .map(str::trim)
+        .any(|c| match (c, outcome) {
+            ("5xx", Ok(r)) => r.status().is_server_error(),
+            ("5xx", Err(_)) => true,
+            ("gateway-error", Ok(r)) => matches!(r.status().as_u16(), 502..=504),
+            ("connect-failure", Err(Failure::Connect(_))) => true,
+            ("reset", Err(Failure::Reset(_))) => true,
+            ("retriable-4xx", Ok(r)) => r.status() == StatusCode::CONFLICT,
+            _ => false,
+        })
+}
+
+/// The wait before retry `n` (from 1): random, up to `base * 2^(n-1)`, capped at 10 x base.
+fn backoff(retry: Option<&RetryPolicy>, n: u32) -> Duration {
+    let base = retry
+        .map_or(DEFAULT_BASE_INTERVAL_MS, |r| r.base_interval_ms)
+        .max(1);
+    let cap = (base << (n - 1).min(16)).min(base * 10);
+    Duration::from_millis(random_u64() % cap + 1)
+}

@@ -1,0 +1,16 @@
+//! What the proxy knows of a connection below HTTP: its addresses, original destination,
+//! protocol and TLS server name, and the sockets it listens and connects with.
+
+mod accepted;
+mod addr;
+mod detect;
+mod orig_dst;
+mod sni;
+mod socket;
+
+pub use accepted::Accepted;
+pub use addr::{ClientAddr, ListenAddr, LocalAddr};
+pub use detect::{sniff, Protocol};
+pub use orig_dst::original_dst;
+pub use sni::client_hello_sni;
+pub use socket::{bind, connect, ORIG_DST_CONNECT_TIMEOUT};
