@@ -159,6 +159,15 @@ fn default_retry_on() -> String {
     "5xx,connect-failure,reset".into()
 }
 
+/// The `retry_on` conditions understood.
+pub const RETRY_ON: [&str; 5] = [
+    "5xx",
+    "gateway-error",
+    "connect-failure",
+    "reset",
+    "retriable-4xx",
+];
+
 fn default_backoff_ms() -> u64 {
     25
 }
@@ -583,13 +592,10 @@ impl Config {
                 }
                 if let Some(rp) = &a.retry_policy {
                     for cond in rp.retry_on.split(',').map(str::trim) {
-                        if !crate::router::RETRY_ON.contains(&cond) {
+                        if !RETRY_ON.contains(&cond) {
                             return Err((
                                 format!("{f}.route.retry_policy.retry_on"),
-                                format!(
-                                    "{cond:?} is not one of {}",
-                                    crate::router::RETRY_ON.join(", ")
-                                ),
+                                format!("{cond:?} is not one of {}", RETRY_ON.join(", ")),
                             ));
                         }
                     }

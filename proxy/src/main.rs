@@ -9,6 +9,7 @@ mod config;
 mod control;
 mod http;
 mod listener;
+mod random;
 mod router;
 mod snapshot;
 mod stats;

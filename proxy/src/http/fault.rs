@@ -6,7 +6,7 @@ use hyper::{Response, StatusCode};
 
 use crate::{
     config::Fault,
-    router::chance,
+    random::chance,
     upstream::{text_response, Body},
 };
 

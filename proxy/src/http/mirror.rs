@@ -12,7 +12,7 @@ use hyper::{
 use super::replay::Head;
 use crate::{
     config::{Direction, MirrorPolicy},
-    router::chance,
+    random::chance,
     snapshot::Snapshot,
     upstream::{self, Upstream},
 };

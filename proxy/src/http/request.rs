@@ -17,7 +17,7 @@ use super::{
 use crate::{
     cluster::{hash_bytes, ClusterState, NoSlot},
     config::{Direction, HashPolicy},
-    router::Route,
+    router::Rule,
     snapshot::Snapshot,
     stats,
     transport::{Accepted, ORIG_DST_CONNECT_TIMEOUT},
@@ -67,15 +67,15 @@ fn route<'s>(
     authority: &str,
     conn: Accepted,
     snap: &'s Snapshot,
-) -> Option<&'s Route> {
+) -> Option<&'s Rule> {
     match conn.direction {
         Direction::Inbound => None,
         Direction::Outbound => {
             let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
             let orig = conn.orig.addr();
-            snap.router.virtual_host(authority, orig).and_then(|vh| {
+            snap.router.host(authority, orig).and_then(|vh| {
                 debug!(vhost = vh.name, authority, orig = %orig, "virtual host");
-                vh.route(pq, req.headers())
+                vh.rule(pq, req.headers())
             })
         }
     }
@@ -105,7 +105,7 @@ struct ToCluster<'a> {
     cluster: &'a ClusterState,
     /// The cluster's name as routed.
     name: &'a str,
-    route: &'a Route,
+    route: &'a Rule,
     authority: &'a str,
     conn: Accepted,
     snap: &'a Snapshot,

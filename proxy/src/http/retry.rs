@@ -10,8 +10,7 @@ use super::{replay::Head, response::failure_response, trace::Trace};
 use crate::{
     cluster::ClusterState,
     config::{Direction, RetryPolicy},
-    router::random_u64,
-    stats,
+    random, stats,
     upstream::{self, text_response, Body, Failure, Upstream},
 };
 
@@ -150,5 +149,5 @@ fn backoff(retry: Option<&RetryPolicy>, n: u32) -> Duration {
         .map_or(DEFAULT_BASE_INTERVAL_MS, |r| r.base_interval_ms)
         .max(1);
     let cap = (base << (n - 1).min(16)).min(base * 10);
-    Duration::from_millis(random_u64() % cap + 1)
+    Duration::from_millis(random::below(cap) + 1)
 }
