@@ -448,12 +448,26 @@ pub enum ConfigError {
         #[source]
         source: serde_yaml::Error,
     },
-    #[error("{path}: {field}: {problem}")]
-    Invalid {
-        path: String,
-        field: String,
-        problem: String,
-    },
+    #[error("{path}: {invalid}")]
+    Invalid { path: String, invalid: Invalid },
+}
+
+/// What is wrong with a configuration, and where: a path such as
+/// `virtual_hosts[0].routes[0].route.cluster`.
+#[derive(Debug, thiserror::Error)]
+#[error("{field}: {problem}")]
+pub struct Invalid {
+    pub field: String,
+    pub problem: String,
+}
+
+impl Invalid {
+    fn new(field: impl Into<String>, problem: impl Into<String>) -> Invalid {
+        Invalid {
+            field: field.into(),
+            problem: problem.into(),
+        }
+    }
 }
 
 impl Cluster {
@@ -479,10 +493,9 @@ impl Config {
         })?;
         c.source = text.to_string();
         c.validate(Origin::File)
-            .map_err(|(field, problem)| ConfigError::Invalid {
+            .map_err(|invalid| ConfigError::Invalid {
                 path: path.to_string(),
-                field,
-                problem,
+                invalid,
             })?;
         Ok(c)
     }
@@ -490,63 +503,62 @@ impl Config {
     /// Check a configuration merged from this file and a control plane's resources: as a file,
     /// but (as Envoy) a cluster may have no endpoints yet and a route may name a cluster not
     /// (yet) defined; its requests get 503.
-    pub fn validate_merged(&self) -> Result<(), String> {
+    pub fn validate_merged(&self) -> Result<(), Invalid> {
         self.validate(Origin::Merged)
-            .map_err(|(field, problem)| format!("{field}: {problem}"))
     }
 
     /// The meaning: names unique, references resolve, regexes compile, weights usable.
-    fn validate(&self, origin: Origin) -> Result<(), (String, String)> {
+    fn validate(&self, origin: Origin) -> Result<(), Invalid> {
         let lenient = origin == Origin::Merged;
         let mut names = BTreeSet::new();
         for (i, c) in self.clusters.iter().enumerate() {
             let f = format!("clusters[{i}]");
             if !names.insert(c.name.as_str()) {
-                return Err((
+                return Err(Invalid::new(
                     format!("{f}.name"),
                     format!("{:?} is defined twice", c.name),
                 ));
             }
             if c.endpoints.is_empty() && !lenient {
-                return Err((
+                return Err(Invalid::new(
                     format!("{f}.endpoints"),
-                    "a cluster needs an endpoint".into(),
+                    "a cluster needs an endpoint",
                 ));
             }
             if c.connect_timeout_ms == 0 {
-                return Err((
+                return Err(Invalid::new(
                     format!("{f}.connect_timeout_ms"),
-                    "must be 1 or more (5000 when left out)".into(),
+                    "must be 1 or more (5000 when left out)",
                 ));
             }
             for (j, e) in c.endpoints.iter().enumerate() {
                 if e.weight == 0 {
-                    return Err((
+                    return Err(Invalid::new(
                         format!("{f}.endpoints[{j}].weight"),
-                        "must be 1 or more".into(),
+                        "must be 1 or more",
                     ));
                 }
             }
             if let Some(h) = &c.hash_policy {
                 if h.header.is_some() == h.source_ip {
-                    return Err((
+                    return Err(Invalid::new(
                         format!("{f}.hash_policy"),
-                        "give one of header and source_ip".into(),
+                        "give one of header and source_ip",
                     ));
                 }
             }
             let hashing = matches!(c.lb_policy, LbPolicy::RingHash | LbPolicy::Maglev);
             if hashing != c.hash_policy.is_some() {
-                return Err((
+                return Err(Invalid::new(
                     format!("{f}.hash_policy"),
-                    "ring_hash and maglev need a hash_policy, and only they use one".into(),
+                    "ring_hash and maglev need a hash_policy, and only they use one",
                 ));
             }
         }
         let known = |name: &str| lenient || names.contains(name);
         for (i, l) in self.listeners.iter().enumerate() {
             if self.listeners[..i].iter().any(|o| o.address == l.address) {
-                return Err((
+                return Err(Invalid::new(
                     format!("listeners[{i}].address"),
                     format!("{} is used twice", l.address),
                 ));
@@ -555,7 +567,10 @@ impl Config {
         for (i, vh) in self.virtual_hosts.iter().enumerate() {
             let f = format!("virtual_hosts[{i}]");
             if vh.domains.is_empty() {
-                return Err((format!("{f}.domains"), "needs at least one domain".into()));
+                return Err(Invalid::new(
+                    format!("{f}.domains"),
+                    "needs at least one domain",
+                ));
             }
             for (j, r) in vh.routes.iter().enumerate() {
                 let f = format!("{f}.routes[{j}]");
@@ -565,26 +580,26 @@ impl Config {
                     .filter(|k| k.is_some())
                     .count();
                 if kinds > 1 {
-                    return Err((
+                    return Err(Invalid::new(
                         format!("{f}.match"),
-                        "give one of path, prefix and regex".into(),
+                        "give one of path, prefix and regex",
                     ));
                 }
                 if let Some(re) = &m.regex {
                     regex::Regex::new(re)
-                        .map_err(|e| (format!("{f}.match.regex"), e.to_string()))?;
+                        .map_err(|e| Invalid::new(format!("{f}.match.regex"), e.to_string()))?;
                 }
                 for (k, h) in m.headers.iter().enumerate() {
                     if let Some(re) = &h.regex {
                         regex::Regex::new(re).map_err(|e| {
-                            (format!("{f}.match.headers[{k}].regex"), e.to_string())
+                            Invalid::new(format!("{f}.match.headers[{k}].regex"), e.to_string())
                         })?;
                     }
                 }
                 let a = &r.route;
                 for (k, m) in a.request_mirror_policies.iter().enumerate() {
                     if !known(&m.cluster) {
-                        return Err((
+                        return Err(Invalid::new(
                             format!("{f}.route.request_mirror_policies[{k}].cluster"),
                             format!("no cluster {:?}", m.cluster),
                         ));
@@ -593,7 +608,7 @@ impl Config {
                 if let Some(rp) = &a.retry_policy {
                     for cond in rp.retry_on.split(',').map(str::trim) {
                         if !RETRY_ON.contains(&cond) {
-                            return Err((
+                            return Err(Invalid::new(
                                 format!("{f}.route.retry_policy.retry_on"),
                                 format!("{cond:?} is not one of {}", RETRY_ON.join(", ")),
                             ));
@@ -602,7 +617,7 @@ impl Config {
                 }
                 if let Some(abort) = r.fault.as_ref().and_then(|f| f.abort.as_ref()) {
                     if !(200..600).contains(&abort.http_status) {
-                        return Err((
+                        return Err(Invalid::new(
                             format!("{f}.fault.abort.http_status"),
                             format!("{} is not an HTTP status", abort.http_status),
                         ));
@@ -610,29 +625,32 @@ impl Config {
                 }
                 match (&a.cluster, a.weighted_clusters.is_empty()) {
                     (Some(c), true) if !known(c) => {
-                        return Err((format!("{f}.route.cluster"), format!("no cluster {c:?}")))
+                        return Err(Invalid::new(
+                            format!("{f}.route.cluster"),
+                            format!("no cluster {c:?}"),
+                        ))
                     }
                     (Some(_), true) => {}
                     (None, false) => {
                         for (k, w) in a.weighted_clusters.iter().enumerate() {
                             if !known(&w.name) {
-                                return Err((
+                                return Err(Invalid::new(
                                     format!("{f}.route.weighted_clusters[{k}].name"),
                                     format!("no cluster {:?}", w.name),
                                 ));
                             }
                         }
                         if a.weighted_clusters.iter().all(|w| w.weight == 0) {
-                            return Err((
+                            return Err(Invalid::new(
                                 format!("{f}.route.weighted_clusters"),
-                                "the weights add up to 0".into(),
+                                "the weights add up to 0",
                             ));
                         }
                     }
                     _ => {
-                        return Err((
+                        return Err(Invalid::new(
                             format!("{f}.route"),
-                            "give either cluster or weighted_clusters".into(),
+                            "give either cluster or weighted_clusters",
                         ))
                     }
                 }
@@ -640,7 +658,7 @@ impl Config {
         }
         for (i, t) in self.tls_routes.iter().enumerate() {
             if !known(&t.cluster) {
-                return Err((
+                return Err(Invalid::new(
                     format!("tls_routes[{i}].cluster"),
                     format!("no cluster {:?}", t.cluster),
                 ));
@@ -650,13 +668,16 @@ impl Config {
             let f = format!("tcp_routes[{i}]");
             if t.destination.parse::<u16>().is_err() && t.destination.parse::<SocketAddr>().is_err()
             {
-                return Err((
+                return Err(Invalid::new(
                     format!("{f}.destination"),
                     format!("{:?} is neither a port nor ip:port", t.destination),
                 ));
             }
             if let Some(cl) = t.cluster.as_deref().filter(|c| !known(c)) {
-                return Err((format!("{f}.cluster"), format!("no cluster {cl:?}")));
+                return Err(Invalid::new(
+                    format!("{f}.cluster"),
+                    format!("no cluster {cl:?}"),
+                ));
             }
         }
         Ok(())

@@ -3,7 +3,12 @@
 //! is installed completely or not at all: listeners it adds are bound first, and a failure
 //! leaves everything as it was.
 
-use std::{collections::HashMap, net::SocketAddr, sync::Arc};
+use std::{
+    collections::HashMap,
+    io,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
 
 use tokio::sync::watch;
 use tracing::info;
@@ -14,6 +19,21 @@ use crate::{
     snapshot::{Shared, Snapshot},
     transport, xds,
 };
+
+/// Why a change is refused (and everything stays as it was).
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    /// The control plane's resources do not translate, or the whole does not check out.
+    #[error(transparent)]
+    Xds(#[from] xds::Error),
+    /// A new listener's address cannot be bound.
+    #[error("listener {name:?} ({address}): bind: {error}")]
+    Bind {
+        name: String,
+        address: SocketAddr,
+        error: io::Error,
+    },
+}
 
 /// The running proxy's configuration sources and listeners.
 pub struct Control {
@@ -41,13 +61,8 @@ impl Control {
         self.shared.clone().expect("installed")
     }
 
-    /// The control plane's resources in force.
-    pub fn dynamic(&self) -> &xds::Resources {
-        &self.dynamic
-    }
-
     /// Put a new configuration file in force with the current dynamic resources.
-    pub fn set_file(&mut self, file: Config) -> Result<(), String> {
+    pub fn set_file(&mut self, file: Config) -> Result<(), Refused> {
         let merged = xds::merge(&file, &self.dynamic)?;
         self.install(&merged)?;
         self.file = file;
@@ -55,7 +70,7 @@ impl Control {
     }
 
     /// Put a control plane's resources in force with the file's configuration.
-    pub fn set_dynamic(&mut self, dynamic: xds::Resources) -> Result<(), String> {
+    pub fn set_dynamic(&mut self, dynamic: xds::Resources) -> Result<(), Refused> {
         let merged = xds::merge(&self.file, &dynamic)?;
         self.install(&merged)?;
         self.dynamic = dynamic;
@@ -63,18 +78,21 @@ impl Control {
     }
 
     /// The file's configuration alone (the first install, before any control plane).
-    pub fn start(&mut self) -> Result<(), String> {
+    pub fn start(&mut self) -> Result<(), Refused> {
         let file = self.file.clone();
         self.install(&file)
     }
 
-    fn install(&mut self, c: &Config) -> Result<(), String> {
+    fn install(&mut self, c: &Config) -> Result<(), Refused> {
         // Bind what is new first: a listener that cannot be bound refuses the whole change.
         let mut bound = Vec::new();
         for l in &c.listeners {
             if !self.listeners.contains_key(&l.address) {
-                let socket = transport::bind(l.address)
-                    .map_err(|e| format!("listener {:?} ({}): bind: {e}", l.name, l.address))?;
+                let socket = transport::bind(l.address).map_err(|error| Refused::Bind {
+                    name: l.name.clone(),
+                    address: l.address,
+                    error,
+                })?;
                 bound.push((l, socket));
             }
         }
@@ -117,5 +135,18 @@ impl Control {
             tokio::spawn(listener::serve(socket, rx, shared.clone()));
         }
         Ok(())
+    }
+}
+
+/// The xDS stream installs into the control, locked for each step.
+impl xds::Install for Arc<Mutex<Control>> {
+    type Error = Refused;
+
+    fn in_force(&self) -> xds::Resources {
+        self.lock().expect("control lock").dynamic.clone()
+    }
+
+    fn install(&self, next: xds::Resources) -> Result<(), Refused> {
+        self.lock().expect("control lock").set_dynamic(next)
     }
 }
