@@ -139,24 +139,28 @@ fn hundred() -> f64 {
     100.0
 }
 
+/// Fields left out take Envoy's defaults.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct RetryPolicy {
     /// Comma-separated: `5xx`, `gateway-error`, `connect-failure`, `reset`, `retriable-4xx`.
-    #[serde(default = "default_retry_on")]
     pub retry_on: String,
-    #[serde(default = "one")]
     pub num_retries: u32,
     /// Each attempt's own limit (0: only the route's timeout).
-    #[serde(default)]
     pub per_try_timeout_ms: u64,
     /// Backoff: a random wait up to base * 2^(attempt-1), capped at 10 x base (Envoy's).
-    #[serde(default = "default_backoff_ms")]
     pub base_interval_ms: u64,
 }
 
-fn default_retry_on() -> String {
-    "5xx,connect-failure,reset".into()
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            retry_on: "5xx,connect-failure,reset".into(),
+            num_retries: 1,
+            per_try_timeout_ms: 0,
+            base_interval_ms: 25,
+        }
+    }
 }
 
 /// The `retry_on` conditions understood.
@@ -167,10 +171,6 @@ pub const RETRY_ON: [&str; 5] = [
     "reset",
     "retriable-4xx",
 ];
-
-fn default_backoff_ms() -> u64 {
-    25
-}
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -218,7 +218,7 @@ pub struct RouteAction {
     #[serde(default)]
     pub weighted_clusters: Vec<WeightedCluster>,
     /// Per-route timeout for the whole request (default 15 s, as Envoy's).
-    #[serde(default = "default_timeout_ms")]
+    #[serde(default = "default_route_timeout_ms")]
     pub timeout_ms: u64,
     pub retry_policy: Option<RetryPolicy>,
     /// Shadow traffic: a copy of each request, answer ignored, Host with "-shadow" appended.
@@ -226,8 +226,11 @@ pub struct RouteAction {
     pub request_mirror_policies: Vec<MirrorPolicy>,
 }
 
-fn default_timeout_ms() -> u64 {
-    15_000
+/// Envoy's default route timeout, for routes that set none.
+pub const DEFAULT_ROUTE_TIMEOUT_MS: u64 = 15_000;
+
+fn default_route_timeout_ms() -> u64 {
+    DEFAULT_ROUTE_TIMEOUT_MS
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -284,29 +287,30 @@ pub struct Cluster {
     pub connect_timeout_ms: u64,
 }
 
+/// Fields left out take Envoy's defaults.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct HealthCheck {
-    #[serde(default = "thousand")]
     pub interval_ms: u64,
-    #[serde(default = "five_hundred")]
     pub timeout_ms: u64,
     /// Failed probes in a row that make an endpoint unhealthy.
-    #[serde(default = "three")]
     pub unhealthy_threshold: u32,
     /// Passed probes in a row that make it healthy again.
-    #[serde(default = "one")]
     pub healthy_threshold: u32,
     /// An HTTP/1.1 GET of this path must answer 2xx; without it, a TCP connect must succeed.
     pub http_path: Option<String>,
 }
 
-fn thousand() -> u64 {
-    1000
-}
-
-fn five_hundred() -> u64 {
-    500
+impl Default for HealthCheck {
+    fn default() -> Self {
+        HealthCheck {
+            interval_ms: 1000,
+            timeout_ms: 500,
+            unhealthy_threshold: 3,
+            healthy_threshold: 1,
+            http_path: None,
+        }
+    }
 }
 
 /// Envoy's default `connect_timeout`, for clusters that set none and original destinations.
@@ -316,16 +320,14 @@ fn default_connect_timeout_ms() -> u64 {
     DEFAULT_CONNECT_TIMEOUT_MS
 }
 
+/// Fields left out take Envoy's defaults.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct CircuitBreakers {
-    #[serde(default = "k1024")]
     pub max_connections: u64,
     /// Requests in flight to the cluster at once.
-    #[serde(default = "k1024")]
     pub max_requests: u64,
     /// Requests waiting for one of those slots; beyond, 503 at once.
-    #[serde(default = "k1024")]
     pub max_pending_requests: u64,
 }
 
@@ -339,41 +341,32 @@ impl Default for CircuitBreakers {
     }
 }
 
-fn k1024() -> u64 {
-    1024
-}
-
+/// Fields left out take Envoy's defaults.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct OutlierDetection {
-    #[serde(default = "five")]
     pub consecutive_5xx: u32,
     /// Ejection lasts this times the number of times the endpoint was ejected.
-    #[serde(default = "thirty_s")]
     pub base_ejection_time_ms: u64,
     /// Never eject more than this share of the cluster (one endpoint may always go).
-    #[serde(default = "ten")]
     pub max_ejection_percent: u32,
 }
 
-fn five() -> u32 {
-    5
+impl Default for OutlierDetection {
+    fn default() -> Self {
+        OutlierDetection {
+            consecutive_5xx: 5,
+            base_ejection_time_ms: 30_000,
+            max_ejection_percent: 10,
+        }
+    }
 }
 
-fn ten() -> u32 {
-    10
-}
-
-fn thirty_s() -> u64 {
-    30_000
-}
-
+/// Fields left out take Envoy's defaults.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct RetryBudget {
-    #[serde(default = "twenty")]
     pub budget_percent: u32,
-    #[serde(default = "three")]
     pub min_retry_concurrency: u32,
 }
 
@@ -384,14 +377,6 @@ impl Default for RetryBudget {
             min_retry_concurrency: 3,
         }
     }
-}
-
-fn twenty() -> u32 {
-    20
-}
-
-fn three() -> u32 {
-    3
 }
 
 /// One of: a request header's value, or the client's address.
@@ -726,6 +711,67 @@ clusters:
             c.clusters[0].connect_timeout(),
             std::time::Duration::from_millis(250)
         );
+    }
+
+    #[test]
+    fn left_out_fields_take_envoys_defaults() {
+        let c = Config::parse(
+            "t.yaml",
+            r#"
+virtual_hosts:
+  - name: v
+    domains: ["*"]
+    routes: [{route: {cluster: a, retry_policy: {}}}]
+clusters:
+  - name: a
+    endpoints: [{address: "10.0.0.1:80"}]
+    outlier_detection: {}
+    health_check: {}
+    circuit_breakers: {max_requests: 7}
+    retry_budget: {}
+"#,
+        )
+        .unwrap();
+        let route = &c.virtual_hosts[0].routes[0].route;
+        assert_eq!(route.timeout_ms, 15_000);
+        let r = route.retry_policy.as_ref().unwrap();
+        assert_eq!(
+            (
+                r.retry_on.as_str(),
+                r.num_retries,
+                r.per_try_timeout_ms,
+                r.base_interval_ms
+            ),
+            ("5xx,connect-failure,reset", 1, 0, 25)
+        );
+        let cl = &c.clusters[0];
+        let od = cl.outlier_detection.as_ref().unwrap();
+        assert_eq!(
+            (
+                od.consecutive_5xx,
+                od.base_ejection_time_ms,
+                od.max_ejection_percent
+            ),
+            (5, 30_000, 10)
+        );
+        let hc = cl.health_check.as_ref().unwrap();
+        assert_eq!(
+            (
+                hc.interval_ms,
+                hc.timeout_ms,
+                hc.unhealthy_threshold,
+                hc.healthy_threshold
+            ),
+            (1000, 500, 3, 1)
+        );
+        assert_eq!(hc.http_path, None);
+        let cb = &cl.circuit_breakers;
+        assert_eq!(
+            (cb.max_connections, cb.max_requests, cb.max_pending_requests),
+            (1024, 7, 1024)
+        );
+        let rb = &cl.retry_budget;
+        assert_eq!((rb.budget_percent, rb.min_retry_concurrency), (20, 3));
     }
 
     #[test]

@@ -657,6 +657,14 @@ mod tests {
         (0..n).map(|i| Endpoint::new(addr(i))).collect()
     }
 
+    /// Endpoints `addr(0)`, `addr(1)`, ... of these weights.
+    fn weighted(weights: &[u32]) -> Vec<Endpoint> {
+        (0u16..)
+            .zip(weights)
+            .map(|(i, w)| Endpoint::new(addr(i)).with_weight(*w))
+            .collect()
+    }
+
     fn all(_: SocketAddr) -> bool {
         true
     }
@@ -743,13 +751,7 @@ mod tests {
 
     #[test]
     fn round_robin_weighted_exact_and_smooth() {
-        let b = Balancer::new(
-            Policy::RoundRobin,
-            vec![
-                Endpoint::new(addr(0)).with_weight(3),
-                Endpoint::new(addr(1)),
-            ],
-        );
+        let b = Balancer::new(Policy::RoundRobin, weighted(&[3, 1]));
         let seq: Vec<SocketAddr> = (0..400).map(|_| b.pick(None, &all).unwrap().addr).collect();
         let heavy = seq.iter().filter(|&&a| a == addr(0)).count();
         assert_eq!((heavy, 400 - heavy), (300, 100));
@@ -833,23 +835,11 @@ mod tests {
 
     #[test]
     fn least_request_weighted_without_load() {
-        let b = Balancer::new(
-            Policy::least_request(),
-            vec![
-                Endpoint::new(addr(0)).with_weight(3),
-                Endpoint::new(addr(1)),
-            ],
-        );
+        let b = Balancer::new(Policy::least_request(), weighted(&[3, 1]));
         let c = counts(&b, 10_000, &all);
         assert!(within(c[&addr(0)], 7500.0, 0.04), "{c:?}");
         // One choice: plain weighted random.
-        let b = Balancer::new(
-            Policy::LeastRequest { choices: 0 },
-            vec![
-                Endpoint::new(addr(0)).with_weight(3),
-                Endpoint::new(addr(1)),
-            ],
-        );
+        let b = Balancer::new(Policy::LeastRequest { choices: 0 }, weighted(&[3, 1]));
         let c = counts(&b, 10_000, &all);
         assert!(within(c[&addr(0)], 7500.0, 0.04), "{c:?}");
     }
@@ -862,13 +852,7 @@ mod tests {
         for n in c.values() {
             assert!(within(*n, 2500.0, 0.15), "{c:?}");
         }
-        let b = Balancer::new(
-            Policy::Random,
-            vec![
-                Endpoint::new(addr(0)),
-                Endpoint::new(addr(1)).with_weight(3),
-            ],
-        );
+        let b = Balancer::new(Policy::Random, weighted(&[1, 3]));
         let c = counts(&b, 10_000, &all);
         assert!(within(c[&addr(1)], 7500.0, 0.04), "{c:?}");
         let c = counts(&b, 1000, &|a| a == addr(0));
@@ -946,13 +930,7 @@ mod tests {
         }
 
         // Weights 2:1.
-        let b = Balancer::new(
-            policy.clone(),
-            vec![
-                Endpoint::new(addr(0)).with_weight(2),
-                Endpoint::new(addr(1)),
-            ],
-        );
+        let b = Balancer::new(policy.clone(), weighted(&[2, 1]));
         let heavy = placement(&b, KEYS, &all)
             .iter()
             .filter(|&&a| a == addr(0))
@@ -1078,14 +1056,9 @@ mod tests {
 
     #[test]
     fn endpoints_are_normalized() {
-        let b = Balancer::new(
-            Policy::RoundRobin,
-            vec![
-                Endpoint::new(addr(0)).with_weight(0),
-                Endpoint::new(addr(1)).with_weight(5),
-                Endpoint::new(addr(0)).with_weight(9),
-            ],
-        );
+        let mut list = weighted(&[0, 5]);
+        list.push(Endpoint::new(addr(0)).with_weight(9));
+        let b = Balancer::new(Policy::RoundRobin, list);
         assert_eq!(
             b.endpoints(),
             vec![

@@ -14,9 +14,6 @@ use crate::{
     upstream::{self, text_response, Body, Failure, Upstream},
 };
 
-/// The backoff base when a policy gives none (Envoy's 25 ms).
-const DEFAULT_BASE_INTERVAL_MS: u64 = 25;
-
 /// One request's way to a cluster.
 pub struct Attempts<'a> {
     pub cluster: &'a ClusterState,
@@ -85,20 +82,18 @@ impl Attempts<'_> {
             count(name, pick.addr, &outcome);
             cl.record(pick.addr, failed(&outcome));
             drop(pick);
-            let again = match retry {
-                Some(r) => n < retries && retriable(&r.retry_on, &outcome) && cl.retry_allowed(),
-                None => false,
-            };
-            if !again {
+            let again = retry
+                .filter(|r| n < retries && retriable(&r.retry_on, &outcome) && cl.retry_allowed());
+            let Some(policy) = again else {
                 return outcome.unwrap_or_else(failure_response);
-            }
+            };
             n += 1;
             stats::inc(
                 "sockmesh_proxy_upstream_rq_retry_total",
                 &[("cluster", name)],
             );
             let _retry = cl.retry_started();
-            tokio::time::sleep(backoff(retry, n)).await;
+            tokio::time::sleep(backoff(policy.base_interval_ms, n)).await;
         }
     }
 }
@@ -144,10 +139,8 @@ fn retriable(retry_on: &str, outcome: &Result<Response<Body>, Failure>) -> bool 
 }
 
 /// The wait before retry `n` (from 1): random, up to `base * 2^(n-1)`, capped at 10 x base.
-fn backoff(retry: Option<&RetryPolicy>, n: u32) -> Duration {
-    let base = retry
-        .map_or(DEFAULT_BASE_INTERVAL_MS, |r| r.base_interval_ms)
-        .max(1);
+fn backoff(base_interval_ms: u64, n: u32) -> Duration {
+    let base = base_interval_ms.max(1);
     let cap = (base << (n - 1).min(16)).min(base * 10);
     Duration::from_millis(random::below(cap) + 1)
 }

@@ -190,15 +190,18 @@ fn thresholds(c: &cds::Cluster) -> (CircuitBreakers, RetryBudget) {
     (circuit_breakers, retry_budget)
 }
 
+/// Outlier detection; unset fields take the file's defaults.
 fn outlier_detection(o: &cds::OutlierDetection) -> OutlierDetection {
+    let d = OutlierDetection::default();
     OutlierDetection {
-        consecutive_5xx: u32v(&o.consecutive_5xx).unwrap_or(5),
-        base_ejection_time_ms: ms(&o.base_ejection_time).unwrap_or(30_000),
-        max_ejection_percent: u32v(&o.max_ejection_percent).unwrap_or(10),
+        consecutive_5xx: u32v(&o.consecutive_5xx).unwrap_or(d.consecutive_5xx),
+        base_ejection_time_ms: ms(&o.base_ejection_time).unwrap_or(d.base_ejection_time_ms),
+        max_ejection_percent: u32v(&o.max_ejection_percent).unwrap_or(d.max_ejection_percent),
     }
 }
 
-/// The first health check: HTTP (a GET of its path) or TCP (a connect).
+/// The first health check: HTTP (a GET of its path) or TCP (a connect); unset fields take
+/// the file's defaults.
 fn health_check(h: &core::HealthCheck) -> Result<HealthCheck, Invalid> {
     use core::health_check::HealthChecker;
     let http_path = match &h.health_checker {
@@ -211,11 +214,12 @@ fn health_check(h: &core::HealthCheck) -> Result<HealthCheck, Invalid> {
             .at("health_checks[0]")
         }
     };
+    let d = HealthCheck::default();
     Ok(HealthCheck {
-        interval_ms: ms(&h.interval).unwrap_or(1000),
-        timeout_ms: ms(&h.timeout).unwrap_or(500),
-        unhealthy_threshold: u32v(&h.unhealthy_threshold).unwrap_or(3),
-        healthy_threshold: u32v(&h.healthy_threshold).unwrap_or(1),
+        interval_ms: ms(&h.interval).unwrap_or(d.interval_ms),
+        timeout_ms: ms(&h.timeout).unwrap_or(d.timeout_ms),
+        unhealthy_threshold: u32v(&h.unhealthy_threshold).unwrap_or(d.unhealthy_threshold),
+        healthy_threshold: u32v(&h.healthy_threshold).unwrap_or(d.healthy_threshold),
         http_path,
     })
 }

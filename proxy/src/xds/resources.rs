@@ -56,20 +56,20 @@ impl Resources {
             Kind::Listener => {
                 self.listeners = decode(kind, resources, |l: &lds::Listener| l.name.clone())?
             }
-            Kind::Endpoint => {
-                let got = decode(kind, resources, |c: &eds::ClusterLoadAssignment| {
+            Kind::Endpoint => keep_wanted(
+                &mut self.endpoints,
+                decode(kind, resources, |c: &eds::ClusterLoadAssignment| {
                     c.cluster_name.clone()
-                })?;
-                self.endpoints.extend(got);
-                self.endpoints.retain(|n, _| wanted.contains(n));
-            }
-            Kind::Route => {
-                let got = decode(kind, resources, |r: &rds::RouteConfiguration| {
+                })?,
+                wanted,
+            ),
+            Kind::Route => keep_wanted(
+                &mut self.routes,
+                decode(kind, resources, |r: &rds::RouteConfiguration| {
                     r.name.clone()
-                })?;
-                self.routes.extend(got);
-                self.routes.retain(|n, _| wanted.contains(n));
-            }
+                })?,
+                wanted,
+            ),
         }
         Ok(())
     }
@@ -103,6 +103,16 @@ impl Resources {
                 .collect(),
         }
     }
+}
+
+/// Add `got` to `held`, then keep only the `wanted` names.
+fn keep_wanted<M>(
+    held: &mut BTreeMap<String, M>,
+    got: BTreeMap<String, M>,
+    wanted: &BTreeSet<String>,
+) {
+    held.extend(got);
+    held.retain(|n, _| wanted.contains(n));
 }
 
 /// A response's resources of `kind`, as `M`s by name.

@@ -22,13 +22,11 @@ use super::{
 use crate::config::{
     Fault, FaultAbort, FaultDelay, HashPolicy, HeaderMatch, HeaderValue, MirrorPolicy, QueryMatch,
     RetryPolicy, Route, RouteAction, RouteMatch, VirtualHost, WeightedCluster,
+    DEFAULT_ROUTE_TIMEOUT_MS,
 };
 
 /// Route timeouts of 0 mean none in Envoy: a year stands for it.
 pub const NO_TIMEOUT_MS: u64 = 365 * 24 * 3600 * 1000;
-
-/// The route timeout when none is given (Envoy's 15 s).
-const DEFAULT_TIMEOUT_MS: u64 = 15_000;
 
 /// How a translation sees the clusters: the ORIGINAL_DST ones cannot be routed to, and the
 /// first route naming a hashing cluster gives its hash policy.
@@ -133,7 +131,7 @@ fn route(r: &rds::Route, clusters: &mut Clusters<'_>) -> Result<Route, Invalid> 
             cluster,
             weighted_clusters,
             timeout_ms: match ms(&ra.timeout) {
-                None => DEFAULT_TIMEOUT_MS,
+                None => DEFAULT_ROUTE_TIMEOUT_MS,
                 Some(0) => NO_TIMEOUT_MS,
                 Some(t) => t,
             },
@@ -300,20 +298,22 @@ fn hash_policy(h: &rds::route_action::HashPolicy) -> Result<HashPolicy, Problem>
     }
 }
 
+/// A retry policy; unset fields take the file's defaults.
 fn retry_policy(rp: &rds::RetryPolicy) -> RetryPolicy {
+    let d = RetryPolicy::default();
     RetryPolicy {
         retry_on: if rp.retry_on.is_empty() {
-            "5xx,connect-failure,reset".into()
+            d.retry_on
         } else {
             rp.retry_on.clone()
         },
-        num_retries: u32v(&rp.num_retries).unwrap_or(1),
-        per_try_timeout_ms: ms(&rp.per_try_timeout).unwrap_or(0),
+        num_retries: u32v(&rp.num_retries).unwrap_or(d.num_retries),
+        per_try_timeout_ms: ms(&rp.per_try_timeout).unwrap_or(d.per_try_timeout_ms),
         base_interval_ms: rp
             .retry_back_off
             .as_ref()
             .and_then(|b| ms(&b.base_interval))
-            .unwrap_or(25),
+            .unwrap_or(d.base_interval_ms),
     }
 }
 

@@ -12,7 +12,8 @@ use envoy_types::pb::{
             route::v3 as rds,
         },
         extensions::filters::network::http_connection_manager::v3::{
-            http_connection_manager::RouteSpecifier, HttpConnectionManager,
+            self as hcm, http_connection_manager::RouteSpecifier, http_filter,
+            HttpConnectionManager,
         },
     },
     google::protobuf::Any,
@@ -71,6 +72,34 @@ fn assignment(name: &str, eps: &[(&str, u32, i32)]) -> eds::ClusterLoadAssignmen
                     ..Default::default()
                 })
                 .collect(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// An HTTP connection manager whose routes come by RDS, as `name`.
+fn rds_manager(name: &str) -> HttpConnectionManager {
+    HttpConnectionManager {
+        route_specifier: Some(RouteSpecifier::Rds(hcm::Rds {
+            route_config_name: name.into(),
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+/// The outbound listener on 0.0.0.0:15001, its one filter chain holding `manager`.
+fn outbound(manager: &HttpConnectionManager) -> lds::Listener {
+    lds::Listener {
+        name: "outbound".into(),
+        address: addr("0.0.0.0", 15001),
+        traffic_direction: core::TrafficDirection::Outbound as i32,
+        filter_chains: vec![lds::FilterChain {
+            filters: vec![lds::Filter {
+                name: "envoy.filters.network.http_connection_manager".into(),
+                config_type: Some(lds::filter::ConfigType::TypedConfig(any(manager))),
+            }],
             ..Default::default()
         }],
         ..Default::default()
@@ -160,32 +189,15 @@ fn what_cannot_be_honoured_is_refused_by_name() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("envoy.config.cluster.v3.Cluster"), "{e}");
+    assert_eq!(
+        e,
+        "resources[0]: a type.googleapis.com/envoy.config.cluster.v3.Cluster in a response of type.googleapis.com/envoy.config.listener.v3.Listener"
+    );
 }
 
 #[test]
 fn listeners_name_their_routes_and_routes_translate() {
-    let hcm = HttpConnectionManager {
-        route_specifier: Some(RouteSpecifier::Rds(
-            envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::Rds {
-                route_config_name: "80".into(),
-                ..Default::default()
-            },
-        )),
-        ..Default::default()
-    };
-    let l = lds::Listener {
-        name: "outbound".into(),
-        address: addr("0.0.0.0", 15001),
-        traffic_direction: core::TrafficDirection::Outbound as i32,
-        filter_chains: vec![lds::FilterChain {
-            filters: vec![lds::Filter {
-                name: "envoy.filters.network.http_connection_manager".into(),
-                config_type: Some(lds::filter::ConfigType::TypedConfig(any(&hcm))),
-            }],
-            ..Default::default()
-        }],
-        ..Default::default()
-    };
+    let l = outbound(&rds_manager("80"));
     let mut r = Resources::default();
     r.take(Kind::Listener, &[any(&l)], &BTreeSet::new())
         .unwrap();
@@ -270,32 +282,18 @@ fn refusals_name_the_resource_and_the_field() {
     );
 
     // An HTTP filter that does not run, in a listener.
-    let cors = envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpFilter {
+    let cors = hcm::HttpFilter {
         name: "envoy.filters.http.cors".into(),
-        config_type: Some(
-            envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_filter::ConfigType::TypedConfig(Any {
-                type_url: "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors".into(),
-                value: Vec::new(),
-            }),
-        ),
+        config_type: Some(http_filter::ConfigType::TypedConfig(Any {
+            type_url: "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors".into(),
+            value: Vec::new(),
+        })),
         ..Default::default()
     };
-    let hcm = HttpConnectionManager {
+    let l = outbound(&HttpConnectionManager {
         http_filters: vec![cors],
         ..Default::default()
-    };
-    let l = lds::Listener {
-        name: "outbound".into(),
-        address: addr("0.0.0.0", 15001),
-        filter_chains: vec![lds::FilterChain {
-            filters: vec![lds::Filter {
-                name: "envoy.filters.network.http_connection_manager".into(),
-                config_type: Some(lds::filter::ConfigType::TypedConfig(any(&hcm))),
-            }],
-            ..Default::default()
-        }],
-        ..Default::default()
-    };
+    });
     let mut r = Resources::default();
     r.listeners.insert("outbound".into(), l);
     assert_eq!(
@@ -305,27 +303,7 @@ fn refusals_name_the_resource_and_the_field() {
 
     // A redirect, in a route configuration a listener names.
     let mut r = Resources::default();
-    let rds_hcm = HttpConnectionManager {
-        route_specifier: Some(RouteSpecifier::Rds(
-            envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::Rds {
-                route_config_name: "80".into(),
-                ..Default::default()
-            },
-        )),
-        ..Default::default()
-    };
-    let l = lds::Listener {
-        name: "outbound".into(),
-        address: addr("0.0.0.0", 15001),
-        filter_chains: vec![lds::FilterChain {
-            filters: vec![lds::Filter {
-                name: "hcm".into(),
-                config_type: Some(lds::filter::ConfigType::TypedConfig(any(&rds_hcm))),
-            }],
-            ..Default::default()
-        }],
-        ..Default::default()
-    };
+    let l = outbound(&rds_manager("80"));
     r.listeners.insert("outbound".into(), l);
     let redirect = rds::Route {
         action: Some(rds::route::Action::Redirect(Default::default())),
@@ -369,19 +347,7 @@ fn refusals_name_the_resource_and_the_field() {
         "clusters[1].name: \"a\" is defined twice"
     );
 
-    // A response's own faults.
-    let wrong = Resources::default()
-        .take(
-            Kind::Listener,
-            &[any(&eds_cluster("y", cds::cluster::LbPolicy::RoundRobin))],
-            &BTreeSet::new(),
-        )
-        .unwrap_err()
-        .to_string();
-    assert_eq!(
-        wrong,
-        "resources[0]: a type.googleapis.com/envoy.config.cluster.v3.Cluster in a response of type.googleapis.com/envoy.config.listener.v3.Listener"
-    );
+    // Two resources of one name in a response.
     let c = eds_cluster("x", cds::cluster::LbPolicy::RoundRobin);
     let twice = Resources::default()
         .take(Kind::Cluster, &[any(&c), any(&c)], &BTreeSet::new())
