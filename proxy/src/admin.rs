@@ -1,5 +1,4 @@
-//! The admin endpoint: readiness, metrics, the clusters' endpoints and health, and the
-//! configuration in force.
+//! The admin endpoint: readiness, metrics, clusters' endpoints, and the configuration in force.
 
 use std::{convert::Infallible, fmt::Write};
 

@@ -1,6 +1,8 @@
-//! The proxy's configuration: a YAML file shaped like Envoy's listeners, virtual hosts, routes,
-//! clusters and endpoints. Loading checks the shape (serde names the field, line and column)
-//! and then the meaning (references, regexes, weights), naming the offending path.
+//! The proxy's configuration file: YAML shaped like Envoy's, checked in shape and in meaning.
+//!
+//! Listeners, virtual hosts, routes, clusters and endpoints. Loading checks the shape (serde
+//! names the field, line and column) and then the meaning (references, regexes, weights),
+//! naming the offending path.
 
 use std::{collections::BTreeSet, net::SocketAddr, path::Path};
 

@@ -1,5 +1,6 @@
-//! What is in force, and how it changes: the file's configuration merged with a control
-//! plane's resources, the listeners bound for it, and the snapshot connections use. A change
+//! What is in force and how it changes: the file and the control plane's resources, merged.
+//!
+//! The merge goes to the listeners bound for it and to the snapshot connections use. A change
 //! is installed completely or not at all: listeners it adds are bound first, and a failure
 //! leaves everything as it was.
 

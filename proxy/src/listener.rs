@@ -1,5 +1,4 @@
-//! Listeners: accept connections, learn each one's original destination and protocol, and
-//! hand it to HTTP or to the TCP relay.
+//! Listeners: accept, learn the original destination and protocol, hand to HTTP or TCP.
 
 use std::{
     collections::BTreeSet,

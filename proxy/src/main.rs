@@ -1,7 +1,8 @@
-//! sockmesh-proxy: a sidecar that learns each connection's original destination on its
-//! outbound (15001) and inbound (15006) listeners, routes HTTP/1.1 and HTTP/2 by virtual host
-//! and route to clusters of endpoints, balances across them, and relays anything else as TCP.
-//! It works the same under iptables' REDIRECT and under sockmesh.
+//! sockmesh-proxy: a sidecar proxy that works the same under iptables and under sockmesh.
+//!
+//! It learns each connection's original destination on its outbound (15001) and inbound
+//! (15006) listeners, routes HTTP/1.1 and HTTP/2 by virtual host and route to clusters of
+//! endpoints, balances across them, and relays anything else as TCP.
 
 mod admin;
 mod cluster;

@@ -1,5 +1,7 @@
-//! The proxy's one random generator (splitmix64): load balancing, weighted clusters, shares
-//! of requests and retry backoff. Not cryptographic; it only spreads load.
+//! The proxy's one random generator (splitmix64); not cryptographic, it only spreads load.
+//!
+//! Load balancing, weighted clusters, shares of requests (faults, mirrors) and retry backoff
+//! all draw from it.
 
 use std::{
     collections::hash_map::RandomState,

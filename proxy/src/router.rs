@@ -1,7 +1,8 @@
-//! Route selection, compiled from the configuration: virtual host by authority (Envoy's
-//! order: exact, longest `*.suffix`, longest `prefix*`), else by original destination, else `*`;
-//! then the first route whose path, headers and query match. TLS routes by server name, TCP
-//! routes by original destination.
+//! Route selection, compiled from the configuration: HTTP by virtual host, TLS by SNI, TCP by port.
+//!
+//! A virtual host is chosen by authority (Envoy's order: exact, longest `*.suffix`, longest
+//! `prefix*`), else by original destination, else `*`; then the first route whose path,
+//! headers and query match.
 
 use std::{
     net::{IpAddr, SocketAddr},

@@ -1,6 +1,7 @@
-//! Counters, gauges and latency histograms, rendered in Prometheus' text format by the admin
-//! endpoint. Series are keyed by metric name and labels, found by a hash of the borrowed name
-//! and labels: counting an existing series allocates nothing.
+//! Counters, gauges and latency histograms, rendered in Prometheus' text format.
+//!
+//! Series are keyed by metric name and labels, found by a hash of the borrowed name and
+//! labels: counting an existing series allocates nothing.
 
 use std::{
     collections::HashMap,

@@ -1,5 +1,6 @@
-//! TCP and TLS connections: relayed, half-closes passed on, to a cluster's endpoint chosen by
-//! server name (TLS routes) or destination port (TCP routes), else to the original destination.
+//! TCP and TLS connections: relayed to a cluster by SNI or port, else to the original destination.
+//!
+//! Half-closes are passed on; a cluster's endpoint is chosen by the client's address.
 
 use std::{io, net::SocketAddr, time::Duration};
 

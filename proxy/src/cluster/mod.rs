@@ -1,6 +1,7 @@
-//! Clusters at run time: each one's balancer, active and passive health, circuit breakers and
-//! retry budget. A cluster's state outlives a change that leaves it as it was, or changes only
-//! its endpoints (EDS): balancer state, health and counters carry over.
+//! Clusters at run time: balancer, active and passive health, circuit breakers, retry budget.
+//!
+//! A cluster's state outlives a change that leaves it as it was, or changes only its
+//! endpoints (EDS): balancer state, health and counters carry over.
 
 mod balancer;
 mod health;

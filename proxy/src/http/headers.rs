@@ -1,5 +1,4 @@
-//! Header handling on the way through: hop-by-hop headers kept on their hop, the route's
-//! header changes, and the request's authority.
+//! Headers on the way through: hop-by-hop ones kept on their hop, route changes, authority.
 
 use hyper::{
     header::{HeaderName, HeaderValue, CONNECTION, HOST, TE, UPGRADE},

@@ -1,5 +1,4 @@
-//! HTTP/1.1 and HTTP/2 connections from clients: each request routed and forwarded, its
-//! response's hop-by-hop headers stripped, and its outcome logged and counted.
+//! HTTP/1.1 and HTTP/2 from clients: each request routed, forwarded, logged and counted.
 
 mod fault;
 mod headers;

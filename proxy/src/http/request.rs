@@ -1,5 +1,6 @@
-//! One request's way: strip its hop-by-hop headers, route it, then forward it to its
-//! cluster (with faults, mirrors, circuit breakers and retries) or its original destination.
+//! One request's way: routed, then forwarded to its cluster or to its original destination.
+//!
+//! On the way to a cluster: faults, mirrors, circuit breakers and retries.
 
 use http_body_util::BodyExt;
 use hyper::{body::Incoming, upgrade::OnUpgrade, Request, Response, StatusCode, Version};
@@ -115,6 +116,15 @@ impl ToCluster<'_> {
     /// Apply the route's header changes, mirror the request, and send it through the
     /// cluster's circuit breaker with retries, all within the route's timeout.
     async fn forward(self, req: Request<Incoming>, trace: &mut Trace) -> Response<Body> {
+        match self.attempts(req).await {
+            Ok(attempts) => self.send(attempts, trace).await,
+            Err(bad_request) => bad_request,
+        }
+    }
+
+    /// The request made ready for its attempts (mirrored on the way), or the answer to a
+    /// body that could not be read.
+    async fn attempts(&self, req: Request<Incoming>) -> Result<Attempts<'_>, Response<Body>> {
         let (cl, route) = (self.cluster, self.route);
         let hash = self.hash_key(&req);
         let http2 = req.version() == Version::HTTP_2 || cl.config.http2;
@@ -129,15 +139,12 @@ impl ToCluster<'_> {
         );
         // Keep the body when it may be sent again, if it is small enough.
         let replay = route.retry.is_some() || !route.mirrors.is_empty();
-        let (body, kept) = match keep_body(body, replay).await {
-            Ok(b) => b,
-            Err(e) => {
-                return text_response(
-                    StatusCode::BAD_REQUEST,
-                    &format!("reading the request: {e}"),
-                )
-            }
-        };
+        let (body, kept) = keep_body(body, replay).await.map_err(|e| {
+            text_response(
+                StatusCode::BAD_REQUEST,
+                &format!("reading the request: {e}"),
+            )
+        })?;
         if let Some(bytes) = &kept {
             mirror_all(
                 self.snap,
@@ -148,11 +155,11 @@ impl ToCluster<'_> {
                 hash,
             );
         }
-        let attempts = Attempts {
+        Ok(Attempts {
             cluster: cl,
             name: self.name,
             head,
-            body,
+            body: Some(body),
             kept,
             on_upgrade,
             retry: route.retry.as_ref(),
@@ -160,8 +167,14 @@ impl ToCluster<'_> {
             http2,
             authority: self.authority,
             hash,
-        };
-        let deadline = tokio::time::Instant::now() + route.timeout;
+        })
+    }
+
+    /// Through the circuit breaker, then the attempts, within the route's timeout; the
+    /// route's response header changes on the answer.
+    async fn send(&self, attempts: Attempts<'_>, trace: &mut Trace) -> Response<Body> {
+        let cl = self.cluster;
+        let deadline = tokio::time::Instant::now() + self.route.timeout;
         let _slot = match cl.request_slot(deadline).await {
             Ok(slot) => slot,
             Err(NoSlot::Overflow) => {
@@ -179,8 +192,8 @@ impl ToCluster<'_> {
         };
         set_headers(
             resp.headers_mut(),
-            &route.response_headers_to_add,
-            &route.response_headers_to_remove,
+            &self.route.response_headers_to_add,
+            &self.route.response_headers_to_remove,
         );
         resp
     }

@@ -1,7 +1,6 @@
-//! A request's attempts at a cluster: an endpoint each, retried under the route's policy and
-//! the cluster's retry budget, with a random backoff.
+//! A request's attempts at a cluster, retried under its policy and budget, with a backoff.
 
-use std::time::Duration;
+use std::{net::SocketAddr, time::Duration};
 
 use bytes::Bytes;
 use hyper::{upgrade::OnUpgrade, Response, StatusCode};
@@ -20,8 +19,8 @@ pub struct Attempts<'a> {
     /// The cluster's name as routed (stats).
     pub name: &'a str,
     pub head: Head,
-    /// The body for the first attempt; later ones replay `kept`.
-    pub body: Body,
+    /// The client's body, for the first attempt; later ones replay `kept`.
+    pub body: Option<Body>,
     /// The body's bytes, when small enough to send again.
     pub kept: Option<Bytes>,
     /// The client's side of an upgrade, for the first attempt only.
@@ -35,71 +34,73 @@ pub struct Attempts<'a> {
 
 impl Attempts<'_> {
     /// Send until an attempt's outcome is not retried, and answer with it.
-    pub async fn run(self, trace: &mut Trace) -> Response<Body> {
-        let Attempts {
-            cluster: cl,
-            name,
-            head,
-            body,
-            kept,
-            mut on_upgrade,
-            retry,
-            direction,
-            http2,
-            authority,
-            hash,
-        } = self;
-        let per_try = retry
-            .map(|r| r.per_try_timeout_ms)
-            .filter(|t| *t > 0)
-            .map(Duration::from_millis);
-        // Only a kept body can be sent again.
-        let retries = match (retry, &kept) {
-            (Some(r), Some(_)) => r.num_retries,
-            _ => 0,
-        };
-        let mut body = Some(body);
+    pub async fn run(mut self, trace: &mut Trace) -> Response<Body> {
+        let retries = self.retries();
         let mut n = 0u32;
         loop {
-            let Some(pick) = cl.pick(hash) else {
+            let Some(pick) = self.cluster.pick(self.hash) else {
                 return text_response(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
             };
-            let b = body
-                .take()
-                .unwrap_or_else(|| upstream::from_bytes(kept.clone().unwrap_or_default()));
-            let mut this = head.request(b);
-            if let Some(u) = on_upgrade.take() {
-                this.extensions_mut().insert(u);
-            }
             trace.upstream = Some(pick.addr);
-            let to = Upstream {
-                addr: pick.addr,
-                direction,
-                http2,
-                connect_timeout: cl.config.connect_timeout(),
-            };
-            let outcome = upstream::send(this, to, authority, per_try).await;
-            count(name, pick.addr, &outcome);
-            cl.record(pick.addr, failed(&outcome));
+            let outcome = self.send_to(pick.addr).await;
+            count(self.name, pick.addr, &outcome);
+            self.cluster.record(pick.addr, failed(&outcome));
             drop(pick);
-            let again = retry
-                .filter(|r| n < retries && retriable(&r.retry_on, &outcome) && cl.retry_allowed());
+            let again = self.retry.filter(|r| {
+                n < retries && retriable(&r.retry_on, &outcome) && self.cluster.retry_allowed()
+            });
             let Some(policy) = again else {
                 return outcome.unwrap_or_else(failure_response);
             };
             n += 1;
             stats::inc(
                 "sockmesh_proxy_upstream_rq_retry_total",
-                &[("cluster", name)],
+                &[("cluster", self.name)],
             );
-            let _retry = cl.retry_started();
+            let _retry = self.cluster.retry_started();
             tokio::time::sleep(backoff(policy.base_interval_ms, n)).await;
         }
+    }
+
+    /// The retries the policy allows, when the body was kept to send again.
+    fn retries(&self) -> u32 {
+        match (self.retry, &self.kept) {
+            (Some(r), Some(_)) => r.num_retries,
+            _ => 0,
+        }
+    }
+
+    /// Each attempt's own time limit, when the policy sets one.
+    fn per_try(&self) -> Option<Duration> {
+        self.retry
+            .map(|r| r.per_try_timeout_ms)
+            .filter(|t| *t > 0)
+            .map(Duration::from_millis)
+    }
+
+    /// One attempt at `addr`: the first with the client's body (and upgrade), later ones with
+    /// the kept copy.
+    async fn send_to(&mut self, addr: SocketAddr) -> Result<Response<Body>, Failure> {
+        let body = self
+            .body
+            .take()
+            .unwrap_or_else(|| upstream::from_bytes(self.kept.clone().unwrap_or_default()));
+        let mut req = self.head.request(body);
+        if let Some(u) = self.on_upgrade.take() {
+            req.extensions_mut().insert(u);
+        }
+        let to = Upstream {
+            addr,
+            direction: self.direction,
+            http2: self.http2,
+            connect_timeout: self.cluster.config.connect_timeout(),
+        };
+        upstream::send(req, to, self.authority, self.per_try()).await
     }
 }
 
 /// Count an attempt at `endpoint` of `cluster` by its status class (no response is 5xx).
-fn count(cluster: &str, endpoint: std::net::SocketAddr, outcome: &Result<Response<Body>, Failure>) {
+fn count(cluster: &str, endpoint: SocketAddr, outcome: &Result<Response<Body>, Failure>) {
     let code = match outcome {
         Ok(r) => stats::class(r.status().as_u16()),
         Err(_) => "5xx",

@@ -1,5 +1,4 @@
-//! What the proxy knows of a connection below HTTP: its addresses, original destination,
-//! protocol and TLS server name, and the sockets it listens and connects with.
+//! Connections below HTTP: addresses, original destination, protocol, SNI, sockets.
 
 mod accepted;
 mod addr;

@@ -1,5 +1,4 @@
-//! TCP sockets: listeners bound for the proxy, and connections out, inbound ones from the
-//! passthrough source.
+//! TCP sockets: the proxy's listeners, and connections out (inbound from the passthrough source).
 
 use std::{
     io,

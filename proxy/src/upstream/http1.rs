@@ -1,5 +1,4 @@
-//! Requests over HTTP/1.1: in the form an origin server expects, over a pooled connection;
-//! upgrades (WebSocket) relayed once both sides switch.
+//! Requests over HTTP/1.1, in origin form, over pooled connections; upgrades relayed.
 
 use hyper::{
     header::{HeaderValue, HOST},

@@ -1,5 +1,4 @@
-//! The proxy's side towards endpoints and original destinations: one attempt of a request,
-//! over pooled HTTP/1.1 connections or a shared HTTP/2 one.
+//! Towards endpoints and original destinations: one attempt of a request, HTTP/1.1 or HTTP/2.
 
 mod body;
 mod http1;

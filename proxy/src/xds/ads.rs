@@ -1,4 +1,5 @@
 //! The ADS client: one aggregated xDS stream, state of the world, reconnected with a backoff.
+//!
 //! Each response is offered to what installs resources ([`Install`]); the answer is an ACK
 //! when they are in force and a NACK (with the reason) when they are refused.
 

@@ -1,4 +1,5 @@
 //! Why a control plane's resources are refused: which resource, which field, what is wrong.
+//!
 //! The message goes back to the control plane with the NACK.
 
 use std::fmt;

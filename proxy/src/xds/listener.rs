@@ -1,6 +1,7 @@
-//! Listeners (LDS) into the proxy's listeners, and their filter chains into routes: HTTP
-//! connection managers give virtual hosts (inline or by RDS name), TCP proxies give TLS and
-//! TCP routes.
+//! Listeners (LDS) into the proxy's listeners, and their filter chains into routes.
+//!
+//! HTTP connection managers give virtual hosts (inline, or by RDS name); TCP proxies give TLS
+//! and TCP routes.
 
 use envoy_types::pb::{
     envoy::{

@@ -1,5 +1,4 @@
-//! Reading Envoy's protobuf types: `Any` payloads, durations, wrapped integers, fractions and
-//! socket addresses.
+//! Reading Envoy's protobuf types: `Any` payloads, durations, integers, fractions, addresses.
 
 use std::net::{IpAddr, SocketAddr};
 

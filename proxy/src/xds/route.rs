@@ -1,5 +1,4 @@
-//! RouteConfigurations (RDS, or inline in a listener) into the proxy's virtual hosts and
-//! routes.
+//! RouteConfigurations (RDS, or inline in a listener) into virtual hosts and routes.
 
 use std::collections::{BTreeMap, BTreeSet};
 
