@@ -1,12 +1,12 @@
-//! The proxy's configuration: a YAML file shaped like Envoy's listeners, virtual hosts, routes,
-//! clusters and endpoints. Loading checks the shape (serde names the field, line and column)
-//! and then the meaning (references, regexes, weights), naming the offending path.
+//! The proxy's configuration file: YAML shaped like Envoy's, checked in shape and in meaning.
+//!
+//! Listeners, virtual hosts, routes, clusters and endpoints. Loading checks the shape (serde
+//! names the field, line and column) and then the meaning (references, regexes, weights),
+//! naming the offending path.
 
 use std::{collections::BTreeSet, net::SocketAddr, path::Path};
 
 use serde::Deserialize;
-
-use crate::balancer::{Endpoint, Policy};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -141,29 +141,38 @@ fn hundred() -> f64 {
     100.0
 }
 
+/// Fields left out take Envoy's defaults.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct RetryPolicy {
     /// Comma-separated: `5xx`, `gateway-error`, `connect-failure`, `reset`, `retriable-4xx`.
-    #[serde(default = "default_retry_on")]
     pub retry_on: String,
-    #[serde(default = "one")]
     pub num_retries: u32,
     /// Each attempt's own limit (0: only the route's timeout).
-    #[serde(default)]
     pub per_try_timeout_ms: u64,
     /// Backoff: a random wait up to base * 2^(attempt-1), capped at 10 x base (Envoy's).
-    #[serde(default = "default_backoff_ms")]
     pub base_interval_ms: u64,
 }
 
-fn default_retry_on() -> String {
-    "5xx,connect-failure,reset".into()
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            retry_on: "5xx,connect-failure,reset".into(),
+            num_retries: 1,
+            per_try_timeout_ms: 0,
+            base_interval_ms: 25,
+        }
+    }
 }
 
-fn default_backoff_ms() -> u64 {
-    25
-}
+/// The `retry_on` conditions understood.
+pub const RETRY_ON: [&str; 5] = [
+    "5xx",
+    "gateway-error",
+    "connect-failure",
+    "reset",
+    "retriable-4xx",
+];
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -211,7 +220,7 @@ pub struct RouteAction {
     #[serde(default)]
     pub weighted_clusters: Vec<WeightedCluster>,
     /// Per-route timeout for the whole request (default 15 s, as Envoy's).
-    #[serde(default = "default_timeout_ms")]
+    #[serde(default = "default_route_timeout_ms")]
     pub timeout_ms: u64,
     pub retry_policy: Option<RetryPolicy>,
     /// Shadow traffic: a copy of each request, answer ignored, Host with "-shadow" appended.
@@ -219,8 +228,11 @@ pub struct RouteAction {
     pub request_mirror_policies: Vec<MirrorPolicy>,
 }
 
-fn default_timeout_ms() -> u64 {
-    15_000
+/// Envoy's default route timeout, for routes that set none.
+pub const DEFAULT_ROUTE_TIMEOUT_MS: u64 = 15_000;
+
+fn default_route_timeout_ms() -> u64 {
+    DEFAULT_ROUTE_TIMEOUT_MS
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -277,29 +289,30 @@ pub struct Cluster {
     pub connect_timeout_ms: u64,
 }
 
+/// Fields left out take Envoy's defaults.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct HealthCheck {
-    #[serde(default = "thousand")]
     pub interval_ms: u64,
-    #[serde(default = "five_hundred")]
     pub timeout_ms: u64,
     /// Failed probes in a row that make an endpoint unhealthy.
-    #[serde(default = "three")]
     pub unhealthy_threshold: u32,
     /// Passed probes in a row that make it healthy again.
-    #[serde(default = "one")]
     pub healthy_threshold: u32,
     /// An HTTP/1.1 GET of this path must answer 2xx; without it, a TCP connect must succeed.
     pub http_path: Option<String>,
 }
 
-fn thousand() -> u64 {
-    1000
-}
-
-fn five_hundred() -> u64 {
-    500
+impl Default for HealthCheck {
+    fn default() -> Self {
+        HealthCheck {
+            interval_ms: 1000,
+            timeout_ms: 500,
+            unhealthy_threshold: 3,
+            healthy_threshold: 1,
+            http_path: None,
+        }
+    }
 }
 
 /// Envoy's default `connect_timeout`, for clusters that set none and original destinations.
@@ -309,16 +322,14 @@ fn default_connect_timeout_ms() -> u64 {
     DEFAULT_CONNECT_TIMEOUT_MS
 }
 
+/// Fields left out take Envoy's defaults.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct CircuitBreakers {
-    #[serde(default = "k1024")]
     pub max_connections: u64,
     /// Requests in flight to the cluster at once.
-    #[serde(default = "k1024")]
     pub max_requests: u64,
     /// Requests waiting for one of those slots; beyond, 503 at once.
-    #[serde(default = "k1024")]
     pub max_pending_requests: u64,
 }
 
@@ -332,41 +343,32 @@ impl Default for CircuitBreakers {
     }
 }
 
-fn k1024() -> u64 {
-    1024
-}
-
+/// Fields left out take Envoy's defaults.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct OutlierDetection {
-    #[serde(default = "five")]
     pub consecutive_5xx: u32,
     /// Ejection lasts this times the number of times the endpoint was ejected.
-    #[serde(default = "thirty_s")]
     pub base_ejection_time_ms: u64,
     /// Never eject more than this share of the cluster (one endpoint may always go).
-    #[serde(default = "ten")]
     pub max_ejection_percent: u32,
 }
 
-fn five() -> u32 {
-    5
+impl Default for OutlierDetection {
+    fn default() -> Self {
+        OutlierDetection {
+            consecutive_5xx: 5,
+            base_ejection_time_ms: 30_000,
+            max_ejection_percent: 10,
+        }
+    }
 }
 
-fn ten() -> u32 {
-    10
-}
-
-fn thirty_s() -> u64 {
-    30_000
-}
-
+/// Fields left out take Envoy's defaults.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct RetryBudget {
-    #[serde(default = "twenty")]
     pub budget_percent: u32,
-    #[serde(default = "three")]
     pub min_retry_concurrency: u32,
 }
 
@@ -377,14 +379,6 @@ impl Default for RetryBudget {
             min_retry_concurrency: 3,
         }
     }
-}
-
-fn twenty() -> u32 {
-    20
-}
-
-fn three() -> u32 {
-    3
 }
 
 /// One of: a request header's value, or the client's address.
@@ -441,38 +435,31 @@ pub enum ConfigError {
         #[source]
         source: serde_yaml::Error,
     },
-    #[error("{path}: {field}: {problem}")]
-    Invalid {
-        path: String,
-        field: String,
-        problem: String,
-    },
+    #[error("{path}: {invalid}")]
+    Invalid { path: String, invalid: Invalid },
+}
+
+/// What is wrong with a configuration, and where: a path such as
+/// `virtual_hosts[0].routes[0].route.cluster`.
+#[derive(Debug, thiserror::Error)]
+#[error("{field}: {problem}")]
+pub struct Invalid {
+    pub field: String,
+    pub problem: String,
+}
+
+impl Invalid {
+    fn new(field: impl Into<String>, problem: impl Into<String>) -> Invalid {
+        Invalid {
+            field: field.into(),
+            problem: problem.into(),
+        }
+    }
 }
 
 impl Cluster {
     pub fn connect_timeout(&self) -> std::time::Duration {
         std::time::Duration::from_millis(self.connect_timeout_ms)
-    }
-
-    pub fn policy(&self) -> Policy {
-        match self.lb_policy {
-            LbPolicy::RoundRobin => Policy::RoundRobin,
-            LbPolicy::LeastRequest => Policy::least_request(),
-            LbPolicy::Random => Policy::Random,
-            LbPolicy::RingHash => Policy::ring_hash(),
-            LbPolicy::Maglev => Policy::maglev(),
-        }
-    }
-
-    pub fn endpoint_list(&self) -> Vec<Endpoint> {
-        self.endpoints
-            .iter()
-            .map(|e| Endpoint {
-                addr: e.address,
-                weight: e.weight,
-                priority: e.priority,
-            })
-            .collect()
     }
 }
 
@@ -493,10 +480,9 @@ impl Config {
         })?;
         c.source = text.to_string();
         c.validate(Origin::File)
-            .map_err(|(field, problem)| ConfigError::Invalid {
+            .map_err(|invalid| ConfigError::Invalid {
                 path: path.to_string(),
-                field,
-                problem,
+                invalid,
             })?;
         Ok(c)
     }
@@ -504,63 +490,62 @@ impl Config {
     /// Check a configuration merged from this file and a control plane's resources: as a file,
     /// but (as Envoy) a cluster may have no endpoints yet and a route may name a cluster not
     /// (yet) defined; its requests get 503.
-    pub fn validate_merged(&self) -> Result<(), String> {
+    pub fn validate_merged(&self) -> Result<(), Invalid> {
         self.validate(Origin::Merged)
-            .map_err(|(field, problem)| format!("{field}: {problem}"))
     }
 
     /// The meaning: names unique, references resolve, regexes compile, weights usable.
-    fn validate(&self, origin: Origin) -> Result<(), (String, String)> {
+    fn validate(&self, origin: Origin) -> Result<(), Invalid> {
         let lenient = origin == Origin::Merged;
         let mut names = BTreeSet::new();
         for (i, c) in self.clusters.iter().enumerate() {
             let f = format!("clusters[{i}]");
             if !names.insert(c.name.as_str()) {
-                return Err((
+                return Err(Invalid::new(
                     format!("{f}.name"),
                     format!("{:?} is defined twice", c.name),
                 ));
             }
             if c.endpoints.is_empty() && !lenient {
-                return Err((
+                return Err(Invalid::new(
                     format!("{f}.endpoints"),
-                    "a cluster needs an endpoint".into(),
+                    "a cluster needs an endpoint",
                 ));
             }
             if c.connect_timeout_ms == 0 {
-                return Err((
+                return Err(Invalid::new(
                     format!("{f}.connect_timeout_ms"),
-                    "must be 1 or more (5000 when left out)".into(),
+                    "must be 1 or more (5000 when left out)",
                 ));
             }
             for (j, e) in c.endpoints.iter().enumerate() {
                 if e.weight == 0 {
-                    return Err((
+                    return Err(Invalid::new(
                         format!("{f}.endpoints[{j}].weight"),
-                        "must be 1 or more".into(),
+                        "must be 1 or more",
                     ));
                 }
             }
             if let Some(h) = &c.hash_policy {
                 if h.header.is_some() == h.source_ip {
-                    return Err((
+                    return Err(Invalid::new(
                         format!("{f}.hash_policy"),
-                        "give one of header and source_ip".into(),
+                        "give one of header and source_ip",
                     ));
                 }
             }
             let hashing = matches!(c.lb_policy, LbPolicy::RingHash | LbPolicy::Maglev);
             if hashing != c.hash_policy.is_some() {
-                return Err((
+                return Err(Invalid::new(
                     format!("{f}.hash_policy"),
-                    "ring_hash and maglev need a hash_policy, and only they use one".into(),
+                    "ring_hash and maglev need a hash_policy, and only they use one",
                 ));
             }
         }
         let known = |name: &str| lenient || names.contains(name);
         for (i, l) in self.listeners.iter().enumerate() {
             if self.listeners[..i].iter().any(|o| o.address == l.address) {
-                return Err((
+                return Err(Invalid::new(
                     format!("listeners[{i}].address"),
                     format!("{} is used twice", l.address),
                 ));
@@ -569,7 +554,10 @@ impl Config {
         for (i, vh) in self.virtual_hosts.iter().enumerate() {
             let f = format!("virtual_hosts[{i}]");
             if vh.domains.is_empty() {
-                return Err((format!("{f}.domains"), "needs at least one domain".into()));
+                return Err(Invalid::new(
+                    format!("{f}.domains"),
+                    "needs at least one domain",
+                ));
             }
             for (j, r) in vh.routes.iter().enumerate() {
                 let f = format!("{f}.routes[{j}]");
@@ -579,26 +567,26 @@ impl Config {
                     .filter(|k| k.is_some())
                     .count();
                 if kinds > 1 {
-                    return Err((
+                    return Err(Invalid::new(
                         format!("{f}.match"),
-                        "give one of path, prefix and regex".into(),
+                        "give one of path, prefix and regex",
                     ));
                 }
                 if let Some(re) = &m.regex {
                     regex::Regex::new(re)
-                        .map_err(|e| (format!("{f}.match.regex"), e.to_string()))?;
+                        .map_err(|e| Invalid::new(format!("{f}.match.regex"), e.to_string()))?;
                 }
                 for (k, h) in m.headers.iter().enumerate() {
                     if let Some(re) = &h.regex {
                         regex::Regex::new(re).map_err(|e| {
-                            (format!("{f}.match.headers[{k}].regex"), e.to_string())
+                            Invalid::new(format!("{f}.match.headers[{k}].regex"), e.to_string())
                         })?;
                     }
                 }
                 let a = &r.route;
                 for (k, m) in a.request_mirror_policies.iter().enumerate() {
                     if !known(&m.cluster) {
-                        return Err((
+                        return Err(Invalid::new(
                             format!("{f}.route.request_mirror_policies[{k}].cluster"),
                             format!("no cluster {:?}", m.cluster),
                         ));
@@ -606,20 +594,17 @@ impl Config {
                 }
                 if let Some(rp) = &a.retry_policy {
                     for cond in rp.retry_on.split(',').map(str::trim) {
-                        if !crate::router::RETRY_ON.contains(&cond) {
-                            return Err((
+                        if !RETRY_ON.contains(&cond) {
+                            return Err(Invalid::new(
                                 format!("{f}.route.retry_policy.retry_on"),
-                                format!(
-                                    "{cond:?} is not one of {}",
-                                    crate::router::RETRY_ON.join(", ")
-                                ),
+                                format!("{cond:?} is not one of {}", RETRY_ON.join(", ")),
                             ));
                         }
                     }
                 }
                 if let Some(abort) = r.fault.as_ref().and_then(|f| f.abort.as_ref()) {
                     if !(200..600).contains(&abort.http_status) {
-                        return Err((
+                        return Err(Invalid::new(
                             format!("{f}.fault.abort.http_status"),
                             format!("{} is not an HTTP status", abort.http_status),
                         ));
@@ -627,29 +612,32 @@ impl Config {
                 }
                 match (&a.cluster, a.weighted_clusters.is_empty()) {
                     (Some(c), true) if !known(c) => {
-                        return Err((format!("{f}.route.cluster"), format!("no cluster {c:?}")))
+                        return Err(Invalid::new(
+                            format!("{f}.route.cluster"),
+                            format!("no cluster {c:?}"),
+                        ))
                     }
                     (Some(_), true) => {}
                     (None, false) => {
                         for (k, w) in a.weighted_clusters.iter().enumerate() {
                             if !known(&w.name) {
-                                return Err((
+                                return Err(Invalid::new(
                                     format!("{f}.route.weighted_clusters[{k}].name"),
                                     format!("no cluster {:?}", w.name),
                                 ));
                             }
                         }
                         if a.weighted_clusters.iter().all(|w| w.weight == 0) {
-                            return Err((
+                            return Err(Invalid::new(
                                 format!("{f}.route.weighted_clusters"),
-                                "the weights add up to 0".into(),
+                                "the weights add up to 0",
                             ));
                         }
                     }
                     _ => {
-                        return Err((
+                        return Err(Invalid::new(
                             format!("{f}.route"),
-                            "give either cluster or weighted_clusters".into(),
+                            "give either cluster or weighted_clusters",
                         ))
                     }
                 }
@@ -657,7 +645,7 @@ impl Config {
         }
         for (i, t) in self.tls_routes.iter().enumerate() {
             if !known(&t.cluster) {
-                return Err((
+                return Err(Invalid::new(
                     format!("tls_routes[{i}].cluster"),
                     format!("no cluster {:?}", t.cluster),
                 ));
@@ -667,13 +655,16 @@ impl Config {
             let f = format!("tcp_routes[{i}]");
             if t.destination.parse::<u16>().is_err() && t.destination.parse::<SocketAddr>().is_err()
             {
-                return Err((
+                return Err(Invalid::new(
                     format!("{f}.destination"),
                     format!("{:?} is neither a port nor ip:port", t.destination),
                 ));
             }
             if let Some(cl) = t.cluster.as_deref().filter(|c| !known(c)) {
-                return Err((format!("{f}.cluster"), format!("no cluster {cl:?}")));
+                return Err(Invalid::new(
+                    format!("{f}.cluster"),
+                    format!("no cluster {cl:?}"),
+                ));
             }
         }
         Ok(())
@@ -722,6 +713,67 @@ clusters:
             c.clusters[0].connect_timeout(),
             std::time::Duration::from_millis(250)
         );
+    }
+
+    #[test]
+    fn left_out_fields_take_envoys_defaults() {
+        let c = Config::parse(
+            "t.yaml",
+            r#"
+virtual_hosts:
+  - name: v
+    domains: ["*"]
+    routes: [{route: {cluster: a, retry_policy: {}}}]
+clusters:
+  - name: a
+    endpoints: [{address: "10.0.0.1:80"}]
+    outlier_detection: {}
+    health_check: {}
+    circuit_breakers: {max_requests: 7}
+    retry_budget: {}
+"#,
+        )
+        .unwrap();
+        let route = &c.virtual_hosts[0].routes[0].route;
+        assert_eq!(route.timeout_ms, 15_000);
+        let r = route.retry_policy.as_ref().unwrap();
+        assert_eq!(
+            (
+                r.retry_on.as_str(),
+                r.num_retries,
+                r.per_try_timeout_ms,
+                r.base_interval_ms
+            ),
+            ("5xx,connect-failure,reset", 1, 0, 25)
+        );
+        let cl = &c.clusters[0];
+        let od = cl.outlier_detection.as_ref().unwrap();
+        assert_eq!(
+            (
+                od.consecutive_5xx,
+                od.base_ejection_time_ms,
+                od.max_ejection_percent
+            ),
+            (5, 30_000, 10)
+        );
+        let hc = cl.health_check.as_ref().unwrap();
+        assert_eq!(
+            (
+                hc.interval_ms,
+                hc.timeout_ms,
+                hc.unhealthy_threshold,
+                hc.healthy_threshold
+            ),
+            (1000, 500, 3, 1)
+        );
+        assert_eq!(hc.http_path, None);
+        let cb = &cl.circuit_breakers;
+        assert_eq!(
+            (cb.max_connections, cb.max_requests, cb.max_pending_requests),
+            (1024, 7, 1024)
+        );
+        let rb = &cl.retry_budget;
+        assert_eq!((rb.budget_percent, rb.min_retry_concurrency), (20, 3));
     }
 
     #[test]

@@ -1,12 +1,14 @@
-//! What is in force, and how it changes: the file's configuration merged with a control
-//! plane's resources, the listeners bound for it, and the snapshot connections use. A change
+//! What is in force and how it changes: the file and the control plane's resources, merged.
+//!
+//! The merge goes to the listeners bound for it and to the snapshot connections use. A change
 //! is installed completely or not at all: listeners it adds are bound first, and a failure
 //! leaves everything as it was.
 
 use std::{
     collections::HashMap,
+    io,
     net::SocketAddr,
-    sync::{Arc, RwLock},
+    sync::{Arc, Mutex},
 };
 
 use tokio::sync::watch;
@@ -14,9 +16,25 @@ use tracing::info;
 
 use crate::{
     config::Config,
-    server::{self, ListenerSpec, Shared, Snapshot},
-    xds,
+    listener::{self, ListenerSpec},
+    snapshot::{Shared, Snapshot},
+    transport, xds,
 };
+
+/// Why a change is refused (and everything stays as it was).
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    /// The control plane's resources do not translate, or the whole does not check out.
+    #[error(transparent)]
+    Xds(#[from] xds::Error),
+    /// A new listener's address cannot be bound.
+    #[error("listener {name:?} ({address}): bind: {error}")]
+    Bind {
+        name: String,
+        address: SocketAddr,
+        error: io::Error,
+    },
+}
 
 /// The running proxy's configuration sources and listeners.
 pub struct Control {
@@ -44,13 +62,8 @@ impl Control {
         self.shared.clone().expect("installed")
     }
 
-    /// The control plane's resources in force.
-    pub fn dynamic(&self) -> &xds::Resources {
-        &self.dynamic
-    }
-
     /// Put a new configuration file in force with the current dynamic resources.
-    pub fn set_file(&mut self, file: Config) -> Result<(), String> {
+    pub fn set_file(&mut self, file: Config) -> Result<(), Refused> {
         let merged = xds::merge(&file, &self.dynamic)?;
         self.install(&merged)?;
         self.file = file;
@@ -58,7 +71,7 @@ impl Control {
     }
 
     /// Put a control plane's resources in force with the file's configuration.
-    pub fn set_dynamic(&mut self, dynamic: xds::Resources) -> Result<(), String> {
+    pub fn set_dynamic(&mut self, dynamic: xds::Resources) -> Result<(), Refused> {
         let merged = xds::merge(&self.file, &dynamic)?;
         self.install(&merged)?;
         self.dynamic = dynamic;
@@ -66,34 +79,34 @@ impl Control {
     }
 
     /// The file's configuration alone (the first install, before any control plane).
-    pub fn start(&mut self) -> Result<(), String> {
+    pub fn start(&mut self) -> Result<(), Refused> {
         let file = self.file.clone();
         self.install(&file)
     }
 
-    fn install(&mut self, c: &Config) -> Result<(), String> {
+    fn install(&mut self, c: &Config) -> Result<(), Refused> {
         // Bind what is new first: a listener that cannot be bound refuses the whole change.
         let mut bound = Vec::new();
         for l in &c.listeners {
             if !self.listeners.contains_key(&l.address) {
-                let socket = server::bind(l)
-                    .map_err(|e| format!("listener {:?} ({}): bind: {e}", l.name, l.address))?;
+                let socket = transport::bind(l.address).map_err(|error| Refused::Bind {
+                    name: l.name.clone(),
+                    address: l.address,
+                    error,
+                })?;
                 bound.push((l, socket));
             }
         }
-        let previous = self
-            .shared
-            .as_ref()
-            .map(|s| s.read().expect("config lock").clone());
+        let previous = self.shared.as_ref().map(Shared::load);
         let snap = Arc::new(Snapshot::new(c, previous.as_deref()));
-        server::start_health_checks(&snap);
+        snap.start_health_checks();
         let shared = match &self.shared {
             Some(s) => {
-                *s.write().expect("config lock") = snap;
+                s.store(snap);
                 s.clone()
             }
             None => {
-                let s: Shared = Arc::new(RwLock::new(snap));
+                let s = Shared::new(snap);
                 self.shared = Some(s.clone());
                 s
             }
@@ -120,8 +133,21 @@ impl Control {
             info!(name = l.name, address = %l.address, direction = ?l.direction, "listening");
             let (tx, rx) = watch::channel(Some(ListenerSpec::of(l)));
             self.listeners.insert(l.address, tx);
-            tokio::spawn(server::serve(socket, rx, shared.clone()));
+            tokio::spawn(listener::serve(socket, rx, shared.clone()));
         }
         Ok(())
+    }
+}
+
+/// The xDS stream installs into the control, locked for each step.
+impl xds::Install for Arc<Mutex<Control>> {
+    type Error = Refused;
+
+    fn in_force(&self) -> xds::Resources {
+        self.lock().expect("control lock").dynamic.clone()
+    }
+
+    fn install(&self, next: xds::Resources) -> Result<(), Refused> {
+        self.lock().expect("control lock").set_dynamic(next)
     }
 }

@@ -1,19 +1,27 @@
-//! sockmesh-proxy: a sidecar that learns each connection's original destination on its
-//! outbound (15001) and inbound (15006) listeners, routes HTTP/1.1 and HTTP/2 by virtual host
-//! and route to clusters of endpoints, balances across them, and relays anything else as TCP.
-//! It works the same under iptables' REDIRECT and under sockmesh.
+//! sockmesh-proxy: a sidecar proxy that works the same under iptables and under sockmesh.
+//!
+//! It learns each connection's original destination on its outbound (15001) and inbound
+//! (15006) listeners, routes HTTP/1.1 and HTTP/2 by virtual host and route to clusters of
+//! endpoints, balances across them, and relays anything else as TCP.
 
-mod balancer;
+mod admin;
+mod cluster;
 mod config;
 mod control;
-mod pool;
+mod http;
+mod listener;
+mod random;
 mod router;
-mod server;
+mod snapshot;
 mod stats;
+mod tcp;
+mod transport;
+mod upstream;
 mod xds;
 
 use std::{
-    path::PathBuf,
+    net::SocketAddr,
+    path::{Path, PathBuf},
     process::ExitCode,
     sync::{Arc, Mutex},
 };
@@ -59,17 +67,22 @@ fn drop_privileges(uid: u32, gid: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The sections of the file that change only with a restart.
+fn restart_only(c: &config::Config) -> (Option<config::XdsSettings>, Option<SocketAddr>) {
+    (c.xds.clone(), c.admin.as_ref().map(|a| a.address))
+}
+
 async fn run(args: Args) -> anyhow::Result<()> {
     let config = config::Config::load(&args.config)?;
     let mut control = control::Control::new(config.clone());
     // The file's listeners are bound before privileges go; later ones (from a reload or the
     // control plane) are bound as the proxy's user.
-    control.start().map_err(anyhow::Error::msg)?;
+    control.start()?;
     drop_privileges(args.uid, args.gid)?;
     let shared = control.shared();
-    tokio::spawn(pool::reap_idle());
+    tokio::spawn(upstream::reap_idle());
     let control = Arc::new(Mutex::new(control));
-    let started = (config.xds.clone(), config.admin.as_ref().map(|a| a.address));
+    let started = restart_only(&config);
     if let Some(x) = &config.xds {
         info!(
             address = x.address,
@@ -83,11 +96,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .await
             .map_err(|e| anyhow::anyhow!("admin {}: {e}", admin.address))?;
         info!(address = %admin.address, "admin endpoint");
-        tokio::spawn(server::admin(l, shared.clone()));
+        tokio::spawn(admin::serve(l, shared.clone()));
     }
     println!("ready");
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
-    let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     let mut seen = modified(&args.config);
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     loop {
@@ -102,21 +115,28 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 seen = now;
             }
         }
-        // A bad file (or listeners that cannot be bound) is refused and the running
-        // configuration kept. Established connections keep the configuration they started with.
-        let loaded = config::Config::load(&args.config).map_err(|e| e.to_string());
-        let result = loaded.and_then(|c| {
-            let mut control = control.lock().expect("control lock");
-            if (c.xds.clone(), c.admin.as_ref().map(|a| a.address)) != started {
-                warn!("the xds and admin sections change only with a restart");
-            }
-            control.set_file(c)
-        });
-        match result {
+        match reload(&args.config, &control, &started) {
             Ok(()) => info!(config = %args.config.display(), "configuration reloaded"),
             Err(e) => warn!("configuration not reloaded, the previous one stays: {e}"),
         }
     }
+}
+
+/// Load the file again and put it in force with the control plane's resources. A bad file (or
+/// listeners that cannot be bound) is refused and the running configuration kept. Established
+/// connections keep the configuration they started with.
+fn reload(
+    path: &Path,
+    control: &Mutex<control::Control>,
+    started: &(Option<config::XdsSettings>, Option<SocketAddr>),
+) -> anyhow::Result<()> {
+    let c = config::Config::load(path)?;
+    let mut control = control.lock().expect("control lock");
+    if restart_only(&c) != *started {
+        warn!("the xds and admin sections change only with a restart");
+    }
+    control.set_file(c)?;
+    Ok(())
 }
 
 fn main() -> ExitCode {

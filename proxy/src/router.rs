@@ -1,28 +1,21 @@
-//! Route selection, compiled from the configuration: virtual host by authority (Envoy's
-//! order: exact, longest `*.suffix`, longest `prefix*`), else by original destination, else `*`;
-//! then the first route whose path, headers and query match.
+//! Route selection, compiled from the configuration: HTTP by virtual host, TLS by SNI, TCP by port.
+//!
+//! A virtual host is chosen by authority (Envoy's order: exact, longest `*.suffix`, longest
+//! `prefix*`), else by original destination, else `*`; then the first route whose path,
+//! headers and query match.
 
 use std::{
-    collections::hash_map::RandomState,
-    hash::BuildHasher,
-    net::SocketAddr,
-    sync::atomic::{AtomicU64, Ordering},
+    net::{IpAddr, SocketAddr},
     time::Duration,
 };
 
 use hyper::HeaderMap;
 use regex::Regex;
 
-use crate::config::{Config, Fault, HeaderValue, MirrorPolicy, RetryPolicy, Route as RouteConfig};
-
-/// The `retry_on` conditions understood.
-pub const RETRY_ON: [&str; 5] = [
-    "5xx",
-    "gateway-error",
-    "connect-failure",
-    "reset",
-    "retriable-4xx",
-];
+use crate::{
+    config::{self, Config, Fault, HeaderValue, MirrorPolicy, RetryPolicy},
+    random,
+};
 
 #[derive(Debug)]
 enum Domain {
@@ -56,8 +49,9 @@ pub enum Target {
     Weighted(Vec<(String, u32)>),
 }
 
+/// A route compiled: what it matches, and what becomes of the requests it takes.
 #[derive(Debug)]
-pub struct Route {
+pub struct Rule {
     /// `virtual host/index`, for stats and logs.
     pub name: String,
     path: PathMatch,
@@ -74,17 +68,22 @@ pub struct Route {
     pub mirrors: Vec<MirrorPolicy>,
 }
 
+/// A virtual host compiled: the domains it answers for, and its rules in order.
 #[derive(Debug)]
-pub struct VirtualHost {
+pub struct Host {
     pub name: String,
     domains: Vec<Domain>,
-    routes: Vec<Route>,
+    rules: Vec<Rule>,
 }
 
+/// The routes in force, compiled.
 #[derive(Debug, Default)]
 pub struct Router {
-    vhosts: Vec<VirtualHost>,
-    tcp: Vec<(Option<std::net::IpAddr>, u16, Option<String>)>,
+    hosts: Vec<Host>,
+    /// TCP routes: original destination IP (any when none), port, cluster (none: the original
+    /// destination).
+    tcp: Vec<(Option<IpAddr>, u16, Option<String>)>,
+    /// TLS routes: server name, cluster.
     tls: Vec<(Domain, String)>,
 }
 
@@ -107,7 +106,7 @@ impl Cond {
     }
 }
 
-fn compile_route(name: String, r: &RouteConfig) -> Route {
+fn compile_route(name: String, r: &config::Route) -> Rule {
     let m = &r.matcher;
     let path = match (&m.path, &m.prefix, &m.regex) {
         (Some(p), _, _) => PathMatch::Exact(p.clone()),
@@ -127,7 +126,7 @@ fn compile_route(name: String, r: &RouteConfig) -> Route {
                 .collect(),
         ),
     };
-    Route {
+    Rule {
         name,
         path,
         headers: m
@@ -157,11 +156,6 @@ fn compile_route(name: String, r: &RouteConfig) -> Route {
     }
 }
 
-/// Whether a share (0 to 100) of requests is hit this time.
-pub fn chance(percentage: f64) -> bool {
-    (random_u64() % 1_000_000) as f64 / 10_000.0 < percentage
-}
-
 fn domain(d: &str) -> Domain {
     let d = d.to_ascii_lowercase();
     if d == "*" {
@@ -179,13 +173,13 @@ fn domain(d: &str) -> Domain {
 
 impl Router {
     pub fn new(c: &Config) -> Router {
-        let vhosts = c
+        let hosts = c
             .virtual_hosts
             .iter()
-            .map(|v| VirtualHost {
+            .map(|v| Host {
                 name: v.name.clone(),
                 domains: v.domains.iter().map(|d| domain(d)).collect(),
-                routes: v
+                rules: v
                     .routes
                     .iter()
                     .enumerate()
@@ -210,19 +204,19 @@ impl Router {
             .iter()
             .map(|t| (domain(&t.sni), t.cluster.clone()))
             .collect();
-        Router { vhosts, tcp, tls }
+        Router { hosts, tcp, tls }
     }
 
     /// The virtual host for a request to `authority` that was sent to `orig_dst`.
-    pub fn virtual_host(&self, authority: &str, orig_dst: SocketAddr) -> Option<&VirtualHost> {
+    pub fn host(&self, authority: &str, orig_dst: SocketAddr) -> Option<&Host> {
         let authority = authority.to_ascii_lowercase();
         let host = authority
             .rsplit_once(':')
             .filter(|(_, port)| port.parse::<u16>().is_ok() && !authority.ends_with(']'))
             .map_or(authority.as_str(), |(h, _)| h);
         // Score: exact 3, suffix 2 (+len), prefix 1 (+len); original destination and `*` last.
-        let mut best: Option<(u32, usize, &VirtualHost)> = None;
-        for vh in &self.vhosts {
+        let mut best: Option<(u32, usize, &Host)> = None;
+        for vh in &self.hosts {
             for d in &vh.domains {
                 let score = match d {
                     Domain::Exact(e) if *e == authority || *e == host => Some((4, e.len())),
@@ -278,13 +272,13 @@ impl Router {
     }
 }
 
-impl VirtualHost {
-    /// The first route matching the request.
-    pub fn route(&self, path_and_query: &str, headers: &HeaderMap) -> Option<&Route> {
+impl Host {
+    /// The first rule matching the request.
+    pub fn rule(&self, path_and_query: &str, headers: &HeaderMap) -> Option<&Rule> {
         let (path, query) = path_and_query
             .split_once('?')
             .map_or((path_and_query, ""), |(p, q)| (p, q));
-        self.routes.iter().find(|r| {
+        self.rules.iter().find(|r| {
             let path_ok = match &r.path {
                 PathMatch::Exact(p) => p == path,
                 PathMatch::Prefix(p) => path.starts_with(p.as_str()),
@@ -308,15 +302,6 @@ impl VirtualHost {
     }
 }
 
-static COUNTER: AtomicU64 = AtomicU64::new(0);
-
-/// A random number (good enough for picking a weighted cluster).
-pub fn random_u64() -> u64 {
-    thread_local!(static STATE: RandomState = RandomState::new());
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    STATE.with(|s| s.hash_one(n))
-}
-
 impl Target {
     /// The cluster for one request: weighted clusters are drawn in proportion to their weights.
     pub fn cluster(&self) -> &str {
@@ -324,7 +309,7 @@ impl Target {
             Target::Cluster(c) => c,
             Target::Weighted(w) => {
                 let total: u64 = w.iter().map(|(_, x)| *x as u64).sum();
-                let mut at = random_u64() % total.max(1);
+                let mut at = random::below(total.max(1));
                 for (name, weight) in w {
                     if at < *weight as u64 {
                         return name;
@@ -377,16 +362,21 @@ clusters:
   - {name: b, endpoints: [{address: "10.0.0.2:80"}]}
 "#;
 
+    /// An original destination no virtual host names.
+    const OTHER: &str = "192.0.2.1:80";
+
+    fn host<'a>(r: &'a Router, authority: &str, dst: &str) -> &'a Host {
+        r.host(authority, dst.parse().unwrap()).unwrap()
+    }
+
     fn vh<'a>(r: &'a Router, authority: &str, dst: &str) -> &'a str {
-        &r.virtual_host(authority, dst.parse().unwrap())
-            .unwrap()
-            .name
+        &host(r, authority, dst).name
     }
 
     #[test]
     fn virtual_hosts_in_envoys_order() {
         let r = router(YAML);
-        let other = "192.0.2.1:80";
+        let other = OTHER;
         assert_eq!(vh(&r, "reviews", other), "exact");
         assert_eq!(
             vh(&r, "reviews:9080", other),
@@ -416,11 +406,9 @@ clusters:
     #[test]
     fn routes_by_path_headers_and_query() {
         let r = router(YAML);
-        let v = r
-            .virtual_host("reviews", "192.0.2.1:80".parse().unwrap())
-            .unwrap();
+        let v = host(&r, "reviews", OTHER);
         let mut h = HeaderMap::new();
-        let cluster = |p: &str, h: &HeaderMap| match &v.route(p, h).unwrap().target {
+        let cluster = |p: &str, h: &HeaderMap| match &v.rule(p, h).unwrap().target {
             Target::Cluster(c) => c.clone(),
             Target::Weighted(_) => "weighted".into(),
         };
@@ -437,10 +425,10 @@ clusters:
     #[test]
     fn weighted_clusters_follow_their_weights() {
         let r = router(YAML);
-        let v = r
-            .virtual_host("x", "192.0.2.1:80".parse().unwrap())
-            .unwrap();
-        let t = &v.route("/", &HeaderMap::new()).unwrap().target;
+        let t = &host(&r, "x", OTHER)
+            .rule("/", &HeaderMap::new())
+            .unwrap()
+            .target;
         let b = (0..20_000).filter(|_| t.cluster() == "b").count();
         assert!((100..400).contains(&b), "1% of 20000 is 200, got {b}");
     }

@@ -1,6 +1,7 @@
-//! Counters, gauges and latency histograms, rendered in Prometheus' text format by the admin
-//! endpoint. Series are keyed by metric name and labels, found by a hash of the borrowed name
-//! and labels: counting an existing series allocates nothing.
+//! Counters, gauges and latency histograms, rendered in Prometheus' text format.
+//!
+//! Series are keyed by metric name and labels, found by a hash of the borrowed name and
+//! labels: counting an existing series allocates nothing.
 
 use std::{
     collections::HashMap,
@@ -53,7 +54,9 @@ impl<T: Default> Table<T> {
         };
         &mut bucket[i].value
     }
+}
 
+impl<T> Table<T> {
     /// Every series, by name and then labels.
     fn sorted(&self) -> Vec<&Series<T>> {
         let mut all: Vec<&Series<T>> = self.0.values().flatten().collect();
@@ -136,73 +139,55 @@ pub fn render() -> String {
     let r = REGISTRY.lock().expect("stats lock");
     let mut out = String::new();
     let mut last = "";
-    for Series {
-        name,
-        labels: l,
-        value: v,
-    } in r.counters.sorted()
-    {
-        if *name != last {
-            let _ = writeln!(out, "# TYPE {name} counter");
-            last = name;
+    render_kind(&mut out, &mut last, "counter", &r.counters, scalar);
+    render_kind(&mut out, &mut last, "gauge", &r.gauges, scalar);
+    render_kind(&mut out, &mut last, "histogram", &r.histograms, histogram);
+    out
+}
+
+/// The series of one kind of metric, each name's first after a `# TYPE` line (`last` is the
+/// name written before).
+fn render_kind<T>(
+    out: &mut String,
+    last: &mut &'static str,
+    kind: &str,
+    table: &Table<T>,
+    write_series: impl Fn(&mut String, &Series<T>),
+) {
+    for s in table.sorted() {
+        if s.name != *last {
+            let _ = writeln!(out, "# TYPE {} {kind}", s.name);
+            *last = s.name;
         }
-        series(&mut out, name, l, None, &v.to_string());
+        write_series(out, s);
     }
-    for Series {
-        name,
-        labels: l,
-        value: v,
-    } in r.gauges.sorted()
-    {
-        if *name != last {
-            let _ = writeln!(out, "# TYPE {name} gauge");
-            last = name;
-        }
-        series(&mut out, name, l, None, &v.to_string());
-    }
-    for Series {
+}
+
+/// A counter's or a gauge's one line.
+fn scalar<T: ToString>(out: &mut String, s: &Series<T>) {
+    series(out, s.name, &s.labels, None, &s.value.to_string());
+}
+
+/// A histogram's buckets, sum and count.
+fn histogram(out: &mut String, s: &Series<Histogram>) {
+    let Series {
         name,
         labels: l,
         value: h,
-    } in r.histograms.sorted()
-    {
-        if *name != last {
-            let _ = writeln!(out, "# TYPE {name} histogram");
-            last = name;
-        }
-        let bucket = format!("{name}_bucket");
-        for (i, bound) in BUCKETS_MS.iter().enumerate() {
-            series(
-                &mut out,
-                &bucket,
-                l,
-                Some(("le", &bound.to_string())),
-                &h.counts[i].to_string(),
-            );
-        }
+    } = s;
+    let bucket = format!("{name}_bucket");
+    for (count, bound) in h.counts.iter().zip(BUCKETS_MS) {
         series(
-            &mut out,
+            out,
             &bucket,
             l,
-            Some(("le", "+Inf")),
-            &h.total.to_string(),
-        );
-        series(
-            &mut out,
-            &format!("{name}_sum"),
-            l,
-            None,
-            &h.sum.to_string(),
-        );
-        series(
-            &mut out,
-            &format!("{name}_count"),
-            l,
-            None,
-            &h.total.to_string(),
+            Some(("le", &bound.to_string())),
+            &count.to_string(),
         );
     }
-    out
+    series(out, &bucket, l, Some(("le", "+Inf")), &h.total.to_string());
+    series(out, &format!("{name}_sum"), l, None, &h.sum.to_string());
+    series(out, &format!("{name}_count"), l, None, &h.total.to_string());
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! Upstream connections, per endpoint and direction.
+//! Upstream connections, per endpoint and direction: HTTP/1.1 ones pooled, HTTP/2 ones shared.
 //!
 //! HTTP/1.1 ones are kept alive: a connection goes back to the pool when its response has been
 //! read to the end, by the response body itself (no task per request), and is taken again only
@@ -25,10 +25,11 @@ use hyper::{
 };
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
-use crate::{
-    config::Direction,
-    server::{connect, Body, Failure, Upstream},
+use super::{
+    body::Body,
+    target::{Failure, Upstream},
 };
+use crate::transport::connect;
 
 /// How long an unused connection stays open.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -95,11 +96,6 @@ fn checkin(key: Key, send: Sender) {
     list.push(Idle { send, since: now });
 }
 
-/// The pools' key for `to`: its endpoint, and whether the connection is inbound.
-fn key(to: &Upstream) -> Key {
-    (to.addr, to.direction == Direction::Inbound)
-}
-
 /// A new TCP connection to the endpoint, for either protocol.
 async fn dial(to: &Upstream) -> Result<TokioIo<tokio::net::TcpStream>, Failure> {
     connect(to.addr, to.direction, to.connect_timeout)
@@ -117,10 +113,10 @@ async fn open(to: Upstream) -> Result<Sender, Failure> {
     Ok(send)
 }
 
-/// Send `req` (origin-form URI) to `target` over a pooled connection, or a new one. A request
+/// Send `req` (origin-form URI) to `to` over a pooled connection, or a new one. A request
 /// that a pooled connection closed on before sending any of it goes again on a new one.
-pub async fn send(req: Request<Body>, to: Upstream) -> Result<Response<Body>, Failure> {
-    let key = key(&to);
+pub async fn send_http1(req: Request<Body>, to: Upstream) -> Result<Response<Body>, Failure> {
+    let key = to.pool_key();
     let (mut send, reused) = match checkout(key) {
         Some(s) => (s, true),
         None => (open(to).await?, false),
@@ -152,14 +148,14 @@ type H2Slot = std::sync::Arc<tokio::sync::Mutex<Option<H2>>>;
 /// (streams multiplexed); a closed one is replaced on next use.
 static H2_POOL: LazyLock<Mutex<HashMap<Key, H2Slot>>> = LazyLock::new(Default::default);
 
-/// The pooled HTTP/2 (h2c, prior knowledge) connection to `target`, opened if needed.
+/// The pooled HTTP/2 (h2c, prior knowledge) connection to `to`, opened if needed.
 /// Requests that arrive while it is being opened wait for it rather than open their own; if
 /// opening fails, the next of them tries in turn.
 pub async fn h2_connection(to: Upstream) -> Result<H2, Failure> {
     let slot = H2_POOL
         .lock()
         .expect("h2 pool lock")
-        .entry(key(&to))
+        .entry(to.pool_key())
         .or_default()
         .clone();
     let mut slot = slot.lock().await;
@@ -240,6 +236,7 @@ mod tests {
     };
 
     use super::*;
+    use crate::config::Direction;
 
     /// An upstream on loopback answering "ok" to each request; after `per_conn` answers it
     /// closes the connection (without saying so, as an idle timeout does). Counts connections.
@@ -301,7 +298,7 @@ mod tests {
             addr,
             direction: Direction::Outbound,
             http2: false,
-            connect_timeout: crate::server::CONNECT_TIMEOUT,
+            connect_timeout: crate::transport::ORIG_DST_CONNECT_TIMEOUT,
         }
     }
 
@@ -324,7 +321,7 @@ mod tests {
     async fn a_response_read_to_the_end_gives_its_connection_back() {
         let (addr, accepted) = upstream(usize::MAX).await;
         for _ in 0..3 {
-            let r = send(get(), to(addr)).await.ok().unwrap();
+            let r = send_http1(get(), to(addr)).await.ok().unwrap();
             assert_eq!(read_all(r).await, 100_000);
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
@@ -333,11 +330,11 @@ mod tests {
     #[tokio::test]
     async fn a_response_dropped_half_read_takes_its_connection_along() {
         let (addr, accepted) = upstream(usize::MAX).await;
-        let r = send(get(), to(addr)).await.ok().unwrap();
+        let r = send_http1(get(), to(addr)).await.ok().unwrap();
         let mut body = r.into_body();
         body.frame().await.unwrap().unwrap();
         drop(body);
-        let r = send(get(), to(addr)).await.ok().unwrap();
+        let r = send_http1(get(), to(addr)).await.ok().unwrap();
         assert_eq!(read_all(r).await, 100_000);
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
@@ -346,7 +343,7 @@ mod tests {
     async fn a_pooled_connection_the_upstream_closed_is_replaced_unseen() {
         let (addr, accepted) = upstream(1).await;
         for _ in 0..3 {
-            let r = send(get(), to(addr)).await.ok().unwrap();
+            let r = send_http1(get(), to(addr)).await.ok().unwrap();
             assert_eq!(read_all(r).await, 100_000);
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 3);
@@ -384,11 +381,11 @@ mod tests {
             .header("content-length", "1000000")
             .body(upload.boxed())
             .unwrap();
-        let r = send(req, to(addr)).await.ok().unwrap();
+        let r = send_http1(req, to(addr)).await.ok().unwrap();
         assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
         assert_eq!(read_all(r).await, 0);
         // The next request does not queue behind the stalled upload.
-        let next = tokio::time::timeout(Duration::from_secs(5), send(get(), to(addr)))
+        let next = tokio::time::timeout(Duration::from_secs(5), send_http1(get(), to(addr)))
             .await
             .expect("the next request waited for the stalled upload's connection");
         assert_eq!(next.ok().unwrap().status(), StatusCode::UNAUTHORIZED);
@@ -405,7 +402,7 @@ mod tests {
         })
         .await;
         let (h1, _) = upstream(usize::MAX).await;
-        let r = send(get(), to(h1)).await.ok().unwrap();
+        let r = send_http1(get(), to(h1)).await.ok().unwrap();
         read_all(r).await;
         let send = h2_connection(to(h2)).await.ok().unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -433,12 +430,12 @@ mod tests {
     #[tokio::test]
     async fn concurrent_requests_each_get_a_connection() {
         let (addr, accepted) = upstream(usize::MAX).await;
-        let (a, b) = tokio::join!(send(get(), to(addr)), send(get(), to(addr)));
+        let (a, b) = tokio::join!(send_http1(get(), to(addr)), send_http1(get(), to(addr)));
         let (a, b) = (a.ok().unwrap(), b.ok().unwrap());
         assert_eq!(read_all(a).await + read_all(b).await, 200_000);
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
         // Both went back: two more at once need no new connection.
-        let (a, b) = tokio::join!(send(get(), to(addr)), send(get(), to(addr)));
+        let (a, b) = tokio::join!(send_http1(get(), to(addr)), send_http1(get(), to(addr)));
         assert_eq!(
             read_all(a.ok().unwrap()).await + read_all(b.ok().unwrap()).await,
             200_000

@@ -6,7 +6,7 @@
 //! returns a [`Pick`] guard that counts the request as active on that endpoint until dropped.
 //!
 //! The endpoint set is replaced with [`Balancer::set_endpoints`]; picks read an immutable
-//! snapshot, so they never block on an update and in-flight [`Pick`]s stay valid (an endpoint's
+//! copy of it, so they never block on an update and in-flight [`Pick`]s stay valid (an endpoint's
 //! active count survives its removal and re-addition while requests are in flight).
 //!
 //! Hash-based policies are functions of the endpoint set only (not of its order or of the
@@ -17,14 +17,13 @@
 // part of it so far; the tests exercise all of it, so dead code still shows there.
 #![cfg_attr(not(test), allow(dead_code))]
 
-use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
-use std::hash::{BuildHasher, Hasher};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::random::{mix64, Rng};
 
 /// Default number of candidates of [`Policy::LeastRequest`].
 pub const DEFAULT_CHOICES: u32 = 2;
@@ -151,7 +150,7 @@ impl Drop for Pick {
 /// Chooses endpoints for requests; see the module documentation. Shareable across threads.
 pub struct Balancer {
     policy: Policy,
-    current: RwLock<Arc<Snapshot>>,
+    current: RwLock<Arc<EndpointSet>>,
     /// Serializes [`Balancer::set_endpoints`] so concurrent updates do not lose counters.
     update: Mutex<()>,
     rng: Rng,
@@ -161,7 +160,7 @@ impl fmt::Debug for Balancer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Balancer")
             .field("policy", &self.policy)
-            .field("endpoints", &self.snapshot().endpoints)
+            .field("endpoints", &self.current().endpoints)
             .finish()
     }
 }
@@ -170,10 +169,10 @@ impl Balancer {
     /// A balancer with the given policy over the given endpoints. Endpoints repeating an
     /// earlier address are ignored; weight 0 counts as 1.
     pub fn new(policy: Policy, endpoints: Vec<Endpoint>) -> Balancer {
-        let snapshot = Snapshot::build(&policy, endpoints, None);
+        let set = EndpointSet::build(&policy, endpoints, None);
         Balancer {
             policy,
-            current: RwLock::new(Arc::new(snapshot)),
+            current: RwLock::new(Arc::new(set)),
             update: Mutex::new(()),
             rng: Rng::new(),
         }
@@ -188,8 +187,8 @@ impl Balancer {
     /// valid, and endpoints that remain keep their active counts (and round-robin position).
     pub fn set_endpoints(&self, endpoints: Vec<Endpoint>) {
         let _serial = self.update.lock().unwrap_or_else(PoisonError::into_inner);
-        let old = self.snapshot();
-        let new = Arc::new(Snapshot::build(&self.policy, endpoints, Some(&old)));
+        let old = self.current();
+        let new = Arc::new(EndpointSet::build(&self.policy, endpoints, Some(&old)));
         let replaced = std::mem::replace(
             &mut *self.current.write().unwrap_or_else(PoisonError::into_inner),
             new,
@@ -204,8 +203,8 @@ impl Balancer {
     /// With a hashing policy an unhealthy endpoint's keys walk on to the next healthy endpoint
     /// on the ring or table, so the keys of healthy endpoints do not move.
     pub fn pick(&self, hash: Option<u64>, healthy: &dyn Fn(SocketAddr) -> bool) -> Option<Pick> {
-        let snapshot = self.snapshot();
-        for level in &snapshot.levels {
+        let set = self.current();
+        for level in &set.levels {
             if let Some(i) = self.pick_in(level, hash, healthy) {
                 let member = &level.members[i];
                 member.active.fetch_add(1, Ordering::Relaxed);
@@ -220,18 +219,18 @@ impl Balancer {
 
     /// The current endpoints, normalized, in the order given.
     pub fn endpoints(&self) -> Vec<Endpoint> {
-        self.snapshot().endpoints.clone()
+        self.current().endpoints.clone()
     }
 
     /// The number of live [`Pick`]s of `addr` (also for a removed endpoint still draining).
     pub fn active(&self, addr: SocketAddr) -> u64 {
-        self.snapshot()
+        self.current()
             .counters
             .get(&addr)
             .map_or(0, |c| c.load(Ordering::Relaxed))
     }
 
-    fn snapshot(&self) -> Arc<Snapshot> {
+    fn current(&self) -> Arc<EndpointSet> {
         Arc::clone(&self.current.read().unwrap_or_else(PoisonError::into_inner))
     }
 
@@ -316,7 +315,7 @@ impl Balancer {
 }
 
 /// An immutable view of the endpoint set, prepared for the policy.
-struct Snapshot {
+struct EndpointSet {
     /// The normalized endpoints, in the order given.
     endpoints: Vec<Endpoint>,
     /// Priority levels, highest priority (lowest number) first; none is empty.
@@ -351,9 +350,9 @@ enum Index {
     Table(Vec<u32>),
 }
 
-impl Snapshot {
+impl EndpointSet {
     /// Prepare `endpoints` for `policy`, carrying over counters and round-robin state of `old`.
-    fn build(policy: &Policy, endpoints: Vec<Endpoint>, old: Option<&Snapshot>) -> Snapshot {
+    fn build(policy: &Policy, endpoints: Vec<Endpoint>, old: Option<&EndpointSet>) -> EndpointSet {
         let mut seen = HashSet::new();
         let endpoints: Vec<Endpoint> = endpoints
             .into_iter()
@@ -374,7 +373,7 @@ impl Snapshot {
                 .collect();
             for (addr, counter) in &old.counters {
                 // References held by `old` itself: its map, and its member if it had one.
-                // More means a live Pick or an older snapshot still in use by a pick.
+                // More means a live Pick or an older endpoint set still in use by a pick.
                 let own = 1 + usize::from(old_members.contains(addr));
                 if seen.contains(addr)
                     || counter.load(Ordering::Relaxed) > 0
@@ -424,7 +423,7 @@ impl Snapshot {
                 Level { members, index }
             })
             .collect();
-        Snapshot {
+        EndpointSet {
             endpoints,
             levels,
             counters,
@@ -623,13 +622,6 @@ fn addr_bytes(addr: SocketAddr) -> [u8; 19] {
     b
 }
 
-/// The splitmix64 finalizer: a bijective mix of 64 bits.
-fn mix64(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
 /// Incremental FNV-1a 64, finished with [`mix64`].
 struct Fnv(u64);
 
@@ -652,41 +644,6 @@ impl Fnv {
     }
 }
 
-/// A lock-free splitmix64 generator, seeded from std's per-process random hasher keys and the
-/// clock. Not cryptographic; only spreads load.
-struct Rng(AtomicU64);
-
-impl Rng {
-    const GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
-
-    fn new() -> Rng {
-        let mut h = RandomState::new().build_hasher();
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        h.write_u128(now);
-        Rng(AtomicU64::new(h.finish()))
-    }
-
-    fn next_u64(&self) -> u64 {
-        let state = self
-            .0
-            .fetch_add(Rng::GAMMA, Ordering::Relaxed)
-            .wrapping_add(Rng::GAMMA);
-        mix64(state)
-    }
-
-    /// Uniform in `0..n` (n > 0), by multiply-shift.
-    fn below(&self, n: u64) -> u64 {
-        ((u128::from(self.next_u64()) * u128::from(n)) >> 64) as u64
-    }
-
-    /// Uniform in (0, 1].
-    fn unit(&self) -> f64 {
-        ((self.next_u64() >> 11) + 1) as f64 / (1u64 << 53) as f64
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -698,6 +655,14 @@ mod tests {
 
     fn eps(n: u16) -> Vec<Endpoint> {
         (0..n).map(|i| Endpoint::new(addr(i))).collect()
+    }
+
+    /// Endpoints `addr(0)`, `addr(1)`, ... of these weights.
+    fn weighted(weights: &[u32]) -> Vec<Endpoint> {
+        (0u16..)
+            .zip(weights)
+            .map(|(i, w)| Endpoint::new(addr(i)).with_weight(*w))
+            .collect()
     }
 
     fn all(_: SocketAddr) -> bool {
@@ -786,13 +751,7 @@ mod tests {
 
     #[test]
     fn round_robin_weighted_exact_and_smooth() {
-        let b = Balancer::new(
-            Policy::RoundRobin,
-            vec![
-                Endpoint::new(addr(0)).with_weight(3),
-                Endpoint::new(addr(1)),
-            ],
-        );
+        let b = Balancer::new(Policy::RoundRobin, weighted(&[3, 1]));
         let seq: Vec<SocketAddr> = (0..400).map(|_| b.pick(None, &all).unwrap().addr).collect();
         let heavy = seq.iter().filter(|&&a| a == addr(0)).count();
         assert_eq!((heavy, 400 - heavy), (300, 100));
@@ -870,29 +829,17 @@ mod tests {
         // A drained, removed endpoint is forgotten.
         b.set_endpoints(vec![Endpoint::new(addr(1))]);
         b.set_endpoints(vec![Endpoint::new(addr(1))]);
-        assert!(!b.snapshot().counters.contains_key(&addr(0)));
+        assert!(!b.current().counters.contains_key(&addr(0)));
         assert_eq!(b.active(addr(0)), 0);
     }
 
     #[test]
     fn least_request_weighted_without_load() {
-        let b = Balancer::new(
-            Policy::least_request(),
-            vec![
-                Endpoint::new(addr(0)).with_weight(3),
-                Endpoint::new(addr(1)),
-            ],
-        );
+        let b = Balancer::new(Policy::least_request(), weighted(&[3, 1]));
         let c = counts(&b, 10_000, &all);
         assert!(within(c[&addr(0)], 7500.0, 0.04), "{c:?}");
         // One choice: plain weighted random.
-        let b = Balancer::new(
-            Policy::LeastRequest { choices: 0 },
-            vec![
-                Endpoint::new(addr(0)).with_weight(3),
-                Endpoint::new(addr(1)),
-            ],
-        );
+        let b = Balancer::new(Policy::LeastRequest { choices: 0 }, weighted(&[3, 1]));
         let c = counts(&b, 10_000, &all);
         assert!(within(c[&addr(0)], 7500.0, 0.04), "{c:?}");
     }
@@ -905,13 +852,7 @@ mod tests {
         for n in c.values() {
             assert!(within(*n, 2500.0, 0.15), "{c:?}");
         }
-        let b = Balancer::new(
-            Policy::Random,
-            vec![
-                Endpoint::new(addr(0)),
-                Endpoint::new(addr(1)).with_weight(3),
-            ],
-        );
+        let b = Balancer::new(Policy::Random, weighted(&[1, 3]));
         let c = counts(&b, 10_000, &all);
         assert!(within(c[&addr(1)], 7500.0, 0.04), "{c:?}");
         let c = counts(&b, 1000, &|a| a == addr(0));
@@ -989,13 +930,7 @@ mod tests {
         }
 
         // Weights 2:1.
-        let b = Balancer::new(
-            policy.clone(),
-            vec![
-                Endpoint::new(addr(0)).with_weight(2),
-                Endpoint::new(addr(1)),
-            ],
-        );
+        let b = Balancer::new(policy.clone(), weighted(&[2, 1]));
         let heavy = placement(&b, KEYS, &all)
             .iter()
             .filter(|&&a| a == addr(0))
@@ -1121,14 +1056,9 @@ mod tests {
 
     #[test]
     fn endpoints_are_normalized() {
-        let b = Balancer::new(
-            Policy::RoundRobin,
-            vec![
-                Endpoint::new(addr(0)).with_weight(0),
-                Endpoint::new(addr(1)).with_weight(5),
-                Endpoint::new(addr(0)).with_weight(9),
-            ],
-        );
+        let mut list = weighted(&[0, 5]);
+        list.push(Endpoint::new(addr(0)).with_weight(9));
+        let b = Balancer::new(Policy::RoundRobin, list);
         assert_eq!(
             b.endpoints(),
             vec![

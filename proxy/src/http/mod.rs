@@ -1,0 +1,69 @@
+//! HTTP/1.1 and HTTP/2 from clients: each request routed, forwarded, logged and counted.
+
+mod fault;
+mod headers;
+mod mirror;
+mod replay;
+mod request;
+mod response;
+mod retry;
+mod trace;
+
+use std::{convert::Infallible, io, sync::Arc, time::Instant};
+
+use hyper::{body::Incoming, server::conn, service::service_fn, Request, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+
+use crate::{snapshot::Snapshot, transport::Accepted};
+use headers::strip_hop_by_hop;
+use trace::Trace;
+
+/// The HTTP version a client speaks, as its first bytes said.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Codec {
+    Http1,
+    Http2,
+}
+
+/// Serve a client's connection in `codec` until it ends, with the routes and clusters of
+/// `snapshot`.
+pub async fn serve(
+    stream: TcpStream,
+    codec: Codec,
+    accepted: Accepted,
+    snapshot: Arc<Snapshot>,
+) -> io::Result<()> {
+    let svc = service_fn(move |req: Request<Incoming>| {
+        let snapshot = snapshot.clone();
+        async move {
+            let start = Instant::now();
+            let method = req.method().clone();
+            let path = req.uri().path().to_string();
+            let mut trace = Trace::new(accepted.direction);
+            let mut resp = request::handle(req, accepted, &snapshot, &mut trace).await;
+            if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+                strip_hop_by_hop(resp.headers_mut());
+            }
+            trace.done(&method, &path, accepted, resp.status(), start);
+            Ok::<_, Infallible>(resp)
+        }
+    });
+    // The protocol is known from the sniff: hyper's own codec for it, without hyper-util's
+    // second detection (a read of its own, and a rewind buffer on every read after).
+    let io = TokioIo::new(stream);
+    match codec {
+        Codec::Http2 => {
+            conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(io, svc)
+                .await
+        }
+        Codec::Http1 => {
+            conn::http1::Builder::new()
+                .serve_connection(io, svc)
+                .with_upgrades()
+                .await
+        }
+    }
+    .map_err(io::Error::other)
+}

@@ -1,0 +1,147 @@
+//! A request's attempts at a cluster, retried under its policy and budget, with a backoff.
+
+use std::{net::SocketAddr, time::Duration};
+
+use bytes::Bytes;
+use hyper::{upgrade::OnUpgrade, Response, StatusCode};
+
+use super::{replay::Head, response::failure_response, trace::Trace};
+use crate::{
+    cluster::ClusterState,
+    config::{Direction, RetryPolicy},
+    random, stats,
+    upstream::{self, text_response, Body, Failure, Upstream},
+};
+
+/// One request's way to a cluster.
+pub struct Attempts<'a> {
+    pub cluster: &'a ClusterState,
+    /// The cluster's name as routed (stats).
+    pub name: &'a str,
+    pub head: Head,
+    /// The client's body, for the first attempt; later ones replay `kept`.
+    pub body: Option<Body>,
+    /// The body's bytes, when small enough to send again.
+    pub kept: Option<Bytes>,
+    /// The client's side of an upgrade, for the first attempt only.
+    pub on_upgrade: Option<OnUpgrade>,
+    pub retry: Option<&'a RetryPolicy>,
+    pub direction: Direction,
+    pub http2: bool,
+    pub authority: &'a str,
+    pub hash: Option<u64>,
+}
+
+impl Attempts<'_> {
+    /// Send until an attempt's outcome is not retried, and answer with it.
+    pub async fn run(mut self, trace: &mut Trace) -> Response<Body> {
+        let retries = self.retries();
+        let mut n = 0u32;
+        loop {
+            let Some(pick) = self.cluster.pick(self.hash) else {
+                return text_response(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
+            };
+            trace.upstream = Some(pick.addr);
+            let outcome = self.send_to(pick.addr).await;
+            count(self.name, pick.addr, &outcome);
+            self.cluster.record(pick.addr, failed(&outcome));
+            drop(pick);
+            let again = self.retry.filter(|r| {
+                n < retries && retriable(&r.retry_on, &outcome) && self.cluster.retry_allowed()
+            });
+            let Some(policy) = again else {
+                return outcome.unwrap_or_else(failure_response);
+            };
+            n += 1;
+            stats::inc(
+                "sockmesh_proxy_upstream_rq_retry_total",
+                &[("cluster", self.name)],
+            );
+            let _retry = self.cluster.retry_started();
+            tokio::time::sleep(backoff(policy.base_interval_ms, n)).await;
+        }
+    }
+
+    /// The retries the policy allows, when the body was kept to send again.
+    fn retries(&self) -> u32 {
+        match (self.retry, &self.kept) {
+            (Some(r), Some(_)) => r.num_retries,
+            _ => 0,
+        }
+    }
+
+    /// Each attempt's own time limit, when the policy sets one.
+    fn per_try(&self) -> Option<Duration> {
+        self.retry
+            .map(|r| r.per_try_timeout_ms)
+            .filter(|t| *t > 0)
+            .map(Duration::from_millis)
+    }
+
+    /// One attempt at `addr`: the first with the client's body (and upgrade), later ones with
+    /// the kept copy.
+    async fn send_to(&mut self, addr: SocketAddr) -> Result<Response<Body>, Failure> {
+        let body = self
+            .body
+            .take()
+            .unwrap_or_else(|| upstream::from_bytes(self.kept.clone().unwrap_or_default()));
+        let mut req = self.head.request(body);
+        if let Some(u) = self.on_upgrade.take() {
+            req.extensions_mut().insert(u);
+        }
+        let to = Upstream {
+            addr,
+            direction: self.direction,
+            http2: self.http2,
+            connect_timeout: self.cluster.config.connect_timeout(),
+        };
+        upstream::send(req, to, self.authority, self.per_try()).await
+    }
+}
+
+/// Count an attempt at `endpoint` of `cluster` by its status class (no response is 5xx).
+fn count(cluster: &str, endpoint: SocketAddr, outcome: &Result<Response<Body>, Failure>) {
+    let code = match outcome {
+        Ok(r) => stats::class(r.status().as_u16()),
+        Err(_) => "5xx",
+    };
+    stats::inc(
+        "sockmesh_proxy_upstream_rq_total",
+        &[
+            ("cluster", cluster),
+            ("endpoint", &endpoint.to_string()),
+            ("code_class", code),
+        ],
+    );
+}
+
+/// Whether an outcome counts against the endpoint (outlier detection): a 5xx, or none.
+fn failed(outcome: &Result<Response<Body>, Failure>) -> bool {
+    match outcome {
+        Ok(r) => r.status().is_server_error(),
+        Err(_) => true,
+    }
+}
+
+/// Whether an attempt's outcome is one `retry_on` retries.
+fn retriable(retry_on: &str, outcome: &Result<Response<Body>, Failure>) -> bool {
+    retry_on
+        .split(',')
+        .map(str::trim)
+        .any(|c| match (c, outcome) {
+            ("5xx", Ok(r)) => r.status().is_server_error(),
+            ("5xx", Err(_)) => true,
+            ("gateway-error", Ok(r)) => matches!(r.status().as_u16(), 502..=504),
+            ("connect-failure", Err(Failure::Connect(_))) => true,
+            ("reset", Err(Failure::Reset(_))) => true,
+            ("retriable-4xx", Ok(r)) => r.status() == StatusCode::CONFLICT,
+            _ => false,
+        })
+}
+
+/// The wait before retry `n` (from 1): random, up to `base * 2^(n-1)`, capped at 10 x base.
+fn backoff(base_interval_ms: u64, n: u32) -> Duration {
+    let base = base_interval_ms.max(1);
+    let cap = (base << (n - 1).min(16)).min(base * 10);
+    Duration::from_millis(random::below(cap) + 1)
+}

@@ -1,0 +1,67 @@
+//! What became of a request: its access log line and request metrics.
+
+use std::{net::SocketAddr, time::Instant};
+
+use hyper::{Method, StatusCode};
+use tracing::info;
+
+use crate::{config::Direction, stats, transport::Accepted};
+
+/// What became of a request, for stats and the access log.
+pub struct Trace {
+    pub route: String,
+    pub cluster: String,
+    pub upstream: Option<SocketAddr>,
+}
+
+impl Trace {
+    /// A request not routed (yet): to the passthrough cluster of its direction.
+    pub fn new(direction: Direction) -> Trace {
+        let cluster = match direction {
+            Direction::Inbound => "InboundPassthroughCluster",
+            Direction::Outbound => "PassthroughCluster",
+        };
+        Trace {
+            route: "-".into(),
+            cluster: cluster.into(),
+            upstream: None,
+        }
+    }
+
+    /// Count the request and log it.
+    pub fn done(
+        &self,
+        method: &Method,
+        path: &str,
+        conn: Accepted,
+        status: StatusCode,
+        start: Instant,
+    ) {
+        let ms = start.elapsed().as_secs_f64() * 1000.0;
+        let class = stats::class(status.as_u16());
+        stats::inc(
+            "sockmesh_proxy_requests_total",
+            &[
+                ("route", &self.route),
+                ("cluster", &self.cluster),
+                ("code_class", class),
+            ],
+        );
+        stats::observe_ms(
+            "sockmesh_proxy_request_duration_ms",
+            &[("cluster", &self.cluster)],
+            ms,
+        );
+        info!(
+            target: "access",
+            "{method} {path} {} client={} orig={} route={} cluster={} upstream={} {:.1}ms",
+            status.as_u16(),
+            conn.client,
+            conn.orig,
+            self.route,
+            self.cluster,
+            self.upstream.map_or("-".to_string(), |u| u.to_string()),
+            ms
+        );
+    }
+}

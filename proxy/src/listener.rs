@@ -1,0 +1,162 @@
+//! Listeners: accept, learn the original destination and protocol, hand to HTTP or TCP.
+
+use std::{
+    collections::BTreeSet,
+    io,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
+use tracing::{debug, info, warn};
+
+use crate::{
+    config::{self, Direction},
+    http::{self, Codec},
+    snapshot::{Shared, Snapshot},
+    stats, tcp,
+    transport::{original_dst, sniff, Accepted, ClientAddr, ListenAddr, LocalAddr, Protocol},
+};
+
+/// What a listener does with the connections it accepts; it may change without rebinding.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListenerSpec {
+    pub name: &'static str,
+    pub direction: Direction,
+    pub detect_timeout: Duration,
+}
+
+impl ListenerSpec {
+    pub fn of(l: &config::Listener) -> ListenerSpec {
+        ListenerSpec {
+            name: intern(&l.name),
+            direction: l.direction,
+            detect_timeout: Duration::from_millis(l.detect_timeout_ms),
+        }
+    }
+}
+
+/// Listener names label metrics for the process's life: each distinct name is kept once.
+fn intern(name: &str) -> &'static str {
+    static NAMES: Mutex<BTreeSet<&'static str>> = Mutex::new(BTreeSet::new());
+    let mut names = NAMES.lock().expect("names lock");
+    match names.get(name) {
+        Some(n) => n,
+        None => {
+            let n: &'static str = Box::leak(name.to_owned().into_boxed_str());
+            names.insert(n);
+            n
+        }
+    }
+}
+
+/// Serve one listener until its spec is withdrawn (`None`) or its sender dropped.
+pub async fn serve(
+    listener: TcpListener,
+    mut spec: watch::Receiver<Option<ListenerSpec>>,
+    shared: Shared,
+) {
+    let own = listener.local_addr().ok();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            changed = spec.changed() => {
+                if changed.is_err() || spec.borrow().is_none() {
+                    info!(address = ?own, "listener removed: no new connections (established ones go on)");
+                    return;
+                }
+                continue;
+            }
+        };
+        let (stream, peer) = match accepted {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Some(current) = spec.borrow().clone() else {
+            return;
+        };
+        let snapshot = shared.load();
+        stats::inc(
+            "sockmesh_proxy_downstream_cx_total",
+            &[("listener", current.name)],
+        );
+        let active = ListenerGauge::up(current.name);
+        let own = own.map(ListenAddr::new);
+        tokio::spawn(async move {
+            let _active = active;
+            let client = ClientAddr::new(peer);
+            if let Err(e) = connection(stream, client, own, &current, snapshot).await {
+                debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+}
+
+/// Counts a connection in its listener's active gauge while alive.
+struct ListenerGauge(&'static str);
+
+impl ListenerGauge {
+    fn up(listener: &'static str) -> ListenerGauge {
+        ListenerGauge::add(listener, 1);
+        ListenerGauge(listener)
+    }
+
+    fn add(listener: &'static str, delta: i64) {
+        stats::gauge(
+            "sockmesh_proxy_downstream_cx_active",
+            &[("listener", listener)],
+            delta,
+        );
+    }
+}
+
+impl Drop for ListenerGauge {
+    fn drop(&mut self) {
+        ListenerGauge::add(self.0, -1);
+    }
+}
+
+/// One accepted connection: its original destination, then its protocol (unless its port is
+/// declared TCP), then HTTP or the relay.
+async fn connection(
+    stream: TcpStream,
+    client: ClientAddr,
+    own: Option<ListenAddr>,
+    spec: &ListenerSpec,
+    snapshot: Arc<Snapshot>,
+) -> io::Result<()> {
+    let local = LocalAddr::new(stream.local_addr()?);
+    let orig = original_dst(&stream, local)?;
+    // Not redirected: relaying to "the original destination" would be a loop back to us.
+    if orig.addr() == local.addr() && own.is_some_and(|o| o.addr().port() == local.addr().port()) {
+        warn!(%client, "connection reached the proxy directly (not redirected): closed");
+        return Ok(());
+    }
+    // A declared TCP port is not sniffed (server-first protocols send nothing); inbound, it
+    // goes to the app whatever the route's cluster.
+    let declared = snapshot.router.tcp_route(orig.addr());
+    let protocol = match declared {
+        Some(_) => Protocol::Tcp,
+        None => sniff(&stream, spec.detect_timeout).await?,
+    };
+    let direction = spec.direction;
+    debug!(%client, %orig, ?protocol, ?direction, "connection");
+    let accepted = Accepted {
+        client,
+        orig,
+        direction,
+    };
+    match protocol {
+        Protocol::Http1 => http::serve(stream, Codec::Http1, accepted, snapshot).await,
+        Protocol::Http2 => http::serve(stream, Codec::Http2, accepted, snapshot).await,
+        Protocol::Tls => tcp::serve(stream, true, accepted, declared.flatten(), &snapshot).await,
+        Protocol::Tcp => tcp::serve(stream, false, accepted, declared.flatten(), &snapshot).await,
+    }
+}

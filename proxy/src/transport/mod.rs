@@ -1,0 +1,15 @@
+//! Connections below HTTP: addresses, original destination, protocol, SNI, sockets.
+
+mod accepted;
+mod addr;
+mod detect;
+mod orig_dst;
+mod sni;
+mod socket;
+
+pub use accepted::Accepted;
+pub use addr::{ClientAddr, ListenAddr, LocalAddr};
+pub use detect::{sniff, Protocol};
+pub use orig_dst::original_dst;
+pub use sni::client_hello_sni;
+pub use socket::{bind, connect, ORIG_DST_CONNECT_TIMEOUT};

@@ -1,0 +1,60 @@
+//! A redirected connection's original destination: `SO_ORIGINAL_DST` / `IP6T_SO_ORIGINAL_DST`.
+
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::AsRawFd,
+};
+
+use tokio::net::TcpStream;
+
+use super::addr::{LocalAddr, OrigDstAddr};
+
+/// `SO_ORIGINAL_DST`, and `IP6T_SO_ORIGINAL_DST` (the same number at the IPv6 level).
+const SO_ORIGINAL_DST: libc::c_int = 80;
+
+/// `SO_ORIGINAL_DST` (IPv4) or `IP6T_SO_ORIGINAL_DST` (IPv6), else the socket's local address
+/// (what a connection that was not redirected reports). An IPv4 connection accepted by a
+/// dual-stack IPv6 listener (a v4-mapped local address) is an IPv4 connection to conntrack,
+/// so it is asked at the IPv4 level: `local` is unmapped, and its family picks the level.
+pub fn original_dst(s: &TcpStream, local: LocalAddr) -> io::Result<OrigDstAddr> {
+    let fd = s.as_raw_fd();
+    // SAFETY: both are C sockaddr structs, valid when zeroed.
+    let asked = match local.addr() {
+        SocketAddr::V4(_) => {
+            unsafe { original_dst_at::<libc::sockaddr_in>(fd, libc::SOL_IP) }.map(|a| {
+                let ip = Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
+                SocketAddr::new(ip.into(), u16::from_be(a.sin_port))
+            })
+        }
+        SocketAddr::V6(_) => unsafe { original_dst_at::<libc::sockaddr_in6>(fd, libc::SOL_IPV6) }
+            .map(|a| {
+                let ip = Ipv6Addr::from(a.sin6_addr.s6_addr);
+                let ip = ip.to_ipv4_mapped().map_or(IpAddr::V6(ip), IpAddr::V4);
+                SocketAddr::new(ip, u16::from_be(a.sin6_port))
+            }),
+    };
+    Ok(OrigDstAddr::new(asked.unwrap_or(local.addr())))
+}
+
+/// The original destination asked at `level`, as the `sockaddr` type of that level; `None`
+/// when the socket has none there (it was not redirected).
+///
+/// # Safety
+/// `A` must be a C `sockaddr_*` struct: plain data, valid when zeroed.
+unsafe fn original_dst_at<A>(fd: libc::c_int, level: libc::c_int) -> Option<A> {
+    // SAFETY: `A` is valid when zeroed (the caller's promise), and the buffer passed is
+    // exactly its size.
+    unsafe {
+        let mut a: A = std::mem::zeroed();
+        let mut len = std::mem::size_of::<A>() as libc::socklen_t;
+        let rc = libc::getsockopt(
+            fd,
+            level,
+            SO_ORIGINAL_DST,
+            (&mut a as *mut A).cast(),
+            &mut len,
+        );
+        (rc == 0).then_some(a)
+    }
+}

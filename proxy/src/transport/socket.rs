@@ -1,0 +1,69 @@
+//! TCP sockets: the proxy's listeners, and connections out (inbound from the passthrough source).
+
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    time::Duration,
+};
+
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+use crate::config::{Direction, DEFAULT_CONNECT_TIMEOUT_MS};
+
+/// The source of inbound passthrough connections to the app, as Istio's Envoy uses: the
+/// capture rules let traffic from these addresses through.
+const INBOUND_SOURCE_V4: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
+const INBOUND_SOURCE_V6: Ipv6Addr = Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
+
+/// How long a connection to an original destination may take to open (Envoy's default
+/// `connect_timeout`; a cluster's endpoints have the cluster's).
+pub const ORIG_DST_CONNECT_TIMEOUT: Duration = Duration::from_millis(DEFAULT_CONNECT_TIMEOUT_MS);
+
+/// The listen backlog of the proxy's listeners.
+const BACKLOG: u32 = 1024;
+
+/// A TCP socket of `addr`'s family.
+fn socket_for(addr: SocketAddr) -> io::Result<TcpSocket> {
+    match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    }
+}
+
+/// Bind a listener's address (SO_REUSEADDR, backlog 1024).
+pub fn bind(address: SocketAddr) -> io::Result<TcpListener> {
+    let socket = socket_for(address)?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(BACKLOG)
+}
+
+/// Connect to `target`, from the inbound passthrough source for inbound traffic, within
+/// `timeout`.
+pub async fn connect(
+    target: SocketAddr,
+    direction: Direction,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    tokio::time::timeout(timeout, connect_untimed(target, direction))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
+}
+
+async fn connect_untimed(target: SocketAddr, direction: Direction) -> io::Result<TcpStream> {
+    let socket = socket_for(target)?;
+    match direction {
+        Direction::Inbound => socket.bind(SocketAddr::new(inbound_source(target), 0))?,
+        Direction::Outbound => {}
+    }
+    socket.set_nodelay(true)?;
+    socket.connect(target).await
+}
+
+/// The passthrough source of `target`'s family.
+fn inbound_source(target: SocketAddr) -> IpAddr {
+    match target {
+        SocketAddr::V4(_) => INBOUND_SOURCE_V4.into(),
+        SocketAddr::V6(_) => INBOUND_SOURCE_V6.into(),
+    }
+}
