@@ -89,6 +89,16 @@ pub fn run(cmd: &mut Command) -> Result<Output> {
     Ok(out)
 }
 
+/// The value of the `key` line of a command's report (`key  value`): the rest of the first
+/// line that starts with `key`, trimmed. Panics, showing the report, when there is none.
+pub fn value_of<'a>(report: &'a str, key: &str) -> &'a str {
+    report
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .map(str::trim)
+        .unwrap_or_else(|| panic!("no {key} in:\n{report}"))
+}
+
 /// Check that the tools a lab needs are here; fail loudly naming the fix.
 pub fn require_tools(tools: &[&str]) -> Result<()> {
     // SAFETY: geteuid has no preconditions.

@@ -13,8 +13,8 @@ use std::{
 use serde_json::{json, Value};
 use sockmesh_tests::{
     api::{self, pb},
-    kit::Outcome,
-    lab::{sockmesh_bin, testkit_bin, Lab, Netns},
+    kit::{Connect, Identity, Outcome},
+    lab::{sockmesh_bin, Lab, Netns, Place},
     pods,
 };
 
@@ -226,13 +226,20 @@ fn acceleration(lab: &Lab, pod: &Netns) -> String {
 
 /// Connect from the pod (in the captured cgroup, as an app's uid) and report where it landed.
 fn connect(lab: &Lab, pod: &Netns, dst: &str) -> Outcome {
-    let out = sockmesh_tests::lab::run(
-        lab.command(pod, true, testkit_bin().unwrap())
-            .unwrap()
-            .args(["connect", dst, "--uid", "1000", "--gid", "1000"]),
-    )
-    .unwrap();
-    serde_json::from_slice(&out.stdout).unwrap()
+    let program = Connect::new(dst.parse().unwrap(), Identity::APP);
+    pods::connect(lab, Place::new(pod, true), &program).unwrap()
+}
+
+/// ADD of `pod` (named cache) with bad `annotations` fails with an error the runtime can show
+/// (code 101, details naming each of `why`) and registers nothing; then DEL.
+fn refused(rt: &Runtime, lab: &Lab, pod: &Netns, annotations: &Value, why: &[&str]) {
+    let c = rt.add(lab, pod, "cache", annotations);
+    assert!(!c.ok, "bad annotations accepted: {annotations}");
+    assert_eq!(c.out["code"], 101, "{}", c.out);
+    let details = c.out["details"].as_str().unwrap_or_default();
+    assert!(why.iter().all(|w| details.contains(w)), "{}", c.out);
+    assert!(!registered(lab, pod));
+    rt.del(lab, pod, "cache", annotations);
 }
 
 #[test]
@@ -358,35 +365,14 @@ fn chained_after_bridge_captures_injected_pods_as_istio_cni_would() {
         "traffic.sidecar.istio.io/includeOutboundIPRanges": "10.0.0.0/99",
     });
     let cache = lab.netns("cache").unwrap();
-    let c = rt.add(&lab, &cache, "cache", &bad);
-    assert!(!c.ok, "bad annotations accepted");
-    assert_eq!(c.out["code"], 101, "{}", c.out);
-    assert!(
-        c.out["details"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("10.0.0.0/99"),
-        "{}",
-        c.out
-    );
-    assert!(!registered(&lab, &cache));
-    rt.del(&lab, &cache, "cache", &bad);
+    refused(&rt, &lab, &cache, &bad, &["10.0.0.0/99"]);
     // A bad acceleration value too.
     let bad_accel = json!({
         "sidecar.istio.io/status": "{}",
         "sockmesh.io/acceleration": "fast",
     });
-    let c = rt.add(&lab, &cache, "cache", &bad_accel);
-    assert!(!c.ok, "a bad acceleration value accepted");
-    assert_eq!(c.out["code"], 101, "{}", c.out);
-    let details = c.out["details"].as_str().unwrap_or_default();
-    assert!(
-        details.contains("SOCKMESH_ACCELERATION=\"fast\"") && details.contains("want off"),
-        "{}",
-        c.out
-    );
-    assert!(!registered(&lab, &cache));
-    rt.del(&lab, &cache, "cache", &bad_accel);
+    let why = ["SOCKMESH_ACCELERATION=\"fast\"", "want off"];
+    refused(&rt, &lab, &cache, &bad_accel, &why);
 
     // DEL removes the capture, and is idempotent.
     rt.del(&lab, &web, "web", &injected);
