@@ -103,6 +103,26 @@ impl Runtime {
         }
     }
 
+    /// CHECK of `pod` by sockmesh's plugin, after an ADD that answered `prev`.
+    fn check(
+        &self,
+        lab: &Lab,
+        pod: &Netns,
+        name: &str,
+        annotations: &Value,
+        prev: &Value,
+    ) -> Answer {
+        self.invoke(
+            lab,
+            self.sockmesh(),
+            "CHECK",
+            pod,
+            name,
+            annotations,
+            Some(prev),
+        )
+    }
+
     /// Run one plugin as libcni does: network name and version copied in, prevResult and the
     /// declared capabilities' runtimeConfig added, CNI_* in the environment.
     #[allow(clippy::too_many_arguments)]
@@ -319,15 +339,7 @@ fn chained_after_bridge_captures_injected_pods_as_istio_cni_would() {
         Outcome::Ok { listener, .. } if listener == "proxy:15001"
     ));
     rt.del(&lab, &api_pod, "api", &defaults);
-    let check = rt.invoke(
-        &lab,
-        rt.sockmesh(),
-        "CHECK",
-        &web,
-        "web",
-        &injected,
-        Some(&a.out),
-    );
+    let check = rt.check(&lab, &web, "web", &injected, &a.out);
     assert!(check.ok, "CHECK: {:?} {}", check.out, check.stderr);
 
     // A pod without a sidecar: passed through untouched.
@@ -336,26 +348,10 @@ fn chained_after_bridge_captures_injected_pods_as_istio_cni_would() {
     assert!(b.ok, "{:?} {}", b.out, b.stderr);
     assert!(b.stderr.contains("not captured"), "{}", b.stderr);
     assert!(!registered(&lab, &db));
-    let check = rt.invoke(
-        &lab,
-        rt.sockmesh(),
-        "CHECK",
-        &db,
-        "db",
-        &plain,
-        Some(&b.out),
-    );
+    let check = rt.check(&lab, &db, "db", &plain, &b.out);
     assert!(check.ok, "CHECK: {:?} {}", check.out, check.stderr);
     // CHECK notices a pod that should be captured and is not.
-    let check = rt.invoke(
-        &lab,
-        rt.sockmesh(),
-        "CHECK",
-        &db,
-        "db",
-        &injected,
-        Some(&b.out),
-    );
+    let check = rt.check(&lab, &db, "db", &injected, &b.out);
     assert!(!check.ok);
     assert_eq!(check.out["code"], 100, "{}", check.out);
 

@@ -113,6 +113,15 @@ fn admin(lab: &Lab, pod: &Pod, path: &str) -> String {
     get(lab, pod, false, at("127.0.0.1", 15000), path, "admin", &[])
 }
 
+/// A lab for pods captured by `mode`, tagged `tag` and the mode's initial.
+fn lab_for(tag: &str, mode: Mode) -> Lab {
+    let initial = match mode {
+        Mode::Iptables => 'i',
+        Mode::Sockmesh => 's',
+    };
+    pods::lab_for(&format!("{tag}{initial}"), mode).unwrap()
+}
+
 /// Start the testkit's server `program` at `place`.
 fn serve<P: Launch>(lab: &mut Lab, place: Place, program: &P) {
     lab.start(place, program).unwrap();
@@ -167,11 +176,7 @@ fn summary(resp: &str) -> String {
 
 /// Run the scenario with the pod captured by `mode`; what each request produced.
 fn scenario(mode: Mode) -> Vec<String> {
-    let tag = match mode {
-        Mode::Iptables => "pxi",
-        Mode::Sockmesh => "pxs",
-    };
-    let mut lab = pods::lab_for(tag, mode).unwrap();
+    let mut lab = lab_for("px", mode);
     let p = Profile::default_sidecar();
     let pod = pods::pod_with(&mut lab, "p", &p, mode, &[]).unwrap();
     // Upstreams on the peer; the app in the pod.
@@ -425,11 +430,7 @@ fn retries_ejection_faults_and_mirroring_are_seen_by_the_upstreams() {
 }
 
 fn resilience(mode: Mode) {
-    let tag = match mode {
-        Mode::Iptables => "pxri",
-        Mode::Sockmesh => "pxrs",
-    };
-    let mut lab = pods::lab_for(tag, mode).unwrap();
+    let mut lab = lab_for("pxr", mode);
     let p = Profile::default_sidecar();
     let pod = pods::pod_with(&mut lab, "p", &p, mode, &[]).unwrap();
     let log = lab.dir.join("upstreams.log");
@@ -672,11 +673,7 @@ fn reload_to_shadow(lab: &Lab, pod: &Pod, config: &std::path::Path, vip: SocketA
 /// also take IPv4, so IPv4 connections arrive v4-mapped and their original destination must
 /// still be read at the IPv4 level.
 fn dual_stack_scenario(mode: Mode) -> Vec<String> {
-    let tag = match mode {
-        Mode::Iptables => "p6i",
-        Mode::Sockmesh => "p6s",
-    };
-    let mut lab = pods::lab_for(tag, mode).unwrap();
+    let mut lab = lab_for("p6", mode);
     let mut p = Profile::default_sidecar();
     p.dual_stack = true;
     let pod = pods::pod_with(&mut lab, "p", &p, mode, &[]).unwrap();
@@ -764,7 +761,7 @@ fn concurrent_statuses(lab: &Lab, pod: &Pod, host: &str, ms: u64) -> Vec<String>
 fn a_control_plane_drives_listeners_routes_clusters_and_endpoints_over_ads() {
     use sockmesh_tests::xds::{self, ControlPlane, Verdict, CLUSTER, ENDPOINT, LISTENER, ROUTE};
     use std::time::Duration;
-    let mut lab = Lab::with_agent("pxx").unwrap();
+    let mut lab = lab_for("pxx", Mode::Sockmesh);
     let p = Profile::default_sidecar();
     let pod = pods::pod_with(&mut lab, "p", &p, Mode::Sockmesh, &[]).unwrap();
     let ups = HttpServe::new([
