@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use crate::kit::{pattern, take_credentials, ConnectSpec};
+use crate::kit::{pattern, socket::set_opt, take_credentials, Args, ConnectSpec, Identity, Launch};
 
 /// FNV-1a, fed piece by piece (the same sum as `kit::checksum` over the whole).
 #[derive(Clone, Copy)]
@@ -108,6 +108,72 @@ fn drain_on(r: &mut impl Read, mut s: Sum) -> std::io::Result<Sum> {
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
+    }
+}
+
+/// `accel-serve`: the cases' server on `addr`, standing where the proxy stands.
+#[derive(clap::Args, Clone, Debug, PartialEq, Eq)]
+pub struct AccelServe {
+    pub addr: SocketAddr,
+    /// Where cases whose client cannot hear the answer write it.
+    #[arg(long)]
+    pub log: std::path::PathBuf,
+}
+
+impl AccelServe {
+    pub fn run(self) -> Result<()> {
+        serve(self.addr, self.log)
+    }
+}
+
+impl Launch for AccelServe {
+    const NAME: &'static str = "accel-serve";
+
+    fn args(&self) -> Args {
+        Args::new().arg(self.addr).path("--log", &self.log)
+    }
+}
+
+/// `accel-case`: run one case against `dst`; prints its outcome (and, on stderr, how many
+/// blocking reads returned EAGAIN early).
+#[derive(clap::Args, Clone, Debug, PartialEq, Eq)]
+pub struct AccelCase {
+    pub dst: SocketAddr,
+    pub case: String,
+    #[command(flatten)]
+    pub id: Identity,
+}
+
+impl AccelCase {
+    /// Case `case` against `dst`, as `id`.
+    pub fn new(dst: SocketAddr, case: &str, id: Identity) -> AccelCase {
+        AccelCase {
+            dst,
+            case: case.into(),
+            id,
+        }
+    }
+
+    pub fn run(self) -> Result<()> {
+        let spec = ConnectSpec {
+            timeout: Duration::from_secs(20),
+            ..ConnectSpec::to(self.dst, self.id)
+        };
+        println!("{}", client(&spec, &self.case)?);
+        let early = EARLY_EAGAIN.load(std::sync::atomic::Ordering::Relaxed);
+        eprintln!(
+            "{}: blocking reads that returned EAGAIN early: {early}",
+            self.case
+        );
+        Ok(())
+    }
+}
+
+impl Launch for AccelCase {
+    const NAME: &'static str = "accel-case";
+
+    fn args(&self) -> Args {
+        Args::new().arg(self.dst).arg(&self.case).id(self.id)
     }
 }
 
@@ -210,7 +276,7 @@ fn serve_one(conn: TcpStream, log: &std::path::Path) -> Result<()> {
                 l_onoff: 1,
                 l_linger: 0,
             };
-            crate::kit::set_opt(
+            set_opt(
                 w.as_raw_fd(),
                 libc::SOL_SOCKET,
                 libc::SO_LINGER,

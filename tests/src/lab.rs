@@ -17,6 +17,8 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 
+use crate::kit::Launch;
+
 /// Prefix of every netns, cgroup, mount and folder the labs create (for leak checks).
 pub const PREFIX: &str = "smt";
 
@@ -87,6 +89,16 @@ pub fn run(cmd: &mut Command) -> Result<Output> {
     Ok(out)
 }
 
+/// The value of the `key` line of a command's report (`key  value`): the rest of the first
+/// line that starts with `key`, trimmed. Panics, showing the report, when there is none.
+pub fn value_of<'a>(report: &'a str, key: &str) -> &'a str {
+    report
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .map(str::trim)
+        .unwrap_or_else(|| panic!("no {key} in:\n{report}"))
+}
+
 /// Check that the tools a lab needs are here; fail loudly naming the fix.
 pub fn require_tools(tools: &[&str]) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
@@ -124,6 +136,45 @@ impl Netns {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.name, program]);
         c
+    }
+}
+
+/// Where a process of a lab runs: a namespace, in the lab's cgroup (where capture applies) or
+/// not, and as root or (through setpriv, with no supplementary groups) another uid or gid.
+#[derive(Clone, Copy, Debug)]
+pub struct Place<'a> {
+    pub ns: &'a Netns,
+    pub in_cgroup: bool,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+}
+
+impl<'a> Place<'a> {
+    /// As root in `ns`, in the lab's cgroup if `in_cgroup`.
+    pub fn new(ns: &'a Netns, in_cgroup: bool) -> Place<'a> {
+        Place {
+            ns,
+            in_cgroup,
+            uid: None,
+            gid: None,
+        }
+    }
+
+    /// As uid and gid `id`.
+    pub fn as_user(self, id: u32) -> Place<'a> {
+        Place {
+            uid: Some(id),
+            gid: Some(id),
+            ..self
+        }
+    }
+
+    /// As root's uid with gid `gid` (Envoy in TPROXY mode).
+    pub fn as_group(self, gid: u32) -> Place<'a> {
+        Place {
+            gid: Some(gid),
+            ..self
+        }
     }
 }
 
@@ -177,6 +228,13 @@ impl Lab {
             .args(["-t", "bpf", "bpf"])
             .arg(&lab.bpffs_mount))?;
         lab.bpffs_mounted = true;
+        Ok(lab)
+    }
+
+    /// [`Lab::new`] with its agent started.
+    pub fn with_agent(tag: &str) -> Result<Lab> {
+        let mut lab = Lab::new(tag)?;
+        lab.start_agent()?;
         Ok(lab)
     }
 
@@ -256,6 +314,46 @@ impl Lab {
         Ok(cmd)
     }
 
+    /// A command that runs `program` at `place` (through setpriv when it names a user).
+    pub fn command_at(
+        &self,
+        place: Place,
+        program: impl AsRef<std::ffi::OsStr>,
+    ) -> Result<Command> {
+        if place.uid.is_none() && place.gid.is_none() {
+            return self.command(place.ns, place.in_cgroup, program);
+        }
+        let mut cmd = self.command(place.ns, place.in_cgroup, "setpriv")?;
+        if let Some(uid) = place.uid {
+            cmd.arg(format!("--reuid={uid}"));
+        }
+        if let Some(gid) = place.gid {
+            cmd.arg(format!("--regid={gid}"));
+        }
+        cmd.arg("--clear-groups").arg(program);
+        Ok(cmd)
+    }
+
+    /// The testkit's `program` at `place`, as a command to run or spawn.
+    pub fn testkit<P: Launch>(&self, place: Place, program: &P) -> Result<Command> {
+        let mut cmd = self.command_at(place, testkit_bin()?)?;
+        cmd.args(program.argv());
+        Ok(cmd)
+    }
+
+    /// Start the testkit's server `program` at `place` and wait until it is ready; its index
+    /// for [`Lab::kill`].
+    pub fn start<P: Launch>(&mut self, place: Place, program: &P) -> Result<usize> {
+        let cmd = self.testkit(place, program)?;
+        self.spawn(cmd, Some("ready"))
+    }
+
+    /// Run the testkit's client `program` at `place` to its end; what it printed.
+    pub fn output<P: Launch>(&self, place: Place, program: &P) -> Result<String> {
+        let out = run(&mut self.testkit(place, program)?)?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// The process id of a process started with [`Lab::spawn`].
     pub fn pid(&self, index: usize) -> Option<u32> {
         self.children.get(index).map(|c| c.id())
@@ -306,10 +404,6 @@ impl Lab {
         self.start_agent_in(None)
     }
 
-    /// [`Lab::start_agent`], with the agent in `node` rather than in the machine's network
-    /// namespace (mounts shared, so it sees the lab's cgroup and bpffs): then even an agent that
-    /// wrongly accepted its own namespace as a pod's would capture the lab's, never the
-    /// machine's. Its metrics port is inside `node`.
     /// `sockmesh dump --json` of this lab's maps.
     pub fn dump(&self) -> Result<serde_json::Value> {
         dump(&self.bpffs)
@@ -320,6 +414,10 @@ impl Lab {
         self.agent.as_ref().map(|a| a.child.id())
     }
 
+    /// [`Lab::start_agent`], with the agent in `node` rather than in the machine's network
+    /// namespace (mounts shared, so it sees the lab's cgroup and bpffs): then even an agent that
+    /// wrongly accepted its own namespace as a pod's would capture the lab's, never the
+    /// machine's. Its metrics port is inside `node`.
     pub fn start_agent_in(&mut self, node: Option<&Netns>) -> Result<()> {
         let log = self.agent_log_path();
         let out = fs::File::create(&log)?;
@@ -334,13 +432,7 @@ impl Lab {
             }
         };
         let child = cmd
-            .arg("agent")
-            .arg("--cgroup")
-            .arg(&self.cgroup)
-            .arg("--bpffs")
-            .arg(&self.bpffs)
-            .arg("--socket")
-            .arg(&self.socket)
+            .args(self.agent_argv())
             // Any free port: several labs run at once.
             .args(["--metrics", "127.0.0.1:0"])
             .args(&self.agent_args)
@@ -369,6 +461,20 @@ impl Lab {
             std::thread::sleep(Duration::from_millis(20));
         }
         Ok(())
+    }
+
+    /// `agent` and the lab's cgroup, bpffs and socket: the agent's arguments but its metrics
+    /// address and the lab's extra ones.
+    pub fn agent_argv(&self) -> Vec<std::ffi::OsString> {
+        vec![
+            "agent".into(),
+            "--cgroup".into(),
+            self.cgroup.clone().into(),
+            "--bpffs".into(),
+            self.bpffs.clone().into(),
+            "--socket".into(),
+            self.socket.clone().into(),
+        ]
     }
 
     /// Whether the agent started by [`Lab::start_agent`] is still running.

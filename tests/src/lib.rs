@@ -1,11 +1,11 @@
-//! Shared pieces of sockmesh's integration and conformance suites: the netns lab, the test
-//! programs run inside it, istio-iptables' reference rules, and the demo.
+//! Shared pieces of sockmesh's integration and conformance suites: the netns lab (`lab`), the
+//! standard pods and their probes (`pods`), the test programs run inside them with their typed
+//! launchers (`kit`, and `accel` for socket acceleration), istio-iptables' reference rules
+//! (`profiles`), a test xDS control plane (`xds`) and the registration API's client (`api`).
+//! The demo and the benchmark are the `sockmesh-testkit` binary's own (src/bin).
 
 pub mod accel;
 pub mod api;
-pub mod bench;
-pub mod demo;
-pub mod hop;
 pub mod kit;
 pub mod lab;
 pub mod pods;

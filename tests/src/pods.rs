@@ -4,13 +4,13 @@
 //! Addresses come from the documentation ranges (192.0.2.0/24, 198.51.100.0/24, 203.0.113.0/24,
 //! 2001:db8::/32) and exist only inside the lab's namespaces.
 
-use std::{net::SocketAddr, process::Command};
+use std::net::SocketAddr;
 
 use anyhow::{bail, Context, Result};
 
 use crate::{
-    kit::{Outcome, UdpMode},
-    lab::{run, testkit_bin, Lab, Netns},
+    kit::{Connect, Identity, Listen, Listener, ListenerKind, Outcome, UdpMode},
+    lab::{run, Lab, Netns, Place},
     profiles::Profile,
 };
 
@@ -47,6 +47,18 @@ pub struct Pod {
     pub in_cgroup: bool,
 }
 
+impl Pod {
+    /// In the pod (and in the lab's cgroup when it is captured by sockmesh), as root.
+    pub fn place(&self) -> Place<'_> {
+        Place::new(&self.ns, self.in_cgroup)
+    }
+
+    /// On the pod's peer host, as root.
+    pub fn peer_place(&self) -> Place<'_> {
+        Place::new(&self.peer, false)
+    }
+}
+
 /// The pod's second link (eth1): the pod and the second host, and what is routed there.
 pub const POD_ETH1: &str = "198.18.0.10";
 pub const PEER2: &str = "198.18.0.20";
@@ -57,6 +69,35 @@ pub const VIA_ETH1: &str = "203.0.113.0/24";
 pub enum Mode {
     Iptables,
     Sockmesh,
+}
+
+/// A lab for pods captured by `mode`: with its agent running when sockmesh captures them.
+pub fn lab_for(tag: &str, mode: Mode) -> Result<Lab> {
+    match mode {
+        Mode::Iptables => Lab::new(tag),
+        Mode::Sockmesh => Lab::with_agent(tag),
+    }
+}
+
+/// Capture `pod` by `mode`: `profile`'s istio-iptables rules, or registration with sockmesh.
+pub fn capture(lab: &Lab, pod: &Pod, profile: &Profile, mode: Mode) -> Result<()> {
+    match mode {
+        Mode::Iptables => apply_iptables(pod, profile),
+        Mode::Sockmesh => apply_sockmesh(lab, pod, profile).map(|_| ()),
+    }
+}
+
+/// [`pod_with`], then [`capture`]: a pod captured by `mode`, listening on `pod_ports`.
+pub fn captured(
+    lab: &mut Lab,
+    tag: &str,
+    profile: &Profile,
+    mode: Mode,
+    pod_ports: &[u16],
+) -> Result<Pod> {
+    let pod = pod_with(lab, tag, profile, mode, pod_ports)?;
+    capture(lab, &pod, profile, mode)?;
+    Ok(pod)
 }
 
 /// Build a pod and its peer in `lab`, with the standard listeners, for `profile`.
@@ -132,36 +173,36 @@ pub fn pod_with(
         // A resolver on the peer and one in the pod (tcp and udp 53), and the DNS proxy on
         // localhost:15053 owned by the proxy user, as istio-agent runs it.
         // UDP servers answer from the address they were asked at: one socket per address.
-        let peer_dns = [
-            "peer:53@0.0.0.0:53".to_string(),
-            "peer:53v6@[::]:53".into(),
-            format!("udp/peer:53@{PEER_V4}:53"),
-            format!("udp/peer:53@{}:53", PEER_EXTRA[0]),
-            format!("udp/peer:53v6@[{PEER_V6}]:53"),
-        ];
-        let pod_dns = [
-            "pod:53@0.0.0.0:53",
-            "pod:53v6@[::]:53",
-            "udp/pod:53@0.0.0.0:53",
-            "udp/pod:53v6@[::]:53",
-        ];
-        let mut cmd = lab.command(&peer, false, testkit_bin()?)?;
-        cmd.arg("listen").args(&peer_dns);
-        lab.spawn(cmd, Some("ready"))?;
-        let mut cmd = lab.command(&ns, in_cgroup, testkit_bin()?)?;
-        cmd.arg("listen").args(pod_dns);
-        lab.spawn(cmd, Some("ready"))?;
-        let mut cmd = lab.command(&ns, in_cgroup, "setpriv")?;
-        cmd.args(["--reuid=1337", "--regid=1337", "--clear-groups"])
-            .arg(testkit_bin()?)
-            .args([
-                "listen",
-                "dns-proxy@127.0.0.1:15053",
-                "dns-proxyv6@[::1]:15053",
-                "udp/dns-proxy@127.0.0.1:15053",
-                "udp/dns-proxyv6@[::1]:15053",
-            ]);
-        lab.spawn(cmd, Some("ready"))?;
+        let peer_dns = Listen {
+            listeners: vec![
+                Listener::report("peer:53", any_v4(53)),
+                Listener::report("peer:53v6", any_v6(53)),
+                udp("peer:53", SocketAddr::new(PEER_V4.parse()?, 53)),
+                udp("peer:53", SocketAddr::new(PEER_EXTRA[0].parse()?, 53)),
+                udp("peer:53v6", SocketAddr::new(PEER_V6.parse()?, 53)),
+            ],
+        };
+        let pod_dns = Listen {
+            listeners: vec![
+                Listener::report("pod:53", any_v4(53)),
+                Listener::report("pod:53v6", any_v6(53)),
+                udp("pod:53", any_v4(53)),
+                udp("pod:53v6", any_v6(53)),
+            ],
+        };
+        let (lo4, lo6) = ("127.0.0.1:15053".parse()?, "[::1]:15053".parse()?);
+        let dns_proxy = Listen {
+            listeners: vec![
+                Listener::report("dns-proxy", lo4),
+                Listener::report("dns-proxyv6", lo6),
+                udp("dns-proxy", lo4),
+                udp("dns-proxyv6", lo6),
+            ],
+        };
+        lab.start(Place::new(&peer, false), &peer_dns)?;
+        let in_pod = Place::new(&ns, in_cgroup);
+        lab.start(in_pod, &pod_dns)?;
+        lab.start(in_pod.as_user(1337), &dns_proxy)?;
     }
     Ok(Pod {
         ns,
@@ -185,15 +226,33 @@ pub fn listen_with(
     ports: &[u16],
     transparent: &[u16],
 ) -> Result<()> {
-    let mut specs = Vec::new();
-    for p in ports {
-        let t = if transparent.contains(p) { "t/" } else { "" };
-        specs.push(format!("{t}{name}:{p}@0.0.0.0:{p}"));
-        specs.push(format!("{t}{name}:{p}v6@[::]:{p}"));
+    let mut listeners = Vec::new();
+    for &p in ports {
+        let kind = if transparent.contains(&p) {
+            ListenerKind::Transparent
+        } else {
+            ListenerKind::Report
+        };
+        listeners.push(Listener::new(kind, format!("{name}:{p}"), any_v4(p)));
+        listeners.push(Listener::new(kind, format!("{name}:{p}v6"), any_v6(p)));
     }
-    let mut cmd = lab.command(ns, in_cgroup, testkit_bin()?)?;
-    cmd.arg("listen").args(&specs);
-    lab.spawn(cmd, Some("ready")).map(|_| ())
+    lab.start(Place::new(ns, in_cgroup), &Listen { listeners })
+        .map(|_| ())
+}
+
+/// 0.0.0.0:`port`.
+pub fn any_v4(port: u16) -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], port))
+}
+
+/// [::]:`port`.
+pub fn any_v6(port: u16) -> SocketAddr {
+    SocketAddr::from(([0u16; 8], port))
+}
+
+/// A UDP listener.
+fn udp(name: &str, addr: SocketAddr) -> Listener {
+    Listener::new(ListenerKind::Udp, name, addr)
 }
 
 /// Load `profile`'s istio-iptables rules into the pod with the real iptables-restore (and, as
@@ -414,6 +473,18 @@ impl Case {
         }
     }
 
+    /// The testkit's `connect` that makes this probe.
+    pub fn launcher(&self) -> Connect {
+        let c = &self.caller;
+        Connect {
+            bind: c.bind.map(|b| b.parse().expect("valid test address")),
+            v4_mapped: c.v4_mapped,
+            creds_after_socket: c.socket_by_root,
+            udp: self.udp,
+            ..Connect::new(self.dst, Identity::of(c.uid, c.gid))
+        }
+    }
+
     pub fn label(&self) -> String {
         let proto = match self.udp {
             None => "",
@@ -527,34 +598,13 @@ pub fn probe(lab: &Lab, pod: &Pod, case: &Case) -> Result<Outcome> {
 }
 
 fn probe_in(lab: &Lab, ns: &Netns, in_cgroup: bool, case: &Case) -> Result<Outcome> {
-    let mut cmd: Command = lab.command(ns, in_cgroup, testkit_bin()?)?;
-    cmd.arg("connect")
-        .arg(case.dst.to_string())
-        .arg("--uid")
-        .arg(case.caller.uid.to_string())
-        .arg("--gid")
-        .arg(case.caller.gid.to_string());
-    if let Some(b) = case.caller.bind {
-        cmd.arg("--bind").arg(b);
-    }
-    if case.caller.v4_mapped {
-        cmd.arg("--v4-mapped");
-    }
-    if case.caller.socket_by_root {
-        cmd.arg("--creds-after-socket");
-    }
-    match case.udp {
-        Some(UdpMode::Connected) => {
-            cmd.args(["--udp", "connected"]);
-        }
-        Some(UdpMode::Unconnected) => {
-            cmd.args(["--udp", "unconnected"]);
-        }
-        None => {}
-    }
-    let out = run(&mut cmd)?;
-    serde_json::from_slice(&out.stdout)
-        .with_context(|| format!("testkit output: {}", String::from_utf8_lossy(&out.stdout)))
+    connect(lab, Place::new(ns, in_cgroup), &case.launcher())
+}
+
+/// Run the testkit's `connect` at `place`; where it landed.
+pub fn connect(lab: &Lab, place: Place, program: &Connect) -> Result<Outcome> {
+    let out = lab.output(place, program)?;
+    serde_json::from_str(&out).with_context(|| format!("testkit output: {out}"))
 }
 
 /// Two pods, A (192.0.2.10) and B (192.0.2.11), on a bridge in a third namespace (the node).
@@ -589,14 +639,4 @@ pub fn two_pods(lab: &mut Lab, tag: &str, mode: Mode) -> Result<TwoPods> {
     let b = pods.pop().expect("two pods");
     let a = pods.pop().expect("two pods");
     Ok(TwoPods { a, b })
-}
-
-/// A command run in `pod` as uid/gid `id` (via setpriv), in the lab cgroup if the pod is.
-pub fn as_user(lab: &Lab, pod: &Pod, id: u32, program: &std::path::Path) -> Result<Command> {
-    let mut cmd = lab.command(&pod.ns, pod.in_cgroup, "setpriv")?;
-    cmd.arg(format!("--reuid={id}"))
-        .arg(format!("--regid={id}"))
-        .arg("--clear-groups")
-        .arg(program);
-    Ok(cmd)
 }

@@ -1,12 +1,15 @@
 //! istio-iptables profiles: the `istio-iptables` argv and environment of each, and the nat rules
 //! istio-iptables programs for it, as text for the real `iptables-restore --noflush`.
 //!
-//! The rule text is transcribed from istio's rule builder (shared/spec/istio-iptables.md §2.1,
-//! §2.3, §2.7): same chains, same rules, same order. It is deliberately not derived from
-//! sockmesh's decision function, so the conformance suite compares sockmesh with an independent
-//! reference that the kernel's netfilter evaluates.
+//! These are the reference rules of the conformance suite: for each profile, the output of
+//! istio-iptables' rule builder (its nat table in REDIRECT mode: the ISTIO_OUTPUT,
+//! ISTIO_REDIRECT, ISTIO_IN_REDIRECT and ISTIO_INBOUND chains and, with DNS capture, their DNS
+//! rules; in TPROXY mode its mangle table as well), written out here by hand with the same
+//! chains, the same rules and the same order, and linkerd2-proxy-init's for the linkerd
+//! profiles. They are deliberately not derived from sockmesh's decision function, so the suite
+//! compares sockmesh with an independent reference that the kernel's netfilter evaluates.
 
-/// linkerd2-proxy-init's settings (spec §5).
+/// linkerd2-proxy-init's settings (its flags of the same names).
 #[derive(Clone, Debug)]
 pub struct Linkerd {
     pub inbound_ignore: Vec<&'static str>,
@@ -177,7 +180,7 @@ impl Profile {
         a
     }
 
-    /// linkerd2-proxy-init's nat rules (spec §5), for iptables-restore.
+    /// linkerd2-proxy-init's nat rules (its PROXY_INIT_* chains), for iptables-restore.
     fn linkerd_rules(&self, l: &Linkerd, v6: bool) -> String {
         let family = |c: &&&str| c.contains(':') == v6;
         // multiport takes at most 15 ports (a range counts as two); ranges are a:b.
@@ -251,7 +254,7 @@ impl Profile {
         text
     }
 
-    /// TPROXY mode's mangle table (spec §2.5): inbound TPROXY to the inbound port, the proxy's
+    /// istio-iptables' mangle table in TPROXY mode: inbound TPROXY to the inbound port, the proxy's
     /// own calls to local addresses marked 1338 and TPROXYed too, CONNMARK for replies.
     fn tproxy_mangle(&self, lo_cidr: &str, passthrough: &str) -> Vec<String> {
         const MARK: u32 = 1337;

@@ -204,14 +204,9 @@ impl ControlPlane {
     }
 
     /// Wait for the proxy's answer to `version` of `type_url`, a request naming the nonce of
-    /// a response that carried it: `Ok(())` for an ACK (it asks with that version and no
-    /// error), `Err(reason)` for a NACK (it carries an error detail).
-    pub fn answer(
-        &self,
-        type_url: &str,
-        version: u64,
-        within: Duration,
-    ) -> Result<Result<(), String>> {
+    /// a response that carried it: an ACK (it asks with that version and no error), or a NACK
+    /// (it carries an error detail).
+    pub fn answer(&self, type_url: &str, version: u64, within: Duration) -> Result<Verdict> {
         let until = Instant::now() + within;
         loop {
             {
@@ -221,8 +216,8 @@ impl ControlPlane {
                 });
                 for s in replies {
                     match &s.error {
-                        Some(e) => return Ok(Err(e.clone())),
-                        None if s.version_info == version.to_string() => return Ok(Ok(())),
+                        Some(e) => return Ok(Verdict::Nack(e.clone())),
+                        None if s.version_info == version.to_string() => return Ok(Verdict::Ack),
                         None => {}
                     }
                 }
@@ -236,6 +231,15 @@ impl ControlPlane {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// The proxy's answer to a version of a resource type.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// It took the version.
+    Ack,
+    /// It refused the version, for this reason.
+    Nack(String),
 }
 
 /// `m` packed as an `Any`, with its name.

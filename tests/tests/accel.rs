@@ -10,10 +10,12 @@
 //! `sockmesh_tests::accel::Patient`). Those are why acceleration is off for the node unless
 //! turned on, and for apps unless their pod asks.
 
-use std::process::Command;
+use std::net::SocketAddr;
 
 use sockmesh_tests::{
-    lab::{run, testkit_bin, Lab},
+    accel::{AccelCase, AccelServe},
+    kit::Identity,
+    lab::Lab,
     pods::{self, Mode, Pod, PEER_V4},
     profiles::Profile,
 };
@@ -67,11 +69,11 @@ fn lab(tag: &str, accel: Accel) -> (Lab, Pod, std::path::PathBuf) {
     let log = lab.dir.join("accel-server.log");
     std::fs::write(&log, "").unwrap();
     std::fs::set_permissions(&log, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
-    let mut server = pods::as_user(&lab, &pod, 1337, &testkit_bin().unwrap()).unwrap();
-    server
-        .args(["accel-serve", "0.0.0.0:15001", "--log"])
-        .arg(&log);
-    lab.spawn(server, Some("ready")).unwrap();
+    let server = AccelServe {
+        addr: pods::any_v4(15001),
+        log: log.clone(),
+    };
+    lab.start(pod.place().as_user(1337), &server).unwrap();
     (lab, pod, log)
 }
 
@@ -84,18 +86,21 @@ fn case(lab: &Lab, pod: &Pod, case: &str) -> String {
 /// Run `case` as the app, or (`proxy`) as the proxy user straight to the outbound port over
 /// loopback (capture leaves the proxy's own connections alone): a proxy-to-proxy connection.
 fn case_as(lab: &Lab, pod: &Pod, proxy: bool, case: &str) -> String {
-    let mut cmd: Command = lab
-        .command(&pod.ns, pod.in_cgroup, testkit_bin().unwrap())
-        .unwrap();
-    let (dst, id) = if proxy {
-        ("127.0.0.1:15001".to_string(), "1337")
+    let out = lab
+        .output(pod.place(), &app_case(proxy, case))
+        .unwrap_or_else(|e| panic!("lab {}: case {case}: {e:#}", lab.name));
+    out.trim().to_string()
+}
+
+/// The testkit's `case`: as the app to a remote address, or (`proxy`) as the proxy user to
+/// the outbound port over loopback.
+fn app_case(proxy: bool, case: &str) -> AccelCase {
+    if proxy {
+        AccelCase::new("127.0.0.1:15001".parse().unwrap(), case, Identity::PROXY)
     } else {
-        (format!("{PEER_V4}:80"), "1000")
-    };
-    cmd.args(["accel-case", &dst, case])
-        .args(["--uid", id, "--gid", id]);
-    let out = run(&mut cmd).unwrap_or_else(|e| panic!("lab {}: case {case}: {e:#}", lab.name));
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+        let remote = SocketAddr::new(PEER_V4.parse().unwrap(), 80);
+        AccelCase::new(remote, case, Identity::APP)
+    }
 }
 
 /// Every case's outcome, its path split off; the server's log at the end. The client is the
@@ -350,13 +355,8 @@ fn thousands_of_concurrent_connections_and_the_map_follows_the_sockets() {
     };
     assert_eq!(dump(), 0);
     // While the 2,000 connections are open, dump shows both ends of them.
-    let mut client = lab
-        .command(&pod.ns, pod.in_cgroup, testkit_bin().unwrap())
-        .unwrap();
-    client
-        .args(["accel-case", &format!("{PEER_V4}:80"), "many"])
-        .args(["--uid", "1000", "--gid", "1000"])
-        .stdout(std::process::Stdio::piped());
+    let mut client = lab.testkit(pod.place(), &app_case(false, "many")).unwrap();
+    client.stdout(std::process::Stdio::piped());
     let client = client.spawn().unwrap();
     let mut most = 0;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);

@@ -7,9 +7,9 @@ use std::{
 };
 
 use sockmesh_tests::{
-    kit::{LoadReport, Outcome},
-    lab::{run, sockmesh_bin, testkit_bin, Lab},
-    pods::{self, Caller, Case, Mode, CALLERS, PEER_V4, POD_V4},
+    kit::{Identity, Load, LoadReport},
+    lab::{run, sockmesh_bin, value_of, Lab},
+    pods::{self, Caller, Case, Mode, CALLERS, PEER_V4, POD_PORTS, POD_V4},
     profiles::Profile,
 };
 
@@ -25,24 +25,17 @@ fn explain(lab: &Lab, pod: &pods::Pod, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn line<'a>(text: &'a str, key: &str) -> &'a str {
-    text.lines()
-        .find_map(|l| l.strip_prefix(key))
-        .map(str::trim)
-        .unwrap_or_else(|| panic!("no {key} in {text}"))
-}
-
-fn landed(o: &Outcome) -> String {
-    match o {
-        Outcome::Ok { listener, .. } => listener.clone(),
-        other => format!("{other:?}"),
-    }
+/// A lab with its agent and a pod registered with istio's default sidecar profile.
+fn registered_pod(tag: &str) -> (Lab, pods::Pod) {
+    let mut lab = Lab::with_agent(tag).unwrap();
+    let p = Profile::default_sidecar();
+    let pod = pods::captured(&mut lab, "a", &p, Mode::Sockmesh, &POD_PORTS).unwrap();
+    (lab, pod)
 }
 
 #[test]
 fn explain_agrees_with_what_happens() {
-    let mut lab = Lab::new("expl").unwrap();
-    lab.start_agent().unwrap();
+    let mut lab = Lab::with_agent("expl").unwrap();
     let p = Profile::default_sidecar();
     let pod = pods::pod(&mut lab, "a", &p, Mode::Sockmesh).unwrap();
     // Before registration: nothing is touched.
@@ -91,36 +84,22 @@ fn explain_agrees_with_what_happens() {
         let mut args: Vec<&str> = extra.to_vec();
         args.extend(["tcp", dst.as_str()]);
         let text = explain(&lab, &pod, &args);
-        assert_eq!(line(&text, "verdict"), verdict, "{args:?}: {text}");
-        assert!(!line(&text, "rule").is_empty());
+        assert_eq!(value_of(&text, "verdict"), verdict, "{args:?}: {text}");
+        assert!(!value_of(&text, "rule").is_empty());
         let o = pods::probe(&lab, &pod, &Case::new(caller, dst.parse().unwrap())).unwrap();
-        assert_eq!(landed(&o), listener, "{args:?}");
+        assert_eq!(o.landed(), listener, "{args:?}");
     }
 }
 
 #[test]
 fn no_capture_gap_across_kill_restart_and_program_replacement() {
-    let mut lab = Lab::new("restart").unwrap();
-    lab.start_agent().unwrap();
-    let p = Profile::default_sidecar();
-    let pod = pods::pod(&mut lab, "a", &p, Mode::Sockmesh).unwrap();
-    pods::apply_sockmesh(&lab, &pod, &p).unwrap();
+    let (mut lab, pod) = registered_pod("restart");
 
     let stop = lab.dir.join("stop-load");
-    let mut load = lab.command(&pod.ns, true, testkit_bin().unwrap()).unwrap();
-    load.args([
-        "load",
-        &format!("{PEER_V4}:80"),
-        "--expect",
-        "pod:15001",
-        "--uid",
-        "1000",
-        "--gid",
-        "1000",
-    ])
-    .arg("--stop")
-    .arg(&stop)
-    .stdout(Stdio::piped());
+    let peer80 = format!("{PEER_V4}:80").parse().unwrap();
+    let load = Load::new(peer80, "pod:15001", stop.clone(), Identity::APP);
+    let mut load = lab.testkit(pod.place(), &load).unwrap();
+    load.stdout(Stdio::piped());
     let child = load.spawn().unwrap();
     let pause = || std::thread::sleep(Duration::from_millis(300));
 
@@ -183,11 +162,7 @@ fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
 
 #[test]
 fn metrics_liveness_and_readiness() {
-    let mut lab = Lab::new("metrics").unwrap();
-    lab.start_agent().unwrap();
-    let p = Profile::default_sidecar();
-    let pod = pods::pod(&mut lab, "a", &p, Mode::Sockmesh).unwrap();
-    pods::apply_sockmesh(&lab, &pod, &p).unwrap();
+    let (lab, pod) = registered_pod("metrics");
     for _ in 0..3 {
         let o = pods::probe(
             &lab,
@@ -195,7 +170,7 @@ fn metrics_liveness_and_readiness() {
             &Case::new(CALLERS[0], format!("{PEER_V4}:80").parse().unwrap()),
         )
         .unwrap();
-        assert_eq!(landed(&o), "pod:15001");
+        assert_eq!(o.landed(), "pod:15001");
     }
     let addr = lab.metrics_addr().unwrap();
     assert_eq!(http_get(addr, "/healthz").0, "HTTP/1.1 200 OK");
@@ -231,13 +206,7 @@ fn pinned_maps_of_another_layout_are_refused() {
         ]))
     .unwrap();
     let out = Command::new(sockmesh_bin().unwrap())
-        .arg("agent")
-        .arg("--cgroup")
-        .arg(&lab.cgroup)
-        .arg("--bpffs")
-        .arg(&lab.bpffs)
-        .arg("--socket")
-        .arg(&lab.socket)
+        .args(lab.agent_argv())
         .args(["--metrics", "off"])
         .output()
         .unwrap();
@@ -251,12 +220,10 @@ fn pinned_maps_of_another_layout_are_refused() {
 
 #[test]
 fn pods_that_are_gone_are_forgotten_and_their_address_reused() {
-    let mut lab = Lab::new("gone").unwrap();
-    lab.start_agent().unwrap();
+    let mut lab = Lab::with_agent("gone").unwrap();
     let p = Profile::default_sidecar();
     // No process in the pod, so deleting its netns destroys it.
-    let a = pods::pod_with(&mut lab, "a", &p, Mode::Sockmesh, &[]).unwrap();
-    pods::apply_sockmesh(&lab, &a, &p).unwrap();
+    let a = pods::captured(&mut lab, "a", &p, Mode::Sockmesh, &[]).unwrap();
     let bpffs = lab.bpffs.clone();
     let dump = move || sockmesh_tests::lab::dump(&bpffs).unwrap();
     let first = dump()["pods"][0]["netns_cookie"].as_u64().unwrap();
@@ -264,8 +231,7 @@ fn pods_that_are_gone_are_forgotten_and_their_address_reused() {
     lab.remove_netns(&a.ns).unwrap();
     lab.remove_netns(&peer).unwrap();
     // A new pod gets the same address: registering it finds the old owner gone.
-    let b = pods::pod_with(&mut lab, "b", &p, Mode::Sockmesh, &[]).unwrap();
-    pods::apply_sockmesh(&lab, &b, &p).unwrap();
+    pods::captured(&mut lab, "b", &p, Mode::Sockmesh, &[]).unwrap();
     let d = dump();
     let cookies: Vec<u64> = d["pods"]
         .as_array()

@@ -13,8 +13,8 @@ use std::{
 use serde_json::{json, Value};
 use sockmesh_tests::{
     api::{self, pb},
-    kit::Outcome,
-    lab::{sockmesh_bin, testkit_bin, Lab, Netns},
+    kit::{Connect, Identity, Outcome},
+    lab::{sockmesh_bin, Lab, Netns, Place},
     pods,
 };
 
@@ -101,6 +101,26 @@ impl Runtime {
             file,
             primary,
         }
+    }
+
+    /// CHECK of `pod` by sockmesh's plugin, after an ADD that answered `prev`.
+    fn check(
+        &self,
+        lab: &Lab,
+        pod: &Netns,
+        name: &str,
+        annotations: &Value,
+        prev: &Value,
+    ) -> Answer {
+        self.invoke(
+            lab,
+            self.sockmesh(),
+            "CHECK",
+            pod,
+            name,
+            annotations,
+            Some(prev),
+        )
     }
 
     /// Run one plugin as libcni does: network name and version copied in, prevResult and the
@@ -226,13 +246,20 @@ fn acceleration(lab: &Lab, pod: &Netns) -> String {
 
 /// Connect from the pod (in the captured cgroup, as an app's uid) and report where it landed.
 fn connect(lab: &Lab, pod: &Netns, dst: &str) -> Outcome {
-    let out = sockmesh_tests::lab::run(
-        lab.command(pod, true, testkit_bin().unwrap())
-            .unwrap()
-            .args(["connect", dst, "--uid", "1000", "--gid", "1000"]),
-    )
-    .unwrap();
-    serde_json::from_slice(&out.stdout).unwrap()
+    let program = Connect::new(dst.parse().unwrap(), Identity::APP);
+    pods::connect(lab, Place::new(pod, true), &program).unwrap()
+}
+
+/// ADD of `pod` (named cache) with bad `annotations` fails with an error the runtime can show
+/// (code 101, details naming each of `why`) and registers nothing; then DEL.
+fn refused(rt: &Runtime, lab: &Lab, pod: &Netns, annotations: &Value, why: &[&str]) {
+    let c = rt.add(lab, pod, "cache", annotations);
+    assert!(!c.ok, "bad annotations accepted: {annotations}");
+    assert_eq!(c.out["code"], 101, "{}", c.out);
+    let details = c.out["details"].as_str().unwrap_or_default();
+    assert!(why.iter().all(|w| details.contains(w)), "{}", c.out);
+    assert!(!registered(lab, pod));
+    rt.del(lab, pod, "cache", annotations);
 }
 
 #[test]
@@ -312,15 +339,7 @@ fn chained_after_bridge_captures_injected_pods_as_istio_cni_would() {
         Outcome::Ok { listener, .. } if listener == "proxy:15001"
     ));
     rt.del(&lab, &api_pod, "api", &defaults);
-    let check = rt.invoke(
-        &lab,
-        rt.sockmesh(),
-        "CHECK",
-        &web,
-        "web",
-        &injected,
-        Some(&a.out),
-    );
+    let check = rt.check(&lab, &web, "web", &injected, &a.out);
     assert!(check.ok, "CHECK: {:?} {}", check.out, check.stderr);
 
     // A pod without a sidecar: passed through untouched.
@@ -329,26 +348,10 @@ fn chained_after_bridge_captures_injected_pods_as_istio_cni_would() {
     assert!(b.ok, "{:?} {}", b.out, b.stderr);
     assert!(b.stderr.contains("not captured"), "{}", b.stderr);
     assert!(!registered(&lab, &db));
-    let check = rt.invoke(
-        &lab,
-        rt.sockmesh(),
-        "CHECK",
-        &db,
-        "db",
-        &plain,
-        Some(&b.out),
-    );
+    let check = rt.check(&lab, &db, "db", &plain, &b.out);
     assert!(check.ok, "CHECK: {:?} {}", check.out, check.stderr);
     // CHECK notices a pod that should be captured and is not.
-    let check = rt.invoke(
-        &lab,
-        rt.sockmesh(),
-        "CHECK",
-        &db,
-        "db",
-        &injected,
-        Some(&b.out),
-    );
+    let check = rt.check(&lab, &db, "db", &injected, &b.out);
     assert!(!check.ok);
     assert_eq!(check.out["code"], 100, "{}", check.out);
 
@@ -358,35 +361,14 @@ fn chained_after_bridge_captures_injected_pods_as_istio_cni_would() {
         "traffic.sidecar.istio.io/includeOutboundIPRanges": "10.0.0.0/99",
     });
     let cache = lab.netns("cache").unwrap();
-    let c = rt.add(&lab, &cache, "cache", &bad);
-    assert!(!c.ok, "bad annotations accepted");
-    assert_eq!(c.out["code"], 101, "{}", c.out);
-    assert!(
-        c.out["details"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("10.0.0.0/99"),
-        "{}",
-        c.out
-    );
-    assert!(!registered(&lab, &cache));
-    rt.del(&lab, &cache, "cache", &bad);
+    refused(&rt, &lab, &cache, &bad, &["10.0.0.0/99"]);
     // A bad acceleration value too.
     let bad_accel = json!({
         "sidecar.istio.io/status": "{}",
         "sockmesh.io/acceleration": "fast",
     });
-    let c = rt.add(&lab, &cache, "cache", &bad_accel);
-    assert!(!c.ok, "a bad acceleration value accepted");
-    assert_eq!(c.out["code"], 101, "{}", c.out);
-    let details = c.out["details"].as_str().unwrap_or_default();
-    assert!(
-        details.contains("SOCKMESH_ACCELERATION=\"fast\"") && details.contains("want off"),
-        "{}",
-        c.out
-    );
-    assert!(!registered(&lab, &cache));
-    rt.del(&lab, &cache, "cache", &bad_accel);
+    let why = ["SOCKMESH_ACCELERATION=\"fast\"", "want off"];
+    refused(&rt, &lab, &cache, &bad_accel, &why);
 
     // DEL removes the capture, and is idempotent.
     rt.del(&lab, &web, "web", &injected);

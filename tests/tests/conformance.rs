@@ -23,6 +23,16 @@ fn listener(o: &Outcome) -> Option<(&str, &str)> {
     }
 }
 
+/// Case `label` of the reference `r` landed on `want`.
+fn lands(r: &[(String, Outcome)], label: &str, want: &str) {
+    assert_eq!(outcome(r, label).listener(), Some(want), "{label}");
+}
+
+/// Case `label` of the reference `r` landed on `want` with original destination `orig`.
+fn lands_with(r: &[(String, Outcome)], label: &str, want: &str, orig: &str) {
+    assert_eq!(listener(outcome(r, label)), Some((want, orig)), "{label}");
+}
+
 /// Run every case of `p` both ways; return the iptables outcomes for extra checks.
 fn conformance(p: &Profile) -> Vec<(String, Outcome)> {
     sockmesh_tests::lab::require_tools(&["ip", "iptables-restore", "ip6tables-restore"]).unwrap();
@@ -90,34 +100,21 @@ fn outcome<'a>(r: &'a [(String, Outcome)], label: &str) -> &'a Outcome {
 #[test]
 fn default_sidecar() {
     let r = conformance(&profile("default-sidecar"));
-    // Anchors from the spec, independent of both implementations.
+    // Anchors from istio-iptables' documented behaviour, independent of both implementations.
     let peer = format!("app -> {}:80", pods::PEER_V4);
-    assert_eq!(
-        listener(outcome(&r, &peer)),
-        Some(("pod:15001", "192.0.2.20:80"))
-    );
+    lands_with(&r, &peer, "pod:15001", "192.0.2.20:80");
     let own = format!("proxy-uid -> {POD_V4}:8080");
-    assert_eq!(
-        listener(outcome(&r, &own)),
-        Some(("pod:15006", "192.0.2.10:8080"))
-    );
+    lands_with(&r, &own, "pod:15006", "192.0.2.10:8080");
     let app_own = format!("app -> {POD_V4}:8080");
-    assert_eq!(
-        listener(outcome(&r, &app_own)).map(|l| l.0),
-        Some("pod:8080")
+    lands(&r, &app_own, "pod:8080");
+    lands_with(
+        &r,
+        "proxy-uid -> 127.0.0.2:8080",
+        "pod:15006",
+        "127.0.0.2:8080",
     );
-    assert_eq!(
-        listener(outcome(&r, "proxy-uid -> 127.0.0.2:8080")),
-        Some(("pod:15006", "127.0.0.2:8080"))
-    );
-    assert_eq!(
-        listener(outcome(
-            &r,
-            &format!("proxy-gid-only -> {}:80", pods::PEER_V4)
-        ))
-        .map(|l| l.0),
-        Some("peer:80")
-    );
+    let gid_only = format!("proxy-gid-only -> {}:80", pods::PEER_V4);
+    lands(&r, &gid_only, "peer:80");
 }
 
 #[test]
@@ -168,22 +165,23 @@ fn multi_uid_gid() {
 #[test]
 fn inbound_ports_list() {
     let r = conformance(&profile("inbound-ports-list"));
-    assert_eq!(
-        listener(outcome(&r, &format!("peer -> {POD_V4}:9090"))),
-        Some(("pod:15006", "192.0.2.10:9090"))
+    lands_with(
+        &r,
+        &format!("peer -> {POD_V4}:9090"),
+        "pod:15006",
+        "192.0.2.10:9090",
     );
-    assert_eq!(
-        listener(outcome(&r, &format!("peer -> {POD_V4}:22"))).map(|l| l.0),
-        Some("pod:22")
-    );
+    lands(&r, &format!("peer -> {POD_V4}:22"), "pod:22");
 }
 
 #[test]
 fn ipv6_dual_stack() {
     let r = conformance(&profile("ipv6-dual-stack"));
-    assert_eq!(
-        listener(outcome(&r, &format!("app -> [{}]:80", pods::PEER_V6))),
-        Some(("pod:15001v6", "[2001:db8::20]:80"))
+    lands_with(
+        &r,
+        &format!("app -> [{}]:80", pods::PEER_V6),
+        "pod:15001v6",
+        "[2001:db8::20]:80",
     );
 }
 
@@ -195,12 +193,11 @@ fn ipv6_only_pod() {
 #[test]
 fn dns_capture_all() {
     let r = conformance(&profile("dns-capture-all"));
-    assert_eq!(
-        listener(outcome(
-            &r,
-            &format!("app -> {}:53 (udp, connected)", pods::PEER_V4)
-        )),
-        Some(("dns-proxy", "udp"))
+    lands_with(
+        &r,
+        &format!("app -> {}:53 (udp, connected)", pods::PEER_V4),
+        "dns-proxy",
+        "udp",
     );
 }
 
@@ -221,14 +218,8 @@ fn dns_resolv_conf() {
         other => panic!("{other:?}"),
     }
     // Another server is not; over tcp it falls through to the outbound port.
-    assert_eq!(
-        listener(outcome(&r, "app -> 198.51.100.10:53 (udp, connected)")).map(|l| l.0),
-        Some("peer:53")
-    );
-    assert_eq!(
-        listener(outcome(&r, "app -> 198.51.100.10:53")).map(|l| l.0),
-        Some("pod:15001")
-    );
+    lands(&r, "app -> 198.51.100.10:53 (udp, connected)", "peer:53");
+    lands(&r, "app -> 198.51.100.10:53", "pod:15001");
 }
 
 #[test]
@@ -245,23 +236,19 @@ fn dns_no_servers() {
 fn exclude_interface() {
     let r = conformance(&profile("exclude-interface"));
     // Routed out of eth1: not captured; arriving on eth1: not captured.
-    assert_eq!(
-        listener(outcome(&r, "app -> 203.0.113.10:80")).map(|l| l.0),
-        Some("peer2:80")
-    );
-    assert_eq!(
-        listener(outcome(&r, &format!("peer2 -> {}:8080", pods::POD_ETH1))).map(|l| l.0),
-        Some("pod:8080")
-    );
+    lands(&r, "app -> 203.0.113.10:80", "peer2:80");
+    lands(&r, &format!("peer2 -> {}:8080", pods::POD_ETH1), "pod:8080");
 }
 
 #[test]
 fn kube_virt_interface() {
     let r = conformance(&profile("kube-virt-interface"));
     // Arriving on eth1, even for the pod's own address: the outbound port.
-    assert_eq!(
-        listener(outcome(&r, &format!("peer2 -> {}:8080", pods::POD_ETH1))),
-        Some(("pod:15001", "198.18.0.10:8080"))
+    lands_with(
+        &r,
+        &format!("peer2 -> {}:8080", pods::POD_ETH1),
+        "pod:15001",
+        "198.18.0.10:8080",
     );
 }
 
@@ -274,14 +261,18 @@ fn kube_virt_interface_cidrs() {
 fn tproxy() {
     let r = conformance(&profile("tproxy"));
     // The proxy (0:1337) calling its own pod IP reaches the inbound listener unrewritten.
-    assert_eq!(
-        listener(outcome(&r, &format!("tproxy-proxy -> {POD_V4}:8080"))),
-        Some(("pod:15006", "192.0.2.10:8080"))
+    lands_with(
+        &r,
+        &format!("tproxy-proxy -> {POD_V4}:8080"),
+        "pod:15006",
+        "192.0.2.10:8080",
     );
     // No tunnel-port exemption in TPROXY mode.
-    assert_eq!(
-        listener(outcome(&r, &format!("peer -> {POD_V4}:15008"))),
-        Some(("pod:15006", "192.0.2.10:15008"))
+    lands_with(
+        &r,
+        &format!("peer -> {POD_V4}:15008"),
+        "pod:15006",
+        "192.0.2.10:15008",
     );
 }
 
@@ -293,19 +284,20 @@ fn tproxy_inbound_list() {
 #[test]
 fn linkerd_default() {
     let r = conformance(&profile("linkerd-default"));
-    assert_eq!(
-        listener(outcome(&r, &format!("app -> {}:80", pods::PEER_V4))),
-        Some(("pod:4140", "192.0.2.20:80"))
+    lands_with(
+        &r,
+        &format!("app -> {}:80", pods::PEER_V4),
+        "pod:4140",
+        "192.0.2.20:80",
     );
-    assert_eq!(
-        listener(outcome(&r, &format!("peer -> {POD_V4}:8080"))),
-        Some(("pod:4143", "192.0.2.10:8080"))
+    lands_with(
+        &r,
+        &format!("peer -> {POD_V4}:8080"),
+        "pod:4143",
+        "192.0.2.10:8080",
     );
     // No 127.0.0.6 trick and no inbound redirect of the proxy's own calls: lo is skipped.
-    assert_eq!(
-        listener(outcome(&r, &format!("linkerd-proxy -> {POD_V4}:8080"))).map(|l| l.0),
-        Some("pod:8080")
-    );
+    lands(&r, &format!("linkerd-proxy -> {POD_V4}:8080"), "pod:8080");
 }
 
 #[test]

@@ -2,12 +2,41 @@
 //! init, istio-cni's validation probe, and a request from pod A's app to pod B's app through
 //! both sidecars.
 
+use std::net::SocketAddr;
+
 use sockmesh_tests::{
-    kit::Outcome,
-    lab::{run, sockmesh_bin, testkit_bin, Lab},
+    kit::{Fetch, Identity, Listen, Listener, ListenerKind, Outcome, Proxy},
+    lab::{sockmesh_bin, Lab},
     pods::{self, Caller, Case, Mode, POD_B_V4, POD_V4},
     profiles::Profile,
 };
+
+/// The app's listener on its port 8080, named `name`.
+fn app_listener(name: &str) -> Listen {
+    Listen {
+        listeners: vec![Listener::report(name, pods::any_v4(8080))],
+    }
+}
+
+/// The fields of each line of `text`, with the address of the `keys` fields reduced to its IP
+/// (ports differ from run to run) and the `other=` field dropped unless `keep_other`.
+fn without_ports(text: &str, keys: &[&str], keep_other: bool) -> Vec<String> {
+    text.lines()
+        .map(|l| {
+            l.split_whitespace()
+                .filter(|f| keep_other || !f.starts_with("other="))
+                .map(|f| match f.split_once('=') {
+                    Some((k, v)) if keys.contains(&k) => {
+                        let ip = v.parse::<SocketAddr>().map(|a| a.ip().to_string());
+                        format!("{k}={}", ip.unwrap_or_else(|_| v.to_string()))
+                    }
+                    _ => f.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect()
+}
 
 fn peer_case(port: u16) -> Case {
     Case::new(
@@ -18,13 +47,10 @@ fn peer_case(port: u16) -> Case {
 
 #[test]
 fn no_proxy_means_refused_and_a_late_proxy_is_found() {
-    let mut lab = Lab::new("late").unwrap();
-    lab.start_agent().unwrap();
+    let mut lab = Lab::with_agent("late").unwrap();
     let p = Profile::default_sidecar();
-    let ipt = pods::pod_with(&mut lab, "i", &p, Mode::Iptables, &[8080]).unwrap();
-    pods::apply_iptables(&ipt, &p).unwrap();
-    let smp = pods::pod_with(&mut lab, "s", &p, Mode::Sockmesh, &[8080]).unwrap();
-    pods::apply_sockmesh(&lab, &smp, &p).unwrap();
+    let ipt = pods::captured(&mut lab, "i", &p, Mode::Iptables, &[8080]).unwrap();
+    let smp = pods::captured(&mut lab, "s", &p, Mode::Sockmesh, &[8080]).unwrap();
     let case = peer_case(8080);
     // No inbound proxy: iptables' REDIRECT hits a closed port; sockmesh refuses the same way
     // rather than letting the connection reach the app.
@@ -65,7 +91,9 @@ fn no_proxy_means_refused_and_a_late_proxy_is_found() {
 }
 
 fn validation(lab: &Lab, pod: &pods::Pod) -> std::process::Output {
-    let mut cmd = pods::as_user(lab, pod, 1337, &sockmesh_bin().unwrap()).unwrap();
+    let mut cmd = lab
+        .command_at(pod.place().as_user(1337), sockmesh_bin().unwrap())
+        .unwrap();
     cmd.args([
         "init",
         "istio",
@@ -79,13 +107,10 @@ fn validation(lab: &Lab, pod: &pods::Pod) -> std::process::Output {
 
 #[test]
 fn istio_cni_validation_probe() {
-    let mut lab = Lab::new("valid").unwrap();
-    lab.start_agent().unwrap();
+    let mut lab = Lab::with_agent("valid").unwrap();
     let p = Profile::default_sidecar();
-    let ipt = pods::pod_with(&mut lab, "i", &p, Mode::Iptables, &[]).unwrap();
-    pods::apply_iptables(&ipt, &p).unwrap();
-    let smp = pods::pod_with(&mut lab, "s", &p, Mode::Sockmesh, &[]).unwrap();
-    pods::apply_sockmesh(&lab, &smp, &p).unwrap();
+    let ipt = pods::captured(&mut lab, "i", &p, Mode::Iptables, &[]).unwrap();
+    let smp = pods::captured(&mut lab, "s", &p, Mode::Sockmesh, &[]).unwrap();
     let bare = pods::pod_with(&mut lab, "u", &p, Mode::Sockmesh, &[]).unwrap();
 
     let out = validation(&lab, &ipt);
@@ -99,57 +124,23 @@ fn istio_cni_validation_probe() {
 
 /// Lines of pod A's app's response, ports dropped so runs compare.
 fn e2e(mode: Mode) -> Vec<String> {
-    let mut lab = Lab::new("e2e").unwrap();
-    if mode == Mode::Sockmesh {
-        lab.start_agent().unwrap();
-    }
+    let mut lab = pods::lab_for("e2e", mode).unwrap();
     let p = Profile::default_sidecar();
     let pods = pods::two_pods(&mut lab, "x", mode).unwrap();
     for pod in [&pods.a, &pods.b] {
-        match mode {
-            Mode::Iptables => pods::apply_iptables(pod, &p).unwrap(),
-            Mode::Sockmesh => {
-                pods::apply_sockmesh(&lab, pod, &p).unwrap();
-            }
-        }
+        pods::capture(&lab, pod, &p, mode).unwrap();
     }
-    let kit = testkit_bin().unwrap();
     for (pod, name) in [(&pods.a, "A"), (&pods.b, "B")] {
-        let mut cmd = pods::as_user(&lab, pod, 1337, &kit).unwrap();
-        cmd.args(["proxy", "--name", name]);
-        lab.spawn(cmd, Some("ready")).unwrap();
+        lab.start(pod.place().as_user(1337), &Proxy::new(name))
+            .unwrap();
     }
-    let mut app = lab.command(&pods.b.ns, pods.b.in_cgroup, &kit).unwrap();
-    app.args(["listen", "b-app@0.0.0.0:8080"]);
-    lab.spawn(app, Some("ready")).unwrap();
-
-    let mut cmd = lab.command(&pods.a.ns, pods.a.in_cgroup, &kit).unwrap();
-    cmd.args([
-        "fetch",
-        &format!("{POD_B_V4}:8080"),
-        "--uid",
-        "1000",
-        "--gid",
-        "1000",
-    ]);
-    let out = run(&mut cmd).unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    text.lines()
-        .map(|l| {
-            l.split_whitespace()
-                .map(|f| match f.split_once('=') {
-                    Some((k @ ("peer" | "local"), v)) => {
-                        let ip = v
-                            .parse::<std::net::SocketAddr>()
-                            .map(|a| a.ip().to_string());
-                        format!("{k}={}", ip.unwrap_or_else(|_| v.to_string()))
-                    }
-                    _ => f.to_string(),
-                })
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .collect()
+    lab.start(pods.b.place(), &app_listener("b-app")).unwrap();
+    let fetch = Fetch::new(
+        SocketAddr::new(POD_B_V4.parse().unwrap(), 8080),
+        Identity::APP,
+    );
+    let text = lab.output(pods.a.place(), &fetch).unwrap();
+    without_ports(&text, &["peer", "local"], true)
 }
 
 #[test]
@@ -181,53 +172,24 @@ fn pod_to_pod_through_both_sidecars() {
 /// connects to the app from the client's own address (original source, marked 1337); the app
 /// sees the real client, and its replies find their way back.
 fn tproxy_e2e(mode: Mode) -> Vec<String> {
-    let mut lab = Lab::new("tpx").unwrap();
-    if mode == Mode::Sockmesh {
-        lab.start_agent().unwrap();
-    }
+    let mut lab = pods::lab_for("tpx", mode).unwrap();
     let p = Profile {
         tproxy: true,
         ..Profile::default_sidecar()
     };
-    let pod = pods::pod_with(&mut lab, "t", &p, mode, &[]).unwrap();
-    match mode {
-        Mode::Iptables => pods::apply_iptables(&pod, &p).unwrap(),
-        Mode::Sockmesh => {
-            pods::apply_sockmesh(&lab, &pod, &p).unwrap();
-        }
-    }
-    let kit = testkit_bin().unwrap();
-    let mut proxy = lab.command(&pod.ns, pod.in_cgroup, "setpriv").unwrap();
-    proxy
-        .args(["--regid=1337", "--clear-groups"])
-        .arg(&kit)
-        .args(["proxy", "--name", "P", "--tproxy-mark", "1337"]);
-    lab.spawn(proxy, Some("ready")).unwrap();
-    let mut app = lab.command(&pod.ns, pod.in_cgroup, &kit).unwrap();
-    app.args(["listen", "app@0.0.0.0:8080"]);
-    lab.spawn(app, Some("ready")).unwrap();
-
-    let mut cmd = lab.command(&pod.peer, false, &kit).unwrap();
-    cmd.args(["fetch", &format!("{POD_V4}:8080")]);
-    let out = run(&mut cmd).unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| {
-            l.split_whitespace()
-                .filter(|f| !f.starts_with("other="))
-                .map(|f| match f.split_once('=') {
-                    Some((k @ "peer", v)) => {
-                        let ip = v
-                            .parse::<std::net::SocketAddr>()
-                            .map(|a| a.ip().to_string());
-                        format!("{k}={}", ip.unwrap_or_else(|_| v.to_string()))
-                    }
-                    _ => f.to_string(),
-                })
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .collect()
+    let pod = pods::captured(&mut lab, "t", &p, mode, &[]).unwrap();
+    let proxy = Proxy {
+        tproxy_mark: Some(1337),
+        ..Proxy::new("P")
+    };
+    lab.start(pod.place().as_group(1337), &proxy).unwrap();
+    lab.start(pod.place(), &app_listener("app")).unwrap();
+    let fetch = Fetch::new(
+        SocketAddr::new(POD_V4.parse().unwrap(), 8080),
+        Identity::ROOT,
+    );
+    let text = lab.output(pod.peer_place(), &fetch).unwrap();
+    without_ports(&text, &["peer"], false)
 }
 
 #[test]
@@ -251,18 +213,20 @@ fn tproxy_original_source_to_the_app() {
 
 #[test]
 fn reuseport_proxy_workers_share_the_inbound_port() {
-    let mut lab = Lab::new("reuse").unwrap();
-    lab.start_agent().unwrap();
+    let mut lab = Lab::with_agent("reuse").unwrap();
     let p = Profile::default_sidecar();
-    let smp = pods::pod_with(&mut lab, "s", &p, Mode::Sockmesh, &[8080]).unwrap();
-    pods::apply_sockmesh(&lab, &smp, &p).unwrap();
-    let kit = testkit_bin().unwrap();
+    let smp = pods::captured(&mut lab, "s", &p, Mode::Sockmesh, &[8080]).unwrap();
     // Two workers on 15006 with SO_REUSEPORT, as Envoy runs them.
     let mut workers = Vec::new();
     for name in ["w1", "w2"] {
-        let mut cmd = lab.command(&smp.ns, true, &kit).unwrap();
-        cmd.args(["listen", &format!("r/{name}@0.0.0.0:15006")]);
-        workers.push(lab.spawn(cmd, Some("ready")).unwrap());
+        let worker = Listen {
+            listeners: vec![Listener::new(
+                ListenerKind::ReusePort,
+                name,
+                pods::any_v4(15006),
+            )],
+        };
+        workers.push(lab.start(smp.place(), &worker).unwrap());
     }
     let case = peer_case(8080);
     let land = |lab: &Lab| match pods::probe_from_peer(lab, &smp, &case).unwrap() {

@@ -5,9 +5,8 @@
 use std::process::{Command, Output};
 
 use sockmesh_tests::{
-    kit::Outcome,
-    lab::{run, sockmesh_bin, Lab},
-    pods::{self, Case, Mode, CALLERS, PEER_V4},
+    lab::{run, sockmesh_bin, value_of, Lab},
+    pods::{self, Case, Mode, Pod, CALLERS, PEER_V4},
     profiles::Profile,
 };
 
@@ -19,66 +18,52 @@ fn registered(lab: &Lab) -> usize {
     dump(lab)["pods"].as_array().unwrap().len()
 }
 
-/// The value of a `name  value` line of the dry-run settings.
-fn setting<'a>(text: &'a str, name: &str) -> &'a str {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name))
-        .map(str::trim)
-        .unwrap_or_else(|| panic!("no setting {name} in:\n{text}"))
-}
-
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 /// The app's call to the peer: where does it land?
-fn app_to_peer(lab: &Lab, pod: &pods::Pod) -> Outcome {
+fn app_to_peer(lab: &Lab, pod: &Pod) -> String {
     let case = Case::new(CALLERS[0], format!("{PEER_V4}:80").parse().unwrap());
-    pods::probe(lab, pod, &case).unwrap()
+    pods::probe(lab, pod, &case).unwrap().landed()
 }
 
-fn landed(o: &Outcome) -> &str {
-    match o {
-        Outcome::Ok { listener, .. } => listener,
-        _ => panic!("connection failed: {o:?}"),
-    }
+/// A lab with its agent and an unregistered pod, listening as the suites' pods do.
+fn lab_with_pod(tag: &str) -> (Lab, Pod, Profile) {
+    let mut lab = Lab::with_agent(tag).unwrap();
+    let p = Profile::default_sidecar();
+    let pod = pods::pod(&mut lab, "a", &p, Mode::Sockmesh).unwrap();
+    (lab, pod, p)
 }
 
 #[test]
 fn flags_beat_environment_and_dry_run_registers_nothing() {
-    let mut lab = Lab::new("cli").unwrap();
-    lab.start_agent().unwrap();
-    let p = Profile::default_sidecar();
-    let pod = pods::pod(&mut lab, "a", &p, Mode::Sockmesh).unwrap();
+    let (lab, pod, _) = lab_with_pod("cli");
+    // `init istio --dry-run` with `flags` and INBOUND_CAPTURE_PORT=17000: the settings it shows.
+    let dry_run = |flags: &[&str]| {
+        let out = run(lab
+            .sockmesh_in(&pod.ns)
+            .unwrap()
+            .args(["init", "istio", "--dry-run"])
+            .args(flags)
+            .env("INBOUND_CAPTURE_PORT", "17000"))
+        .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
 
-    let out = run(lab
-        .sockmesh_in(&pod.ns)
-        .unwrap()
-        .args(["init", "istio", "--dry-run", "-i", "*"])
-        .env("INBOUND_CAPTURE_PORT", "17000"))
-    .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(setting(&text, "-z (inbound capture port)"), "17000");
+    let text = dry_run(&["-i", "*"]);
+    assert_eq!(value_of(&text, "-z (inbound capture port)"), "17000");
     assert!(text.contains("redirect :15001"), "{text}");
 
-    let out = run(lab
-        .sockmesh_in(&pod.ns)
-        .unwrap()
-        .args(["init", "istio", "--dry-run", "-z", "16000"])
-        .env("INBOUND_CAPTURE_PORT", "17000"))
-    .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(setting(&text, "-z (inbound capture port)"), "16000");
+    let text = dry_run(&["-z", "16000"]);
+    assert_eq!(value_of(&text, "-z (inbound capture port)"), "16000");
     assert_eq!(registered(&lab), 0, "--dry-run registered something");
-    assert_eq!(landed(&app_to_peer(&lab, &pod)), "peer:80");
+    assert_eq!(app_to_peer(&lab, &pod), "peer:80");
 }
 
 #[test]
 fn bad_input_is_refused_in_one_line_and_registers_nothing() {
-    let mut lab = Lab::new("bad").unwrap();
-    lab.start_agent().unwrap();
-    let p = Profile::default_sidecar();
-    let pod = pods::pod(&mut lab, "a", &p, Mode::Sockmesh).unwrap();
+    let (lab, pod, _) = lab_with_pod("bad");
     /// Arguments, environment, and the flag the error must name.
     type BadInput<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
     let cases: &[BadInput] = &[
@@ -142,7 +127,7 @@ fn bad_input_is_refused_in_one_line_and_registers_nothing() {
         );
         assert_eq!(registered(&lab), 0, "{args:?} {env:?} left a registration");
     }
-    assert_eq!(landed(&app_to_peer(&lab, &pod)), "peer:80");
+    assert_eq!(app_to_peer(&lab, &pod), "peer:80");
 }
 
 #[test]
@@ -166,12 +151,9 @@ fn an_agent_that_is_not_running_is_a_clear_error() {
 
 #[test]
 fn cleanup_only_unregisters_and_capture_stops() {
-    let mut lab = Lab::new("clean").unwrap();
-    lab.start_agent().unwrap();
-    let p = Profile::default_sidecar();
-    let pod = pods::pod(&mut lab, "a", &p, Mode::Sockmesh).unwrap();
+    let (lab, pod, p) = lab_with_pod("clean");
     pods::apply_sockmesh(&lab, &pod, &p).unwrap();
-    assert_eq!(landed(&app_to_peer(&lab, &pod)), "pod:15001");
+    assert_eq!(app_to_peer(&lab, &pod), "pod:15001");
     assert_eq!(registered(&lab), 1);
     run(lab
         .sockmesh_in(&pod.ns)
@@ -179,7 +161,7 @@ fn cleanup_only_unregisters_and_capture_stops() {
         .args(["init", "istio", "--cleanup-only"]))
     .unwrap();
     assert_eq!(registered(&lab), 0);
-    assert_eq!(landed(&app_to_peer(&lab, &pod)), "peer:80");
+    assert_eq!(app_to_peer(&lab, &pod), "peer:80");
     let d = dump(&lab);
     // No set entry of the pod survives its unregistration.
     assert!(d["pods"].as_array().unwrap().is_empty(), "{d}");
@@ -187,10 +169,7 @@ fn cleanup_only_unregisters_and_capture_stops() {
 
 #[test]
 fn invoked_as_istio_iptables_without_net_admin() {
-    let mut lab = Lab::new("name").unwrap();
-    lab.start_agent().unwrap();
-    let p = Profile::default_sidecar();
-    let pod = pods::pod(&mut lab, "a", &p, Mode::Sockmesh).unwrap();
+    let (lab, pod, p) = lab_with_pod("name");
     let link = lab.dir.join("istio-iptables");
     std::os::unix::fs::symlink(sockmesh_bin().unwrap(), &link).unwrap();
     // setpriv drops every capability: the pod's init needs none (no NET_ADMIN, no NET_RAW).
@@ -205,20 +184,17 @@ fn invoked_as_istio_iptables_without_net_admin() {
     .env("SOCKMESH_AGENT_SOCKET", &lab.socket);
     let out = run(&mut cmd).unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("capture in force"));
-    assert_eq!(landed(&app_to_peer(&lab, &pod)), "pod:15001");
+    assert_eq!(app_to_peer(&lab, &pod), "pod:15001");
 }
 
 #[test]
 fn unregistered_namespaces_and_the_agents_own_are_never_touched() {
-    let mut lab = Lab::new("other").unwrap();
-    lab.start_agent().unwrap();
-    let p = Profile::default_sidecar();
-    let a = pods::pod(&mut lab, "a", &p, Mode::Sockmesh).unwrap();
+    let (mut lab, a, p) = lab_with_pod("other");
     let b = pods::pod(&mut lab, "b", &p, Mode::Sockmesh).unwrap();
     pods::apply_sockmesh(&lab, &a, &p).unwrap();
-    assert_eq!(landed(&app_to_peer(&lab, &a)), "pod:15001");
+    assert_eq!(app_to_peer(&lab, &a), "pod:15001");
     // b is in the same cgroup, with the programs attached, but not registered.
-    assert_eq!(landed(&app_to_peer(&lab, &b)), "peer:80");
+    assert_eq!(app_to_peer(&lab, &b), "peer:80");
     // Registering the agent's own (host) namespace is refused.
     let out = Command::new(sockmesh_bin().unwrap())
         .args(["init", "istio", "-i", "*", "--agent-socket"])
@@ -236,19 +212,16 @@ fn unregistered_namespaces_and_the_agents_own_are_never_touched() {
 
 #[test]
 fn capture_outlives_the_agent_and_a_restart_adopts_it() {
-    let mut lab = Lab::new("term").unwrap();
-    lab.start_agent().unwrap();
-    let p = Profile::default_sidecar();
-    let pod = pods::pod(&mut lab, "a", &p, Mode::Sockmesh).unwrap();
+    let (mut lab, pod, p) = lab_with_pod("term");
     pods::apply_sockmesh(&lab, &pod, &p).unwrap();
     lab.stop_agent(libc::SIGTERM).unwrap();
     assert!(!lab.socket.exists(), "the socket outlived the agent");
     // Capture stays in force, and dump reads the pinned maps without the agent.
-    assert_eq!(landed(&app_to_peer(&lab, &pod)), "pod:15001");
+    assert_eq!(app_to_peer(&lab, &pod), "pod:15001");
     assert_eq!(registered(&lab), 1);
     // A new agent swaps the programs in place and keeps the registration.
     lab.start_agent().unwrap();
     assert!(lab.agent_log().contains("Updated"), "{}", lab.agent_log());
     assert_eq!(registered(&lab), 1);
-    assert_eq!(landed(&app_to_peer(&lab, &pod)), "pod:15001");
+    assert_eq!(app_to_peer(&lab, &pod), "pod:15001");
 }

@@ -1,16 +1,35 @@
 //! sockmesh-proxy in a pod, behind istio's iptables rules (loaded by the real iptables) and
 //! behind sockmesh: the same requests must reach the same upstreams, through the same routes.
 
-use std::process::Command;
+use std::net::SocketAddr;
 
 use sockmesh_tests::{
-    kit::Outcome,
-    lab::{run, sibling_bin, testkit_bin, Lab},
+    kit::{
+        checksum, pattern, Connect, GrpcCall, GrpcServe, HttpGet, HttpKeepalive, HttpServe,
+        HttpStream, HttpTransfer, HttpUpgrade, HttpUpstream, Identity, Launch, Listen, Listener,
+        Outcome, TlsHello,
+    },
+    lab::{sibling_bin, Lab, Place},
     pods::{self, Mode, Pod, PEER_V4, PEER_V6, POD_V4, POD_V6},
     profiles::Profile,
 };
 
 const VIP: &str = "10.96.0.10";
+
+/// `ip`:`port`.
+fn at(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.parse().unwrap(), port)
+}
+
+/// The service VIP's port 80, which capture sends to the proxy.
+fn vip() -> SocketAddr {
+    at(VIP, 80)
+}
+
+/// An upstream named `name` on the peer's `port`.
+fn upstream(name: &str, port: u16) -> HttpUpstream {
+    HttpUpstream::new(name, at(PEER_V4, port))
+}
 
 fn proxy_config(lab: &Lab) -> std::path::PathBuf {
     let path = lab.dir.join("proxy.yaml");
@@ -66,68 +85,82 @@ clusters:
     path
 }
 
+/// The app's GET (uid 1000) of `path` from `host` at `dst`, with headers `hdr`, from the pod or
+/// from its peer; the whole response.
 fn get(
     lab: &Lab,
     pod: &Pod,
     from_peer: bool,
-    dst: &str,
+    dst: SocketAddr,
     path: &str,
     host: &str,
     hdr: &[&str],
 ) -> String {
-    let (ns, in_cgroup) = if from_peer {
-        (&pod.peer, false)
+    let place = if from_peer {
+        pod.peer_place()
     } else {
-        (&pod.ns, pod.in_cgroup)
+        pod.place()
     };
-    let mut cmd: Command = lab.command(ns, in_cgroup, testkit_bin().unwrap()).unwrap();
-    cmd.args([
-        "http-get", dst, "--path", path, "--host", host, "--uid", "1000", "--gid", "1000",
-    ]);
-    for h in hdr {
-        cmd.args(["--header", h]);
-    }
-    let out = run(&mut cmd).unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    let get = HttpGet {
+        headers: hdr.iter().map(|h| h.to_string()).collect(),
+        ..HttpGet::new(dst, path, host, Identity::APP)
+    };
+    lab.output(place, &get).unwrap()
+}
+
+/// The proxy's admin endpoint (localhost is never captured): the answer to `path`.
+fn admin(lab: &Lab, pod: &Pod, path: &str) -> String {
+    get(lab, pod, false, at("127.0.0.1", 15000), path, "admin", &[])
+}
+
+/// A lab for pods captured by `mode`, tagged `tag` and the mode's initial.
+fn lab_for(tag: &str, mode: Mode) -> Lab {
+    let initial = match mode {
+        Mode::Iptables => 'i',
+        Mode::Sockmesh => 's',
+    };
+    pods::lab_for(&format!("{tag}{initial}"), mode).unwrap()
+}
+
+/// Start the testkit's server `program` at `place`.
+fn serve<P: Launch>(lab: &mut Lab, place: Place, program: &P) {
+    lab.start(place, program).unwrap();
 }
 
 /// Start sockmesh-proxy in the pod with `config`, then capture the pod's traffic to it (with
 /// istio's iptables rules, or by sockmesh).
 fn start_proxy(lab: &mut Lab, pod: &Pod, config: &std::path::Path, mode: Mode, p: &Profile) {
-    let mut proxy = lab
-        .command(
-            &pod.ns,
-            pod.in_cgroup,
-            sibling_bin("sockmesh-proxy", "SOCKMESH_PROXY_BIN").unwrap(),
-        )
-        .unwrap();
+    let bin = sibling_bin("sockmesh-proxy", "SOCKMESH_PROXY_BIN").unwrap();
+    let mut proxy = lab.command_at(pod.place(), bin).unwrap();
     proxy.arg("--config").arg(config);
     lab.spawn(proxy, Some("ready")).unwrap();
-    match mode {
-        Mode::Iptables => pods::apply_iptables(pod, p).unwrap(),
-        Mode::Sockmesh => {
-            pods::apply_sockmesh(lab, pod, p).unwrap();
-        }
+    pods::capture(lab, pod, p, mode).unwrap();
+}
+
+/// Run the testkit's client `program` in the pod (in its cgroup); its stdout, trimmed.
+fn in_pod<P: Launch>(lab: &Lab, pod: &Pod, program: &P) -> String {
+    lab.output(pod.place(), program).unwrap().trim().to_string()
+}
+
+/// Run the testkit's client `program` on the pod's peer (the client of inbound traffic); its
+/// stdout, trimmed.
+fn on_peer<P: Launch>(lab: &Lab, pod: &Pod, program: &P) -> String {
+    lab.output(pod.peer_place(), program)
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// A TCP connection's outcome, as `what` and where it landed from which client.
+fn tcp_summary(what: &str, out: &str) -> String {
+    match serde_json::from_str::<Outcome>(out).unwrap() {
+        Outcome::Ok {
+            listener,
+            client_ip,
+            ..
+        } => format!("{what} {listener} from={client_ip}"),
+        other => format!("{what} {other:?}"),
     }
-}
-
-/// Run the testkit with `args` in the pod, as the app does (uid/gid 1000, in the pod's cgroup);
-/// its stdout.
-fn as_app(lab: &Lab, pod: &Pod, args: &[&str]) -> String {
-    let mut cmd: Command = lab
-        .command(&pod.ns, pod.in_cgroup, testkit_bin().unwrap())
-        .unwrap();
-    cmd.args(args).args(["--uid", "1000", "--gid", "1000"]);
-    String::from_utf8_lossy(&run(&mut cmd).unwrap().stdout).into_owned()
-}
-
-/// Run the testkit with `args` on the pod's peer (the client of inbound traffic); its stdout.
-fn as_peer(lab: &Lab, pod: &Pod, args: &[&str]) -> String {
-    let mut cmd: Command = lab
-        .command(&pod.peer, false, testkit_bin().unwrap())
-        .unwrap();
-    cmd.args(args);
-    String::from_utf8_lossy(&run(&mut cmd).unwrap().stdout).into_owned()
 }
 
 /// The body line of a response (the upstream's report), with the x-route header if any.
@@ -143,147 +176,95 @@ fn summary(resp: &str) -> String {
 
 /// Run the scenario with the pod captured by `mode`; what each request produced.
 fn scenario(mode: Mode) -> Vec<String> {
-    let tag = match mode {
-        Mode::Iptables => "pxi",
-        Mode::Sockmesh => "pxs",
-    };
-    let mut lab = Lab::new(tag).unwrap();
-    if mode == Mode::Sockmesh {
-        lab.start_agent().unwrap();
-    }
+    let mut lab = lab_for("px", mode);
     let p = Profile::default_sidecar();
     let pod = pods::pod_with(&mut lab, "p", &p, mode, &[]).unwrap();
     // Upstreams on the peer; the app in the pod.
-    let mut up = lab
-        .command(&pod.peer, false, testkit_bin().unwrap())
-        .unwrap();
-    up.arg("http-serve").args([
-        format!("up1@{PEER_V4}:18081"),
-        format!("up2@{PEER_V4}:18082"),
-        format!("v2@{PEER_V4}:18083"),
-        format!("direct@{PEER_V4}:18090"),
+    let ups = HttpServe::new([
+        upstream("up1", 18081),
+        upstream("up2", 18082),
+        upstream("v2", 18083),
+        upstream("direct", 18090),
     ]);
-    lab.spawn(up, Some("ready")).unwrap();
-    let mut ka = lab
-        .command(&pod.peer, false, testkit_bin().unwrap())
-        .unwrap();
-    ka.args(["http-keepalive", &format!("{PEER_V4}:18084")]);
-    lab.spawn(ka, Some("ready")).unwrap();
-    let mut grpc = lab
-        .command(&pod.peer, false, testkit_bin().unwrap())
-        .unwrap();
-    grpc.args(["grpc-serve", &format!("{PEER_V4}:18096")]);
-    lab.spawn(grpc, Some("ready")).unwrap();
-    let mut app = lab
-        .command(&pod.ns, pod.in_cgroup, testkit_bin().unwrap())
-        .unwrap();
-    app.args(["http-serve", "app@0.0.0.0:8080"]);
-    lab.spawn(app, Some("ready")).unwrap();
-    let mut app_grpc = lab
-        .command(&pod.ns, pod.in_cgroup, testkit_bin().unwrap())
-        .unwrap();
-    app_grpc.args(["grpc-serve", "0.0.0.0:8096"]);
-    lab.spawn(app_grpc, Some("ready")).unwrap();
-    let mut app_tcp = lab
-        .command(&pod.ns, pod.in_cgroup, testkit_bin().unwrap())
-        .unwrap();
-    app_tcp.args(["listen", "app-tcp@0.0.0.0:9090"]);
-    lab.spawn(app_tcp, Some("ready")).unwrap();
+    serve(&mut lab, pod.peer_place(), &ups);
+    let keepalive = HttpKeepalive {
+        addrs: vec![at(PEER_V4, 18084)],
+    };
+    serve(&mut lab, pod.peer_place(), &keepalive);
+    let grpc = GrpcServe {
+        addr: at(PEER_V4, 18096),
+    };
+    serve(&mut lab, pod.peer_place(), &grpc);
+    let app = HttpServe::new([HttpUpstream::new("app", pods::any_v4(8080))]);
+    serve(&mut lab, pod.place(), &app);
+    let app_grpc = GrpcServe {
+        addr: pods::any_v4(8096),
+    };
+    serve(&mut lab, pod.place(), &app_grpc);
+    let app_tcp = Listen {
+        listeners: vec![Listener::report("app-tcp", pods::any_v4(9090))],
+    };
+    serve(&mut lab, pod.place(), &app_tcp);
     let config = proxy_config(&lab);
     start_proxy(&mut lab, &pod, &config, mode, &p);
 
     let mut seen = Vec::new();
-    let vip = format!("{VIP}:80");
+    let vip = vip();
     // The app's GET to `dst`, summarized.
-    let app_get = |dst: &str, path: &str, host: &str, hdr: &[&str]| {
+    let app_get = |dst: SocketAddr, path: &str, host: &str, hdr: &[&str]| {
         summary(&get(&lab, &pod, false, dst, path, host, hdr))
     };
     // Round robin over the VIP's cluster, by Host and by original destination.
     for _ in 0..2 {
-        seen.push(app_get(&vip, "/a", "reviews", &[]));
+        seen.push(app_get(vip, "/a", "reviews", &[]));
     }
     for _ in 0..2 {
-        seen.push(app_get(&vip, "/b", "unknown.host", &[]));
+        seen.push(app_get(vip, "/b", "unknown.host", &[]));
     }
     // A prefix route.
-    seen.push(app_get(&vip, "/v2/x", "reviews", &[]));
+    seen.push(app_get(vip, "/v2/x", "reviews", &[]));
     // Consistent hashing on a header: the same user, the same upstream.
     let sticky: Vec<String> = (0..4)
-        .map(|_| app_get(&vip, "/", "reviews", &["x-user: alice"]))
+        .map(|_| app_get(vip, "/", "reviews", &["x-user: alice"]))
         .collect();
     assert!(sticky.windows(2).all(|w| w[0] == w[1]), "{sticky:?}");
     seen.extend(sticky);
     // No route: passed through to the original destination.
-    seen.push(app_get(&format!("{PEER_V4}:18090"), "/", "elsewhere", &[]));
+    seen.push(app_get(at(PEER_V4, 18090), "/", "elsewhere", &[]));
     // Raw TCP (server-first): relayed to the original destination.
-    let out = as_app(&lab, &pod, &["connect", &format!("{PEER_V4}:9090")]);
-    let tcp: Outcome = serde_json::from_str(&out).unwrap();
-    match &tcp {
-        Outcome::Ok {
-            listener,
-            client_ip,
-            ..
-        } => seen.push(format!("tcp {listener} from={client_ip}")),
-        other => seen.push(format!("tcp {other:?}")),
-    }
+    let out = in_pod(&lab, &pod, &Connect::new(at(PEER_V4, 9090), Identity::APP));
+    seen.push(tcp_summary("tcp", &out));
     // Inbound: from the peer to the app, through the inbound listener, from 127.0.0.6.
-    seen.push(summary(&get(
-        &lab,
-        &pod,
-        true,
-        &format!("{POD_V4}:8080"),
-        "/in",
-        "app",
-        &[],
-    )));
+    let app = at(POD_V4, 8080);
+    seen.push(summary(&get(&lab, &pod, true, app, "/in", "app", &[])));
     // A WebSocket-style upgrade through a routed cluster, with a half-close after it.
-    let upgrade = [
-        "http-upgrade",
-        &vip,
-        "--host",
-        "reviews-v2",
-        "--message",
-        "hello",
-    ];
-    seen.push(as_app(&lab, &pod, &upgrade));
+    let upgrade = HttpUpgrade::new(vip, "reviews-v2", "hello", Identity::APP);
+    seen.push(in_pod(&lab, &pod, &upgrade));
     // Large bodies both ways, streamed through a route without retries (5 MB each).
-    for (path, bytes) in [("/upload", "5000000"), ("/bytes/5000000", "0")] {
-        let args = [
-            "http-transfer",
-            &vip,
-            "--path",
-            path,
-            "--host",
-            "reviews-v2",
-            "--bytes",
-            bytes,
-        ];
-        seen.push(as_app(&lab, &pod, &args).trim().to_string());
+    for (path, bytes) in [("/upload", 5_000_000), ("/bytes/5000000", 0)] {
+        let transfer = HttpTransfer::new(vip, path, "reviews-v2", bytes, Identity::APP);
+        seen.push(in_pod(&lab, &pod, &transfer));
     }
     // gRPC (HTTP/2 with prior knowledge, status in trailers) routed by authority: first eight
     // clients whose calls reach the proxy together, before it has an upstream connection, then
     // two more; the upstream counts its connections, one shared by all their streams.
-    let burst = [
-        "grpc-call",
-        &vip,
-        "--authority",
-        "grpc-svc",
-        "--together",
-        "8",
-    ];
-    let burst = as_app(&lab, &pod, &burst);
-    assert_eq!(burst.trim(), "8 of 8 calls succeeded");
+    let call = GrpcCall::new(vip, "grpc-svc", Identity::APP);
+    let burst = GrpcCall {
+        together: Some(8),
+        ..call.clone()
+    };
+    assert_eq!(in_pod(&lab, &pod, &burst), "8 of 8 calls succeeded");
     for _ in 0..2 {
-        let grpc = as_app(&lab, &pod, &["grpc-call", &vip, "--authority", "grpc-svc"]);
-        seen.push(grpc.trim().to_string());
+        seen.push(in_pod(&lab, &pod, &call));
     }
     // TLS passed through by server name: a named one to its cluster, another to where it went.
     for sni in ["api.secure.example", "other.example"] {
-        let text = as_app(
-            &lab,
-            &pod,
-            &["tls-hello", &format!("{PEER_V4}:9091"), "--sni", sni],
-        );
+        let hello = TlsHello {
+            dst: at(PEER_V4, 9091),
+            sni: sni.into(),
+            id: Identity::APP,
+        };
+        let text = in_pod(&lab, &pod, &hello);
         let first = text.split(' ').next().unwrap_or_default();
         seen.push(format!("tls {sni} -> {first}"));
     }
@@ -294,7 +275,7 @@ fn scenario(mode: Mode) -> Vec<String> {
         "http2-settings: AAMAAABkAAQCAAAAAAIAAAAA",
         "connection: Upgrade, HTTP2-Settings",
     ];
-    let r = get(&lab, &pod, false, &vip, "/h2c", "reviews-v2", &h2c);
+    let r = get(&lab, &pod, false, vip, "/h2c", "reviews-v2", &h2c);
     seen.push(format!(
         "{} {}",
         r.lines().next().unwrap_or_default(),
@@ -302,40 +283,22 @@ fn scenario(mode: Mode) -> Vec<String> {
     ));
     // Inbound, through the inbound listener to the app: an upgrade with a half-close, large
     // bodies both ways, gRPC with trailers.
-    let app = format!("{POD_V4}:8080");
-    let upgrade = ["http-upgrade", &app, "--host", "app", "--message", "hello"];
-    seen.push(as_peer(&lab, &pod, &upgrade));
-    for (path, bytes) in [("/upload", "5000000"), ("/bytes/5000000", "0")] {
-        let args = [
-            "http-transfer",
-            &app,
-            "--path",
-            path,
-            "--host",
-            "app",
-            "--bytes",
-            bytes,
-        ];
-        seen.push(as_peer(&lab, &pod, &args).trim().to_string());
+    let upgrade = HttpUpgrade::new(app, "app", "hello", Identity::ROOT);
+    seen.push(on_peer(&lab, &pod, &upgrade));
+    for (path, bytes) in [("/upload", 5_000_000), ("/bytes/5000000", 0)] {
+        let transfer = HttpTransfer::new(app, path, "app", bytes, Identity::ROOT);
+        seen.push(on_peer(&lab, &pod, &transfer));
     }
-    let app_grpc = format!("{POD_V4}:8096");
-    let grpc = as_peer(&lab, &pod, &["grpc-call", &app_grpc, "--authority", "app"]);
-    seen.push(grpc.trim().to_string());
+    let app_call = GrpcCall::new(at(POD_V4, 8096), "app", Identity::ROOT);
+    seen.push(on_peer(&lab, &pod, &app_call));
     // Raw TCP inbound (server-first, its port declared): to the app from 127.0.0.6.
-    let out = as_peer(&lab, &pod, &["connect", &format!("{POD_V4}:9090")]);
-    match serde_json::from_str::<Outcome>(&out).unwrap() {
-        Outcome::Ok {
-            listener,
-            client_ip,
-            ..
-        } => seen.push(format!("tcp inbound {listener} from={client_ip}")),
-        other => seen.push(format!("tcp inbound {other:?}")),
-    }
+    let out = on_peer(&lab, &pod, &Connect::new(at(POD_V4, 9090), Identity::ROOT));
+    seen.push(tcp_summary("tcp inbound", &out));
     // A response streamed in chunks 200 ms apart arrives as it is sent, both ways.
-    let out = ["http-stream", &vip, "--host", "reviews-v2"];
-    seen.push(format!("outbound {}", as_app(&lab, &pod, &out).trim()));
-    let inb = ["http-stream", &app, "--host", "app"];
-    seen.push(format!("inbound {}", as_peer(&lab, &pod, &inb).trim()));
+    let out = HttpStream::new(vip, "reviews-v2", Identity::APP);
+    seen.push(format!("outbound {}", in_pod(&lab, &pod, &out)));
+    let inb = HttpStream::new(app, "app", Identity::ROOT);
+    seen.push(format!("inbound {}", on_peer(&lab, &pod, &inb)));
     // Hop-by-hop headers stay on their hop: the upstream sees neither `connection` nor what it
     // names, nor keep-alive, but `te: trailers` and the end-to-end ones.
     let hop = [
@@ -345,20 +308,12 @@ fn scenario(mode: Mode) -> Vec<String> {
         "te: trailers",
         "x-end: 2",
     ];
-    seen.push(summary(&get(
-        &lab,
-        &pod,
-        false,
-        &vip,
-        "/headers",
-        "reviews-v2",
-        &hop,
-    )));
+    seen.push(app_get(vip, "/headers", "reviews-v2", &hop));
     // So a client's `connection: close` closes its own connection, and the proxy's upstream
     // connection (a keep-alive upstream) serves the next client too.
     let on_conn: Vec<String> = (0..2)
         .map(|_| {
-            let r = get(&lab, &pod, false, &vip, "/", "keepalive", &[]);
+            let r = get(&lab, &pod, false, vip, "/", "keepalive", &[]);
             r.lines()
                 .find_map(|l| l.strip_prefix("x-request-on-connection: "))
                 .unwrap_or("none")
@@ -371,15 +326,7 @@ fn scenario(mode: Mode) -> Vec<String> {
         on_conn.join(" ")
     ));
     // The admin endpoint (localhost is never captured): stats and endpoint health.
-    let stats = get(
-        &lab,
-        &pod,
-        false,
-        "127.0.0.1:15000",
-        "/stats/prometheus",
-        "admin",
-        &[],
-    );
+    let stats = admin(&lab, &pod, "/stats/prometheus");
     for endpoint in [18081, 18082] {
         let line = format!(
             "sockmesh_proxy_upstream_rq_total{{cluster=\"reviews\",endpoint=\"{PEER_V4}:{endpoint}\",code_class=\"2xx\"}} 2"
@@ -390,15 +337,7 @@ fn scenario(mode: Mode) -> Vec<String> {
     assert!(stats.contains(sticky), "no {sticky} in\n{stats}");
     let inbound = "sockmesh_proxy_downstream_cx_total{listener=\"inbound\"} 7";
     assert!(stats.contains(inbound), "no {inbound} in\n{stats}");
-    let clusters = get(
-        &lab,
-        &pod,
-        false,
-        "127.0.0.1:15000",
-        "/clusters",
-        "admin",
-        &[],
-    );
+    let clusters = admin(&lab, &pod, "/clusters");
     let healthy = format!("reviews::{PEER_V4}:18081::health_flags::healthy");
     assert!(clusters.contains(&healthy), "{clusters}");
     seen
@@ -424,25 +363,19 @@ fn routes_and_balances_the_same_under_iptables_and_sockmesh() {
         "v2 echoes: hello (client closed its side; v2 says bye)"
     );
     // Large bodies arrive whole, in both directions.
-    let five_mb = sockmesh_tests::kit::pattern(5_000_000);
-    let upload = format!(
-        "v2 got 5000000 bytes sum={:016x}\n",
-        sockmesh_tests::kit::checksum(&five_mb)
-    );
+    let five_mb = pattern(5_000_000);
+    let upload = format!("v2 got 5000000 bytes sum={:016x}\n", checksum(&five_mb));
     assert_eq!(
         ipt[13],
         format!(
             "status=200 len={} sum={:016x}",
             upload.len(),
-            sockmesh_tests::kit::checksum(upload.as_bytes())
+            checksum(upload.as_bytes())
         )
     );
     assert_eq!(
         ipt[14],
-        format!(
-            "status=200 len=5000000 sum={:016x}",
-            sockmesh_tests::kit::checksum(&five_mb)
-        )
+        format!("status=200 len=5000000 sum={:016x}", checksum(&five_mb))
     );
     for grpc in &ipt[15..17] {
         assert_eq!(
@@ -460,16 +393,13 @@ fn routes_and_balances_the_same_under_iptables_and_sockmesh() {
         ipt[20],
         "app echoes: hello (client closed its side; app says bye)"
     );
-    let app_upload = format!(
-        "app got 5000000 bytes sum={:016x}\n",
-        sockmesh_tests::kit::checksum(&five_mb)
-    );
+    let app_upload = format!("app got 5000000 bytes sum={:016x}\n", checksum(&five_mb));
     assert_eq!(
         ipt[21],
         format!(
             "status=200 len={} sum={:016x}",
             app_upload.len(),
-            sockmesh_tests::kit::checksum(app_upload.as_bytes())
+            checksum(app_upload.as_bytes())
         )
     );
     assert_eq!(ipt[22], ipt[14], "the 5 MB download, inbound");
@@ -500,28 +430,22 @@ fn retries_ejection_faults_and_mirroring_are_seen_by_the_upstreams() {
 }
 
 fn resilience(mode: Mode) {
-    let mut lab = Lab::new(match mode {
-        Mode::Iptables => "pxri",
-        Mode::Sockmesh => "pxrs",
-    })
-    .unwrap();
-    if mode == Mode::Sockmesh {
-        lab.start_agent().unwrap();
-    }
+    let mut lab = lab_for("pxr", mode);
     let p = Profile::default_sidecar();
     let pod = pods::pod_with(&mut lab, "p", &p, mode, &[]).unwrap();
     let log = lab.dir.join("upstreams.log");
-    let mut up = lab
-        .command(&pod.peer, false, testkit_bin().unwrap())
-        .unwrap();
-    up.arg("http-serve").arg("--log").arg(&log).args([
-        format!("bad@{PEER_V4}:18091!503"),
-        format!("good@{PEER_V4}:18092"),
-        format!("bad2@{PEER_V4}:18093!503"),
-        format!("good2@{PEER_V4}:18094"),
-        format!("shadow@{PEER_V4}:18095"),
-    ]);
-    lab.spawn(up, Some("ready")).unwrap();
+    let failing = |name: &str, port: u16| HttpUpstream::failing(name, at(PEER_V4, port), 503);
+    let ups = HttpServe {
+        log: Some(log.clone()),
+        ..HttpServe::new([
+            failing("bad", 18091),
+            upstream("good", 18092),
+            failing("bad2", 18093),
+            upstream("good2", 18094),
+            upstream("shadow", 18095),
+        ])
+    };
+    serve(&mut lab, pod.peer_place(), &ups);
     let config = lab.dir.join("proxy.yaml");
     std::fs::write(
         &config,
@@ -578,7 +502,7 @@ clusters:
     )
     .unwrap();
     start_proxy(&mut lab, &pod, &config, mode, &p);
-    let vip = format!("{VIP}:80");
+    let vip = vip();
     let status = |resp: &str| resp.split(' ').nth(1).unwrap_or_default().to_string();
     let seen = |name: &str, path: &str| {
         std::fs::read_to_string(&log)
@@ -590,7 +514,7 @@ clusters:
 
     // Retries: every answer is the good upstream's, though half the first tries hit the bad one.
     for i in 0..4 {
-        let r = get(&lab, &pod, false, &vip, &format!("/r{i}"), "flaky", &[]);
+        let r = get(&lab, &pod, false, vip, &format!("/r{i}"), "flaky", &[]);
         assert_eq!(status(&r), "200", "{r}");
         assert!(summary(&r).starts_with("good "), "{r}");
     }
@@ -604,7 +528,7 @@ clusters:
                 &lab,
                 &pod,
                 false,
-                &vip,
+                vip,
                 &format!("/e{i}"),
                 "eject",
                 &[],
@@ -624,11 +548,11 @@ clusters:
     assert!(answers[4..].iter().all(|s| s == "200"), "{answers:?}");
 
     // Fault injection: an abort never reaches the upstream; a delay holds the request.
-    let r = get(&lab, &pod, false, &vip, "/abort", "faults", &[]);
+    let r = get(&lab, &pod, false, vip, "/abort", "faults", &[]);
     assert_eq!(status(&r), "418", "{r}");
     assert_eq!(seen("good", "/abort"), 0);
     let t = std::time::Instant::now();
-    let r = get(&lab, &pod, false, &vip, "/delay", "faults", &[]);
+    let r = get(&lab, &pod, false, vip, "/delay", "faults", &[]);
     assert_eq!(status(&r), "200", "{r}");
     assert!(
         t.elapsed() >= std::time::Duration::from_millis(300),
@@ -637,7 +561,7 @@ clusters:
     );
 
     // Mirroring: the shadow sees a copy with "-shadow" on its Host; the client gets good's.
-    let r = get(&lab, &pod, false, &vip, "/buy", "shop", &[]);
+    let r = get(&lab, &pod, false, vip, "/buy", "shop", &[]);
     assert!(summary(&r).starts_with("good GET /buy host=shop "), "{r}");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
@@ -662,15 +586,7 @@ clusters:
     let tcp_failing = format!("tcp-hc::{PEER_V4}:18099::health_flags::/failed_active_hc");
     let tcp_healthy = format!("tcp-hc::{PEER_V4}:18092::health_flags::healthy");
     loop {
-        let clusters = get(
-            &lab,
-            &pod,
-            false,
-            "127.0.0.1:15000",
-            "/clusters",
-            "admin",
-            &[],
-        );
+        let clusters = admin(&lab, &pod, "/clusters");
         if clusters.contains(&failing)
             && clusters.contains(&tcp_failing)
             && clusters.contains(&tcp_healthy)
@@ -684,7 +600,7 @@ clusters:
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     for i in 0..6 {
-        let r = get(&lab, &pod, false, &vip, &format!("/hc{i}"), "hc", &[]);
+        let r = get(&lab, &pod, false, vip, &format!("/hc{i}"), "hc", &[]);
         assert!(summary(&r).starts_with("good "), "{r}");
     }
     assert_eq!(
@@ -697,7 +613,7 @@ clusters:
     // A per-route timeout: the client gets 504 long before the upstream, which got the
     // request, answers.
     let t = std::time::Instant::now();
-    let r = get(&lab, &pod, false, &vip, "/sleep/1500", "slow", &[]);
+    let r = get(&lab, &pod, false, vip, "/sleep/1500", "slow", &[]);
     assert_eq!(status(&r), "504", "{r}");
     assert!(
         t.elapsed() < std::time::Duration::from_millis(1200),
@@ -717,9 +633,9 @@ clusters:
     // connection made before goes on with the configuration it started with; a broken file
     // is refused and the running configuration kept.
     let in_flight = std::thread::scope(|s| {
-        let before = s.spawn(|| get(&lab, &pod, false, &vip, "/sleep/2500", "shop", &[]));
+        let before = s.spawn(|| get(&lab, &pod, false, vip, "/sleep/2500", "shop", &[]));
         std::thread::sleep(std::time::Duration::from_millis(300));
-        reload_to_shadow(&lab, &pod, &config, &vip);
+        reload_to_shadow(&lab, &pod, &config, vip);
         before.join().unwrap()
     });
     assert!(
@@ -728,13 +644,13 @@ clusters:
     );
     std::fs::write(&config, "listeners: [ this is not valid").unwrap();
     std::thread::sleep(std::time::Duration::from_millis(2500));
-    let r = get(&lab, &pod, false, &vip, "/still", "shop", &[]);
+    let r = get(&lab, &pod, false, vip, "/still", "shop", &[]);
     assert!(summary(&r).starts_with("shadow GET /still"), "{r}");
 }
 
 /// Rewrite the resilience test's file so that shop goes to the shadow cluster; wait until the
 /// proxy has it.
-fn reload_to_shadow(lab: &Lab, pod: &Pod, config: &std::path::Path, vip: &str) {
+fn reload_to_shadow(lab: &Lab, pod: &Pod, config: &std::path::Path, vip: SocketAddr) {
     let text = std::fs::read_to_string(config).unwrap();
     let changed = text.replace(
         "{cluster: good, request_mirror_policies: [{cluster: shadow}]}",
@@ -757,31 +673,18 @@ fn reload_to_shadow(lab: &Lab, pod: &Pod, config: &std::path::Path, vip: &str) {
 /// also take IPv4, so IPv4 connections arrive v4-mapped and their original destination must
 /// still be read at the IPv4 level.
 fn dual_stack_scenario(mode: Mode) -> Vec<String> {
-    let tag = match mode {
-        Mode::Iptables => "p6i",
-        Mode::Sockmesh => "p6s",
-    };
-    let mut lab = Lab::new(tag).unwrap();
-    if mode == Mode::Sockmesh {
-        lab.start_agent().unwrap();
-    }
+    let mut lab = lab_for("p6", mode);
     let mut p = Profile::default_sidecar();
     p.dual_stack = true;
     let pod = pods::pod_with(&mut lab, "p", &p, mode, &[]).unwrap();
-    let mut up = lab
-        .command(&pod.peer, false, testkit_bin().unwrap())
-        .unwrap();
-    up.arg("http-serve").args([
-        format!("direct6@[{PEER_V6}]:18090"),
-        format!("up6@[{PEER_V6}]:18081"),
-        format!("direct4@{PEER_V4}:18091"),
+    let ups = HttpServe::new([
+        HttpUpstream::new("direct6", at(PEER_V6, 18090)),
+        HttpUpstream::new("up6", at(PEER_V6, 18081)),
+        upstream("direct4", 18091),
     ]);
-    lab.spawn(up, Some("ready")).unwrap();
-    let mut app = lab
-        .command(&pod.ns, pod.in_cgroup, testkit_bin().unwrap())
-        .unwrap();
-    app.args(["http-serve", "app@[::]:8080"]);
-    lab.spawn(app, Some("ready")).unwrap();
+    serve(&mut lab, pod.peer_place(), &ups);
+    let app = HttpServe::new([HttpUpstream::new("app", pods::any_v6(8080))]);
+    serve(&mut lab, pod.place(), &app);
     let config = lab.dir.join("proxy.yaml");
     std::fs::write(
         &config,
@@ -802,46 +705,20 @@ clusters:
     )
     .unwrap();
     start_proxy(&mut lab, &pod, &config, mode, &p);
-    let v6 = |a: &str, port: u16| format!("[{a}]:{port}");
-    vec![
-        summary(&get(
-            &lab,
-            &pod,
-            false,
-            &v6(PEER_V6, 18090),
-            "/",
-            "elsewhere",
-            &[],
-        )),
-        summary(&get(&lab, &pod, false, &v6(PEER_V6, 80), "/", "svc6", &[])),
-        summary(&get(
-            &lab,
-            &pod,
-            false,
-            &format!("{PEER_V4}:18091"),
-            "/",
-            "v4",
-            &[],
-        )),
-        summary(&get(
-            &lab,
-            &pod,
-            true,
-            &v6(POD_V6, 8080),
-            "/in6",
-            "app",
-            &[],
-        )),
-        summary(&get(
-            &lab,
-            &pod,
-            true,
-            &format!("{POD_V4}:8080"),
-            "/in4",
-            "app",
-            &[],
-        )),
-    ]
+    // (from the peer, destination, path, host) of each request.
+    let requests = [
+        (false, at(PEER_V6, 18090), "/", "elsewhere"),
+        (false, at(PEER_V6, 80), "/", "svc6"),
+        (false, at(PEER_V4, 18091), "/", "v4"),
+        (true, at(POD_V6, 8080), "/in6", "app"),
+        (true, at(POD_V4, 8080), "/in4", "app"),
+    ];
+    requests
+        .into_iter()
+        .map(|(from_peer, dst, path, host)| {
+            summary(&get(&lab, &pod, from_peer, dst, path, host, &[]))
+        })
+        .collect()
 }
 
 #[test]
@@ -862,11 +739,11 @@ fn dual_stack_pod_the_same_under_iptables_and_sockmesh() {
 
 /// Three requests at once to `/sleep/MS` of `host` through the VIP; their status codes.
 fn concurrent_statuses(lab: &Lab, pod: &Pod, host: &str, ms: u64) -> Vec<String> {
-    let vip = format!("{VIP}:80");
+    let vip = vip();
     let path = format!("/sleep/{ms}");
     let mut out: Vec<String> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..3)
-            .map(|_| s.spawn(|| get(lab, pod, false, &vip, &path, host, &[])))
+            .map(|_| s.spawn(|| get(lab, pod, false, vip, &path, host, &[])))
             .collect();
         handles
             .into_iter()
@@ -882,32 +759,23 @@ fn concurrent_statuses(lab: &Lab, pod: &Pod, host: &str, ms: u64) -> Vec<String>
 
 #[test]
 fn a_control_plane_drives_listeners_routes_clusters_and_endpoints_over_ads() {
-    use sockmesh_tests::xds::{self, ControlPlane, CLUSTER, ENDPOINT, LISTENER, ROUTE};
+    use sockmesh_tests::xds::{self, ControlPlane, Verdict, CLUSTER, ENDPOINT, LISTENER, ROUTE};
     use std::time::Duration;
-    let mut lab = Lab::new("pxx").unwrap();
-    lab.start_agent().unwrap();
+    let mut lab = lab_for("pxx", Mode::Sockmesh);
     let p = Profile::default_sidecar();
     let pod = pods::pod_with(&mut lab, "p", &p, Mode::Sockmesh, &[]).unwrap();
-    let mut up = lab
-        .command(&pod.peer, false, testkit_bin().unwrap())
-        .unwrap();
-    up.arg("http-serve").args([
-        format!("up1@{PEER_V4}:18081"),
-        format!("up2@{PEER_V4}:18082"),
-        format!("v2@{PEER_V4}:18083"),
+    let ups = HttpServe::new([
+        upstream("up1", 18081),
+        upstream("up2", 18082),
+        upstream("v2", 18083),
     ]);
-    lab.spawn(up, Some("ready")).unwrap();
-    let mut app = lab
-        .command(&pod.ns, pod.in_cgroup, testkit_bin().unwrap())
-        .unwrap();
-    app.args(["http-serve", "app@0.0.0.0:8080"]);
-    lab.spawn(app, Some("ready")).unwrap();
+    serve(&mut lab, pod.peer_place(), &ups);
+    let app = HttpServe::new([HttpUpstream::new("app", pods::any_v4(8080))]);
+    serve(&mut lab, pod.place(), &app);
 
     // The control plane's first state: clusters, their endpoints, one listener, its routes.
     let cp = ControlPlane::start(&lab.dir.join("xds.sock")).unwrap();
-    let ep = |port: u16| {
-        std::net::SocketAddr::from((PEER_V4.parse::<std::net::Ipv4Addr>().unwrap(), port))
-    };
+    let ep = |port: u16| at(PEER_V4, port);
     use envoy_types::pb::envoy::config::cluster::v3::cluster::LbPolicy;
     let clusters = |extra: Option<(String, envoy_types::pb::google::protobuf::Any)>| {
         let mut v = vec![
@@ -978,7 +846,7 @@ fn a_control_plane_drives_listeners_routes_clusters_and_endpoints_over_ads() {
     for (type_url, v) in [(CLUSTER, c1), (ENDPOINT, e1), (LISTENER, l1), (ROUTE, r1)] {
         assert_eq!(
             cp.answer(type_url, v, wait).unwrap(),
-            Ok(()),
+            Verdict::Ack,
             "{type_url} v{v}"
         );
     }
@@ -988,8 +856,8 @@ fn a_control_plane_drives_listeners_routes_clusters_and_endpoints_over_ads() {
             .any(|s| s.type_url == ENDPOINT && s.resource_names.iter().any(|n| n == "limited")),
         "EDS is asked for by cluster name: {node:#?}"
     );
-    let vip = format!("{VIP}:80");
-    let ask = |path: &str, host: &str| summary(&get(&lab, &pod, false, &vip, path, host, &[]));
+    let vip = vip();
+    let ask = |path: &str, host: &str| summary(&get(&lab, &pod, false, vip, path, host, &[]));
     // Round robin over the EDS endpoints; a prefix route; by Host and by VIP.
     let mut rr = vec![ask("/a", "reviews"), ask("/a", "reviews")];
     rr.sort();
@@ -1007,13 +875,13 @@ fn a_control_plane_drives_listeners_routes_clusters_and_endpoints_over_ads() {
 
     // Endpoints change (EDS): up1 leaves the cluster.
     let e2 = cp.set(ENDPOINT, endpoints(&[18082]));
-    assert_eq!(cp.answer(ENDPOINT, e2, wait).unwrap(), Ok(()));
+    assert_eq!(cp.answer(ENDPOINT, e2, wait).unwrap(), Verdict::Ack);
     for _ in 0..3 {
         assert!(ask("/e", "reviews").starts_with("up2 "));
     }
     // Routes change (RDS): the default route goes to reviews-v2.
     let r2 = cp.set(ROUTE, vec![routes("reviews-v2")]);
-    assert_eq!(cp.answer(ROUTE, r2, wait).unwrap(), Ok(()));
+    assert_eq!(cp.answer(ROUTE, r2, wait).unwrap(), Verdict::Ack);
     assert_eq!(
         ask("/r", "reviews"),
         format!("v2 GET /r host=reviews from={POD_V4} [route xds]")
@@ -1022,7 +890,9 @@ fn a_control_plane_drives_listeners_routes_clusters_and_endpoints_over_ads() {
     // A cluster the proxy cannot honour: refused with the reason, the previous clusters stay.
     let bad = xds::eds_cluster("odd", LbPolicy::ClusterProvided, None);
     let c2 = cp.set(CLUSTER, clusters(Some(bad)));
-    let nack = cp.answer(CLUSTER, c2, wait).unwrap().unwrap_err();
+    let Verdict::Nack(nack) = cp.answer(CLUSTER, c2, wait).unwrap() else {
+        panic!("the cluster with an lb_policy it cannot honour was accepted");
+    };
     assert!(
         nack.contains("Cluster \"odd\"") && nack.contains("lb_policy"),
         "{nack}"
@@ -1041,39 +911,19 @@ fn a_control_plane_drives_listeners_routes_clusters_and_endpoints_over_ads() {
     // Listeners change (LDS): an inbound listener is added, then the outbound one removed.
     let inbound = xds::listener("inbound", "0.0.0.0:15006".parse().unwrap(), true, None);
     let l2 = cp.set(LISTENER, vec![outbound(), inbound.clone()]);
-    assert_eq!(cp.answer(LISTENER, l2, wait).unwrap(), Ok(()));
-    let from_peer = summary(&get(
-        &lab,
-        &pod,
-        true,
-        &format!("{POD_V4}:8080"),
-        "/in",
-        "app",
-        &[],
-    ));
+    assert_eq!(cp.answer(LISTENER, l2, wait).unwrap(), Verdict::Ack);
+    let from_peer = summary(&get(&lab, &pod, true, at(POD_V4, 8080), "/in", "app", &[]));
     assert_eq!(from_peer, "app GET /in host=app from=127.0.0.6");
     let l3 = cp.set(LISTENER, vec![inbound]);
-    assert_eq!(cp.answer(LISTENER, l3, wait).unwrap(), Ok(()));
-    let mut gone = lab
-        .command(&pod.ns, pod.in_cgroup, testkit_bin().unwrap())
-        .unwrap();
-    gone.args(["http-get", &vip, "--path", "/gone", "--host", "reviews"]);
-    gone.args(["--uid", "1000", "--gid", "1000"]);
-    let gone = gone.output().unwrap();
+    assert_eq!(cp.answer(LISTENER, l3, wait).unwrap(), Verdict::Ack);
+    let gone = HttpGet::new(vip, "/gone", "reviews", Identity::APP);
+    let gone = lab.testkit(pod.place(), &gone).unwrap().output().unwrap();
     let text = String::from_utf8_lossy(&gone.stdout);
     assert!(
         !gone.status.success() && !text.contains("GET /gone"),
         "the outbound listener was removed, yet: {text}"
     );
-    let dump = get(
-        &lab,
-        &pod,
-        false,
-        "127.0.0.1:15000",
-        "/config_dump",
-        "admin",
-        &[],
-    );
+    let dump = admin(&lab, &pod, "/config_dump");
     assert!(
         dump.contains("from the control plane") && dump.contains("\"inbound\""),
         "{dump}"

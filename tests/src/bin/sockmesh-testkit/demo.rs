@@ -8,9 +8,9 @@ use std::{process::Command, time::Duration};
 
 use anyhow::Result;
 
-use crate::{
-    kit::Outcome,
-    lab::{run as run_cmd, sockmesh_bin, testkit_bin, Lab},
+use sockmesh_tests::{
+    kit::{Connect, Identity, Outcome},
+    lab::{require_tools, run as run_cmd, sockmesh_bin, Lab},
     pods::{self, Caller, Case, Mode, CALLERS, PEER_V4, PEER_V6, POD_V4},
     profiles::Profile,
 };
@@ -36,7 +36,7 @@ fn describe(o: &Outcome) -> String {
 }
 
 pub fn run() -> Result<()> {
-    crate::lab::require_tools(&["ip", "mount", "umount"])?;
+    require_tools(&["ip", "mount", "umount"])?;
     std::env::set_var("SOCKMESH_TESTKIT_LOG", "1");
     step("lab: child cgroup, private bpffs, agent");
     let mut lab = Lab::new("demo")?;
@@ -125,17 +125,11 @@ pub fn run() -> Result<()> {
     }
 
     step("a connection held open while we look at the maps");
-    let mut hold = lab.command(&pod.ns, true, testkit_bin()?)?;
-    hold.args([
-        "connect",
-        &format!("{PEER_V4}:9090"),
-        "--uid",
-        "1000",
-        "--gid",
-        "1000",
-        "--hold-ms",
-        "3000",
-    ]);
+    let held = Connect {
+        hold_ms: 3000,
+        ..Connect::new(format!("{PEER_V4}:9090").parse()?, Identity::APP)
+    };
+    let mut hold = lab.testkit(pod.place(), &held)?;
     hold.stdout(std::process::Stdio::null());
     let child = hold.spawn()?;
     std::thread::sleep(Duration::from_millis(500));

@@ -1,0 +1,126 @@
+//! Section 1, capture cost at connect time: short connections per second from an app to the
+//! outbound port, directly (no capture), redirected by istio's rules (real iptables), and
+//! redirected by sockmesh, with the kernel's run-time statistics of each sockmesh program.
+
+use std::{collections::BTreeMap, net::SocketAddr};
+
+use anyhow::Result;
+use sockmesh_tests::pods::{self, Mode, Pod};
+
+use super::{
+    host::{prog_stats, ProgStats},
+    lean_listener, peer80,
+    stats::{fmt, stats, Spread},
+    Bench,
+};
+
+pub struct Capture {
+    /// No capture: connections go straight to its 127.0.0.1:15001.
+    direct: Pod,
+    /// Captured by istio's iptables rules.
+    ipt: Pod,
+    /// Connections per second of each round, per path.
+    direct_rate: Vec<f64>,
+    ipt_rate: Vec<f64>,
+    sm_rate: Vec<f64>,
+    /// Per sockmesh program, each round: runs per connection, ns per run.
+    progs: BTreeMap<String, (Vec<f64>, Vec<f64>)>,
+}
+
+impl Capture {
+    /// The pods with no capture and with istio's rules, each with its listener on 15001.
+    pub fn new(b: &mut Bench) -> Result<Capture> {
+        let p = b.profile.clone();
+        let direct = pods::pod_with(&mut b.lab, "d", &p, Mode::Iptables, &[])?;
+        lean_listener(&mut b.lab, &direct, false)?;
+        let ipt = pods::pod_with(&mut b.lab, "i", &p, Mode::Iptables, &[])?;
+        lean_listener(&mut b.lab, &ipt, false)?;
+        pods::apply_iptables(&ipt, &p)?;
+        Ok(Capture {
+            direct,
+            ipt,
+            direct_rate: Vec::new(),
+            ipt_rate: Vec::new(),
+            sm_rate: Vec::new(),
+            progs: BTreeMap::new(),
+        })
+    }
+
+    /// One round of each path. The sockmesh pod's listener on 15001 is started here and left
+    /// running for the sections after; its index is returned for the caller to stop it.
+    pub fn round(&mut self, b: &mut Bench) -> Result<usize> {
+        let local: SocketAddr = "127.0.0.1:15001".parse()?;
+        self.direct_rate
+            .push(b.connects(&self.direct, false, local)?);
+        self.ipt_rate.push(b.connects(&self.ipt, false, peer80())?);
+        let listener = lean_listener(&mut b.lab, &b.sm, true)?;
+        let before = prog_stats()?;
+        let rate = b.connects(&b.sm, true, peer80())?;
+        let after = prog_stats()?;
+        self.sm_rate.push(rate);
+        self.count_programs(&before, after, rate * b.sizes.secs);
+        Ok(listener)
+    }
+
+    /// Add each program's runs per connection and ns per run between `before` and `after`,
+    /// over `conns` connections.
+    fn count_programs(&mut self, before: &ProgStats, after: ProgStats, conns: f64) {
+        for (name, (runs, ns)) in after {
+            let (r0, n0) = before.get(&name).copied().unwrap_or_default();
+            if runs > r0 {
+                let e = self.progs.entry(name).or_default();
+                e.0.push((runs - r0) as f64 / conns);
+                e.1.push((ns - n0) as f64 / (runs - r0) as f64);
+            }
+        }
+    }
+
+    /// Connections per second: direct, iptables, sockmesh.
+    pub fn rates(&self) -> (Spread, Spread, Spread) {
+        (
+            stats(&self.direct_rate),
+            stats(&self.ipt_rate),
+            stats(&self.sm_rate),
+        )
+    }
+
+    pub fn report(&self, r: &mut String) {
+        let (d, i, m) = self.rates();
+        r.push_str("## 1. Capture cost at connect time\n\n");
+        r.push_str(
+            "Short TCP connections (connect, read the listener's one line, close) per second, from \
+             an app (uid 1000) to the outbound port: directly to 127.0.0.1:15001 with no capture, \
+             and to a remote address redirected to 15001 by istio's rules (real iptables) or by \
+             sockmesh. The listener is the same on every path and does per connection what a \
+             transparent proxy does before routing: accept, read SO_ORIGINAL_DST once, then it \
+             answers one line and closes.\n\n",
+        );
+        r.push_str("| path | connections/s | ratio to direct |\n|---|---|---|\n");
+        for (name, v) in [
+            ("direct (no capture)", d),
+            ("iptables REDIRECT (istio rules)", i),
+            ("sockmesh", m),
+        ] {
+            r.push_str(&format!("| {name} | {} | {:.2} |\n", fmt(v), v.0 / d.0));
+        }
+        r.push_str(&format!("\nsockmesh / iptables: {:.2}\n\n", m.0 / i.0));
+        r.push_str(
+            "Where a sockmesh connection's time goes in the kernel's programs (the kernel's BPF \
+             run-time statistics, on during this run):\n\n\
+             | program | runs per connection | ns per run |\n|---|---|---|\n",
+        );
+        let mut per_conn_ns = 0.0;
+        for (name, (runs, ns)) in &self.progs {
+            let (k, n) = (stats(runs).0, stats(ns).0);
+            per_conn_ns += k * n;
+            r.push_str(&format!("| {name} | {k:.2} | {n:.0} |\n"));
+        }
+        r.push_str(&format!(
+            "\nIn all {:.2} µs of programs per connection, of the {:.1} µs a sockmesh connection \
+             takes here (1 / its rate) and the {:.1} µs more than a direct one.\n\n",
+            per_conn_ns / 1000.0,
+            1e6 / m.0,
+            1e6 / m.0 - 1e6 / d.0
+        ));
+    }
+}

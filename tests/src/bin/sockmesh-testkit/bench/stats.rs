@@ -1,0 +1,55 @@
+//! The benchmark's arithmetic: the median and spread of a series of rounds, and how figures
+//! and verdicts are written in the report.
+
+/// Median, min and max.
+pub type Spread = (f64, f64, f64);
+
+/// Median and spread of a series.
+pub fn stats(v: &[f64]) -> Spread {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let mid = if s.len() % 2 == 1 {
+        s[s.len() / 2]
+    } else {
+        (s[s.len() / 2 - 1] + s[s.len() / 2]) / 2.0
+    };
+    (mid, s[0], s[s.len() - 1])
+}
+
+/// [`stats`] of one figure of each round.
+pub fn column<T>(rounds: &[T], figure: impl Fn(&T) -> f64) -> Spread {
+    stats(&rounds.iter().map(figure).collect::<Vec<_>>())
+}
+
+/// A spread with no decimals: `median [min–max]`.
+pub fn fmt((mid, lo, hi): Spread) -> String {
+    format!("{mid:.0} [{lo:.0}–{hi:.0}]")
+}
+
+/// A spread with one decimal.
+pub fn fmt1((mid, lo, hi): Spread) -> String {
+    format!("{mid:.1} [{lo:.1}–{hi:.1}]")
+}
+
+/// A spread with two decimals.
+pub fn fmt2((mid, lo, hi): Spread) -> String {
+    format!("{mid:.2} [{lo:.2}–{hi:.2}]")
+}
+
+/// A target's verdict: met, or missed by `by`.
+pub fn verdict(met: bool, by: String) -> String {
+    if met {
+        "met".to_string()
+    } else {
+        format!("missed by {by}")
+    }
+}
+
+/// A ratio's miss, with a third decimal when two would round it to nothing.
+pub fn miss(x: f64) -> String {
+    if x < 0.005 {
+        format!("{x:.3}")
+    } else {
+        format!("{x:.2}")
+    }
+}

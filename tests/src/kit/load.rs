@@ -1,0 +1,265 @@
+//! Load: connections one after another while the agent is killed and replaced (`load`, which
+//! counts those that escaped capture), and the benchmark's load generators (`bench-connect`:
+//! short connections per second; `bench-http`: HTTP/1.1 requests per second and latency).
+
+use std::{
+    io::{BufReader, Read, Write},
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    http::read_response, take_credentials, tcp::connect, Args, ConnectSpec, Identity, Launch,
+    Outcome,
+};
+
+/// `load`: connect to `dst` over and over until the file `stop` exists, checking each lands on
+/// `expect`; print a JSON [`LoadReport`].
+#[derive(clap::Args, Clone, Debug, PartialEq, Eq)]
+pub struct Load {
+    pub dst: SocketAddr,
+    #[arg(long)]
+    pub expect: String,
+    #[arg(long)]
+    pub stop: PathBuf,
+    #[command(flatten)]
+    pub id: Identity,
+    #[arg(long, default_value = "60000")]
+    pub max_ms: u64,
+}
+
+impl Load {
+    /// Connections as `id` to `dst` that should land on `expect`, until `stop` exists (a
+    /// minute at the most).
+    pub fn new(dst: SocketAddr, expect: &str, stop: PathBuf, id: Identity) -> Load {
+        Load {
+            dst,
+            expect: expect.into(),
+            stop,
+            id,
+            max_ms: 60_000,
+        }
+    }
+
+    pub fn run(self) -> Result<()> {
+        let spec = ConnectSpec {
+            timeout: Duration::from_secs(2),
+            ..ConnectSpec::to(self.dst, self.id)
+        };
+        let max = Duration::from_millis(self.max_ms);
+        let report = load(&spec, &self.expect, &self.stop, max);
+        println!("{}", serde_json::to_string(&report)?);
+        Ok(())
+    }
+}
+
+impl Launch for Load {
+    const NAME: &'static str = "load";
+
+    fn args(&self) -> Args {
+        Args::new()
+            .arg(self.dst)
+            .opt("--expect", &self.expect)
+            .path("--stop", &self.stop)
+            .id(self.id)
+            .opt("--max-ms", self.max_ms)
+    }
+}
+
+/// What a load run saw.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadReport {
+    /// Connections that landed on the expected listener.
+    pub captured: u64,
+    /// Connections that landed elsewhere (escaped capture).
+    pub escaped: u64,
+    /// Connections that failed (refused, timed out, errors).
+    pub failed: u64,
+    /// The first few unexpected outcomes.
+    pub samples: Vec<String>,
+}
+
+impl LoadReport {
+    /// Count `outcome`, keeping the first few that did not land on `expect`.
+    fn count(&mut self, outcome: &Outcome, expect: &str) {
+        match outcome.listener() {
+            Some(l) if l == expect => {
+                self.captured += 1;
+                return;
+            }
+            Some(_) => self.escaped += 1,
+            None => self.failed += 1,
+        }
+        if self.samples.len() < 5 {
+            self.samples.push(format!("{outcome:?}"));
+        }
+    }
+}
+
+/// Open connections to `spec.dst` one after another until `stop` exists (or `max` elapses),
+/// checking that each lands on `expect`.
+pub fn load(spec: &ConnectSpec, expect: &str, stop: &Path, max: Duration) -> LoadReport {
+    let mut report = LoadReport::default();
+    if let Err(e) = take_credentials(spec) {
+        report.failed = 1;
+        report.samples.push(format!("{e:#}"));
+        return report;
+    }
+    let one = ConnectSpec {
+        uid: None,
+        gid: None,
+        ..spec.clone()
+    };
+    let deadline = Instant::now() + max;
+    while !stop.exists() && Instant::now() < deadline {
+        report.count(&connect(&one), expect);
+    }
+    report
+}
+
+/// `bench-connect`: open and close connections to `dst` for `secs` (reading until the listener
+/// closes); prints the number completed.
+#[derive(clap::Args, Clone, Debug, PartialEq)]
+pub struct BenchConnect {
+    pub dst: SocketAddr,
+    #[arg(long)]
+    pub secs: f64,
+    #[command(flatten)]
+    pub id: Identity,
+}
+
+impl BenchConnect {
+    pub fn run(self) -> Result<()> {
+        take_credentials(&ConnectSpec::to(self.dst, self.id))?;
+        let end = Instant::now() + Duration::from_secs_f64(self.secs);
+        let mut n = 0u64;
+        let mut sink = Vec::new();
+        while Instant::now() < end {
+            let mut s =
+                TcpStream::connect(self.dst).with_context(|| format!("connect {}", self.dst))?;
+            sink.clear();
+            s.read_to_end(&mut sink)?;
+            n += 1;
+        }
+        println!("{n}");
+        Ok(())
+    }
+}
+
+impl Launch for BenchConnect {
+    const NAME: &'static str = "bench-connect";
+
+    fn args(&self) -> Args {
+        Args::new()
+            .arg(self.dst)
+            .opt("--secs", self.secs)
+            .id(self.id)
+    }
+}
+
+/// `bench-http`: HTTP/1.1 GETs to `dst` from `conns` clients for `secs`; prints "requests
+/// p50_us p99_us". Each client keeps one connection alive, or (`new_conn`) opens a connection
+/// per request, asks with `connection: close` and closes it after the answer; its latency
+/// includes the connect.
+#[derive(clap::Args, Clone, Debug, PartialEq)]
+pub struct BenchHttp {
+    pub dst: SocketAddr,
+    #[arg(long)]
+    pub host: String,
+    #[arg(long, default_value = "4")]
+    pub conns: usize,
+    #[arg(long)]
+    pub secs: f64,
+    /// A new connection per request (`connection: close`) instead of keep-alive.
+    #[arg(long)]
+    pub new_conn: bool,
+    #[command(flatten)]
+    pub id: Identity,
+}
+
+impl Launch for BenchHttp {
+    const NAME: &'static str = "bench-http";
+
+    fn args(&self) -> Args {
+        Args::new()
+            .arg(self.dst)
+            .opt("--host", &self.host)
+            .opt("--conns", self.conns)
+            .opt("--secs", self.secs)
+            .switch("--new-conn", self.new_conn)
+            .id(self.id)
+    }
+}
+
+/// A client's connection: a buffered reader and the writing half.
+type HttpConn = (BufReader<TcpStream>, TcpStream);
+
+impl BenchHttp {
+    pub fn run(self) -> Result<()> {
+        take_credentials(&ConnectSpec::to(self.dst, self.id))?;
+        let end = Instant::now() + Duration::from_secs_f64(self.secs);
+        let workers: Vec<_> = (0..self.conns)
+            .map(|_| {
+                let client = self.clone();
+                std::thread::spawn(move || client.client(end))
+            })
+            .collect();
+        let mut all = Vec::new();
+        for w in workers {
+            all.extend(
+                w.join()
+                    .map_err(|_| anyhow::anyhow!("a client thread panicked"))??,
+            );
+        }
+        all.sort_unstable();
+        let pct = |p: f64| {
+            all.get(((all.len() as f64 - 1.0) * p).round() as usize)
+                .copied()
+                .unwrap_or(0) as u64
+        };
+        println!("{} {} {}", all.len(), pct(0.5), pct(0.99));
+        Ok(())
+    }
+
+    fn connect(&self) -> Result<HttpConn> {
+        let s = TcpStream::connect(self.dst).with_context(|| format!("connect {}", self.dst))?;
+        s.set_nodelay(true)?;
+        Ok((BufReader::new(s.try_clone()?), s))
+    }
+
+    /// One client's requests until `end`: each one's latency in µs.
+    fn client(&self, end: Instant) -> Result<Vec<u32>> {
+        let close = if self.new_conn {
+            "connection: close\r\n"
+        } else {
+            ""
+        };
+        let request = format!("GET / HTTP/1.1\r\nhost: {}\r\n{close}\r\n", self.host);
+        let mut conn = if self.new_conn {
+            None
+        } else {
+            Some(self.connect()?)
+        };
+        let mut lat = Vec::new();
+        let mut line = String::new();
+        let mut body = Vec::new();
+        while Instant::now() < end {
+            let t = Instant::now();
+            let (reader, out) = match &mut conn {
+                Some(c) => c,
+                slot => slot.insert(self.connect()?),
+            };
+            out.write_all(request.as_bytes())?;
+            read_response(reader, &mut line, &mut body)?;
+            if self.new_conn {
+                conn = None;
+            }
+            lat.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
+        }
+        Ok(lat)
+    }
+}
