@@ -7,7 +7,7 @@ use std::{
 };
 
 use sockmesh_tests::{
-    kit::{Identity, Load, LoadReport},
+    kit::{Identity, Load, LoadReport, Outcome},
     lab::{run, sockmesh_bin, value_of, Lab},
     pods::{self, Caller, Case, Mode, CALLERS, PEER_V4, POD_PORTS, POD_V4},
     profiles::Profile,
@@ -89,6 +89,32 @@ fn explain_agrees_with_what_happens() {
         let o = pods::probe(&lab, &pod, &Case::new(caller, dst.parse().unwrap())).unwrap();
         assert_eq!(o.landed(), listener, "{args:?}");
     }
+}
+
+/// `explain --inbound` gives sk_lookup's answer, listener check included: an arrival from a peer
+/// is refused when no proxy listens on the inbound port, and one made inside the pod (from its
+/// own address) is left alone; the kernel does the same with the same connections.
+#[test]
+fn explain_inbound_agrees_with_the_kernel() {
+    let mut lab = Lab::with_agent("exin").unwrap();
+    let p = Profile::default_sidecar();
+    let without_inbound: Vec<u16> = POD_PORTS.iter().copied().filter(|&p| p != 15006).collect();
+    let pod = pods::captured(&mut lab, "a", &p, Mode::Sockmesh, &without_inbound).unwrap();
+    let dst = format!("{POD_V4}:8080");
+
+    let text = explain(&lab, &pod, &["--inbound", "--src", PEER_V4, "tcp", &dst]);
+    assert_eq!(
+        value_of(&text, "verdict"),
+        "refused: nothing listens on port 15006",
+        "{text}"
+    );
+    let case = Case::new(Caller::new_peer(), dst.parse().unwrap());
+    assert_eq!(pods::probe(&lab, &pod, &case).unwrap(), Outcome::Refused);
+
+    let text = explain(&lab, &pod, &["--inbound", "--src", POD_V4, "tcp", &dst]);
+    assert_eq!(value_of(&text, "verdict"), "pass: left alone", "{text}");
+    let case = Case::new(CALLERS[0], dst.parse().unwrap());
+    assert_eq!(pods::probe(&lab, &pod, &case).unwrap().landed(), "pod:8080");
 }
 
 #[test]

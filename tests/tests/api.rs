@@ -65,6 +65,19 @@ async fn register(
         .map(|r| r.into_inner())
 }
 
+/// Register the default settings over a connection whose preamble carries `fds`.
+async fn register_carrying(
+    sock: &std::path::Path,
+    fds: Vec<std::os::fd::OwnedFd>,
+) -> Result<pb::PodReply, tonic::Status> {
+    let mut c = api::client(sock, PREAMBLE, fds).await.unwrap();
+    c.register(pb::RegisterRequest {
+        settings: Some(api::default_settings()),
+    })
+    .await
+    .map(|r| r.into_inner())
+}
+
 fn expect_refused(r: Result<pb::PodReply, tonic::Status>, code: Code, needle: &str) {
     match r {
         Ok(reply) => panic!("accepted ({reply:?}), want {code:?} naming {needle:?}"),
@@ -141,37 +154,15 @@ fn a_caller_speaks_only_for_the_namespace_it_passes() {
         assert!(status(&lab, a).await.registered, "B's unregister touched A");
 
         // No fd: no identity.
-        let mut c = api::client(&lab.socket, PREAMBLE, vec![]).await.unwrap();
-        let r = c
-            .register(pb::RegisterRequest {
-                settings: Some(api::default_settings()),
-            })
-            .await
-            .map(|r| r.into_inner());
+        let r = register_carrying(&lab.socket, vec![]).await;
         expect_refused(r, Code::Unauthenticated, "no network namespace");
         // An fd that is not a network namespace.
         let devnull = std::fs::File::open("/dev/null").unwrap();
-        let mut c = api::client(&lab.socket, PREAMBLE, vec![devnull.into()])
-            .await
-            .unwrap();
-        let r = c
-            .register(pb::RegisterRequest {
-                settings: Some(api::default_settings()),
-            })
-            .await
-            .map(|r| r.into_inner());
+        let r = register_carrying(&lab.socket, vec![devnull.into()]).await;
         expect_refused(r, Code::Unauthenticated, "not a network namespace");
         // The node's own namespace (the agent's).
         let host = std::fs::File::open(node.path()).unwrap();
-        let mut c = api::client(&lab.socket, PREAMBLE, vec![host.into()])
-            .await
-            .unwrap();
-        let r = c
-            .register(pb::RegisterRequest {
-                settings: Some(api::default_settings()),
-            })
-            .await
-            .map(|r| r.into_inner());
+        let r = register_carrying(&lab.socket, vec![host.into()]).await;
         expect_refused(r, Code::PermissionDenied, "own network namespace");
         // Two namespaces at once: which one would it be? The connection is refused.
         let two = vec![
