@@ -8,6 +8,7 @@ pub mod accel;
 pub mod api;
 pub mod kit;
 pub mod lab;
+pub mod node;
 pub mod pods;
 pub mod profiles;
 pub mod xds;

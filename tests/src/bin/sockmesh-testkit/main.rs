@@ -1,7 +1,7 @@
 //! `sockmesh-testkit`: the test programs the suites run in lab namespaces (sockmesh_tests::kit
 //! and ::accel, each subcommand a typed launcher there), the benchmark's hop programs (`hop`),
 //! the benchmark suite behind `cargo xtask bench` (`bench`), and the demo behind
-//! `cargo xtask lab` (`demo`).
+//! `cargo xtask lab` (`demo`), and the node suite's pause process (`pause`).
 
 mod bench;
 mod demo;
@@ -32,6 +32,9 @@ enum Cmd {
     },
     /// The demo lab: pods in netns, the agent, a listener on 15001, real connections, dump.
     Lab,
+    /// A pod's pause process (the node suite's sandbox image, and an idle app to exec in):
+    /// waits for SIGTERM or SIGINT, its children reaped by the kernel.
+    Pause,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -47,5 +50,24 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Lab => demo::run(),
+        Cmd::Pause => {
+            pause();
+            Ok(())
+        }
+    }
+}
+
+fn pause() {
+    // SAFETY: signal dispositions and the mask are set before any thread starts; sigwait
+    // takes a set we own.
+    unsafe {
+        libc::signal(libc::SIGCHLD, libc::SIG_IGN);
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        let mut sig = 0;
+        libc::sigwait(&set, &mut sig);
     }
 }

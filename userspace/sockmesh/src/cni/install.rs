@@ -112,14 +112,48 @@ fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> 
     fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))
 }
 
+/// Whether two files hold the same bytes, compared a block at a time: the binary is tens of
+/// megabytes and the installer's container has a small memory limit.
+fn same_contents(a: &Path, b: &Path) -> std::io::Result<bool> {
+    use std::io::BufRead;
+    let (fa, fb) = (fs::File::open(a)?, fs::File::open(b)?);
+    if fa.metadata()?.len() != fb.metadata()?.len() {
+        return Ok(false);
+    }
+    let mut ra = std::io::BufReader::with_capacity(64 << 10, fa);
+    let mut rb = std::io::BufReader::with_capacity(64 << 10, fb);
+    loop {
+        let (ba, bb) = (ra.fill_buf()?, rb.fill_buf()?);
+        let n = ba.len().min(bb.len());
+        if n == 0 {
+            return Ok(ba.len() == bb.len());
+        }
+        if ba[..n] != bb[..n] {
+            return Ok(false);
+        }
+        ra.consume(n);
+        rb.consume(n);
+    }
+}
+
+/// Copy `src` to `dst` through a temporary file and a rename, streamed.
+fn copy_atomically(src: &Path, dst: &Path, mode: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = dst.with_extension(format!("sockmesh-tmp{}", std::process::id()));
+    let mut from = fs::File::open(src).with_context(|| format!("reading {}", src.display()))?;
+    let mut to = fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    std::io::copy(&mut from, &mut to).with_context(|| format!("writing {}", tmp.display()))?;
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))?;
+    fs::rename(&tmp, dst).with_context(|| format!("renaming into {}", dst.display()))
+}
+
 /// One pass: binary in place, sockmesh chained into the active configuration. Returns what
 /// it did, for the log.
 pub fn install_once(args: &InstallArgs) -> anyhow::Result<String> {
     let exe = std::env::current_exe().context("finding this binary")?;
     let bin = args.cni_bin_dir.join("sockmesh");
-    let same = fs::read(&bin).ok() == Some(fs::read(&exe)?);
-    if !same {
-        write_atomically(&bin, &fs::read(&exe)?, 0o755)?;
+    if !same_contents(&exe, &bin).unwrap_or(false) {
+        copy_atomically(&exe, &bin, 0o755)?;
     }
     let Some(path) = active_config(&args.cni_conf_dir)? else {
         bail!(

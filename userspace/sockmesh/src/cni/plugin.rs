@@ -158,7 +158,9 @@ pub enum Capture {
 
 /// istio-cni's rule: a pod is captured when the sidecar injector has run on it (it left the
 /// `sidecar.istio.io/status` annotation), injection is not turned off for it, and its
-/// namespace is not excluded.
+/// namespace is not excluded. A pod injected with the `istio-init` container (the status
+/// lists it among its init containers) is left to that container, which registers it once
+/// it runs: as istio-cni leaves alone a pod that carries istio-init.
 pub fn should_capture(conf: &NetConf, inv: &Invocation) -> Capture {
     if let Some(ns) = inv.args.get("K8S_POD_NAMESPACE") {
         if conf.exclude_namespaces.iter().any(|n| n == ns) {
@@ -175,10 +177,22 @@ pub fn should_capture(conf: &NetConf, inv: &Invocation) -> Capture {
     if ann.get("sidecar.istio.io/inject").map(String::as_str) == Some("false") {
         return Capture::No("sidecar.istio.io/inject is false".into());
     }
-    if !ann.contains_key("sidecar.istio.io/status") {
+    let Some(status) = ann.get("sidecar.istio.io/status") else {
         return Capture::No("no sidecar was injected (no sidecar.istio.io/status)".into());
+    };
+    if has_istio_init(status) {
+        return Capture::No("its istio-init container registers it".into());
     }
     Capture::Yes
+}
+
+/// Whether the injector's status annotation lists `istio-init` among the init containers.
+fn has_istio_init(status: &str) -> bool {
+    serde_json::from_str::<Value>(status).is_ok_and(|s| {
+        s["initContainers"]
+            .as_array()
+            .is_some_and(|i| i.iter().any(|c| c == "istio-init"))
+    })
 }
 
 /// istio-iptables' arguments for a pod, from its annotations with istio-cni's defaults: as the
@@ -564,6 +578,21 @@ mod tests {
         ));
         assert!(
             matches!(should_capture(&conf(None), &inv("default")), Capture::No(w) if w.contains(ANNOTATIONS_CAPABILITY))
+        );
+        let with_init: &[(&str, &str)] = &[(
+            "sidecar.istio.io/status",
+            r#"{"initContainers":["istio-init"],"containers":["istio-proxy"]}"#,
+        )];
+        assert!(
+            matches!(should_capture(&conf(Some(with_init)), &inv("default")), Capture::No(w) if w.contains("istio-init"))
+        );
+        let with_validation: &[(&str, &str)] = &[(
+            "sidecar.istio.io/status",
+            r#"{"initContainers":["istio-validation"],"containers":["istio-proxy"]}"#,
+        )];
+        assert_eq!(
+            should_capture(&conf(Some(with_validation)), &inv("default")),
+            Capture::Yes
         );
     }
 
