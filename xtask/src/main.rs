@@ -11,6 +11,8 @@ use std::{
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod image;
+
 #[derive(Parser)]
 #[command(about = "sockmesh developer tasks")]
 struct Cli {
@@ -34,6 +36,19 @@ enum Task {
         #[arg(long)]
         smoke: bool,
     },
+    /// OCI image archives (sockmesh, sockmesh-proxy, the test programs, pause) from release
+    /// builds and this machine's libraries, with no base image.
+    Image {
+        /// Where the archives go.
+        #[arg(long, default_value = "target/images")]
+        out: PathBuf,
+        /// The tag of the sockmesh and sockmesh-proxy images.
+        #[arg(long, default_value = "0.1.0")]
+        tag: String,
+    },
+    /// The node suite: containerd and runc run the DaemonSet, install-cni and Istio-injected
+    /// pods from the images, driven over CRI as kubelet drives them.
+    Node,
     /// Check that no lab namespace, cgroup, bpffs mount or sockmesh program is left behind.
     CheckClean,
 }
@@ -44,8 +59,13 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ip"),
     ("util-linux", "setpriv"),
     ("bpftool", "bpftool"),
-    // Real CNI plugins (bridge, host-local) for the CNI plugin's chained test.
+    // Real CNI plugins (bridge, host-local) for the CNI plugin's chained test and the node.
     ("containernetworking-plugins", "/usr/lib/cni/bridge"),
+    // The node suite's container runtime.
+    ("containerd", "containerd"),
+    ("runc", "runc"),
+    // protoc, for the CRI API crate the node suite speaks (k8s-cri's build script).
+    ("protobuf-compiler", "protoc"),
     // The baseline proxy of the benchmark (and its smoke test).
     ("haproxy", "haproxy"),
 ];
@@ -249,9 +269,8 @@ fn install_bpf_linker() -> Result<()> {
     )
 }
 
-/// Release builds, then the suite; the report goes to docs/benchmarks.md (not with --smoke).
-fn bench(smoke: bool) -> Result<()> {
-    setup()?;
+/// Release builds of every binary (one invocation, so features unify as in the others).
+fn build_release() -> Result<()> {
     status(cargo().args([
         "build",
         "--release",
@@ -262,7 +281,25 @@ fn bench(smoke: bool) -> Result<()> {
         "-p",
         "sockmesh-tests",
         "--bins",
-    ]))?;
+    ]))
+}
+
+/// The images, then the node suite on them; then the clean-up check.
+fn node() -> Result<()> {
+    let images = root().join("target/images");
+    image::build(&images, "0.1.0")?;
+    let result = status(
+        Command::new(root().join("target/release/sockmesh-node")).env("SOCKMESH_IMAGES", &images),
+    );
+    let clean = check_clean();
+    result?;
+    clean
+}
+
+/// Release builds, then the suite; the report goes to docs/benchmarks.md (not with --smoke).
+fn bench(smoke: bool) -> Result<()> {
+    setup()?;
+    build_release()?;
     let mut cmd = Command::new(root().join("target/release/sockmesh-testkit"));
     cmd.arg("bench");
     if smoke {
@@ -293,7 +330,8 @@ fn test() -> Result<()> {
     let result = status(cargo().args(["test", "--workspace", "--no-fail-fast"]));
     let clean = check_clean();
     result?;
-    clean
+    clean?;
+    node()
 }
 
 fn lab() -> Result<()> {
@@ -317,7 +355,7 @@ fn check_clean() -> Result<()> {
     for m in mounts.lines() {
         let mut f = m.split_whitespace();
         let (_, dir, ty) = (f.next(), f.next().unwrap_or(""), f.next().unwrap_or(""));
-        if ty == "cgroup2" {
+        if ty == "cgroup2" || ty == "cgroup" {
             if let Ok(rd) = std::fs::read_dir(dir) {
                 for e in rd.flatten() {
                     let n = e.file_name().to_string_lossy().into_owned();
@@ -337,6 +375,14 @@ fn check_clean() -> Result<()> {
             if n.starts_with(PREFIX) {
                 left.push(format!("folder {}", e.path().display()));
             }
+        }
+    }
+    // The node suite's containerd, its shims and containers: anything running from a folder
+    // of the tests.
+    let procs = output(Command::new("ps").args(["-eo", "pid=,args="])).unwrap_or_default();
+    for l in procs.lines() {
+        if l.contains(&format!("/{PREFIX}node-")) {
+            left.push(format!("process {}", l.trim()));
         }
     }
     if on_path("bpftool") || Path::new("/usr/sbin/bpftool").exists() {
@@ -363,6 +409,8 @@ fn main() -> ExitCode {
         Task::Build => setup().and_then(|_| build()),
         Task::Lab => lab(),
         Task::Test => test(),
+        Task::Image { out, tag } => setup().and_then(|_| image::build(&root().join(out), &tag)),
+        Task::Node => setup().and_then(|_| node()),
         Task::CheckClean => check_clean(),
         Task::Bench { smoke } => bench(smoke),
     };
