@@ -18,7 +18,8 @@ use super::{
 };
 
 /// `load`: connect to `dst` over and over until the file `stop` exists, checking each lands on
-/// `expect`; print a JSON [`LoadReport`].
+/// `expect` (and, with `--from`, that the listener saw the client at that address); print a
+/// JSON [`LoadReport`].
 #[derive(clap::Args, Clone, Debug, PartialEq, Eq)]
 pub struct Load {
     pub dst: SocketAddr,
@@ -30,6 +31,9 @@ pub struct Load {
     pub id: Identity,
     #[arg(long, default_value = "60000")]
     pub max_ms: u64,
+    /// The client address the listener must see (a proxy's, when one is in the path).
+    #[arg(long)]
+    pub from: Option<String>,
 }
 
 impl Load {
@@ -42,6 +46,7 @@ impl Load {
             stop,
             id,
             max_ms: 60_000,
+            from: None,
         }
     }
 
@@ -51,7 +56,11 @@ impl Load {
             ..ConnectSpec::to(self.dst, self.id)
         };
         let max = Duration::from_millis(self.max_ms);
-        let report = load(&spec, &self.expect, &self.stop, max);
+        let expect = Expect {
+            listener: &self.expect,
+            from: self.from.as_deref(),
+        };
+        let report = load(&spec, &expect, &self.stop, max);
         println!("{}", serde_json::to_string(&report)?);
         Ok(())
     }
@@ -67,6 +76,7 @@ impl Launch for Load {
             .path("--stop", &self.stop)
             .id(self.id)
             .opt("--max-ms", self.max_ms)
+            .opt_some("--from", self.from.as_ref())
     }
 }
 
@@ -83,16 +93,27 @@ pub struct LoadReport {
     pub samples: Vec<String>,
 }
 
+/// Where a load's connections must land.
+pub struct Expect<'a> {
+    pub listener: &'a str,
+    /// The client address the listener must see.
+    pub from: Option<&'a str>,
+}
+
 impl LoadReport {
-    /// Count `outcome`, keeping the first few that did not land on `expect`.
-    fn count(&mut self, outcome: &Outcome, expect: &str) {
-        match outcome.listener() {
-            Some(l) if l == expect => {
+    /// Count `outcome`, keeping the first few that did not land as `expect` says.
+    fn count(&mut self, outcome: &Outcome, expect: &Expect<'_>) {
+        match outcome {
+            Outcome::Ok {
+                listener,
+                client_ip,
+                ..
+            } if listener == expect.listener && expect.from.is_none_or(|f| f == client_ip) => {
                 self.captured += 1;
                 return;
             }
-            Some(_) => self.escaped += 1,
-            None => self.failed += 1,
+            Outcome::Ok { .. } => self.escaped += 1,
+            _ => self.failed += 1,
         }
         if self.samples.len() < 5 {
             self.samples.push(format!("{outcome:?}"));
@@ -101,8 +122,8 @@ impl LoadReport {
 }
 
 /// Open connections to `spec.dst` one after another until `stop` exists (or `max` elapses),
-/// checking that each lands on `expect`.
-pub fn load(spec: &ConnectSpec, expect: &str, stop: &Path, max: Duration) -> LoadReport {
+/// checking that each lands as `expect` says.
+pub fn load(spec: &ConnectSpec, expect: &Expect<'_>, stop: &Path, max: Duration) -> LoadReport {
     let mut report = LoadReport::default();
     if let Err(e) = take_credentials(spec) {
         report.failed = 1;

@@ -718,8 +718,10 @@ impl Suite {
         let app = client.id("app")?.to_string();
         let stop_file = client.dir.join("volumes/control/stop");
         let _ = std::fs::remove_file(&stop_file);
+        // Through both sidecars: the echo listener sees the server's sidecar (127.0.0.6).
         let load = Load {
             max_ms: 180_000,
+            from: Some("127.0.0.6".into()),
             ..Load::new(VIP_ECHO.parse()?, "echo", "/control/stop".into(), AS_IS)
         };
         let mut argv = vec!["/usr/local/bin/sockmesh-testkit".to_string()];
