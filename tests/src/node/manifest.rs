@@ -559,22 +559,24 @@ mod tests {
 
     #[test]
     fn strategic_merge_merges_named_lists_and_replaces_others() {
-        let mut base = yaml(
-            "initContainers:
-               - name: istio-init
-                 image: proxyv2
-                 args: [istio-iptables, -p, '15001']
-                 securityContext: {capabilities: {add: [NET_ADMIN, NET_RAW], drop: [ALL]}, runAsUser: 0}
-             containers: [{name: app, image: app}]",
-        );
-        let patch = yaml(
-            "initContainers:
-               - name: istio-init
-                 image: sockmesh
-                 securityContext: {capabilities: {add: []}}
-                 volumeMounts: [{name: s, mountPath: /run/sockmesh}]
-             volumes: [{name: s, hostPath: {path: /run/sockmesh}}]",
-        );
+        let mut base = yaml(concat!(
+            "initContainers:\n",
+            "  - name: istio-init\n",
+            "    image: proxyv2\n",
+            "    args: [istio-iptables, -p, '15001']\n",
+            "    securityContext:\n",
+            "      capabilities: {add: [NET_ADMIN, NET_RAW], drop: [ALL]}\n",
+            "      runAsUser: 0\n",
+            "containers: [{name: app, image: app}]\n",
+        ));
+        let patch = yaml(concat!(
+            "initContainers:\n",
+            "  - name: istio-init\n",
+            "    image: sockmesh\n",
+            "    securityContext: {capabilities: {add: []}}\n",
+            "    volumeMounts: [{name: s, mountPath: /run/sockmesh}]\n",
+            "volumes: [{name: s, hostPath: {path: /run/sockmesh}}]\n",
+        ));
         strategic_merge(&mut base, &patch);
         let init = &base["initContainers"][0];
         assert_eq!(init["image"], yaml("sockmesh"));
