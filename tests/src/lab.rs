@@ -119,6 +119,10 @@ pub fn require_tools(tools: &[&str]) -> Result<()> {
 #[derive(Clone, Debug)]
 pub struct Netns {
     pub name: String,
+    /// For a namespace owned by a user namespace of its own: the process holding both.
+    /// [`Netns::exec`] then runs in that user namespace, as a pod's init container does
+    /// (iptables takes owner rules only from the netns's own user namespace).
+    pub holder: Option<u32>,
 }
 
 impl Netns {
@@ -131,11 +135,22 @@ impl Netns {
         run(Command::new("ip").arg("-n").arg(&self.name).args(args)).map(|_| ())
     }
 
-    /// A command run in this netns (via `ip netns exec`).
+    /// A command run in this netns (via `ip netns exec`, or `nsenter` into the holder's user
+    /// and network namespaces).
     pub fn exec(&self, program: &str) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name, program]);
-        c
+        match self.holder {
+            None => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &self.name, program]);
+                c
+            }
+            Some(pid) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--target={pid}"))
+                    .args(["--user", "--net", "--", program]);
+                c
+            }
+        }
     }
 }
 
@@ -242,8 +257,41 @@ impl Lab {
     pub fn netns(&mut self, short: &str) -> Result<Netns> {
         let ns = Netns {
             name: format!("{}-{short}", self.name),
+            holder: None,
         };
         run(Command::new("ip").args(["netns", "add", &ns.name]))?;
+        self.netns.push(ns.clone());
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// A new network namespace owned by a new user namespace, whose ids 0 to 65535 are the
+    /// host's `base` to `base + 65535`: a pod with `hostUsers: false`. A process of the lab
+    /// (`unshare --user --net sleep`) holds both, the lab writes its id maps (as a runtime
+    /// does), and the netns is named like the others (`ip netns attach`), lo up.
+    pub fn netns_in_userns(&mut self, short: &str, base: u32) -> Result<Netns> {
+        require_tools(&["unshare", "sleep"])?;
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--user", "--net", "--", "sleep", "infinity"]);
+        let idx = self.spawn(cmd, None)?;
+        let pid = self.pid(idx).context("the holder exited")?;
+        let own = fs::read_link("/proc/self/ns/net")?;
+        let until = Instant::now() + Duration::from_secs(5);
+        while fs::read_link(format!("/proc/{pid}/ns/net"))? == own {
+            if Instant::now() > until {
+                bail!("unshare did not enter a new namespace in 5 s");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for map in ["uid_map", "gid_map"] {
+            fs::write(format!("/proc/{pid}/{map}"), format!("0 {base} 65536\n"))
+                .with_context(|| format!("writing the holder's {map}"))?;
+        }
+        let ns = Netns {
+            name: format!("{}-{short}", self.name),
+            holder: Some(pid),
+        };
+        run(Command::new("ip").args(["netns", "attach", &ns.name, &pid.to_string()]))?;
         self.netns.push(ns.clone());
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)

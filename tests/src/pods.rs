@@ -114,6 +114,19 @@ pub fn pod_with(
     pod_ports: &[u16],
 ) -> Result<Pod> {
     let ns = lab.netns(&format!("{tag}p"))?;
+    pod_in(lab, ns, tag, profile, mode, pod_ports)
+}
+
+/// [`pod_with`] in the namespace `ns` made already (one owned by a user namespace of its own,
+/// say).
+pub fn pod_in(
+    lab: &mut Lab,
+    ns: Netns,
+    tag: &str,
+    profile: &Profile,
+    mode: Mode,
+    pod_ports: &[u16],
+) -> Result<Pod> {
     let peer = lab.netns(&format!("{tag}q"))?;
     lab.veth(&ns, "eth0", &peer, "eth0")?;
     peer.ip(&["addr", "add", &format!("{PEER_V4}/24"), "dev", "eth0"])?;

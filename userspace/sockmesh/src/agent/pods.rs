@@ -20,6 +20,7 @@ use crate::core::{
     registry::{self, RegistryError},
     spec::{InvalidSpec, PodSpec},
     sys::{self, SyscallError},
+    userns::{self, PodIds, UsernsError},
 };
 
 /// What registrations share: the maps, where the pins are, the loaded sk_lookup program, and
@@ -47,6 +48,8 @@ pub enum RegisterError {
     Registry(#[from] RegistryError),
     #[error("{0}; the pod was not registered")]
     Routing(#[from] RoutingError),
+    #[error("{0}; the pod was not registered")]
+    Userns(#[from] UsernsError),
 }
 
 /// Capture pod `netns` (fd `fd`) with `spec`: what the caller may not say (interface
@@ -68,6 +71,10 @@ pub fn register(
     spec.route_sources.clear();
     spec.config.src_v4 = [0; 4];
     spec.config.src_v6 = [0; 16];
+    // A pod with a user namespace of its own: its proxy's ids as the kernel sees them.
+    if let Some(ids) = userns::pod_ids(fd)? {
+        kernel_ids(&mut spec, &ids)?;
+    }
     let view = read_pod(fd, &spec)?;
     let addrs: Vec<IpAddr> = view.addrs.iter().map(|a| a.ip).collect();
     // The pod's primary addresses, by istio's rule (first non-loopback, non-link-local), read
@@ -169,6 +176,34 @@ pub fn register(
             let _ = registry::unregister(&mut maps, netns);
             loader::detach_netns(&state.bpffs, netns);
             return Err(RegisterError::Routing(e));
+        }
+    }
+    Ok(())
+}
+
+/// Map the owner ids of `spec` (`-u`, `-g`, owner groups) from the pod's user namespace to the
+/// kernel's, as iptables' owner match reads its rules in the namespace that owns the pod's
+/// network. An id the pod's namespace does not map is an error: nothing is registered.
+fn kernel_ids(spec: &mut PodSpec, ids: &PodIds) -> Result<(), UsernsError> {
+    let uids = spec
+        .config
+        .proxy_uids()
+        .iter()
+        .map(|&u| ids.uid(u))
+        .collect::<Result<Vec<_>, _>>()?;
+    let gids = spec
+        .config
+        .proxy_gids()
+        .iter()
+        .map(|&g| ids.gid(g))
+        .collect::<Result<Vec<_>, _>>()?;
+    spec.config = spec.config.with_owners(&uids, &gids);
+    for (kind, value) in &mut spec.members {
+        if matches!(
+            kind,
+            MemberKind::OwnerGroupInclude | MemberKind::OwnerGroupExclude
+        ) {
+            *value = ids.gid(*value)?;
         }
     }
     Ok(())

@@ -15,7 +15,7 @@ use sockmesh_common::{
     Verdict,
 };
 
-use crate::core::{live::LivePod, maps::PinnedMaps, net::ip_to_addr, sys};
+use crate::core::{live::LivePod, maps::PinnedMaps, net::ip_to_addr, sys, userns};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum Transport {
@@ -31,7 +31,8 @@ pub struct ExplainArgs {
     /// The pod: a netns path (/var/run/netns/NAME, /proc/PID/ns/net) or a pid in it.
     #[arg(long)]
     pub netns: String,
-    /// The socket owner's uid.
+    /// The socket owner's uid, as the pod sees it (for a pod with a user namespace of its own,
+    /// explain maps it to the kernel's, as the agent maps the pod's -u).
     #[arg(long, default_value = "1000")]
     pub uid: u32,
     /// The socket owner's gid (default: the uid).
@@ -81,6 +82,17 @@ pub fn run(a: ExplainArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     };
+    let mut a = a;
+    let gid = a.gid.unwrap_or(a.uid);
+    let ids = userns::pod_ids(fd.as_fd()).context("reading the pod's user namespace")?;
+    if let Some(ids) = ids {
+        let (uid, kgid) = (ids.uid(a.uid)?, ids.gid(gid)?);
+        println!(
+            "owner    uid {} gid {gid} in the pod's user namespace: kernel uid {uid} gid {kgid}",
+            a.uid
+        );
+        (a.uid, a.gid) = (uid, Some(kgid));
+    }
     let finding = if a.inbound {
         inbound(&a, &pod)?
     } else {

@@ -11,3 +11,4 @@ pub mod registry;
 pub mod settings;
 pub mod spec;
 pub mod sys;
+pub mod userns;
