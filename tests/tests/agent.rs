@@ -14,12 +14,17 @@ use sockmesh_tests::{
 };
 
 fn explain(lab: &Lab, pod: &pods::Pod, args: &[&str]) -> String {
+    explain_at(lab, &pod.ns.path(), args)
+}
+
+/// `sockmesh explain` for the namespace at `netns`.
+fn explain_at(lab: &Lab, netns: &std::path::Path, args: &[&str]) -> String {
     let out = run(Command::new(sockmesh_bin().unwrap())
         .arg("explain")
         .arg("--bpffs")
         .arg(&lab.bpffs)
         .arg("--netns")
-        .arg(pod.ns.path())
+        .arg(netns)
         .args(args))
     .unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -270,4 +275,127 @@ fn pods_that_are_gone_are_forgotten_and_their_address_reused() {
     assert!(lab
         .agent_log()
         .contains("forgot a pod whose network namespace is gone"));
+}
+
+/// Someone else takes capture out of force: a cgroup link detached, a link's pin removed, the
+/// pod's entry deleted, a pod entry written for a namespace the agent never registered. Each
+/// escape is seen first (so the tampering really worked), then the agent puts it back within
+/// a few guard periods, and counts it.
+#[test]
+fn tampering_is_noticed_and_put_back() {
+    let (lab, pod) = registered_pod("tamper");
+    let to_peer = Case::new(CALLERS[0], format!("{PEER_V4}:80").parse().unwrap());
+    let landed = || pods::probe(&lab, &pod, &to_peer).unwrap().landed();
+    assert_eq!(landed(), "pod:15001");
+    let link = lab.bpffs.join("links/connect4");
+    let wait_captured = |what: &str| {
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while landed() != "pod:15001" {
+            assert!(
+                std::time::Instant::now() < until,
+                "{what}: not put back in 10 s; agent log:\n{}",
+                lab.agent_log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+
+    run(Command::new("bpftool")
+        .args(["link", "detach", "pinned"])
+        .arg(&link))
+    .unwrap();
+    assert_eq!(
+        landed(),
+        "peer:80",
+        "detaching the link did not stop capture"
+    );
+    wait_captured("a detached link");
+
+    std::fs::remove_file(&link).unwrap();
+    assert_eq!(
+        landed(),
+        "peer:80",
+        "unpinning the link did not stop capture"
+    );
+    wait_captured("an unpinned link");
+
+    let cookie = lab.dump().unwrap()["pods"][0]["netns_cookie"]
+        .as_u64()
+        .unwrap();
+    let key: Vec<String> = cookie.to_le_bytes().iter().map(|b| b.to_string()).collect();
+    let pods_map = lab.bpffs.join("maps/SM_PODS");
+    run(Command::new("bpftool")
+        .args(["map", "delete", "pinned"])
+        .arg(&pods_map)
+        .arg("key")
+        .args(&key))
+    .unwrap();
+    assert_eq!(
+        landed(),
+        "peer:80",
+        "deleting the pod's entry did not stop capture"
+    );
+    wait_captured("a deleted pod entry");
+
+    // The peer's namespace given the pod's entry: the agent never registered it.
+    let value = run(Command::new("bpftool")
+        .args(["-j", "map", "lookup", "pinned"])
+        .arg(&pods_map)
+        .arg("key")
+        .args(&key))
+    .unwrap();
+    let value: serde_json::Value = serde_json::from_slice(&value.stdout).unwrap();
+    let bytes: Vec<String> = value["value"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            u8::from_str_radix(b.as_str().unwrap().trim_start_matches("0x"), 16)
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let peer = explain_at(&lab, &pod.peer.path(), &["tcp", "192.0.2.10:80"]);
+    let peer_cookie: u64 = peer
+        .split_whitespace()
+        .skip_while(|w| *w != "cookie")
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no cookie in {peer}"));
+    let peer_key: Vec<String> = peer_cookie
+        .to_le_bytes()
+        .iter()
+        .map(|b| b.to_string())
+        .collect();
+    run(Command::new("bpftool")
+        .args(["map", "update", "pinned"])
+        .arg(&pods_map)
+        .arg("key")
+        .args(&peer_key)
+        .arg("value")
+        .args(&bytes))
+    .unwrap();
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while !explain_at(&lab, &pod.peer.path(), &["tcp", "192.0.2.10:80"])
+        .contains("is not registered")
+    {
+        assert!(std::time::Instant::now() < until, "the foreign entry stays");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    let (_, body) = http_get(lab.metrics_addr().unwrap(), "/metrics");
+    for what in [
+        "link detached",
+        "link unpinned",
+        "pod entries restored",
+        "foreign pod entry removed",
+    ] {
+        assert!(
+            body.contains(&format!(
+                "sockmesh_agent_repairs_total{{what=\"{what}\"}} 1"
+            )),
+            "{what}:\n{body}"
+        );
+    }
+    assert!(lab.agent_log().contains("put back"), "the repair is logged");
 }

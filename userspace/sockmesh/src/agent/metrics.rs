@@ -22,6 +22,8 @@ use crate::core::maps::PinnedMaps;
 pub struct Health {
     pub ready: AtomicBool,
     pub maps: Mutex<Option<Arc<Mutex<PinnedMaps>>>>,
+    /// What the guard put right.
+    pub repairs: Arc<super::guard::Repairs>,
 }
 
 /// Serve on `addr` from a background thread.
@@ -83,6 +85,11 @@ pub fn render(health: &Health) -> anyhow::Result<String> {
     writeln!(out, "# HELP sockmesh_agent_ready Whether the agent has its programs in force and serves registrations.")?;
     writeln!(out, "# TYPE sockmesh_agent_ready gauge")?;
     writeln!(out, "sockmesh_agent_ready {}", ready as u8)?;
+    writeln!(out, "# HELP sockmesh_agent_repairs_total What the agent put back after someone else changed it: cgroup links unpinned, detached or switched to another program, pods' map entries changed or removed, foreign pod entries.")?;
+    writeln!(out, "# TYPE sockmesh_agent_repairs_total counter")?;
+    for (what, n) in health.repairs.counts() {
+        writeln!(out, "sockmesh_agent_repairs_total{{what=\"{what}\"}} {n}")?;
+    }
     let Some(maps) = health.maps.lock().expect("lock").clone() else {
         return Ok(out);
     };

@@ -2,6 +2,7 @@
 //! the maps, and serve registrations ([`service`] over [`transport`], carried out by [`pods`]
 //! with [`routing`]); health and metrics over HTTP ([`metrics`]).
 
+mod guard;
 mod kernel_log;
 pub mod metrics;
 mod pods;
@@ -111,6 +112,9 @@ fn check_kernel() -> anyhow::Result<()> {
     }
 }
 
+/// How often the guard checks that what the agent put in force is still in force.
+const GUARD_PERIOD: Duration = Duration::from_secs(2);
+
 pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     check_kernel()?;
     handle_signals(args.socket.clone());
@@ -141,7 +145,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     let accel = args.acceleration == "on";
     let mut ebpf = loader::load(&args.bpffs, accel)?;
     kernel_log::forward_kernel_logs(&mut ebpf);
-    let actions = loader::attach_all(&mut ebpf, cgroup.as_fd(), &args.bpffs)?;
+    let (actions, in_force) = loader::attach_all(&mut ebpf, cgroup.as_fd(), &args.bpffs)?;
     if accel {
         loader::attach_sk_msg(&mut ebpf)?;
         info!("socket acceleration on: local connections of registered pods skip TCP/IP");
@@ -164,6 +168,8 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         let _ = registry::unregister(&mut maps, netns);
         info!(%netns, "forgot a pod whose network namespace is gone");
     }
+    // From here on, what the maps hold for each pod is what the agent wrote.
+    maps.track();
     // Loading parsed the object's and the kernel's BTF (several MiB, freed since); the
     // allocator would otherwise keep those pages for the agent's whole life.
     // SAFETY: malloc_trim only hands free heap memory back to the system.
@@ -177,6 +183,16 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         sk_lookup,
     });
     pods::sweeper(state.clone(), Duration::from_secs(10));
+    guard::spawn(
+        guard::Guard {
+            cgroup: cgroup.into(),
+            in_force,
+            bpffs: args.bpffs.clone(),
+            maps: state.maps.clone(),
+            repairs: health.repairs.clone(),
+        },
+        GUARD_PERIOD,
+    );
     let listener = bind_socket(&args.socket)?;
     health
         .ready

@@ -355,14 +355,106 @@ pub enum LinkAction {
     Updated,
 }
 
+/// A cgroup program the agent keeps in force: which link, and the loaded program.
+pub struct InForce {
+    pub link_name: &'static str,
+    attach_type: u32,
+    prog: OwnedFd,
+    prog_id: u32,
+}
+
+/// What was wrong with a cgroup link, and was put right.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkRepair {
+    /// Its pin was gone (and with it the link): a new link, pinned.
+    Unpinned,
+    /// It was detached from the cgroup (`bpftool link detach`): a new link, pinned.
+    Detached,
+    /// It ran another program: switched back.
+    Replaced,
+}
+
+impl LinkRepair {
+    pub fn name(self) -> &'static str {
+        match self {
+            LinkRepair::Unpinned => "link unpinned",
+            LinkRepair::Detached => "link detached",
+            LinkRepair::Replaced => "program replaced",
+        }
+    }
+}
+
+/// `BPF_OBJ_GET_INFO_BY_FD` into `info`.
+fn obj_info(fd: BorrowedFd<'_>, info: &mut [u32]) -> Result<(), SyscallError> {
+    let mut attr = [0u64; 8];
+    attr[0] = u32_pair(fd.as_raw_fd() as u32, std::mem::size_of_val(info) as u32);
+    attr[1] = info.as_mut_ptr() as u64;
+    bpf_syscall(
+        BPF_OBJ_GET_INFO_BY_FD,
+        &mut attr,
+        "bpf(BPF_OBJ_GET_INFO_BY_FD)",
+    )
+    .map(|_| ())
+}
+
+impl InForce {
+    fn new(a: &Attachment, prog: OwnedFd) -> Result<InForce, BpfError> {
+        // struct bpf_prog_info: type, id, ...
+        let mut info = [0u32; 4];
+        obj_info(prog.as_fd(), &mut info)?;
+        Ok(InForce {
+            link_name: a.link_name,
+            attach_type: a.attach_type,
+            prog,
+            prog_id: info[1],
+        })
+    }
+
+    /// Check the pinned link on `cgroup` and put it right if it was unpinned, detached or
+    /// switched to another program.
+    pub fn keep(
+        &self,
+        cgroup: BorrowedFd<'_>,
+        bpffs: &Path,
+    ) -> Result<Option<LinkRepair>, BpfError> {
+        let pin = links_dir(bpffs).join(self.link_name);
+        let link = match obj_get(&pin) {
+            Ok(link) => link,
+            Err(e) if e.source.raw_os_error() == Some(libc::ENOENT) => {
+                let link = link_create(self.prog.as_fd(), cgroup, self.attach_type)?;
+                obj_pin(link.as_fd(), &pin)?;
+                return Ok(Some(LinkRepair::Unpinned));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        // struct bpf_link_info: type, id, prog_id, then an 8-aligned union whose cgroup member
+        // is { cgroup_id (u64), attach_type }: cgroup_id 0 once detached.
+        let mut info = [0u32; 8];
+        obj_info(link.as_fd(), &mut info)?;
+        let cgroup_id = info[4] as u64 | (info[5] as u64) << 32;
+        if cgroup_id == 0 {
+            let _ = fs::remove_file(&pin);
+            let link = link_create(self.prog.as_fd(), cgroup, self.attach_type)?;
+            obj_pin(link.as_fd(), &pin)?;
+            return Ok(Some(LinkRepair::Detached));
+        }
+        if info[2] != self.prog_id {
+            link_update(link.as_fd(), self.prog.as_fd())?;
+            return Ok(Some(LinkRepair::Replaced));
+        }
+        Ok(None)
+    }
+}
+
 /// Load every cgroup program and put it in force on `cgroup` through a link pinned under
 /// `bpffs/links`: a new link if none is pinned, else the pinned link is switched to the new
-/// program atomically.
+/// program atomically. Returns what was done, and the programs to keep in force.
+#[allow(clippy::type_complexity)]
 pub fn attach_all(
     ebpf: &mut Ebpf,
     cgroup: BorrowedFd<'_>,
     bpffs: &Path,
-) -> Result<Vec<(&'static str, LinkAction)>, BpfError> {
+) -> Result<(Vec<(&'static str, LinkAction)>, Vec<InForce>), BpfError> {
     // Load every program first, so a verifier rejection leaves nothing half attached.
     let mut loaded = Vec::new();
     for a in &ATTACHMENTS {
@@ -376,6 +468,7 @@ pub fn attach_all(
         loaded.push((a, fd));
     }
     let mut done = Vec::new();
+    let mut in_force = Vec::new();
     for (a, fd) in loaded {
         let pin = links_dir(bpffs).join(a.link_name);
         let action = if pin.exists() {
@@ -388,8 +481,9 @@ pub fn attach_all(
             LinkAction::Created
         };
         done.push((a.link_name, action));
+        in_force.push(InForce::new(a, fd)?);
     }
-    Ok(done)
+    Ok((done, in_force))
 }
 
 /// Load the sk_msg program and attach it to the acceleration socket map. The attachment stays
@@ -495,14 +589,7 @@ fn netns_link_alive(pin: &Path) -> Result<bool, SyscallError> {
     // struct bpf_link_info: type, id, prog_id, then an 8-aligned union whose netns member is
     // { netns_ino, attach_type }.
     let mut info = [0u32; 16];
-    let mut attr = [0u64; 8];
-    attr[0] = u32_pair(link.as_raw_fd() as u32, std::mem::size_of_val(&info) as u32);
-    attr[1] = info.as_mut_ptr() as u64;
-    bpf_syscall(
-        BPF_OBJ_GET_INFO_BY_FD,
-        &mut attr,
-        "bpf(BPF_OBJ_GET_INFO_BY_FD)",
-    )?;
+    obj_info(link.as_fd(), &mut info)?;
     Ok(info[4] != 0)
 }
 

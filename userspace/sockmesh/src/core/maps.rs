@@ -85,6 +85,9 @@ pub struct PinnedMaps {
     pub socks: SockHash<MapData, SockKey>,
     /// Listening sockets of the attached cgroup, where sk_lookup finds a pod's proxy.
     pub listeners: SockHash<MapData, ListenerKey>,
+    /// The agent's record of what it wrote for each pod (see `registry::repair`); None for
+    /// readers such as `dump` and `explain`.
+    pub tracked: Option<super::registry::Tracked>,
 }
 
 /// The map pinned as `name`, as the type `T` that this build gives it.
@@ -118,7 +121,15 @@ impl PinnedMaps {
             counters: open_map(bpffs, names::COUNTERS)?,
             socks: open_map(bpffs, names::SOCKS)?,
             listeners: open_map(bpffs, names::LISTENERS)?,
+            tracked: None,
         })
+    }
+
+    /// Keep a record of every pod's entries from now on, starting from what the maps hold:
+    /// registrations and unregistrations update it, and `registry::repair` puts the maps back
+    /// to it.
+    pub fn track(&mut self) {
+        self.tracked = Some(super::registry::snapshot(self));
     }
 
     /// The settings of pod `netns`, if it is registered.

@@ -6,7 +6,10 @@
 //! registration writes the new sets, switches the config, then drops what the new sets do not
 //! have. Any failure undoes what this call wrote, so a pod is captured completely or not at all.
 
-use std::{collections::BTreeSet, net::IpAddr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
 
 use aya::maps::{lpm_trie::Key, MapError};
 use sockmesh_common::{
@@ -294,6 +297,15 @@ pub fn register(
     // Source-address hints (no capture decision depends on them): replaced wholesale.
     set_route_sources(maps, netns, spec, known);
     // The new config is in force; drop what only the old one had.
+    drop_extras(maps, netns, &old, &new);
+    if let Some(t) = maps.tracked.as_mut() {
+        t.insert(netns, (spec.config, new));
+    }
+    Ok(())
+}
+
+/// Remove the entries of pod `netns` that `old` has and `new` has not.
+fn drop_extras(maps: &mut PinnedMaps, netns: NetnsCookie, old: &PodKeys, new: &PodKeys) {
     for m in old.members.difference(&new.members) {
         let _ = maps.members.remove(&member_key(netns, *m));
     }
@@ -309,7 +321,88 @@ pub fn register(
     for a in old.pod_addrs.difference(&new.pod_addrs) {
         let _ = maps.addr_pod.remove(a);
     }
-    Ok(())
+}
+
+/// What the agent wrote for each pod: its config and its entries.
+pub type Tracked = BTreeMap<NetnsCookie, (PodConfig, PodKeys)>;
+
+/// What the maps hold now, every pod in one pass over each map.
+pub fn snapshot(maps: &PinnedMaps) -> Tracked {
+    let mut all: Tracked = BTreeMap::new();
+    for (netns, config) in maps.pods.iter().flatten() {
+        all.insert(netns, (config, PodKeys::default()));
+    }
+    for k in maps.members.keys().flatten() {
+        if let Some((_, p)) = all.get_mut(&k.netns) {
+            p.members.insert((k.kind, k.value));
+        }
+    }
+    for (k, v) in maps.cidrs.iter().flatten() {
+        let d = k.data();
+        if let Some((_, p)) = all.get_mut(&NetnsCookie(u64::from_be_bytes(d.netns))) {
+            p.cidrs.insert((d.netns, d.kind, d.addr, k.prefix_len(), v));
+        }
+    }
+    for k in maps.local_addrs.keys().flatten() {
+        if let Some((_, p)) = all.get_mut(&k.netns) {
+            p.local_addrs.insert(k.addr);
+        }
+    }
+    for (addr, owner) in maps.addr_pod.iter().flatten() {
+        if let Some((_, p)) = all.get_mut(&owner) {
+            p.pod_addrs.insert(addr);
+        }
+    }
+    all
+}
+
+/// What a comparison of the maps with the agent's record found and put right.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Repairs {
+    /// Pods whose entries had changed or gone: written again.
+    pub restored: Vec<NetnsCookie>,
+    /// Pod entries the agent never wrote: removed.
+    pub foreign: Vec<NetnsCookie>,
+}
+
+/// Put the maps back to the agent's record (see [`PinnedMaps::track`]): a registered pod's
+/// config and entries as the agent wrote them, and no pod it did not register.
+pub fn repair(maps: &mut PinnedMaps) -> Result<Repairs, RegistryError> {
+    let Some(tracked) = maps.tracked.take() else {
+        return Ok(Repairs::default());
+    };
+    let now = snapshot(maps);
+    let mut done = Repairs::default();
+    let result = (|| {
+        for (netns, (config, want)) in &tracked {
+            let empty = (*config, PodKeys::default());
+            let (cur_config, cur) = now.get(netns).unwrap_or(&empty);
+            let config_ok = now.contains_key(netns) && cur_config == config;
+            if config_ok && cur == want {
+                continue;
+            }
+            // The pod's addresses are its own again, whoever they were given to.
+            for a in &want.pod_addrs {
+                maps.addr_pod
+                    .insert(*a, *netns, 0)
+                    .map_err(|e| map_err(names::ADDR_POD, e))?;
+            }
+            let cur = PodKeys::read(maps, *netns);
+            write_sets(maps, *netns, &cur, want, &mut Undo::default())?;
+            maps.pods
+                .insert(netns, *config, 0)
+                .map_err(|e| map_err(names::PODS, e))?;
+            drop_extras(maps, *netns, &cur, want);
+            done.restored.push(*netns);
+        }
+        for netns in now.keys().filter(|n| !tracked.contains_key(n)) {
+            let _ = maps.pods.remove(netns);
+            done.foreign.push(*netns);
+        }
+        Ok(())
+    })();
+    maps.tracked = Some(tracked);
+    result.map(|()| done)
 }
 
 fn write_sets(
@@ -420,5 +513,8 @@ pub fn unregister(maps: &mut PinnedMaps, netns: NetnsCookie) -> Result<bool, Reg
         pod_addrs: old.pod_addrs.into_iter().collect(),
     }
     .run(maps, netns);
+    if let Some(t) = maps.tracked.as_mut() {
+        t.remove(&netns);
+    }
     Ok(was)
 }

@@ -1,0 +1,89 @@
+//! The guard: what the agent put in force stays in force. Every period it checks each cgroup
+//! link (pinned, attached, running the agent's program) and every pod's entries in the maps
+//! against what the agent wrote, puts back what someone else changed, logs it and counts it
+//! (`sockmesh_agent_repairs_total`), so a node never stays silently uncaptured.
+
+use std::{
+    collections::BTreeMap,
+    os::fd::{AsFd, OwnedFd},
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tracing::{error, warn};
+
+use crate::core::{loader::InForce, maps::PinnedMaps, registry};
+
+/// Repairs so far, by what was put right.
+#[derive(Default)]
+pub struct Repairs(Mutex<BTreeMap<&'static str, u64>>);
+
+impl Repairs {
+    fn count(&self, what: &'static str) {
+        *self
+            .0
+            .lock()
+            .expect("repairs lock")
+            .entry(what)
+            .or_default() += 1;
+    }
+
+    /// Every count, by what was put right.
+    pub fn counts(&self) -> BTreeMap<&'static str, u64> {
+        self.0.lock().expect("repairs lock").clone()
+    }
+}
+
+/// What the guard keeps in force.
+pub struct Guard {
+    pub cgroup: OwnedFd,
+    pub in_force: Vec<InForce>,
+    pub bpffs: PathBuf,
+    pub maps: Arc<Mutex<PinnedMaps>>,
+    pub repairs: Arc<Repairs>,
+}
+
+impl Guard {
+    /// One round of checks.
+    pub fn check(&self) {
+        for f in &self.in_force {
+            match f.keep(self.cgroup.as_fd(), &self.bpffs) {
+                Ok(None) => {}
+                Ok(Some(r)) => {
+                    warn!(
+                        link = f.link_name,
+                        what = r.name(),
+                        "cgroup program was taken out of force; put back"
+                    );
+                    self.repairs.count(r.name());
+                }
+                Err(e) => {
+                    error!(link = f.link_name, error = %e, "cannot check or restore a cgroup link")
+                }
+            }
+        }
+        let mut maps = self.maps.lock().expect("maps lock");
+        match registry::repair(&mut maps) {
+            Ok(r) => {
+                for netns in r.restored {
+                    warn!(%netns, "a registered pod's map entries were changed or removed; written again");
+                    self.repairs.count("pod entries restored");
+                }
+                for netns in r.foreign {
+                    warn!(%netns, "a pod entry the agent never wrote was found; removed");
+                    self.repairs.count("foreign pod entry removed");
+                }
+            }
+            Err(e) => error!(error = %e, "cannot restore the pods' map entries"),
+        }
+    }
+}
+
+/// Run the guard every `period` on a thread of its own.
+pub fn spawn(guard: Guard, period: Duration) {
+    std::thread::spawn(move || loop {
+        std::thread::sleep(period);
+        guard.check();
+    });
+}
