@@ -11,7 +11,9 @@ use std::{
     time::Duration,
 };
 
-use tracing::{error, warn};
+use std::os::unix::fs::MetadataExt;
+
+use tracing::{error, info, warn};
 
 use crate::core::{loader::InForce, maps::PinnedMaps, registry};
 
@@ -37,6 +39,10 @@ impl Repairs {
 
 /// What the guard keeps in force.
 pub struct Guard {
+    /// The registration socket and the inode this agent bound there: once another agent has
+    /// taken the path (an upgrade), what it puts in force is its own, and this guard stops.
+    pub socket: PathBuf,
+    pub socket_ino: u64,
     pub cgroup: OwnedFd,
     pub in_force: Vec<InForce>,
     pub bpffs: PathBuf,
@@ -45,6 +51,11 @@ pub struct Guard {
 }
 
 impl Guard {
+    /// Whether another agent now serves the registration socket.
+    fn superseded(&self) -> bool {
+        std::fs::metadata(&self.socket).map_or(true, |m| m.ino() != self.socket_ino)
+    }
+
     /// One round of checks.
     pub fn check(&self) {
         for f in &self.in_force {
@@ -80,10 +91,17 @@ impl Guard {
     }
 }
 
-/// Run the guard every `period` on a thread of its own.
+/// Run the guard every `period` on a thread of its own, until another agent takes over.
 pub fn spawn(guard: Guard, period: Duration) {
     std::thread::spawn(move || loop {
         std::thread::sleep(period);
+        if guard.superseded() {
+            info!(
+                socket = %guard.socket.display(),
+                "another agent serves the socket: this one stops guarding"
+            );
+            return;
+        }
         guard.check();
     });
 }

@@ -183,8 +183,12 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         sk_lookup,
     });
     pods::sweeper(state.clone(), Duration::from_secs(10));
+
+    let listener = bind_socket(&args.socket)?;
     guard::spawn(
         guard::Guard {
+            socket_ino: std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&args.socket)?),
+            socket: args.socket.clone(),
             cgroup: cgroup.into(),
             in_force,
             bpffs: args.bpffs.clone(),
@@ -193,7 +197,6 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         },
         GUARD_PERIOD,
     );
-    let listener = bind_socket(&args.socket)?;
     health
         .ready
         .store(true, std::sync::atomic::Ordering::SeqCst);
