@@ -8,15 +8,17 @@ use std::{
     collections::HashMap,
     io,
     net::SocketAddr,
+    os::fd::{AsRawFd, RawFd},
     sync::{Arc, Mutex},
 };
 
-use tokio::sync::watch;
+use tokio::{net::TcpListener, sync::watch};
 use tracing::info;
 
 use crate::{
     config::Config,
     listener::{self, ListenerSpec},
+    restart::Inherited,
     snapshot::{Shared, Snapshot},
     transport, xds,
 };
@@ -44,17 +46,37 @@ pub struct Control {
     dynamic: xds::Resources,
     /// Bound listeners by address; sending `None` closes one.
     listeners: HashMap<SocketAddr, watch::Sender<Option<ListenerSpec>>>,
+    /// Their sockets, for a successor to take over (see `restart`).
+    fds: HashMap<SocketAddr, RawFd>,
+    /// Listening sockets taken over from a predecessor, used instead of binding.
+    inherited: Inherited,
     shared: Option<Shared>,
 }
 
 impl Control {
-    pub fn new(file: Config) -> Control {
+    pub fn new(file: Config, inherited: Inherited) -> Control {
         Control {
             file,
             dynamic: xds::Resources::default(),
             listeners: HashMap::new(),
+            fds: HashMap::new(),
+            inherited,
             shared: None,
         }
+    }
+
+    /// Every listening socket, for a successor.
+    pub fn listening(&self) -> Vec<(SocketAddr, RawFd)> {
+        self.fds.iter().map(|(a, fd)| (*a, *fd)).collect()
+    }
+
+    /// Stop accepting on every listener (a successor accepts on them now); established
+    /// connections go on.
+    pub fn stop_accepting(&mut self) {
+        for (_, tx) in self.listeners.drain() {
+            let _ = tx.send(None);
+        }
+        self.fds.clear();
     }
 
     /// The snapshot connections use (after the first install).
@@ -89,11 +111,18 @@ impl Control {
         let mut bound = Vec::new();
         for l in &c.listeners {
             if !self.listeners.contains_key(&l.address) {
-                let socket = transport::bind(l.address).map_err(|error| Refused::Bind {
+                let bind_err = |error| Refused::Bind {
                     name: l.name.clone(),
                     address: l.address,
                     error,
-                })?;
+                };
+                let socket = match self.inherited.remove(&l.address) {
+                    Some(taken) => taken
+                        .set_nonblocking(true)
+                        .and_then(|()| TcpListener::from_std(taken))
+                        .map_err(bind_err)?,
+                    None => transport::bind(l.address).map_err(bind_err)?,
+                };
                 bound.push((l, socket));
             }
         }
@@ -125,6 +154,7 @@ impl Control {
                 }
                 None => {
                     let _ = tx.send(None);
+                    self.fds.remove(addr);
                     false
                 }
             },
@@ -133,6 +163,7 @@ impl Control {
             info!(name = l.name, address = %l.address, direction = ?l.direction, "listening");
             let (tx, rx) = watch::channel(Some(ListenerSpec::of(l)));
             self.listeners.insert(l.address, tx);
+            self.fds.insert(l.address, socket.as_raw_fd());
             tokio::spawn(listener::serve(socket, rx, shared.clone()));
         }
         Ok(())

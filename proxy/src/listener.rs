@@ -60,16 +60,27 @@ pub async fn serve(
     shared: Shared,
 ) {
     let own = listener.local_addr().ok();
+    // The spec in force when the last accept began: a connection accepted as the listener is
+    // withdrawn is still served with it, never dropped.
+    let Some(mut last) = spec.borrow().clone() else {
+        return;
+    };
+    let mut withdrawn = false;
     loop {
+        if withdrawn {
+            info!(address = ?own, "listener removed: no new connections (established ones go on)");
+            return;
+        }
         let accepted = tokio::select! {
-            a = listener.accept() => a,
+            biased;
             changed = spec.changed() => {
-                if changed.is_err() || spec.borrow().is_none() {
-                    info!(address = ?own, "listener removed: no new connections (established ones go on)");
-                    return;
+                match spec.borrow().clone() {
+                    Some(s) if changed.is_ok() => last = s,
+                    _ => withdrawn = true,
                 }
                 continue;
             }
+            a = listener.accept() => a,
         };
         let (stream, peer) = match accepted {
             Ok(c) => c,
@@ -79,9 +90,7 @@ pub async fn serve(
                 continue;
             }
         };
-        let Some(current) = spec.borrow().clone() else {
-            return;
-        };
+        let current = last.clone();
         let snapshot = shared.load();
         stats::inc(
             "sockmesh_proxy_downstream_cx_total",
@@ -99,12 +108,16 @@ pub async fn serve(
     }
 }
 
-/// Counts a connection in its listener's active gauge while alive.
+/// Connections accepted and not yet ended, on every listener (a draining proxy exits at 0).
+pub static ACTIVE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Counts a connection in its listener's active gauge (and in [`ACTIVE`]) while alive.
 struct ListenerGauge(&'static str);
 
 impl ListenerGauge {
     fn up(listener: &'static str) -> ListenerGauge {
         ListenerGauge::add(listener, 1);
+        ACTIVE.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         ListenerGauge(listener)
     }
 
@@ -120,6 +133,7 @@ impl ListenerGauge {
 impl Drop for ListenerGauge {
     fn drop(&mut self) {
         ListenerGauge::add(self.0, -1);
+        ACTIVE.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 

@@ -11,6 +11,7 @@ mod control;
 mod http;
 mod listener;
 mod random;
+mod restart;
 mod router;
 mod snapshot;
 mod stats;
@@ -45,6 +46,13 @@ struct Args {
     /// one event loop, with no wakeups across threads; more spread the work over cores.
     #[arg(long, default_value = "1", value_parser = clap::value_parser!(u16).range(1..=256))]
     workers: u16,
+    /// Hot restart through this Unix socket: a proxy started with the same path takes this
+    /// one's listening sockets, and this one then stops accepting, drains and exits.
+    #[arg(long)]
+    hot_restart: Option<PathBuf>,
+    /// Seconds a replaced proxy waits for its connections to end before it exits.
+    #[arg(long, default_value = "30")]
+    drain_timeout: u64,
 }
 
 /// Become uid/gid (groups dropped) when running as root.
@@ -74,10 +82,31 @@ fn restart_only(c: &config::Config) -> (Option<config::XdsSettings>, Option<Sock
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let config = config::Config::load(&args.config)?;
-    let mut control = control::Control::new(config.clone());
+    // A proxy already serving the hot-restart path hands over its listening sockets.
+    let (mut inherited, predecessor) = match &args.hot_restart {
+        Some(path) => match restart::take_over(path)
+            .map_err(|e| anyhow::anyhow!("hot restart through {}: {e}", path.display()))?
+        {
+            Some((inherited, old)) => (inherited, Some(old)),
+            None => (Default::default(), None),
+        },
+        None => (Default::default(), None),
+    };
+    let admin_taken = config
+        .admin
+        .as_ref()
+        .and_then(|a| inherited.remove(&a.address));
+    let mut control = control::Control::new(config.clone(), inherited);
     // The file's listeners are bound before privileges go; later ones (from a reload or the
     // control plane) are bound as the proxy's user.
     control.start()?;
+    let successor = match &args.hot_restart {
+        Some(path) => Some(
+            restart::bind(path)
+                .map_err(|e| anyhow::anyhow!("hot restart: binding {}: {e}", path.display()))?,
+        ),
+        None => None,
+    };
     drop_privileges(args.uid, args.gid)?;
     let shared = control.shared();
     tokio::spawn(upstream::reap_idle());
@@ -91,14 +120,41 @@ async fn run(args: Args) -> anyhow::Result<()> {
         );
         tokio::spawn(xds::run(x.clone(), control.clone()));
     }
+    let mut admin_fd = None;
     if let Some(admin) = &config.admin {
-        let l = tokio::net::TcpListener::bind(admin.address)
-            .await
-            .map_err(|e| anyhow::anyhow!("admin {}: {e}", admin.address))?;
+        let l = match admin_taken {
+            Some(l) => l
+                .set_nonblocking(true)
+                .and_then(|()| tokio::net::TcpListener::from_std(l)),
+            None => tokio::net::TcpListener::bind(admin.address).await,
+        }
+        .map_err(|e| anyhow::anyhow!("admin {}: {e}", admin.address))?;
+        admin_fd = Some((admin.address, std::os::fd::AsRawFd::as_raw_fd(&l)));
         info!(address = %admin.address, "admin endpoint");
         tokio::spawn(admin::serve(l, shared.clone()));
     }
     println!("ready");
+    let (drain_tx, mut drain_rx) = tokio::sync::mpsc::channel::<()>(1);
+    if let Some(old) = predecessor {
+        restart::taken(old)?;
+        info!("took over the listening sockets of the running proxy");
+    }
+    if let Some(l) = successor {
+        let control = control.clone();
+        std::thread::spawn(move || {
+            let current = || {
+                let mut v = control.lock().expect("control lock").listening();
+                v.extend(admin_fd);
+                v
+            };
+            match restart::wait_for_successor(&l, current) {
+                Ok(()) => {
+                    let _ = drain_tx.blocking_send(());
+                }
+                Err(e) => warn!("hot restart: {e}"),
+            }
+        });
+    }
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     let mut seen = modified(&args.config);
@@ -106,6 +162,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     loop {
         // SIGHUP, or the file changed (checked every second).
         tokio::select! {
+            Some(()) = drain_rx.recv() => {
+                drain(&control, std::time::Duration::from_secs(args.drain_timeout)).await;
+                return Ok(());
+            }
             _ = hup.recv() => {}
             _ = tick.tick() => {
                 let now = modified(&args.config);
@@ -120,6 +180,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
             Err(e) => warn!("configuration not reloaded, the previous one stays: {e}"),
         }
     }
+}
+
+/// A successor serves: stop accepting, and wait for the connections there are to end (at most
+/// `limit`).
+async fn drain(control: &Mutex<control::Control>, limit: std::time::Duration) {
+    control.lock().expect("control lock").stop_accepting();
+    let active = || listener::ACTIVE.load(std::sync::atomic::Ordering::SeqCst);
+    info!(connections = active(), "replaced: draining");
+    let until = tokio::time::Instant::now() + limit;
+    while active() > 0 && tokio::time::Instant::now() < until {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    info!(left = active(), "drained: exiting");
 }
 
 /// Load the file again and put it in force with the control plane's resources. A bad file (or

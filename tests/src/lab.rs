@@ -402,6 +402,21 @@ impl Lab {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Wait up to `limit` for a process started with [`Lab::spawn`] to exit; how it exited.
+    pub fn wait_exit(&mut self, index: usize, limit: Duration) -> Result<std::process::ExitStatus> {
+        let c = self.children.get_mut(index).context("no such child")?;
+        let until = Instant::now() + limit;
+        loop {
+            if let Some(st) = c.try_wait()? {
+                return Ok(st);
+            }
+            if Instant::now() > until {
+                bail!("still running after {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// The process id of a process started with [`Lab::spawn`].
     pub fn pid(&self, index: usize) -> Option<u32> {
         self.children.get(index).map(|c| c.id())

@@ -1,0 +1,113 @@
+//! Hot restart of sockmesh-proxy under load, under iptables and under sockmesh: a second
+//! instance started with the same `--hot-restart` path takes the first one's listening sockets;
+//! the first stops accepting, lets its connections finish and exits. No connection fails, and
+//! a response streaming through the first instance when the second takes over completes.
+
+use std::{
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use sockmesh_tests::{
+    kit::{HttpServe, HttpStream, HttpUpstream, Identity, Load, LoadReport},
+    lab::{sibling_bin, Lab},
+    pods::{self, Mode, PEER_V4},
+    profiles::Profile,
+};
+
+const CHUNKS: usize = 15;
+
+fn proxy(lab: &Lab, pod: &pods::Pod) -> Command {
+    let cfg = lab.dir.join("proxy.yaml");
+    std::fs::write(
+        &cfg,
+        "admin: {address: \"127.0.0.1:15000\"}\n\
+         listeners:\n  - {name: outbound, address: \"0.0.0.0:15001\", direction: outbound}\n\
+         tcp_routes:\n  - {destination: \"80\"}\n",
+    )
+    .unwrap();
+    let bin = sibling_bin("sockmesh-proxy", "SOCKMESH_PROXY_BIN").unwrap();
+    let mut cmd = lab.command_at(pod.place(), bin).unwrap();
+    cmd.arg("--config")
+        .arg(cfg)
+        .arg("--hot-restart")
+        .arg(lab.dir.join("restart.sock"))
+        .args(["--drain-timeout", "20"]);
+    cmd
+}
+
+/// (load report, what the stream saw, how the first instance exited)
+fn run(mode: Mode) -> (LoadReport, String, i32) {
+    let tag = match mode {
+        Mode::Iptables => "hoti",
+        Mode::Sockmesh => "hots",
+    };
+    let mut lab = pods::lab_for(tag, mode).unwrap();
+    let p = Profile::default_sidecar();
+    let pod = pods::captured(&mut lab, "h", &p, mode, &[]).unwrap();
+    let upstream = format!("{PEER_V4}:18081").parse().unwrap();
+    lab.start(
+        pod.peer_place(),
+        &HttpServe::new([HttpUpstream::new("s1", upstream)]),
+    )
+    .unwrap();
+    let first = lab.spawn(proxy(&lab, &pod), Some("ready")).unwrap();
+
+    let stop = lab.dir.join("stop-load");
+    let load = Load::new(
+        format!("{PEER_V4}:80").parse().unwrap(),
+        "peer:80",
+        stop.clone(),
+        Identity::APP,
+    );
+    let load = lab
+        .testkit(pod.place(), &load)
+        .unwrap()
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stream = HttpStream {
+        chunks: CHUNKS,
+        ..HttpStream::new(upstream, "up", Identity::APP)
+    };
+    let stream = lab
+        .testkit(pod.place(), &stream)
+        .unwrap()
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    lab.spawn(proxy(&lab, &pod), Some("ready")).unwrap();
+    // The first drains (the stream takes 3 s in all) and exits.
+    let exited = lab.wait_exit(first, Duration::from_secs(20)).unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    std::fs::write(&stop, "").unwrap();
+    let out = load.wait_with_output().unwrap();
+    let report: LoadReport = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    let streamed = stream.wait_with_output().unwrap();
+    (
+        report,
+        String::from_utf8_lossy(&streamed.stdout).trim().to_string(),
+        exited.code().unwrap_or(-1),
+    )
+}
+
+#[test]
+fn a_second_instance_takes_over_with_no_failed_connection() {
+    for mode in [Mode::Iptables, Mode::Sockmesh] {
+        let (report, streamed, code) = run(mode);
+        assert_eq!(code, 0, "{mode:?}: the replaced instance's exit");
+        assert_eq!(report.failed, 0, "{mode:?}: {report:?}");
+        assert_eq!(report.escaped, 0, "{mode:?}: {report:?}");
+        assert!(
+            report.captured > 100,
+            "{mode:?}: too few to tell: {report:?}"
+        );
+        assert_eq!(
+            streamed,
+            format!("chunks={CHUNKS} streamed=true"),
+            "{mode:?}: the stream through the first instance"
+        );
+    }
+}
