@@ -49,6 +49,15 @@ enum Task {
     /// The node suite: containerd and runc run the DaemonSet, install-cni and Istio-injected
     /// pods from the images, driven over CRI as kubelet drives them.
     Node,
+    /// The soak on release builds: a captured pod under churn for --minutes; the maps and the
+    /// agent must be back at their baseline after it. Writes target/soak.md.
+    Soak {
+        #[arg(long, default_value = "10")]
+        minutes: f64,
+        /// Fail unless at least this many TCP connections were made.
+        #[arg(long, default_value = "1000000")]
+        min_connections: u64,
+    },
     /// Check that no lab namespace, cgroup, bpffs mount or sockmesh program is left behind.
     CheckClean,
 }
@@ -296,6 +305,24 @@ fn node() -> Result<()> {
     clean
 }
 
+/// Release builds, then the soak; its report goes to target/soak.md.
+fn soak(minutes: f64, min_connections: u64) -> Result<()> {
+    build_release()?;
+    let result = status(
+        Command::new(root().join("target/release/sockmesh-testkit"))
+            .arg("soak")
+            .arg("--secs")
+            .arg((minutes * 60.0).to_string())
+            .arg("--min-connections")
+            .arg(min_connections.to_string())
+            .arg("--out")
+            .arg(root().join("target/soak.md")),
+    );
+    let clean = check_clean();
+    result?;
+    clean
+}
+
 /// Release builds, then the suite; the report goes to docs/benchmarks.md (not with --smoke).
 fn bench(smoke: bool) -> Result<()> {
     setup()?;
@@ -411,6 +438,10 @@ fn main() -> ExitCode {
         Task::Test => test(),
         Task::Image { out, tag } => setup().and_then(|_| image::build(&root().join(out), &tag)),
         Task::Node => setup().and_then(|_| node()),
+        Task::Soak {
+            minutes,
+            min_connections,
+        } => setup().and_then(|_| soak(minutes, min_connections)),
         Task::CheckClean => check_clean(),
         Task::Bench { smoke } => bench(smoke),
     };

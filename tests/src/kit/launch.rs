@@ -112,6 +112,10 @@ pub enum Program {
     /// each lands on --expect; print a JSON report.
     #[command(name = load::Load::NAME)]
     Load(load::Load),
+    /// Connections (or --udp datagrams) to DST for --secs, ended every way a TCP connection
+    /// ends; prints a JSON report.
+    #[command(name = super::churn::Churn::NAME)]
+    Churn(super::churn::Churn),
     /// HTTP/1.1 upstreams `name@addr:port[!status]` that say who answered; prints "ready".
     #[command(name = http::HttpServe::NAME)]
     HttpServe(http::HttpServe),
@@ -163,6 +167,7 @@ impl Program {
             Program::Fetch(p) => p.run(),
             Program::Proxy(p) => p.run(),
             Program::Load(p) => p.run(),
+            Program::Churn(p) => p.run(),
             Program::HttpServe(p) => p.run(),
             Program::HttpGet(p) => p.run(),
             Program::HttpUpgrade(p) => p.run(),
@@ -192,6 +197,7 @@ macro_rules! into_program {
 }
 
 into_program!(
+    Churn(super::churn::Churn),
     Listen(tcp::Listen),
     Connect(tcp::Connect),
     Fetch(tcp::Fetch),

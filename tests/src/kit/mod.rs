@@ -5,6 +5,7 @@
 //! for the proxy suite, and load generators (`load`). Each program is a typed launcher too
 //! (see `launch`): the suites build its command line from its fields.
 
+pub mod churn;
 pub mod grpc;
 pub mod http;
 pub mod launch;
@@ -24,6 +25,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+pub use churn::{Churn, ChurnReport};
 pub use grpc::{GrpcCall, GrpcServe};
 pub use http::{
     HttpGet, HttpKeepalive, HttpServe, HttpStream, HttpTransfer, HttpUpgrade, HttpUpstream,

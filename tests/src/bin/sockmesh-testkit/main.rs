@@ -6,6 +6,7 @@
 mod bench;
 mod demo;
 mod hop;
+mod soak;
 
 use clap::{Parser, Subcommand};
 
@@ -32,6 +33,18 @@ enum Cmd {
     },
     /// The demo lab: pods in netns, the agent, a listener on 15001, real connections, dump.
     Lab,
+    /// The soak (run by `cargo xtask soak`): a captured pod under churn for --secs; the maps
+    /// and the agent must be back at their baseline after it. Prints a Markdown report.
+    Soak {
+        #[arg(long, default_value = "60")]
+        secs: f64,
+        /// Fail unless at least this many connections and queries were made.
+        #[arg(long, default_value = "0")]
+        min_connections: u64,
+        /// Write the report here as well.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
     /// A pod's pause process (the node suite's sandbox image, and an idle app to exec in):
     /// waits for SIGTERM or SIGINT, its children reaped by the kernel.
     Pause,
@@ -50,6 +63,18 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Lab => demo::run(),
+        Cmd::Soak {
+            secs,
+            min_connections,
+            out,
+        } => {
+            let report = soak::run(secs, min_connections)?;
+            print!("{report}");
+            if let Some(path) = out {
+                std::fs::write(&path, &report)?;
+            }
+            Ok(())
+        }
         Cmd::Pause => {
             pause();
             Ok(())
