@@ -7,7 +7,7 @@ use std::{
 };
 
 use sockmesh_tests::{
-    kit::{Identity, Load, LoadReport, Outcome},
+    kit::{Hold, HoldReport, Identity, Load, LoadReport, Outcome},
     lab::{run, sockmesh_bin, value_of, Lab},
     pods::{self, Caller, Case, Mode, CALLERS, PEER_V4, POD_PORTS, POD_V4},
     profiles::Profile,
@@ -398,4 +398,83 @@ fn tampering_is_noticed_and_put_back() {
         );
     }
     assert!(lab.agent_log().contains("put back"), "the repair is logged");
+}
+
+/// More live captured connections than the original-destination map holds (made small with
+/// --orig-dst-entries). It is an LRU map: a new record always goes in, the oldest go out. A
+/// proxy that reads the original destination as it accepts (the testkit's listener, as Envoy)
+/// gets every one right; one that reads after the map turned over (`hold --listen`) reads its
+/// own listener's address for the evicted ones, which it can tell from a real destination, and
+/// never another connection's. Each loss is counted and logged.
+#[test]
+fn beyond_the_original_destination_limit_a_proxy_sees_its_own_address() {
+    const ENTRIES: usize = 64;
+    const HELD: usize = 100;
+    let mut lab = Lab::new("limit").unwrap();
+    lab.agent_args = vec!["--orig-dst-entries".into(), ENTRIES.to_string()];
+    lab.start_agent().unwrap();
+    let p = Profile::default_sidecar();
+    let pod = pods::captured(&mut lab, "a", &p, Mode::Sockmesh, &[]).unwrap();
+    let peer80 = format!("{PEER_V4}:80");
+    let hold = Hold {
+        dst: peer80.parse().unwrap(),
+        count: HELD,
+        listen: Some(15001),
+        id: Identity::APP,
+    };
+    let out = lab.output(pod.place(), &hold).unwrap();
+    let report: HoldReport = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(report.opened, HELD, "{report:?}");
+    let right = report.orig.get(&peer80).copied().unwrap_or(0);
+    let own = report.orig.get("127.0.0.1:15001").copied().unwrap_or(0);
+    assert_eq!(
+        right + own,
+        HELD,
+        "an original destination neither right nor the proxy's own: {report:?}"
+    );
+    assert!(own >= HELD - ENTRIES && right > 0, "{report:?}");
+    let counted = lab.dump().unwrap()["pods"][0]["counters"]["orig_dst_lost"]
+        .as_u64()
+        .unwrap_or(0);
+    assert_eq!(counted as usize, own, "each loss is counted");
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while !lab
+        .agent_log()
+        .contains("no original destination for a connection to capture port")
+    {
+        assert!(
+            std::time::Instant::now() < until,
+            "the loss is not logged:\n{}",
+            lab.agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A proxy that reads as it accepts: every one right, however many are held.
+    pods::listen(&mut lab, &pod.ns, true, "pod", &[15001]).unwrap();
+    let hold = Hold {
+        listen: None,
+        ..hold
+    };
+    let out = lab.output(pod.place(), &hold).unwrap();
+    let report: HoldReport = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(report.orig.get(&peer80), Some(&HELD), "{report:?}");
+}
+
+/// A pinned original-destination map of another size is refused by name, with the fix.
+#[test]
+fn a_pinned_map_of_another_size_is_refused() {
+    let mut lab = Lab::with_agent("resize").unwrap();
+    lab.stop_agent(libc::SIGTERM).unwrap();
+    let mut argv = lab.agent_argv();
+    argv.extend(["--orig-dst-entries".into(), "1024".into()]);
+    let out = Command::new(sockmesh_bin().unwrap())
+        .args(&argv)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started: {err}");
+    assert!(
+        err.contains("SM_ORIG_DST holds 262144 entries, --orig-dst-entries asks for 1024"),
+        "{err}"
+    );
 }

@@ -225,6 +225,10 @@ pub mod counters {
     pub const ACCEL_WINDOW_FULL: u32 = 108;
     /// A sender that had gone by TCP went back to redirecting, its TCP data all read.
     pub const ACCEL_RESUMED: u32 = 109;
+    /// SO_ORIGINAL_DST asked on the outbound capture port and no redirect record there: the
+    /// record was evicted (`SM_ORIG_DST` is an LRU map of `--orig-dst-entries`; the oldest
+    /// records go first) or never stored. The proxy reads its own address.
+    pub const ORIG_DST_LOST: u32 = 110;
 
     pub const fn name(c: u32) -> Option<&'static str> {
         match c {
@@ -238,6 +242,7 @@ pub mod counters {
             ACCEL_SOCK_FULL => Some("accel_sock_full"),
             ACCEL_WINDOW_FULL => Some("accel_window_full"),
             ACCEL_RESUMED => Some("accel_resumed"),
+            ORIG_DST_LOST => Some("orig_dst_lost"),
             _ => None,
         }
     }

@@ -77,7 +77,20 @@ fn try_getsockopt(ctx: &SockoptContext) {
             if !v4_flow && !cfg.has(PodFlags::IPV6) {
                 return;
             }
-            (server, server_port, counters::ORIG_DST_LOCAL)
+            if server_port == cfg.outbound_port {
+                // On the outbound capture port a record was expected: it was evicted (or never
+                // stored). The proxy sees its own address, never another connection's.
+                aya_log_ebpf::warn!(
+                    ctx,
+                    "pod netns {}: no original destination for a connection to capture port {}: \
+                     more live connections than --orig-dst-entries, the oldest records went",
+                    netns.get(),
+                    server_port
+                );
+                (server, server_port, counters::ORIG_DST_LOST)
+            } else {
+                (server, server_port, counters::ORIG_DST_LOCAL)
+            }
         }
     };
     let optval = unsafe { (*so).__bindgen_anon_2.optval }.cast::<u8>();

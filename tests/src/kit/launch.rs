@@ -116,6 +116,10 @@ pub enum Program {
     /// ends; prints a JSON report.
     #[command(name = super::churn::Churn::NAME)]
     Churn(super::churn::Churn),
+    /// COUNT connections to DST held open together; prints the original destinations their
+    /// listeners reported.
+    #[command(name = load::Hold::NAME)]
+    Hold(load::Hold),
     /// HTTP/1.1 upstreams `name@addr:port[!status]` that say who answered; prints "ready".
     #[command(name = http::HttpServe::NAME)]
     HttpServe(http::HttpServe),
@@ -168,6 +172,7 @@ impl Program {
             Program::Proxy(p) => p.run(),
             Program::Load(p) => p.run(),
             Program::Churn(p) => p.run(),
+            Program::Hold(p) => p.run(),
             Program::HttpServe(p) => p.run(),
             Program::HttpGet(p) => p.run(),
             Program::HttpUpgrade(p) => p.run(),
@@ -198,6 +203,7 @@ macro_rules! into_program {
 
 into_program!(
     Churn(super::churn::Churn),
+    Hold(load::Hold),
     Listen(tcp::Listen),
     Connect(tcp::Connect),
     Fetch(tcp::Fetch),

@@ -284,3 +284,102 @@ impl BenchHttp {
         Ok(lat)
     }
 }
+
+/// `hold`: open `count` connections to `dst` and keep every one open until all are made, each
+/// read for its listener's report; print how many reported each original destination. With
+/// `--listen PORT` it is the proxy too: it listens on PORT first and accepts only once every
+/// connection is made, then asks each for its original destination (a proxy that reads late).
+#[derive(clap::Args, Clone, Debug, PartialEq, Eq)]
+pub struct Hold {
+    pub dst: SocketAddr,
+    #[arg(long)]
+    pub count: usize,
+    #[arg(long)]
+    pub listen: Option<u16>,
+    #[command(flatten)]
+    pub id: Identity,
+}
+
+/// What `hold` saw: original destinations (as the listeners reported them) by count.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HoldReport {
+    pub opened: usize,
+    pub failed: usize,
+    pub orig: std::collections::BTreeMap<String, usize>,
+}
+
+impl Launch for Hold {
+    const NAME: &'static str = "hold";
+
+    fn args(&self) -> Args {
+        Args::new()
+            .arg(self.dst)
+            .opt("--count", self.count)
+            .opt_some("--listen", self.listen)
+            .id(self.id)
+    }
+}
+
+impl Hold {
+    pub fn run(self) -> Result<()> {
+        if let Some(port) = self.listen {
+            return self.late(port);
+        }
+        take_credentials(&ConnectSpec::to(self.dst, self.id))?;
+        let mut report = HoldReport::default();
+        let mut open = Vec::with_capacity(self.count);
+        for _ in 0..self.count {
+            let line =
+                TcpStream::connect_timeout(&self.dst, Duration::from_secs(2)).and_then(|s| {
+                    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                    let mut line = String::new();
+                    std::io::BufRead::read_line(&mut BufReader::new(&s), &mut line)?;
+                    open.push(s);
+                    Ok(line)
+                });
+            match line {
+                Ok(l) => {
+                    let orig = l
+                        .split_whitespace()
+                        .find_map(|f| f.strip_prefix("orig="))
+                        .unwrap_or("-")
+                        .to_string();
+                    *report.orig.entry(orig).or_default() += 1;
+                    report.opened += 1;
+                }
+                Err(_) => report.failed += 1,
+            }
+        }
+        println!("{}", serde_json::to_string(&report)?);
+        Ok(())
+    }
+
+    /// Listen on `port` (0.0.0.0; its backlog holds them all), make every connection, then
+    /// accept them and ask each for its original destination.
+    fn late(self, port: u16) -> Result<()> {
+        anyhow::ensure!(
+            self.count <= 128,
+            "--listen holds at most 128 (its backlog)"
+        );
+        let listener =
+            super::socket::bind_listener(SocketAddr::from(([0, 0, 0, 0], port)), false, false)?;
+        take_credentials(&ConnectSpec::to(self.dst, self.id))?;
+        let mut report = HoldReport::default();
+        let mut open = Vec::with_capacity(self.count);
+        for _ in 0..self.count {
+            match TcpStream::connect_timeout(&self.dst, Duration::from_secs(2)) {
+                Ok(s) => open.push(s),
+                Err(_) => report.failed += 1,
+            }
+        }
+        for _ in 0..open.len() {
+            let (conn, peer) = listener.accept()?;
+            let orig =
+                super::sockaddr::original_dst_text(std::os::fd::AsRawFd::as_raw_fd(&conn), peer);
+            *report.orig.entry(orig).or_default() += 1;
+            report.opened += 1;
+        }
+        println!("{}", serde_json::to_string(&report)?);
+        Ok(())
+    }
+}

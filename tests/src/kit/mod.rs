@@ -31,7 +31,7 @@ pub use http::{
     HttpGet, HttpKeepalive, HttpServe, HttpStream, HttpTransfer, HttpUpgrade, HttpUpstream,
 };
 pub use launch::{Args, Launch, Program};
-pub use load::{BenchConnect, BenchHttp, Load, LoadReport};
+pub use load::{BenchConnect, BenchHttp, Hold, HoldReport, Load, LoadReport};
 pub use proxy::Proxy;
 pub use tcp::{Connect, Fetch, Listen, Listener, ListenerKind};
 pub use tls::TlsHello;

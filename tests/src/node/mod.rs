@@ -226,18 +226,20 @@ disabled_plugins = [
         )
     }
 
-    /// containerd in the node's netns, in a mount namespace whose /run is the node's folder
-    /// (so the shims' sockets, runc's state, the pods' netns files and /run/sockmesh are the
-    /// node's, never the machine's), in the runtime cgroup. The namespace starts as a slave of
+    /// containerd in the node's netns, in a mount namespace whose /run and /var/lib are the
+    /// node's folders (so the shims' sockets, runc's state, the pods' netns files,
+    /// /run/sockmesh and libcni's cache in /var/lib/cni are the node's, never the machine's),
+    /// in the runtime cgroup. The namespace starts as a slave of
     /// the machine's and its mounts are then made shared, as a node's are (systemd does so):
     /// HostToContainer and Bidirectional mounts need that. Nothing propagates back.
     fn start_containerd(&mut self) -> Result<()> {
         let log = fs::File::create(self.dir.join("containerd.log"))?;
         let script = format!(
             "set -e; echo $$ > {procs}; mount --make-rshared /; mount --bind {run} /run; \
-             exec containerd --config {config}",
+             mount --bind {var_lib} /var/lib; exec containerd --config {config}",
             procs = self.cgroup.join("runtime/cgroup.procs").display(),
             run = self.host.resolve("/run").display(),
+            var_lib = self.host.resolve("/var/lib").display(),
             config = self.dir.join("containerd/config.toml").display(),
         );
         let child = Command::new("nsenter")

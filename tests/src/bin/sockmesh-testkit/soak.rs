@@ -196,9 +196,9 @@ pub fn run(secs: f64, min_connections: u64) -> Result<String> {
              (RSS may exceed it by {RSS_SLACK_KIB} KiB)"
         ));
     }
-    if total < min_connections {
+    if connections < min_connections {
         problems.push(format!(
-            "{total} connections, fewer than the {min_connections} asked for"
+            "{connections} TCP connections, fewer than the {min_connections} asked for"
         ));
     }
     if problems.is_empty() {

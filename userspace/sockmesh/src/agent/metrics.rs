@@ -127,6 +127,7 @@ pub fn render(health: &Health) -> anyhow::Result<String> {
             ev::ORIG_DST_LOCAL,
             ev::PEERNAME_REWRITE,
             ev::ORIG_DST_STORE_FAILED,
+            ev::ORIG_DST_LOST,
             ev::ORIG_DST_RELEASED,
             ev::LISTENER_STORE_FAILED,
             ev::ACCEL_SOCK_ADDED,

@@ -54,6 +54,13 @@ pub struct AgentArgs {
     /// early (see docs/operations.md). Needs the kernel's BTF.
     #[arg(long, default_value = "off", value_parser = ["on", "off"])]
     pub acceleration: String,
+    /// Live captured connections the original-destination map holds (node-wide; an LRU map).
+    /// Beyond it the oldest records are evicted: a proxy that asks for one of those reads its
+    /// own listener's address (never another connection's), `orig_dst_lost` counts it and the
+    /// agent logs it. Fixed once the map is pinned.
+    #[arg(long, default_value_t = sockmesh_common::sizes::ORIG_DST,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub orig_dst_entries: u32,
 }
 
 /// Block SIGTERM/SIGINT in every thread and return a thread that waits for them: on either, it
@@ -143,7 +150,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     loader::prepare_bpffs(&args.bpffs)?;
     let cgroup = loader::open_cgroup2(&args.cgroup)?;
     let accel = args.acceleration == "on";
-    let mut ebpf = loader::load(&args.bpffs, accel)?;
+    let mut ebpf = loader::load(&args.bpffs, accel, args.orig_dst_entries)?;
     kernel_log::forward_kernel_logs(&mut ebpf);
     let (actions, in_force) = loader::attach_all(&mut ebpf, cgroup.as_fd(), &args.bpffs)?;
     if accel {

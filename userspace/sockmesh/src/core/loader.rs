@@ -88,6 +88,16 @@ pub enum BpfError {
         wanted: (usize, usize),
     },
     #[error(
+        "pinned map {path} holds {pinned} entries, --orig-dst-entries asks for {wanted}: a map's \
+         size is fixed when it is made; pass --orig-dst-entries {pinned}, or start on a new \
+         --bpffs folder (a node restart) to resize it"
+    )]
+    PinnedSize {
+        path: PathBuf,
+        pinned: u32,
+        wanted: u32,
+    },
+    #[error(
         "socket acceleration reads how much each reader has left unread from a kernel field \
          found through the kernel's BTF, and that failed: {0}. Use a kernel with \
          CONFIG_DEBUG_INFO_BTF (and sockmap's msg_tot_len, 6.x), or run with --acceleration off"
@@ -232,9 +242,28 @@ pub fn open_cgroup2(dir: &Path) -> Result<fs::File, BpfError> {
 }
 
 /// Load the object with every map pinned (or reused) under `bpffs/maps`.
-pub fn load(bpffs: &Path, accel: bool) -> Result<Ebpf, BpfError> {
+pub fn load(bpffs: &Path, accel: bool, orig_dst_entries: u32) -> Result<Ebpf, BpfError> {
     let dir = maps_dir(bpffs);
     check_pinned_layouts(&dir)?;
+    // A pinned map is reused as it is: its size must be the one asked for.
+    let orig_dst = dir.join(names::ORIG_DST);
+    if orig_dst.exists() {
+        let pinned = MapData::from_pin(&orig_dst)
+            .and_then(|m| m.info())
+            .map(|i| i.max_entries())
+            .map_err(|source| BpfError::Map {
+                name: names::ORIG_DST,
+                path: orig_dst.clone(),
+                source,
+            })?;
+        if pinned != orig_dst_entries {
+            return Err(BpfError::PinnedSize {
+                path: orig_dst,
+                pinned,
+                wanted: orig_dst_entries,
+            });
+        }
+    }
     // sk_msg reads a few kernel fields whose offsets the BTF gives; without acceleration they
     // are left unknown (nothing is redirected).
     let offsets = if accel {
@@ -244,6 +273,7 @@ pub fn load(bpffs: &Path, accel: bool) -> Result<Ebpf, BpfError> {
     };
     let accel = u8::from(accel);
     let mut loader = EbpfLoader::new();
+    loader.map_max_entries(names::ORIG_DST, orig_dst_entries);
     loader.override_global("SOCKMESH_ACCEL", &accel, true);
     loader.override_global("SOCKMESH_KERNEL_OFFSETS", &offsets, true);
     let paths: Vec<(&'static str, PathBuf)> =
