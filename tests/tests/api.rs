@@ -376,3 +376,81 @@ fn thousands_of_concurrent_clients_are_all_served() {
         lab.agent_log()
     );
 }
+
+/// The registration API flooded while a pod's traffic is captured: thousands of clients
+/// registering another pod over and over, asking for status, and sending garbage, while the
+/// first pod's connections open and close without pause. None of them escapes or fails.
+#[test]
+fn a_flood_of_api_calls_while_traffic_is_captured() {
+    use sockmesh_tests::{
+        kit::{Identity, Load, LoadReport},
+        pods::{self, Mode, PEER_V4, POD_PORTS},
+        profiles::Profile,
+    };
+    let mut lab = Lab::with_agent("apiflood").unwrap();
+    raise_nofile().unwrap();
+    let p = Profile::default_sidecar();
+    let busy = pods::captured(&mut lab, "a", &p, Mode::Sockmesh, &POD_PORTS).unwrap();
+    let other = lab.netns("b").unwrap();
+    let stop = lab.dir.join("stop-load");
+    let load = Load::new(
+        format!("{PEER_V4}:80").parse().unwrap(),
+        "pod:15001",
+        stop.clone(),
+        Identity::APP,
+    );
+    let load = lab
+        .testkit(busy.place(), &load)
+        .unwrap()
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    const CLIENTS: usize = 2000;
+    let rt = runtime();
+    let served = rt.block_on(async {
+        let mut tasks = Vec::new();
+        for i in 0..CLIENTS {
+            let sock = lab.socket.clone();
+            let ns = other.path();
+            tasks.push(tokio::spawn(async move {
+                if i % 10 == 9 {
+                    let _ = tokio::task::spawn_blocking(move || raw(&sock, b"\x01garbage")).await;
+                    return anyhow::Ok(false);
+                }
+                let mut c = api::pod_client(&sock, &ns).await?;
+                if i % 2 == 0 {
+                    c.register(pb::RegisterRequest {
+                        settings: Some(api::default_settings()),
+                    })
+                    .await?;
+                } else {
+                    c.status(pb::StatusRequest {}).await?;
+                }
+                anyhow::Ok(true)
+            }));
+        }
+        let mut served = 0;
+        for t in tasks {
+            if t.await
+                .unwrap()
+                .unwrap_or_else(|e| panic!("a client failed: {e:#}"))
+            {
+                served += 1;
+            }
+        }
+        served
+    });
+    std::fs::write(&stop, "").unwrap();
+    let out = load.wait_with_output().unwrap();
+    let report: LoadReport = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    assert_eq!(served, CLIENTS - CLIENTS / 10);
+    assert_eq!(report.escaped, 0, "{report:?}");
+    assert_eq!(report.failed, 0, "{report:?}");
+    assert!(report.captured > 50, "too few to tell: {report:?}");
+    assert!(
+        lab.agent_running().unwrap(),
+        "the agent died:\n{}",
+        lab.agent_log()
+    );
+}
