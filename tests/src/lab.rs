@@ -64,6 +64,19 @@ pub fn sockmesh_bin() -> Result<PathBuf> {
 }
 
 /// `sockmesh dump --json` of the maps pinned under `bpffs` (works while the agent is down).
+/// `sockmesh explain` over the pins at `bpffs`, for the network namespace at `netns`: what it
+/// printed.
+pub fn explain(bpffs: &Path, netns: &Path, args: &[&str]) -> Result<String> {
+    let out = run(Command::new(sockmesh_bin()?)
+        .arg("explain")
+        .arg("--bpffs")
+        .arg(bpffs)
+        .arg("--netns")
+        .arg(netns)
+        .args(args))?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 pub fn dump(bpffs: &Path) -> Result<serde_json::Value> {
     let out = run(Command::new(sockmesh_bin()?)
         .args(["dump", "--json", "--bpffs"])

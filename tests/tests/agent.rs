@@ -19,15 +19,7 @@ fn explain(lab: &Lab, pod: &pods::Pod, args: &[&str]) -> String {
 
 /// `sockmesh explain` for the namespace at `netns`.
 fn explain_at(lab: &Lab, netns: &std::path::Path, args: &[&str]) -> String {
-    let out = run(Command::new(sockmesh_bin().unwrap())
-        .arg("explain")
-        .arg("--bpffs")
-        .arg(&lab.bpffs)
-        .arg("--netns")
-        .arg(netns)
-        .args(args))
-    .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    sockmesh_tests::lab::explain(&lab.bpffs, netns, args).unwrap()
 }
 
 /// A lab with its agent and a pod registered with istio's default sidecar profile.

@@ -67,15 +67,7 @@ fn outcomes(mode: Mode) -> Vec<(String, String)> {
 }
 
 fn explain(lab: &sockmesh_tests::lab::Lab, netns: &std::path::Path, args: &[&str]) -> String {
-    let out = run(Command::new(sockmesh_tests::lab::sockmesh_bin().unwrap())
-        .arg("explain")
-        .arg("--bpffs")
-        .arg(&lab.bpffs)
-        .arg("--netns")
-        .arg(netns)
-        .args(args))
-    .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    sockmesh_tests::lab::explain(&lab.bpffs, netns, args).unwrap()
 }
 
 #[test]

@@ -6,7 +6,6 @@ use std::{
     ffi::OsString,
     net::SocketAddr,
     path::PathBuf,
-    process::Command,
     time::{Duration, Instant},
 };
 
@@ -17,7 +16,7 @@ use sockmesh_tests::{
         Connect, HttpGet, HttpServe, HttpUpstream, Identity, Launch, Listen, Listener,
         ListenerKind, Load, LoadReport,
     },
-    lab::{run, sockmesh_bin, value_of},
+    lab::value_of,
     node::{
         cri::{Cri, Exit, Sandbox},
         in_netns,
@@ -377,14 +376,7 @@ impl Suite {
 
     /// `sockmesh explain` for a connection from the pod at `netns`.
     fn explain(&self, netns: &std::path::Path, args: &[&str]) -> Result<String> {
-        let out = run(Command::new(sockmesh_bin()?)
-            .arg("explain")
-            .arg("--bpffs")
-            .arg(self.node.host.bpffs.join("sockmesh"))
-            .arg("--netns")
-            .arg(netns)
-            .args(args))?;
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        sockmesh_tests::lab::explain(&self.node.host.bpffs.join("sockmesh"), netns, args)
     }
 
     /// The netns cookies of the pods the agent has registered (from the pinned maps).
