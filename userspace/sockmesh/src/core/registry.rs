@@ -396,7 +396,9 @@ pub fn repair(maps: &mut PinnedMaps) -> Result<Repairs, RegistryError> {
             done.restored.push(*netns);
         }
         for netns in now.keys().filter(|n| !tracked.contains_key(n)) {
-            let _ = maps.pods.remove(netns);
+            // Its entry and every set written under its name go (the record is taken out
+            // meanwhile, so nothing is untracked twice).
+            unregister(maps, *netns)?;
             done.foreign.push(*netns);
         }
         Ok(())
