@@ -1,25 +1,7 @@
-//! sockmesh-proxy: a sidecar proxy that works the same under iptables and under sockmesh.
-//!
-//! It learns each connection's original destination on its outbound (15001) and inbound
-//! (15006) listeners, routes HTTP/1.1 and HTTP/2 by virtual host and route to clusters of
-//! endpoints, balances across them, and relays anything else as TCP.
+//! The `sockmesh-proxy` binary: command line, privileges, reload and hot restart around the
+//! library's listeners.
 
-mod admin;
-mod cluster;
-mod config;
-mod control;
-mod http;
-mod listener;
-mod random;
-mod restart;
-mod router;
-mod snapshot;
-mod stats;
-mod tcp;
-mod transport;
-mod upstream;
-mod xds;
-
+use sockmesh_proxy::{admin, config, control, listener, restart, upstream, xds};
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},

@@ -17,6 +17,12 @@ use std::{
 /// clock.
 pub struct Rng(AtomicU64);
 
+impl Default for Rng {
+    fn default() -> Rng {
+        Rng::new()
+    }
+}
+
 impl Rng {
     const GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
 

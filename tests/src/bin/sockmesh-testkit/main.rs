@@ -6,6 +6,7 @@
 mod bench;
 mod demo;
 mod hop;
+mod scale;
 mod soak;
 
 use clap::{Parser, Subcommand};
@@ -45,6 +46,18 @@ enum Cmd {
         #[arg(long)]
         out: Option<std::path::PathBuf>,
     },
+    /// Scale (run by `cargo xtask scale`): --pods captured pods hold --per-pod connections
+    /// each, all open at once; each must reach its pod's proxy with its own original
+    /// destination. Prints a Markdown report.
+    Scale {
+        #[arg(long, default_value = "20")]
+        pods: usize,
+        #[arg(long, default_value = "5000")]
+        per_pod: usize,
+        /// Write the report here as well.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
     /// A pod's pause process (the node suite's sandbox image, and an idle app to exec in):
     /// waits for SIGTERM or SIGINT, its children reaped by the kernel.
     Pause,
@@ -69,6 +82,14 @@ fn main() -> anyhow::Result<()> {
             out,
         } => {
             let report = soak::run(secs, min_connections)?;
+            print!("{report}");
+            if let Some(path) = out {
+                std::fs::write(&path, &report)?;
+            }
+            Ok(())
+        }
+        Cmd::Scale { pods, per_pod, out } => {
+            let report = scale::run(pods, per_pod)?;
             print!("{report}");
             if let Some(path) = out {
                 std::fs::write(&path, &report)?;

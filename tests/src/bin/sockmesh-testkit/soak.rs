@@ -21,19 +21,19 @@ use sockmesh_tests::{
 
 /// What is sampled.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct Sample {
-    pods: usize,
-    orig_dst: usize,
-    accel_socks: usize,
-    rss_kib: u64,
-    fds: usize,
+pub(crate) struct Sample {
+    pub pods: usize,
+    pub orig_dst: usize,
+    pub accel_socks: usize,
+    pub rss_kib: u64,
+    pub fds: usize,
 }
 
 /// How much the agent's resident memory may grow over the run and still count as back at its
 /// baseline: the allocator keeps some pages it once used.
 const RSS_SLACK_KIB: u64 = 4096;
 
-fn sample(lab: &Lab) -> Result<Sample> {
+pub(crate) fn sample(lab: &Lab) -> Result<Sample> {
     let d = lab.dump()?;
     let len = |k: &str| d[k].as_array().map_or(0, Vec::len);
     let pid = lab.agent_pid().context("the agent is not running")?;

@@ -304,20 +304,7 @@ fn run(stdin: &[u8], var: impl Fn(&str) -> Option<String>) -> Result<Option<Valu
             "supportedVersions": SUPPORTED_VERSIONS,
         })));
     }
-    let conf: NetConf = serde_json::from_slice(stdin).map_err(|e| {
-        CniError::new(
-            code::DECODE,
-            "cannot decode the network configuration on stdin",
-            e.to_string(),
-        )
-    })?;
-    if !SUPPORTED_VERSIONS.contains(&conf.cni_version.as_str()) {
-        return Err(CniError::new(
-            code::INCOMPATIBLE_VERSION,
-            format!("cniVersion {} is not supported", conf.cni_version),
-            format!("supported: {}", SUPPORTED_VERSIONS.join(", ")),
-        ));
-    }
+    let conf = decode_conf(stdin)?;
     match inv.command.as_str() {
         "ADD" => add(&conf, &inv).map(Some),
         "DEL" => del(&conf, &inv).map(|()| None),
@@ -332,8 +319,27 @@ fn run(stdin: &[u8], var: impl Fn(&str) -> Option<String>) -> Result<Option<Valu
     }
 }
 
+/// The network configuration on stdin, decoded, in a CNI version this plugin speaks.
+pub fn decode_conf(stdin: &[u8]) -> Result<NetConf, CniError> {
+    let conf: NetConf = serde_json::from_slice(stdin).map_err(|e| {
+        CniError::new(
+            code::DECODE,
+            "cannot decode the network configuration on stdin",
+            e.to_string(),
+        )
+    })?;
+    if !SUPPORTED_VERSIONS.contains(&conf.cni_version.as_str()) {
+        return Err(CniError::new(
+            code::INCOMPATIBLE_VERSION,
+            format!("cniVersion {} is not supported", conf.cni_version),
+            format!("supported: {}", SUPPORTED_VERSIONS.join(", ")),
+        ));
+    }
+    Ok(conf)
+}
+
 /// The previous plugin's result, passed on (a chained plugin must output it).
-fn pass_through(conf: &NetConf) -> Result<Value, CniError> {
+pub fn pass_through(conf: &NetConf) -> Result<Value, CniError> {
     let mut prev = conf.prev_result.clone().ok_or_else(|| {
         CniError::new(
             code::INVALID_CONFIG,
