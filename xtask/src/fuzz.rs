@@ -53,8 +53,9 @@ fn cargo_fuzz(args: &[&str]) -> Command {
     c
 }
 
-/// Build every target, then run each for `seconds` (or only `only`); write the report to `out`.
-pub fn run(seconds: u64, only: Option<&str>, out: &Path) -> Result<()> {
+/// Build every target, then run each for `seconds` (or only `only`), `jobs` at a time; write
+/// the report to `out`.
+pub fn run(seconds: u64, jobs: usize, only: Option<&str>, out: &Path) -> Result<()> {
     let targets: Vec<&'static str> = match only {
         None => TARGETS.to_vec(),
         Some(name) => match TARGETS.iter().find(|t| **t == name) {
@@ -73,20 +74,28 @@ pub fn run(seconds: u64, only: Option<&str>, out: &Path) -> Result<()> {
                 .args(["rev-parse", "--short", "HEAD"]),
         )
         .unwrap_or_default();
+    // `jobs` targets at a time (each fuzzer uses one core).
     let mut runs = Vec::new();
-    for target in targets {
-        let r = run_one(target, seconds)?;
-        say(format!(
-            "{target}: {} executions in {:.0} s, corpus {}{}",
-            r.executions,
-            r.seconds,
-            r.corpus,
-            r.crash
-                .as_ref()
-                .map(|p| format!(", CRASH {}", p.display()))
-                .unwrap_or_default()
-        ));
-        runs.push(r);
+    for batch in targets.chunks(jobs.max(1)) {
+        let handles: Vec<_> = batch
+            .iter()
+            .map(|&t| std::thread::spawn(move || run_one(t, seconds)))
+            .collect();
+        for h in handles {
+            let r = h.join().expect("fuzz thread")?;
+            say(format!(
+                "{}: {} executions in {:.0} s, corpus {}{}",
+                r.target,
+                r.executions,
+                r.seconds,
+                r.corpus,
+                r.crash
+                    .as_ref()
+                    .map(|p| format!(", CRASH {}", p.display()))
+                    .unwrap_or_default()
+            ));
+            runs.push(r);
+        }
     }
     let report = report(&runs, seconds, commit.trim());
     std::fs::write(out, &report).with_context(|| format!("writing {}", out.display()))?;

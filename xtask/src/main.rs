@@ -76,6 +76,9 @@ enum Task {
         /// Only this target.
         #[arg(long)]
         target: Option<String>,
+        /// Targets run at once (one core each).
+        #[arg(long, default_value = "1")]
+        jobs: usize,
     },
     /// Check that no lab namespace, cgroup, bpffs mount or sockmesh program is left behind.
     CheckClean,
@@ -434,7 +437,7 @@ fn test() -> Result<()> {
     result?;
     clean?;
     // Every fuzz target, a few seconds each.
-    fuzz::run(5, None, &root().join("target/fuzz.md"))?;
+    fuzz::run(5, 1, None, &root().join("target/fuzz.md"))?;
     node()
 }
 
@@ -520,8 +523,18 @@ fn main() -> ExitCode {
             min_connections,
         } => setup().and_then(|_| soak(minutes, min_connections)),
         Task::Scale { pods, per_pod } => setup().and_then(|_| scale(pods, per_pod)),
-        Task::Fuzz { seconds, target } => setup()
-            .and_then(|_| fuzz::run(seconds, target.as_deref(), &root().join("target/fuzz.md"))),
+        Task::Fuzz {
+            seconds,
+            target,
+            jobs,
+        } => setup().and_then(|_| {
+            fuzz::run(
+                seconds,
+                jobs,
+                target.as_deref(),
+                &root().join("target/fuzz.md"),
+            )
+        }),
         Task::CheckClean => check_clean(),
         Task::Bench { smoke } => bench(smoke),
     };
