@@ -163,7 +163,15 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         info!(link, ?action, cgroup = %args.cgroup.display(), "program in force");
     }
     let sk_lookup = loader::load_sk_lookup(&mut ebpf)?;
+    let forward = loader::load_forward(&mut ebpf)?;
     let (updated, gone) = loader::update_netns_links(sk_lookup.as_fd(), &args.bpffs)?;
+    let forward_updated = loader::update_forward_links(forward.as_fd(), &args.bpffs)?;
+    if forward_updated > 0 {
+        info!(
+            links = forward_updated,
+            "-k interface programs of registered pods replaced in place"
+        );
+    }
     if updated > 0 {
         info!(
             pods = updated,
@@ -188,6 +196,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         own_netns: sys::current_netns_cookie()?,
         bpffs: args.bpffs.clone(),
         sk_lookup,
+        forward,
     });
     pods::sweeper(state.clone(), Duration::from_secs(10));
 

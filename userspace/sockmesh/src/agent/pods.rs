@@ -31,6 +31,8 @@ pub struct State {
     pub bpffs: PathBuf,
     /// The loaded sk_lookup program, attached to each registered pod's netns.
     pub sk_lookup: OwnedFd,
+    /// The loaded tc program, attached at the ingress of each pod's `-k` interfaces.
+    pub forward: OwnedFd,
 }
 
 /// Why a pod was not registered (nothing of it was written).
@@ -176,6 +178,40 @@ pub fn register(
             let _ = registry::unregister(&mut maps, netns);
             loader::detach_netns(&state.bpffs, netns);
             return Err(RegisterError::Routing(e));
+        }
+    }
+    // -k: connections forwarded through the pod from those interfaces (tc ingress), delivered
+    // locally by a policy route. Undone entirely if any of it fails.
+    let kube_virt: Vec<u32> = spec
+        .members
+        .iter()
+        .filter(|(k, _)| *k == MemberKind::KubeVirtIfindex)
+        .map(|(_, i)| *i)
+        .collect();
+    let v6 = c.has(PodFlags::IPV6);
+    if let Some(old) = before.filter(|o| o.has(PodFlags::KUBE_VIRT)) {
+        if kube_virt.is_empty() || old.has(PodFlags::IPV6) != v6 {
+            let _ = routing::forward_routing(fd, old.has(PodFlags::IPV6), false);
+        }
+    }
+    if kube_virt.is_empty() {
+        loader::detach_forward(&state.bpffs, netns);
+    } else {
+        let done = routing::forward_routing(fd, v6, true)
+            .map_err(RegisterError::Routing)
+            .and_then(|()| {
+                loader::attach_forward(state.forward.as_fd(), fd, &state.bpffs, netns, &kube_virt)
+                    .map_err(RegisterError::Attach)
+            });
+        if let Err(e) = done {
+            let _ = routing::forward_routing(fd, v6, false);
+            if c.has(PodFlags::TPROXY) {
+                let (m, t, v6) = routing(&c);
+                let _ = routing::tproxy_routing(fd, m, t, v6, false);
+            }
+            let _ = registry::unregister(&mut maps, netns);
+            loader::detach_netns(&state.bpffs, netns);
+            return Err(e);
         }
     }
     Ok(())

@@ -1,7 +1,10 @@
 //! What the agent sets up inside a pod's netns besides the maps, as istio-iptables does:
-//! TPROXY mode's policy routing, and `::6` on lo for IPv6 pods.
+//! TPROXY mode's policy routing, `-k`'s local delivery of forwarded connections, and `::6` on
+//! lo for IPv6 pods.
 
 use std::{os::fd::BorrowedFd, process::Command};
+
+use sockmesh_common::{FORWARD_MARK, FORWARD_TABLE};
 
 use crate::core::sys::{self, SyscallError};
 
@@ -71,6 +74,32 @@ pub fn tproxy_routing(
             if on { "1" } else { "0" },
         )
         .map_err(RoutingError::FwmarkAccept)
+    })?
+}
+
+/// `-k` routing in the pod's netns: a packet the tc program handed to the proxy (marked
+/// [`FORWARD_MARK`]) is for a remote address, and must be delivered locally instead of
+/// forwarded (`ip rule fwmark M lookup T`, `local default dev lo table T`). `on: false` takes it
+/// away again.
+pub fn forward_routing(fd: BorrowedFd<'_>, ipv6: bool, on: bool) -> Result<(), RoutingError> {
+    sys::in_netns(fd, move || -> Result<(), RoutingError> {
+        let (m, t) = (FORWARD_MARK.to_string(), FORWARD_TABLE.to_string());
+        let mut families = vec![("-4", "0.0.0.0/0")];
+        if ipv6 {
+            families.push(("-6", "::/0"));
+        }
+        for (f, any) in families {
+            let _ = ip(&[f, "rule", "del", "fwmark", &m, "lookup", &t]);
+            if on {
+                ip(&[f, "rule", "add", "fwmark", &m, "lookup", &t])?;
+                ip(&[
+                    f, "route", "replace", "local", any, "dev", "lo", "table", &t,
+                ])?;
+            } else {
+                let _ = ip(&[f, "route", "del", "local", any, "dev", "lo", "table", &t]);
+            }
+        }
+        Ok(())
     })?
 }
 

@@ -1,0 +1,118 @@
+//! `-k` for traffic forwarded *through* the pod: a "VM" behind the pod's `-k` interface (eth1,
+//! the lab's second host, whose default route goes through the pod) calls remote addresses
+//! on the pod's peer. Under istio-iptables (rules loaded by the real iptables-restore) nat
+//! PREROUTING `-i eth1 [-d CIDR] -j ISTIO_REDIRECT` sends those connections to the outbound
+//! port; under sockmesh the tc program on eth1 does. Both must land on the same listener with
+//! the same SO_ORIGINAL_DST, client address and peer name; a destination the `-i` list leaves
+//! alone reaches the remote directly under both.
+
+use sockmesh_tests::{
+    kit::Outcome,
+    lab::{run, Lab},
+    pods::{self, Caller, Case, Mode, Origin, Pod, POD_ETH1, POD_V4, PEER2},
+    profiles::{self, Profile},
+};
+
+fn profile(name: &str) -> Profile {
+    profiles::all()
+        .into_iter()
+        .find(|p| p.name == name)
+        .unwrap_or_else(|| panic!("no profile {name}"))
+}
+
+/// Make the pod a router for its second host: forwarding on, the VM's default route through
+/// the pod, and the peer's route back to the VM's network through the pod.
+fn route_through(pod: &Pod) {
+    run(pod
+        .ns
+        .exec("sysctl")
+        .args(["-qw", "net.ipv4.ip_forward=1"]))
+    .unwrap();
+    let vm = pod.peer2.as_ref().expect("a second link");
+    vm.ip(&["route", "add", "default", "via", POD_ETH1]).unwrap();
+    pod.peer
+        .ip(&["route", "add", "198.18.0.0/24", "via", POD_V4])
+        .unwrap();
+}
+
+/// The VM's calls to `dsts`, under iptables and under sockmesh; each case's outcome under both.
+fn forwarded(p: &Profile, dsts: &[&str]) -> Vec<(String, Outcome, Outcome)> {
+    sockmesh_tests::lab::require_tools(&["ip", "iptables-restore", "sysctl"]).unwrap();
+    let mut lab = Lab::new("fwd").unwrap();
+    lab.start_agent().unwrap();
+    let ipt = pods::pod(&mut lab, "i", p, Mode::Iptables).unwrap();
+    pods::apply_iptables(&ipt, p).unwrap();
+    route_through(&ipt);
+    let smp = pods::pod(&mut lab, "s", p, Mode::Sockmesh).unwrap();
+    pods::apply_sockmesh(&lab, &smp, p).unwrap();
+    route_through(&smp);
+    let vm = Caller {
+        origin: Origin::Peer2,
+        ..Caller::new("vm", 0, 0)
+    };
+    let mut out = Vec::new();
+    for dst in dsts {
+        let case = Case::new(vm, dst.parse().unwrap());
+        let want = pods::probe(&lab, &ipt, &case).unwrap();
+        let got = pods::probe(&lab, &smp, &case).unwrap();
+        out.push((case.label(), want, got));
+    }
+    let dump = lab.dump().unwrap();
+    let live = dump["original_destinations"].as_array().unwrap();
+    assert!(live.is_empty(), "records outlived their sockets: {live:?}");
+    out
+}
+
+fn landed(o: &Outcome) -> Option<(&str, &str)> {
+    match o {
+        Outcome::Ok { listener, orig, .. } => Some((listener.as_str(), orig.as_str())),
+        _ => None,
+    }
+}
+
+/// Every case the same under both, and landed on `want` with original destination `orig`.
+fn check(r: &[(String, Outcome, Outcome)], want: &[(&str, &str, &str)]) {
+    for (label, ipt, smp) in r {
+        assert_eq!(ipt, smp, "{label}: iptables {ipt:?}, sockmesh {smp:?}");
+    }
+    for (dst, listener, orig) in want {
+        let (_, ipt, _) = r
+            .iter()
+            .find(|(l, _, _)| l.ends_with(dst))
+            .unwrap_or_else(|| panic!("no case for {dst}"));
+        assert_eq!(landed(ipt), Some((*listener, *orig)), "vm -> {dst}");
+    }
+}
+
+#[test]
+fn vm_calls_to_remote_addresses_go_to_the_outbound_port() {
+    let r = forwarded(
+        &profile("kube-virt-interface"),
+        &["192.0.2.20:80", "198.51.100.10:8081"],
+    );
+    check(
+        &r,
+        &[
+            ("192.0.2.20:80", "pod:15001", "192.0.2.20:80"),
+            ("198.51.100.10:8081", "pod:15001", "198.51.100.10:8081"),
+        ],
+    );
+    // The proxy sees the VM as the client under both (the same outcome, checked above).
+    assert!(matches!(&r[0].1, Outcome::Ok { client_ip, .. } if client_ip.starts_with(PEER2)));
+}
+
+#[test]
+fn with_an_include_list_only_listed_destinations_are_captured() {
+    let r = forwarded(
+        &profile("kube-virt-interface-cidrs"),
+        &["198.51.100.10:80", "192.0.2.20:80"],
+    );
+    check(
+        &r,
+        &[
+            ("198.51.100.10:80", "pod:15001", "198.51.100.10:80"),
+            // Not in -i: forwarded to the peer untouched.
+            ("192.0.2.20:80", "peer:80", "192.0.2.20:80"),
+        ],
+    );
+}
