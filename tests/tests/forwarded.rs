@@ -57,6 +57,13 @@ fn forwarded(p: &Profile, dsts: &[&str]) -> Vec<(String, Outcome, Outcome)> {
         let got = pods::probe(&lab, &smp, &case).unwrap();
         out.push((case.label(), want, got));
     }
+    if std::env::var_os("SOCKMESH_TEST_VERBOSE").is_some() {
+        for args in [&["bpftool", "net", "show"][..], &["bpftool", "link", "show"], &["ip", "-d", "link", "show", "eth1"], &["ip", "rule"], &["ip", "route", "show", "table", "all"]] {
+            let o = smp.ns.exec(args[0]).args(&args[1..]).output().unwrap();
+            eprintln!("{args:?}:\n{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+        }
+        eprintln!("{:#}\nagent log:\n{}", lab.dump().unwrap()["pods"], lab.agent_log());
+    }
     let dump = lab.dump().unwrap();
     let live = dump["original_destinations"].as_array().unwrap();
     assert!(live.is_empty(), "records outlived their sockets: {live:?}");

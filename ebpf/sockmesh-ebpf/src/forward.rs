@@ -11,14 +11,12 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::{bpf_sock, TC_ACT_OK, TC_ACT_SHOT},
-    helpers::generated::{
-        bpf_get_netns_cookie, bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp,
-    },
+    helpers::generated::{bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp},
     macros::classifier,
     programs::TcContext,
 };
 use sockmesh_common::{
-    decide_forwarded, v4_mapped, Action, Addr, Arrival, NetnsCookie, FORWARD_MARK,
+    decide_forwarded, forward_key, v4_mapped, Action, Addr, Arrival, FORWARD_MARK,
 };
 
 use crate::maps::{count, pod, PodRules, ADDR_POD};
@@ -157,7 +155,13 @@ fn assign(ctx: &TcContext, sk: *mut bpf_sock) -> i64 {
 
 #[inline(always)]
 fn try_forward(ctx: &TcContext) -> Result<i32, i64> {
-    let netns = NetnsCookie(unsafe { bpf_get_netns_cookie(ctx.skb.skb as *mut c_void) });
+    // tc's netns cookie is that of the packet's socket, and a forwarded packet has none: the
+    // pod is found by the interface (its index and MAC address, the frame's destination).
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let mac: [u8; 6] = ctx.load(0)?;
+    let Some(&netns) = (unsafe { ADDR_POD.get(&forward_key(ifindex, mac)) }) else {
+        return Ok(TC_ACT_OK as i32);
+    };
     let Some(cfg) = pod(netns) else {
         return Ok(TC_ACT_OK as i32);
     };
@@ -186,7 +190,7 @@ fn try_forward(ctx: &TcContext) -> Result<i32, i64> {
         sport: u16::from_be_bytes(seg.sport),
         dst: seg.dst,
         dport: u16::from_be_bytes(seg.dport),
-        ifindex: unsafe { (*ctx.skb.skb).ifindex },
+        ifindex,
     };
     let Some(verdict) = decide_forwarded(cfg, &PodRules { netns }, &arrival) else {
         return Ok(TC_ACT_OK as i32);

@@ -3,14 +3,14 @@
 //! namespace is gone.
 
 use std::{
-    net::IpAddr,
+    net::{IpAddr, Ipv6Addr},
     os::fd::{AsFd, BorrowedFd, OwnedFd},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Duration,
 };
 
-use sockmesh_common::{MemberKind, NetnsCookie, PodConfig, PodFlags};
+use sockmesh_common::{forward_key, MemberKind, NetnsCookie, PodConfig, PodFlags};
 use tracing::{info, warn};
 
 use super::routing::{self, RoutingError};
@@ -42,6 +42,8 @@ pub enum RegisterError {
     Invalid(#[from] InvalidSpec),
     #[error("{flag} {name}: the pod has no interface of that name")]
     NoInterface { flag: &'static str, name: String },
+    #[error("{flag} {name}: the interface has no Ethernet address (a veth, bridge or tap is needed)")]
+    NotEthernet { flag: &'static str, name: String },
     #[error(transparent)]
     Netns(#[from] SyscallError),
     #[error("attaching to the pod's netns: {0}")]
@@ -78,7 +80,7 @@ pub fn register(
         kernel_ids(&mut spec, &ids)?;
     }
     let view = read_pod(fd, &spec)?;
-    let addrs: Vec<IpAddr> = view.addrs.iter().map(|a| a.ip).collect();
+    let mut addrs: Vec<IpAddr> = view.addrs.iter().map(|a| a.ip).collect();
     // The pod's primary addresses, by istio's rule (first non-loopback, non-link-local), read
     // here rather than trusted from the caller.
     if let Some(IpAddr::V4(v4)) = addrs
@@ -112,6 +114,21 @@ pub fn register(
                     name: name.clone(),
                 })?;
             spec.members.push((kind, idx));
+        }
+    }
+    // -k: the tc program finds the pod by interface index and MAC (it cannot read the netns
+    // cookie of a forwarded packet): that key goes into SM_ADDR_POD beside the pod's addresses,
+    // so a clash with another pod is refused as an address clash is, and it leaves with them.
+    for name in &spec.kube_virt_ifaces {
+        let found = view.ifindex.iter().find(|(n, _)| n == name);
+        let mac = view.macs.iter().find(|(n, _)| n == name);
+        if let (Some((_, idx)), Some((_, mac))) = (found, mac) {
+            addrs.push(IpAddr::V6(Ipv6Addr::from(forward_key(*idx, *mac))));
+        } else {
+            return Err(RegisterError::NotEthernet {
+                flag: MemberKind::KubeVirtIfindex.istio_name(),
+                name: name.clone(),
+            });
         }
     }
     if spec.config.has(PodFlags::EXCLUDE_IFACES) {
@@ -271,6 +288,8 @@ pub fn sweeper(state: Arc<State>, period: Duration) {
 struct PodView {
     addrs: Vec<sys::InterfaceAddr>,
     ifindex: Vec<(String, u32)>,
+    /// The MAC addresses of the `-k` interfaces.
+    macs: Vec<(String, [u8; 6])>,
     routes: Vec<sys::Route>,
 }
 
@@ -279,6 +298,7 @@ struct PodView {
 /// of the `-c`/`-k` interfaces, and (for `-c`) its routes.
 fn read_pod(fd: BorrowedFd<'_>, spec: &PodSpec) -> Result<PodView, RegisterError> {
     let ipv6 = spec.config.has(PodFlags::IPV6);
+    let kube_virt = spec.kube_virt_ifaces.clone();
     let names: Vec<String> = spec
         .exclude_ifaces
         .iter()
@@ -294,9 +314,14 @@ fn read_pod(fd: BorrowedFd<'_>, spec: &PodSpec) -> Result<PodView, RegisterError
             .into_iter()
             .filter_map(|n| sys::ifindex(&n).map(|i| (n, i)))
             .collect();
+        let macs = kube_virt
+            .into_iter()
+            .filter_map(|n| sys::hwaddr(&n).map(|m| (n, m)))
+            .collect();
         Ok(PodView {
             addrs,
             ifindex,
+            macs,
             routes: sys::main_routes()?,
         })
     })?
