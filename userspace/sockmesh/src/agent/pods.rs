@@ -42,7 +42,9 @@ pub enum RegisterError {
     Invalid(#[from] InvalidSpec),
     #[error("{flag} {name}: the pod has no interface of that name")]
     NoInterface { flag: &'static str, name: String },
-    #[error("{flag} {name}: the interface has no Ethernet address (a veth, bridge or tap is needed)")]
+    #[error(
+        "{flag} {name}: the interface has no Ethernet address (a veth, bridge or tap is needed)"
+    )]
     NotEthernet { flag: &'static str, name: String },
     #[error(transparent)]
     Netns(#[from] SyscallError),

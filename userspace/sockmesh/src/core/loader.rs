@@ -14,8 +14,8 @@ use std::{
 use aya::{
     maps::{MapData, MapError, SockHash},
     programs::{
-        CgroupSock, CgroupSockAddr, CgroupSockopt, Program, ProgramError, SchedClassifier, SkLookup,
-        SkMsg, SockOps,
+        CgroupSock, CgroupSockAddr, CgroupSockopt, Program, ProgramError, SchedClassifier,
+        SkLookup, SkMsg, SockOps,
     },
     Ebpf, EbpfLoader,
 };
