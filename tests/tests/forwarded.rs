@@ -137,3 +137,58 @@ fn with_an_include_list_only_listed_destinations_are_captured() {
         ],
     );
 }
+
+/// The pod's tcx link pins under the agent's bpffs folder, and its `-k` policy rule.
+fn leftovers(lab: &Lab, pod: &Pod) -> (Vec<String>, bool) {
+    let pins = std::fs::read_dir(lab.bpffs.join("links"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("tcx-"))
+                .collect()
+        })
+        .unwrap_or_default();
+    let rules = run(pod.ns.exec("ip").arg("rule")).unwrap();
+    let rule = String::from_utf8_lossy(&rules.stdout).contains("lookup 15001");
+    (pins, rule)
+}
+
+#[test]
+fn a_missing_interface_registers_nothing_and_unregistering_takes_it_all_away() {
+    let p = profile("kube-virt-interface");
+    let mut lab = Lab::new("fwdc").unwrap();
+    lab.start_agent().unwrap();
+    let pod = pods::pod_transparent(&mut lab, "s", &p, Mode::Sockmesh, &[15001]).unwrap();
+    route_through(&pod);
+    let vm = Caller {
+        origin: Origin::Peer2,
+        ..Caller::new("vm", 0, 0)
+    };
+    let case = Case::new(vm, "192.0.2.20:80".parse().unwrap());
+
+    // -k naming an interface the pod does not have: a clear error, nothing of the pod captured.
+    let mut bad = p.clone();
+    bad.kube_virt_ifaces = vec!["eth1", "eth9"];
+    let err = format!("{:#}", pods::apply_sockmesh(&lab, &pod, &bad).unwrap_err());
+    assert!(err.contains("eth9"), "{err}");
+    assert!(lab.dump().unwrap()["pods"].as_array().unwrap().is_empty());
+    assert_eq!(leftovers(&lab, &pod), (vec![], false));
+    let direct = pods::probe(&lab, &pod, &case).unwrap();
+    assert_eq!(direct.listener(), Some("peer:80"), "{direct:?}");
+
+    pods::apply_sockmesh(&lab, &pod, &p).unwrap();
+    let (pins, rule) = leftovers(&lab, &pod);
+    assert_eq!((pins.len(), rule), (1, true), "{pins:?}");
+    let captured = pods::probe(&lab, &pod, &case).unwrap();
+    assert_eq!(landed(&captured), Some(("pod:15001", "192.0.2.20:80")));
+
+    // --cleanup-only: the tc program and the policy route go; the VM's calls go around again.
+    run(lab
+        .sockmesh_in(&pod.ns)
+        .unwrap()
+        .args(["init", "istio", "--cleanup-only"]))
+    .unwrap();
+    assert_eq!(leftovers(&lab, &pod), (vec![], false));
+    let after = pods::probe(&lab, &pod, &case).unwrap();
+    assert_eq!(after.listener(), Some("peer:80"), "{after:?}");
+}
