@@ -154,7 +154,7 @@ fn leftovers(lab: &Lab, pod: &Pod) -> (Vec<String>, bool) {
 }
 
 #[test]
-fn a_missing_interface_registers_nothing_and_unregistering_takes_it_all_away() {
+fn a_missing_interface_registers_nothing_a_restart_keeps_it_and_unregistering_takes_it_away() {
     let p = profile("kube-virt-interface");
     let mut lab = Lab::new("fwdc").unwrap();
     lab.start_agent().unwrap();
@@ -181,6 +181,22 @@ fn a_missing_interface_registers_nothing_and_unregistering_takes_it_all_away() {
     assert_eq!((pins.len(), rule), (1, true), "{pins:?}");
     let captured = pods::probe(&lab, &pod, &case).unwrap();
     assert_eq!(landed(&captured), Some(("pod:15001", "192.0.2.20:80")));
+
+    // SIGTERM leaves capture in force; a new agent switches the tcx link to its program.
+    lab.stop_agent(libc::SIGTERM).unwrap();
+    let during = pods::probe(&lab, &pod, &case).unwrap();
+    assert_eq!(landed(&during), Some(("pod:15001", "192.0.2.20:80")));
+    lab.start_agent().unwrap();
+    assert!(
+        lab.agent_log()
+            .contains("-k interface programs of registered pods replaced in place"),
+        "{}",
+        lab.agent_log()
+    );
+    let (pins, rule) = leftovers(&lab, &pod);
+    assert_eq!((pins.len(), rule), (1, true), "{pins:?}");
+    let restarted = pods::probe(&lab, &pod, &case).unwrap();
+    assert_eq!(landed(&restarted), Some(("pod:15001", "192.0.2.20:80")));
 
     // --cleanup-only: the tc program and the policy route go; the VM's calls go around again.
     run(lab
