@@ -208,3 +208,27 @@ fn a_missing_interface_registers_nothing_a_restart_keeps_it_and_unregistering_ta
     let after = pods::probe(&lab, &pod, &case).unwrap();
     assert_eq!(after.listener(), Some("peer:80"), "{after:?}");
 }
+
+/// The departure (docs/design.md): with an outbound listener that is not IP_TRANSPARENT the
+/// kernel has no route for the SYN-ACK from the original destination, so the forwarded
+/// connection is assigned, counted, and times out (istio-iptables' REDIRECT needs no such
+/// listener). It is never forwarded around the proxy.
+#[test]
+fn an_outbound_listener_that_is_not_transparent_gets_nothing() {
+    let p = profile("kube-virt-interface");
+    let mut lab = Lab::new("fwdt").unwrap();
+    lab.start_agent().unwrap();
+    let pod = pods::pod(&mut lab, "s", &p, Mode::Sockmesh).unwrap();
+    pods::apply_sockmesh(&lab, &pod, &p).unwrap();
+    route_through(&pod);
+    let vm = Caller {
+        origin: Origin::Peer2,
+        ..Caller::new("vm", 0, 0)
+    };
+    let case = Case::new(vm, "192.0.2.20:80".parse().unwrap());
+    let o = pods::probe(&lab, &pod, &case).unwrap();
+    assert_eq!(o, Outcome::Timeout);
+    let dump = lab.dump().unwrap();
+    let n = &dump["pods"][0]["counters"]["kube_virt_redirect"];
+    assert!(n.as_u64().unwrap_or(0) >= 1, "{dump:#}");
+}
