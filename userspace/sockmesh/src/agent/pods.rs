@@ -210,20 +210,20 @@ pub fn register(
     let v6 = c.has(PodFlags::IPV6);
     if let Some(old) = before.filter(|o| o.has(PodFlags::KUBE_VIRT)) {
         if kube_virt.is_empty() || old.has(PodFlags::IPV6) != v6 {
-            let _ = routing::forward_routing(fd, old.has(PodFlags::IPV6), false);
+            let _ = routing::forward_routing(fd, &[], old.has(PodFlags::IPV6), false);
         }
     }
     if kube_virt.is_empty() {
         loader::detach_forward(&state.bpffs, netns);
     } else {
-        let done = routing::forward_routing(fd, v6, true)
+        let done = routing::forward_routing(fd, &spec.kube_virt_ifaces, v6, true)
             .map_err(RegisterError::Routing)
             .and_then(|()| {
                 loader::attach_forward(state.forward.as_fd(), fd, &state.bpffs, netns, &kube_virt)
                     .map_err(RegisterError::Attach)
             });
         if let Err(e) = done {
-            let _ = routing::forward_routing(fd, v6, false);
+            let _ = routing::forward_routing(fd, &[], v6, false);
             if c.has(PodFlags::TPROXY) {
                 let (m, t, v6) = routing(&c);
                 let _ = routing::tproxy_routing(fd, m, t, v6, false);

@@ -78,10 +78,18 @@ pub fn tproxy_routing(
 }
 
 /// `-k` routing in the pod's netns: a packet the tc program handed to the proxy (marked
-/// [`FORWARD_MARK`]) is for a remote address, and must be delivered locally instead of
-/// forwarded (`ip rule fwmark M lookup T`, `local default dev lo table T`). `on: false` takes it
-/// away again.
-pub fn forward_routing(fd: BorrowedFd<'_>, ipv6: bool, on: bool) -> Result<(), RoutingError> {
+/// [`FORWARD_MARK`]) arriving on one of the `-k` interfaces `ifaces` is for a remote address,
+/// and must be delivered locally instead of forwarded (`ip rule fwmark M iif IF lookup T`,
+/// `local default dev lo table T`). The rule is bound to the interfaces so that it never
+/// routes what the pod sends: with TPROXY's `tcp_fwmark_accept` the proxy's accepted socket
+/// carries the SYN's mark. `on: false` takes it all away again (`ifaces` unused).
+pub fn forward_routing(
+    fd: BorrowedFd<'_>,
+    ifaces: &[String],
+    ipv6: bool,
+    on: bool,
+) -> Result<(), RoutingError> {
+    let ifaces = ifaces.to_vec();
     sys::in_netns(fd, move || -> Result<(), RoutingError> {
         let (m, t) = (FORWARD_MARK.to_string(), FORWARD_TABLE.to_string());
         let mut families = vec![("-4", "0.0.0.0/0")];
@@ -89,9 +97,16 @@ pub fn forward_routing(fd: BorrowedFd<'_>, ipv6: bool, on: bool) -> Result<(), R
             families.push(("-6", "::/0"));
         }
         for (f, any) in families {
-            let _ = ip(&[f, "rule", "del", "fwmark", &m, "lookup", &t]);
+            // Every earlier copy of the rule (one per interface) goes first.
+            for _ in 0..64 {
+                if ip(&[f, "rule", "del", "fwmark", &m, "lookup", &t]).is_err() {
+                    break;
+                }
+            }
             if on {
-                ip(&[f, "rule", "add", "fwmark", &m, "lookup", &t])?;
+                for dev in &ifaces {
+                    ip(&[f, "rule", "add", "fwmark", &m, "iif", dev, "lookup", &t])?;
+                }
                 ip(&[
                     f, "route", "replace", "local", any, "dev", "lo", "table", &t,
                 ])?;
