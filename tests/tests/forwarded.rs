@@ -232,3 +232,31 @@ fn an_outbound_listener_that_is_not_transparent_gets_nothing() {
     let n = &dump["pods"][0]["counters"]["kube_virt_redirect"];
     assert!(n.as_u64().unwrap_or(0) >= 1, "{dump:#}");
 }
+
+/// A pod whose netns is gone: its interfaces took the tc links with them, and the agent drops
+/// their pins when it forgets the pod (here at its next start).
+#[test]
+fn a_pod_whose_netns_is_gone_leaves_no_tc_link() {
+    let p = profile("kube-virt-interface");
+    let mut lab = Lab::new("fwdg").unwrap();
+    lab.start_agent().unwrap();
+    // No process in the pod, so deleting its netns destroys it.
+    let pod = pods::captured(&mut lab, "s", &p, Mode::Sockmesh, &[]).unwrap();
+    assert_eq!(leftovers(&lab, &pod).0.len(), 1);
+    lab.stop_agent(libc::SIGTERM).unwrap();
+    let (peer, vm) = (pod.peer.clone(), pod.peer2.clone().expect("a second link"));
+    lab.remove_netns(&pod.ns).unwrap();
+    lab.remove_netns(&peer).unwrap();
+    lab.remove_netns(&vm).unwrap();
+    // The kernel destroys a namespace in the background.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    lab.start_agent().unwrap();
+    let pins: Vec<String> = std::fs::read_dir(lab.bpffs.join("links"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("tcx-") || n.starts_with("sk_lookup-"))
+        .collect();
+    assert!(pins.is_empty(), "{pins:?}\n{}", lab.agent_log());
+    assert!(lab.dump().unwrap()["pods"].as_array().unwrap().is_empty());
+}
