@@ -91,6 +91,9 @@ impl Crowd {
         if unsafe { libc::listen(listener.as_raw_fd(), 4096) } != 0 {
             anyhow::bail!("listen: {}", std::io::Error::last_os_error());
         }
+        // Opened while still root: the lab's folder is root's.
+        let mut report_file = std::fs::File::create(&self.report)
+            .with_context(|| format!("creating {}", self.report.display()))?;
         let first = SocketAddr::new(self.dst, self.first_port);
         take_credentials(&ConnectSpec::to(first, self.id))?;
         // The proxy: accept and read each original destination as it comes, keyed by the
@@ -157,7 +160,8 @@ impl Crowd {
                 }
             }
         }
-        std::fs::write(&self.report, serde_json::to_vec(&report)?)?;
+        std::io::Write::write_all(&mut report_file, &serde_json::to_vec(&report)?)?;
+        drop(report_file);
         println!("{HELD}");
         while !self.release.exists() {
             std::thread::sleep(Duration::from_millis(50));

@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use sockmesh_tests::{
     kit::{crowd::HELD, Crowd, CrowdReport, Hold, HoldReport, Identity},
     lab::Lab,
-    pods::{self, Mode, PEER_V4},
+    pods::{self, Mode, Pod},
     profiles::Profile,
 };
 
@@ -23,6 +23,33 @@ use crate::soak::{sample, Sample};
 
 /// Destination ports of the crowds: clear of the capture and proxy ports (15000-15090).
 const FIRST_PORT: u16 = 20000;
+
+/// Pod i's address and its peer's: each pod has its own, as on a node.
+fn pod_ip(i: usize) -> String {
+    format!("10.{}.{}.2", 100 + i / 256, i % 256)
+}
+
+fn peer_ip(i: usize) -> String {
+    format!("10.{}.{}.1", 100 + i / 256, i % 256)
+}
+
+/// Pod i: its own namespace and address, a peer host behind a veth, captured by sockmesh.
+fn pod(lab: &mut Lab, i: usize, profile: &Profile) -> Result<Pod> {
+    let ns = lab.netns(&format!("c{i}p"))?;
+    let peer = lab.netns(&format!("c{i}q"))?;
+    lab.veth(&ns, "eth0", &peer, "eth0")?;
+    ns.ip(&["addr", "add", &format!("{}/24", pod_ip(i)), "dev", "eth0"])?;
+    ns.ip(&["route", "add", "default", "via", &peer_ip(i)])?;
+    peer.ip(&["addr", "add", &format!("{}/24", peer_ip(i)), "dev", "eth0"])?;
+    let pod = Pod {
+        ns,
+        peer,
+        peer2: None,
+        in_cgroup: true,
+    };
+    pods::capture(lab, &pod, profile, Mode::Sockmesh)?;
+    Ok(pod)
+}
 
 /// Run `pods` pods of `per_pod` connections each; the report (Markdown), or an error naming
 /// what went wrong.
@@ -40,10 +67,10 @@ pub fn run(pods: usize, per_pod: usize) -> Result<String> {
     let mut crowds = Vec::new();
     let started = Instant::now();
     for i in 0..pods {
-        let pod = pods::captured(&mut lab, &format!("c{i}"), &profile, Mode::Sockmesh, &[])?;
+        let pod = pod(&mut lab, i, &profile)?;
         let report = lab.dir.join(format!("crowd-{i}.json"));
         let crowd = Crowd {
-            dst: PEER_V4.parse()?,
+            dst: peer_ip(i).parse()?,
             first_port: FIRST_PORT,
             count: per_pod,
             listen: 15001,
@@ -63,8 +90,9 @@ pub fn run(pods: usize, per_pod: usize) -> Result<String> {
     let peak = sample(&lab)?;
 
     // A pod registered while they are all open is captured at once.
-    let late = pods::captured(&mut lab, "late", &profile, Mode::Sockmesh, &[15001])?;
-    let peer80: SocketAddr = format!("{PEER_V4}:80").parse()?;
+    let late = pod(&mut lab, pods, &profile)?;
+    pods::listen(&mut lab, &late.ns, true, "pod", &[15001])?;
+    let peer80: SocketAddr = format!("{}:80", peer_ip(pods)).parse()?;
     let hold = Hold {
         dst: peer80,
         count: 1,
