@@ -13,6 +13,11 @@ use sockmesh_tests::{
     profiles::{self, Profile},
 };
 
+/// The agent's setting that turns on capture of forwarded connections (off by default).
+fn forwarded_capture() -> Vec<String> {
+    vec!["--forwarded-capture".into(), "on".into()]
+}
+
 fn profile(name: &str) -> Profile {
     profiles::all()
         .into_iter()
@@ -36,6 +41,7 @@ fn route_through(pod: &Pod) {
 fn forwarded(p: &Profile, dsts: &[&str]) -> Vec<(String, Outcome, Outcome)> {
     sockmesh_tests::lab::require_tools(&["ip", "iptables-restore", "sysctl"]).unwrap();
     let mut lab = Lab::new("fwd").unwrap();
+    lab.agent_args = forwarded_capture();
     lab.start_agent().unwrap();
     // The outbound listener is IP_TRANSPARENT in both pods (Envoy's `transparent: true`): the
     // kernel sends a SYN-ACK from a non-local address only for such a listener (see
@@ -157,6 +163,7 @@ fn leftovers(lab: &Lab, pod: &Pod) -> (Vec<String>, bool) {
 fn a_missing_interface_registers_nothing_a_restart_keeps_it_and_unregistering_takes_it_away() {
     let p = profile("kube-virt-interface");
     let mut lab = Lab::new("fwdc").unwrap();
+    lab.agent_args = forwarded_capture();
     lab.start_agent().unwrap();
     let pod = pods::pod_transparent(&mut lab, "s", &p, Mode::Sockmesh, &[15001]).unwrap();
     route_through(&pod);
@@ -186,6 +193,7 @@ fn a_missing_interface_registers_nothing_a_restart_keeps_it_and_unregistering_ta
     lab.stop_agent(libc::SIGTERM).unwrap();
     let during = pods::probe(&lab, &pod, &case).unwrap();
     assert_eq!(landed(&during), Some(("pod:15001", "192.0.2.20:80")));
+    lab.agent_args = forwarded_capture();
     lab.start_agent().unwrap();
     assert!(
         lab.agent_log()
@@ -217,6 +225,7 @@ fn a_missing_interface_registers_nothing_a_restart_keeps_it_and_unregistering_ta
 fn an_outbound_listener_that_is_not_transparent_gets_nothing() {
     let p = profile("kube-virt-interface");
     let mut lab = Lab::new("fwdt").unwrap();
+    lab.agent_args = forwarded_capture();
     lab.start_agent().unwrap();
     let pod = pods::pod(&mut lab, "s", &p, Mode::Sockmesh).unwrap();
     pods::apply_sockmesh(&lab, &pod, &p).unwrap();
@@ -239,6 +248,7 @@ fn an_outbound_listener_that_is_not_transparent_gets_nothing() {
 fn a_pod_whose_netns_is_gone_leaves_no_tc_link() {
     let p = profile("kube-virt-interface");
     let mut lab = Lab::new("fwdg").unwrap();
+    lab.agent_args = forwarded_capture();
     lab.start_agent().unwrap();
     // No process in the pod, so deleting its netns destroys it.
     let pod = pods::captured(&mut lab, "s", &p, Mode::Sockmesh, &[]).unwrap();
@@ -250,6 +260,7 @@ fn a_pod_whose_netns_is_gone_leaves_no_tc_link() {
     lab.remove_netns(&vm).unwrap();
     // The kernel destroys a namespace in the background.
     std::thread::sleep(std::time::Duration::from_secs(2));
+    lab.agent_args = forwarded_capture();
     lab.start_agent().unwrap();
     let pins: Vec<String> = std::fs::read_dir(lab.bpffs.join("links"))
         .unwrap()
@@ -259,4 +270,23 @@ fn a_pod_whose_netns_is_gone_leaves_no_tc_link() {
         .collect();
     assert!(pins.is_empty(), "{pins:?}\n{}", lab.agent_log());
     assert!(lab.dump().unwrap()["pods"].as_array().unwrap().is_empty());
+}
+
+/// The agent's default (`--forwarded-capture off`): a VM's call to a remote address is
+/// forwarded untouched, reaching the remote itself, as before the setting existed.
+#[test]
+fn with_forwarded_capture_off_a_vm_reaches_the_remote_directly() {
+    let p = profile("kube-virt-interface");
+    let mut lab = Lab::new("fwdo").unwrap();
+    lab.start_agent().unwrap();
+    let pod = pods::pod_transparent(&mut lab, "s", &p, Mode::Sockmesh, &[15001]).unwrap();
+    pods::apply_sockmesh(&lab, &pod, &p).unwrap();
+    route_through(&pod);
+    let vm = Caller {
+        origin: Origin::Peer2,
+        ..Caller::new("vm", 0, 0)
+    };
+    let case = Case::new(vm, "192.0.2.20:80".parse().unwrap());
+    let o = pods::probe(&lab, &pod, &case).unwrap();
+    assert_eq!(o.listener(), Some("peer:80"), "{o:?}");
 }

@@ -33,6 +33,8 @@ pub struct State {
     pub sk_lookup: OwnedFd,
     /// The loaded tc program, attached at the ingress of each pod's `-k` interfaces.
     pub forward: OwnedFd,
+    /// `--forwarded-capture on`: attach it (off: `-k` covers the pod's own addresses only).
+    pub forwarded_capture: bool,
 }
 
 /// Why a pod was not registered (nothing of it was written).
@@ -121,7 +123,12 @@ pub fn register(
     // -k: the tc program finds the pod by interface index and MAC (it cannot read the netns
     // cookie of a forwarded packet): that key goes into SM_ADDR_POD beside the pod's addresses,
     // so a clash with another pod is refused as an address clash is, and it leaves with them.
-    for name in &spec.kube_virt_ifaces {
+    let forwarded = if state.forwarded_capture {
+        spec.kube_virt_ifaces.as_slice()
+    } else {
+        &[]
+    };
+    for name in forwarded {
         let found = view.ifindex.iter().find(|(n, _)| n == name);
         let mac = view.macs.iter().find(|(n, _)| n == name);
         if let (Some((_, idx)), Some((_, mac))) = (found, mac) {
@@ -204,7 +211,7 @@ pub fn register(
     let kube_virt: Vec<u32> = spec
         .members
         .iter()
-        .filter(|(k, _)| *k == MemberKind::KubeVirtIfindex)
+        .filter(|(k, _)| state.forwarded_capture && *k == MemberKind::KubeVirtIfindex)
         .map(|(_, i)| *i)
         .collect();
     let v6 = c.has(PodFlags::IPV6);
