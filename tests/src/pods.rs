@@ -127,6 +127,34 @@ pub fn pod_in(
     mode: Mode,
     pod_ports: &[u16],
 ) -> Result<Pod> {
+    // TPROXY only hands connections to transparent listeners (as Envoy's with
+    // `transparent: true`).
+    let transparent: &[u16] = if profile.tproxy { &[15006] } else { &[] };
+    pod_in_with(lab, ns, tag, profile, mode, pod_ports, transparent)
+}
+
+/// [`pod`], with the pod's listeners on `transparent` ports IP_TRANSPARENT (sockmesh's `-k`
+/// capture of forwarded connections hands them to a transparent outbound listener only).
+pub fn pod_transparent(
+    lab: &mut Lab,
+    tag: &str,
+    profile: &Profile,
+    mode: Mode,
+    transparent: &[u16],
+) -> Result<Pod> {
+    let ns = lab.netns(&format!("{tag}p"))?;
+    pod_in_with(lab, ns, tag, profile, mode, &POD_PORTS, transparent)
+}
+
+fn pod_in_with(
+    lab: &mut Lab,
+    ns: Netns,
+    tag: &str,
+    profile: &Profile,
+    mode: Mode,
+    pod_ports: &[u16],
+    transparent: &[u16],
+) -> Result<Pod> {
     let peer = lab.netns(&format!("{tag}q"))?;
     lab.veth(&ns, "eth0", &peer, "eth0")?;
     peer.ip(&["addr", "add", &format!("{PEER_V4}/24"), "dev", "eth0"])?;
@@ -164,9 +192,6 @@ pub fn pod_in(
     }
     let in_cgroup = mode == Mode::Sockmesh;
     if !pod_ports.is_empty() {
-        // TPROXY only hands connections to transparent listeners (as Envoy's with
-        // `transparent: true`).
-        let transparent: &[u16] = if profile.tproxy { &[15006] } else { &[] };
         listen_with(lab, &ns, in_cgroup, "pod", pod_ports, transparent)?;
     }
     listen(lab, &peer, false, "peer", &PEER_PORTS)?;

@@ -17,6 +17,18 @@ pub const V4_INBOUND_PASSTHROUGH: [u8; 4] = [127, 0, 0, 6];
 /// Envoy's inbound passthrough source, IPv6: `::6`.
 pub const V6_INBOUND_PASSTHROUGH: Addr = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 6];
 
+/// The key under which `SM_ADDR_POD` names the pod that owns a `-k` interface: tc cannot read
+/// the netns cookie of a packet that has no socket yet, so the tc program finds the pod by the
+/// interface's index and MAC address (the destination MAC of a frame routed through the pod).
+/// `ff53:6d6b:IIII:IIII:MMMM:MMMM:MMMM:0`, an IPv6 multicast form no pod address can take.
+pub const fn forward_key(ifindex: u32, mac: [u8; 6]) -> Addr {
+    let i = ifindex.to_be_bytes();
+    [
+        0xff, 0x53, 0x6d, 0x6b, i[0], i[1], i[2], i[3], mac[0], mac[1], mac[2], mac[3], mac[4],
+        mac[5], 0, 0,
+    ]
+}
+
 /// `::ffff:a.b.c.d` from four octets.
 pub const fn v4_mapped(o: [u8; 4]) -> Addr {
     [

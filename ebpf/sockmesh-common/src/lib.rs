@@ -20,9 +20,9 @@ pub mod pod;
 pub use accel::*;
 pub use addr::*;
 pub use decision::{
-    decide, decide_arrival, decide_inbound, in_loopback_cidr, is_local, local_origin, Action,
-    Arrival, Conn, Lookups, Proto, Reason, Rules, Verdict, DNS_CAPTURE_PORT, DNS_PORT,
-    LOOPBACK_IFINDEX,
+    decide, decide_arrival, decide_forwarded, decide_inbound, in_loopback_cidr, is_local,
+    local_origin, Action, Arrival, Conn, Lookups, Proto, Reason, Rules, Verdict, DNS_CAPTURE_PORT,
+    DNS_PORT, LOOPBACK_IFINDEX,
 };
 pub use maps::*;
 pub use pod::*;

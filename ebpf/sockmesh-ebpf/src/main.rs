@@ -9,6 +9,8 @@
 //! - [`getsockopt`]: answers SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST as conntrack would.
 //! - [`getpeername`], [`recvmsg`]: show the app its original peer.
 //! - [`sk_lookup`]: steers new inbound connections to the pod's proxy.
+//! - [`forward`]: tc ingress on `-k` interfaces, steers connections forwarded through the pod
+//!   to its outbound proxy.
 //! - [`sock_create`]: remembers each socket's creator (iptables' owner match).
 //! - [`accel`]: opt-in socket acceleration (sock_ops + sk_msg).
 //!
@@ -23,6 +25,8 @@ mod accel;
 mod connect;
 #[cfg(target_arch = "bpf")]
 mod ctx;
+#[cfg(target_arch = "bpf")]
+mod forward;
 #[cfg(target_arch = "bpf")]
 mod getpeername;
 #[cfg(target_arch = "bpf")]

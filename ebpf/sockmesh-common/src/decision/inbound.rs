@@ -34,6 +34,22 @@ pub fn decide_arrival<L: Lookups>(cfg: &PodConfig, lookups: &L, a: &Arrival) -> 
     Some(decide_inbound(cfg, lookups, a))
 }
 
+/// What tc ingress on a `-k` interface does with a new TCP connection `a` forwarded *through*
+/// the pod (its destination is not one of the pod's addresses, e.g. a VM behind the interface
+/// calling a remote address): istio's `PREROUTING -i IF [-d CIDR] -j ISTIO_REDIRECT`, the same
+/// `-k` rules as [`decide_inbound`]. `None` when `a` did not arrive on a `-k` interface, or the
+/// pod has no rules for its family: the connection is forwarded untouched, uncounted.
+#[inline(always)]
+pub fn decide_forwarded<R: Rules>(cfg: &PodConfig, rules: &R, a: &Arrival) -> Option<Verdict> {
+    if !cfg.has(PodFlags::KUBE_VIRT) || !rules.member(MemberKind::KubeVirtIfindex, a.ifindex) {
+        return None;
+    }
+    if !is_v4_mapped(&a.dst) && !cfg.has(PodFlags::IPV6) {
+        return None;
+    }
+    Some(decide_inbound(cfg, rules, a))
+}
+
 /// Decide what the pod's nat PREROUTING rules (istio's `-k` and `-c` rules and
 /// `ISTIO_INBOUND`, or linkerd's `PROXY_INIT_REDIRECT`) would do with a new TCP connection.
 #[inline(always)]

@@ -7,7 +7,8 @@
 //!   alone.
 //! - [`decide_arrival`]: a new TCP connection to one of the pod's addresses (sk_lookup), with
 //!   [`decide_inbound`] for those that come from outside (istio's PREROUTING rules), and
-//!   [`Verdict::no_listener`] for a capture no proxy answers.
+//!   [`Verdict::no_listener`] for a capture no proxy answers; [`decide_forwarded`], a new TCP
+//!   connection forwarded through the pod from a `-k` interface (tc ingress).
 //!
 //! Rule numbers are those of docs/design.md's reference rules.
 
@@ -17,7 +18,7 @@ mod reason;
 #[cfg(test)]
 mod tests;
 
-pub use inbound::{decide_arrival, decide_inbound};
+pub use inbound::{decide_arrival, decide_forwarded, decide_inbound};
 pub use outbound::{decide, in_loopback_cidr, local_origin};
 pub use reason::Reason;
 

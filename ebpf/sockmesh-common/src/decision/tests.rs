@@ -462,6 +462,50 @@ fn interfaces() {
         decide_inbound(&listed, &s, &on(4)),
         Verdict::pass(Reason::KubeVirtReturn)
     );
+    // Forwarded through the pod (tc ingress on a -k interface): the same -k rules; on any
+    // other interface nothing.
+    let through = |ifindex, dst| Arrival {
+        ifindex,
+        dst: v4_mapped(dst),
+        ..arr(PEER, 443)
+    };
+    assert_eq!(
+        decide_forwarded(&c, &s, &through(4, [203, 0, 113, 10])),
+        Some(Verdict::redirect(15001, Reason::KubeVirtRedirect))
+    );
+    assert_eq!(
+        decide_forwarded(&c, &s, &through(3, [203, 0, 113, 10])),
+        None
+    );
+    assert_eq!(
+        decide_forwarded(&c, &s, &through(2, [203, 0, 113, 10])),
+        None
+    );
+    let listed_i = Sets {
+        members: std::vec![(MemberKind::KubeVirtIfindex, 4)],
+        cidrs: std::vec![(CidrKind::IncludeV4, v4_mapped([203, 0, 113, 0]), 24)],
+        ..Default::default()
+    };
+    assert_eq!(
+        decide_forwarded(&listed, &listed_i, &through(4, [203, 0, 113, 10])),
+        Some(Verdict::redirect(15001, Reason::KubeVirtRedirect))
+    );
+    assert_eq!(
+        decide_forwarded(&listed, &listed_i, &through(4, [198, 51, 100, 7])),
+        Some(Verdict::pass(Reason::KubeVirtReturn))
+    );
+    // Without -k, or IPv6 without IPv6 rules: untouched.
+    let no_k = cfg(PodFlags::OUTBOUND_ALL, &[1337], &[1337]);
+    assert_eq!(
+        decide_forwarded(&no_k, &s, &through(4, [203, 0, 113, 10])),
+        None
+    );
+    let v6 = Arrival {
+        ifindex: 4,
+        dst: [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+        ..arr(PEER6, 443)
+    };
+    assert_eq!(decide_forwarded(&c, &s, &v6), None);
 }
 
 #[test]

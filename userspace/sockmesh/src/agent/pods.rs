@@ -3,14 +3,14 @@
 //! namespace is gone.
 
 use std::{
-    net::IpAddr,
+    net::{IpAddr, Ipv6Addr},
     os::fd::{AsFd, BorrowedFd, OwnedFd},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Duration,
 };
 
-use sockmesh_common::{MemberKind, NetnsCookie, PodConfig, PodFlags};
+use sockmesh_common::{forward_key, MemberKind, NetnsCookie, PodConfig, PodFlags};
 use tracing::{info, warn};
 
 use super::routing::{self, RoutingError};
@@ -31,6 +31,10 @@ pub struct State {
     pub bpffs: PathBuf,
     /// The loaded sk_lookup program, attached to each registered pod's netns.
     pub sk_lookup: OwnedFd,
+    /// The loaded tc program, attached at the ingress of each pod's `-k` interfaces.
+    pub forward: OwnedFd,
+    /// `--forwarded-capture on`: attach it (off: `-k` covers the pod's own addresses only).
+    pub forwarded_capture: bool,
 }
 
 /// Why a pod was not registered (nothing of it was written).
@@ -40,6 +44,10 @@ pub enum RegisterError {
     Invalid(#[from] InvalidSpec),
     #[error("{flag} {name}: the pod has no interface of that name")]
     NoInterface { flag: &'static str, name: String },
+    #[error(
+        "{flag} {name}: the interface has no Ethernet address (a veth, bridge or tap is needed)"
+    )]
+    NotEthernet { flag: &'static str, name: String },
     #[error(transparent)]
     Netns(#[from] SyscallError),
     #[error("attaching to the pod's netns: {0}")]
@@ -76,7 +84,7 @@ pub fn register(
         kernel_ids(&mut spec, &ids)?;
     }
     let view = read_pod(fd, &spec)?;
-    let addrs: Vec<IpAddr> = view.addrs.iter().map(|a| a.ip).collect();
+    let mut addrs: Vec<IpAddr> = view.addrs.iter().map(|a| a.ip).collect();
     // The pod's primary addresses, by istio's rule (first non-loopback, non-link-local), read
     // here rather than trusted from the caller.
     if let Some(IpAddr::V4(v4)) = addrs
@@ -110,6 +118,26 @@ pub fn register(
                     name: name.clone(),
                 })?;
             spec.members.push((kind, idx));
+        }
+    }
+    // -k: the tc program finds the pod by interface index and MAC (it cannot read the netns
+    // cookie of a forwarded packet): that key goes into SM_ADDR_POD beside the pod's addresses,
+    // so a clash with another pod is refused as an address clash is, and it leaves with them.
+    let forwarded = if state.forwarded_capture {
+        spec.kube_virt_ifaces.as_slice()
+    } else {
+        &[]
+    };
+    for name in forwarded {
+        let found = view.ifindex.iter().find(|(n, _)| n == name);
+        let mac = view.macs.iter().find(|(n, _)| n == name);
+        if let (Some((_, idx)), Some((_, mac))) = (found, mac) {
+            addrs.push(IpAddr::V6(Ipv6Addr::from(forward_key(*idx, *mac))));
+        } else {
+            return Err(RegisterError::NotEthernet {
+                flag: MemberKind::KubeVirtIfindex.istio_name(),
+                name: name.clone(),
+            });
         }
     }
     if spec.config.has(PodFlags::EXCLUDE_IFACES) {
@@ -178,6 +206,40 @@ pub fn register(
             return Err(RegisterError::Routing(e));
         }
     }
+    // -k: connections forwarded through the pod from those interfaces (tc ingress), delivered
+    // locally by a policy route. Undone entirely if any of it fails.
+    let kube_virt: Vec<u32> = spec
+        .members
+        .iter()
+        .filter(|(k, _)| state.forwarded_capture && *k == MemberKind::KubeVirtIfindex)
+        .map(|(_, i)| *i)
+        .collect();
+    let v6 = c.has(PodFlags::IPV6);
+    if let Some(old) = before.filter(|o| o.has(PodFlags::KUBE_VIRT)) {
+        if kube_virt.is_empty() || old.has(PodFlags::IPV6) != v6 {
+            let _ = routing::forward_routing(fd, &[], old.has(PodFlags::IPV6), false);
+        }
+    }
+    if kube_virt.is_empty() {
+        loader::detach_forward(&state.bpffs, netns);
+    } else {
+        let done = routing::forward_routing(fd, &spec.kube_virt_ifaces, v6, true)
+            .map_err(RegisterError::Routing)
+            .and_then(|()| {
+                loader::attach_forward(state.forward.as_fd(), fd, &state.bpffs, netns, &kube_virt)
+                    .map_err(RegisterError::Attach)
+            });
+        if let Err(e) = done {
+            let _ = routing::forward_routing(fd, &[], v6, false);
+            if c.has(PodFlags::TPROXY) {
+                let (m, t, v6) = routing(&c);
+                let _ = routing::tproxy_routing(fd, m, t, v6, false);
+            }
+            let _ = registry::unregister(&mut maps, netns);
+            loader::detach_netns(&state.bpffs, netns);
+            return Err(e);
+        }
+    }
     Ok(())
 }
 
@@ -235,6 +297,8 @@ pub fn sweeper(state: Arc<State>, period: Duration) {
 struct PodView {
     addrs: Vec<sys::InterfaceAddr>,
     ifindex: Vec<(String, u32)>,
+    /// The MAC addresses of the `-k` interfaces.
+    macs: Vec<(String, [u8; 6])>,
     routes: Vec<sys::Route>,
 }
 
@@ -243,6 +307,7 @@ struct PodView {
 /// of the `-c`/`-k` interfaces, and (for `-c`) its routes.
 fn read_pod(fd: BorrowedFd<'_>, spec: &PodSpec) -> Result<PodView, RegisterError> {
     let ipv6 = spec.config.has(PodFlags::IPV6);
+    let kube_virt = spec.kube_virt_ifaces.clone();
     let names: Vec<String> = spec
         .exclude_ifaces
         .iter()
@@ -258,9 +323,14 @@ fn read_pod(fd: BorrowedFd<'_>, spec: &PodSpec) -> Result<PodView, RegisterError
             .into_iter()
             .filter_map(|n| sys::ifindex(&n).map(|i| (n, i)))
             .collect();
+        let macs = kube_virt
+            .into_iter()
+            .filter_map(|n| sys::hwaddr(&n).map(|m| (n, m)))
+            .collect();
         Ok(PodView {
             addrs,
             ifindex,
+            macs,
             routes: sys::main_routes()?,
         })
     })?

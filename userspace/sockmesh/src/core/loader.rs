@@ -14,7 +14,8 @@ use std::{
 use aya::{
     maps::{MapData, MapError, SockHash},
     programs::{
-        CgroupSock, CgroupSockAddr, CgroupSockopt, Program, ProgramError, SkLookup, SkMsg, SockOps,
+        CgroupSock, CgroupSockAddr, CgroupSockopt, Program, ProgramError, SchedClassifier,
+        SkLookup, SkMsg, SockOps,
     },
     Ebpf, EbpfLoader,
 };
@@ -134,6 +135,7 @@ const BPF_CGROUP_GETSOCKOPT: u32 = 21;
 const BPF_CGROUP_INET4_GETPEERNAME: u32 = 29;
 const BPF_CGROUP_INET6_GETPEERNAME: u32 = 30;
 const BPF_SK_LOOKUP: u32 = 36;
+const BPF_TCX_INGRESS: u32 = 46;
 
 pub const ATTACHMENTS: [Attachment; 11] = [
     Attachment {
@@ -582,8 +584,10 @@ pub fn attach_netns(
     Ok(LinkAction::Created)
 }
 
-/// Detach the sk_lookup program from pod netns `netns` (dropping the pin releases the link).
+/// Detach the sk_lookup program from pod netns `netns` (dropping the pin releases the link),
+/// and the tc program from its `-k` interfaces.
 pub fn detach_netns(bpffs: &Path, netns: NetnsCookie) -> bool {
+    detach_forward(bpffs, netns);
     fs::remove_file(netns_link_pin(bpffs, netns)).is_ok()
 }
 
@@ -602,12 +606,108 @@ pub fn update_netns_links(
             // A link whose netns died is defunct: forget it.
             Err(e) if e.source.raw_os_error() == Some(libc::ENOLINK) => {
                 let _ = fs::remove_file(&pin);
+                detach_forward(bpffs, cookie);
                 gone.push(cookie);
             }
             Err(e) => return Err(e.into()),
         }
     }
     Ok((updated, gone))
+}
+
+/// Load the tc program of `-k` interfaces (attached per pod interface, through tcx).
+pub fn load_forward(ebpf: &mut Ebpf) -> Result<OwnedFd, BpfError> {
+    const NAME: &str = "sockmesh_forward";
+    Ok(load_fd!(program(ebpf, NAME)?, SchedClassifier, NAME))
+}
+
+const FORWARD_LINK_PREFIX: &str = "tcx-";
+
+fn forward_link_pin(bpffs: &Path, netns: NetnsCookie, ifindex: u32) -> PathBuf {
+    links_dir(bpffs).join(format!("{FORWARD_LINK_PREFIX}{netns}-{ifindex}"))
+}
+
+/// The pinned tcx links: (pod netns cookie, ifindex, pin path).
+fn forward_links(bpffs: &Path) -> Vec<(NetnsCookie, u32, PathBuf)> {
+    let Ok(rd) = fs::read_dir(links_dir(bpffs)) else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let (cookie, ifindex) = name.strip_prefix(FORWARD_LINK_PREFIX)?.split_once('-')?;
+            Some((
+                NetnsCookie(cookie.parse().ok()?),
+                ifindex.parse().ok()?,
+                e.path(),
+            ))
+        })
+        .collect()
+}
+
+/// Put the tc program in force at the ingress of each of pod `netns`'s (fd `ns`) `-k`
+/// interfaces `ifindexes`, through tcx links pinned under `<bpffs>/links/tcx-<cookie>-<ifindex>`
+/// (an existing link is switched to `prog`); the pod's links on other interfaces go.
+pub fn attach_forward(
+    prog: BorrowedFd<'_>,
+    ns: BorrowedFd<'_>,
+    bpffs: &Path,
+    netns: NetnsCookie,
+    ifindexes: &[u32],
+) -> Result<(), BpfError> {
+    for &ifindex in ifindexes {
+        let pin = forward_link_pin(bpffs, netns, ifindex);
+        if pin.exists() {
+            let link = obj_get(&pin)?;
+            link_update(link.as_fd(), prog)?;
+            continue;
+        }
+        let prog = prog.try_clone_to_owned().map_err(|source| SyscallError {
+            call: "dup(prog)",
+            source,
+        })?;
+        // tcx resolves the ifindex in the caller's netns: create the link inside the pod's.
+        let link = sys::in_netns(ns, move || {
+            let mut attr = [0u64; 8];
+            attr[0] = u32_pair(prog.as_raw_fd() as u32, ifindex);
+            attr[1] = u32_pair(BPF_TCX_INGRESS, 0);
+            let fd = bpf_syscall(BPF_LINK_CREATE, &mut attr, "bpf(BPF_LINK_CREATE tcx)")?;
+            // SAFETY: the kernel returned a new fd.
+            Ok::<_, SyscallError>(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+        })??;
+        obj_pin(link.as_fd(), &pin)?;
+    }
+    for (cookie, ifindex, pin) in forward_links(bpffs) {
+        if cookie == netns && !ifindexes.contains(&ifindex) {
+            let _ = fs::remove_file(pin);
+        }
+    }
+    Ok(())
+}
+
+/// Detach the tc program from every interface of pod `netns` (dropping a pin releases its link).
+pub fn detach_forward(bpffs: &Path, netns: NetnsCookie) {
+    for (cookie, _, pin) in forward_links(bpffs) {
+        if cookie == netns {
+            let _ = fs::remove_file(pin);
+        }
+    }
+}
+
+/// Switch every pod's tcx links to `prog`; links whose interface is gone are dropped.
+pub fn update_forward_links(prog: BorrowedFd<'_>, bpffs: &Path) -> Result<usize, BpfError> {
+    let mut updated = 0;
+    for (_, _, pin) in forward_links(bpffs) {
+        let link = obj_get(&pin)?;
+        match link_update(link.as_fd(), prog) {
+            Ok(()) => updated += 1,
+            Err(e) if e.source.raw_os_error() == Some(libc::ENOLINK) => {
+                let _ = fs::remove_file(&pin);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(updated)
 }
 
 const BPF_OBJ_GET_INFO_BY_FD: u32 = 15;
@@ -629,6 +729,7 @@ pub fn dead_pods(bpffs: &Path) -> Result<Vec<NetnsCookie>, BpfError> {
     for (cookie, pin) in netns_links(bpffs) {
         if !netns_link_alive(&pin)? {
             let _ = fs::remove_file(&pin);
+            detach_forward(bpffs, cookie);
             gone.push(cookie);
         }
     }
