@@ -577,6 +577,21 @@ impl IstioArgs {
         let mut spec = PodSpec::new(config, members, cidrs, Vec::new());
         // Only the exact string TPROXY changes the mode (anything else means REDIRECT).
         if self.interception_mode == "TPROXY" {
+            // Mark 0 is every unmarked packet's, and table 0 is no table: neither can steer.
+            if tproxy_mark == 0 {
+                return Err(err(
+                    "-t",
+                    "0 cannot be the TPROXY mark (every unmarked packet carries 0): use a \
+                     non-zero mark, such as istio's default 1337",
+                ));
+            }
+            if tproxy_table == 0 {
+                return Err(err(
+                    "-r",
+                    "0 is not a routing table: use a table id from 1, such as istio's default \
+                     133",
+                ));
+            }
             spec.config.flags |= PodFlags::TPROXY;
         }
         if !exclude_ifaces.is_empty() {
@@ -696,6 +711,9 @@ pub(crate) mod tests {
             (vec!["-p", ""], "-p:"),
             (vec!["--bogus"], "--bogus:"),
             (vec!["-m", "TPROXY", "-t", "x"], "-t:"),
+            // Found by fuzzing (istio_flags): the agent refused these after init accepted them.
+            (vec!["-m", "TPROXY", "-t", "00"], "-t:"),
+            (vec!["-m", "TPROXY", "-r", "0"], "-r:"),
             (vec!["--capture-all-dns=maybe"], "--capture-all-dns"),
             (vec!["--dry-run=maybe"], "--dry-run"),
         ] {
