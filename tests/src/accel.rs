@@ -462,8 +462,10 @@ pub fn client(spec: &ConnectSpec, case: &str) -> Result<String> {
         }
         // The server stops reading: 16 MiB of writes wait, then all arrive.
         "back-pressure" => {
-            s.write_all(b"stall\n")?;
+            // The data is made before the server is told to stall: made after, on a loaded
+            // machine, it could take most of the server's second, and the writes not wait.
             let data = pattern(16 << 20);
+            s.write_all(b"stall\n")?;
             let t = Instant::now();
             s.write_all(&data)?;
             let waited = t.elapsed() >= Duration::from_millis(500);
