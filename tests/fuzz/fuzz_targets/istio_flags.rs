@@ -8,20 +8,12 @@ use sockmesh::{
     core::spec::PodSpec,
     init::{
         dry_run::decision_table,
-        flags::{CommandLine, Env},
+        flags::CommandLine,
         istio::{IfAddr, IstioArgs},
     },
 };
 use sockmesh_api::pb;
 use sockmesh_fuzz::Invocation;
-
-struct FuzzEnv<'a>(&'a Invocation);
-
-impl Env for FuzzEnv<'_> {
-    fn var(&self, name: &str) -> Option<String> {
-        self.0.env.get(name).cloned()
-    }
-}
 
 fuzz_target!(|data: &[u8]| {
     let inv = Invocation::from_bytes("istio-iptables", data);
@@ -34,7 +26,7 @@ fuzz_target!(|data: &[u8]| {
             ip: a.parse().unwrap(),
         })
         .collect();
-    let Ok((spec, _action)) = args.to_spec(&FuzzEnv(&inv), &addrs) else {
+    let Ok((spec, _action)) = args.to_spec(&inv, &addrs) else {
         return;
     };
     round_trips(&spec, &addrs);

@@ -26,4 +26,11 @@ impl Invocation {
     }
 }
 
+/// The environment `init` reads (istio's env-only settings) is the invocation's.
+impl sockmesh::init::flags::Env for Invocation {
+    fn var(&self, name: &str) -> Option<String> {
+        self.env.get(name).cloned()
+    }
+}
+
 pub mod seeds;

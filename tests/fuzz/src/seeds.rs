@@ -356,16 +356,12 @@ fn assignment(name: &str) -> eds::ClusterLoadAssignment {
 /// The registration each istio command line gives, as the init container sends it.
 fn pod_settings() -> Vec<(String, Vec<u8>)> {
     use sockmesh::init::{
-        flags::{CommandLine, Env},
+        flags::CommandLine,
         istio::{IfAddr, IstioArgs},
     };
     use sockmesh_api::pb;
-    struct NoEnv;
-    impl Env for NoEnv {
-        fn var(&self, _: &str) -> Option<String> {
-            None
-        }
-    }
+    // As the init container sends it: from the command line alone, no environment.
+    let no_env = crate::Invocation::from_bytes("istio-iptables", &[]);
     let addrs = [IfAddr {
         ip: "10.244.0.5".parse().unwrap(),
     }];
@@ -377,7 +373,7 @@ fn pod_settings() -> Vec<(String, Vec<u8>)> {
             argv.extend(args.iter().filter(|a| !a.starts_with('@')));
             let (spec, _) = IstioArgs::parse_argv(argv)
                 .ok()?
-                .to_spec(&NoEnv, &addrs)
+                .to_spec(&no_env, &addrs)
                 .ok()?;
             Some((
                 format!("istio-{i}"),

@@ -600,19 +600,28 @@ pub fn update_netns_links(
     let mut updated = 0;
     let mut gone = Vec::new();
     for (cookie, pin) in netns_links(bpffs) {
-        let link = obj_get(&pin)?;
-        match link_update(link.as_fd(), prog) {
-            Ok(()) => updated += 1,
-            // A link whose netns died is defunct: forget it.
-            Err(e) if e.source.raw_os_error() == Some(libc::ENOLINK) => {
-                let _ = fs::remove_file(&pin);
-                detach_forward(bpffs, cookie);
-                gone.push(cookie);
-            }
-            Err(e) => return Err(e.into()),
+        if switch_pinned(&pin, prog)? {
+            updated += 1;
+        } else {
+            detach_forward(bpffs, cookie);
+            gone.push(cookie);
         }
     }
     Ok((updated, gone))
+}
+
+/// Switch the link pinned at `pin` to `prog`. A link whose netns or interface is gone is
+/// defunct: its pin is removed and `false` returned.
+fn switch_pinned(pin: &Path, prog: BorrowedFd<'_>) -> Result<bool, BpfError> {
+    let link = obj_get(pin)?;
+    match link_update(link.as_fd(), prog) {
+        Ok(()) => Ok(true),
+        Err(e) if e.source.raw_os_error() == Some(libc::ENOLINK) => {
+            let _ = fs::remove_file(pin);
+            Ok(false)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Load the tc program of `-k` interfaces (attached per pod interface, through tcx).
@@ -698,14 +707,7 @@ pub fn detach_forward(bpffs: &Path, netns: NetnsCookie) {
 pub fn update_forward_links(prog: BorrowedFd<'_>, bpffs: &Path) -> Result<usize, BpfError> {
     let mut updated = 0;
     for (_, _, pin) in forward_links(bpffs) {
-        let link = obj_get(&pin)?;
-        match link_update(link.as_fd(), prog) {
-            Ok(()) => updated += 1,
-            Err(e) if e.source.raw_os_error() == Some(libc::ENOLINK) => {
-                let _ = fs::remove_file(&pin);
-            }
-            Err(e) => return Err(e.into()),
-        }
+        updated += usize::from(switch_pinned(&pin, prog)?);
     }
     Ok(updated)
 }
@@ -728,8 +730,7 @@ pub fn dead_pods(bpffs: &Path) -> Result<Vec<NetnsCookie>, BpfError> {
     let mut gone = Vec::new();
     for (cookie, pin) in netns_links(bpffs) {
         if !netns_link_alive(&pin)? {
-            let _ = fs::remove_file(&pin);
-            detach_forward(bpffs, cookie);
+            detach_netns(bpffs, cookie);
             gone.push(cookie);
         }
     }
