@@ -133,19 +133,6 @@ pub fn pod_in(
     pod_in_with(lab, ns, tag, profile, mode, pod_ports, transparent)
 }
 
-/// [`pod`], with the pod's listeners on `transparent` ports IP_TRANSPARENT (sockmesh's `-k`
-/// capture of forwarded connections hands them to a transparent outbound listener only).
-pub fn pod_transparent(
-    lab: &mut Lab,
-    tag: &str,
-    profile: &Profile,
-    mode: Mode,
-    transparent: &[u16],
-) -> Result<Pod> {
-    let ns = lab.netns(&format!("{tag}p"))?;
-    pod_in_with(lab, ns, tag, profile, mode, &POD_PORTS, transparent)
-}
-
 fn pod_in_with(
     lab: &mut Lab,
     ns: Netns,

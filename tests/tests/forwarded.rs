@@ -4,19 +4,15 @@
 //! PREROUTING `-i eth1 [-d CIDR] -j ISTIO_REDIRECT` sends those connections to the outbound
 //! port; under sockmesh the tc program on eth1 does. Both must land on the same listener with
 //! the same SO_ORIGINAL_DST, client address and peer name; a destination the `-i` list leaves
-//! alone reaches the remote directly under both.
+//! alone reaches the remote directly under both, and with no proxy listening both refuse.
+//! The proxy's listener is a plain one, as Envoy's outbound listener in REDIRECT mode.
 
 use sockmesh_tests::{
     kit::Outcome,
     lab::{run, Lab},
-    pods::{self, Caller, Case, Mode, Origin, Pod, PEER2, POD_ETH1, POD_V4},
+    pods::{self, Caller, Case, Mode, Origin, Pod, PEER2, POD_ETH1, POD_PORTS, POD_V4},
     profiles::{self, Profile},
 };
-
-/// The agent's setting that turns on capture of forwarded connections (off by default).
-fn forwarded_capture() -> Vec<String> {
-    vec!["--forwarded-capture".into(), "on".into()]
-}
 
 fn profile(name: &str) -> Profile {
     profiles::all()
@@ -37,19 +33,16 @@ fn route_through(pod: &Pod) {
         .unwrap();
 }
 
-/// The VM's calls to `dsts`, under iptables and under sockmesh; each case's outcome under both.
-fn forwarded(p: &Profile, dsts: &[&str]) -> Vec<(String, Outcome, Outcome)> {
+/// The VM's calls to `dsts`, under iptables and under sockmesh, with the pods listening on
+/// `pod_ports`; each case's outcome under both.
+fn forwarded(p: &Profile, pod_ports: &[u16], dsts: &[&str]) -> Vec<(String, Outcome, Outcome)> {
     sockmesh_tests::lab::require_tools(&["ip", "iptables-restore", "sysctl"]).unwrap();
     let mut lab = Lab::new("fwd").unwrap();
-    lab.agent_args = forwarded_capture();
     lab.start_agent().unwrap();
-    // The outbound listener is IP_TRANSPARENT in both pods (Envoy's `transparent: true`): the
-    // kernel sends a SYN-ACK from a non-local address only for such a listener (see
-    // docs/design.md, "Interfaces"). It changes nothing under iptables' REDIRECT.
-    let ipt = pods::pod_transparent(&mut lab, "i", p, Mode::Iptables, &[15001]).unwrap();
+    let ipt = pods::pod_with(&mut lab, "i", p, Mode::Iptables, pod_ports).unwrap();
     pods::apply_iptables(&ipt, p).unwrap();
     route_through(&ipt);
-    let smp = pods::pod_transparent(&mut lab, "s", p, Mode::Sockmesh, &[15001]).unwrap();
+    let smp = pods::pod_with(&mut lab, "s", p, Mode::Sockmesh, pod_ports).unwrap();
     pods::apply_sockmesh(&lab, &smp, p).unwrap();
     route_through(&smp);
     let vm = Caller {
@@ -115,13 +108,16 @@ fn check(r: &[(String, Outcome, Outcome)], want: &[(&str, &str, &str)]) {
 fn vm_calls_to_remote_addresses_go_to_the_outbound_port() {
     let r = forwarded(
         &profile("kube-virt-interface"),
-        &["192.0.2.20:80", "198.51.100.10:8081"],
+        &POD_PORTS,
+        &["192.0.2.20:80", "198.51.100.10:8081", "198.18.0.10:8080"],
     );
     check(
         &r,
         &[
             ("192.0.2.20:80", "pod:15001", "192.0.2.20:80"),
             ("198.51.100.10:8081", "pod:15001", "198.51.100.10:8081"),
+            // The pod's own address on the -k interface (sk_lookup's case): outbound too.
+            ("198.18.0.10:8080", "pod:15001", "198.18.0.10:8080"),
         ],
     );
     // The proxy sees the VM as the client under both (the same outcome, checked above).
@@ -132,6 +128,7 @@ fn vm_calls_to_remote_addresses_go_to_the_outbound_port() {
 fn with_an_include_list_only_listed_destinations_are_captured() {
     let r = forwarded(
         &profile("kube-virt-interface-cidrs"),
+        &POD_PORTS,
         &["198.51.100.10:80", "192.0.2.20:80"],
     );
     check(
@@ -144,7 +141,43 @@ fn with_an_include_list_only_listed_destinations_are_captured() {
     );
 }
 
-/// The pod's tcx link pins under the agent's bpffs folder, and its `-k` policy rule.
+/// In TPROXY mode mangle PREROUTING's ISTIO_INBOUND sees the VM's connection before nat's
+/// `-k` rule, and the inbound listener its TPROXY picked keeps it: a VM's call goes to the
+/// inbound port. Only a port ISTIO_INBOUND returns (an excluded inbound port) meets the `-k`
+/// rule and goes to the outbound port.
+#[test]
+fn in_tproxy_mode_vm_calls_go_where_mangle_sends_them_first() {
+    let p = Profile {
+        name: "kube-virt-interface-tproxy",
+        tproxy: true,
+        inbound_exclude: vec![15090],
+        ..profile("kube-virt-interface")
+    };
+    let own = format!("{POD_ETH1}:8080");
+    let r = forwarded(&p, &POD_PORTS, &["192.0.2.20:80", "192.0.2.20:15090", &own]);
+    check(
+        &r,
+        &[
+            ("192.0.2.20:80", "pod:15006", "192.0.2.20:80"),
+            ("192.0.2.20:15090", "pod:15001", "192.0.2.20:15090"),
+            // The pod's own address on the -k interface: sk_lookup decides it, the same way.
+            (&own, "pod:15006", &own),
+        ],
+    );
+}
+
+/// No proxy on the outbound port: the VM's connection is refused under both (REDIRECT's RST
+/// from the pod, translated back), never sent around the proxy to the remote.
+#[test]
+fn with_no_proxy_listening_a_vm_call_is_refused_not_forwarded() {
+    let r = forwarded(&profile("kube-virt-interface"), &[8080], &["192.0.2.20:80"]);
+    let (label, ipt, smp) = &r[0];
+    assert_eq!(ipt, smp, "{label}: iptables {ipt:?}, sockmesh {smp:?}");
+    assert_eq!(*smp, Outcome::Refused, "{label}");
+}
+
+/// The pod's tcx link pins under the agent's bpffs folder, and whether a policy rule of the
+/// earlier design (`lookup 15001`) is in the pod: there must be none.
 fn leftovers(lab: &Lab, pod: &Pod) -> (Vec<String>, bool) {
     let pins = std::fs::read_dir(lab.bpffs.join("links"))
         .map(|rd| {
@@ -163,9 +196,8 @@ fn leftovers(lab: &Lab, pod: &Pod) -> (Vec<String>, bool) {
 fn a_missing_interface_registers_nothing_a_restart_keeps_it_and_unregistering_takes_it_away() {
     let p = profile("kube-virt-interface");
     let mut lab = Lab::new("fwdc").unwrap();
-    lab.agent_args = forwarded_capture();
     lab.start_agent().unwrap();
-    let pod = pods::pod_transparent(&mut lab, "s", &p, Mode::Sockmesh, &[15001]).unwrap();
+    let pod = pods::pod(&mut lab, "s", &p, Mode::Sockmesh).unwrap();
     route_through(&pod);
     let vm = Caller {
         origin: Origin::Peer2,
@@ -185,7 +217,7 @@ fn a_missing_interface_registers_nothing_a_restart_keeps_it_and_unregistering_ta
 
     pods::apply_sockmesh(&lab, &pod, &p).unwrap();
     let (pins, rule) = leftovers(&lab, &pod);
-    assert_eq!((pins.len(), rule), (1, true), "{pins:?}");
+    assert_eq!((pins.len(), rule), (2, false), "{pins:?}");
     let captured = pods::probe(&lab, &pod, &case).unwrap();
     assert_eq!(landed(&captured), Some(("pod:15001", "192.0.2.20:80")));
 
@@ -193,7 +225,6 @@ fn a_missing_interface_registers_nothing_a_restart_keeps_it_and_unregistering_ta
     lab.stop_agent(libc::SIGTERM).unwrap();
     let during = pods::probe(&lab, &pod, &case).unwrap();
     assert_eq!(landed(&during), Some(("pod:15001", "192.0.2.20:80")));
-    lab.agent_args = forwarded_capture();
     lab.start_agent().unwrap();
     assert!(
         lab.agent_log()
@@ -202,11 +233,11 @@ fn a_missing_interface_registers_nothing_a_restart_keeps_it_and_unregistering_ta
         lab.agent_log()
     );
     let (pins, rule) = leftovers(&lab, &pod);
-    assert_eq!((pins.len(), rule), (1, true), "{pins:?}");
+    assert_eq!((pins.len(), rule), (2, false), "{pins:?}");
     let restarted = pods::probe(&lab, &pod, &case).unwrap();
     assert_eq!(landed(&restarted), Some(("pod:15001", "192.0.2.20:80")));
 
-    // --cleanup-only: the tc program and the policy route go; the VM's calls go around again.
+    // --cleanup-only: the tc programs go; the VM's calls reach the remote again.
     run(lab
         .sockmesh_in(&pod.ns)
         .unwrap()
@@ -217,42 +248,16 @@ fn a_missing_interface_registers_nothing_a_restart_keeps_it_and_unregistering_ta
     assert_eq!(after.listener(), Some("peer:80"), "{after:?}");
 }
 
-/// The departure (docs/design.md): with an outbound listener that is not IP_TRANSPARENT the
-/// kernel has no route for the SYN-ACK from the original destination, so the forwarded
-/// connection is assigned, counted, and times out (istio-iptables' REDIRECT needs no such
-/// listener). It is never forwarded around the proxy.
-#[test]
-fn an_outbound_listener_that_is_not_transparent_gets_nothing() {
-    let p = profile("kube-virt-interface");
-    let mut lab = Lab::new("fwdt").unwrap();
-    lab.agent_args = forwarded_capture();
-    lab.start_agent().unwrap();
-    let pod = pods::pod(&mut lab, "s", &p, Mode::Sockmesh).unwrap();
-    pods::apply_sockmesh(&lab, &pod, &p).unwrap();
-    route_through(&pod);
-    let vm = Caller {
-        origin: Origin::Peer2,
-        ..Caller::new("vm", 0, 0)
-    };
-    let case = Case::new(vm, "192.0.2.20:80".parse().unwrap());
-    let o = pods::probe(&lab, &pod, &case).unwrap();
-    assert_eq!(o, Outcome::Timeout);
-    let dump = lab.dump().unwrap();
-    let n = &dump["pods"][0]["counters"]["kube_virt_redirect"];
-    assert!(n.as_u64().unwrap_or(0) >= 1, "{dump:#}");
-}
-
 /// A pod whose netns is gone: its interfaces took the tc links with them, and the agent drops
 /// their pins when it forgets the pod (here at its next start).
 #[test]
 fn a_pod_whose_netns_is_gone_leaves_no_tc_link() {
     let p = profile("kube-virt-interface");
     let mut lab = Lab::new("fwdg").unwrap();
-    lab.agent_args = forwarded_capture();
     lab.start_agent().unwrap();
     // No process in the pod, so deleting its netns destroys it.
     let pod = pods::captured(&mut lab, "s", &p, Mode::Sockmesh, &[]).unwrap();
-    assert_eq!(leftovers(&lab, &pod).0.len(), 1);
+    assert_eq!(leftovers(&lab, &pod).0.len(), 2);
     lab.stop_agent(libc::SIGTERM).unwrap();
     let (peer, vm) = (pod.peer.clone(), pod.peer2.clone().expect("a second link"));
     lab.remove_netns(&pod.ns).unwrap();
@@ -260,7 +265,6 @@ fn a_pod_whose_netns_is_gone_leaves_no_tc_link() {
     lab.remove_netns(&vm).unwrap();
     // The kernel destroys a namespace in the background.
     std::thread::sleep(std::time::Duration::from_secs(2));
-    lab.agent_args = forwarded_capture();
     lab.start_agent().unwrap();
     let pins: Vec<String> = std::fs::read_dir(lab.bpffs.join("links"))
         .unwrap()
@@ -270,23 +274,4 @@ fn a_pod_whose_netns_is_gone_leaves_no_tc_link() {
         .collect();
     assert!(pins.is_empty(), "{pins:?}\n{}", lab.agent_log());
     assert!(lab.dump().unwrap()["pods"].as_array().unwrap().is_empty());
-}
-
-/// The agent's default (`--forwarded-capture off`): a VM's call to a remote address is
-/// forwarded untouched, reaching the remote itself, as before the setting existed.
-#[test]
-fn with_forwarded_capture_off_a_vm_reaches_the_remote_directly() {
-    let p = profile("kube-virt-interface");
-    let mut lab = Lab::new("fwdo").unwrap();
-    lab.start_agent().unwrap();
-    let pod = pods::pod_transparent(&mut lab, "s", &p, Mode::Sockmesh, &[15001]).unwrap();
-    pods::apply_sockmesh(&lab, &pod, &p).unwrap();
-    route_through(&pod);
-    let vm = Caller {
-        origin: Origin::Peer2,
-        ..Caller::new("vm", 0, 0)
-    };
-    let case = Case::new(vm, "192.0.2.20:80".parse().unwrap());
-    let o = pods::probe(&lab, &pod, &case).unwrap();
-    assert_eq!(o.listener(), Some("peer:80"), "{o:?}");
 }

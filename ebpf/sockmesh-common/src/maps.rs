@@ -229,6 +229,10 @@ pub mod counters {
     /// record was evicted (`SM_ORIG_DST` is an LRU map of `--orig-dst-entries`; the oldest
     /// records go first) or never stored. The proxy reads its own address.
     pub const ORIG_DST_LOST: u32 = 110;
+    /// A connection forwarded from a `-k` interface was to be captured, but the pod has no
+    /// address toward its client (no route source of that family): dropped, as REDIRECT
+    /// drops what arrives on an interface without an address.
+    pub const FORWARD_NO_ADDRESS: u32 = 111;
 
     pub const fn name(c: u32) -> Option<&'static str> {
         match c {
@@ -243,6 +247,7 @@ pub mod counters {
             ACCEL_WINDOW_FULL => Some("accel_window_full"),
             ACCEL_RESUMED => Some("accel_resumed"),
             ORIG_DST_LOST => Some("orig_dst_lost"),
+            FORWARD_NO_ADDRESS => Some("forward_no_address"),
             _ => None,
         }
     }

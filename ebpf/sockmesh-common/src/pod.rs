@@ -27,14 +27,6 @@ impl core::fmt::Display for NetnsCookie {
 /// value rather than in a set map.
 pub const MAX_OWNERS: usize = 8;
 
-/// The mark sockmesh's tc program on a `-k` interface sets on a packet it hands to the pod's
-/// proxy, and the routing table the agent points it to (`ip rule fwmark FORWARD_MARK lookup
-/// FORWARD_TABLE`, `local default dev lo table FORWARD_TABLE`): the packet is for a remote
-/// address, and must be delivered locally instead of forwarded. Apart from istio's 1337, 1338
-/// and table 133.
-pub const FORWARD_MARK: u32 = 0x536b_0001;
-pub const FORWARD_TABLE: u32 = 15001;
-
 /// The bits of [`PodConfig::flags`]: which of istio's (or linkerd's) chains a pod has.
 #[repr(transparent)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

@@ -1,66 +1,70 @@
-//! tc ingress (`clsact`) on a pod's `-k` interfaces: a new TCP connection forwarded *through*
-//! the pod (a VM behind the interface calling a remote address) goes to the pod's outbound
-//! listener when [`sockmesh_common::decide_forwarded`] says so, as istio's nat PREROUTING
-//! `-i IF [-d CIDR] -j ISTIO_REDIRECT` does. No packet is rewritten: the packet is assigned to
-//! the listener (`bpf_sk_assign`), or to the connection's established socket, and marked
-//! [`FORWARD_MARK`] so the agent's policy route delivers it locally instead of forwarding it.
-//! The proxy's accepted socket has the original destination as its local address, which is
-//! what its `SO_ORIGINAL_DST` answers (see `getsockopt`).
-
-use core::ffi::c_void;
+//! tc (tcx) on a pod's `-k` interfaces: a new TCP connection forwarded *through* the pod (a VM
+//! behind the interface calling a remote address) goes to the pod's proxy when
+//! [`sockmesh_common::decide_forwarded`] says so, as istio's nat PREROUTING
+//! `-i IF [-d CIDR] -j ISTIO_REDIRECT` (or, in TPROXY mode, mangle's ISTIO_INBOUND first) does,
+//! and the way REDIRECT does it: the ingress program rewrites the destination to the pod's
+//! address on that interface (the source address of the pod's route back to the VM) and the
+//! capture port; the egress program rewrites the answers' source back to the original
+//! destination. Any listener gets such a connection, as under iptables.
+//!
+//! The flow's record is the `ORIG_DST` entry under the proxy's view of it (client the VM,
+//! server the pod's address and capture port): it is what SO_ORIGINAL_DST answers and what
+//! both programs translate by. Its client is not one of the pod's addresses, so it is never
+//! another record's key. It leaves when the proxy's socket closes (see `sockops`), or with the
+//! pod's RST (no listener).
 
 use aya_ebpf::{
-    bindings::{bpf_sock, TC_ACT_OK, TC_ACT_SHOT},
-    helpers::generated::{bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp},
+    bindings::{BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
+    helpers::generated::bpf_csum_diff,
     macros::classifier,
     programs::TcContext,
 };
 use sockmesh_common::{
-    decide_forwarded, forward_key, v4_mapped, Action, Addr, Arrival, FORWARD_MARK,
+    counters, decide_forwarded, forward_key, v4_mapped, Action, Addr, Arrival, ConnKey, OrigDst,
+    PodFlags, AF_INET, AF_INET6,
 };
 
-use crate::maps::{count, pod, PodRules, ADDR_POD};
+use crate::maps::{count, pod, route_key, PodRules, ADDR_POD, ORIG_DST, ROUTE_SRC};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const IPPROTO_TCP: u8 = 6;
+const TCP_RST: u8 = 0x04;
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
-const BPF_TCP_LISTEN: u32 = 10;
-/// `BPF_F_CURRENT_NETNS`: look sockets up in the netns of the packet's device (the pod's).
-const CURRENT_NETNS: u64 = u64::MAX;
+/// Offsets in the IPv4 header: checksum, source, destination.
+const IP4_CSUM: usize = ETH_HLEN + 10;
+const IP4_SRC: usize = ETH_HLEN + 12;
+const IP4_DST: usize = ETH_HLEN + 16;
+/// Offsets in the IPv6 header: source, destination.
+const IP6_SRC: usize = ETH_HLEN + 8;
+const IP6_DST: usize = ETH_HLEN + 24;
+/// Offset of the checksum in the TCP header.
+const TCP_CSUM: usize = 16;
+const OK: i32 = TC_ACT_OK as i32;
+const SHOT: i32 = TC_ACT_SHOT as i32;
 
-/// `struct bpf_sock_tuple`'s IPv4 half: addresses and ports in network order.
-#[repr(C)]
-struct Tuple4 {
-    saddr: [u8; 4],
-    daddr: [u8; 4],
-    sport: [u8; 2],
-    dport: [u8; 2],
-}
-
-/// `struct bpf_sock_tuple`'s IPv6 half.
-#[repr(C)]
-struct Tuple6 {
-    saddr: Addr,
-    daddr: Addr,
-    sport: [u8; 2],
-    dport: [u8; 2],
-}
-
+/// From the VM: a new connection is decided and, when captured, rewritten to the proxy.
 #[classifier]
 pub fn sockmesh_forward(ctx: TcContext) -> i32 {
-    try_forward(&ctx).unwrap_or(TC_ACT_OK as i32)
+    try_ingress(&ctx).unwrap_or(OK)
 }
 
-/// A TCP segment's addresses, ports and flags, with the tuple the socket lookups take.
+/// To the VM: the proxy's answers on a captured connection leave from the original destination.
+#[classifier]
+pub fn sockmesh_forward_egress(ctx: TcContext) -> i32 {
+    try_egress(&ctx).unwrap_or(OK)
+}
+
+/// A TCP segment's addresses, ports and flags, and where its TCP header starts.
 struct Segment {
     src: Addr,
     dst: Addr,
-    sport: [u8; 2],
-    dport: [u8; 2],
+    sport: u16,
+    dport: u16,
     flags: u8,
+    l4: usize,
     v4: bool,
 }
 
@@ -76,8 +80,8 @@ fn parse(ctx: &TcContext) -> Result<Segment, i64> {
         if u16::from_be(ctx.load::<u16>(ETH_HLEN + 6)?) & 0x1fff != 0 {
             return Err(0);
         }
-        let s: [u8; 4] = ctx.load(ETH_HLEN + 12)?;
-        let d: [u8; 4] = ctx.load(ETH_HLEN + 16)?;
+        let s: [u8; 4] = ctx.load(IP4_SRC)?;
+        let d: [u8; 4] = ctx.load(IP4_DST)?;
         let ihl = ((vihl & 0x0f) as usize) * 4;
         if ihl < 20 {
             return Err(0);
@@ -88,8 +92,8 @@ fn parse(ctx: &TcContext) -> Result<Segment, i64> {
         if ctx.load::<u8>(ETH_HLEN + 6)? != IPPROTO_TCP {
             return Err(0);
         }
-        let s: Addr = ctx.load(ETH_HLEN + 8)?;
-        let d: Addr = ctx.load(ETH_HLEN + 24)?;
+        let s: Addr = ctx.load(IP6_SRC)?;
+        let d: Addr = ctx.load(IP6_DST)?;
         (s, d, ETH_HLEN + 40, false)
     } else {
         return Err(0);
@@ -97,128 +101,196 @@ fn parse(ctx: &TcContext) -> Result<Segment, i64> {
     Ok(Segment {
         src,
         dst,
-        sport: ctx.load(l4)?,
-        dport: ctx.load(l4 + 2)?,
+        sport: u16::from_be(ctx.load(l4)?),
+        dport: u16::from_be(ctx.load(l4 + 2)?),
         flags: ctx.load(l4 + 13)?,
+        l4,
         v4,
     })
 }
 
-/// Look up a TCP socket (established, request, time-wait or listening) for `src` → `dst` in
-/// the pod's netns.
+/// Which end of the segment a rewrite changes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum End {
+    Source,
+    Destination,
+}
+
+/// Replace one end's address and port with `addr`, `port`, keeping the IPv4 and TCP checksums
+/// right (the TCP one covers the addresses through its pseudo-header).
 #[inline(always)]
-fn lookup(ctx: &TcContext, seg: &Segment, dst: &Addr, dport: [u8; 2]) -> *mut bpf_sock {
-    let skb = ctx.skb.skb as *mut c_void;
-    unsafe {
-        if seg.v4 {
-            let mut t = Tuple4 {
-                saddr: [seg.src[12], seg.src[13], seg.src[14], seg.src[15]],
-                daddr: [dst[12], dst[13], dst[14], dst[15]],
-                sport: seg.sport,
-                dport,
-            };
-            bpf_skc_lookup_tcp(
-                skb,
-                (&mut t as *mut Tuple4).cast(),
-                core::mem::size_of::<Tuple4>() as u32,
-                CURRENT_NETNS,
-                0,
-            )
-        } else {
-            let mut t = Tuple6 {
-                saddr: seg.src,
-                daddr: *dst,
-                sport: seg.sport,
-                dport,
-            };
-            bpf_skc_lookup_tcp(
-                skb,
-                (&mut t as *mut Tuple6).cast(),
-                core::mem::size_of::<Tuple6>() as u32,
-                CURRENT_NETNS,
-                0,
-            )
+fn rewrite(ctx: &TcContext, seg: &Segment, end: End, addr: &Addr, port: u16) -> Result<(), i64> {
+    let src = end == End::Source;
+    let (old_addr, old_port) = if src {
+        (&seg.src, seg.sport)
+    } else {
+        (&seg.dst, seg.dport)
+    };
+    let csum = seg.l4 + TCP_CSUM;
+    if seg.v4 {
+        let old = u32::from_ne_bytes([old_addr[12], old_addr[13], old_addr[14], old_addr[15]]);
+        let new = [addr[12], addr[13], addr[14], addr[15]];
+        let new_word = u32::from_ne_bytes(new);
+        ctx.l3_csum_replace(IP4_CSUM, old as u64, new_word as u64, 4)?;
+        ctx.l4_csum_replace(
+            csum,
+            old as u64,
+            new_word as u64,
+            BPF_F_PSEUDO_HDR as u64 | 4,
+        )?;
+        ctx.store(if src { IP4_SRC } else { IP4_DST }, &new, 0)?;
+    } else {
+        let mut from = *old_addr;
+        let mut to = *addr;
+        let diff =
+            unsafe { bpf_csum_diff(from.as_mut_ptr().cast(), 16, to.as_mut_ptr().cast(), 16, 0) };
+        if diff < 0 {
+            return Err(diff);
         }
+        ctx.l4_csum_replace(csum, 0, diff as u64, BPF_F_PSEUDO_HDR as u64)?;
+        ctx.store(if src { IP6_SRC } else { IP6_DST }, addr, 0)?;
     }
+    let (old, new) = (old_port.to_be_bytes(), port.to_be_bytes());
+    ctx.l4_csum_replace(
+        csum,
+        u16::from_ne_bytes(old) as u64,
+        u16::from_ne_bytes(new) as u64,
+        2,
+    )?;
+    ctx.store(seg.l4 + if src { 0 } else { 2 }, &new, 0)?;
+    Ok(())
 }
 
-/// Hand the packet to `sk` and mark it for local delivery; releases `sk`.
+/// All zeroes (an address the agent left unset).
 #[inline(always)]
-fn assign(ctx: &TcContext, sk: *mut bpf_sock) -> i64 {
-    let ret = unsafe { bpf_sk_assign(ctx.skb.skb as *mut c_void, sk.cast(), 0) };
-    unsafe { bpf_sk_release(sk.cast()) };
-    if ret == 0 {
-        ctx.set_mark(FORWARD_MARK);
+fn unset(a: &Addr) -> bool {
+    let mut i = 0;
+    while i < 16 {
+        if a[i] != 0 {
+            return false;
+        }
+        i += 1;
     }
-    ret
+    true
 }
 
 #[inline(always)]
-fn try_forward(ctx: &TcContext) -> Result<i32, i64> {
+fn try_ingress(ctx: &TcContext) -> Result<i32, i64> {
     // tc's netns cookie is that of the packet's socket, and a forwarded packet has none: the
     // pod is found by the interface (its index and MAC address, the frame's destination).
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let mac: [u8; 6] = ctx.load(0)?;
     let Some(&netns) = (unsafe { ADDR_POD.get(&forward_key(ifindex, mac)) }) else {
-        return Ok(TC_ACT_OK as i32);
+        return Ok(OK);
     };
     let Some(cfg) = pod(netns) else {
-        return Ok(TC_ACT_OK as i32);
+        return Ok(OK);
     };
     let seg = parse(ctx)?;
     // For one of the pod's own addresses: sk_lookup's business.
     if unsafe { ADDR_POD.get(&seg.dst) }.is_some() {
-        return Ok(TC_ACT_OK as i32);
+        return Ok(OK);
     }
-    // A connection already handed to the proxy: its socket (request or established) has the
-    // original destination as its local address.
-    let sk = lookup(ctx, &seg, &seg.dst, seg.dport);
-    if !sk.is_null() {
-        if unsafe { (*sk).state } != BPF_TCP_LISTEN {
-            assign(ctx, sk);
-            return Ok(TC_ACT_OK as i32);
-        }
-        // A listener of the pod on the destination port (a wildcard one): not this flow's.
-        unsafe { bpf_sk_release(sk.cast()) };
-    }
-    // Only a new connection is decided; the rest of a flow left alone is forwarded.
+    // REDIRECT's new destination: the pod's address toward the VM.
+    let local = match ROUTE_SRC.get(&route_key(netns, &seg.src)) {
+        Some(a) if !unset(a) => *a,
+        _ => [0; 16],
+    };
+    let key = |port| ConnKey {
+        netns,
+        client: seg.src,
+        server: local,
+        client_port: seg.sport,
+        server_port: port,
+        _pad: 0,
+    };
     if seg.flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
-        return Ok(TC_ACT_OK as i32);
+        // The rest of a captured flow follows its first segment to the same port; the rest of
+        // any other flow is forwarded.
+        let mut port = cfg.outbound_port;
+        let mut record = unsafe { ORIG_DST.get(&key(port)) };
+        if record.is_none() && cfg.has(PodFlags::TPROXY) {
+            port = cfg.inbound_port;
+            record = unsafe { ORIG_DST.get(&key(port)) };
+        }
+        if let Some(o) = record {
+            if o.addr == seg.dst && o.port == seg.dport {
+                rewrite(ctx, &seg, End::Destination, &local, port)?;
+            }
+        }
+        return Ok(OK);
     }
     let arrival = Arrival {
         src: seg.src,
-        sport: u16::from_be_bytes(seg.sport),
+        sport: seg.sport,
         dst: seg.dst,
-        dport: u16::from_be_bytes(seg.dport),
+        dport: seg.dport,
         ifindex,
     };
     let Some(verdict) = decide_forwarded(cfg, &PodRules { netns }, &arrival) else {
-        return Ok(TC_ACT_OK as i32);
+        return Ok(OK);
     };
+    count(netns, verdict.reason as u32);
     if verdict.action == Action::Pass {
-        count(netns, verdict.reason as u32);
-        return Ok(TC_ACT_OK as i32);
+        // A record of an earlier flow with the same client port must not catch this one.
+        let _ = ORIG_DST.remove(&key(cfg.outbound_port));
+        if cfg.has(PodFlags::TPROXY) {
+            let _ = ORIG_DST.remove(&key(cfg.inbound_port));
+        }
+        return Ok(OK);
     }
-    // The pod's listener on the capture port, bound to the wildcard or loopback address.
-    let mut lo: Addr = [0; 16];
-    if seg.v4 {
-        lo = v4_mapped([127, 0, 0, 1]);
-    } else {
-        lo[15] = 1;
+    // REDIRECT drops what arrives on an interface without an address of its family.
+    if unset(&local) {
+        count(netns, counters::FORWARD_NO_ADDRESS);
+        return Ok(SHOT);
     }
-    let sk = lookup(ctx, &seg, &lo, verdict.port.to_be_bytes());
-    if !sk.is_null() {
-        if unsafe { (*sk).state } == BPF_TCP_LISTEN {
-            if assign(ctx, sk) == 0 {
-                count(netns, verdict.reason as u32);
-                return Ok(TC_ACT_OK as i32);
-            }
-        } else {
-            unsafe { bpf_sk_release(sk.cast()) };
+    let record = OrigDst {
+        addr: seg.dst,
+        port: seg.dport,
+        family: if seg.v4 { AF_INET } else { AF_INET6 },
+        reason: verdict.reason as u32,
+    };
+    // Without its record the connection could not be translated: never forwarded around
+    // the proxy.
+    if ORIG_DST.insert(&key(verdict.port), &record, 0).is_err() {
+        count(netns, counters::ORIG_DST_STORE_FAILED);
+        return Ok(SHOT);
+    }
+    rewrite(ctx, &seg, End::Destination, &local, verdict.port)?;
+    Ok(OK)
+}
+
+#[inline(always)]
+fn try_egress(ctx: &TcContext) -> Result<i32, i64> {
+    // The pod's interface is the frame's source.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let mac: [u8; 6] = ctx.load(6)?;
+    let Some(&netns) = (unsafe { ADDR_POD.get(&forward_key(ifindex, mac)) }) else {
+        return Ok(OK);
+    };
+    let Some(cfg) = pod(netns) else {
+        return Ok(OK);
+    };
+    let seg = parse(ctx)?;
+    if seg.sport != cfg.outbound_port && seg.sport != cfg.inbound_port {
+        return Ok(OK);
+    }
+    let key = ConnKey {
+        netns,
+        client: seg.dst,
+        server: seg.src,
+        client_port: seg.dport,
+        server_port: seg.sport,
+        _pad: 0,
+    };
+    if let Some(o) = unsafe { ORIG_DST.get(&key) } {
+        let (addr, port) = (o.addr, o.port);
+        rewrite(ctx, &seg, End::Source, &addr, port)?;
+        // The pod refused it (no listener) or the proxy reset it: no socket will close to
+        // take the record away.
+        if seg.flags & TCP_RST != 0 {
+            let _ = ORIG_DST.remove(&key);
         }
     }
-    // No proxy listens: dropped, never forwarded around it (nor delivered to a local socket).
-    let refused = sockmesh_common::Verdict::no_listener(verdict.port);
-    count(netns, refused.reason as u32);
-    Ok(TC_ACT_SHOT as i32)
+    Ok(OK)
 }

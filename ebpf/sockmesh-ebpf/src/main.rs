@@ -9,8 +9,8 @@
 //! - [`getsockopt`]: answers SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST as conntrack would.
 //! - [`getpeername`], [`recvmsg`]: show the app its original peer.
 //! - [`sk_lookup`]: steers new inbound connections to the pod's proxy.
-//! - [`forward`]: tc ingress on `-k` interfaces, steers connections forwarded through the pod
-//!   to its outbound proxy.
+//! - [`forward`]: tc ingress and egress on `-k` interfaces: connections forwarded through the
+//!   pod go to its outbound proxy, translated as REDIRECT translates them.
 //! - [`sock_create`]: remembers each socket's creator (iptables' owner match).
 //! - [`accel`]: opt-in socket acceleration (sock_ops + sk_msg).
 //!

@@ -14,14 +14,14 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use sockmesh_common::{
-    counters, v4_mapped, ConnKey, ListenerKey, NetnsCookie, OrigDst, Reason, SockKey, AF_INET,
-    LISTENER_SLOTS,
+    counters, v4_mapped, ConnKey, ListenerKey, NetnsCookie, OrigDst, PodFlags, Reason, SockKey,
+    AF_INET, LISTENER_SLOTS,
 };
 
 use crate::{
     accel,
     ctx::{self, read_words},
-    maps::{count, sk_storage_of, LISTENERS, ORIG_DST, SOCK_DST},
+    maps::{count, is_local, pod, sk_storage_of, LISTENERS, ORIG_DST, SOCK_DST},
 };
 
 #[sock_ops]
@@ -91,6 +91,7 @@ pub fn watch_state(ctx: &SockOpsContext) {
 fn try_sockops(ctx: &SockOpsContext) {
     let op = ctx.op();
     if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
+        && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB
         && op != BPF_SOCK_OPS_STATE_CB
         && op != BPF_SOCK_OPS_TCP_LISTEN_CB
         && op != BPF_SOCK_OPS_TCP_CONNECT_CB
@@ -104,14 +105,57 @@ fn try_sockops(ctx: &SockOpsContext) {
     }
     if op == BPF_SOCK_OPS_STATE_CB {
         if ctx.arg(1) == BPF_TCP_CLOSE {
-            if ORIG_DST.remove(&conn_key(ctx, netns)).is_ok() {
+            // The client's socket holds its record; the proxy's socket holds a forwarded one.
+            if ORIG_DST.remove(&conn_key(ctx, netns)).is_ok()
+                || ORIG_DST.remove(&server_key(ctx, netns)).is_ok()
+            {
                 count(netns, counters::ORIG_DST_RELEASED);
             }
             accel::forget_address(ctx, netns);
         }
         return;
     }
+    if op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+        watch_forwarded(ctx, netns);
+        return;
+    }
     publish(ctx, netns, op == BPF_SOCK_OPS_TCP_CONNECT_CB);
+}
+
+/// The connection's key in `ORIG_DST`, seen from this socket as the server (the proxy's
+/// accepted socket).
+#[inline(always)]
+fn server_key(ctx: &SockOpsContext, netns: NetnsCookie) -> ConnKey {
+    let k = conn_key(ctx, netns);
+    ConnKey {
+        netns,
+        client: k.server,
+        server: k.client,
+        client_port: k.server_port,
+        server_port: k.client_port,
+        _pad: 0,
+    }
+}
+
+/// A proxy's socket accepting a connection forwarded from a `-k` interface (its record was
+/// made by the tc program, see `forward`; its client is not one of the pod's addresses): the
+/// record leaves when this socket closes.
+#[inline(always)]
+fn watch_forwarded(ctx: &SockOpsContext, netns: NetnsCookie) {
+    let Some(cfg) = pod(netns) else {
+        return;
+    };
+    if !cfg.has(PodFlags::KUBE_VIRT) {
+        return;
+    }
+    let port = ctx.local_port();
+    if port != cfg.outbound_port as u32 && port != cfg.inbound_port as u32 {
+        return;
+    }
+    let key = server_key(ctx, netns);
+    if !is_local(netns, &key.client) && unsafe { ORIG_DST.get(&key) }.is_some() {
+        watch_state(ctx);
+    }
 }
 
 /// Several sockets may listen on one port (SO_REUSEPORT workers): each takes a free slot, so

@@ -17,7 +17,8 @@ use crate::{
 /// may report another ingress for those). Only a TPROXY-mode call that the outbound rules
 /// marked for the inbound listener is steered to it. A connection the pod made from a
 /// transparent source ([`super::local_origin`]) is local traffic too, whatever it looks like
-/// here.
+/// here; a connection forwarded from a `-k` interface arrives here already translated to its
+/// proxy port by tc ingress ([`decide_forwarded`]), with its record, and is left alone too.
 #[inline(always)]
 pub fn decide_arrival<L: Lookups>(cfg: &PodConfig, lookups: &L, a: &Arrival) -> Option<Verdict> {
     if a.ifindex == LOOPBACK_IFINDEX || is_local(lookups, &a.src) {
@@ -28,7 +29,10 @@ pub fn decide_arrival<L: Lookups>(cfg: &PodConfig, lookups: &L, a: &Arrival) -> 
             _ => None,
         };
     }
-    if let Some(Reason::LocalOrigin) = lookups.recorded(a) {
+    // From outside, a record is the pod's own transparent call ([`Reason::LocalOrigin`]) or a
+    // connection forwarded from a `-k` interface that tc ingress already sent to its proxy
+    // port: either way decided.
+    if lookups.recorded(a).is_some() {
         return None;
     }
     Some(decide_inbound(cfg, lookups, a))
@@ -50,30 +54,47 @@ pub fn decide_forwarded<R: Rules>(cfg: &PodConfig, rules: &R, a: &Arrival) -> Op
     Some(decide_inbound(cfg, rules, a))
 }
 
-/// Decide what the pod's nat PREROUTING rules (istio's `-k` and `-c` rules and
-/// `ISTIO_INBOUND`, or linkerd's `PROXY_INIT_REDIRECT`) would do with a new TCP connection.
+/// Decide what the pod's PREROUTING rules (istio's `-k` and `-c` rules and `ISTIO_INBOUND`,
+/// or linkerd's `PROXY_INIT_REDIRECT`) would do with a new TCP connection.
+///
+/// `-k` rules are inserted first in nat PREROUTING: traffic entering there is outbound
+/// traffic. In istio's TPROXY mode, mangle PREROUTING (`ISTIO_INBOUND`) sees the connection
+/// before nat does, and a listener its TPROXY picked keeps the connection whatever nat does
+/// next: there, a `-k` arrival that ISTIO_INBOUND takes goes to the inbound port, and only
+/// one it returns meets the `-k` rule.
 #[inline(always)]
 pub fn decide_inbound<R: Rules>(cfg: &PodConfig, rules: &R, a: &Arrival) -> Verdict {
+    if !is_v4_mapped(&a.src) && !cfg.has(PodFlags::IPV6) {
+        return Verdict::pass(Reason::NoIpv6Rules);
+    }
+    if !cfg.has(PodFlags::KUBE_VIRT) || !rules.member(MemberKind::KubeVirtIfindex, a.ifindex) {
+        return istio_or_linkerd_inbound(cfg, rules, a);
+    }
+    if cfg.has(PodFlags::TPROXY) {
+        let mangle = istio_or_linkerd_inbound(cfg, rules, a);
+        if mangle.action != super::Action::Pass {
+            return mangle;
+        }
+    }
+    let include = if is_v4_mapped(&a.src) {
+        CidrKind::IncludeV4
+    } else {
+        CidrKind::IncludeV6
+    };
+    if cfg.has(PodFlags::OUTBOUND_ALL) || rules.cidr(include, &a.dst) {
+        Verdict::redirect(cfg.outbound_port, Reason::KubeVirtRedirect)
+    } else {
+        Verdict::pass(Reason::KubeVirtReturn)
+    }
+}
+
+/// [`decide_inbound`] past the `-k` rules.
+#[inline(always)]
+fn istio_or_linkerd_inbound<R: Rules>(cfg: &PodConfig, rules: &R, a: &Arrival) -> Verdict {
     let src = &a.src;
     let dport = a.dport;
     let v4 = is_v4_mapped(src);
-    if !v4 && !cfg.has(PodFlags::IPV6) {
-        return Verdict::pass(Reason::NoIpv6Rules);
-    }
     let redirect = |reason| Verdict::redirect(cfg.inbound_port, reason);
-    // -k: inserted first in PREROUTING: traffic entering there is outbound traffic.
-    if cfg.has(PodFlags::KUBE_VIRT) && rules.member(MemberKind::KubeVirtIfindex, a.ifindex) {
-        let include = if v4 {
-            CidrKind::IncludeV4
-        } else {
-            CidrKind::IncludeV6
-        };
-        return if cfg.has(PodFlags::OUTBOUND_ALL) || rules.cidr(include, &a.dst) {
-            Verdict::redirect(cfg.outbound_port, Reason::KubeVirtRedirect)
-        } else {
-            Verdict::pass(Reason::KubeVirtReturn)
-        };
-    }
     // -c: appended to PREROUTING before the ISTIO_INBOUND jump.
     if cfg.has(PodFlags::EXCLUDE_IFACES) && rules.member(MemberKind::ExcludedIfindex, a.ifindex) {
         return Verdict::pass(Reason::InterfaceExcluded);

@@ -494,6 +494,36 @@ fn interfaces() {
         decide_forwarded(&listed, &listed_i, &through(4, [198, 51, 100, 7])),
         Some(Verdict::pass(Reason::KubeVirtReturn))
     );
+    // TPROXY mode: mangle's ISTIO_INBOUND comes first; only what it returns meets -k.
+    let tproxy = cfg(
+        PodFlags::OUTBOUND_ALL | PodFlags::INBOUND_ALL | PodFlags::KUBE_VIRT | PodFlags::TPROXY,
+        &[1337],
+        &[1337],
+    );
+    assert_eq!(
+        decide_forwarded(&tproxy, &s, &through(4, [203, 0, 113, 10])),
+        Some(inbound(Reason::InboundCaptureAll))
+    );
+    let excluded = Sets {
+        members: std::vec![
+            (MemberKind::KubeVirtIfindex, 4),
+            (MemberKind::InboundExcludePort, 443)
+        ],
+        ..Default::default()
+    };
+    assert_eq!(
+        decide_forwarded(&tproxy, &excluded, &through(4, [203, 0, 113, 10])),
+        Some(Verdict::redirect(15001, Reason::KubeVirtRedirect))
+    );
+    let tproxy_no_inbound = cfg(
+        PodFlags::OUTBOUND_ALL | PodFlags::KUBE_VIRT | PodFlags::TPROXY,
+        &[1337],
+        &[1337],
+    );
+    assert_eq!(
+        decide_forwarded(&tproxy_no_inbound, &s, &through(4, [203, 0, 113, 10])),
+        Some(Verdict::redirect(15001, Reason::KubeVirtRedirect))
+    );
     // Without -k, or IPv6 without IPv6 rules: untouched.
     let no_k = cfg(PodFlags::OUTBOUND_ALL, &[1337], &[1337]);
     assert_eq!(
@@ -777,6 +807,10 @@ fn a_transparent_connection_of_the_pod_is_remembered_and_left_alone() {
     // Its arrival looks like inbound traffic from PEER, but is left alone by its record.
     s.records.push((PEER, 40000, Reason::LocalOrigin));
     assert_eq!(decide_arrival(&c, &s, &arr(PEER, 8080)), None);
+    // So is a connection forwarded from a -k interface, which tc ingress translated to the
+    // proxy's port (TPROXY mode's mangle verdict must not take it to the inbound port).
+    s.records = std::vec![(PEER, 40000, Reason::KubeVirtRedirect)];
+    assert_eq!(decide_arrival(&c, &s, &arr(PEER, 15001)), None);
 }
 
 #[test]

@@ -61,14 +61,6 @@ pub struct AgentArgs {
     #[arg(long, default_value_t = sockmesh_common::sizes::ORIG_DST,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub orig_dst_entries: u32,
-    /// `-k`: also capture connections forwarded *through* a pod from its `-k` interfaces (a
-    /// VM behind the pod calling a remote address), as istio's nat PREROUTING rule does. The
-    /// kernel hands such a connection only to an IP_TRANSPARENT outbound listener (Envoy's
-    /// `transparent: true`); with any other listener it is dropped, never sent around the
-    /// proxy. Off: those connections are forwarded untouched (connections for the pod's own
-    /// addresses arriving on a `-k` interface are captured either way).
-    #[arg(long, default_value = "off", value_parser = ["on", "off"])]
-    pub forwarded_capture: String,
 }
 
 /// Block SIGTERM/SIGINT in every thread and return a thread that waits for them: on either, it
@@ -173,7 +165,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     let sk_lookup = loader::load_sk_lookup(&mut ebpf)?;
     let forward = loader::load_forward(&mut ebpf)?;
     let (updated, gone) = loader::update_netns_links(sk_lookup.as_fd(), &args.bpffs)?;
-    let forward_updated = loader::update_forward_links(forward.as_fd(), &args.bpffs)?;
+    let forward_updated = loader::update_forward_links(&forward, &args.bpffs)?;
     if forward_updated > 0 {
         info!(
             links = forward_updated,
@@ -205,7 +197,6 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         bpffs: args.bpffs.clone(),
         sk_lookup,
         forward,
-        forwarded_capture: args.forwarded_capture == "on",
     });
     pods::sweeper(state.clone(), Duration::from_secs(10));
 

@@ -32,9 +32,7 @@ pub struct State {
     /// The loaded sk_lookup program, attached to each registered pod's netns.
     pub sk_lookup: OwnedFd,
     /// The loaded tc program, attached at the ingress of each pod's `-k` interfaces.
-    pub forward: OwnedFd,
-    /// `--forwarded-capture on`: attach it (off: `-k` covers the pod's own addresses only).
-    pub forwarded_capture: bool,
+    pub forward: loader::ForwardProgs,
 }
 
 /// Why a pod was not registered (nothing of it was written).
@@ -123,12 +121,7 @@ pub fn register(
     // -k: the tc program finds the pod by interface index and MAC (it cannot read the netns
     // cookie of a forwarded packet): that key goes into SM_ADDR_POD beside the pod's addresses,
     // so a clash with another pod is refused as an address clash is, and it leaves with them.
-    let forwarded = if state.forwarded_capture {
-        spec.kube_virt_ifaces.as_slice()
-    } else {
-        &[]
-    };
-    for name in forwarded {
+    for name in &spec.kube_virt_ifaces {
         let found = view.ifindex.iter().find(|(n, _)| n == name);
         let mac = view.macs.iter().find(|(n, _)| n == name);
         if let (Some((_, idx)), Some((_, mac))) = (found, mac) {
@@ -206,39 +199,26 @@ pub fn register(
             return Err(RegisterError::Routing(e));
         }
     }
-    // -k: connections forwarded through the pod from those interfaces (tc ingress), delivered
-    // locally by a policy route. Undone entirely if any of it fails.
+    // -k: connections forwarded through the pod from those interfaces (tc ingress and
+    // egress). Undone entirely if any of it fails.
     let kube_virt: Vec<u32> = spec
         .members
         .iter()
-        .filter(|(k, _)| state.forwarded_capture && *k == MemberKind::KubeVirtIfindex)
+        .filter(|(k, _)| *k == MemberKind::KubeVirtIfindex)
         .map(|(_, i)| *i)
         .collect();
-    let v6 = c.has(PodFlags::IPV6);
-    if let Some(old) = before.filter(|o| o.has(PodFlags::KUBE_VIRT)) {
-        if kube_virt.is_empty() || old.has(PodFlags::IPV6) != v6 {
-            let _ = routing::forward_routing(fd, &[], old.has(PodFlags::IPV6), false);
-        }
-    }
     if kube_virt.is_empty() {
         loader::detach_forward(&state.bpffs, netns);
-    } else {
-        let done = routing::forward_routing(fd, &spec.kube_virt_ifaces, v6, true)
-            .map_err(RegisterError::Routing)
-            .and_then(|()| {
-                loader::attach_forward(state.forward.as_fd(), fd, &state.bpffs, netns, &kube_virt)
-                    .map_err(RegisterError::Attach)
-            });
-        if let Err(e) = done {
-            let _ = routing::forward_routing(fd, &[], v6, false);
-            if c.has(PodFlags::TPROXY) {
-                let (m, t, v6) = routing(&c);
-                let _ = routing::tproxy_routing(fd, m, t, v6, false);
-            }
-            let _ = registry::unregister(&mut maps, netns);
-            loader::detach_netns(&state.bpffs, netns);
-            return Err(e);
+    } else if let Err(e) =
+        loader::attach_forward(&state.forward, fd, &state.bpffs, netns, &kube_virt)
+    {
+        if c.has(PodFlags::TPROXY) {
+            let (m, t, v6) = routing(&c);
+            let _ = routing::tproxy_routing(fd, m, t, v6, false);
         }
+        let _ = registry::unregister(&mut maps, netns);
+        loader::detach_netns(&state.bpffs, netns);
+        return Err(RegisterError::Attach(e));
     }
     Ok(())
 }

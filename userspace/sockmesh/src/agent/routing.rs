@@ -4,8 +4,6 @@
 
 use std::{os::fd::BorrowedFd, process::Command};
 
-use sockmesh_common::{FORWARD_MARK, FORWARD_TABLE};
-
 use crate::core::sys::{self, SyscallError};
 
 /// A setting in the pod's netns that could not be made.
@@ -74,47 +72,6 @@ pub fn tproxy_routing(
             if on { "1" } else { "0" },
         )
         .map_err(RoutingError::FwmarkAccept)
-    })?
-}
-
-/// `-k` routing in the pod's netns: a packet the tc program handed to the proxy (marked
-/// [`FORWARD_MARK`]) arriving on one of the `-k` interfaces `ifaces` is for a remote address,
-/// and must be delivered locally instead of forwarded (`ip rule fwmark M iif IF lookup T`,
-/// `local default dev lo table T`). The rule is bound to the interfaces so that it never
-/// routes what the pod sends: with TPROXY's `tcp_fwmark_accept` the proxy's accepted socket
-/// carries the SYN's mark. `on: false` takes it all away again (`ifaces` unused).
-pub fn forward_routing(
-    fd: BorrowedFd<'_>,
-    ifaces: &[String],
-    ipv6: bool,
-    on: bool,
-) -> Result<(), RoutingError> {
-    let ifaces = ifaces.to_vec();
-    sys::in_netns(fd, move || -> Result<(), RoutingError> {
-        let (m, t) = (FORWARD_MARK.to_string(), FORWARD_TABLE.to_string());
-        let mut families = vec![("-4", "0.0.0.0/0")];
-        if ipv6 {
-            families.push(("-6", "::/0"));
-        }
-        for (f, any) in families {
-            // Every earlier copy of the rule (one per interface) goes first.
-            for _ in 0..64 {
-                if ip(&[f, "rule", "del", "fwmark", &m, "lookup", &t]).is_err() {
-                    break;
-                }
-            }
-            if on {
-                for dev in &ifaces {
-                    ip(&[f, "rule", "add", "fwmark", &m, "iif", dev, "lookup", &t])?;
-                }
-                ip(&[
-                    f, "route", "replace", "local", any, "dev", "lo", "table", &t,
-                ])?;
-            } else {
-                let _ = ip(&[f, "route", "del", "local", any, "dev", "lo", "table", &t]);
-            }
-        }
-        Ok(())
     })?
 }
 

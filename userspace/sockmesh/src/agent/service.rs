@@ -130,9 +130,6 @@ impl pb::agent_server::Agent for Api {
             let before = maps.pod(netns);
             let result = registry::unregister(&mut maps, netns);
             loader::detach_netns(&state.bpffs, netns);
-            if let Some(c) = before.filter(|c| c.has(PodFlags::KUBE_VIRT)) {
-                let _ = routing::forward_routing(fd.as_fd(), &[], c.has(PodFlags::IPV6), false);
-            }
             if let Some(c) = before.filter(|c| c.has(PodFlags::TPROXY)) {
                 let _ = routing::tproxy_routing(
                     fd.as_fd(),

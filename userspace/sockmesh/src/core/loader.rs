@@ -136,6 +136,7 @@ const BPF_CGROUP_INET4_GETPEERNAME: u32 = 29;
 const BPF_CGROUP_INET6_GETPEERNAME: u32 = 30;
 const BPF_SK_LOOKUP: u32 = 36;
 const BPF_TCX_INGRESS: u32 = 46;
+const BPF_TCX_EGRESS: u32 = 47;
 
 pub const ATTACHMENTS: [Attachment; 11] = [
     Attachment {
@@ -624,90 +625,156 @@ fn switch_pinned(pin: &Path, prog: BorrowedFd<'_>) -> Result<bool, BpfError> {
     }
 }
 
-/// Load the tc program of `-k` interfaces (attached per pod interface, through tcx).
-pub fn load_forward(ebpf: &mut Ebpf) -> Result<OwnedFd, BpfError> {
-    const NAME: &str = "sockmesh_forward";
-    Ok(load_fd!(program(ebpf, NAME)?, SchedClassifier, NAME))
+/// The two tc programs of `-k` interfaces (attached per pod interface, through tcx): ingress
+/// captures and translates what the VM sends, egress translates what the proxy answers.
+pub struct ForwardProgs {
+    pub ingress: OwnedFd,
+    pub egress: OwnedFd,
+}
+
+impl ForwardProgs {
+    fn of(&self, dir: TcDirection) -> BorrowedFd<'_> {
+        match dir {
+            TcDirection::Ingress => self.ingress.as_fd(),
+            TcDirection::Egress => self.egress.as_fd(),
+        }
+    }
+}
+
+/// Which side of an interface a tcx link is on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcDirection {
+    Ingress,
+    Egress,
+}
+
+impl TcDirection {
+    const BOTH: [TcDirection; 2] = [TcDirection::Ingress, TcDirection::Egress];
+
+    /// The word in the link's pin name.
+    fn pin_word(self) -> &'static str {
+        match self {
+            TcDirection::Ingress => "in",
+            TcDirection::Egress => "out",
+        }
+    }
+
+    /// `BPF_TCX_INGRESS` or `BPF_TCX_EGRESS`.
+    fn attach_type(self) -> u32 {
+        match self {
+            TcDirection::Ingress => BPF_TCX_INGRESS,
+            TcDirection::Egress => BPF_TCX_EGRESS,
+        }
+    }
+}
+
+/// Load the tc programs of `-k` interfaces.
+pub fn load_forward(ebpf: &mut Ebpf) -> Result<ForwardProgs, BpfError> {
+    const INGRESS: &str = "sockmesh_forward";
+    const EGRESS: &str = "sockmesh_forward_egress";
+    let ingress = load_fd!(program(ebpf, INGRESS)?, SchedClassifier, INGRESS);
+    let egress = load_fd!(program(ebpf, EGRESS)?, SchedClassifier, EGRESS);
+    Ok(ForwardProgs { ingress, egress })
 }
 
 const FORWARD_LINK_PREFIX: &str = "tcx-";
 
-fn forward_link_pin(bpffs: &Path, netns: NetnsCookie, ifindex: u32) -> PathBuf {
-    links_dir(bpffs).join(format!("{FORWARD_LINK_PREFIX}{netns}-{ifindex}"))
+fn forward_link_pin(bpffs: &Path, netns: NetnsCookie, ifindex: u32, dir: TcDirection) -> PathBuf {
+    let word = dir.pin_word();
+    links_dir(bpffs).join(format!("{FORWARD_LINK_PREFIX}{word}-{netns}-{ifindex}"))
 }
 
-/// The pinned tcx links: (pod netns cookie, ifindex, pin path).
-fn forward_links(bpffs: &Path) -> Vec<(NetnsCookie, u32, PathBuf)> {
+/// A pinned tcx link of a pod's `-k` interface.
+struct ForwardLink {
+    netns: NetnsCookie,
+    ifindex: u32,
+    dir: TcDirection,
+    pin: PathBuf,
+}
+
+/// The pinned tcx links, from their names `tcx-<in|out>-<cookie>-<ifindex>`.
+fn forward_links(bpffs: &Path) -> Vec<ForwardLink> {
     let Ok(rd) = fs::read_dir(links_dir(bpffs)) else {
         return Vec::new();
     };
     rd.flatten()
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
-            let (cookie, ifindex) = name.strip_prefix(FORWARD_LINK_PREFIX)?.split_once('-')?;
-            Some((
-                NetnsCookie(cookie.parse().ok()?),
-                ifindex.parse().ok()?,
-                e.path(),
-            ))
+            let (word, rest) = name.strip_prefix(FORWARD_LINK_PREFIX)?.split_once('-')?;
+            let dir = TcDirection::BOTH
+                .into_iter()
+                .find(|d| d.pin_word() == word)?;
+            let (cookie, ifindex) = rest.split_once('-')?;
+            Some(ForwardLink {
+                netns: NetnsCookie(cookie.parse().ok()?),
+                ifindex: ifindex.parse().ok()?,
+                dir,
+                pin: e.path(),
+            })
         })
         .collect()
 }
 
-/// Put the tc program in force at the ingress of each of pod `netns`'s (fd `ns`) `-k`
-/// interfaces `ifindexes`, through tcx links pinned under `<bpffs>/links/tcx-<cookie>-<ifindex>`
-/// (an existing link is switched to `prog`); the pod's links on other interfaces go.
+/// Put the tc programs in force on both sides of each of pod `netns`'s (fd `ns`) `-k`
+/// interfaces `ifindexes`, through tcx links pinned under
+/// `<bpffs>/links/tcx-<in|out>-<cookie>-<ifindex>` (an existing link is switched to the
+/// program); the pod's links on other interfaces go. On an error the links made so far stay:
+/// the caller undoes the pod with [`detach_forward`].
 pub fn attach_forward(
-    prog: BorrowedFd<'_>,
+    progs: &ForwardProgs,
     ns: BorrowedFd<'_>,
     bpffs: &Path,
     netns: NetnsCookie,
     ifindexes: &[u32],
 ) -> Result<(), BpfError> {
     for &ifindex in ifindexes {
-        let pin = forward_link_pin(bpffs, netns, ifindex);
-        if pin.exists() {
-            let link = obj_get(&pin)?;
-            link_update(link.as_fd(), prog)?;
-            continue;
+        for dir in TcDirection::BOTH {
+            let prog = progs.of(dir);
+            let pin = forward_link_pin(bpffs, netns, ifindex, dir);
+            if pin.exists() {
+                let link = obj_get(&pin)?;
+                link_update(link.as_fd(), prog)?;
+                continue;
+            }
+            let prog = prog.try_clone_to_owned().map_err(|source| SyscallError {
+                call: "dup(prog)",
+                source,
+            })?;
+            // tcx resolves the ifindex in the caller's netns: create the link inside the pod's.
+            let link = sys::in_netns(ns, move || {
+                let mut attr = [0u64; 8];
+                attr[0] = u32_pair(prog.as_raw_fd() as u32, ifindex);
+                attr[1] = u32_pair(dir.attach_type(), 0);
+                let fd = bpf_syscall(BPF_LINK_CREATE, &mut attr, "bpf(BPF_LINK_CREATE tcx)")?;
+                // SAFETY: the kernel returned a new fd.
+                Ok::<_, SyscallError>(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+            })??;
+            obj_pin(link.as_fd(), &pin)?;
         }
-        let prog = prog.try_clone_to_owned().map_err(|source| SyscallError {
-            call: "dup(prog)",
-            source,
-        })?;
-        // tcx resolves the ifindex in the caller's netns: create the link inside the pod's.
-        let link = sys::in_netns(ns, move || {
-            let mut attr = [0u64; 8];
-            attr[0] = u32_pair(prog.as_raw_fd() as u32, ifindex);
-            attr[1] = u32_pair(BPF_TCX_INGRESS, 0);
-            let fd = bpf_syscall(BPF_LINK_CREATE, &mut attr, "bpf(BPF_LINK_CREATE tcx)")?;
-            // SAFETY: the kernel returned a new fd.
-            Ok::<_, SyscallError>(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-        })??;
-        obj_pin(link.as_fd(), &pin)?;
     }
-    for (cookie, ifindex, pin) in forward_links(bpffs) {
-        if cookie == netns && !ifindexes.contains(&ifindex) {
-            let _ = fs::remove_file(pin);
+    for l in forward_links(bpffs) {
+        if l.netns == netns && !ifindexes.contains(&l.ifindex) {
+            let _ = fs::remove_file(l.pin);
         }
     }
     Ok(())
 }
 
-/// Detach the tc program from every interface of pod `netns` (dropping a pin releases its link).
+/// Detach the tc programs from every interface of pod `netns` (dropping a pin releases its
+/// link).
 pub fn detach_forward(bpffs: &Path, netns: NetnsCookie) {
-    for (cookie, _, pin) in forward_links(bpffs) {
-        if cookie == netns {
-            let _ = fs::remove_file(pin);
+    for l in forward_links(bpffs) {
+        if l.netns == netns {
+            let _ = fs::remove_file(l.pin);
         }
     }
 }
 
-/// Switch every pod's tcx links to `prog`; links whose interface is gone are dropped.
-pub fn update_forward_links(prog: BorrowedFd<'_>, bpffs: &Path) -> Result<usize, BpfError> {
+/// Switch every pod's tcx links to `progs`; links whose interface is gone are dropped.
+pub fn update_forward_links(progs: &ForwardProgs, bpffs: &Path) -> Result<usize, BpfError> {
     let mut updated = 0;
-    for (_, _, pin) in forward_links(bpffs) {
-        updated += usize::from(switch_pinned(&pin, prog)?);
+    for l in forward_links(bpffs) {
+        updated += usize::from(switch_pinned(&l.pin, progs.of(l.dir))?);
     }
     Ok(updated)
 }
