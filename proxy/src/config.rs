@@ -24,6 +24,10 @@ pub struct Config {
     /// to its original destination.
     #[serde(default)]
     pub tls_routes: Vec<TlsRoute>,
+    /// One line per request on stderr (tracing target `access`). Off by default, as Istio's
+    /// meshConfig leaves `accessLogFile` empty.
+    #[serde(default)]
+    pub access_log: bool,
     /// The admin endpoint (keep it on localhost).
     pub admin: Option<Admin>,
     /// A control plane serving Envoy's xDS v3 (ADS): its listeners, routes, clusters and

@@ -166,6 +166,7 @@ impl Control {
             self.fds.insert(l.address, socket.as_raw_fd());
             tokio::spawn(listener::serve(socket, rx, shared.clone()));
         }
+        crate::http::set_access_log(c.access_log);
         Ok(())
     }
 }

@@ -446,10 +446,30 @@ impl Lab {
     /// Start a long-running process; it is killed when the lab is dropped. If `ready_line` is
     /// given, wait until the process prints a line containing it on stdout. Returns its index
     /// for [`Lab::kill`].
-    pub fn spawn(&mut self, mut cmd: Command, ready_line: Option<&str>) -> Result<usize> {
+    pub fn spawn(&mut self, cmd: Command, ready_line: Option<&str>) -> Result<usize> {
+        self.spawn_with(cmd, ready_line, Stdio::inherit())
+    }
+
+    /// [`Lab::spawn`], with the child's stderr written to the file `log`.
+    pub fn spawn_logged(
+        &mut self,
+        cmd: Command,
+        ready_line: Option<&str>,
+        log: &Path,
+    ) -> Result<usize> {
+        let file = fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        self.spawn_with(cmd, ready_line, file.into())
+    }
+
+    fn spawn_with(
+        &mut self,
+        mut cmd: Command,
+        ready_line: Option<&str>,
+        stderr: Stdio,
+    ) -> Result<usize> {
         cmd.stdin(Stdio::null());
         cmd.stdout(Stdio::piped());
-        cmd.stderr(Stdio::inherit());
+        cmd.stderr(stderr);
         let mut child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
         let stdout = child.stdout.take().expect("piped");
         self.children.push(child);

@@ -342,6 +342,36 @@ fn off_for_the_node_by_default() {
     let (lab, pod, _) = lab("accs", Accel::OffForTheNode);
     let line = case(&lab, &pod, "big-write");
     assert!(line.contains(" path=tcp "), "{line}");
+    assert!(
+        !lab.agent_log().contains("socket acceleration: "),
+        "{}",
+        lab.agent_log()
+    );
+}
+
+/// `--acceleration on` says where a socket in the map differs from TCP on this kernel: splice
+/// and early EAGAIN everywhere, and FIONREAD as the kernel has it (by `tcp_bpf_ioctl`, which
+/// upstream 929e30f93125 added; the fionread case above pins this kernel's down).
+#[test]
+fn acceleration_on_names_the_kernels_differences() {
+    let (lab, _pod, _) = lab("accw", Accel::On);
+    let log = lab.agent_log();
+    assert!(log.contains("splice(2) from a socket"), "{log}");
+    assert!(log.contains("fail early with EAGAIN"), "{log}");
+    let syms = std::fs::read_to_string("/proc/kallsyms").unwrap();
+    let fixed = syms
+        .lines()
+        .any(|l| l.split_whitespace().nth(2) == Some("tcp_bpf_ioctl"));
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let major: u32 = parts.next().unwrap().parse().unwrap();
+    let minor: u32 = parts.next().unwrap().parse().unwrap();
+    // Upstream 7.2 also counts TCP's queue (04af4efde58a): FIONREAD is TCP's again.
+    match (fixed, (major, minor) >= (7, 2)) {
+        (false, _) => assert!(log.contains("does not count data sk_msg queued"), "{log}"),
+        (true, false) => assert!(log.contains("counts only data sk_msg queued"), "{log}"),
+        (true, true) => assert!(!log.contains("FIONREAD"), "{log}"),
+    }
 }
 
 #[test]

@@ -33,6 +33,12 @@ fn the_benchmark_suite_runs_and_reports_every_ratio() {
         "| pods | ms per registration | ms per unregistration |",
         "| registering 10 pods in under 2 s |",
         "| agent under 30 MiB RSS with 10 pods |",
+        "## 6. The mesh request end to end",
+        "| same node | keep-alive | iptables (istio rules) |",
+        "| same node | new connections | sockmesh + acceleration |",
+        "| two nodes | new connections | sockmesh |",
+        "same node, new connections, against iptables: sockmesh requests/s ",
+        "| mesh request through two sidecars, one node, new connections: sockmesh requests/s at least 1.1x iptables' |",
     ] {
         assert!(
             report.contains(needle),

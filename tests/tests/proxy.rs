@@ -648,6 +648,74 @@ clusters:
     assert!(summary(&r).starts_with("shadow GET /still"), "{r}");
 }
 
+/// The access log is off by default (as Istio's meshConfig leaves it); `access_log: true` in
+/// the file, reloaded, turns it on; written to a file, it has no terminal colour codes.
+#[test]
+fn the_access_log_is_off_until_configured_and_plain_text_in_a_file() {
+    let mode = Mode::Sockmesh;
+    let mut lab = lab_for("pxlog", mode);
+    let p = Profile::default_sidecar();
+    let pod = pods::pod_with(&mut lab, "p", &p, mode, &[]).unwrap();
+    serve(
+        &mut lab,
+        pod.peer_place(),
+        &HttpServe::new([upstream("up1", 18081)]),
+    );
+    let config = lab.dir.join("proxy.yaml");
+    let yaml = format!(
+        r#"
+listeners:
+  - {{name: outbound, address: "0.0.0.0:15001", direction: outbound}}
+virtual_hosts:
+  - name: reviews
+    domains: ["reviews"]
+    routes: [{{route: {{cluster: reviews}}}}]
+clusters:
+  - name: reviews
+    endpoints: [{{address: "{PEER_V4}:18081"}}]
+"#
+    );
+    std::fs::write(&config, &yaml).unwrap();
+    let log = lab.dir.join("proxy.log");
+    let bin = sibling_bin("sockmesh-proxy", "SOCKMESH_PROXY_BIN").unwrap();
+    let mut proxy = lab.command_at(pod.place(), bin).unwrap();
+    proxy.arg("--config").arg(&config);
+    lab.spawn_logged(proxy, Some("ready"), &log).unwrap();
+    pods::capture(&lab, &pod, &p, mode).unwrap();
+    let vip = vip();
+
+    let r = get(&lab, &pod, false, vip, "/quiet", "reviews", &[]);
+    assert!(summary(&r).starts_with("up1 GET /quiet"), "{r}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !text.contains("/quiet"),
+        "access log written by default:\n{text}"
+    );
+    assert!(text.contains("listening"), "no log at all:\n{text}");
+
+    // Turned on in the file, which the proxy reloads when it changes.
+    std::fs::write(&config, format!("access_log: true\n{yaml}")).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let line = loop {
+        let r = get(&lab, &pod, false, vip, "/loud", "reviews", &[]);
+        assert!(summary(&r).starts_with("up1 GET /loud"), "{r}");
+        let text = std::fs::read_to_string(&log).unwrap();
+        if let Some(l) = text.lines().find(|l| l.contains("GET /loud 200")) {
+            break l.to_string();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no access line:\n{text}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert!(line.contains("access"), "{line}");
+    assert!(line.contains(&format!("orig={vip}")), "{line}");
+    assert!(line.contains("cluster=reviews"), "{line}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains('\u{1b}'), "colour codes in a file:\n{text}");
+}
+
 /// Rewrite the resilience test's file so that shop goes to the shadow cluster; wait until the
 /// proxy has it.
 fn reload_to_shadow(lab: &Lab, pod: &Pod, config: &std::path::Path, vip: SocketAddr) {

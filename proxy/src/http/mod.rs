@@ -17,6 +17,7 @@ use tokio::net::TcpStream;
 
 use crate::{snapshot::Snapshot, transport::Accepted};
 use headers::strip_hop_by_hop;
+pub use trace::set_access_log;
 use trace::Trace;
 
 /// The HTTP version a client speaks, as its first bytes said.

@@ -1,11 +1,23 @@
 //! What became of a request: its access log line and request metrics.
 
-use std::{net::SocketAddr, time::Instant};
+use std::{
+    net::SocketAddr,
+    sync::atomic::{AtomicBool, Ordering},
+    time::Instant,
+};
 
 use hyper::{Method, StatusCode};
 use tracing::info;
 
 use crate::{config::Direction, stats, transport::Accepted};
+
+/// The configuration's `access_log`, as last put in force.
+static ACCESS_LOG: AtomicBool = AtomicBool::new(false);
+
+/// Write (or stop writing) the access log: the configuration in force says.
+pub fn set_access_log(on: bool) {
+    ACCESS_LOG.store(on, Ordering::Relaxed);
+}
 
 /// What became of a request, for stats and the access log.
 pub struct Trace {
@@ -52,6 +64,9 @@ impl Trace {
             &[("cluster", &self.cluster)],
             ms,
         );
+        if !ACCESS_LOG.load(Ordering::Relaxed) {
+            return;
+        }
         info!(
             target: "access",
             "{method} {path} {} client={} orig={} route={} cluster={} upstream={} {:.1}ms",

@@ -2,6 +2,7 @@
 //! the maps, and serve registrations ([`service`] over [`transport`], carried out by [`pods`]
 //! with [`routing`]); health and metrics over HTTP ([`metrics`]).
 
+mod accel_contract;
 mod guard;
 mod kernel_log;
 pub mod metrics;
@@ -156,6 +157,21 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     if accel {
         loader::attach_sk_msg(&mut ebpf)?;
         info!("socket acceleration on: local connections of registered pods skip TCP/IP");
+        // Where a socket in the map differs from TCP on this kernel (docs/operations.md).
+        for w in accel_contract::ALWAYS {
+            warn!("socket acceleration: {w}");
+        }
+        match accel_contract::Fionread::running() {
+            Some(f) => {
+                if let Some(w) = f.warning() {
+                    warn!("socket acceleration: {w}");
+                }
+            }
+            None => warn!(
+                "socket acceleration: cannot tell what FIONREAD counts on this kernel \
+                 (/proc/kallsyms or the release unreadable); it may differ from TCP's"
+            ),
+        }
     } else {
         info!("socket acceleration off (the default; --acceleration on turns it on)");
     }

@@ -12,13 +12,17 @@
 //! 4. `pod_scale`: registering 1 to 1,000 pods, the agent's memory and CPU, capture with 1,000
 //!    registered;
 //! 5. `proxies`: sockmesh-proxy against HAProxy in the same role (HTTP/1.1 keep-alive clients,
-//!    a round-robin cluster of two upstreams), under sockmesh capture, one thread each.
+//!    a round-robin cluster of two upstreams), under sockmesh capture, one thread each;
+//! 6. `mesh`: the mesh request end to end, through a client pod's and a server pod's
+//!    sockmesh-proxy, under iptables, sockmesh and sockmesh with acceleration, the pods on one
+//!    node or on two.
 //!
-//! Then `targets`: each target of issue #6 against its figure, and why.
+//! Then `targets`: each target against its figure, and why.
 
 mod capture;
 mod hop;
 mod host;
+mod mesh;
 mod pod_scale;
 mod proxies;
 mod rules;
@@ -168,6 +172,7 @@ pub fn run(smoke: bool) -> Result<String> {
     let mut capture = capture::Capture::new(&mut b)?;
     let mut hop = hop::Hop::new(&mut b)?;
     let mut proxies = proxies::Proxies::new(&mut b)?;
+    let mut mesh = mesh::Mesh::new(&mut b)?;
     let mut rules = rules::Rules::new(&mut b)?;
     let mut pod_scale = pod_scale::PodScale::new(&b)?;
     // Why: the programs' cost per connection (runs per connection, ns per run), the proxies'
@@ -182,6 +187,7 @@ pub fn run(smoke: bool) -> Result<String> {
         b.lab.kill(listener)?;
         hop.round(&mut b)?;
         proxies.round(&mut b)?;
+        mesh.round(&mut b)?;
     }
     let mut r = header(&b);
     capture.report(&mut r);
@@ -189,6 +195,7 @@ pub fn run(smoke: bool) -> Result<String> {
     rules.report(&mut r);
     pod_scale.report(&b, &mut r);
     proxies.report(&b, &mut r);
+    mesh.report(&b, &mut r);
     targets::report(
         &targets::Figures {
             capture: &capture,
@@ -196,6 +203,7 @@ pub fn run(smoke: bool) -> Result<String> {
             rules: &rules,
             pod_scale: &pod_scale,
             proxies: &proxies,
+            mesh: &mesh,
         },
         &mut r,
     );
