@@ -37,6 +37,13 @@ enum Task {
         #[arg(long)]
         smoke: bool,
     },
+    /// Where the proxies' CPU goes: sockmesh-proxy and HAProxy under valgrind's callgrind in the
+    /// benchmark's proxy section, instructions per request; writes docs/profile.md.
+    Profile {
+        /// Short rounds, to check that it runs (written to target/profile.md instead).
+        #[arg(long)]
+        smoke: bool,
+    },
     /// OCI image archives (sockmesh, sockmesh-proxy, the test programs, pause) from release
     /// builds and this machine's libraries, with no base image.
     Image {
@@ -99,6 +106,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("protobuf-compiler", "protoc"),
     // The baseline proxy of the benchmark (and its smoke test).
     ("haproxy", "haproxy"),
+    // Instruction counts of the proxies (`cargo xtask profile`).
+    ("valgrind", "valgrind"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -378,6 +387,24 @@ fn scale(pods: usize, per_pod: usize) -> Result<()> {
     clean
 }
 
+/// Release builds, then the proxies under callgrind; the report goes to docs/profile.md (to
+/// target/profile.md with --smoke).
+fn profile(smoke: bool) -> Result<()> {
+    build_release()?;
+    let mut cmd = Command::new(root().join("target/release/sockmesh-testkit"));
+    cmd.arg("profile");
+    let out = if smoke {
+        cmd.arg("--smoke");
+        root().join("target/profile.md")
+    } else {
+        root().join("docs/profile.md")
+    };
+    let result = status(cmd.arg("--out").arg(out));
+    let clean = check_clean();
+    result?;
+    clean
+}
+
 /// Release builds, then the suite; the report goes to docs/benchmarks.md (not with --smoke).
 fn bench(smoke: bool) -> Result<()> {
     setup()?;
@@ -537,6 +564,7 @@ fn main() -> ExitCode {
         }),
         Task::CheckClean => check_clean(),
         Task::Bench { smoke } => bench(smoke),
+        Task::Profile { smoke } => setup().and_then(|_| profile(smoke)),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -32,6 +32,16 @@ enum Cmd {
         #[arg(long)]
         out: Option<std::path::PathBuf>,
     },
+    /// Where the proxies' CPU goes (run by `cargo xtask profile`): sockmesh-proxy and HAProxy
+    /// under callgrind in the benchmark's proxy section. Prints a Markdown report.
+    Profile {
+        /// Short rounds: checks that it runs.
+        #[arg(long)]
+        smoke: bool,
+        /// Write the report here as well.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
     /// The demo lab: pods in netns, the agent, a listener on 15001, real connections, dump.
     Lab,
     /// The soak (run by `cargo xtask soak`): a captured pod under churn for --secs; the maps
@@ -69,6 +79,14 @@ fn main() -> anyhow::Result<()> {
         Cmd::Hop(program) => program.run(),
         Cmd::Bench { smoke, out } => {
             let report = bench::run(smoke)?;
+            print!("{report}");
+            if let Some(path) = out {
+                std::fs::write(&path, &report)?;
+            }
+            Ok(())
+        }
+        Cmd::Profile { smoke, out } => {
+            let report = bench::profile::run(smoke)?;
             print!("{report}");
             if let Some(path) = out {
                 std::fs::write(&path, &report)?;

@@ -24,6 +24,7 @@ mod hop;
 mod host;
 mod mesh;
 mod pod_scale;
+pub mod profile;
 mod proxies;
 mod rules;
 mod stats;

@@ -21,7 +21,7 @@ use super::{
 pub const HTTP_MODES: [(&str, bool); 2] = [("keep-alive", false), ("new connections", true)];
 
 /// The service's VIP, which capture sends to the proxy.
-const VIP: &str = "10.96.0.10:80";
+pub const VIP: &str = "10.96.0.10:80";
 
 /// (requests/s, p50 µs, p99 µs) of one round.
 type HttpRound = (f64, f64, f64);
@@ -38,8 +38,8 @@ struct Runs {
 pub type Http = (Spread, Spread, Spread);
 
 pub struct Proxies {
-    proxy_yaml: PathBuf,
-    haproxy_cfg: PathBuf,
+    pub proxy_yaml: PathBuf,
+    pub haproxy_cfg: PathBuf,
     ours: Runs,
     theirs: Runs,
 }
@@ -179,7 +179,7 @@ fn proxy_round(b: &mut Bench, cmd: Command, ready: Option<&str>, runs: &mut Runs
 
 /// (requests/s, p50 µs, p99 µs) through whatever listens on the sockmesh pod's 15001;
 /// `new_conn`: a connection per request.
-fn http(b: &Bench, new_conn: bool) -> Result<HttpRound> {
+pub fn http(b: &Bench, new_conn: bool) -> Result<HttpRound> {
     let program = BenchHttp {
         dst: VIP.parse()?,
         host: "reviews".into(),
