@@ -65,3 +65,35 @@ fn the_benchmark_suite_runs_and_reports_every_ratio() {
         assert!(r.is_finite() && r > 0.0, "{after}{r}");
     }
 }
+
+/// A short run of `cargo xtask profile`: both proxies run under callgrind, each client mode's
+/// requests are counted, and sockmesh-proxy's instructions are shared out by part.
+#[test]
+fn the_profile_counts_both_proxies_instructions_per_request() {
+    let out = run(std::process::Command::new(testkit_bin().unwrap()).args(["profile", "--smoke"]))
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    for mode in ["keep-alive", "new connections"] {
+        for proxy in ["HAProxy", "sockmesh-proxy"] {
+            let prefix = format!("| {mode} | {proxy} | ");
+            let line = report
+                .lines()
+                .find(|l| l.starts_with(&prefix))
+                .unwrap_or_else(|| panic!("no {prefix:?} row:\n{report}"));
+            // | mode | proxy | requests | instructions per request | against HAProxy |
+            let cells: Vec<f64> = line
+                .split('|')
+                .filter_map(|c| c.trim().parse().ok())
+                .collect();
+            assert_eq!(cells.len(), 3, "{line}");
+            assert!(cells[0] >= 10.0 && cells[1] > 1000.0, "{line}");
+        }
+        assert!(
+            report.contains(&format!(
+                "### sockmesh-proxy, {mode}: where the instructions go"
+            )),
+            "{report}"
+        );
+    }
+    assert!(report.contains("| hyper | "), "{report}");
+}

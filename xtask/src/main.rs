@@ -38,7 +38,8 @@ enum Task {
         smoke: bool,
     },
     /// Where the proxies' CPU goes: sockmesh-proxy and HAProxy under valgrind's callgrind in the
-    /// benchmark's proxy section, instructions per request; writes docs/profile.md.
+    /// benchmark's proxy section, instructions per request; writes docs/profile.md (and the
+    /// counts files to target/profile-callgrind).
     Profile {
         /// Short rounds, to check that it runs (written to target/profile.md instead).
         #[arg(long)]
@@ -399,6 +400,8 @@ fn profile(smoke: bool) -> Result<()> {
     } else {
         root().join("docs/profile.md")
     };
+    cmd.arg("--keep")
+        .arg(root().join("target/profile-callgrind"));
     let result = status(cmd.arg("--out").arg(out));
     let clean = check_clean();
     result?;

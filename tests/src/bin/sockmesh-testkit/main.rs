@@ -41,6 +41,9 @@ enum Cmd {
         /// Write the report here as well.
         #[arg(long)]
         out: Option<std::path::PathBuf>,
+        /// Copy callgrind's counts files into this folder (for callgrind_annotate).
+        #[arg(long)]
+        keep: Option<std::path::PathBuf>,
     },
     /// The demo lab: pods in netns, the agent, a listener on 15001, real connections, dump.
     Lab,
@@ -85,8 +88,8 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Profile { smoke, out } => {
-            let report = bench::profile::run(smoke)?;
+        Cmd::Profile { smoke, out, keep } => {
+            let report = bench::profile::run(smoke, keep.as_deref())?;
             print!("{report}");
             if let Some(path) = out {
                 std::fs::write(&path, &report)?;

@@ -1,9 +1,9 @@
 //! Where a proxy's CPU goes, per request (run by `cargo xtask profile`): sockmesh-proxy and
 //! HAProxy in section 5's role (the same pod, capture, upstreams and clients), each under
 //! valgrind's callgrind, which counts the instructions a process runs in user space the same
-//! way on every run (these machines' timings are noisy). Counting starts once the proxy
-//! answers and covers one client mode at a time; instructions per request are the count over
-//! the requests the clients made. For sockmesh-proxy the instructions are also shared out by
+//! way on every run (these machines' timings are noisy). A run per client mode counts from
+//! start to exit, a baseline run (start, first answer, exit) is taken from it, and
+//! instructions per request are what is left over the requests the clients made. For sockmesh-proxy the instructions are also shared out by
 //! where they ran (the functions' crates and modules, from callgrind's symbols).
 //!
 //! Kernel time (system calls, TCP) is not counted here: section 5 of the benchmark measures
@@ -27,74 +27,129 @@ use super::{
     Bench,
 };
 
-/// One proxy's counts, per client mode: (requests, instructions, the dump's file).
+/// One proxy's counts, per client mode: (requests, instructions beyond the baseline, the
+/// run's counts file); and the baseline's file.
 struct Counted {
     name: &'static str,
     modes: Vec<(f64, f64, PathBuf)>,
+    baseline: PathBuf,
 }
 
-/// Run the profile; the Markdown report.
-pub fn run(smoke: bool) -> Result<String> {
-    require_tools(&[
-        "ip",
-        "haproxy",
-        "valgrind",
-        "callgrind_control",
-        "callgrind_annotate",
-    ])?;
+/// Run the profile; the Markdown report. The counts files (for `callgrind_annotate`) are
+/// copied to `keep`, if given.
+pub fn run(smoke: bool, keep: Option<&Path>) -> Result<String> {
+    require_tools(&["ip", "haproxy", "valgrind", "callgrind_annotate"])?;
     let mut b = Bench::new(smoke)?;
     // Under valgrind a proxy runs some 50 times slower: longer rounds give enough requests.
     b.sizes.secs = if smoke { 1.0 } else { 5.0 };
     let proxies = Proxies::new(&mut b)?;
     let dir = b.lab.dir.join("callgrind");
     std::fs::create_dir_all(&dir)?;
-    let ours = {
-        let bin = sibling_bin("sockmesh-proxy", "SOCKMESH_PROXY_BIN")?;
-        let mut cmd = valgrind(&b, &dir, "sockmesh-proxy")?;
-        cmd.arg(bin)
-            .arg("--config")
-            .arg(&proxies.proxy_yaml)
-            .env("SOCKMESH_PROXY_LOG", "warn");
-        count(&mut b, cmd, "sockmesh-proxy", &dir)?
-    };
-    let theirs = {
-        let mut cmd = valgrind(&b, &dir, "haproxy")?;
-        cmd.arg("haproxy")
-            .arg("-db")
-            .arg("-f")
-            .arg(&proxies.haproxy_cfg);
-        count(&mut b, cmd, "HAProxy", &dir)?
-    };
+    // The proxies write their dumps there as uid 1337.
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o1777))?;
+    let bin = sibling_bin("sockmesh-proxy", "SOCKMESH_PROXY_BIN")?;
+    let yaml = proxies.proxy_yaml.clone();
+    let ours = count(
+        &mut b,
+        &|cmd: &mut Command| {
+            cmd.arg(&bin)
+                .arg("--config")
+                .arg(&yaml)
+                .env("SOCKMESH_PROXY_LOG", "warn");
+        },
+        "sockmesh-proxy",
+        &dir,
+    )?;
+    let cfg = proxies.haproxy_cfg.clone();
+    let theirs = count(
+        &mut b,
+        &|cmd: &mut Command| {
+            cmd.arg("haproxy").arg("-db").arg("-f").arg(&cfg);
+        },
+        "HAProxy",
+        &dir,
+    )?;
+    if let Some(keep) = keep {
+        std::fs::create_dir_all(keep)?;
+        for e in std::fs::read_dir(&dir)?.flatten() {
+            std::fs::copy(e.path(), keep.join(e.file_name()))?;
+        }
+    }
     report(&b, &ours, &theirs)
 }
 
-/// valgrind's callgrind in the sockmesh pod, writing its dumps under `dir` as `name`.
-fn valgrind(b: &Bench, dir: &Path, name: &str) -> Result<Command> {
-    let mut cmd = b.lab.command_at(b.sm.place(), "valgrind")?;
+/// valgrind's callgrind in the sockmesh pod as the proxy user, writing its counts to `out`
+/// when the proxy exits.
+fn valgrind(b: &Bench, out: &Path) -> Result<Command> {
+    let mut cmd = b.lab.command_at(b.sm.place().as_user(1337), "valgrind")?;
     cmd.arg("--tool=callgrind")
-        .arg(format!("--callgrind-out-file={}/{name}.out", dir.display()))
+        .arg(format!("--callgrind-out-file={}", out.display()))
         .arg("--quiet");
     Ok(cmd)
 }
 
-/// Start the proxy under callgrind, then per client mode: zero its counts, make the requests,
-/// dump the counts. Stops it.
-fn count(b: &mut Bench, cmd: Command, name: &'static str, dir: &Path) -> Result<Counted> {
+/// Run the proxy (`program`: its command line after valgrind's) under callgrind three times:
+/// once only until it answers (the baseline: start-up and the first requests), then once per
+/// client mode with that mode's requests after it. A mode's instructions are its run's less the
+/// baseline's. (valgrind's own control channel, `callgrind_control`, cannot reach a process
+/// running as another user, so each count is taken when the proxy exits on SIGTERM.)
+fn count(
+    b: &mut Bench,
+    program: &dyn Fn(&mut Command),
+    name: &'static str,
+    dir: &Path,
+) -> Result<Counted> {
+    let file = |run: &str| dir.join(format!("{}-{run}.out", name.replace(' ', "-")));
+    let base_file = file("baseline");
+    counted_run(b, program, &base_file, None)?;
+    let base = instructions(&base_file)?;
+    let mut modes = Vec::new();
+    for (k, (_, new_conn)) in HTTP_MODES.into_iter().enumerate() {
+        let f = file(&k.to_string());
+        let requests = counted_run(b, program, &f, Some(new_conn))?;
+        modes.push((requests, instructions(&f)? - base, f));
+    }
+    Ok(Counted {
+        name,
+        modes,
+        baseline: base_file,
+    })
+}
+
+/// One run under callgrind: start, wait until it answers, make `load`'s requests (if any),
+/// stop it with SIGTERM; the requests made.
+fn counted_run(
+    b: &mut Bench,
+    program: &dyn Fn(&mut Command),
+    out: &Path,
+    load: Option<bool>,
+) -> Result<f64> {
+    let mut cmd = valgrind(b, out)?;
+    program(&mut cmd);
     let i = b.lab.spawn(cmd, None)?;
     let result = (|| {
         wait_slowly(b)?;
-        let pid = b.lab.pid(i).context("the proxy's pid")?.to_string();
-        let mut modes = Vec::new();
-        for (_, new_conn) in HTTP_MODES {
-            run_cmd(Command::new("callgrind_control").args(["-z", &pid]))?;
-            let (rps, _, _) = http(b, new_conn)?;
-            let before = dumps(dir, name)?;
-            run_cmd(Command::new("callgrind_control").args(["-d", &pid]))?;
-            let file = newest_dump(dir, name, &before)?;
-            let ir = instructions(&file)?;
-            modes.push((rps * b.sizes.secs, ir, file));
+        let requests = match load {
+            Some(new_conn) => {
+                let (rps, _, _) = http(b, new_conn)?;
+                rps * b.sizes.secs
+            }
+            None => 0.0,
+        };
+        let pid = b.lab.pid(i).context("the proxy's pid")?;
+        // SAFETY: a signal to our own child.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !std::fs::read_to_string(out).is_ok_and(|t| t.contains("\ntotals:")) {
+            if std::time::Instant::now() > deadline {
+                bail!(
+                    "callgrind wrote no counts to {} within 60 s of SIGTERM",
+                    out.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
         }
-        Ok(Counted { name, modes })
+        Ok(requests)
     })();
     b.lab.kill(i)?;
     result
@@ -117,39 +172,6 @@ fn wait_slowly(b: &Bench) -> Result<()> {
             bail!("the proxy under valgrind did not answer within 60 s: {out:?}");
         }
         std::thread::sleep(Duration::from_millis(500));
-    }
-}
-
-/// The dump files of `name` so far.
-fn dumps(dir: &Path, name: &str) -> Result<Vec<PathBuf>> {
-    let prefix = format!("{name}.out");
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(&prefix))
-        })
-        .collect();
-    v.sort();
-    Ok(v)
-}
-
-/// The dump `callgrind_control -d` just wrote (it returns once the file is written).
-fn newest_dump(dir: &Path, name: &str, before: &[PathBuf]) -> Result<PathBuf> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(p) = dumps(dir, name)?.into_iter().find(|p| !before.contains(p)) {
-            // Written whole once its totals line is there.
-            if std::fs::read_to_string(&p)?.contains("\ntotals:") {
-                return Ok(p);
-            }
-        }
-        if std::time::Instant::now() > deadline {
-            bail!("callgrind wrote no new dump of {name} in {}", dir.display());
-        }
-        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
@@ -197,6 +219,20 @@ fn functions(file: &Path) -> Result<Vec<(f64, String)>> {
             v.push((n, f.to_string()));
         }
     }
+    Ok(v)
+}
+
+/// [`functions`] of `file` less those of `baseline`, most first.
+fn functions_beyond(file: &Path, baseline: &Path) -> Result<Vec<(f64, String)>> {
+    let mut by_name: BTreeMap<String, f64> = BTreeMap::new();
+    for (n, f) in functions(file)? {
+        *by_name.entry(f).or_default() += n;
+    }
+    for (n, f) in functions(baseline)? {
+        *by_name.entry(f).or_default() -= n;
+    }
+    let mut v: Vec<(f64, String)> = by_name.into_iter().map(|(f, n)| (n, f)).collect();
+    v.sort_by(|a, b| b.0.total_cmp(&a.0));
     Ok(v)
 }
 
@@ -255,8 +291,8 @@ fn report(b: &Bench, ours: &Counted, theirs: &Counted) -> Result<String> {
     r.push_str(&format!(
         "Written by `cargo xtask profile`{}. Machine: {}. Section 5's setup ({} clients in the \
          sockmesh pod to a service VIP, captured to the proxy on 15001, round robin over two \
-         keep-alive upstreams), each proxy under valgrind's callgrind for {} s per client mode \
-         after it first answers. Instructions are the proxy's own, in user space, counted by \
+         keep-alive upstreams), each proxy under valgrind's callgrind, {} s of requests per client \
+         mode, less a baseline run with none (start-up, first answer, exit). Instructions are the proxy's own, in user space, counted by \
          callgrind (the same on every run); system calls and the kernel's TCP work are not \
          counted (section 5 of benchmarks.md measures both proxies' whole CPU time).\n\n",
         if b.smoke { " --smoke" } else { "" },
@@ -282,7 +318,7 @@ fn report(b: &Bench, ours: &Counted, theirs: &Counted) -> Result<String> {
     for (k, (mode, _)) in HTTP_MODES.into_iter().enumerate() {
         let (requests, total, file) = &ours.modes[k];
         let mut parts: BTreeMap<String, f64> = BTreeMap::new();
-        let fns = functions(file)?;
+        let fns = functions_beyond(file, &ours.baseline)?;
         for (n, f) in &fns {
             *parts.entry(part(f)).or_default() += n;
         }
