@@ -135,7 +135,20 @@ const WHY: &str = "Why, from the figures above: capture at connect costs sockmes
      up unbounded in kernel memory); a registration's wall time against \
      the agent's CPU time in it (section 4) says how much is the agent's work and how \
      much the API round trip; the proxies' CPU time per request (section 5) is why one \
-     serves more than the other on 2 shared cores.\n\n";
+     serves more than the other on 2 shared cores.\n\n\
+     Where sockmesh-proxy's CPU goes, from a profile: `cargo xtask profile` \
+     (docs/profile.md) counts both proxies' user-space instructions per request in section \
+     5's role under callgrind, and shares sockmesh-proxy's out: most go to hyper's HTTP/1 \
+     codec, tokio's task and I/O machinery, the allocator and memory copies, a few percent \
+     to the proxy's own routing, pool and stats. That is the gap to HAProxy's event loop \
+     (one buffer per connection, no task per request); closing it means fewer allocations \
+     and moves per request in the proxy and around hyper, not a capture change.\n\n\
+     The mesh request (section 6) goes through two proxies, whose CPU is most of a \
+     request's cost on 2 shared cores: capture removes conntrack and NAT from each of the \
+     four legs' connects, which shows with new connections and little with keep-alive \
+     (connections made once). Acceleration shortcuts only proxy-to-proxy sockets on one \
+     node, a leg that is one of several and dominated by the proxies' own work; its effect \
+     is shown as measured.\n\n";
 
 /// How the proxies and acceleration were set up.
 const NOTES: &str =
