@@ -9,14 +9,14 @@ use std::{net::SocketAddr, path::PathBuf, process::Command, time::Duration};
 
 use anyhow::{bail, Context, Result};
 use sockmesh_tests::{
-    kit::{BenchHttp, HttpGet, HttpKeepalive, Identity},
-    lab::{run as run_cmd, sibling_bin, Lab, Netns, Place},
+    kit::{BenchHttp, HttpKeepalive, Identity},
+    lab::{run as run_cmd, sibling_bin, Lab, Netns},
     pods::{self, Mode, Pod},
 };
 
 use super::{
     host::cpu_secs,
-    proxies::HTTP_MODES,
+    proxies::{wait_for_answer, HTTP_MODES},
     stats::{column, fmt, Spread},
     Bench,
 };
@@ -309,7 +309,13 @@ fn measure(b: &mut Bench, pair: &Pair, config: &std::path::Path) -> Result<Vec<M
     }
     let dst: SocketAddr = format!("{}:{APP_PORT}", pair.server_ip).parse()?;
     let result = (|| {
-        wait_for_mesh(&b.lab, pair.client.place(), dst)?;
+        wait_for_answer(
+            &b.lab,
+            pair.client.place(),
+            dst,
+            HOST,
+            Duration::from_secs(10),
+        )?;
         let pids: Vec<u32> = procs
             .iter()
             .map(|&i| b.lab.pid(i).context("a proxy's pid"))
@@ -344,23 +350,4 @@ fn measure(b: &mut Bench, pair: &Pair, config: &std::path::Path) -> Result<Vec<M
         b.lab.kill(i)?;
     }
     result
-}
-
-/// Wait until the client app's request through both proxies is answered.
-fn wait_for_mesh(lab: &Lab, client: Place, dst: SocketAddr) -> Result<()> {
-    let get = HttpGet::new(dst, "/", HOST, Identity::APP);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let out = lab.output(client, &get);
-        if out
-            .as_ref()
-            .is_ok_and(|o| o.trim().starts_with("HTTP/1.1 200"))
-        {
-            return Ok(());
-        }
-        if std::time::Instant::now() > deadline {
-            bail!("no answer through the mesh within 10 s: {out:?}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }

@@ -17,13 +17,10 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use sockmesh_tests::{
-    kit::{HttpGet, Identity},
-    lab::{require_tools, run as run_cmd, sibling_bin},
-};
+use sockmesh_tests::lab::{require_tools, run as run_cmd, sibling_bin};
 
 use super::{
-    proxies::{http, Proxies, HTTP_MODES, VIP},
+    proxies::{http, wait_for_answer, Proxies, HTTP_MODES, VIP},
     Bench,
 };
 
@@ -128,7 +125,14 @@ fn counted_run(
     program(&mut cmd);
     let i = b.lab.spawn(cmd, None)?;
     let result = (|| {
-        wait_slowly(b)?;
+        // valgrind starts slowly.
+        wait_for_answer(
+            &b.lab,
+            b.sm.place(),
+            VIP.parse()?,
+            "reviews",
+            Duration::from_secs(60),
+        )?;
         let requests = match load {
             Some(new_conn) => {
                 let (rps, _, _) = http(b, new_conn)?;
@@ -153,26 +157,6 @@ fn counted_run(
     })();
     b.lab.kill(i)?;
     result
-}
-
-/// Wait (up to a minute: valgrind starts slowly) until a request through the pod's 15001 is
-/// answered.
-fn wait_slowly(b: &Bench) -> Result<()> {
-    let get = HttpGet::new(VIP.parse()?, "/", "reviews", Identity::APP);
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let out = b.lab.output(b.sm.place(), &get);
-        if out
-            .as_ref()
-            .is_ok_and(|o| o.trim().starts_with("HTTP/1.1 200"))
-        {
-            return Ok(());
-        }
-        if std::time::Instant::now() > deadline {
-            bail!("the proxy under valgrind did not answer within 60 s: {out:?}");
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
 }
 
 /// The instructions counted in a dump (its `totals:` line).

@@ -7,8 +7,8 @@ use std::{net::SocketAddr, path::PathBuf, process::Command, time::Duration};
 use anyhow::{bail, Context, Result};
 use sockmesh_tests::{
     kit::{BenchHttp, HttpGet, HttpKeepalive, Identity},
-    lab::{sibling_bin, Lab},
-    pods::{Pod, PEER_V4},
+    lab::{sibling_bin, Lab, Place},
+    pods::PEER_V4,
 };
 
 use super::{
@@ -166,7 +166,13 @@ impl Proxies {
 /// each client mode through it (the figures, and its CPU µs per request), stop it.
 fn proxy_round(b: &mut Bench, cmd: Command, ready: Option<&str>, runs: &mut Runs) -> Result<()> {
     let i = b.lab.spawn(cmd, ready)?;
-    wait_for_proxy(&b.lab, &b.sm)?;
+    wait_for_answer(
+        &b.lab,
+        b.sm.place(),
+        VIP.parse()?,
+        "reviews",
+        Duration::from_secs(10),
+    )?;
     let pid = b.lab.pid(i).context("the proxy's pid")?;
     for (k, (_, new_conn)) in HTTP_MODES.into_iter().enumerate() {
         let cpu0 = cpu_secs(pid)?;
@@ -196,19 +202,27 @@ pub fn http(b: &Bench, new_conn: bool) -> Result<HttpRound> {
     Ok((f[0] / b.sizes.secs, f[1], f[2]))
 }
 
-/// Wait until an HTTP request through the pod's 15001 succeeds (a proxy has started).
-fn wait_for_proxy(lab: &Lab, pod: &Pod) -> Result<()> {
-    let get = HttpGet::new(VIP.parse()?, "/", "reviews", Identity::APP);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+/// Wait until the app's GET of `host` at `dst` from `place` is answered with a 200 (a proxy
+/// has started), at most `within`.
+pub fn wait_for_answer(
+    lab: &Lab,
+    place: Place,
+    dst: SocketAddr,
+    host: &str,
+    within: Duration,
+) -> Result<()> {
+    let get = HttpGet::new(dst, "/", host, Identity::APP);
+    let deadline = std::time::Instant::now() + within;
     loop {
-        let ok = lab
-            .output(pod.place(), &get)
-            .is_ok_and(|o| o.trim().starts_with("HTTP/1.1 200"));
-        if ok {
+        let out = lab.output(place, &get);
+        if out
+            .as_ref()
+            .is_ok_and(|o| o.trim().starts_with("HTTP/1.1 200"))
+        {
             return Ok(());
         }
         if std::time::Instant::now() > deadline {
-            bail!("the proxy did not answer within 10 s");
+            bail!("no answer from {host} at {dst} within {within:?}: {out:?}");
         }
         std::thread::sleep(Duration::from_millis(100));
     }
