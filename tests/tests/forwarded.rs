@@ -10,7 +10,7 @@
 use sockmesh_tests::{
     kit::Outcome,
     lab::{run, Lab},
-    pods::{self, Caller, Case, Mode, Origin, Pod, PEER2, POD_ETH1, POD_PORTS, POD_V4},
+    pods::{self, Caller, Case, Mode, Origin, Pod, PEER2, POD_ETH1, POD_PORTS, POD_V4, POD_V6},
     profiles::{self, Profile},
 };
 
@@ -22,8 +22,10 @@ fn profile(name: &str) -> Profile {
 }
 
 /// Make the pod a router for its second host: forwarding on, the VM's default route through
-/// the pod, and the peer's route back to the VM's network through the pod.
-fn route_through(pod: &Pod) {
+/// the pod, and the peer's route back to the VM's network through the pod; for a profile with
+/// IPv6 rules, the same in IPv6 (the pod's and the VM's addresses on that link first, before
+/// the pod is registered: the agent reads the pod's routes then).
+fn route_through(pod: &Pod, p: &Profile) {
     run(pod.ns.exec("sysctl").args(["-qw", "net.ipv4.ip_forward=1"])).unwrap();
     let vm = pod.peer2.as_ref().expect("a second link");
     vm.ip(&["route", "add", "default", "via", POD_ETH1])
@@ -31,7 +33,37 @@ fn route_through(pod: &Pod) {
     pod.peer
         .ip(&["route", "add", "198.18.0.0/24", "via", POD_V4])
         .unwrap();
+    if p.ipv6_rules() {
+        run(pod
+            .ns
+            .exec("sysctl")
+            .args(["-qw", "net.ipv6.conf.all.forwarding=1"]))
+        .unwrap();
+        let on_link = |ns: &sockmesh_tests::lab::Netns, addr: &str, dev: &str| {
+            ns.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{addr}/64"),
+                "dev",
+                dev,
+                "nodad",
+            ])
+            .unwrap();
+        };
+        on_link(&pod.ns, POD_ETH1_V6, "eth1");
+        on_link(vm, VM_V6, "eth0");
+        vm.ip(&["-6", "route", "add", "default", "via", POD_ETH1_V6])
+            .unwrap();
+        pod.peer
+            .ip(&["-6", "route", "add", "2001:db8:18::/64", "via", POD_V6])
+            .unwrap();
+    }
 }
+
+/// The pod's and the VM's IPv6 addresses on the `-k` link.
+const POD_ETH1_V6: &str = "2001:db8:18::10";
+const VM_V6: &str = "2001:db8:18::20";
 
 /// The VM's calls to `dsts`, under iptables and under sockmesh, with the pods listening on
 /// `pod_ports`; each case's outcome under both.
@@ -40,11 +72,11 @@ fn forwarded(p: &Profile, pod_ports: &[u16], dsts: &[&str]) -> Vec<(String, Outc
     let mut lab = Lab::new("fwd").unwrap();
     lab.start_agent().unwrap();
     let ipt = pods::pod_with(&mut lab, "i", p, Mode::Iptables, pod_ports).unwrap();
+    route_through(&ipt, p);
     pods::apply_iptables(&ipt, p).unwrap();
-    route_through(&ipt);
     let smp = pods::pod_with(&mut lab, "s", p, Mode::Sockmesh, pod_ports).unwrap();
+    route_through(&smp, p);
     pods::apply_sockmesh(&lab, &smp, p).unwrap();
-    route_through(&smp);
     let vm = Caller {
         origin: Origin::Peer2,
         ..Caller::new("vm", 0, 0)
@@ -166,6 +198,29 @@ fn in_tproxy_mode_vm_calls_go_where_mangle_sends_them_first() {
     );
 }
 
+/// A dual-stack pod with IPv6 rules: a VM's IPv6 calls through the pod go to the outbound
+/// port too, with the same SO_ORIGINAL_DST (IP6T_SO_ORIGINAL_DST) under both, and its IPv4
+/// calls as before.
+#[test]
+fn ipv6_vm_calls_go_to_the_outbound_port() {
+    let p = Profile {
+        name: "kube-virt-interface-dual-stack",
+        pod_v4: true,
+        pod_v6: true,
+        dual_stack: true,
+        ..profile("kube-virt-interface")
+    };
+    assert!(p.ipv6_rules());
+    let r = forwarded(&p, &POD_PORTS, &["[2001:db8::20]:80", "192.0.2.20:80"]);
+    check(
+        &r,
+        &[
+            ("[2001:db8::20]:80", "pod:15001v6", "[2001:db8::20]:80"),
+            ("192.0.2.20:80", "pod:15001", "192.0.2.20:80"),
+        ],
+    );
+}
+
 /// No proxy on the outbound port: the VM's connection is refused under both (REDIRECT's RST
 /// from the pod, translated back), never sent around the proxy to the remote.
 #[test]
@@ -198,7 +253,7 @@ fn a_missing_interface_registers_nothing_a_restart_keeps_it_and_unregistering_ta
     let mut lab = Lab::new("fwdc").unwrap();
     lab.start_agent().unwrap();
     let pod = pods::pod(&mut lab, "s", &p, Mode::Sockmesh).unwrap();
-    route_through(&pod);
+    route_through(&pod, &p);
     let vm = Caller {
         origin: Origin::Peer2,
         ..Caller::new("vm", 0, 0)
