@@ -42,8 +42,10 @@ pub fn run(smoke: bool, keep: Option<&Path>) -> Result<String> {
     let proxies = Proxies::new(&mut b)?;
     let dir = b.lab.dir.join("callgrind");
     std::fs::create_dir_all(&dir)?;
-    // The proxies write their dumps there as uid 1337.
-    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o1777))?;
+    // The proxies write their counts there as uid 1337 (in files made for them, see
+    // `valgrind`): their folder, not a sticky shared one, where the kernel would refuse them
+    // a file root made.
+    std::os::unix::fs::chown(&dir, Some(1337), Some(1337))?;
     let bin = sibling_bin("sockmesh-proxy", "SOCKMESH_PROXY_BIN")?;
     let yaml = proxies.proxy_yaml.clone();
     let ours = count(
@@ -75,11 +77,17 @@ pub fn run(smoke: bool, keep: Option<&Path>) -> Result<String> {
     report(&b, &ours, &theirs)
 }
 
-/// valgrind's callgrind in the sockmesh pod as the proxy user, writing its counts to `out`
-/// when the proxy exits.
+/// valgrind's callgrind in the sockmesh pod, started as root as the proxies are (they drop to
+/// uid 1337 themselves; the binary may sit where only root can reach it), writing its counts
+/// to `out` when the proxy exits: by then as uid 1337, so `out` is made beforehand as that
+/// user's. No gdbserver (`--vgdb=no`): its pipes in /tmp, made as root, would outlive a
+/// process that cannot remove them as uid 1337.
 fn valgrind(b: &Bench, out: &Path) -> Result<Command> {
-    let mut cmd = b.lab.command_at(b.sm.place().as_user(1337), "valgrind")?;
+    std::fs::write(out, "")?;
+    std::os::unix::fs::chown(out, Some(1337), Some(1337))?;
+    let mut cmd = b.lab.command_at(b.sm.place(), "valgrind")?;
     cmd.arg("--tool=callgrind")
+        .arg("--vgdb=no")
         .arg(format!("--callgrind-out-file={}", out.display()))
         .arg("--quiet");
     Ok(cmd)
@@ -89,7 +97,8 @@ fn valgrind(b: &Bench, out: &Path) -> Result<Command> {
 /// once only until it answers (the baseline: start-up and the first requests), then once per
 /// client mode with that mode's requests after it. A mode's instructions are its run's less the
 /// baseline's. (valgrind's own control channel, `callgrind_control`, cannot reach a process
-/// running as another user, so each count is taken when the proxy exits on SIGTERM.)
+/// running as another user than the one that started it, so each count is taken when the
+/// proxy exits on SIGTERM.)
 fn count(
     b: &mut Bench,
     program: &dyn Fn(&mut Command),
