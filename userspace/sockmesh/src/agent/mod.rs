@@ -102,11 +102,12 @@ pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
     Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
 }
 
-fn check_kernel() -> anyhow::Result<()> {
+/// The running kernel's version, if sockmesh runs on it.
+fn check_kernel() -> anyhow::Result<(u32, u32)> {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let release = release.trim();
     match kernel_version(release) {
-        Some(v) if v >= KERNEL_FLOOR => Ok(()),
+        Some(v) if v >= KERNEL_FLOOR => Ok(v),
         Some(_) => bail!(
             "kernel {release} is older than {}.{}, the oldest sockmesh runs on (it needs \
              sk_lookup with ingress_ifindex, cgroup getsockopt/getpeername hooks and netns \
@@ -124,7 +125,7 @@ fn check_kernel() -> anyhow::Result<()> {
 const GUARD_PERIOD: Duration = Duration::from_secs(2);
 
 pub fn run(args: AgentArgs) -> anyhow::Result<()> {
-    check_kernel()?;
+    let kernel = check_kernel()?;
     handle_signals(args.socket.clone());
     match sys::raise_nofile() {
         Ok(n) if n < 2 * transport::MAX_CONNECTIONS as u64 + 1024 => {
@@ -161,7 +162,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         for w in accel_contract::ALWAYS {
             warn!("socket acceleration: {w}");
         }
-        match accel_contract::Fionread::running() {
+        match accel_contract::Fionread::running(kernel) {
             Some(f) => {
                 if let Some(w) = f.warning() {
                     warn!("socket acceleration: {w}");
@@ -169,7 +170,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
             }
             None => warn!(
                 "socket acceleration: cannot tell what FIONREAD counts on this kernel \
-                 (/proc/kallsyms or the release unreadable); it may differ from TCP's"
+                 (/proc/kallsyms unreadable); it may differ from TCP's"
             ),
         }
     } else {
@@ -289,5 +290,7 @@ mod tests {
         assert!(kernel_version("5.4.0").unwrap() < KERNEL_FLOOR);
         assert!(kernel_version("5.17.1").unwrap() >= KERNEL_FLOOR);
         assert_eq!(kernel_version("garbage"), None);
+        assert_eq!(kernel_version("7.2.0"), Some((7, 2)));
+        assert_eq!(kernel_version("7"), None);
     }
 }

@@ -31,7 +31,7 @@ pub struct State {
     pub bpffs: PathBuf,
     /// The loaded sk_lookup program, attached to each registered pod's netns.
     pub sk_lookup: OwnedFd,
-    /// The loaded tc program, attached at the ingress of each pod's `-k` interfaces.
+    /// The loaded tc programs, attached at the ingress and egress of each pod's `-k` interfaces.
     pub forward: loader::ForwardProgs,
 }
 
@@ -118,7 +118,7 @@ pub fn register(
             spec.members.push((kind, idx));
         }
     }
-    // -k: the tc program finds the pod by interface index and MAC (it cannot read the netns
+    // -k: the tc programs find the pod by interface index and MAC (it cannot read the netns
     // cookie of a forwarded packet): that key goes into SM_ADDR_POD beside the pod's addresses,
     // so a clash with another pod is refused as an address clash is, and it leaves with them.
     for name in &spec.kube_virt_ifaces {
