@@ -17,7 +17,7 @@ use sockmesh_common::{
 
 use crate::{
     ctx::{self, read_words, v4_word, write_words, SOCK_DGRAM, SOCK_STREAM},
-    maps::{count, is_local, pod, route_key, PodRules, ROUTE_SRC, SOCK_DST, SOCK_OWNER},
+    maps::{count, is_local, pod, route_source, PodRules, SOCK_DST, SOCK_OWNER},
 };
 
 #[cgroup_sock_addr(connect4)]
@@ -199,23 +199,14 @@ fn natural_source(netns: NetnsCookie, cfg: &PodConfig, conn: &Conn) -> Option<Ad
         return (!is_loopback(&conn.dst)).then_some(conn.dst);
     }
     // The route's source address, else the pod's primary address.
-    if let Some(src) = ROUTE_SRC.get(&route_key(netns, &conn.dst)) {
-        if !is_unspecified_words(src) {
-            return Some(*src);
-        }
+    if let Some(src) = route_source(netns, &conn.dst) {
+        return Some(src);
     }
     if is_v4_mapped(&conn.dst) {
         (cfg.src_v4 != [0, 0, 0, 0]).then(|| v4_mapped(cfg.src_v4))
     } else {
-        (!is_unspecified_words(&cfg.src_v6)).then_some(cfg.src_v6)
+        (!ctx::is_zero(&cfg.src_v6)).then_some(cfg.src_v6)
     }
-}
-
-/// All zeroes (an address the agent left unset).
-#[inline(always)]
-fn is_unspecified_words(a: &Addr) -> bool {
-    let w = ctx::words_from_addr(a);
-    w[0] == 0 && w[1] == 0 && w[2] == 0 && w[3] == 0
 }
 
 /// Give a redirected call the source address it would have had without capture, so the proxy

@@ -63,6 +63,13 @@ macro_rules! write_words {
 }
 pub(crate) use write_words;
 
+/// All zeroes (an address the agent left unset), compared a word at a time.
+#[inline(always)]
+pub fn is_zero(a: &Addr) -> bool {
+    let w = words_from_addr(a);
+    w[0] == 0 && w[1] == 0 && w[2] == 0 && w[3] == 0
+}
+
 #[inline(always)]
 pub fn words_from_addr(a: &Addr) -> [u32; 4] {
     [

@@ -24,7 +24,7 @@ use sockmesh_common::{
     PodFlags, AF_INET, AF_INET6,
 };
 
-use crate::maps::{count, pod, route_key, PodRules, ADDR_POD, ORIG_DST, ROUTE_SRC};
+use crate::maps::{count, pod, route_source, PodRules, ADDR_POD, ORIG_DST};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -161,19 +161,6 @@ fn rewrite(ctx: &TcContext, seg: &Segment, end: End, addr: &Addr, port: u16) -> 
     Ok(())
 }
 
-/// All zeroes (an address the agent left unset).
-#[inline(always)]
-fn unset(a: &Addr) -> bool {
-    let mut i = 0;
-    while i < 16 {
-        if a[i] != 0 {
-            return false;
-        }
-        i += 1;
-    }
-    true
-}
-
 #[inline(always)]
 fn try_ingress(ctx: &TcContext) -> Result<i32, i64> {
     // tc's netns cookie is that of the packet's socket, and a forwarded packet has none: the
@@ -192,14 +179,12 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, i64> {
         return Ok(OK);
     }
     // REDIRECT's new destination: the pod's address toward the VM.
-    let local = match ROUTE_SRC.get(&route_key(netns, &seg.src)) {
-        Some(a) if !unset(a) => *a,
-        _ => [0; 16],
-    };
-    let key = |port| ConnKey {
+    // (No flow of the VM's was captured without it.)
+    let local = route_source(netns, &seg.src);
+    let key = |server, port| ConnKey {
         netns,
         client: seg.src,
-        server: local,
+        server,
         client_port: seg.sport,
         server_port: port,
         _pad: 0,
@@ -207,11 +192,14 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, i64> {
     if seg.flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
         // The rest of a captured flow follows its first segment to the same port; the rest of
         // any other flow is forwarded.
+        let Some(local) = local else {
+            return Ok(OK);
+        };
         let mut port = cfg.outbound_port;
-        let mut record = unsafe { ORIG_DST.get(&key(port)) };
+        let mut record = unsafe { ORIG_DST.get(&key(local, port)) };
         if record.is_none() && cfg.has(PodFlags::TPROXY) {
             port = cfg.inbound_port;
-            record = unsafe { ORIG_DST.get(&key(port)) };
+            record = unsafe { ORIG_DST.get(&key(local, port)) };
         }
         if let Some(o) = record {
             if o.addr == seg.dst && o.port == seg.dport {
@@ -233,17 +221,19 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, i64> {
     count(netns, verdict.reason as u32);
     if verdict.action == Action::Pass {
         // A record of an earlier flow with the same client port must not catch this one.
-        let _ = ORIG_DST.remove(&key(cfg.outbound_port));
-        if cfg.has(PodFlags::TPROXY) {
-            let _ = ORIG_DST.remove(&key(cfg.inbound_port));
+        if let Some(local) = local {
+            let _ = ORIG_DST.remove(&key(local, cfg.outbound_port));
+            if cfg.has(PodFlags::TPROXY) {
+                let _ = ORIG_DST.remove(&key(local, cfg.inbound_port));
+            }
         }
         return Ok(OK);
     }
     // REDIRECT drops what arrives on an interface without an address of its family.
-    if unset(&local) {
+    let Some(local) = local else {
         count(netns, counters::FORWARD_NO_ADDRESS);
         return Ok(SHOT);
-    }
+    };
     let record = OrigDst {
         addr: seg.dst,
         port: seg.dport,
@@ -252,7 +242,10 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, i64> {
     };
     // Without its record the connection could not be translated: never forwarded around
     // the proxy.
-    if ORIG_DST.insert(&key(verdict.port), &record, 0).is_err() {
+    if ORIG_DST
+        .insert(&key(local, verdict.port), &record, 0)
+        .is_err()
+    {
         count(netns, counters::ORIG_DST_STORE_FAILED);
         return Ok(SHOT);
     }

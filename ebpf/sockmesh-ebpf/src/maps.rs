@@ -227,6 +227,16 @@ pub fn route_key(netns: NetnsCookie, dst: &Addr) -> Key<CidrKey> {
     Key::new(CIDR_KEY_FIXED_BITS + bits, CidrKey::new(netns, kind, dst))
 }
 
+/// The source address of pod `netns`'s route to `dst` (what the agent stored in `ROUTE_SRC`),
+/// if it has one.
+#[inline(always)]
+pub fn route_source(netns: NetnsCookie, dst: &Addr) -> Option<Addr> {
+    ROUTE_SRC
+        .get(&route_key(netns, dst))
+        .filter(|a| !crate::ctx::is_zero(a))
+        .copied()
+}
+
 /// Whether `dst` is an address of pod `netns`, i.e. the route would leave through `lo`.
 /// A BPF subprogram (not inlined) to keep its callers' stack frames small.
 #[inline(never)]
