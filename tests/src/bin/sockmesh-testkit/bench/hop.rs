@@ -90,6 +90,9 @@ impl Hop {
         ];
         for (k, (pod, dst, accel)) in paths.into_iter().enumerate() {
             if k == 2 || k == 3 {
+                // The hop's app writes to its forwarder (the proxy): acceleration for all the
+                // pod's sockets.
+                let accel = if accel { "all" } else { "off" };
                 b.register(&b.sm, &b.profile, accel, true)?;
             }
             let (a50, a99) = round_trips(b, pod, dst, 64)?;

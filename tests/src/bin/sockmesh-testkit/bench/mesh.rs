@@ -99,9 +99,10 @@ impl Mesh {
         for (t, (_, ipt, sm)) in self.pairs.iter().enumerate() {
             for (path, pair) in [ipt, sm, sm].into_iter().enumerate() {
                 if pair.mode == Mode::Sockmesh {
-                    let accel = path == 2;
+                    // sockmesh's default (the proxies' sockets), or off.
+                    let accel = if path == 2 { "proxies" } else { "off" };
                     for pod in [&pair.client, &pair.server] {
-                        register(b, pod, accel)?;
+                        b.register(pod, &b.profile, accel, true)?;
                     }
                 }
                 std::fs::write(&self.config, proxy_yaml(&pair.server_ip))?;
@@ -203,23 +204,6 @@ fn proxy_yaml(server_ip: &str) -> String {
          clusters:\n\
          \x20 - {{name: {HOST}, endpoints: [{{address: \"{server_ip}:{APP_PORT}\"}}]}}\n"
     )
-}
-
-/// Register `pod` again with sockmesh's default acceleration (the node has it on), or with it
-/// off.
-fn register(b: &Bench, pod: &Pod, accel: bool) -> Result<()> {
-    run_cmd(
-        b.lab
-            .sockmesh_in(&pod.ns)?
-            .args(["init", "istio", "--cleanup-only"]),
-    )?;
-    let env: &[(&str, &str)] = if accel {
-        &[]
-    } else {
-        &[("SOCKMESH_ACCELERATION", "off")]
-    };
-    pods::apply_sockmesh_env(&b.lab, pod, &b.profile, env)?;
-    Ok(())
 }
 
 /// A pod netns `tag` with `addr`/24 on eth0, its gateway `.1` on `node`'s interface `dev`.

@@ -99,7 +99,7 @@ impl Bench {
             profile,
             sm,
         };
-        b.register(&b.sm, &b.profile, false, false)?;
+        b.register(&b.sm, &b.profile, "off", false)?;
         Ok(b)
     }
 
@@ -125,9 +125,10 @@ impl Bench {
         Ok(n / secs)
     }
 
-    /// Register `pod` with `prof` (after unregistering it, if `again`), with socket
-    /// acceleration for all its sockets or off for it (the node's agent has it on).
-    pub fn register(&self, pod: &Pod, prof: &Profile, accel: bool, again: bool) -> Result<()> {
+    /// Register `pod` with `prof` (after unregistering it, if `again`), with the pod's socket
+    /// acceleration `accel` (`SOCKMESH_ACCELERATION`: `all`, `proxies` or `off`; the node's
+    /// agent has it on).
+    pub fn register(&self, pod: &Pod, prof: &Profile, accel: &str, again: bool) -> Result<()> {
         if again {
             run_cmd(
                 self.lab
@@ -135,16 +136,13 @@ impl Bench {
                     .args(["init", "istio", "--cleanup-only"]),
             )?;
         }
-        // The hop's app writes to its forwarder (the proxy): acceleration for all the pod's
-        // sockets.
-        let accel = if accel { "all" } else { "off" };
         pods::apply_sockmesh_env(&self.lab, pod, prof, &[("SOCKMESH_ACCELERATION", accel)])?;
         Ok(())
     }
 
     /// Register the sockmesh pod again with `prof`, acceleration off.
     pub fn reregister(&self, prof: &Profile) -> Result<()> {
-        self.register(&self.sm, prof, false, true)
+        self.register(&self.sm, prof, "off", true)
     }
 }
 
