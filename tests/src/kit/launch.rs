@@ -143,6 +143,9 @@ pub enum Program {
     /// Keep-alive HTTP/1.1 upstreams answering "ok"; prints "ready".
     #[command(name = http::HttpKeepalive::NAME)]
     HttpKeepalive(http::HttpKeepalive),
+    /// Keep-alive h2c upstreams answering "ok"; prints "ready".
+    #[command(name = super::h2c::H2cKeepalive::NAME)]
+    H2cKeepalive(super::h2c::H2cKeepalive),
     /// A gRPC upstream on ADDR; prints "ready".
     #[command(name = grpc::GrpcServe::NAME)]
     GrpcServe(grpc::GrpcServe),
@@ -155,7 +158,8 @@ pub enum Program {
     /// Connections opened and closed to DST for --secs; prints the count.
     #[command(name = load::BenchConnect::NAME)]
     BenchConnect(load::BenchConnect),
-    /// GETs to DST, keep-alive or (--new-conn) a connection each; prints "requests p50_us p99_us".
+    /// Requests to DST (HTTP/1.1, h2c or TCP exchanges), keep-alive or (--new-conn) a
+    /// connection each; prints "requests p50_us p99_us".
     #[command(name = load::BenchHttp::NAME)]
     BenchHttp(load::BenchHttp),
     /// Serve socket-acceleration cases (see sockmesh_tests::accel) on ADDR.
@@ -184,6 +188,7 @@ impl Program {
             Program::HttpTransfer(p) => p.run(),
             Program::HttpStream(p) => p.run(),
             Program::HttpKeepalive(p) => p.run(),
+            Program::H2cKeepalive(p) => p.run(),
             Program::GrpcServe(p) => p.run(),
             Program::GrpcCall(p) => p.run(),
             Program::TlsHello(p) => p.run(),
@@ -221,6 +226,7 @@ into_program!(
     HttpTransfer(http::HttpTransfer),
     HttpStream(http::HttpStream),
     HttpKeepalive(http::HttpKeepalive),
+    H2cKeepalive(super::h2c::H2cKeepalive),
     GrpcServe(grpc::GrpcServe),
     GrpcCall(grpc::GrpcCall),
     TlsHello(tls::TlsHello),
@@ -364,7 +370,20 @@ mod tests {
             conns: 2,
             secs: 0.3,
             new_conn: true,
+            wire: load::Wire::Tcp,
             id: Identity::APP,
+        });
+        round_trip(load::BenchHttp {
+            dst: addr("10.96.0.10:80"),
+            host: "reviews".into(),
+            conns: 4,
+            secs: 2.0,
+            new_conn: false,
+            wire: load::Wire::H2c,
+            id: Identity::APP,
+        });
+        round_trip(super::super::h2c::H2cKeepalive {
+            addrs: vec![addr("192.0.2.20:18083")],
         });
         round_trip(accel::AccelServe {
             addr: addr("0.0.0.0:15001"),

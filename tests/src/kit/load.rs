@@ -1,6 +1,7 @@
 //! Load: connections one after another while the agent is killed and replaced (`load`, which
 //! counts those that escaped capture), and the benchmark's load generators (`bench-connect`:
-//! short connections per second; `bench-http`: HTTP/1.1 requests per second and latency).
+//! short connections per second; `bench-http`: requests per second and latency, over HTTP/1.1,
+//! h2c or plain TCP exchanges).
 
 use std::{
     io::{BufReader, Read, Write},
@@ -182,10 +183,36 @@ impl Launch for BenchConnect {
     }
 }
 
-/// `bench-http`: HTTP/1.1 GETs to `dst` from `conns` clients for `secs`; prints "requests
-/// p50_us p99_us". Each client keeps one connection alive, or (`new_conn`) opens a connection
-/// per request, asks with `connection: close` and closes it after the answer; its latency
-/// includes the connect.
+/// What `bench-http`'s clients speak.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Wire {
+    /// HTTP/1.1 GETs.
+    #[default]
+    Http1,
+    /// HTTP/2 GETs with prior knowledge, one stream at a time per connection.
+    H2c,
+    /// 64-byte exchanges with an echo upstream (`hop-upstream`), a TCP relay's request.
+    Tcp,
+}
+
+impl Wire {
+    pub fn name(self) -> &'static str {
+        match self {
+            Wire::Http1 => "http1",
+            Wire::H2c => "h2c",
+            Wire::Tcp => "tcp",
+        }
+    }
+}
+
+/// The size of a TCP exchange, each way.
+pub const EXCHANGE: usize = 64;
+
+/// `bench-http`: requests to `dst` from `conns` clients for `secs`; prints "requests p50_us
+/// p99_us". Each client keeps one connection alive, or (`new_conn`) opens a connection per
+/// request (over HTTP/1.1 it asks with `connection: close`) and closes it after the answer; its
+/// latency includes the connect. `wire`: HTTP/1.1 GETs of `host`, h2c GETs of `host`, or
+/// 64-byte exchanges with an echo.
 #[derive(clap::Args, Clone, Debug, PartialEq)]
 pub struct BenchHttp {
     pub dst: SocketAddr,
@@ -195,9 +222,11 @@ pub struct BenchHttp {
     pub conns: usize,
     #[arg(long)]
     pub secs: f64,
-    /// A new connection per request (`connection: close`) instead of keep-alive.
+    /// A new connection per request instead of keep-alive.
     #[arg(long)]
     pub new_conn: bool,
+    #[arg(long, value_enum, default_value_t)]
+    pub wire: Wire,
     #[command(flatten)]
     pub id: Identity,
 }
@@ -212,6 +241,7 @@ impl Launch for BenchHttp {
             .opt("--conns", self.conns)
             .opt("--secs", self.secs)
             .switch("--new-conn", self.new_conn)
+            .opt("--wire", self.wire.name())
             .id(self.id)
     }
 }
@@ -226,7 +256,11 @@ impl BenchHttp {
         let workers: Vec<_> = (0..self.conns)
             .map(|_| {
                 let client = self.clone();
-                std::thread::spawn(move || client.client(end))
+                std::thread::spawn(move || match client.wire {
+                    Wire::Http1 => client.http1(end),
+                    Wire::H2c => super::h2c::client(client.dst, &client.host, client.new_conn, end),
+                    Wire::Tcp => client.tcp(end),
+                })
             })
             .collect();
         let mut all = Vec::new();
@@ -246,14 +280,19 @@ impl BenchHttp {
         Ok(())
     }
 
-    fn connect(&self) -> Result<HttpConn> {
+    fn connect(&self) -> Result<TcpStream> {
         let s = TcpStream::connect(self.dst).with_context(|| format!("connect {}", self.dst))?;
         s.set_nodelay(true)?;
+        Ok(s)
+    }
+
+    fn connect_http(&self) -> Result<HttpConn> {
+        let s = self.connect()?;
         Ok((BufReader::new(s.try_clone()?), s))
     }
 
-    /// One client's requests until `end`: each one's latency in µs.
-    fn client(&self, end: Instant) -> Result<Vec<u32>> {
+    /// One HTTP/1.1 client's requests until `end`: each one's latency in µs.
+    fn http1(&self, end: Instant) -> Result<Vec<u32>> {
         let close = if self.new_conn {
             "connection: close\r\n"
         } else {
@@ -263,7 +302,7 @@ impl BenchHttp {
         let mut conn = if self.new_conn {
             None
         } else {
-            Some(self.connect()?)
+            Some(self.connect_http()?)
         };
         let mut lat = Vec::new();
         let mut line = String::new();
@@ -272,17 +311,53 @@ impl BenchHttp {
             let t = Instant::now();
             let (reader, out) = match &mut conn {
                 Some(c) => c,
-                slot => slot.insert(self.connect()?),
+                slot => slot.insert(self.connect_http()?),
             };
             out.write_all(request.as_bytes())?;
             read_response(reader, &mut line, &mut body)?;
             if self.new_conn {
                 conn = None;
             }
-            lat.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
+            lat.push(micros(t));
         }
         Ok(lat)
     }
+
+    /// One TCP client's exchanges until `end`: each one's latency in µs. A connection starts
+    /// with `r`, which makes `hop-upstream` an echo; with `new_conn` it closes after one
+    /// exchange.
+    fn tcp(&self, end: Instant) -> Result<Vec<u32>> {
+        let open = || -> Result<TcpStream> {
+            let mut s = self.connect()?;
+            s.write_all(b"r")?;
+            Ok(s)
+        };
+        let mut conn = if self.new_conn { None } else { Some(open()?) };
+        let msg = [7u8; EXCHANGE];
+        let mut back = [0u8; EXCHANGE];
+        let mut lat = Vec::new();
+        while Instant::now() < end {
+            let t = Instant::now();
+            let s = match &mut conn {
+                Some(c) => c,
+                slot => slot.insert(open()?),
+            };
+            s.write_all(&msg)?;
+            s.read_exact(&mut back)
+                .context("reading the echo of an exchange")?;
+            anyhow::ensure!(back == msg, "the echo differs from the exchange sent");
+            if self.new_conn {
+                conn = None;
+            }
+            lat.push(micros(t));
+        }
+        Ok(lat)
+    }
+}
+
+/// µs since `t`, saturated to u32.
+pub(crate) fn micros(t: Instant) -> u32 {
+    t.elapsed().as_micros().min(u32::MAX as u128) as u32
 }
 
 /// `hold`: open `count` connections to `dst` and keep every one open until all are made, each

@@ -8,6 +8,7 @@
 pub mod churn;
 pub mod crowd;
 pub mod grpc;
+pub mod h2c;
 pub mod http;
 pub mod launch;
 pub mod load;
@@ -29,11 +30,12 @@ use serde::{Deserialize, Serialize};
 pub use churn::{Churn, ChurnReport};
 pub use crowd::{Crowd, CrowdReport};
 pub use grpc::{GrpcCall, GrpcServe};
+pub use h2c::H2cKeepalive;
 pub use http::{
     HttpGet, HttpKeepalive, HttpServe, HttpStream, HttpTransfer, HttpUpgrade, HttpUpstream,
 };
 pub use launch::{Args, Launch, Program};
-pub use load::{BenchConnect, BenchHttp, Hold, HoldReport, Load, LoadReport};
+pub use load::{BenchConnect, BenchHttp, Hold, HoldReport, Load, LoadReport, Wire};
 pub use proxy::Proxy;
 pub use tcp::{Connect, Fetch, Listen, Listener, ListenerKind};
 pub use tls::TlsHello;

@@ -9,7 +9,7 @@ use std::{net::SocketAddr, path::PathBuf, process::Command, time::Duration};
 
 use anyhow::{bail, Context, Result};
 use sockmesh_tests::{
-    kit::{BenchHttp, HttpKeepalive, Identity},
+    kit::{BenchHttp, HttpKeepalive, Identity, Wire},
     lab::{run as run_cmd, sibling_bin, Lab, Netns},
     pods::{self, Mode, Pod},
 };
@@ -314,6 +314,7 @@ fn measure(b: &mut Bench, pair: &Pair, config: &std::path::Path) -> Result<Vec<M
                 conns: b.sizes.conns,
                 secs: b.sizes.secs,
                 new_conn,
+                wire: Wire::Http1,
                 id: Identity::APP,
             };
             let text = b.lab.output(pair.client.place(), &program)?;

@@ -59,7 +59,7 @@ pub fn run(smoke: bool, keep: Option<&Path>) -> Result<String> {
         "sockmesh-proxy",
         &dir,
     )?;
-    let cfg = proxies.haproxy_cfg.clone();
+    let cfg = proxies.haproxy_http1().clone();
     let theirs = count(
         &mut b,
         &|cmd: &mut Command| {

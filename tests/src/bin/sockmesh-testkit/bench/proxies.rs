@@ -1,12 +1,13 @@
-//! Section 5, the proxy against HAProxy: HTTP/1.1 clients in the sockmesh pod to a service
-//! VIP, captured to the proxy on 15001, round robin over two keep-alive upstreams on the peer;
-//! sockmesh-proxy and HAProxy one after the other in each round, one thread each.
+//! Section 5, the proxy against HAProxy, in the roles a sidecar serves: HTTP/1.1 and h2c clients
+//! in the sockmesh pod to a service VIP, and TCP clients to a TCP service's VIP, captured to the
+//! proxy on 15001, round robin over two upstreams on the peer; sockmesh-proxy and HAProxy one
+//! after the other in each round, one thread each.
 
 use std::{net::SocketAddr, path::PathBuf, process::Command, time::Duration};
 
 use anyhow::{bail, Context, Result};
 use sockmesh_tests::{
-    kit::{BenchHttp, HttpGet, HttpKeepalive, Identity},
+    kit::{BenchHttp, H2cKeepalive, HttpGet, HttpKeepalive, Identity, Wire},
     lab::{sibling_bin, Lab, Place},
     pods::PEER_V4,
 };
@@ -16,22 +17,43 @@ use super::{
     stats::{column, fmt, stats, Spread},
     Bench,
 };
+use crate::hop::HopUpstream;
 
 /// The two client modes: keep-alive, and a new connection per request.
 pub const HTTP_MODES: [(&str, bool); 2] = [("keep-alive", false), ("new connections", true)];
 
-/// The service's VIP, which capture sends to the proxy.
+/// The roles measured: (what the clients speak, its name in the report, client mode, a new
+/// connection per request). h2c's clients keep their connections, as gRPC's do.
+pub const ROLES: [(Wire, &str, &str, bool); 5] = [
+    (Wire::Http1, "HTTP/1.1", "keep-alive", false),
+    (Wire::Http1, "HTTP/1.1", "new connections", true),
+    (Wire::H2c, "h2c", "keep-alive", false),
+    (Wire::Tcp, "TCP relay", "keep-alive", false),
+    (Wire::Tcp, "TCP relay", "new connections", true),
+];
+
+/// The wires, in the order each round starts the proxies for them.
+const WIRES: [Wire; 3] = [Wire::Http1, Wire::H2c, Wire::Tcp];
+
+/// The HTTP service's VIP, which capture sends to the proxy.
 pub const VIP: &str = "10.96.0.10:80";
+
+/// The TCP service's VIP; its port is the proxy's TCP route.
+pub const TCP_VIP: &str = "10.96.0.11:9000";
+
+/// The HTTP/1.1 service's host; the h2c service's.
+const HTTP1_HOST: &str = "reviews";
+const H2C_HOST: &str = "ratings";
 
 /// (requests/s, p50 µs, p99 µs) of one round.
 type HttpRound = (f64, f64, f64);
 
-/// One proxy's figures: per client mode, each round's (requests/s, p50, p99) and its CPU µs per
+/// One proxy's figures: per role, each round's (requests/s, p50, p99) and its CPU µs per
 /// request.
 #[derive(Default)]
 struct Runs {
-    http: [Vec<HttpRound>; 2],
-    cpu: [Vec<f64>; 2],
+    http: [Vec<HttpRound>; ROLES.len()],
+    cpu: [Vec<f64>; ROLES.len()],
 }
 
 /// The spreads of requests/s, p50 and p99.
@@ -39,7 +61,9 @@ pub type Http = (Spread, Spread, Spread);
 
 pub struct Proxies {
     pub proxy_yaml: PathBuf,
-    pub haproxy_cfg: PathBuf,
+    /// HAProxy's configuration per wire, in [`WIRES`]' order: mode http; mode http with h2 on
+    /// both sides; mode tcp.
+    haproxy_cfgs: [PathBuf; 3],
     ours: Runs,
     theirs: Runs,
 }
@@ -47,95 +71,140 @@ pub struct Proxies {
 impl Proxies {
     /// The upstreams on the sockmesh pod's peer, and both proxies' configurations.
     pub fn new(b: &mut Bench) -> Result<Proxies> {
-        let ups: [SocketAddr; 2] = [
-            format!("{PEER_V4}:18081").parse()?,
-            format!("{PEER_V4}:18082").parse()?,
-        ];
-        let keepalive = HttpKeepalive {
-            addrs: ups.to_vec(),
+        let ups = |ports: [u16; 2]| -> Result<Vec<SocketAddr>> {
+            Ok(vec![
+                format!("{PEER_V4}:{}", ports[0]).parse()?,
+                format!("{PEER_V4}:{}", ports[1]).parse()?,
+            ])
         };
-        b.lab.start(b.sm.peer_place(), &keepalive)?;
+        b.lab.start(
+            b.sm.peer_place(),
+            &HttpKeepalive {
+                addrs: ups([18081, 18082])?,
+            },
+        )?;
+        b.lab.start(
+            b.sm.peer_place(),
+            &H2cKeepalive {
+                addrs: ups([18083, 18084])?,
+            },
+        )?;
+        for addr in ups([18091, 18092])? {
+            b.lab.start(b.sm.peer_place(), &HopUpstream { addr })?;
+        }
         let proxy_yaml = b.lab.dir.join("proxy.yaml");
+        let tcp_port = TCP_VIP.parse::<SocketAddr>()?.port();
         std::fs::write(
             &proxy_yaml,
             format!(
                 "listeners:\n  - {{name: outbound, address: \"0.0.0.0:15001\", direction: outbound}}\n\
-                 virtual_hosts:\n  - {{name: reviews, domains: [reviews], routes: [{{route: {{cluster: reviews}}}}]}}\n\
-                 clusters:\n  - {{name: reviews, endpoints: [{{address: \"{PEER_V4}:18081\"}}, {{address: \"{PEER_V4}:18082\"}}]}}\n"
+                 virtual_hosts:\n  - {{name: {HTTP1_HOST}, domains: [{HTTP1_HOST}], routes: [{{route: {{cluster: {HTTP1_HOST}}}}}]}}\n\
+                 \x20 - {{name: {H2C_HOST}, domains: [{H2C_HOST}], routes: [{{route: {{cluster: {H2C_HOST}}}}}]}}\n\
+                 tcp_routes:\n  - {{destination: \"{tcp_port}\", cluster: echo}}\n\
+                 clusters:\n  - {{name: {HTTP1_HOST}, endpoints: [{{address: \"{PEER_V4}:18081\"}}, {{address: \"{PEER_V4}:18082\"}}]}}\n\
+                 \x20 - {{name: {H2C_HOST}, endpoints: [{{address: \"{PEER_V4}:18083\"}}, {{address: \"{PEER_V4}:18084\"}}]}}\n\
+                 \x20 - {{name: echo, endpoints: [{{address: \"{PEER_V4}:18091\"}}, {{address: \"{PEER_V4}:18092\"}}]}}\n"
             ),
         )?;
-        let haproxy_cfg = b.lab.dir.join("haproxy.cfg");
-        std::fs::write(
-            &haproxy_cfg,
+        let global = "global\n  maxconn 4096\n  uid 1337\n  gid 1337\n  nbthread 1\n\
+                      defaults\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n";
+        let http = |bind: &str, server: &str, ports: [u16; 2]| {
             format!(
-                "global\n  maxconn 4096\n  uid 1337\n  gid 1337\n  nbthread 1\n\
-                 defaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n  option http-keep-alive\n  http-reuse always\n\
-                 frontend out\n  bind 0.0.0.0:15001\n  default_backend reviews\n\
-                 backend reviews\n  balance roundrobin\n  server up1 {PEER_V4}:18081\n  server up2 {PEER_V4}:18082\n"
+                "{global}  mode http\n  option http-keep-alive\n  http-reuse always\n\
+                 frontend out\n  bind 0.0.0.0:15001{bind}\n  default_backend up\n\
+                 backend up\n  balance roundrobin\n  server up1 {PEER_V4}:{}{server}\n  server up2 {PEER_V4}:{}{server}\n",
+                ports[0], ports[1]
+            )
+        };
+        let configs = [
+            http("", "", [18081, 18082]),
+            http(" proto h2", " proto h2", [18083, 18084]),
+            format!(
+                "{global}  mode tcp\n\
+                 frontend out\n  bind 0.0.0.0:15001\n  default_backend up\n\
+                 backend up\n  balance roundrobin\n  server up1 {PEER_V4}:18091\n  server up2 {PEER_V4}:18092\n"
             ),
-        )?;
+        ];
+        let mut haproxy_cfgs: [PathBuf; 3] = Default::default();
+        for ((path, text), wire) in haproxy_cfgs.iter_mut().zip(configs).zip(WIRES) {
+            *path = b.lab.dir.join(format!("haproxy-{}.cfg", wire.name()));
+            std::fs::write(&*path, text)?;
+        }
         Ok(Proxies {
             proxy_yaml,
-            haproxy_cfg,
+            haproxy_cfgs,
             ours: Runs::default(),
             theirs: Runs::default(),
         })
     }
 
-    /// One round: sockmesh-proxy, then HAProxy, on the same pod and upstreams.
-    pub fn round(&mut self, b: &mut Bench) -> Result<()> {
-        let proxy = sibling_bin("sockmesh-proxy", "SOCKMESH_PROXY_BIN")?;
-        let mut cmd = b.lab.command_at(b.sm.place(), proxy)?;
-        cmd.arg("--config")
-            .arg(&self.proxy_yaml)
-            .env("SOCKMESH_PROXY_LOG", "warn");
-        proxy_round(b, cmd, Some("ready"), &mut self.ours)?;
-        let mut cmd = b.lab.command_at(b.sm.place(), "haproxy")?;
-        cmd.arg("-db").arg("-f").arg(&self.haproxy_cfg);
-        proxy_round(b, cmd, None, &mut self.theirs)
+    /// HAProxy's configuration for HTTP/1.1 clients.
+    pub fn haproxy_http1(&self) -> &PathBuf {
+        &self.haproxy_cfgs[0]
     }
 
-    /// Per client mode: (sockmesh-proxy's figures, HAProxy's).
+    /// One round: per wire, sockmesh-proxy, then HAProxy, on the same pod and upstreams.
+    pub fn round(&mut self, b: &mut Bench) -> Result<()> {
+        let proxy = sibling_bin("sockmesh-proxy", "SOCKMESH_PROXY_BIN")?;
+        for (wire, cfg) in WIRES.into_iter().zip(&self.haproxy_cfgs) {
+            let mut cmd = b.lab.command_at(b.sm.place(), &proxy)?;
+            cmd.arg("--config")
+                .arg(&self.proxy_yaml)
+                .env("SOCKMESH_PROXY_LOG", "warn");
+            proxy_round(b, wire, cmd, Some("ready"), &mut self.ours)?;
+            let mut cmd = b.lab.command_at(b.sm.place(), "haproxy")?;
+            cmd.arg("-db").arg("-f").arg(cfg);
+            proxy_round(b, wire, cmd, None, &mut self.theirs)?;
+        }
+        Ok(())
+    }
+
+    /// Per role: (sockmesh-proxy's figures, HAProxy's).
     pub fn figures(&self) -> Vec<(Http, Http)> {
         let three = |v: &[HttpRound]| -> Http {
             (column(v, |x| x.0), column(v, |x| x.1), column(v, |x| x.2))
         };
-        (0..2)
+        (0..ROLES.len())
             .map(|k| (three(&self.ours.http[k]), three(&self.theirs.http[k])))
             .collect()
     }
 
-    /// Per client mode: (sockmesh-proxy's CPU µs per request, HAProxy's).
-    fn cpu(&self, k: usize) -> (f64, f64) {
+    /// Per role: (sockmesh-proxy's CPU µs per request, HAProxy's).
+    pub fn cpu(&self, k: usize) -> (f64, f64) {
         (stats(&self.ours.cpu[k]).0, stats(&self.theirs.cpu[k]).0)
     }
 
     pub fn report(&self, b: &Bench, r: &mut String) {
         r.push_str("## 5. The proxy against HAProxy\n\n");
         r.push_str(&format!(
-            "HTTP/1.1 GETs from the app by {} clients to a service VIP, captured by sockmesh to \
-             the proxy on 15001, round robin over two keep-alive upstreams on the peer host. Two \
-             client modes: each client keeps its connection alive, or opens a new connection per \
-             request (`connection: close`; its latency includes the connect). Same pod, upstreams \
-             and capture for both proxies, one after the other in each round. Equal cores: each \
-             proxy serves on one thread (sockmesh-proxy's default `--workers 1`, HAProxy's \
-             `nbthread 1`). CPU is the proxy's time per request (user and system, all threads, \
-             from /proc).\n\n",
-            b.sizes.conns
+            "Requests from the app by {} clients, captured by sockmesh to the proxy on 15001, \
+             round robin over two upstreams on the peer host, in three roles: HTTP/1.1 GETs to a \
+             service VIP (keep-alive HTTP/1.1 upstreams); h2c GETs to the same VIP with another \
+             host (h2c upstreams, each proxy's upstream connections multiplexed, HAProxy with \
+             `proto h2` on both sides); and a TCP relay, {}-byte exchanges with echo upstreams \
+             through a TCP service's VIP (sockmesh-proxy's `tcp_routes`, HAProxy's `mode tcp`). \
+             Client modes: each client keeps its connection alive, or opens a new connection per \
+             request (HTTP/1.1 asks `connection: close`; its latency includes the connect); h2c \
+             clients keep theirs, one stream at a time. Same pod, upstreams and capture for both \
+             proxies, one after the other in each round. Equal cores: each proxy serves on one \
+             thread (sockmesh-proxy's default `--workers 1`, HAProxy's `nbthread 1`). CPU is the \
+             proxy's time per request (user and system, all threads, from /proc).\n\n",
+            b.sizes.conns,
+            sockmesh_tests::kit::load::EXCHANGE,
         ));
         r.push_str(
-            "| clients | proxy | requests/s | p50 µs | p99 µs | CPU µs per request |\n\
-             |---|---|---|---|---|---|\n",
+            "| protocol | clients | proxy | requests/s | p50 µs | p99 µs | CPU µs per request |\n\
+             |---|---|---|---|---|---|---|\n",
         );
         let proxies = self.figures();
-        for (k, (mode, _)) in HTTP_MODES.into_iter().enumerate() {
+        for (k, (_, proto, mode, _)) in ROLES.into_iter().enumerate() {
             let (o, h) = proxies[k];
             let (cpu_o, cpu_h) = self.cpu(k);
             for (name, (rps, p50, p99), cpu) in
                 [("HAProxy", h, cpu_h), ("sockmesh-proxy", o, cpu_o)]
             {
                 r.push_str(&format!(
-                    "| {mode} | {name} | {} | {} | {} | {cpu:.1} |\n",
+                    "| {proto} | {mode} | {name} | {} | {} | {} | {cpu:.1} |\n",
                     fmt(rps),
                     fmt(p50),
                     fmt(p99),
@@ -143,12 +212,12 @@ impl Proxies {
             }
         }
         r.push('\n');
-        for (k, (mode, _)) in HTTP_MODES.into_iter().enumerate() {
+        for (k, (_, proto, mode, _)) in ROLES.into_iter().enumerate() {
             let (o, h) = proxies[k];
             let (cpu_o, cpu_h) = self.cpu(k);
             r.push_str(&format!(
-                "sockmesh-proxy / HAProxy, {mode}: requests/s {:.2}, p50 {:.2}, p99 {:.2} (below 1 \
-                 is better for latency), CPU per request {:.2}.\n\n",
+                "sockmesh-proxy / HAProxy, {proto} {mode}: requests/s {:.2}, p50 {:.2}, p99 {:.2} \
+                 (below 1 is better for latency), CPU per request {:.2}.\n\n",
                 o.0 .0 / h.0 .0,
                 o.1 .0 / h.1 .0,
                 o.2 .0 / h.2 .0,
@@ -162,36 +231,71 @@ impl Proxies {
     }
 }
 
-/// One round for one proxy: start it (`cmd`, ready when it prints `ready`, if given), measure
-/// each client mode through it (the figures, and its CPU µs per request), stop it.
-fn proxy_round(b: &mut Bench, cmd: Command, ready: Option<&str>, runs: &mut Runs) -> Result<()> {
+/// One round for one proxy and wire: start it (`cmd`, ready when it prints `ready`, if
+/// given), measure each of the wire's roles through it (the figures, and its CPU µs per
+/// request), stop it.
+fn proxy_round(
+    b: &mut Bench,
+    wire: Wire,
+    cmd: Command,
+    ready: Option<&str>,
+    runs: &mut Runs,
+) -> Result<()> {
     let i = b.lab.spawn(cmd, ready)?;
-    wait_for_answer(
-        &b.lab,
-        b.sm.place(),
-        VIP.parse()?,
-        "reviews",
-        Duration::from_secs(10),
-    )?;
+    wait_for_requests(b, wire, Duration::from_secs(10))?;
     let pid = b.lab.pid(i).context("the proxy's pid")?;
-    for (k, (_, new_conn)) in HTTP_MODES.into_iter().enumerate() {
+    for (k, &(w, _, _, new_conn)) in ROLES.iter().enumerate() {
+        if w != wire {
+            continue;
+        }
         let cpu0 = cpu_secs(pid)?;
-        let r = http(b, new_conn)?;
+        let r = requests(b, wire, new_conn, b.sizes.secs)?;
         runs.cpu[k].push((cpu_secs(pid)? - cpu0) / (r.0 * b.sizes.secs) * 1e6);
         runs.http[k].push(r);
     }
     b.lab.kill(i)
 }
 
-/// (requests/s, p50 µs, p99 µs) through whatever listens on the sockmesh pod's 15001;
-/// `new_conn`: a connection per request.
+/// Wait until a short run of `wire`'s requests through the sockmesh pod's 15001 gets answers
+/// (the proxy has started), at most `within`.
+fn wait_for_requests(b: &Bench, wire: Wire, within: Duration) -> Result<()> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let r = requests(b, wire, false, 0.05);
+        if r.is_ok() {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "no {} answers through the proxy within {within:?}: {r:?}",
+                wire.name()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// (requests/s, p50 µs, p99 µs) of HTTP/1.1 GETs through whatever listens on the sockmesh
+/// pod's 15001; `new_conn`: a connection per request.
 pub fn http(b: &Bench, new_conn: bool) -> Result<HttpRound> {
+    requests(b, Wire::Http1, new_conn, b.sizes.secs)
+}
+
+/// (requests/s, p50 µs, p99 µs) of `wire`'s requests for `secs` through whatever listens on the
+/// sockmesh pod's 15001; `new_conn`: a connection per request.
+fn requests(b: &Bench, wire: Wire, new_conn: bool, secs: f64) -> Result<HttpRound> {
+    let (dst, host) = match wire {
+        Wire::Http1 => (VIP, HTTP1_HOST),
+        Wire::H2c => (VIP, H2C_HOST),
+        Wire::Tcp => (TCP_VIP, ""),
+    };
     let program = BenchHttp {
-        dst: VIP.parse()?,
-        host: "reviews".into(),
+        dst: dst.parse()?,
+        host: host.into(),
         conns: b.sizes.conns,
-        secs: b.sizes.secs,
+        secs,
         new_conn,
+        wire,
         id: Identity::APP,
     };
     let out = b.output(&b.sm, true, &program)?;
@@ -199,7 +303,7 @@ pub fn http(b: &Bench, new_conn: bool) -> Result<HttpRound> {
     if f.len() != 3 || f[0] == 0.0 {
         bail!("bench-http gave {out:?}");
     }
-    Ok((f[0] / b.sizes.secs, f[1], f[2]))
+    Ok((f[0] / secs, f[1], f[2]))
 }
 
 /// Wait until the app's GET of `host` at `dst` from `place` is answered with a 200 (a proxy

@@ -6,7 +6,7 @@ use super::{
     hop::Hop,
     mesh::Mesh,
     pod_scale::PodScale,
-    proxies::{Proxies, HTTP_MODES},
+    proxies::{Proxies, HTTP_MODES, ROLES},
     rules::Rules,
     stats::{miss, verdict},
 };
@@ -81,20 +81,29 @@ pub fn report(f: &Figures, r: &mut String) {
         format!("{peak:.1} MiB"),
         verdict(peak < 30.0, format!("{:.1} MiB", peak - 30.0)),
     );
-    for ((mode, _), (o, h)) in HTTP_MODES.into_iter().zip(f.proxies.figures()) {
+    for (k, ((_, proto, mode, _), (o, h))) in ROLES.into_iter().zip(f.proxies.figures()).enumerate()
+    {
         let rps = o.0 .0 / h.0 .0;
         row(
             r,
-            &format!("proxy requests/s at least HAProxy's ({mode}, >= 1.00)"),
+            &format!("proxy requests/s at least HAProxy's ({proto} {mode}, >= 1.00)"),
             format!("{rps:.2}"),
             verdict(rps >= 1.0, miss(1.0 - rps)),
         );
         let p99 = o.2 .0 / h.2 .0;
         row(
             r,
-            &format!("proxy p99 lower than HAProxy's ({mode}, < 1.00)"),
+            &format!("proxy p99 at most HAProxy's ({proto} {mode}, <= 1.00)"),
             format!("{p99:.2}"),
-            verdict(p99 < 1.0, miss(p99 - 1.0)),
+            verdict(p99 <= 1.0, miss(p99 - 1.0)),
+        );
+        let (cpu_o, cpu_h) = f.proxies.cpu(k);
+        let cpu = cpu_o / cpu_h;
+        row(
+            r,
+            &format!("proxy CPU per request at most HAProxy's ({proto} {mode}, <= 1.00)"),
+            format!("{cpu:.2}"),
+            verdict(cpu <= 1.0, miss(cpu - 1.0)),
         );
     }
     let (sm, accel) = f.mesh.ratios();
