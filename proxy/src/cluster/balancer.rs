@@ -138,6 +138,8 @@ pub fn hash_bytes(b: &[u8]) -> u64 {
 pub struct Pick {
     /// The endpoint to send the request to.
     pub addr: SocketAddr,
+    /// `addr` written out once for the endpoint (its stats label).
+    pub label: Arc<str>,
     active: Arc<AtomicU64>,
 }
 
@@ -210,6 +212,7 @@ impl Balancer {
                 member.active.fetch_add(1, Ordering::Relaxed);
                 return Some(Pick {
                     addr: member.addr,
+                    label: Arc::clone(&member.label),
                     active: Arc::clone(&member.active),
                 });
             }
@@ -333,6 +336,7 @@ struct Level {
 /// One endpoint as seen by the policies.
 struct Member {
     addr: SocketAddr,
+    label: Arc<str>,
     weight: u32,
     active: Arc<AtomicU64>,
 }
@@ -397,6 +401,7 @@ impl EndpointSet {
             let active = Arc::clone(counters.entry(e.addr).or_default());
             by_priority.entry(e.priority).or_default().push(Member {
                 addr: e.addr,
+                label: e.addr.to_string().into(),
                 weight: e.weight,
                 active,
             });
@@ -961,6 +966,7 @@ mod tests {
             let members: Vec<Member> = (0..n)
                 .map(|i| Member {
                     addr: addr(i),
+                    label: addr(i).to_string().into(),
                     weight: w,
                     active: Arc::default(),
                 })
@@ -985,6 +991,7 @@ mod tests {
         let members: Vec<Member> = (0..3)
             .map(|i| Member {
                 addr: addr(i),
+                label: addr(i).to_string().into(),
                 weight: [1, 2, 3][i as usize],
                 active: Arc::default(),
             })

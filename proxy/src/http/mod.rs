@@ -39,14 +39,15 @@ pub async fn serve(
         let snapshot = snapshot.clone();
         async move {
             let start = Instant::now();
-            let method = req.method().clone();
-            let path = req.uri().path().to_string();
+            // Only the access log needs the request line once the request has gone.
+            let line = trace::access_log_on()
+                .then(|| (req.method().clone(), req.uri().path().to_string()));
             let mut trace = Trace::new(accepted.direction);
             let mut resp = request::handle(req, accepted, &snapshot, &mut trace).await;
             if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
                 strip_hop_by_hop(resp.headers_mut());
             }
-            trace.done(&method, &path, accepted, resp.status(), start);
+            trace.done(line.as_ref(), accepted, resp.status(), start);
             Ok::<_, Infallible>(resp)
         }
     });

@@ -35,11 +35,16 @@ impl Head {
 
     /// A request of this head and `body`.
     pub fn request(&self, body: Body) -> Request<Body> {
+        self.clone().into_request(body)
+    }
+
+    /// The request of this head and `body`, taking the head.
+    pub fn into_request(self, body: Body) -> Request<Body> {
         let mut r = Request::new(body);
-        *r.method_mut() = self.method.clone();
-        *r.uri_mut() = self.uri.clone();
+        *r.method_mut() = self.method;
+        *r.uri_mut() = self.uri;
         *r.version_mut() = self.version;
-        *r.headers_mut() = self.headers.clone();
+        *r.headers_mut() = self.headers;
         r
     }
 }

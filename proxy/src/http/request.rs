@@ -26,11 +26,11 @@ use crate::{
 };
 
 /// Route and forward one request.
-pub async fn handle(
+pub async fn handle<'s>(
     mut req: Request<Incoming>,
     conn: Accepted,
-    snap: &Snapshot,
-    trace: &mut Trace,
+    snap: &'s Snapshot,
+    trace: &mut Trace<'s>,
 ) -> Response<Body> {
     strip_hop_by_hop(req.headers_mut());
     let authority = authority(&req);
@@ -43,9 +43,9 @@ pub async fn handle(
             return abort;
         }
     }
-    trace.route = route.name.clone();
+    trace.route = &route.name;
     let name = route.target.cluster();
-    trace.cluster = name.to_string();
+    trace.cluster = name;
     let Some(cl) = snap.clusters.get(name) else {
         return text_response(StatusCode::SERVICE_UNAVAILABLE, "no such cluster");
     };
@@ -87,7 +87,7 @@ async fn passthrough(
     req: Request<Incoming>,
     authority: &str,
     conn: Accepted,
-    trace: &mut Trace,
+    trace: &mut Trace<'_>,
 ) -> Response<Body> {
     trace.upstream = Some(conn.orig.addr());
     let to = Upstream {
@@ -115,7 +115,7 @@ struct ToCluster<'a> {
 impl ToCluster<'_> {
     /// Apply the route's header changes, mirror the request, and send it through the
     /// cluster's circuit breaker with retries, all within the route's timeout.
-    async fn forward(self, req: Request<Incoming>, trace: &mut Trace) -> Response<Body> {
+    async fn forward(self, req: Request<Incoming>, trace: &mut Trace<'_>) -> Response<Body> {
         match self.attempts(req).await {
             Ok(attempts) => self.send(attempts, trace).await,
             Err(bad_request) => bad_request,
@@ -158,7 +158,7 @@ impl ToCluster<'_> {
         Ok(Attempts {
             cluster: cl,
             name: self.name,
-            head,
+            head: Some(head),
             body: Some(body),
             kept,
             on_upgrade,
@@ -172,7 +172,7 @@ impl ToCluster<'_> {
 
     /// Through the circuit breaker, then the attempts, within the route's timeout; the
     /// route's response header changes on the answer.
-    async fn send(&self, attempts: Attempts<'_>, trace: &mut Trace) -> Response<Body> {
+    async fn send(&self, attempts: Attempts<'_>, trace: &mut Trace<'_>) -> Response<Body> {
         let cl = self.cluster;
         let deadline = tokio::time::Instant::now() + self.route.timeout;
         let _slot = match cl.request_slot(deadline).await {

@@ -18,7 +18,8 @@ pub struct Attempts<'a> {
     pub cluster: &'a ClusterState,
     /// The cluster's name as routed (stats).
     pub name: &'a str,
-    pub head: Head,
+    /// The request's head: cloned for an attempt that may be retried, moved into the last.
+    pub head: Option<Head>,
     /// The client's body, for the first attempt; later ones replay `kept`.
     pub body: Option<Body>,
     /// The body's bytes, when small enough to send again.
@@ -34,7 +35,7 @@ pub struct Attempts<'a> {
 
 impl Attempts<'_> {
     /// Send until an attempt's outcome is not retried, and answer with it.
-    pub async fn run(mut self, trace: &mut Trace) -> Response<Body> {
+    pub async fn run(mut self, trace: &mut Trace<'_>) -> Response<Body> {
         let retries = self.retries();
         let mut n = 0u32;
         loop {
@@ -42,8 +43,8 @@ impl Attempts<'_> {
                 return text_response(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
             };
             trace.upstream = Some(pick.addr);
-            let outcome = self.send_to(pick.addr).await;
-            count(self.name, pick.addr, &outcome);
+            let outcome = self.send_to(pick.addr, n >= retries).await;
+            count(self.name, &pick.label, &outcome);
             self.cluster.record(pick.addr, failed(&outcome));
             drop(pick);
             let again = self.retry.filter(|r| {
@@ -79,13 +80,21 @@ impl Attempts<'_> {
     }
 
     /// One attempt at `addr`: the first with the client's body (and upgrade), later ones with
-    /// the kept copy.
-    async fn send_to(&mut self, addr: SocketAddr) -> Result<Response<Body>, Failure> {
+    /// the kept copy; the `last` one takes the head.
+    async fn send_to(&mut self, addr: SocketAddr, last: bool) -> Result<Response<Body>, Failure> {
         let body = self
             .body
             .take()
             .unwrap_or_else(|| upstream::from_bytes(self.kept.clone().unwrap_or_default()));
-        let mut req = self.head.request(body);
+        let head = if last {
+            self.head.take()
+        } else {
+            self.head.clone()
+        };
+        let Some(head) = head else {
+            return Err(Failure::Reset("no request left to send".into()));
+        };
+        let mut req = head.into_request(body);
         if let Some(u) = self.on_upgrade.take() {
             req.extensions_mut().insert(u);
         }
@@ -99,27 +108,18 @@ impl Attempts<'_> {
     }
 }
 
-/// Count an attempt at `endpoint` of `cluster` by its status class (no response is 5xx).
-fn count(cluster: &str, endpoint: SocketAddr, outcome: &Result<Response<Body>, Failure>) {
+/// Count an attempt at the endpoint labelled `endpoint` of `cluster` by its status class (no
+/// response is 5xx).
+fn count(cluster: &str, endpoint: &str, outcome: &Result<Response<Body>, Failure>) {
     let code = match outcome {
         Ok(r) => stats::class(r.status().as_u16()),
         Err(_) => "5xx",
-    };
-    // The address written on the stack: no allocation on every request's path.
-    let mut buf = [0u8; 64];
-    let mut w = &mut buf[..];
-    let label = match std::io::Write::write_fmt(&mut w, format_args!("{endpoint}")) {
-        Ok(()) => {
-            let n = 64 - w.len();
-            std::str::from_utf8(&buf[..n]).unwrap_or("-")
-        }
-        Err(_) => "-",
     };
     stats::inc(
         "sockmesh_proxy_upstream_rq_total",
         &[
             ("cluster", cluster),
-            ("endpoint", label),
+            ("endpoint", endpoint),
             ("code_class", code),
         ],
     );

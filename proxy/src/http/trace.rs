@@ -19,32 +19,40 @@ pub fn set_access_log(on: bool) {
     ACCESS_LOG.store(on, Ordering::Relaxed);
 }
 
-/// What became of a request, for stats and the access log.
-pub struct Trace {
-    pub route: String,
-    pub cluster: String,
+/// Whether the access log is written: a request keeps its method and path for it only then.
+pub fn access_log_on() -> bool {
+    ACCESS_LOG.load(Ordering::Relaxed)
+}
+
+/// A request's method and path, as the access log writes them.
+pub type RequestLine = (Method, String);
+
+/// What became of a request, for stats and the access log. Its names are the route's and the
+/// cluster's in the configuration the request was served with.
+pub struct Trace<'s> {
+    pub route: &'s str,
+    pub cluster: &'s str,
     pub upstream: Option<SocketAddr>,
 }
 
-impl Trace {
+impl<'s> Trace<'s> {
     /// A request not routed (yet): to the passthrough cluster of its direction.
-    pub fn new(direction: Direction) -> Trace {
+    pub fn new(direction: Direction) -> Trace<'s> {
         let cluster = match direction {
             Direction::Inbound => "InboundPassthroughCluster",
             Direction::Outbound => "PassthroughCluster",
         };
         Trace {
-            route: "-".into(),
-            cluster: cluster.into(),
+            route: "-",
+            cluster,
             upstream: None,
         }
     }
 
-    /// Count the request and log it.
+    /// Count the request, and log it when the access log is on (`line` is its request line).
     pub fn done(
         &self,
-        method: &Method,
-        path: &str,
+        line: Option<&RequestLine>,
         conn: Accepted,
         status: StatusCode,
         start: Instant,
@@ -54,19 +62,19 @@ impl Trace {
         stats::inc(
             "sockmesh_proxy_requests_total",
             &[
-                ("route", &self.route),
-                ("cluster", &self.cluster),
+                ("route", self.route),
+                ("cluster", self.cluster),
                 ("code_class", class),
             ],
         );
         stats::observe_ms(
             "sockmesh_proxy_request_duration_ms",
-            &[("cluster", &self.cluster)],
+            &[("cluster", self.cluster)],
             ms,
         );
-        if !ACCESS_LOG.load(Ordering::Relaxed) {
+        let Some((method, path)) = line.filter(|_| access_log_on()) else {
             return;
-        }
+        };
         info!(
             target: "access",
             "{method} {path} {} client={} orig={} route={} cluster={} upstream={} {:.1}ms",

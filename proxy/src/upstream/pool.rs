@@ -104,8 +104,14 @@ async fn dial(to: &Upstream) -> Result<TokioIo<tokio::net::TcpStream>, Failure> 
         .map_err(|e| Failure::Connect(e.to_string()))
 }
 
-/// A new HTTP/1.1 connection to the endpoint.
+/// A new HTTP/1.1 connection to the endpoint. Boxed: a request's future would otherwise carry
+/// the connect and handshake futures' space (and copy it at each await) while it reuses a
+/// pooled connection, which is most of the time.
 async fn open(to: Upstream) -> Result<Sender, Failure> {
+    Box::pin(open_unboxed(to)).await
+}
+
+async fn open_unboxed(to: Upstream) -> Result<Sender, Failure> {
     let (send, conn) = hyper::client::conn::http1::handshake(dial(&to).await?)
         .await
         .map_err(|e| Failure::Connect(e.to_string()))?;
@@ -162,12 +168,19 @@ pub async fn h2_connection(to: Upstream) -> Result<H2, Failure> {
     if let Some(send) = slot.as_ref().filter(|s| !s.is_closed()) {
         return Ok(send.clone());
     }
+    // Boxed, as HTTP/1.1's `open`.
+    let send = Box::pin(open_h2(to)).await?;
+    *slot = Some(send.clone());
+    Ok(send)
+}
+
+/// A new HTTP/2 connection to the endpoint.
+async fn open_h2(to: Upstream) -> Result<H2, Failure> {
     let (send, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), dial(&to).await?)
             .await
             .map_err(|e| Failure::Reset(e.to_string()))?;
     tokio::spawn(conn);
-    *slot = Some(send.clone());
     Ok(send)
 }
 
