@@ -282,7 +282,7 @@ fn part(function: &str) -> String {
 fn report(b: &Bench, ours: &Counted, theirs: &Counted) -> Result<String> {
     let mut r = String::from("# Where the proxies' CPU goes\n\n");
     r.push_str(&format!(
-        "Written by `cargo xtask profile`{}. Machine: {}. Section 5's setup ({} clients in the \
+        "Written by `cargo xtask profile`{}. Machine: {}. Section 5's HTTP/1.1 role ({} clients in the \
          sockmesh pod to a service VIP, captured to the proxy on 15001, round robin over two \
          keep-alive upstreams), each proxy under valgrind's callgrind, {} s of requests per client \
          mode, less a baseline run with none (start-up, first answer, exit). Instructions are the proxy's own, in user space, counted by \

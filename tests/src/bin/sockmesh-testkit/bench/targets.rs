@@ -147,11 +147,15 @@ const WHY: &str = "Why, from the figures above: capture at connect costs sockmes
      serves more than the other on 2 shared cores.\n\n\
      Where sockmesh-proxy's CPU goes, from a profile: `cargo xtask profile` \
      (docs/profile.md) counts both proxies' user-space instructions per request in section \
-     5's role under callgrind, and shares sockmesh-proxy's out: most go to hyper's HTTP/1 \
-     codec, tokio's task and I/O machinery, the allocator and memory copies, a few percent \
-     to the proxy's own routing, pool and stats. That is the gap to HAProxy's event loop \
-     (one buffer per connection, no task per request); closing it means fewer allocations \
-     and moves per request in the proxy and around hyper, not a capture change.\n\n\
+     5's HTTP/1.1 role under callgrind, and shares sockmesh-proxy's out: most go to hyper's \
+     HTTP/1 codec, tokio's task and I/O machinery, the allocator and memory copies (futures \
+     and messages moved by value), a few percent to the proxy's own routing, pool and stats. \
+     That is the gap to HAProxy's event loop (one buffer per connection, no task per \
+     request, no future to move); closing it means fewer allocations and moves per request \
+     in the proxy and around hyper, not a capture change. With new connections each \
+     connection adds a task, hyper's buffers and the upstream pool's checkout to it. h2c \
+     runs hyper's HTTP/2 (the h2 crate) on both sides, HAProxy its own multiplexer. The TCP \
+     relay parses nothing: there what is left is each proxy's event loop and system calls.\n\n\
      The mesh request (section 6) goes through two proxies, whose CPU is most of a \
      request's cost on 2 shared cores: capture removes conntrack and NAT from each of the \
      four legs' connects, which shows with new connections and little with keep-alive \
@@ -162,7 +166,9 @@ const WHY: &str = "Why, from the figures above: capture at connect costs sockmes
 /// How the proxies and acceleration were set up.
 const NOTES: &str =
     "Both proxies keep upstream connections alive (sockmesh-proxy pools HTTP/1.1 per \
-     endpoint; HAProxy with `http-reuse always`). Both run as uid 1337, in the pod.\n\n\
+     endpoint and shares one h2c connection per endpoint; HAProxy with `http-reuse always`). \
+     Both run as uid 1337, in the pod. sockmesh-proxy is built with the workspace's release \
+     profile (fat LTO, one codegen unit).\n\n\
      sk_msg acceleration is off by default: on this kernel it still differs from TCP where a \
      user can see it (splice readers of redirected data get none of it; on a socket in the \
      map, FIONREAD counts only redirected data and blocking reads can fail early with \
