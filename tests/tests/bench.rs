@@ -58,7 +58,9 @@ fn the_benchmark_suite_runs_and_reports_every_ratio() {
             .chars()
             .take_while(|c| c.is_ascii_digit() || *c == '.')
             .collect();
-        num.parse()
+        // A sentence's full stop is not the number's.
+        num.trim_end_matches('.')
+            .parse()
             .unwrap_or_else(|_| panic!("no number after {after:?}:\n{report}"))
     };
     for after in [
@@ -68,6 +70,7 @@ fn the_benchmark_suite_runs_and_reports_every_ratio() {
         "sockmesh-proxy / HAProxy, h2c keep-alive: requests/s ",
         "sockmesh-proxy / HAProxy, TCP relay keep-alive: requests/s ",
         "sockmesh-proxy / HAProxy, TCP relay new connections: requests/s ",
+        ", system calls per request ",
         "others registered ",
     ] {
         let r = ratio(after);
@@ -76,7 +79,8 @@ fn the_benchmark_suite_runs_and_reports_every_ratio() {
 }
 
 /// A short run of `cargo xtask profile`: both proxies run under callgrind, each client mode's
-/// requests are counted, and sockmesh-proxy's instructions are shared out by part.
+/// requests are counted, sockmesh-proxy's instructions are shared out by part, and both
+/// proxies' system calls are counted per request.
 #[test]
 fn the_profile_counts_both_proxies_instructions_per_request() {
     let out = run(std::process::Command::new(testkit_bin().unwrap()).args(["profile", "--smoke"]))
@@ -105,4 +109,15 @@ fn the_profile_counts_both_proxies_instructions_per_request() {
         );
     }
     assert!(report.contains("| hyper | "), "{report}");
+    // Both proxies' system calls per request, by call: every proxy reads and writes.
+    let all = report
+        .lines()
+        .find(|l| l.starts_with("| **all** |"))
+        .unwrap_or_else(|| panic!("no system calls table:\n{report}"));
+    let cells: Vec<f64> = all
+        .split('|')
+        .filter_map(|c| c.trim().parse().ok())
+        .collect();
+    assert_eq!(cells.len(), 4, "{all}");
+    assert!(cells.iter().all(|n| *n >= 1.0), "{all}");
 }

@@ -109,6 +109,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("haproxy", "haproxy"),
     // Instruction counts of the proxies (`cargo xtask profile`).
     ("valgrind", "valgrind"),
+    // System calls counted by tracepoint (the benchmark's section 5, `cargo xtask profile`).
+    ("linux-perf", "perf"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -56,8 +56,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let te_trailers = asks_for_trailers(headers);
     let upgrade = is_upgrade(headers, &named);
     for name in &named {
-        if !(upgrade && name == "upgrade") {
-            headers.remove(name.as_str());
+        if !(upgrade && name == UPGRADE) {
+            headers.remove(name);
         }
     }
     for name in &HOP_BY_HOP {
@@ -73,15 +73,18 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// The header names the `Connection` headers list, lower-cased.
-fn connection_tokens(headers: &HeaderMap) -> Vec<String> {
+/// The header names the `Connection` headers list. `close` names none (it is the commonest
+/// token, and the list then stays empty, unallocated); neither does a token that is not a
+/// header name.
+fn connection_tokens(headers: &HeaderMap) -> Vec<HeaderName> {
     headers
         .get_all(CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .map(|t| t.trim().to_ascii_lowercase())
-        .filter(|t| !t.is_empty())
+        .map(str::trim)
+        .filter(|t| !t.is_empty() && !t.eq_ignore_ascii_case("close"))
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect()
 }
 
@@ -102,13 +105,13 @@ fn asks_for_trailers(headers: &HeaderMap) -> bool {
 }
 
 /// An upgrade to pass on: an `Upgrade` header, not to h2c, that `Connection` names.
-fn is_upgrade(headers: &HeaderMap, connection_tokens: &[String]) -> bool {
+fn is_upgrade(headers: &HeaderMap, connection_tokens: &[HeaderName]) -> bool {
     headers
         .get(UPGRADE)
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.split(',').any(|p| p.trim().eq_ignore_ascii_case("h2c")))
         .is_some()
-        && connection_tokens.iter().any(|t| t == "upgrade")
+        && connection_tokens.contains(&UPGRADE)
 }
 
 /// A route's header changes: `remove` first, then `add` (replacing a header of the same name).

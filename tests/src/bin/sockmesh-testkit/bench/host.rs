@@ -1,7 +1,14 @@
-//! What the benchmark reads of the machine and the kernel: the CPU time, memory and BPF map
-//! memory of a process, the run-time statistics of sockmesh's programs, and the machine itself.
+//! What the benchmark reads of the machine and the kernel: the CPU time, memory, BPF map
+//! memory and system calls of a process, the run-time statistics of sockmesh's programs, and the
+//! machine itself.
 
-use std::{collections::BTreeMap, os::fd::OwnedFd, process::Command};
+use std::{
+    collections::BTreeMap,
+    os::fd::OwnedFd,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
 
 use anyhow::{bail, Context, Result};
 use sockmesh_tests::lab::run as run_cmd;
@@ -113,4 +120,91 @@ pub fn machine() -> String {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     format!("{cpu}, {cores} cores, kernel {}", kernel.trim())
+}
+
+/// The system calls a process (all its threads) makes while watched, counted by the kernel's
+/// tracepoints through `perf stat` (a counter per event, no sampling: the process runs as
+/// fast as it would unwatched). `raw_syscalls:sys_enter` counts every call; the other events
+/// count one call each (`syscalls:sys_enter_NAME`).
+pub struct SyscallCount {
+    perf: Child,
+    out: PathBuf,
+    events: Vec<String>,
+}
+
+/// The event that counts every system call.
+pub const ALL_SYSCALLS: &str = "raw_syscalls:sys_enter";
+
+impl SyscallCount {
+    /// Start counting `pid`'s calls: all of them, and each of `calls` by name; `out` is
+    /// perf's report file.
+    pub fn start(pid: u32, calls: &[&str], out: &Path) -> Result<SyscallCount> {
+        let mut events = vec![ALL_SYSCALLS.to_string()];
+        events.extend(calls.iter().map(|c| format!("syscalls:sys_enter_{c}")));
+        let mut cmd = Command::new("perf");
+        cmd.args(["stat", "-x", ","]).arg("-o").arg(out);
+        for e in &events {
+            cmd.arg("-e").arg(e);
+        }
+        let perf = cmd
+            .arg("-p")
+            .arg(pid.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting perf stat (apt package linux-perf; `cargo xtask setup`)")?;
+        // perf opens its counters on the running process before the measured work starts.
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(SyscallCount {
+            perf,
+            out: out.to_path_buf(),
+            events,
+        })
+    }
+
+    /// Stop counting: the count of each event, by event name (as given to `start`: "all"
+    /// for every call, else the call's name).
+    pub fn stop(self) -> Result<BTreeMap<String, f64>> {
+        // SAFETY: a signal to our own child; perf writes its counts on SIGINT.
+        unsafe { libc::kill(self.perf.id() as libc::pid_t, libc::SIGINT) };
+        let out = self.perf.wait_with_output()?;
+        let text = std::fs::read_to_string(&self.out)
+            .with_context(|| format!("perf stat wrote no {}", self.out.display()))?;
+        let mut counts = BTreeMap::new();
+        for line in text.lines() {
+            let f: Vec<&str> = line.split(',').collect();
+            let (Some(value), Some(event)) = (f.first(), f.get(2)) else {
+                continue;
+            };
+            if !self.events.iter().any(|e| e == event) {
+                continue;
+            }
+            // A counter never scheduled (no thread of the process ran) counted nothing.
+            let n = if *value == "<not counted>" {
+                Ok(0.0)
+            } else {
+                value.parse::<f64>()
+            };
+            let Ok(n) = n else {
+                bail!(
+                    "perf stat could not count {event} ({value}): {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            };
+            let name = match event.strip_prefix("syscalls:sys_enter_") {
+                Some(call) => call.to_string(),
+                None => "all".to_string(),
+            };
+            counts.insert(name, n);
+        }
+        if counts.len() != self.events.len() {
+            bail!(
+                "perf stat counted {} of {} events: {text}{}",
+                counts.len(),
+                self.events.len(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(counts)
+    }
 }

@@ -166,7 +166,7 @@ fn peer80() -> SocketAddr {
 
 /// Run the suite; `smoke` uses tiny sizes (it checks that the suite runs, nothing more).
 pub fn run(smoke: bool) -> Result<String> {
-    require_tools(&["ip", "iptables-restore", "haproxy"])?;
+    require_tools(&["ip", "iptables-restore", "haproxy", "perf"])?;
     let mut b = Bench::new(smoke)?;
     let mut capture = capture::Capture::new(&mut b)?;
     let mut hop = hop::Hop::new(&mut b)?;

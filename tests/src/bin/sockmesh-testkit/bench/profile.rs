@@ -6,8 +6,9 @@
 //! instructions per request are what is left over the requests the clients made. For sockmesh-proxy the instructions are also shared out by
 //! where they ran (the functions' crates and modules, from callgrind's symbols).
 //!
-//! Kernel time (system calls, TCP) is not counted here: section 5 of the benchmark measures
-//! both proxies' whole CPU time.
+//! Kernel time (system calls, TCP) is not in those counts: section 5 of the benchmark measures
+//! both proxies' whole CPU time. Their system calls per request are, by call: each proxy runs
+//! again without valgrind, its calls counted by the kernel's tracepoints (`perf stat`).
 
 use std::{
     collections::BTreeMap,
@@ -20,6 +21,7 @@ use anyhow::{bail, Context, Result};
 use sockmesh_tests::lab::{require_tools, run as run_cmd, sibling_bin};
 
 use super::{
+    host::SyscallCount,
     proxies::{http, wait_for_answer, Proxies, HTTP_MODES, VIP},
     Bench,
 };
@@ -35,7 +37,7 @@ struct Counted {
 /// Run the profile; the Markdown report. The counts files (for `callgrind_annotate`) are
 /// copied to `keep`, if given.
 pub fn run(smoke: bool, keep: Option<&Path>) -> Result<String> {
-    require_tools(&["ip", "haproxy", "valgrind", "callgrind_annotate"])?;
+    require_tools(&["ip", "haproxy", "valgrind", "callgrind_annotate", "perf"])?;
     let mut b = Bench::new(smoke)?;
     // Under valgrind a proxy runs some 50 times slower: longer rounds give enough requests.
     b.sizes.secs = if smoke { 1.0 } else { 5.0 };
@@ -74,7 +76,124 @@ pub fn run(smoke: bool, keep: Option<&Path>) -> Result<String> {
             std::fs::copy(e.path(), keep.join(e.file_name()))?;
         }
     }
-    report(&b, &ours, &theirs)
+    let mut cmd = b.lab.command_at(b.sm.place(), &bin)?;
+    cmd.arg("--config")
+        .arg(&yaml)
+        .env("SOCKMESH_PROXY_LOG", "warn");
+    let our_calls = syscalls(&mut b, cmd)?;
+    let mut cmd = b.lab.command_at(b.sm.place(), "haproxy")?;
+    cmd.arg("-db").arg("-f").arg(&cfg);
+    let their_calls = syscalls(&mut b, cmd)?;
+    let mut r = report(&b, &ours, &theirs)?;
+    report_syscalls(&mut r, &our_calls, &their_calls);
+    Ok(r)
+}
+
+/// The system calls counted one by one; the rest are counted together.
+const CALLS: [&str; 28] = [
+    "read",
+    "recvfrom",
+    "recvmsg",
+    "write",
+    "writev",
+    "sendto",
+    "sendmsg",
+    "epoll_wait",
+    "epoll_pwait",
+    "epoll_pwait2",
+    "epoll_ctl",
+    "accept4",
+    "connect",
+    "socket",
+    "close",
+    "shutdown",
+    "getsockopt",
+    "setsockopt",
+    "getsockname",
+    "getpeername",
+    "futex",
+    "sched_yield",
+    "ioctl",
+    "fcntl",
+    "brk",
+    "mmap",
+    "munmap",
+    "madvise",
+];
+
+/// Per client mode, a proxy's system calls per request by call ("all" for every call).
+type Calls = Vec<BTreeMap<String, f64>>;
+
+/// Run a proxy (`cmd`) natively and count its system calls per request in each client mode.
+fn syscalls(b: &mut Bench, cmd: Command) -> Result<Calls> {
+    let i = b.lab.spawn(cmd, None)?;
+    let result = (|| {
+        wait_for_answer(
+            &b.lab,
+            b.sm.place(),
+            VIP.parse()?,
+            "reviews",
+            Duration::from_secs(10),
+        )?;
+        let pid = b.lab.pid(i).context("the proxy's pid")?;
+        let mut per_mode = Vec::new();
+        for (_, new_conn) in HTTP_MODES {
+            let count = SyscallCount::start(pid, &CALLS, &b.lab.dir.join("perf-calls.txt"))?;
+            let r = http(b, new_conn);
+            let counts = count.stop()?;
+            let requests = r?.0 * b.sizes.secs;
+            per_mode.push(counts.into_iter().map(|(c, n)| (c, n / requests)).collect());
+        }
+        Ok(per_mode)
+    })();
+    b.lab.kill(i)?;
+    result
+}
+
+/// The table of both proxies' system calls per request, by call.
+fn report_syscalls(r: &mut String, ours: &Calls, theirs: &Calls) {
+    r.push_str(
+        "## System calls per request, by call\n\n\
+         Each proxy again in the same role without valgrind, its calls counted by the kernel's \
+         tracepoints (`perf stat -e syscalls:sys_enter_<call>`, all threads) while the clients \
+         make the same requests. A system call costs the proxy kernel time that the \
+         instruction counts above leave out.\n\n\
+         | call |",
+    );
+    for (mode, _) in HTTP_MODES {
+        r.push_str(&format!(" {mode}: HAProxy | {mode}: sockmesh-proxy |"));
+    }
+    r.push_str("\n|---|---|---|---|---|\n");
+    let at = |c: &Calls, k: usize, call: &str| c[k].get(call).copied().unwrap_or(0.0);
+    let mut rows: Vec<(String, [f64; 4])> = Vec::new();
+    for call in CALLS.iter().copied().chain(["other", "all"]) {
+        let mut v = [0.0; 4];
+        for k in 0..HTTP_MODES.len() {
+            for (j, c) in [theirs, ours].into_iter().enumerate() {
+                v[2 * k + j] = if call == "other" {
+                    at(c, k, "all") - CALLS.iter().map(|n| at(c, k, n)).sum::<f64>()
+                } else {
+                    at(c, k, call)
+                };
+            }
+        }
+        // Calls neither proxy makes once per hundred requests are left out.
+        if call == "all" || call == "other" || v.iter().any(|x| *x >= 0.01) {
+            rows.push((call.to_string(), v));
+        }
+    }
+    for (call, v) in rows {
+        let name = if call == "all" {
+            "**all**".to_string()
+        } else {
+            format!("`{call}`")
+        };
+        r.push_str(&format!(
+            "| {name} | {:.2} | {:.2} | {:.2} | {:.2} |\n",
+            v[0], v[1], v[2], v[3]
+        ));
+    }
+    r.push('\n');
 }
 
 /// valgrind's callgrind in the sockmesh pod, started as root as the proxies are (they drop to

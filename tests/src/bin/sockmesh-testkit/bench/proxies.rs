@@ -13,7 +13,7 @@ use sockmesh_tests::{
 };
 
 use super::{
-    host::cpu_secs,
+    host::{cpu_secs, SyscallCount},
     stats::{column, fmt, stats, Spread},
     Bench,
 };
@@ -48,12 +48,13 @@ const H2C_HOST: &str = "ratings";
 /// (requests/s, p50 µs, p99 µs) of one round.
 type HttpRound = (f64, f64, f64);
 
-/// One proxy's figures: per role, each round's (requests/s, p50, p99) and its CPU µs per
-/// request.
+/// One proxy's figures: per role, each round's (requests/s, p50, p99), its CPU µs per request
+/// and its system calls per request.
 #[derive(Default)]
 struct Runs {
     http: [Vec<HttpRound>; ROLES.len()],
     cpu: [Vec<f64>; ROLES.len()],
+    syscalls: [Vec<f64>; ROLES.len()],
 }
 
 /// The spreads of requests/s, p50 and p99.
@@ -174,6 +175,14 @@ impl Proxies {
         (stats(&self.ours.cpu[k]).0, stats(&self.theirs.cpu[k]).0)
     }
 
+    /// Per role: (sockmesh-proxy's system calls per request, HAProxy's).
+    pub fn syscalls(&self, k: usize) -> (f64, f64) {
+        (
+            stats(&self.ours.syscalls[k]).0,
+            stats(&self.theirs.syscalls[k]).0,
+        )
+    }
+
     pub fn report(&self, b: &Bench, r: &mut String) {
         r.push_str("## 5. The proxy against HAProxy\n\n");
         r.push_str(&format!(
@@ -188,23 +197,27 @@ impl Proxies {
              clients keep theirs, one stream at a time. Same pod, upstreams and capture for both \
              proxies, one after the other in each round. Equal cores: each proxy serves on one \
              thread (sockmesh-proxy's default `--workers 1`, HAProxy's `nbthread 1`). CPU is the \
-             proxy's time per request (user and system, all threads, from /proc).\n\n",
+             proxy's time per request (user and system, all threads, from /proc); system calls \
+             are the proxy's per request (all threads), counted by the kernel's \
+             `raw_syscalls:sys_enter` tracepoint (`perf stat`).\n\n",
             b.sizes.conns,
             sockmesh_tests::kit::load::EXCHANGE,
         ));
         r.push_str(
-            "| protocol | clients | proxy | requests/s | p50 µs | p99 µs | CPU µs per request |\n\
-             |---|---|---|---|---|---|---|\n",
+            "| protocol | clients | proxy | requests/s | p50 µs | p99 µs | CPU µs per request | \
+             system calls per request |\n|---|---|---|---|---|---|---|---|\n",
         );
         let proxies = self.figures();
         for (k, (_, proto, mode, _)) in ROLES.into_iter().enumerate() {
             let (o, h) = proxies[k];
             let (cpu_o, cpu_h) = self.cpu(k);
-            for (name, (rps, p50, p99), cpu) in
-                [("HAProxy", h, cpu_h), ("sockmesh-proxy", o, cpu_o)]
-            {
+            let (sys_o, sys_h) = self.syscalls(k);
+            for (name, (rps, p50, p99), cpu, sys) in [
+                ("HAProxy", h, cpu_h, sys_h),
+                ("sockmesh-proxy", o, cpu_o, sys_o),
+            ] {
                 r.push_str(&format!(
-                    "| {proto} | {mode} | {name} | {} | {} | {} | {cpu:.1} |\n",
+                    "| {proto} | {mode} | {name} | {} | {} | {} | {cpu:.1} | {sys:.2} |\n",
                     fmt(rps),
                     fmt(p50),
                     fmt(p99),
@@ -215,13 +228,16 @@ impl Proxies {
         for (k, (_, proto, mode, _)) in ROLES.into_iter().enumerate() {
             let (o, h) = proxies[k];
             let (cpu_o, cpu_h) = self.cpu(k);
+            let (sys_o, sys_h) = self.syscalls(k);
             r.push_str(&format!(
                 "sockmesh-proxy / HAProxy, {proto} {mode}: requests/s {:.2}, p50 {:.2}, p99 {:.2} \
-                 (below 1 is better for latency), CPU per request {:.2}.\n\n",
+                 (below 1 is better for latency), CPU per request {:.2}, system calls per request \
+                 {:.2}.\n\n",
                 o.0 .0 / h.0 .0,
                 o.1 .0 / h.1 .0,
                 o.2 .0 / h.2 .0,
                 cpu_o / cpu_h,
+                sys_o / sys_h,
             ));
         }
         r.push_str(
@@ -248,9 +264,15 @@ fn proxy_round(
         if w != wire {
             continue;
         }
+        let calls = SyscallCount::start(pid, &[], &b.lab.dir.join("perf-stat.txt"))?;
         let cpu0 = cpu_secs(pid)?;
-        let r = requests(b, wire, new_conn, b.sizes.secs)?;
-        runs.cpu[k].push((cpu_secs(pid)? - cpu0) / (r.0 * b.sizes.secs) * 1e6);
+        let r = requests(b, wire, new_conn, b.sizes.secs);
+        let cpu = cpu_secs(pid)? - cpu0;
+        let calls = calls.stop()?;
+        let r = r?;
+        let n = r.0 * b.sizes.secs;
+        runs.cpu[k].push(cpu / n * 1e6);
+        runs.syscalls[k].push(calls["all"] / n);
         runs.http[k].push(r);
     }
     b.lab.kill(i)
