@@ -112,7 +112,10 @@ async fn open(to: Upstream) -> Result<Sender, Failure> {
 }
 
 async fn open_unboxed(to: Upstream) -> Result<Sender, Failure> {
-    let (send, conn) = hyper::client::conn::http1::handshake(dial(&to).await?)
+    // One buffer per message, as the server side writes (see `http::serve`).
+    let (send, conn) = hyper::client::conn::http1::Builder::new()
+        .writev(false)
+        .handshake(dial(&to).await?)
         .await
         .map_err(|e| Failure::Connect(e.to_string()))?;
     tokio::spawn(conn.with_upgrades());
