@@ -133,7 +133,7 @@ pub struct SyscallCount {
 }
 
 /// The event that counts every system call.
-pub const ALL_SYSCALLS: &str = "raw_syscalls:sys_enter";
+const ALL_SYSCALLS: &str = "raw_syscalls:sys_enter";
 
 impl SyscallCount {
     /// Start counting `pid`'s calls: all of them, and each of `calls` by name; `out` is

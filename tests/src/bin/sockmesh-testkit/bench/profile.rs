@@ -18,11 +18,14 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use sockmesh_tests::lab::{require_tools, run as run_cmd, sibling_bin};
+use sockmesh_tests::{
+    kit::Wire,
+    lab::{require_tools, run as run_cmd, sibling_bin},
+};
 
 use super::{
     host::SyscallCount,
-    proxies::{http, wait_for_answer, Proxies, HTTP_MODES, VIP},
+    proxies::{http, wait_for_http1, Proxies, HTTP_MODES},
     Bench,
 };
 
@@ -49,24 +52,15 @@ pub fn run(smoke: bool, keep: Option<&Path>) -> Result<String> {
     // a file root made.
     std::os::unix::fs::chown(&dir, Some(1337), Some(1337))?;
     let bin = sibling_bin("sockmesh-proxy", "SOCKMESH_PROXY_BIN")?;
-    let yaml = proxies.proxy_yaml.clone();
     let ours = count(
         &mut b,
-        &|cmd: &mut Command| {
-            cmd.arg(&bin)
-                .arg("--config")
-                .arg(&yaml)
-                .env("SOCKMESH_PROXY_LOG", "warn");
-        },
+        &|cmd: &mut Command| proxies.ours(cmd.arg(&bin)),
         "sockmesh-proxy",
         &dir,
     )?;
-    let cfg = proxies.haproxy_http1().clone();
     let theirs = count(
         &mut b,
-        &|cmd: &mut Command| {
-            cmd.arg("haproxy").arg("-db").arg("-f").arg(&cfg);
-        },
+        &|cmd: &mut Command| proxies.theirs(Wire::Http1, cmd.arg("haproxy")),
         "HAProxy",
         &dir,
     )?;
@@ -77,12 +71,10 @@ pub fn run(smoke: bool, keep: Option<&Path>) -> Result<String> {
         }
     }
     let mut cmd = b.lab.command_at(b.sm.place(), &bin)?;
-    cmd.arg("--config")
-        .arg(&yaml)
-        .env("SOCKMESH_PROXY_LOG", "warn");
+    proxies.ours(&mut cmd);
     let our_calls = syscalls(&mut b, cmd)?;
     let mut cmd = b.lab.command_at(b.sm.place(), "haproxy")?;
-    cmd.arg("-db").arg("-f").arg(&cfg);
+    proxies.theirs(Wire::Http1, &mut cmd);
     let their_calls = syscalls(&mut b, cmd)?;
     let mut r = report(&b, &ours, &theirs)?;
     report_syscalls(&mut r, &our_calls, &their_calls);
@@ -128,13 +120,7 @@ type Calls = Vec<BTreeMap<String, f64>>;
 fn syscalls(b: &mut Bench, cmd: Command) -> Result<Calls> {
     let i = b.lab.spawn(cmd, None)?;
     let result = (|| {
-        wait_for_answer(
-            &b.lab,
-            b.sm.place(),
-            VIP.parse()?,
-            "reviews",
-            Duration::from_secs(10),
-        )?;
+        wait_for_http1(b, Duration::from_secs(10))?;
         let pid = b.lab.pid(i).context("the proxy's pid")?;
         let mut per_mode = Vec::new();
         for (_, new_conn) in HTTP_MODES {
@@ -254,13 +240,7 @@ fn counted_run(
     let i = b.lab.spawn(cmd, None)?;
     let result = (|| {
         // valgrind starts slowly.
-        wait_for_answer(
-            &b.lab,
-            b.sm.place(),
-            VIP.parse()?,
-            "reviews",
-            Duration::from_secs(60),
-        )?;
+        wait_for_http1(b, Duration::from_secs(60))?;
         let requests = match load {
             Some(new_conn) => {
                 let (rps, _, _) = http(b, new_conn)?;

@@ -61,7 +61,7 @@ struct Runs {
 pub type Http = (Spread, Spread, Spread);
 
 pub struct Proxies {
-    pub proxy_yaml: PathBuf,
+    proxy_yaml: PathBuf,
     /// HAProxy's configuration per wire, in [`WIRES`]' order: mode http; mode http with h2 on
     /// both sides; mode tcp.
     haproxy_cfgs: [PathBuf; 3],
@@ -139,22 +139,34 @@ impl Proxies {
         })
     }
 
-    /// HAProxy's configuration for HTTP/1.1 clients.
-    pub fn haproxy_http1(&self) -> &PathBuf {
-        &self.haproxy_cfgs[0]
+    /// sockmesh-proxy's arguments and environment, after its program's name in `cmd`: one
+    /// configuration serves every wire.
+    pub fn ours(&self, cmd: &mut Command) {
+        cmd.arg("--config")
+            .arg(&self.proxy_yaml)
+            .env("SOCKMESH_PROXY_LOG", "warn");
+    }
+
+    /// HAProxy's arguments for `wire`'s clients, after its program's name in `cmd`.
+    pub fn theirs(&self, wire: Wire, cmd: &mut Command) {
+        // In WIRES' order.
+        let i = match wire {
+            Wire::Http1 => 0,
+            Wire::H2c => 1,
+            Wire::Tcp => 2,
+        };
+        cmd.arg("-db").arg("-f").arg(&self.haproxy_cfgs[i]);
     }
 
     /// One round: per wire, sockmesh-proxy, then HAProxy, on the same pod and upstreams.
     pub fn round(&mut self, b: &mut Bench) -> Result<()> {
         let proxy = sibling_bin("sockmesh-proxy", "SOCKMESH_PROXY_BIN")?;
-        for (wire, cfg) in WIRES.into_iter().zip(&self.haproxy_cfgs) {
+        for wire in WIRES {
             let mut cmd = b.lab.command_at(b.sm.place(), &proxy)?;
-            cmd.arg("--config")
-                .arg(&self.proxy_yaml)
-                .env("SOCKMESH_PROXY_LOG", "warn");
+            self.ours(&mut cmd);
             proxy_round(b, wire, cmd, Some("ready"), &mut self.ours)?;
             let mut cmd = b.lab.command_at(b.sm.place(), "haproxy")?;
-            cmd.arg("-db").arg("-f").arg(cfg);
+            self.theirs(wire, &mut cmd);
             proxy_round(b, wire, cmd, None, &mut self.theirs)?;
         }
         Ok(())
@@ -326,6 +338,12 @@ fn requests(b: &Bench, wire: Wire, new_conn: bool, secs: f64) -> Result<HttpRoun
         bail!("bench-http gave {out:?}");
     }
     Ok((f[0] / secs, f[1], f[2]))
+}
+
+/// Wait until the app's GET of the HTTP/1.1 service through the sockmesh pod's 15001 is
+/// answered with a 200 (a proxy has started), at most `within`.
+pub fn wait_for_http1(b: &Bench, within: Duration) -> Result<()> {
+    wait_for_answer(&b.lab, b.sm.place(), VIP.parse()?, HTTP1_HOST, within)
 }
 
 /// Wait until the app's GET of `host` at `dst` from `place` is answered with a 200 (a proxy
