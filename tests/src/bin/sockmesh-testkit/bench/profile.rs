@@ -366,7 +366,14 @@ fn part(function: &str) -> String {
             return name.to_string();
         }
     }
-    if f.contains("alloc") || f.contains("malloc") || f.contains("free") || f.starts_with("_int_") {
+    // glibc's malloc (HAProxy) and mimalloc (sockmesh-proxy's global allocator: mi_*).
+    let mimalloc = f.starts_with("mi_") || f.starts_with("_mi_");
+    if mimalloc
+        || f.contains("alloc")
+        || f.contains("malloc")
+        || f.contains("free")
+        || f.starts_with("_int_")
+    {
         return "allocation".into();
     }
     if f.starts_with("core::") || f.starts_with("alloc::") || f.starts_with("std::") {
