@@ -18,7 +18,9 @@ use crate::{
     http::{self, Codec},
     snapshot::{Shared, Snapshot},
     stats, tcp,
-    transport::{original_dst, sniff, Accepted, ClientAddr, ListenAddr, LocalAddr, Protocol},
+    transport::{
+        original_dst, sniff, Accepted, ClientAddr, ListenAddr, LocalAddr, OrigDstAddr, Protocol,
+    },
 };
 
 /// What a listener does with the connections it accepts; it may change without rebinding.
@@ -65,6 +67,7 @@ pub async fn serve(
     let Some(mut last) = spec.borrow().clone() else {
         return;
     };
+    let mut counted = ListenerStats::of(last.name);
     let mut withdrawn = false;
     loop {
         if withdrawn {
@@ -75,7 +78,12 @@ pub async fn serve(
             biased;
             changed = spec.changed() => {
                 match spec.borrow().clone() {
-                    Some(s) if changed.is_ok() => last = s,
+                    Some(s) if changed.is_ok() => {
+                        if s.name != last.name {
+                            counted = ListenerStats::of(s.name);
+                        }
+                        last = s;
+                    }
                     _ => withdrawn = true,
                 }
                 continue;
@@ -92,11 +100,8 @@ pub async fn serve(
         };
         let current = last.clone();
         let snapshot = shared.load();
-        stats::inc(
-            "sockmesh_proxy_downstream_cx_total",
-            &[("listener", current.name)],
-        );
-        let active = ListenerGauge::up(current.name);
+        counted.total.inc();
+        let active = ListenerGauge::up(counted.active.clone());
         let own = own.map(ListenAddr::new);
         tokio::spawn(async move {
             let _active = active;
@@ -111,28 +116,37 @@ pub async fn serve(
 /// Connections accepted and not yet ended, on every listener (a draining proxy exits at 0).
 pub static ACTIVE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
+/// A listener's connection series, looked up once per listener name rather than per
+/// connection.
+struct ListenerStats {
+    total: stats::Counter,
+    active: stats::Gauge,
+}
+
+impl ListenerStats {
+    fn of(listener: &'static str) -> ListenerStats {
+        let labels = [("listener", listener)];
+        ListenerStats {
+            total: stats::counter("sockmesh_proxy_downstream_cx_total", &labels),
+            active: stats::gauge_series("sockmesh_proxy_downstream_cx_active", &labels),
+        }
+    }
+}
+
 /// Counts a connection in its listener's active gauge (and in [`ACTIVE`]) while alive.
-struct ListenerGauge(&'static str);
+struct ListenerGauge(stats::Gauge);
 
 impl ListenerGauge {
-    fn up(listener: &'static str) -> ListenerGauge {
-        ListenerGauge::add(listener, 1);
+    fn up(active: stats::Gauge) -> ListenerGauge {
+        active.add(1);
         ACTIVE.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        ListenerGauge(listener)
-    }
-
-    fn add(listener: &'static str, delta: i64) {
-        stats::gauge(
-            "sockmesh_proxy_downstream_cx_active",
-            &[("listener", listener)],
-            delta,
-        );
+        ListenerGauge(active)
     }
 }
 
 impl Drop for ListenerGauge {
     fn drop(&mut self) {
-        ListenerGauge::add(self.0, -1);
+        self.0.add(-1);
         ACTIVE.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
@@ -146,10 +160,18 @@ async fn connection(
     spec: &ListenerSpec,
     snapshot: Arc<Snapshot>,
 ) -> io::Result<()> {
-    let local = LocalAddr::new(stream.local_addr()?);
-    let orig = original_dst(&stream, local)?;
-    // Not redirected: relaying to "the original destination" would be a loop back to us.
-    if orig.addr() == local.addr() && own.is_some_and(|o| o.addr().port() == local.addr().port()) {
+    // Not redirected, the connection's original destination is its local address (TPROXY's
+    // case: it was never rewritten).
+    let orig = match original_dst(&stream, client) {
+        Some(orig) => orig,
+        None => OrigDstAddr::new(stream.local_addr()?),
+    };
+    // Sent to the proxy's own port, relaying to "the original destination" would be a loop
+    // back to us. Only then is the local address asked for (one system call fewer for every
+    // other connection).
+    if own.is_some_and(|o| o.addr().port() == orig.addr().port())
+        && orig.addr() == LocalAddr::new(stream.local_addr()?).addr()
+    {
         warn!(%client, "connection reached the proxy directly (not redirected): closed");
         return Ok(());
     }

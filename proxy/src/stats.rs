@@ -1,13 +1,18 @@
 //! Counters, gauges and latency histograms, rendered in Prometheus' text format.
 //!
 //! Series are keyed by metric name and labels, found by a hash of the borrowed name and
-//! labels: counting an existing series allocates nothing.
+//! labels: counting an existing series allocates nothing. A series counted on every
+//! connection with labels known beforehand (a listener's) is resolved once into a
+//! [`Counter`] or [`Gauge`] handle, which counts with one atomic add and no lookup.
 
 use std::{
     collections::HashMap,
     fmt::Write,
     hash::{BuildHasherDefault, Hash, Hasher},
-    sync::{LazyLock, Mutex},
+    sync::{
+        atomic::{AtomicI64, AtomicU64, Ordering},
+        Arc, LazyLock, Mutex,
+    },
 };
 
 type Labels = Vec<(&'static str, String)>;
@@ -125,8 +130,8 @@ struct Histogram {
 
 #[derive(Default)]
 struct Registry {
-    counters: Table<u64>,
-    gauges: Table<i64>,
+    counters: Table<Arc<AtomicU64>>,
+    gauges: Table<Arc<AtomicI64>>,
     histograms: Table<Histogram>,
 }
 
@@ -137,11 +142,65 @@ fn labels(l: &[(&'static str, &str)]) -> Labels {
 }
 
 pub fn inc(name: &'static str, l: &[(&'static str, &str)]) {
-    *REGISTRY.lock().expect("stats lock").counters.get(name, l) += 1;
+    REGISTRY
+        .lock()
+        .expect("stats lock")
+        .counters
+        .get(name, l)
+        .fetch_add(1, Ordering::Relaxed);
 }
 
 pub fn gauge(name: &'static str, l: &[(&'static str, &str)], delta: i64) {
-    *REGISTRY.lock().expect("stats lock").gauges.get(name, l) += delta;
+    REGISTRY
+        .lock()
+        .expect("stats lock")
+        .gauges
+        .get(name, l)
+        .fetch_add(delta, Ordering::Relaxed);
+}
+
+/// One counter series, looked up once.
+#[derive(Clone)]
+pub struct Counter(Arc<AtomicU64>);
+
+impl Counter {
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The counter series `name` with labels `l` (made at 0 if new).
+pub fn counter(name: &'static str, l: &[(&'static str, &str)]) -> Counter {
+    Counter(
+        REGISTRY
+            .lock()
+            .expect("stats lock")
+            .counters
+            .get(name, l)
+            .clone(),
+    )
+}
+
+/// One gauge series, looked up once.
+#[derive(Clone)]
+pub struct Gauge(Arc<AtomicI64>);
+
+impl Gauge {
+    pub fn add(&self, delta: i64) {
+        self.0.fetch_add(delta, Ordering::Relaxed);
+    }
+}
+
+/// The gauge series `name` with labels `l` (made at 0 if new).
+pub fn gauge_series(name: &'static str, l: &[(&'static str, &str)]) -> Gauge {
+    Gauge(
+        REGISTRY
+            .lock()
+            .expect("stats lock")
+            .gauges
+            .get(name, l)
+            .clone(),
+    )
 }
 
 pub fn observe_ms(name: &'static str, l: &[(&'static str, &str)], ms: f64) {
@@ -185,8 +244,8 @@ pub fn render() -> String {
     let r = REGISTRY.lock().expect("stats lock");
     let mut out = String::new();
     let mut last = "";
-    render_kind(&mut out, &mut last, "counter", &r.counters, scalar);
-    render_kind(&mut out, &mut last, "gauge", &r.gauges, scalar);
+    render_kind(&mut out, &mut last, "counter", &r.counters, counter_line);
+    render_kind(&mut out, &mut last, "gauge", &r.gauges, gauge_line);
     render_kind(&mut out, &mut last, "histogram", &r.histograms, histogram);
     out
 }
@@ -209,9 +268,16 @@ fn render_kind<T>(
     }
 }
 
-/// A counter's or a gauge's one line.
-fn scalar<T: ToString>(out: &mut String, s: &Series<T>) {
-    series(out, s.name, &s.labels, None, &s.value.to_string());
+/// A counter's one line.
+fn counter_line(out: &mut String, s: &Series<Arc<AtomicU64>>) {
+    let value = s.value.load(Ordering::Relaxed);
+    series(out, s.name, &s.labels, None, &value.to_string());
+}
+
+/// A gauge's one line.
+fn gauge_line(out: &mut String, s: &Series<Arc<AtomicI64>>) {
+    let value = s.value.load(Ordering::Relaxed);
+    series(out, s.name, &s.labels, None, &value.to_string());
 }
 
 /// A histogram's buckets, sum and count.
@@ -243,8 +309,9 @@ mod tests {
     #[test]
     fn renders_prometheus_text() {
         inc("t_requests_total", &[("cluster", "a\"b")]);
-        inc("t_requests_total", &[("cluster", "a\"b")]);
-        gauge("t_active", &[("listener", "outbound")], 1);
+        counter("t_requests_total", &[("cluster", "a\"b")]).inc();
+        gauge("t_active", &[("listener", "outbound")], 2);
+        gauge_series("t_active", &[("listener", "outbound")]).add(-1);
         observe_ms("t_latency_ms", &[("cluster", "a")], 3.0);
         let text = render();
         assert!(

@@ -325,6 +325,16 @@ fn scenario(mode: Mode) -> Vec<String> {
         "upstream requests on its connection: {}",
         on_conn.join(" ")
     ));
+    // A connection made to the proxy's outbound port itself (by the proxy's user, to
+    // localhost, so not captured) is closed: relaying it to its "original destination" would
+    // loop back.
+    let own = Connect::new(at("127.0.0.1", 15001), Identity::PROXY);
+    let out: Outcome = serde_json::from_str(&in_pod(&lab, &pod, &own)).unwrap();
+    seen.push(match out {
+        // Closed without a byte: no listener's report.
+        Outcome::Ok { listener, .. } if listener.is_empty() => "to the proxy itself: closed".into(),
+        other => format!("to the proxy itself: {other:?}"),
+    });
     // The admin endpoint (localhost is never captured): stats and endpoint health.
     let stats = admin(&lab, &pod, "/stats/prometheus");
     for endpoint in [18081, 18082] {
@@ -417,6 +427,7 @@ fn routes_and_balances_the_same_under_iptables_and_sockmesh() {
     );
     assert_eq!(ipt[27], "v2 headers: host,te,x-end");
     assert_eq!(ipt[28], "upstream requests on its connection: 1 2");
+    assert_eq!(ipt[29], "to the proxy itself: closed");
     let smesh = scenario(Mode::Sockmesh);
     assert_eq!(smesh, ipt, "sockmesh and iptables disagree");
 }

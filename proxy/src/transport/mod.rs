@@ -8,7 +8,7 @@ mod sni;
 mod socket;
 
 pub use accepted::Accepted;
-pub use addr::{ClientAddr, ListenAddr, LocalAddr};
+pub use addr::{ClientAddr, ListenAddr, LocalAddr, OrigDstAddr};
 pub use detect::{detect_partial, sniff, Protocol};
 pub use orig_dst::original_dst;
 pub use sni::{client_hello, client_hello_sni, sni};

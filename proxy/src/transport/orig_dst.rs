@@ -1,26 +1,27 @@
 //! A redirected connection's original destination: `SO_ORIGINAL_DST` / `IP6T_SO_ORIGINAL_DST`.
 
 use std::{
-    io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::AsRawFd,
 };
 
 use tokio::net::TcpStream;
 
-use super::addr::{LocalAddr, OrigDstAddr};
+use super::addr::{ClientAddr, OrigDstAddr};
 
 /// `SO_ORIGINAL_DST`, and `IP6T_SO_ORIGINAL_DST` (the same number at the IPv6 level).
 const SO_ORIGINAL_DST: libc::c_int = 80;
 
-/// `SO_ORIGINAL_DST` (IPv4) or `IP6T_SO_ORIGINAL_DST` (IPv6), else the socket's local address
-/// (what a connection that was not redirected reports). An IPv4 connection accepted by a
-/// dual-stack IPv6 listener (a v4-mapped local address) is an IPv4 connection to conntrack,
-/// so it is asked at the IPv4 level: `local` is unmapped, and its family picks the level.
-pub fn original_dst(s: &TcpStream, local: LocalAddr) -> io::Result<OrigDstAddr> {
+/// `SO_ORIGINAL_DST` (IPv4) or `IP6T_SO_ORIGINAL_DST` (IPv6); `None` for a connection that was
+/// not redirected. The level is the connection's family, read from the client's address (both
+/// ends of a connection have one family), so no `getsockname` is needed on this path. An IPv4
+/// connection accepted by a dual-stack IPv6 listener (a v4-mapped address) is an IPv4
+/// connection to conntrack, so it is asked at the IPv4 level: `client` is unmapped, and its
+/// family picks the level.
+pub fn original_dst(s: &TcpStream, client: ClientAddr) -> Option<OrigDstAddr> {
     let fd = s.as_raw_fd();
     // SAFETY: both are C sockaddr structs, valid when zeroed.
-    let asked = match local.addr() {
+    let asked = match client.addr() {
         SocketAddr::V4(_) => {
             unsafe { original_dst_at::<libc::sockaddr_in>(fd, libc::SOL_IP) }.map(|a| {
                 let ip = Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
@@ -34,7 +35,7 @@ pub fn original_dst(s: &TcpStream, local: LocalAddr) -> io::Result<OrigDstAddr> 
                 SocketAddr::new(ip, u16::from_be(a.sin6_port))
             }),
     };
-    Ok(OrigDstAddr::new(asked.unwrap_or(local.addr())))
+    asked.map(OrigDstAddr::new)
 }
 
 /// The original destination asked at `level`, as the `sockaddr` type of that level; `None`
