@@ -20,6 +20,7 @@ use crate::{
     stats, tcp,
     transport::{
         original_dst, sniff, Accepted, ClientAddr, ListenAddr, LocalAddr, OrigDstAddr, Protocol,
+        Sniffed,
     },
 };
 
@@ -178,9 +179,9 @@ async fn connection(
     // A declared TCP port is not sniffed (server-first protocols send nothing); inbound, it
     // goes to the app whatever the route's cluster.
     let declared = snapshot.router.tcp_route(orig.addr());
-    let protocol = match declared {
-        Some(_) => Protocol::Tcp,
-        None => sniff(&stream, spec.detect_timeout).await?,
+    let (protocol, stream) = match declared {
+        Some(_) => (Protocol::Tcp, Sniffed::new(stream)),
+        None => sniff(stream, spec.detect_timeout).await?,
     };
     let direction = spec.direction;
     debug!(%client, %orig, ?protocol, ?direction, "connection");

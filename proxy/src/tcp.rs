@@ -4,20 +4,21 @@
 
 use std::{io, net::SocketAddr, time::Duration};
 
-use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use crate::{
     cluster::hash_bytes,
     config::Direction,
     snapshot::Snapshot,
-    transport::{client_hello_sni, connect, Accepted, ClientAddr, ORIG_DST_CONNECT_TIMEOUT},
+    transport::{
+        client_hello_sni, connect, Accepted, ClientAddr, Sniffed, ORIG_DST_CONNECT_TIMEOUT,
+    },
 };
 
 /// Relay a connection that is not HTTP: `tls` when its first bytes are a TLS record,
 /// `declared` the cluster of its TCP route, if it has one that names a cluster.
 pub async fn serve(
-    stream: TcpStream,
+    mut stream: Sniffed,
     tls: bool,
     accepted: Accepted,
     declared: Option<&str>,
@@ -31,7 +32,7 @@ pub async fn serve(
         }
         Direction::Outbound => {
             let by_sni = if tls {
-                tls_cluster(&stream, snap).await
+                tls_cluster(&mut stream, snap).await
             } else {
                 None
             };
@@ -44,7 +45,7 @@ pub async fn serve(
 }
 
 /// The cluster of the TLS route naming the connection's server name, if one does.
-async fn tls_cluster(stream: &TcpStream, snap: &Snapshot) -> Option<String> {
+async fn tls_cluster(stream: &mut Sniffed, snap: &Snapshot) -> Option<String> {
     let sni = client_hello_sni(stream).await?;
     debug!(sni, "TLS server name");
     snap.router.tls_cluster(&sni).map(String::from)
@@ -53,7 +54,7 @@ async fn tls_cluster(stream: &TcpStream, snap: &Snapshot) -> Option<String> {
 /// Relay to an endpoint of cluster `name`, chosen by the client's address; the connection is
 /// closed when the cluster is not defined, is at `max_connections`, or has no usable endpoint.
 async fn to_cluster(
-    stream: TcpStream,
+    stream: Sniffed,
     name: &str,
     client: ClientAddr,
     snap: &Snapshot,
@@ -80,9 +81,9 @@ async fn to_cluster(
     .await
 }
 
-/// Relay bytes both ways, passing each half-close on.
+/// Relay bytes both ways (the client's sniffed first bytes first), passing each half-close on.
 async fn relay(
-    mut down: TcpStream,
+    mut down: Sniffed,
     target: SocketAddr,
     direction: Direction,
     connect_timeout: Duration,

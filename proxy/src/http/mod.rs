@@ -13,9 +13,11 @@ use std::{convert::Infallible, io, sync::Arc, time::Instant};
 
 use hyper::{body::Incoming, server::conn, service::service_fn, Request, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::TcpStream;
 
-use crate::{snapshot::Snapshot, transport::Accepted};
+use crate::{
+    snapshot::Snapshot,
+    transport::{Accepted, Sniffed},
+};
 use headers::strip_hop_by_hop;
 pub use trace::set_access_log;
 use trace::Trace;
@@ -28,9 +30,9 @@ pub enum Codec {
 }
 
 /// Serve a client's connection in `codec` until it ends, with the routes and clusters of
-/// `snapshot`.
+/// `snapshot`. The codec reads the sniffed first bytes first.
 pub async fn serve(
-    stream: TcpStream,
+    stream: Sniffed,
     codec: Codec,
     accepted: Accepted,
     snapshot: Arc<Snapshot>,
@@ -52,7 +54,7 @@ pub async fn serve(
         }
     });
     // The protocol is known from the sniff: hyper's own codec for it, without hyper-util's
-    // second detection (a read of its own, and a rewind buffer on every read after).
+    // second detection (a read of its own).
     let io = TokioIo::new(stream);
     match codec {
         Codec::Http2 => {

@@ -4,6 +4,8 @@ use std::{io, time::Duration};
 
 use tokio::net::TcpStream;
 
+use super::Sniffed;
+
 /// What the first bytes of a connection say it is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Protocol {
@@ -59,32 +61,34 @@ fn http1_method(first: &[u8]) -> Option<Protocol> {
     }
 }
 
-/// Peek until the first bytes tell the protocol: wait for the first byte (up to `first_limit`
-/// if not zero), then at most a second for the rest of a split method or preface.
-pub async fn sniff(stream: &TcpStream, first_limit: Duration) -> io::Result<Protocol> {
-    let mut buf = [0u8; 24];
-    let mut n = if first_limit.is_zero() {
-        stream.peek(&mut buf).await?
+/// Read until the first bytes tell the protocol: wait for the first byte (up to `first_limit`
+/// if not zero), then at most a second for the rest of a split method or preface. The bytes
+/// read are the returned connection's to read again.
+pub async fn sniff(stream: TcpStream, first_limit: Duration) -> io::Result<(Protocol, Sniffed)> {
+    let mut conn = Sniffed::new(stream);
+    let first = if first_limit.is_zero() {
+        conn.read_more().await?
     } else {
-        match tokio::time::timeout(first_limit, stream.peek(&mut buf)).await {
+        match tokio::time::timeout(first_limit, conn.read_more()).await {
             Ok(r) => r?,
-            Err(_) => return Ok(Protocol::Tcp),
+            // Nothing yet: a server-first protocol.
+            Err(_) => return Ok((Protocol::Tcp, conn)),
         }
     };
+    if first == 0 {
+        // The client closed without a byte.
+        return Ok((Protocol::Tcp, conn));
+    }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
     loop {
-        if n == 0 {
-            // The client closed without a byte.
-            return Ok(Protocol::Tcp);
+        if let Some(p) = detect_partial(conn.first()) {
+            return Ok((p, conn));
         }
-        if let Some(p) = detect_partial(&buf[..n]) {
-            return Ok(p);
+        match tokio::time::timeout_at(deadline, conn.read_more()).await {
+            Ok(Ok(0)) | Err(_) => return Ok((Protocol::Tcp, conn)),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e),
         }
-        if tokio::time::Instant::now() >= deadline {
-            return Ok(Protocol::Tcp);
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-        n = stream.peek(&mut buf).await?;
     }
 }
 

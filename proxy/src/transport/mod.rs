@@ -5,6 +5,7 @@ mod addr;
 mod detect;
 mod orig_dst;
 mod sni;
+mod sniffed;
 mod socket;
 
 pub use accepted::Accepted;
@@ -12,4 +13,5 @@ pub use addr::{ClientAddr, ListenAddr, LocalAddr, OrigDstAddr};
 pub use detect::{detect_partial, sniff, Protocol};
 pub use orig_dst::original_dst;
 pub use sni::{client_hello, client_hello_sni, sni};
+pub use sniffed::Sniffed;
 pub use socket::{bind, connect, ORIG_DST_CONNECT_TIMEOUT};

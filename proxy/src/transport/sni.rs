@@ -1,8 +1,8 @@
-//! The server name (SNI) of a TLS connection, read from its ClientHello without consuming it.
+//! The server name (SNI) of a TLS connection, read from its ClientHello (kept to send on).
 
 use std::time::Duration;
 
-use tokio::net::TcpStream;
+use super::Sniffed;
 
 /// A TLS record header: content type (1), version (2), length (2).
 const RECORD_HEADER: usize = 5;
@@ -10,25 +10,23 @@ const RECORD_HEADER: usize = 5;
 /// The largest TLS record plaintext, 2^14 bytes.
 const MAX_RECORD: usize = 16 * 1024;
 
-/// Wait (up to 5 s) for the whole first TLS record and read its server name.
-pub async fn client_hello_sni(stream: &TcpStream) -> Option<String> {
-    let mut buf = vec![0u8; MAX_RECORD + RECORD_HEADER];
+/// Wait (up to 5 s) for the whole first TLS record and read its server name. The record is
+/// read into the connection's first bytes, which the relay sends on.
+pub async fn client_hello_sni(conn: &mut Sniffed) -> Option<String> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
-        let n = tokio::time::timeout_at(deadline, stream.peek(&mut buf))
-            .await
-            .ok()?
-            .ok()?;
-        if n >= RECORD_HEADER {
-            let want = RECORD_HEADER + u16::from_be_bytes([buf[3], buf[4]]) as usize;
-            if n >= want || n == buf.len() {
-                return sni(&buf[..n.min(want)]);
+        let have = conn.first();
+        if have.len() >= RECORD_HEADER {
+            let want = RECORD_HEADER + u16::from_be_bytes([have[3], have[4]]) as usize;
+            let whole = want.min(MAX_RECORD + RECORD_HEADER);
+            if have.len() >= whole {
+                return sni(&have[..whole]);
             }
         }
-        // More is on its way: peek returns what is there, so wait a little.
-        tokio::time::sleep(Duration::from_millis(2)).await;
-        if tokio::time::Instant::now() >= deadline {
-            return None;
+        match tokio::time::timeout_at(deadline, conn.read_more()).await {
+            Ok(Ok(n)) if n > 0 => {}
+            // Closed, failed or too slow: no name.
+            _ => return None,
         }
     }
 }
