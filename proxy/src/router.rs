@@ -15,6 +15,7 @@ use regex::Regex;
 use crate::{
     config::{self, Config, Fault, HeaderValue, MirrorPolicy, RetryPolicy},
     random,
+    stats::RouteStats,
 };
 
 #[derive(Debug)]
@@ -66,6 +67,8 @@ pub struct Rule {
     pub fault: Option<Fault>,
     pub retry: Option<RetryPolicy>,
     pub mirrors: Vec<MirrorPolicy>,
+    /// Its requests' stats, by the place of their cluster in `target`.
+    pub stats: Vec<RouteStats>,
 }
 
 /// A virtual host compiled: the domains it answers for, and its rules in order.
@@ -144,7 +147,6 @@ fn compile_route(name: String, r: &config::Route) -> Rule {
             .iter()
             .map(|q| (q.name.clone(), cond(&q.exact, &None, q.present)))
             .collect(),
-        target,
         timeout: Duration::from_millis(r.route.timeout_ms),
         request_headers_to_add: r.request_headers_to_add.clone(),
         request_headers_to_remove: r.request_headers_to_remove.clone(),
@@ -153,6 +155,8 @@ fn compile_route(name: String, r: &config::Route) -> Rule {
         fault: r.fault.clone(),
         retry: r.route.retry_policy.clone(),
         mirrors: r.route.request_mirror_policies.clone(),
+        stats: (0..target.len()).map(|_| RouteStats::new()).collect(),
+        target,
     }
 }
 
@@ -304,20 +308,29 @@ impl Host {
 
 impl Target {
     /// The cluster for one request: weighted clusters are drawn in proportion to their weights.
-    pub fn cluster(&self) -> &str {
+    /// Returned with its place among the target's clusters.
+    pub fn cluster(&self) -> (usize, &str) {
         match self {
-            Target::Cluster(c) => c,
+            Target::Cluster(c) => (0, c),
             Target::Weighted(w) => {
                 let total: u64 = w.iter().map(|(_, x)| *x as u64).sum();
                 let mut at = random::below(total.max(1));
-                for (name, weight) in w {
+                for (i, (name, weight)) in w.iter().enumerate() {
                     if at < *weight as u64 {
-                        return name;
+                        return (i, name);
                     }
                     at -= *weight as u64;
                 }
-                &w[w.len() - 1].0
+                (w.len() - 1, &w[w.len() - 1].0)
             }
+        }
+    }
+
+    /// How many clusters the target names.
+    fn len(&self) -> usize {
+        match self {
+            Target::Cluster(_) => 1,
+            Target::Weighted(w) => w.len(),
         }
     }
 }
@@ -429,7 +442,7 @@ clusters:
             .rule("/", &HeaderMap::new())
             .unwrap()
             .target;
-        let b = (0..20_000).filter(|_| t.cluster() == "b").count();
+        let b = (0..20_000).filter(|_| t.cluster().1 == "b").count();
         assert!((100..400).contains(&b), "1% of 20000 is 200, got {b}");
     }
 

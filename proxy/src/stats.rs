@@ -11,7 +11,7 @@ use std::{
     hash::{BuildHasherDefault, Hash, Hasher},
     sync::{
         atomic::{AtomicI64, AtomicU64, Ordering},
-        Arc, LazyLock, Mutex,
+        Arc, LazyLock, Mutex, OnceLock,
     },
 };
 
@@ -121,18 +121,31 @@ const BUCKETS_MS: [f64; 14] = [
     0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
 ];
 
+/// A latency histogram: requests by the first bucket they fit (cumulated when rendered), their
+/// sum in microseconds, and their number.
 #[derive(Default)]
 struct Histogram {
-    counts: [u64; BUCKETS_MS.len()],
-    sum: f64,
-    total: u64,
+    counts: [AtomicU64; BUCKETS_MS.len()],
+    sum_us: AtomicU64,
+    total: AtomicU64,
+}
+
+impl Histogram {
+    fn observe_ms(&self, ms: f64) {
+        if let Some(i) = BUCKETS_MS.iter().position(|bound| ms <= *bound) {
+            self.counts[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.sum_us
+            .fetch_add((ms * 1000.0) as u64, Ordering::Relaxed);
+        self.total.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 #[derive(Default)]
 struct Registry {
     counters: Table<Arc<AtomicU64>>,
     gauges: Table<Arc<AtomicI64>>,
-    histograms: Table<Histogram>,
+    histograms: Table<Arc<Histogram>>,
 }
 
 static REGISTRY: LazyLock<Mutex<Registry>> = LazyLock::new(Default::default);
@@ -204,15 +217,103 @@ pub fn gauge_series(name: &'static str, l: &[(&'static str, &str)]) -> Gauge {
 }
 
 pub fn observe_ms(name: &'static str, l: &[(&'static str, &str)], ms: f64) {
-    let mut r = REGISTRY.lock().expect("stats lock");
-    let h = r.histograms.get(name, l);
-    for (i, bound) in BUCKETS_MS.iter().enumerate() {
-        if ms <= *bound {
-            h.counts[i] += 1;
+    REGISTRY
+        .lock()
+        .expect("stats lock")
+        .histograms
+        .get(name, l)
+        .observe_ms(ms);
+}
+
+/// One latency histogram series, looked up once.
+#[derive(Clone)]
+pub struct Latency(Arc<Histogram>);
+
+impl Latency {
+    pub fn observe_ms(&self, ms: f64) {
+        self.0.observe_ms(ms);
+    }
+}
+
+/// The histogram series `name` with labels `l` (made empty if new).
+pub fn latency(name: &'static str, l: &[(&'static str, &str)]) -> Latency {
+    Latency(
+        REGISTRY
+            .lock()
+            .expect("stats lock")
+            .histograms
+            .get(name, l)
+            .clone(),
+    )
+}
+
+/// A counter series for each status class (its `code_class` label), each looked up the first
+/// time a response of its class is counted: classes never seen make no series.
+#[derive(Default)]
+pub struct ByClass([OnceLock<Counter>; 5]);
+
+impl ByClass {
+    pub const fn new() -> ByClass {
+        ByClass([const { OnceLock::new() }; 5])
+    }
+
+    /// Count a response of `status`; `lookup(class)` finds its series the first time.
+    pub fn inc(&self, status: u16, lookup: impl FnOnce(&'static str) -> Counter) {
+        let i = usize::from((status / 100).clamp(1, 5) - 1);
+        self.0[i].get_or_init(|| lookup(class(status))).inc();
+    }
+}
+
+/// A route's requests to one of its clusters: their responses by status class and, in the
+/// cluster's series, their latency; each series looked up on first use.
+#[derive(Default)]
+pub struct RouteStats {
+    responses: ByClass,
+    latency: OnceLock<Latency>,
+}
+
+/// `sockmesh_proxy_requests_total`: requests by route, cluster and status class.
+const REQUESTS: &str = "sockmesh_proxy_requests_total";
+
+/// `sockmesh_proxy_request_duration_ms`: request latency by cluster.
+const DURATION: &str = "sockmesh_proxy_request_duration_ms";
+
+impl RouteStats {
+    pub const fn new() -> RouteStats {
+        RouteStats {
+            responses: ByClass::new(),
+            latency: OnceLock::new(),
         }
     }
-    h.sum += ms;
-    h.total += 1;
+
+    /// Count a request of `route` to `cluster` answered with `status` after `ms`.
+    pub fn done(&self, route: &str, cluster: &str, status: u16, ms: f64) {
+        self.responses.inc(status, |class| {
+            counter(
+                REQUESTS,
+                &[
+                    ("route", route),
+                    ("cluster", cluster),
+                    ("code_class", class),
+                ],
+            )
+        });
+        self.latency
+            .get_or_init(|| latency(DURATION, &[("cluster", cluster)]))
+            .observe_ms(ms);
+    }
+}
+
+impl std::fmt::Debug for RouteStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RouteStats")
+    }
+}
+
+impl std::fmt::Debug for ByClass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ByClass")
+    }
 }
 
 /// `2xx`, `4xx`, ... for a status code.
@@ -281,25 +382,29 @@ fn gauge_line(out: &mut String, s: &Series<Arc<AtomicI64>>) {
 }
 
 /// A histogram's buckets, sum and count.
-fn histogram(out: &mut String, s: &Series<Histogram>) {
+fn histogram(out: &mut String, s: &Series<Arc<Histogram>>) {
     let Series {
         name,
         labels: l,
         value: h,
     } = s;
     let bucket = format!("{name}_bucket");
+    let mut below = 0;
     for (count, bound) in h.counts.iter().zip(BUCKETS_MS) {
+        below += count.load(Ordering::Relaxed);
         series(
             out,
             &bucket,
             l,
             Some(("le", &bound.to_string())),
-            &count.to_string(),
+            &below.to_string(),
         );
     }
-    series(out, &bucket, l, Some(("le", "+Inf")), &h.total.to_string());
-    series(out, &format!("{name}_sum"), l, None, &h.sum.to_string());
-    series(out, &format!("{name}_count"), l, None, &h.total.to_string());
+    let total = h.total.load(Ordering::Relaxed).to_string();
+    series(out, &bucket, l, Some(("le", "+Inf")), &total);
+    let sum_ms = h.sum_us.load(Ordering::Relaxed) as f64 / 1000.0;
+    series(out, &format!("{name}_sum"), l, None, &sum_ms.to_string());
+    series(out, &format!("{name}_count"), l, None, &total);
 }
 
 #[cfg(test)]
@@ -333,5 +438,35 @@ mod tests {
             text.contains("t_latency_ms_count{cluster=\"a\"} 1"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn buckets_are_cumulative_and_classes_counted_apart() {
+        let h = latency("t2_latency_ms", &[("cluster", "c")]);
+        h.observe_ms(0.2);
+        h.observe_ms(7.0);
+        // Beyond the last bound: only in +Inf.
+        h.observe_ms(20_000.0);
+        let route = RouteStats::new();
+        route.done("r/0", "c", 200, 1.0);
+        route.done("r/0", "c", 204, 1.0);
+        route.done("r/0", "c", 503, 1.0);
+        let text = render();
+        for line in [
+            "t2_latency_ms_bucket{cluster=\"c\",le=\"0.5\"} 1",
+            "t2_latency_ms_bucket{cluster=\"c\",le=\"5\"} 1",
+            "t2_latency_ms_bucket{cluster=\"c\",le=\"10\"} 2",
+            "t2_latency_ms_bucket{cluster=\"c\",le=\"10000\"} 2",
+            "t2_latency_ms_bucket{cluster=\"c\",le=\"+Inf\"} 3",
+            "t2_latency_ms_sum{cluster=\"c\"} 20007.2",
+            "sockmesh_proxy_requests_total{route=\"r/0\",cluster=\"c\",code_class=\"2xx\"} 2",
+            "sockmesh_proxy_requests_total{route=\"r/0\",cluster=\"c\",code_class=\"5xx\"} 1",
+            "sockmesh_proxy_request_duration_ms_count{cluster=\"c\"} 3",
+        ] {
+            assert!(text.contains(line), "no {line} in\n{text}");
+        }
+        // No response of a class, no series of it.
+        let none = "route=\"r/0\",cluster=\"c\",code_class=\"4xx\"";
+        assert!(!text.contains(none), "{text}");
     }
 }

@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use crate::random::{mix64, Rng};
+use crate::stats;
 
 /// Default number of candidates of [`Policy::LeastRequest`].
 pub const DEFAULT_CHOICES: u32 = 2;
@@ -140,6 +141,8 @@ pub struct Pick {
     pub addr: SocketAddr,
     /// `addr` written out once for the endpoint (its stats label).
     pub label: Arc<str>,
+    /// The endpoint's request counters, by status class.
+    pub requests: Arc<stats::ByClass>,
     active: Arc<AtomicU64>,
 }
 
@@ -213,6 +216,7 @@ impl Balancer {
                 return Some(Pick {
                     addr: member.addr,
                     label: Arc::clone(&member.label),
+                    requests: Arc::clone(&member.requests),
                     active: Arc::clone(&member.active),
                 });
             }
@@ -337,6 +341,7 @@ struct Level {
 struct Member {
     addr: SocketAddr,
     label: Arc<str>,
+    requests: Arc<stats::ByClass>,
     weight: u32,
     active: Arc<AtomicU64>,
 }
@@ -402,6 +407,7 @@ impl EndpointSet {
             by_priority.entry(e.priority).or_default().push(Member {
                 addr: e.addr,
                 label: e.addr.to_string().into(),
+                requests: Arc::default(),
                 weight: e.weight,
                 active,
             });
@@ -967,6 +973,7 @@ mod tests {
                 .map(|i| Member {
                     addr: addr(i),
                     label: addr(i).to_string().into(),
+                    requests: Arc::default(),
                     weight: w,
                     active: Arc::default(),
                 })
@@ -992,6 +999,7 @@ mod tests {
             .map(|i| Member {
                 addr: addr(i),
                 label: addr(i).to_string().into(),
+                requests: Arc::default(),
                 weight: [1, 2, 3][i as usize],
                 active: Arc::default(),
             })

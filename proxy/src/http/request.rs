@@ -44,8 +44,9 @@ pub async fn handle<'s>(
         }
     }
     trace.route = &route.name;
-    let name = route.target.cluster();
+    let (i, name) = route.target.cluster();
     trace.cluster = name;
+    trace.stats = &route.stats[i];
     let Some(cl) = snap.clusters.get(name) else {
         return text_response(StatusCode::SERVICE_UNAVAILABLE, "no such cluster");
     };

@@ -7,7 +7,7 @@ use hyper::{upgrade::OnUpgrade, Response, StatusCode};
 
 use super::{replay::Head, response::failure_response, trace::Trace};
 use crate::{
-    cluster::ClusterState,
+    cluster::{ClusterState, Pick},
     config::{Direction, RetryPolicy},
     random, stats,
     upstream::{self, text_response, Body, Failure, Upstream},
@@ -44,7 +44,7 @@ impl Attempts<'_> {
             };
             trace.upstream = Some(pick.addr);
             let outcome = self.send_to(pick.addr, n >= retries).await;
-            count(self.name, &pick.label, &outcome);
+            count(self.name, &pick, &outcome);
             self.cluster.record(pick.addr, failed(&outcome));
             drop(pick);
             let again = self.retry.filter(|r| {
@@ -108,21 +108,23 @@ impl Attempts<'_> {
     }
 }
 
-/// Count an attempt at the endpoint labelled `endpoint` of `cluster` by its status class (no
-/// response is 5xx).
-fn count(cluster: &str, endpoint: &str, outcome: &Result<Response<Body>, Failure>) {
-    let code = match outcome {
-        Ok(r) => stats::class(r.status().as_u16()),
-        Err(_) => "5xx",
+/// Count an attempt at the endpoint `pick` of `cluster` by its status class (no response is
+/// 5xx), in the endpoint's series (looked up on its first response of the class).
+fn count(cluster: &str, pick: &Pick, outcome: &Result<Response<Body>, Failure>) {
+    let status = match outcome {
+        Ok(r) => r.status().as_u16(),
+        Err(_) => 500,
     };
-    stats::inc(
-        "sockmesh_proxy_upstream_rq_total",
-        &[
-            ("cluster", cluster),
-            ("endpoint", endpoint),
-            ("code_class", code),
-        ],
-    );
+    pick.requests.inc(status, |class| {
+        stats::counter(
+            "sockmesh_proxy_upstream_rq_total",
+            &[
+                ("cluster", cluster),
+                ("endpoint", &pick.label),
+                ("code_class", class),
+            ],
+        )
+    });
 }
 
 /// Whether an outcome counts against the endpoint (outlier detection): a 5xx, or none.

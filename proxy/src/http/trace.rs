@@ -9,7 +9,7 @@ use std::{
 use hyper::{Method, StatusCode};
 use tracing::info;
 
-use crate::{config::Direction, stats, transport::Accepted};
+use crate::{config::Direction, stats::RouteStats, transport::Accepted};
 
 /// The configuration's `access_log`, as last put in force.
 static ACCESS_LOG: AtomicBool = AtomicBool::new(false);
@@ -32,19 +32,26 @@ pub type RequestLine = (Method, String);
 pub struct Trace<'s> {
     pub route: &'s str,
     pub cluster: &'s str,
+    /// The series its route and cluster count in.
+    pub stats: &'s RouteStats,
     pub upstream: Option<SocketAddr>,
 }
+
+/// The passthrough clusters' series (route `-`), by direction.
+static INBOUND_PASSTHROUGH: RouteStats = RouteStats::new();
+static OUTBOUND_PASSTHROUGH: RouteStats = RouteStats::new();
 
 impl<'s> Trace<'s> {
     /// A request not routed (yet): to the passthrough cluster of its direction.
     pub fn new(direction: Direction) -> Trace<'s> {
-        let cluster = match direction {
-            Direction::Inbound => "InboundPassthroughCluster",
-            Direction::Outbound => "PassthroughCluster",
+        let (cluster, stats) = match direction {
+            Direction::Inbound => ("InboundPassthroughCluster", &INBOUND_PASSTHROUGH),
+            Direction::Outbound => ("PassthroughCluster", &OUTBOUND_PASSTHROUGH),
         };
         Trace {
             route: "-",
             cluster,
+            stats,
             upstream: None,
         }
     }
@@ -58,20 +65,8 @@ impl<'s> Trace<'s> {
         start: Instant,
     ) {
         let ms = start.elapsed().as_secs_f64() * 1000.0;
-        let class = stats::class(status.as_u16());
-        stats::inc(
-            "sockmesh_proxy_requests_total",
-            &[
-                ("route", self.route),
-                ("cluster", self.cluster),
-                ("code_class", class),
-            ],
-        );
-        stats::observe_ms(
-            "sockmesh_proxy_request_duration_ms",
-            &[("cluster", self.cluster)],
-            ms,
-        );
+        self.stats
+            .done(self.route, self.cluster, status.as_u16(), ms);
         let Some((method, path)) = line.filter(|_| access_log_on()) else {
             return;
         };
