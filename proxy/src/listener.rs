@@ -129,7 +129,7 @@ impl ListenerStats {
         let labels = [("listener", listener)];
         ListenerStats {
             total: stats::counter("sockmesh_proxy_downstream_cx_total", &labels),
-            active: stats::gauge_series("sockmesh_proxy_downstream_cx_active", &labels),
+            active: stats::gauge("sockmesh_proxy_downstream_cx_active", &labels),
         }
     }
 }

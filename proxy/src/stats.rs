@@ -2,8 +2,9 @@
 //!
 //! Series are keyed by metric name and labels, found by a hash of the borrowed name and
 //! labels: counting an existing series allocates nothing. A series counted on every
-//! connection with labels known beforehand (a listener's) is resolved once into a
-//! [`Counter`] or [`Gauge`] handle, which counts with one atomic add and no lookup.
+//! connection or request is looked up once into a handle ([`Counter`], [`Gauge`],
+//! [`Latency`]) held by what it counts (a listener, a route, an endpoint), which then counts
+//! with atomic adds and no lookup; [`ByClass`] and [`RouteStats`] make them per status class.
 
 use std::{
     collections::HashMap,
@@ -163,15 +164,6 @@ pub fn inc(name: &'static str, l: &[(&'static str, &str)]) {
         .fetch_add(1, Ordering::Relaxed);
 }
 
-pub fn gauge(name: &'static str, l: &[(&'static str, &str)], delta: i64) {
-    REGISTRY
-        .lock()
-        .expect("stats lock")
-        .gauges
-        .get(name, l)
-        .fetch_add(delta, Ordering::Relaxed);
-}
-
 /// One counter series, looked up once.
 #[derive(Clone)]
 pub struct Counter(Arc<AtomicU64>);
@@ -205,7 +197,7 @@ impl Gauge {
 }
 
 /// The gauge series `name` with labels `l` (made at 0 if new).
-pub fn gauge_series(name: &'static str, l: &[(&'static str, &str)]) -> Gauge {
+pub fn gauge(name: &'static str, l: &[(&'static str, &str)]) -> Gauge {
     Gauge(
         REGISTRY
             .lock()
@@ -214,15 +206,6 @@ pub fn gauge_series(name: &'static str, l: &[(&'static str, &str)]) -> Gauge {
             .get(name, l)
             .clone(),
     )
-}
-
-pub fn observe_ms(name: &'static str, l: &[(&'static str, &str)], ms: f64) {
-    REGISTRY
-        .lock()
-        .expect("stats lock")
-        .histograms
-        .get(name, l)
-        .observe_ms(ms);
 }
 
 /// One latency histogram series, looked up once.
@@ -415,9 +398,9 @@ mod tests {
     fn renders_prometheus_text() {
         inc("t_requests_total", &[("cluster", "a\"b")]);
         counter("t_requests_total", &[("cluster", "a\"b")]).inc();
-        gauge("t_active", &[("listener", "outbound")], 2);
-        gauge_series("t_active", &[("listener", "outbound")]).add(-1);
-        observe_ms("t_latency_ms", &[("cluster", "a")], 3.0);
+        gauge("t_active", &[("listener", "outbound")]).add(2);
+        gauge("t_active", &[("listener", "outbound")]).add(-1);
+        latency("t_latency_ms", &[("cluster", "a")]).observe_ms(3.0);
         let text = render();
         assert!(
             text.contains(
