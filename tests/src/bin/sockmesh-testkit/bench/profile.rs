@@ -428,6 +428,9 @@ fn report(b: &Bench, ours: &Counted, theirs: &Counted) -> Result<String> {
              | part | instructions per request | share |\n|---|---|---|\n"
         ));
         for (name, n) in &parts {
+            // A part the baseline run did as much of (start-up work only) is none per request,
+            // not a negative few instructions.
+            let n = n.max(0.0);
             r.push_str(&format!(
                 "| {name} | {:.0} | {:.1}% |\n",
                 n / requests,
