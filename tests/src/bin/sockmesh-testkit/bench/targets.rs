@@ -148,12 +148,18 @@ const WHY: &str = "Why, from the figures above: capture at connect costs sockmes
      Where sockmesh-proxy's CPU goes, from a profile: `cargo xtask profile` \
      (docs/profile.md) counts both proxies' user-space instructions per request in section \
      5's HTTP/1.1 role under callgrind, and shares sockmesh-proxy's out: most go to hyper's \
-     HTTP/1 codec, tokio's task and I/O machinery, the allocator and memory copies (futures \
-     and messages moved by value), a few percent to the proxy's own routing, pool and stats. \
-     That is the gap to HAProxy's event loop (one buffer per connection, no task per \
-     request, no future to move); closing it means fewer allocations and moves per request \
-     in the proxy and around hyper, not a capture change. With new connections each \
-     connection adds a task, hyper's buffers and the upstream pool's checkout to it. h2c \
+     HTTP/1 codecs (the server's towards the client; the client's towards the upstream, \
+     with its channel to the upstream connection's task), tokio's task and I/O machinery, \
+     the allocator and memory copies (futures and messages moved by value), under a tenth \
+     to the proxy's own routing and pool. That is the gap to HAProxy's event loop (one \
+     buffer per connection, no task per request, no future to move); closing it means \
+     fewer allocations and moves per request in the proxy and around hyper, not a capture \
+     change. With new connections each connection adds a task, hyper's buffers and \
+     tokio's registration of the socket with epoll: two epoll_ctl calls per connection \
+     (added, then deleted before close), where HAProxy reads right after accept and \
+     registers a short connection with epoll not at all; sockmesh-proxy also asks each \
+     connection's SO_ORIGINAL_DST (one getsockopt), which HAProxy's configuration here \
+     does without (its by-call table in docs/profile.md counts these). h2c \
      runs hyper's HTTP/2 (the h2 crate) on both sides, HAProxy its own multiplexer. The TCP \
      relay parses nothing: there what is left is each proxy's event loop and system calls.\n\n\
      The mesh request (section 6) goes through two proxies, whose CPU is most of a \
@@ -168,7 +174,7 @@ const NOTES: &str =
     "Both proxies keep upstream connections alive (sockmesh-proxy pools HTTP/1.1 per \
      endpoint and shares one h2c connection per endpoint; HAProxy with `http-reuse always`). \
      Both run as uid 1337, in the pod. sockmesh-proxy is built with the workspace's release \
-     profile (fat LTO, one codegen unit).\n\n\
+     profile (fat LTO, one codegen unit) and allocates with mimalloc.\n\n\
      sk_msg acceleration is off by default: on this kernel it still differs from TCP where a \
      user can see it (splice readers of redirected data get none of it; on a socket in the \
      map, FIONREAD counts only redirected data and blocking reads can fail early with \
