@@ -155,13 +155,21 @@ fn labels(l: &[(&'static str, &str)]) -> Labels {
     l.iter().map(|(k, v)| (*k, v.to_string())).collect()
 }
 
+/// The series `name` with labels `l` in the registry's table for its kind (`table`), made if
+/// new: the one lookup behind every handle.
+fn lookup<T: Default>(
+    table: fn(&mut Registry) -> &mut Table<Arc<T>>,
+    name: &'static str,
+    l: &[(&'static str, &str)],
+) -> Arc<T> {
+    let mut registry = REGISTRY.lock().expect("stats lock");
+    Arc::clone(table(&mut registry).get(name, l))
+}
+
+/// Count one in the counter series `name` with labels `l` (for rare events: what is counted
+/// often holds a [`Counter`]).
 pub fn inc(name: &'static str, l: &[(&'static str, &str)]) {
-    REGISTRY
-        .lock()
-        .expect("stats lock")
-        .counters
-        .get(name, l)
-        .fetch_add(1, Ordering::Relaxed);
+    counter(name, l).inc();
 }
 
 /// One counter series, looked up once.
@@ -176,14 +184,7 @@ impl Counter {
 
 /// The counter series `name` with labels `l` (made at 0 if new).
 pub fn counter(name: &'static str, l: &[(&'static str, &str)]) -> Counter {
-    Counter(
-        REGISTRY
-            .lock()
-            .expect("stats lock")
-            .counters
-            .get(name, l)
-            .clone(),
-    )
+    Counter(lookup(|r| &mut r.counters, name, l))
 }
 
 /// One gauge series, looked up once.
@@ -198,14 +199,7 @@ impl Gauge {
 
 /// The gauge series `name` with labels `l` (made at 0 if new).
 pub fn gauge(name: &'static str, l: &[(&'static str, &str)]) -> Gauge {
-    Gauge(
-        REGISTRY
-            .lock()
-            .expect("stats lock")
-            .gauges
-            .get(name, l)
-            .clone(),
-    )
+    Gauge(lookup(|r| &mut r.gauges, name, l))
 }
 
 /// One latency histogram series, looked up once.
@@ -220,14 +214,7 @@ impl Latency {
 
 /// The histogram series `name` with labels `l` (made empty if new).
 pub fn latency(name: &'static str, l: &[(&'static str, &str)]) -> Latency {
-    Latency(
-        REGISTRY
-            .lock()
-            .expect("stats lock")
-            .histograms
-            .get(name, l)
-            .clone(),
-    )
+    Latency(lookup(|r| &mut r.histograms, name, l))
 }
 
 /// A counter series for each status class (its `code_class` label), each looked up the first
@@ -242,8 +229,8 @@ impl ByClass {
 
     /// Count a response of `status`; `lookup(class)` finds its series the first time.
     pub fn inc(&self, status: u16, lookup: impl FnOnce(&'static str) -> Counter) {
-        let i = usize::from((status / 100).clamp(1, 5) - 1);
-        self.0[i].get_or_init(|| lookup(class(status))).inc();
+        let i = class_index(status);
+        self.0[i].get_or_init(|| lookup(CLASSES[i])).inc();
     }
 }
 
@@ -299,14 +286,14 @@ impl std::fmt::Debug for ByClass {
     }
 }
 
-/// `2xx`, `4xx`, ... for a status code.
-pub fn class(status: u16) -> &'static str {
+/// The `code_class` labels, by [`class_index`].
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// A status code's class: 1xx to 4xx by their hundreds, anything else 5xx.
+fn class_index(status: u16) -> usize {
     match status / 100 {
-        1 => "1xx",
-        2 => "2xx",
-        3 => "3xx",
-        4 => "4xx",
-        _ => "5xx",
+        h @ 1..=4 => usize::from(h - 1),
+        _ => 4,
     }
 }
 
@@ -328,8 +315,12 @@ pub fn render() -> String {
     let r = REGISTRY.lock().expect("stats lock");
     let mut out = String::new();
     let mut last = "";
-    render_kind(&mut out, &mut last, "counter", &r.counters, counter_line);
-    render_kind(&mut out, &mut last, "gauge", &r.gauges, gauge_line);
+    render_kind(&mut out, &mut last, "counter", &r.counters, |out, s| {
+        scalar(out, s, s.value.load(Ordering::Relaxed))
+    });
+    render_kind(&mut out, &mut last, "gauge", &r.gauges, |out, s| {
+        scalar(out, s, s.value.load(Ordering::Relaxed))
+    });
     render_kind(&mut out, &mut last, "histogram", &r.histograms, histogram);
     out
 }
@@ -352,15 +343,8 @@ fn render_kind<T>(
     }
 }
 
-/// A counter's one line.
-fn counter_line(out: &mut String, s: &Series<Arc<AtomicU64>>) {
-    let value = s.value.load(Ordering::Relaxed);
-    series(out, s.name, &s.labels, None, &value.to_string());
-}
-
-/// A gauge's one line.
-fn gauge_line(out: &mut String, s: &Series<Arc<AtomicI64>>) {
-    let value = s.value.load(Ordering::Relaxed);
+/// A counter's or a gauge's one line, with its `value` read.
+fn scalar<T>(out: &mut String, s: &Series<T>, value: impl ToString) {
     series(out, s.name, &s.labels, None, &value.to_string());
 }
 
