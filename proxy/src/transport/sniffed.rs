@@ -61,6 +61,10 @@ impl AsyncRead for Sniffed {
         let n = this.first.len().min(buf.remaining());
         buf.put_slice(&this.first[..n]);
         this.first.advance(n);
+        if this.first.is_empty() {
+            // Read again in full: its buffer is not kept for the connection's life.
+            this.first = BytesMut::new();
+        }
         Poll::Ready(Ok(()))
     }
 }
