@@ -150,14 +150,14 @@ const WHY: &str = "Why, from the figures above: capture at connect costs sockmes
      5's HTTP/1.1 role under callgrind, and shares sockmesh-proxy's out: most go to hyper's \
      HTTP/1 codecs (the server's towards the client; the client's towards the upstream, \
      with its channel to the upstream connection's task), tokio's task and I/O machinery, \
-     the allocator and memory copies (futures and messages moved by value), under a tenth \
-     to the proxy's own routing and pool. That is the gap to HAProxy's event loop (one \
+     the allocator and memory copies (futures and messages moved by value), about a sixth \
+     to the proxy's own request handling, routing and pool. That is the gap to HAProxy's event loop (one \
      buffer per connection, no task per request, no future to move); closing it means \
      fewer allocations and moves per request in the proxy and around hyper, not a capture \
      change. With new connections each connection adds a task, hyper's buffers and \
      tokio's registration of the socket with epoll: two epoll_ctl calls per connection \
      (added, then deleted before close), where HAProxy reads right after accept and \
-     registers a short connection with epoll not at all; sockmesh-proxy also asks each \
+     almost never registers a short connection with epoll; sockmesh-proxy also asks each \
      connection's SO_ORIGINAL_DST (one getsockopt), which HAProxy's configuration here \
      does without (its by-call table in docs/profile.md counts these). h2c \
      runs hyper's HTTP/2 (the h2 crate) on both sides, HAProxy its own multiplexer. The TCP \
