@@ -4,7 +4,11 @@
 
 use std::{
     collections::BTreeMap,
-    os::fd::OwnedFd,
+    io::{Read, Write},
+    os::{
+        fd::{AsRawFd, OwnedFd},
+        unix::ffi::OsStrExt,
+    },
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::Duration,
@@ -132,29 +136,93 @@ pub struct SyscallCount {
     events: Vec<String>,
 }
 
+/// A fifo at `path` (replacing any file there), opened for reading and writing: an open that
+/// does not wait for the other end.
+fn fifo(path: &Path) -> Result<std::fs::File> {
+    let _ = std::fs::remove_file(path);
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    // SAFETY: a NUL-terminated path.
+    if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
+        bail!(
+            "mkfifo {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path);
+    f.with_context(|| format!("opening fifo {}", path.display()))
+}
+
+/// Wait (10 s at most) for perf's `ack` on its acknowledgement fifo (perf 6.1 writes
+/// "ack\n" and a NUL).
+fn wait_for_ack(ack: &std::fs::File, perf: &mut Child) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut got = Vec::new();
+    while !got.windows(4).any(|w| w == b"ack\n") {
+        if let Some(status) = perf.try_wait()? {
+            bail!("perf exited ({status})");
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("no ack in 10 s");
+        }
+        let mut pfd = libc::pollfd {
+            fd: ack.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&mut pfd, 1, 100) } > 0 {
+            let mut buf = [0u8; 16];
+            let n = (&*ack).read(&mut buf)?;
+            got.extend_from_slice(&buf[..n]);
+        }
+    }
+    Ok(())
+}
+
 /// The event that counts every system call.
 const ALL_SYSCALLS: &str = "raw_syscalls:sys_enter";
 
 impl SyscallCount {
     /// Start counting `pid`'s calls: all of them, and each of `calls` by name; `out` is
-    /// perf's report file.
+    /// perf's report file. Returns once perf has its counters open and counting: perf answers
+    /// an `enable` on its control fifo only from its main loop, after its counters are open
+    /// and its SIGINT handler is set (a SIGINT before that would end perf with no report).
     pub fn start(pid: u32, calls: &[&str], out: &Path) -> Result<SyscallCount> {
         let mut events = vec![ALL_SYSCALLS.to_string()];
         events.extend(calls.iter().map(|c| format!("syscalls:sys_enter_{c}")));
+        let (ctl, ack) = (out.with_extension("ctl"), out.with_extension("ack"));
+        let (mut ctl_fd, ack_fd) = (fifo(&ctl)?, fifo(&ack)?);
         let mut cmd = Command::new("perf");
         cmd.args(["stat", "-x", ","]).arg("-o").arg(out);
         for e in &events {
             cmd.arg("-e").arg(e);
         }
-        let perf = cmd
+        let mut perf = cmd
+            .arg(format!(
+                "--control=fifo:{},{}",
+                ctl.display(),
+                ack.display()
+            ))
             .arg("-p")
             .arg(pid.to_string())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .context("starting perf stat (apt package linux-perf; `cargo xtask setup`)")?;
-        // perf opens its counters on the running process before the measured work starts.
-        std::thread::sleep(Duration::from_millis(300));
+        ctl_fd.write_all(b"enable\n")?;
+        if let Err(e) = wait_for_ack(&ack_fd, &mut perf) {
+            let _ = perf.kill();
+            let out = perf.wait_with_output()?;
+            bail!(
+                "perf stat did not start counting pid {pid}: {e} (perf: {}, {})",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
         Ok(SyscallCount {
             perf,
             out: out.to_path_buf(),
@@ -168,8 +236,17 @@ impl SyscallCount {
         // SAFETY: a signal to our own child; perf writes its counts on SIGINT.
         unsafe { libc::kill(self.perf.id() as libc::pid_t, libc::SIGINT) };
         let out = self.perf.wait_with_output()?;
-        let text = std::fs::read_to_string(&self.out)
-            .with_context(|| format!("perf stat wrote no {}", self.out.display()))?;
+        let text = std::fs::read_to_string(&self.out).with_context(|| {
+            format!(
+                "perf stat ({}) wrote no {}: {}",
+                out.status,
+                self.out.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )
+        })?;
+        // perf also writes its answers to control commands ("Events enabled") into the
+        // report, at a line's start or its end.
+        let text = text.replace("Events enabled", "\n");
         let mut counts = BTreeMap::new();
         for line in text.lines() {
             let f: Vec<&str> = line.split(',').collect();
