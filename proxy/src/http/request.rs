@@ -117,10 +117,12 @@ impl ToCluster<'_> {
     /// Apply the route's header changes, mirror the request, and send it through the
     /// cluster's circuit breaker with retries, all within the route's timeout.
     async fn forward(self, req: Request<Incoming>, trace: &mut Trace<'_>) -> Response<Body> {
-        match self.attempts(req).await {
-            Ok(attempts) => self.send(attempts, trace).await,
-            Err(bad_request) => bad_request,
-        }
+        // Not a match around the send: its scrutinee would stay alive across the await.
+        let mut attempts = match self.attempts(req).await {
+            Ok(attempts) => attempts,
+            Err(bad_request) => return bad_request,
+        };
+        self.send(&mut attempts, trace).await
     }
 
     /// The request made ready for its attempts (mirrored on the way), or the answer to a
@@ -173,7 +175,7 @@ impl ToCluster<'_> {
 
     /// Through the circuit breaker, then the attempts, within the route's timeout; the
     /// route's response header changes on the answer.
-    async fn send(&self, attempts: Attempts<'_>, trace: &mut Trace<'_>) -> Response<Body> {
+    async fn send(&self, attempts: &mut Attempts<'_>, trace: &mut Trace<'_>) -> Response<Body> {
         let cl = self.cluster;
         let deadline = tokio::time::Instant::now() + self.route.timeout;
         let _slot = match cl.request_slot(deadline).await {

@@ -3,7 +3,8 @@
 use std::{net::SocketAddr, time::Duration};
 
 use bytes::Bytes;
-use hyper::{upgrade::OnUpgrade, Response, StatusCode};
+use futures_util::future::Either;
+use hyper::{upgrade::OnUpgrade, Request, Response, StatusCode};
 
 use super::{replay::Head, response::failure_response, trace::Trace};
 use crate::{
@@ -34,8 +35,9 @@ pub struct Attempts<'a> {
 }
 
 impl Attempts<'_> {
-    /// Send until an attempt's outcome is not retried, and answer with it.
-    pub async fn run(mut self, trace: &mut Trace<'_>) -> Response<Body> {
+    /// Send until an attempt's outcome is not retried, and answer with it. (By reference: a
+    /// future holds an async fn's by-value parameters twice, and each is copied at a move.)
+    pub async fn run(&mut self, trace: &mut Trace<'_>) -> Response<Body> {
         let retries = self.retries();
         let mut n = 0u32;
         loop {
@@ -43,7 +45,21 @@ impl Attempts<'_> {
                 return text_response(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
             };
             trace.upstream = Some(pick.addr);
-            let outcome = self.send_to(pick.addr, n >= retries).await;
+            // The attempt's future is made in the await's operand, the request in a block of
+            // its own: a match on a temporary would keep the request's space across the await.
+            let outcome = {
+                let req = self.request(n >= retries);
+                match req {
+                    Ok(req) => Either::Left(upstream::send(
+                        req,
+                        self.upstream(pick.addr),
+                        self.authority,
+                        self.per_try(),
+                    )),
+                    Err(e) => Either::Right(std::future::ready(Err(e))),
+                }
+            }
+            .await;
             count(self.name, &pick, &outcome);
             self.cluster.record(pick.addr, failed(&outcome));
             drop(pick);
@@ -79,9 +95,10 @@ impl Attempts<'_> {
             .map(Duration::from_millis)
     }
 
-    /// One attempt at `addr`: the first with the client's body (and upgrade), later ones with
-    /// the kept copy; the `last` one takes the head.
-    async fn send_to(&mut self, addr: SocketAddr, last: bool) -> Result<Response<Body>, Failure> {
+    /// An attempt's request: the first with the client's body (and upgrade), later ones with
+    /// the kept copy; the `last` one takes the head. (Made here, not in an async fn around
+    /// the send: that would hold the request's space twice.)
+    fn request(&mut self, last: bool) -> Result<Request<Body>, Failure> {
         let body = self
             .body
             .take()
@@ -98,13 +115,17 @@ impl Attempts<'_> {
         if let Some(u) = self.on_upgrade.take() {
             req.extensions_mut().insert(u);
         }
-        let to = Upstream {
+        Ok(req)
+    }
+
+    /// The endpoint at `addr`, as this request goes to it.
+    fn upstream(&self, addr: SocketAddr) -> Upstream {
+        Upstream {
             addr,
             direction: self.direction,
             http2: self.http2,
             connect_timeout: self.cluster.config.connect_timeout(),
-        };
-        upstream::send(req, to, self.authority, self.per_try()).await
+        }
     }
 }
 

@@ -1,5 +1,8 @@
 //! Requests over HTTP/1.1, in origin form, over pooled connections; upgrades relayed.
 
+use std::future::Future;
+
+use futures_util::FutureExt;
 use hyper::{
     header::{HeaderValue, HOST},
     http::uri::PathAndQuery,
@@ -12,22 +15,27 @@ use super::{body::Body, pool, target::Failure, target::Upstream};
 
 /// Send an HTTP/1.1 request to `to` over a pooled connection; the Host header keeps the
 /// client's authority. Upgrades (WebSocket) are relayed once both sides switch.
-pub async fn send(
+///
+/// The request is made ready here and the pool's future returned as it is, mapped: an async
+/// fn around it would hold a second copy of the request's space.
+pub fn send(
     mut req: Request<Body>,
     to: Upstream,
     authority: &str,
-) -> Result<Response<Body>, Failure> {
+) -> impl Future<Output = Result<Response<Body>, Failure>> {
     ensure_host(&mut req, to, authority);
     to_origin_form(&mut req);
     *req.version_mut() = Version::HTTP_11;
     let down = req.extensions_mut().remove::<OnUpgrade>();
-    let mut resp = pool::send_http1(req, to).await?;
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        if let Some(down) = down {
-            relay_upgrade(down, hyper::upgrade::on(&mut resp));
+    pool::send_http1(req, to).map(move |resp| {
+        let mut resp = resp?;
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(down) = down {
+                relay_upgrade(down, hyper::upgrade::on(&mut resp));
+            }
         }
-    }
-    Ok(resp)
+        Ok(resp)
+    })
 }
 
 /// HTTP/1.1 requires Host: the client's authority, else the endpoint's address.

@@ -6,7 +6,9 @@ mod http2;
 mod pool;
 mod target;
 
-use std::time::Duration;
+use std::{future::Future, time::Duration};
+
+use futures_util::{future::Either, FutureExt};
 
 use hyper::{Request, Response};
 
@@ -15,24 +17,24 @@ pub use pool::reap_idle;
 pub use target::{Failure, Upstream};
 
 /// One attempt: connect (or take a pooled connection), send, wait for the response head,
-/// within `limit` if there is one.
-pub async fn send(
+/// within `limit` if there is one. Each protocol's future is returned as it is (no async fn
+/// around it): each level of async fn would hold its own copy of the request's space, and
+/// every move of the future copies it.
+pub fn send(
     req: Request<Body>,
     to: Upstream,
     authority: &str,
     limit: Option<Duration>,
-) -> Result<Response<Body>, Failure> {
-    let go = async {
-        if to.http2 {
-            http2::send(req, to, authority).await
-        } else {
-            http1::send(req, to, authority).await
-        }
+) -> impl Future<Output = Result<Response<Body>, Failure>> + '_ {
+    let go = if to.http2 {
+        Either::Left(http2::send(req, to, authority))
+    } else {
+        Either::Right(http1::send(req, to, authority))
     };
     match limit {
-        None => go.await,
-        Some(t) => tokio::time::timeout(t, go)
-            .await
-            .map_err(|_| Failure::Timeout)?,
+        None => Either::Left(go),
+        Some(t) => Either::Right(
+            tokio::time::timeout(t, go).map(|r| r.unwrap_or_else(|_| Err(Failure::Timeout))),
+        ),
     }
 }

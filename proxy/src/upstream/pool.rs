@@ -104,14 +104,8 @@ async fn dial(to: &Upstream) -> Result<TokioIo<tokio::net::TcpStream>, Failure> 
         .map_err(|e| Failure::Connect(e.to_string()))
 }
 
-/// A new HTTP/1.1 connection to the endpoint. Boxed: a request's future would otherwise carry
-/// the connect and handshake futures' space (and copy it at each await) while it reuses a
-/// pooled connection, which is most of the time.
+/// A new HTTP/1.1 connection to the endpoint.
 async fn open(to: Upstream) -> Result<Sender, Failure> {
-    Box::pin(open_unboxed(to)).await
-}
-
-async fn open_unboxed(to: Upstream) -> Result<Sender, Failure> {
     // One buffer per message, as the server side writes (see `http::serve`).
     let (send, conn) = hyper::client::conn::http1::Builder::new()
         .writev(false)
@@ -126,25 +120,35 @@ async fn open_unboxed(to: Upstream) -> Result<Sender, Failure> {
 /// that a pooled connection closed on before sending any of it goes again on a new one.
 pub async fn send_http1(req: Request<Body>, to: Upstream) -> Result<Response<Body>, Failure> {
     let key = to.pool_key();
-    let (mut send, reused) = match checkout(key) {
-        Some(s) => (s, true),
-        None => (open(to).await?, false),
-    };
-    let resp = match send.try_send_request(req).await {
-        Ok(r) => r,
-        Err(mut e) => match e.take_message() {
-            Some(req) if reused => {
-                send = open(to).await?;
-                send.send_request(req)
-                    .await
-                    .map_err(|e| Failure::Reset(e.to_string()))?
-            }
-            _ => return Err(Failure::Reset(e.into_error().to_string())),
+    // A new connection is boxed: a request's future would otherwise carry the connect and
+    // handshake futures' space (and copy it at each move) while it reuses a pooled
+    // connection, which is most of the time.
+    let (resp, send) = match checkout(key) {
+        Some(mut send) => match send.try_send_request(req).await {
+            Ok(resp) => (resp, send),
+            Err(mut e) => match e.take_message() {
+                Some(req) => Box::pin(send_new(req, to)).await?,
+                None => return Err(Failure::Reset(e.into_error().to_string())),
+            },
         },
+        None => Box::pin(send_new(req, to)).await?,
     };
     // An upgraded connection is the client's now.
     let home = (resp.status() != StatusCode::SWITCHING_PROTOCOLS).then_some((key, send));
     Ok(resp.map(|body| Returning { body, home }.boxed()))
+}
+
+/// `req` on a new connection, and the connection.
+async fn send_new(
+    req: Request<Body>,
+    to: Upstream,
+) -> Result<(Response<Incoming>, Sender), Failure> {
+    let mut send = open(to).await?;
+    let resp = send
+        .send_request(req)
+        .await
+        .map_err(|e| Failure::Reset(e.to_string()))?;
+    Ok((resp, send))
 }
 
 pub type H2 = hyper::client::conn::http2::SendRequest<Body>;
@@ -171,7 +175,7 @@ pub async fn h2_connection(to: Upstream) -> Result<H2, Failure> {
     if let Some(send) = slot.as_ref().filter(|s| !s.is_closed()) {
         return Ok(send.clone());
     }
-    // Boxed, as HTTP/1.1's `open`.
+    // Boxed, as HTTP/1.1's new connections are.
     let send = Box::pin(open_h2(to)).await?;
     *slot = Some(send.clone());
     Ok(send)
