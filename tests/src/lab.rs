@@ -229,6 +229,7 @@ pub struct Lab {
 impl Lab {
     /// A new lab: its folder, child cgroup and private bpffs. `tag` names it in listings.
     pub fn new(tag: &str) -> Result<Lab> {
+        crate::leftovers::wait_if_removing();
         require_tools(&["ip", "mount", "umount"])?;
         let n = SEQ.fetch_add(1, Ordering::Relaxed);
         let name = format!("{PREFIX}-{tag}-{}-{n}", std::process::id());
@@ -268,6 +269,7 @@ impl Lab {
 
     /// A new network namespace with lo up.
     pub fn netns(&mut self, short: &str) -> Result<Netns> {
+        crate::leftovers::wait_if_removing();
         let ns = Netns {
             name: format!("{}-{short}", self.name),
             holder: None,
@@ -283,6 +285,7 @@ impl Lab {
     /// (`unshare --user --net sleep`) holds both, the lab writes its id maps (as a runtime
     /// does), and the netns is named like the others (`ip netns attach`), lo up.
     pub fn netns_in_userns(&mut self, short: &str, base: u32) -> Result<Netns> {
+        crate::leftovers::wait_if_removing();
         require_tools(&["unshare", "sleep"])?;
         let mut cmd = Command::new("unshare");
         cmd.args(["--user", "--net", "--", "sleep", "infinity"]);
@@ -630,6 +633,8 @@ pub fn tail(path: &Path, lines: usize) -> String {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        // A signal's removal (`leftovers`) does this lab's clean-up and ends the process.
+        crate::leftovers::wait_if_removing();
         for c in &mut self.children {
             let _ = c.kill();
             let _ = c.wait();

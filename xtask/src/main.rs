@@ -31,6 +31,10 @@ enum Task {
     Lab,
     /// Everything CI checks: fmt, clippy, unit, integration and conformance tests, clean-up.
     Test,
+    /// Remove what labs ended by SIGKILL or a crash left (a signal such as Ctrl-C removes its
+    /// own): processes, network namespaces, mounts, cgroups and folders named `smt-*` whose
+    /// process no longer runs.
+    Clean,
     /// The benchmark suite on release builds: prints the report and writes docs/benchmarks.md.
     Bench {
         /// Tiny sizes, to check that the suite runs (the figures are not worth quoting).
@@ -538,7 +542,10 @@ fn check_clean() -> Result<()> {
         Ok(())
     } else {
         println!("cleanup: 0 passed, 1 failed");
-        bail!("left behind by the tests:\n  {}", left.join("\n  "))
+        bail!(
+            "left behind by the tests (`cargo xtask clean` removes what a killed run left):\n  {}",
+            left.join("\n  ")
+        )
     }
 }
 
@@ -550,6 +557,12 @@ fn main() -> ExitCode {
         Task::Test => test(),
         Task::Image { out, tag } => setup().and_then(|_| image::build(&root().join(out), &tag)),
         Task::Node => setup().and_then(|_| node()),
+        Task::Clean => setup()
+            .and_then(|_| build())
+            .and_then(|_| {
+                status(Command::new(root().join("target/debug/sockmesh-testkit")).arg("clean"))
+            })
+            .and_then(|_| check_clean()),
         Task::Soak {
             minutes,
             min_connections,

@@ -71,13 +71,30 @@ enum Cmd {
         #[arg(long)]
         out: Option<std::path::PathBuf>,
     },
+    /// Remove what the labs of processes that no longer run left behind (a lab ended by
+    /// SIGKILL, or a crash): processes, network namespaces, mounts, cgroups, folders.
+    Clean,
     /// A pod's pause process (the node suite's sandbox image, and an idle app to exec in):
     /// waits for SIGTERM or SIGINT, its children reaped by the kernel.
     Pause,
 }
 
 fn main() -> anyhow::Result<()> {
-    match Cli::parse().cmd {
+    let cmd = Cli::parse().cmd;
+    // The commands that make labs: a signal (Ctrl-C) removes them before the process ends.
+    if matches!(
+        cmd,
+        Cmd::Bench { .. } | Cmd::Profile { .. } | Cmd::Lab | Cmd::Soak { .. } | Cmd::Scale { .. }
+    ) {
+        sockmesh_tests::leftovers::remove_on_signal();
+    }
+    let result = run(cmd);
+    sockmesh_tests::leftovers::wait_if_removing();
+    result
+}
+
+fn run(cmd: Cmd) -> anyhow::Result<()> {
+    match cmd {
         Cmd::Kit(program) => program.run(),
         Cmd::Hop(program) => program.run(),
         Cmd::Bench { smoke, out } => {
@@ -114,6 +131,12 @@ fn main() -> anyhow::Result<()> {
             print!("{report}");
             if let Some(path) = out {
                 std::fs::write(&path, &report)?;
+            }
+            Ok(())
+        }
+        Cmd::Clean => {
+            for line in sockmesh_tests::leftovers::remove(sockmesh_tests::leftovers::Owner::Gone) {
+                println!("removed {line}");
             }
             Ok(())
         }
