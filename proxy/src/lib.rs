@@ -8,6 +8,7 @@ pub mod admin;
 pub mod cluster;
 pub mod config;
 pub mod control;
+pub mod fxhash;
 pub mod http;
 pub mod listener;
 pub mod random;

@@ -1,17 +1,14 @@
 //! What connections use: the routes and cluster states in force, swapped whole on each change.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, RwLock},
-};
+use std::sync::{Arc, RwLock};
 
-use crate::{cluster::ClusterState, config::Config, router::Router};
+use crate::{cluster::ClusterState, config::Config, fxhash::FxHashMap, router::Router};
 
 /// Everything a connection needs, swapped as a whole on a change. A connection keeps the one
 /// it started with.
 pub struct Snapshot {
     pub router: Router,
-    pub clusters: HashMap<String, Arc<ClusterState>>,
+    pub clusters: FxHashMap<String, Arc<ClusterState>>,
     /// The configuration's text (admin config dump).
     pub source: String,
 }

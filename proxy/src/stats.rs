@@ -7,14 +7,15 @@
 //! with atomic adds and no lookup; [`ByClass`] and [`RouteStats`] make them per status class.
 
 use std::{
-    collections::HashMap,
     fmt::Write,
-    hash::{BuildHasherDefault, Hash, Hasher},
+    hash::{Hash, Hasher},
     sync::{
         atomic::{AtomicI64, AtomicU64, Ordering},
         Arc, LazyLock, Mutex, OnceLock,
     },
 };
+
+use crate::fxhash::{Fx, FxHashMap};
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -24,58 +25,12 @@ struct Series<T> {
     value: T,
 }
 
-/// A fast hash (rustc's Fx: a rotate, xor and multiply per 8 bytes) for the series table, whose
-/// keys are the proxy's own metric names and labels (from its configuration), not a client's:
-/// counting is on every request's path, and SipHash took a tenth of a request's instructions
-/// (`cargo xtask profile`).
-#[derive(Default, Clone, Copy)]
-struct Fx(u64);
-
-impl Fx {
-    const K: u64 = 0x517c_c1b7_2722_0a95;
-
-    fn add(&mut self, word: u64) {
-        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(Self::K);
-    }
-}
-
-impl Hasher for Fx {
-    fn write(&mut self, bytes: &[u8]) {
-        let mut chunks = bytes.chunks_exact(8);
-        for c in &mut chunks {
-            self.add(u64::from_le_bytes(c.try_into().expect("8 bytes")));
-        }
-        let rest = chunks.remainder();
-        if !rest.is_empty() {
-            let mut w = [0u8; 8];
-            w[..rest.len()].copy_from_slice(rest);
-            self.add(u64::from_le_bytes(w));
-        }
-    }
-
-    fn write_u8(&mut self, b: u8) {
-        self.add(b.into());
-    }
-
-    fn write_usize(&mut self, n: usize) {
-        self.add(n as u64);
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.add(n);
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
 /// Series of one kind, by the hash of their name and labels (collisions share a bucket).
-struct Table<T>(HashMap<u64, Vec<Series<T>>, BuildHasherDefault<Fx>>);
+struct Table<T>(FxHashMap<u64, Vec<Series<T>>>);
 
 impl<T> Default for Table<T> {
     fn default() -> Self {
-        Table(HashMap::default())
+        Table(FxHashMap::default())
     }
 }
 

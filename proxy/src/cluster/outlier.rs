@@ -1,7 +1,6 @@
 //! Passive health (outlier detection): endpoints failing in a row are ejected for a while.
 
 use std::{
-    collections::HashMap,
     net::SocketAddr,
     sync::Mutex,
     time::{Duration, Instant},
@@ -9,7 +8,7 @@ use std::{
 
 use tracing::warn;
 
-use crate::{config::OutlierDetection, stats};
+use crate::{config::OutlierDetection, fxhash::FxHashMap, stats};
 
 /// One endpoint's record.
 #[derive(Default)]
@@ -21,7 +20,7 @@ struct Outlier {
 
 /// The records of a cluster's endpoints.
 #[derive(Default)]
-pub struct Outliers(Mutex<HashMap<SocketAddr, Outlier>>);
+pub struct Outliers(Mutex<FxHashMap<SocketAddr, Outlier>>);
 
 impl Outliers {
     /// Whether `addr` is ejected for now.

@@ -8,7 +8,6 @@
 //! HTTP/2 ones are shared: one connection per endpoint carries every request as a stream.
 
 use std::{
-    collections::HashMap,
     net::SocketAddr,
     pin::Pin,
     sync::{LazyLock, Mutex},
@@ -29,7 +28,7 @@ use super::{
     body::Body,
     target::{Failure, Upstream},
 };
-use crate::transport::connect;
+use crate::{fxhash::FxHashMap, transport::connect};
 
 /// How long an unused connection stays open.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -44,7 +43,7 @@ struct Idle {
     since: Instant,
 }
 
-static IDLE: LazyLock<Mutex<HashMap<Key, Vec<Idle>>>> = LazyLock::new(Default::default);
+static IDLE: LazyLock<Mutex<FxHashMap<Key, Vec<Idle>>>> = LazyLock::new(Default::default);
 
 /// Every tenth of the idle timeout, close the HTTP/1.1 connections that have idled past it
 /// and forget the HTTP/2 slots whose connection has closed (endpoints come and go), for as
@@ -159,7 +158,7 @@ type H2Slot = std::sync::Arc<tokio::sync::Mutex<Option<H2>>>;
 
 /// HTTP/2 upstream connections, one per endpoint and direction, shared by all requests
 /// (streams multiplexed); a closed one is replaced on next use.
-static H2_POOL: LazyLock<Mutex<HashMap<Key, H2Slot>>> = LazyLock::new(Default::default);
+static H2_POOL: LazyLock<Mutex<FxHashMap<Key, H2Slot>>> = LazyLock::new(Default::default);
 
 /// The pooled HTTP/2 (h2c, prior knowledge) connection to `to`, opened if needed.
 /// Requests that arrive while it is being opened wait for it rather than open their own; if
