@@ -470,6 +470,7 @@ impl Lab {
         ready_line: Option<&str>,
         stderr: Stdio,
     ) -> Result<usize> {
+        crate::leftovers::wait_if_removing();
         cmd.stdin(Stdio::null());
         cmd.stdout(Stdio::piped());
         cmd.stderr(stderr);

@@ -109,6 +109,14 @@ pub fn remove(owner: Owner) -> Vec<String> {
         }
     }
     let me = std::process::id() as i32;
+    // This process's own descendants: some run in namespaces without a name (a peer host
+    // made by unshare), which no listing above finds.
+    if matches!(owner, Owner::Pid(p) if p as i32 == me) {
+        pids.extend(descendants(me));
+    }
+    if matches!(owner, Owner::Gone) {
+        pids.extend(orphaned_kit_programs());
+    }
     for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
             continue;
@@ -176,6 +184,70 @@ pub fn remove(owner: Owner) -> Vec<String> {
     done
 }
 
+/// Every process's parent, from /proc.
+fn parents() -> Vec<(i32, i32)> {
+    fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_string_lossy().parse::<i32>().ok()?;
+            let stat = fs::read_to_string(e.path().join("stat")).ok()?;
+            // After "(comm)": state, then the parent's pid.
+            let ppid = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            Some((pid, ppid))
+        })
+        .collect()
+}
+
+/// The processes below `pid`, children first.
+pub fn descendants(pid: i32) -> Vec<i32> {
+    let all = parents();
+    let mut found = vec![pid];
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i];
+        found.extend(all.iter().filter(|(_, pp)| *pp == parent).map(|(p, _)| *p));
+        i += 1;
+    }
+    found.remove(0);
+    found
+}
+
+/// Test programs of labs whose process is gone (`sockmesh-testkit` run by a lab, now a
+/// child of init): not the commands that make labs, nor a node's pause process.
+fn orphaned_kit_programs() -> Vec<i32> {
+    parents()
+        .into_iter()
+        .filter(|(_, ppid)| *ppid == 1)
+        .filter(|(pid, _)| {
+            let exe = fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+            let args = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let sub = args.split(|b| *b == 0).nth(1).unwrap_or_default();
+            // " (deleted)" follows the name of a binary rebuilt since it started.
+            let name = exe.file_name().unwrap_or_default().to_string_lossy();
+            (name == "sockmesh-testkit" || name == "sockmesh-testkit (deleted)")
+                && ![
+                    &b"bench"[..],
+                    b"profile",
+                    b"lab",
+                    b"soak",
+                    b"scale",
+                    b"pause",
+                    b"clean",
+                ]
+                .contains(&sub)
+        })
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
 /// A cgroup and every cgroup below it.
 fn sub_cgroups(cg: &Path) -> Vec<std::path::PathBuf> {
     let mut all = vec![cg.to_path_buf()];
@@ -206,27 +278,48 @@ pub fn wait_if_removing() {
     }
 }
 
+/// The write end of the pipe the signal handler writes to (-1: none yet).
+static SIGNAL_PIPE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+/// The handler: writes the signal's number to the pipe (write is async-signal-safe).
+extern "C" fn on_signal(sig: libc::c_int) {
+    let fd = SIGNAL_PIPE.load(Ordering::SeqCst);
+    let byte = sig as u8;
+    // SAFETY: one byte from the stack to a pipe we own.
+    unsafe { libc::write(fd, (&byte as *const u8).cast(), 1) };
+}
+
 /// From now on, SIGINT, SIGTERM and SIGHUP remove this process's labs, then end it (exit
 /// status 128 + the signal): a signal would otherwise end it without running the labs'
-/// clean-up. Call before any thread starts: the signals are blocked in the calling thread,
-/// and so in every thread started after, and waited for in one thread of their own.
+/// clean-up. A handler writes the signal to a pipe that a thread of its own reads: the
+/// signals stay unblocked, so the run's children (perf, proxies, the agent) start with the
+/// usual mask and dispositions and still stop on their own signals.
 pub fn remove_on_signal() {
-    // SAFETY: the set is ours; blocking signals and waiting for them are plain calls.
-    let set = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-            libc::sigaddset(&mut set, s);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    };
-    std::thread::spawn(move || {
-        let mut sig = 0;
-        // SAFETY: waits for a signal of the set.
-        if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+    let mut fds = [0; 2];
+    // SAFETY: a pipe into an array of two fds; the handler only writes to it.
+    unsafe {
+        if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
+            eprintln!(
+                "sockmesh-testkit: no pipe for signals ({}): a signal will end the run without its clean-up (`cargo xtask clean`)",
+                std::io::Error::last_os_error()
+            );
             return;
         }
+        SIGNAL_PIPE.store(fds[1], Ordering::SeqCst);
+        let mut act: libc::sigaction = std::mem::zeroed();
+        act.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as usize;
+        act.sa_flags = libc::SA_RESTART;
+        libc::sigemptyset(&mut act.sa_mask);
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaction(s, &act, std::ptr::null_mut());
+        }
+    }
+    let read_end = fds[0];
+    std::thread::spawn(move || {
+        let mut byte = 0u8;
+        // SAFETY: reads one byte into a local from our pipe.
+        while unsafe { libc::read(read_end, (&mut byte as *mut u8).cast(), 1) } != 1 {}
+        let sig = i32::from(byte);
         REMOVING.store(true, Ordering::SeqCst);
         // The run's other threads stop at their next lab step (`wait_if_removing`); one may
         // be inside a step (an `ip netns add`), so scan again until a scan finds nothing.

@@ -7,7 +7,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sockmesh_tests::lab::{cgroup2_root, testkit_bin};
+use sockmesh_tests::{
+    lab::{cgroup2_root, testkit_bin},
+    leftovers::descendants,
+};
 
 /// Everything named after the labs of process `pid` (`smt-TAG-PID-N...`): namespaces, cgroups,
 /// folders, mounts and processes started with such a name in their arguments.
@@ -68,6 +71,35 @@ fn a_benchmark_stopped_by_ctrl_c_leaves_nothing() {
         assert!(Instant::now() < until, "the run made no lab in 60 s");
         std::thread::sleep(Duration::from_millis(100));
     }
+    // Its processes, some in namespaces without a name: each must be gone after (a zombie
+    // is gone; a pid used again has another start time).
+    let started = |p: i32| {
+        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+        let f: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        (f.first() != Some(&"Z")).then(|| f.get(19).map(|s| s.to_string()))?
+    };
+    let procs: Vec<(i32, Option<String>)> = descendants(pid as i32)
+        .into_iter()
+        .map(|p| (p, started(p)))
+        .collect();
+    assert!(!procs.is_empty(), "the run has no processes");
+    // Its children start with the usual signal mask (perf stops on SIGINT, a proxy on
+    // SIGTERM): none has SIGHUP blocked, which no program of the run blocks itself.
+    for (p, _) in &procs {
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{p}/status")) else {
+            continue;
+        };
+        let blocked = status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigBlk:"))
+            .map(|m| u64::from_str_radix(m.trim(), 16).unwrap())
+            .unwrap();
+        assert_eq!(
+            blocked & (1 << (libc::SIGHUP - 1)),
+            0,
+            "process {p} of the run started with SIGHUP blocked"
+        );
+    }
     // SAFETY: a signal to our own child.
     unsafe { libc::kill(pid as i32, libc::SIGINT) };
     let status = run.wait().unwrap();
@@ -79,6 +111,11 @@ fn a_benchmark_stopped_by_ctrl_c_leaves_nothing() {
         "status {status:?}, signal {:?}: {stderr}",
         status.signal()
     );
-    let left = left_by(pid);
+    let mut left = left_by(pid);
+    for (p, start) in procs {
+        if start.is_some() && started(p) == start {
+            left.push(format!("process {p} of the run"));
+        }
+    }
     assert!(left.is_empty(), "left behind:\n{}", left.join("\n"));
 }
