@@ -38,6 +38,15 @@ pub fn cgroup2_root() -> Result<PathBuf> {
         .ok_or_else(|| anyhow!("no cgroup2 hierarchy is mounted: sockmesh needs cgroup v2 (mount -t cgroup2 none /sys/fs/cgroup/unified)"))
 }
 
+/// The fields of /proc/PID/stat after the command's "(comm)", which may hold spaces and
+/// parentheses: `[0]` is the state, `[1]` the parent's pid, `[11]` and `[12]` utime and stime,
+/// `[19]` the start time. None when the process is gone.
+pub fn proc_stat(pid: i32) -> Option<Vec<String>> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    Some(rest.split_whitespace().map(str::to_string).collect())
+}
+
 /// Path of a binary built next to this one (target/<profile>/NAME), or from `env_var`.
 pub fn sibling_bin(name: &str, env_var: &str) -> Result<PathBuf> {
     if let Some(p) = std::env::var_os(env_var) {

@@ -14,7 +14,7 @@ use std::{
     time::Duration,
 };
 
-use crate::lab::{cgroup2_root, PREFIX};
+use crate::lab::{cgroup2_root, proc_stat, PREFIX};
 
 /// Whose labs to remove.
 #[derive(Clone, Copy, Debug)]
@@ -37,14 +37,7 @@ impl Owner {
 
 /// Whether process `pid` runs (exists and is not a zombie).
 fn running(pid: u32) -> bool {
-    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    // The state follows the command's closing parenthesis.
-    let state = stat
-        .rsplit_once(')')
-        .and_then(|(_, rest)| rest.split_whitespace().next());
-    state != Some("Z")
+    proc_stat(pid as i32).is_some_and(|f| f.first().is_some_and(|s| s != "Z"))
 }
 
 /// The process that made the lab of this name: the first of two numbers in a row after
@@ -193,15 +186,7 @@ fn parents() -> Vec<(i32, i32)> {
         .flatten()
         .filter_map(|e| {
             let pid = e.file_name().to_string_lossy().parse::<i32>().ok()?;
-            let stat = fs::read_to_string(e.path().join("stat")).ok()?;
-            // After "(comm)": state, then the parent's pid.
-            let ppid = stat
-                .rsplit_once(')')?
-                .1
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()?;
+            let ppid = proc_stat(pid)?.get(1)?.parse().ok()?;
             Some((pid, ppid))
         })
         .collect()

@@ -8,7 +8,7 @@ use std::{
 };
 
 use sockmesh_tests::{
-    lab::{cgroup2_root, testkit_bin},
+    lab::{cgroup2_root, proc_stat, testkit_bin},
     leftovers::descendants,
 };
 
@@ -74,9 +74,8 @@ fn a_benchmark_stopped_by_ctrl_c_leaves_nothing() {
     // Its processes, some in namespaces without a name: each must be gone after (a zombie
     // is gone; a pid used again has another start time).
     let started = |p: i32| {
-        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
-        let f: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-        (f.first() != Some(&"Z")).then(|| f.get(19).map(|s| s.to_string()))?
+        let f = proc_stat(p)?;
+        (f.first().is_some_and(|s| s != "Z")).then(|| f.get(19).cloned())?
     };
     let procs: Vec<(i32, Option<String>)> = descendants(pid as i32)
         .into_iter()

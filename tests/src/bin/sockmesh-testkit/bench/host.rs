@@ -15,14 +15,11 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use sockmesh_tests::lab::run as run_cmd;
+use sockmesh_tests::lab::{proc_stat, run as run_cmd};
 
 /// CPU time a process (all its threads) has used, in seconds.
 pub fn cpu_secs(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // After "(comm)": state is field 3; utime and stime are fields 14 and 15.
-    let rest = stat.rsplit_once(')').context("/proc/pid/stat")?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
+    let f = proc_stat(pid as i32).with_context(|| format!("/proc/{pid}/stat"))?;
     let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
     // SAFETY: sysconf reads a constant.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
