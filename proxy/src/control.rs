@@ -20,7 +20,8 @@ use crate::{
     listener::{self, ListenerSpec},
     restart::Inherited,
     snapshot::{Shared, Snapshot},
-    transport, xds,
+    transport::{self, Listener},
+    xds,
 };
 
 /// Why a change is refused (and everything stays as it was).
@@ -119,10 +120,11 @@ impl Control {
                 let socket = match self.inherited.remove(&l.address) {
                     Some(taken) => taken
                         .set_nonblocking(true)
-                        .and_then(|()| TcpListener::from_std(taken))
-                        .map_err(bind_err)?,
-                    None => transport::bind(l.address).map_err(bind_err)?,
-                };
+                        .and_then(|()| TcpListener::from_std(taken)),
+                    None => transport::bind(l.address),
+                }
+                .and_then(Listener::new)
+                .map_err(bind_err)?;
                 bound.push((l, socket));
             }
         }

@@ -7,10 +7,7 @@ use std::{
     time::Duration,
 };
 
-use tokio::{
-    net::{TcpListener, TcpStream},
-    sync::watch,
-};
+use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::{
@@ -19,8 +16,8 @@ use crate::{
     snapshot::{Shared, Snapshot},
     stats, tcp,
     transport::{
-        original_dst, sniff, Accepted, ClientAddr, ListenAddr, LocalAddr, OrigDstAddr, Protocol,
-        Sniffed,
+        original_dst, sniff, Accepted, ClientAddr, Conn, ListenAddr, Listener, LocalAddr,
+        OrigDstAddr, Protocol, Sniffed,
     },
 };
 
@@ -58,7 +55,7 @@ fn intern(name: &str) -> &'static str {
 
 /// Serve one listener until its spec is withdrawn (`None`) or its sender dropped.
 pub async fn serve(
-    listener: TcpListener,
+    listener: Listener,
     mut spec: watch::Receiver<Option<ListenerSpec>>,
     shared: Shared,
 ) {
@@ -155,7 +152,7 @@ impl Drop for ListenerGauge {
 /// One accepted connection: its original destination, then its protocol (unless its port is
 /// declared TCP), then HTTP or the relay.
 async fn connection(
-    stream: TcpStream,
+    stream: Conn,
     client: ClientAddr,
     own: Option<ListenAddr>,
     spec: &ListenerSpec,

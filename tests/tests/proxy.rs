@@ -335,6 +335,16 @@ fn scenario(mode: Mode) -> Vec<String> {
         Outcome::Ok { listener, .. } if listener.is_empty() => "to the proxy itself: closed".into(),
         other => format!("to the proxy itself: {other:?}"),
     });
+    // A client that shuts its side once its request is sent (`nc -N`, some HTTP/1.0 clients)
+    // still gets the response.
+    let half = HttpGet {
+        half_close: true,
+        ..HttpGet::new(vip, "/half", "reviews-v2", Identity::APP)
+    };
+    seen.push(format!(
+        "half-closed client: {}",
+        summary(&in_pod(&lab, &pod, &half))
+    ));
     // The admin endpoint (localhost is never captured): stats and endpoint health.
     let stats = admin(&lab, &pod, "/stats/prometheus");
     for endpoint in [18081, 18082] {
@@ -428,6 +438,10 @@ fn routes_and_balances_the_same_under_iptables_and_sockmesh() {
     assert_eq!(ipt[27], "v2 headers: host,te,x-end");
     assert_eq!(ipt[28], "upstream requests on its connection: 1 2");
     assert_eq!(ipt[29], "to the proxy itself: closed");
+    assert_eq!(
+        ipt[30],
+        format!("half-closed client: v2 GET /half host=reviews-v2 from={POD_V4}")
+    );
     let smesh = scenario(Mode::Sockmesh);
     assert_eq!(smesh, ipt, "sockmesh and iptables disagree");
 }

@@ -65,8 +65,14 @@ pub async fn serve(
         Codec::Http1 => {
             // Head and body in one buffer, one write: fewer instructions for the small
             // messages most requests are (`cargo xtask profile`), one copy more of a large body.
+            // Half-close: a client that shuts its side after its request still gets the
+            // response (HAProxy's default too). And hyper does not read while a request is out
+            // just to notice a close, a read that would register every connection with the
+            // reactor (see `transport::Conn`); a client that left is noticed when its
+            // response is written.
             conn::http1::Builder::new()
                 .writev(false)
+                .half_close(true)
                 .serve_connection(io, svc)
                 .with_upgrades()
                 .await

@@ -2,9 +2,7 @@
 
 use std::{io, time::Duration};
 
-use tokio::net::TcpStream;
-
-use super::Sniffed;
+use super::{Conn, Sniffed};
 
 /// What the first bytes of a connection say it is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,7 +62,7 @@ fn http1_method(first: &[u8]) -> Option<Protocol> {
 /// Read until the first bytes tell the protocol: wait for the first byte (up to `first_limit`
 /// if not zero), then at most a second for the rest of a split method or preface. The bytes
 /// read are the returned connection's to read again.
-pub async fn sniff(stream: TcpStream, first_limit: Duration) -> io::Result<(Protocol, Sniffed)> {
+pub async fn sniff(stream: Conn, first_limit: Duration) -> io::Result<(Protocol, Sniffed)> {
     let mut conn = Sniffed::new(stream);
     let first = if first_limit.is_zero() {
         conn.read_more().await?

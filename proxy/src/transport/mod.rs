@@ -2,6 +2,7 @@
 
 mod accepted;
 mod addr;
+mod conn;
 mod detect;
 mod orig_dst;
 mod sni;
@@ -10,6 +11,7 @@ mod socket;
 
 pub use accepted::Accepted;
 pub use addr::{ClientAddr, ListenAddr, LocalAddr, OrigDstAddr};
+pub use conn::{Conn, Listener};
 pub use detect::{detect_partial, sniff, Protocol};
 pub use orig_dst::original_dst;
 pub use sni::{client_hello, client_hello_sni, sni};

@@ -5,8 +5,6 @@ use std::{
     os::fd::AsRawFd,
 };
 
-use tokio::net::TcpStream;
-
 use super::addr::{ClientAddr, OrigDstAddr};
 
 /// `SO_ORIGINAL_DST`, and `IP6T_SO_ORIGINAL_DST` (the same number at the IPv6 level).
@@ -18,7 +16,7 @@ const SO_ORIGINAL_DST: libc::c_int = 80;
 /// connection accepted by a dual-stack IPv6 listener (a v4-mapped address) is an IPv4
 /// connection to conntrack, so it is asked at the IPv4 level: `client` is unmapped, and its
 /// family picks the level.
-pub fn original_dst(s: &TcpStream, client: ClientAddr) -> Option<OrigDstAddr> {
+pub fn original_dst(s: &impl AsRawFd, client: ClientAddr) -> Option<OrigDstAddr> {
     let fd = s.as_raw_fd();
     // SAFETY: both are C sockaddr structs, valid when zeroed.
     let asked = match client.addr() {

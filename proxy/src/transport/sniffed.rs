@@ -9,10 +9,9 @@ use std::{
 };
 
 use bytes::{Buf, BytesMut};
-use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf},
-    net::TcpStream,
-};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+
+use super::Conn;
 
 /// How much one read of the first bytes takes: a request head usually fits; the rest of a
 /// larger first segment stays in the socket for the codec.
@@ -21,12 +20,12 @@ const READ_SIZE: usize = 4096;
 /// An accepted connection and the first bytes read from it that nobody has read again yet.
 pub struct Sniffed {
     first: BytesMut,
-    stream: TcpStream,
+    stream: Conn,
 }
 
 impl Sniffed {
     /// A connection of which nothing has been read.
-    pub fn new(stream: TcpStream) -> Sniffed {
+    pub fn new(stream: Conn) -> Sniffed {
         Sniffed {
             first: BytesMut::new(),
             stream,
@@ -39,9 +38,9 @@ impl Sniffed {
     }
 
     /// Wait for bytes and add what has arrived to the first bytes (one `recvfrom` once the
-    /// socket is readable). Ok(0): the client closed its side. Read through tokio's
-    /// `poll_read`, which takes a short read to mean the socket is drained, so the codec's next
-    /// read waits for readiness instead of trying (`try_read` would leave that EAGAIN call).
+    /// socket is readable). Ok(0): the client closed its side. A short read means the socket
+    /// is drained, so the codec's next read waits for readiness instead of trying (see
+    /// [`Conn`]).
     pub async fn read_more(&mut self) -> io::Result<usize> {
         self.first.reserve(READ_SIZE);
         self.stream.read_buf(&mut self.first).await
@@ -102,7 +101,15 @@ impl AsyncWrite for Sniffed {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::{io::AsyncWriteExt, net::TcpListener};
+    use tokio::{
+        io::AsyncWriteExt,
+        net::{TcpListener, TcpStream},
+    };
+
+    /// An accepted tokio stream, as the listener hands connections on.
+    fn accepted(s: TcpStream) -> Conn {
+        Conn::new(s.into_std().unwrap())
+    }
 
     #[tokio::test]
     async fn the_first_bytes_are_read_again_before_the_rest() {
@@ -110,8 +117,8 @@ mod tests {
         let mut client = TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();
-        let (accepted, _) = listener.accept().await.unwrap();
-        let mut conn = Sniffed::new(accepted);
+        let (a, _) = listener.accept().await.unwrap();
+        let mut conn = Sniffed::new(accepted(a));
         client.write_all(b"GET ").await.unwrap();
         assert_eq!(conn.read_more().await.unwrap(), 4);
         assert_eq!(conn.first(), b"GET ");
@@ -140,21 +147,21 @@ mod tests {
     #[tokio::test]
     async fn a_split_method_and_a_split_client_hello_are_read_whole() {
         use crate::transport::{client_hello, client_hello_sni, sniff, Protocol};
-        let (accepted, mut client) = pair().await;
+        let (a, mut client) = pair().await;
         let writer = tokio::spawn(async move {
             client.write_all(b"G").await.unwrap();
             tokio::time::sleep(std::time::Duration::from_millis(30)).await;
             client.write_all(b"ET / HTTP/1.1\r\n\r\n").await.unwrap();
             client
         });
-        let (protocol, mut conn) = sniff(accepted, std::time::Duration::ZERO).await.unwrap();
+        let (protocol, mut conn) = sniff(accepted(a), std::time::Duration::ZERO).await.unwrap();
         assert_eq!(protocol, Protocol::Http1);
         drop(writer.await.unwrap());
         let mut all = Vec::new();
         conn.read_to_end(&mut all).await.unwrap();
         assert_eq!(all, b"GET / HTTP/1.1\r\n\r\n");
 
-        let (accepted, mut client) = pair().await;
+        let (a, mut client) = pair().await;
         let hello = client_hello("api.example.com");
         let sent = hello.clone();
         let writer = tokio::spawn(async move {
@@ -163,7 +170,7 @@ mod tests {
             client.write_all(&sent[10..]).await.unwrap();
             client
         });
-        let (protocol, mut conn) = sniff(accepted, std::time::Duration::ZERO).await.unwrap();
+        let (protocol, mut conn) = sniff(accepted(a), std::time::Duration::ZERO).await.unwrap();
         assert_eq!(protocol, Protocol::Tls);
         let name = client_hello_sni(&mut conn).await;
         assert_eq!(name.as_deref(), Some("api.example.com"));

@@ -412,6 +412,9 @@ pub struct HttpGet {
     /// Extra request headers, "name: value".
     #[arg(long = "header")]
     pub headers: Vec<String>,
+    /// Shut the write side once the request is sent (as `nc -N` does), then read the response.
+    #[arg(long)]
+    pub half_close: bool,
     #[command(flatten)]
     pub id: Identity,
 }
@@ -424,6 +427,7 @@ impl HttpGet {
             path: path.into(),
             host: host.into(),
             headers: Vec::new(),
+            half_close: false,
             id,
         }
     }
@@ -440,6 +444,9 @@ impl HttpGet {
         }
         req.push_str("\r\n");
         s.write_all(req.as_bytes())?;
+        if self.half_close {
+            s.shutdown(std::net::Shutdown::Write).context("shutdown")?;
+        }
         let mut out = String::new();
         s.read_to_string(&mut out).context("read")?;
         print!("{out}");
@@ -455,10 +462,13 @@ impl Launch for HttpGet {
             .arg(self.dst)
             .opt("--path", &self.path)
             .opt("--host", &self.host);
-        self.headers
-            .iter()
-            .fold(args, |a, h| a.opt("--header", h))
-            .id(self.id)
+        let args = self.headers.iter().fold(args, |a, h| a.opt("--header", h));
+        if self.half_close {
+            args.arg("--half-close")
+        } else {
+            args
+        }
+        .id(self.id)
     }
 }
 

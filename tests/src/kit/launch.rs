@@ -319,6 +319,7 @@ mod tests {
         });
         round_trip(HttpGet {
             headers: vec!["x-user: alice".into(), "te: trailers".into()],
+            half_close: true,
             ..HttpGet::new(addr("10.96.0.10:80"), "/a", "reviews", Identity::APP)
         });
         round_trip(HttpUpgrade::new(
