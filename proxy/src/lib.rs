@@ -5,6 +5,7 @@
 //! endpoints, balances across them, and relays anything else as TCP.
 
 pub mod admin;
+pub mod alloc;
 pub mod cluster;
 pub mod config;
 pub mod control;

@@ -14,9 +14,9 @@ use tracing::{error, info, warn};
 
 /// mimalloc rather than the C library's malloc: every new connection allocates tokio's task
 /// and I/O registration (cache-line aligned, which glibc serves only on its slow path) and
-/// hyper's buffers, and frees them at its end (`cargo xtask profile`).
+/// hyper's buffers, and frees them at its end (`cargo xtask profile`). See `alloc`.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: sockmesh_proxy::alloc::MiMalloc = sockmesh_proxy::alloc::MiMalloc;
 
 #[derive(Parser, Debug)]
 #[command(about = "sockmesh's sidecar proxy")]
