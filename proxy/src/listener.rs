@@ -8,6 +8,7 @@ use std::{
 };
 
 use tokio::sync::watch;
+use tokio_stream::{wrappers::WatchStream, StreamExt};
 use tracing::{debug, info, warn};
 
 use crate::{
@@ -62,29 +63,30 @@ pub async fn serve(
     let own = listener.local_addr().ok();
     // The spec in force when the last accept began: a connection accepted as the listener is
     // withdrawn is still served with it, never dropped.
-    let Some(mut last) = spec.borrow().clone() else {
+    let Some(mut last) = spec.borrow_and_update().clone() else {
         return;
     };
+    // Changes as a stream: its wait for the next change stays registered from one accept to
+    // the next, rather than being registered and removed again around each accept.
+    let mut changes = WatchStream::from_changes(spec);
     let mut counted = ListenerStats::of(last.name);
-    let mut withdrawn = false;
     loop {
-        if withdrawn {
-            info!(address = ?own, "listener removed: no new connections (established ones go on)");
-            return;
-        }
         let accepted = tokio::select! {
             biased;
-            changed = spec.changed() => {
-                match spec.borrow().clone() {
-                    Some(s) if changed.is_ok() => {
+            changed = changes.next() => {
+                match changed.flatten() {
+                    Some(s) => {
                         if s.name != last.name {
                             counted = ListenerStats::of(s.name);
                         }
                         last = s;
+                        continue;
                     }
-                    _ => withdrawn = true,
+                    None => {
+                        info!(address = ?own, "listener removed: no new connections (established ones go on)");
+                        return;
+                    }
                 }
-                continue;
             }
             a = listener.accept() => a,
         };
