@@ -154,10 +154,10 @@ const WHY: &str = "Why, from the figures above: capture at connect costs sockmes
      to the proxy's own request handling, routing and pool. That is the gap to HAProxy's event loop (one \
      buffer per connection, no task per request, no future to move); closing it means \
      fewer allocations and moves per request in the proxy and around hyper, not a capture \
-     change. With new connections each connection adds a task, hyper's buffers and \
-     tokio's registration of the socket with epoll: two epoll_ctl calls per connection \
-     (added, then deleted before close), where HAProxy reads right after accept and \
-     almost never registers a short connection with epoll; sockmesh-proxy also asks each \
+     change. With new connections each connection adds a task and hyper's buffers; like \
+     HAProxy, sockmesh-proxy reads and writes a new connection directly and registers it \
+     with epoll only when it would wait (tokio alone registers each one: an epoll_ctl to \
+     add and one to delete); sockmesh-proxy also asks each \
      connection's SO_ORIGINAL_DST (one getsockopt), which HAProxy's configuration here \
      does without (its by-call table in docs/profile.md counts these). h2c \
      runs hyper's HTTP/2 (the h2 crate) on both sides, HAProxy its own multiplexer. The TCP \
@@ -174,7 +174,8 @@ const NOTES: &str =
     "Both proxies keep upstream connections alive (sockmesh-proxy pools HTTP/1.1 per \
      endpoint and shares one h2c connection per endpoint; HAProxy with `http-reuse always`). \
      Both run as uid 1337, in the pod. sockmesh-proxy is built with the workspace's release \
-     profile (fat LTO, one codegen unit) and allocates with mimalloc.\n\n\
+     profile (fat LTO, one codegen unit) and allocates with mimalloc (through its plain \
+     calls for ordinary alignments).\n\n\
      sk_msg acceleration is off by default: on this kernel it still differs from TCP where a \
      user can see it (splice readers of redirected data get none of it; on a socket in the \
      map, FIONREAD counts only redirected data and blocking reads can fail early with \
