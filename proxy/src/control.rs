@@ -12,7 +12,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use tokio::{net::TcpListener, sync::watch};
+use tokio::sync::watch;
 use tracing::info;
 
 use crate::{
@@ -118,12 +118,9 @@ impl Control {
                     error,
                 };
                 let socket = match self.inherited.remove(&l.address) {
-                    Some(taken) => taken
-                        .set_nonblocking(true)
-                        .and_then(|()| TcpListener::from_std(taken)),
+                    Some(taken) => Listener::new(taken),
                     None => transport::bind(l.address),
                 }
-                .and_then(Listener::new)
                 .map_err(bind_err)?;
                 bound.push((l, socket));
             }

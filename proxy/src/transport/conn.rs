@@ -16,7 +16,7 @@
 use std::{
     io::{self, Write},
     mem,
-    net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, SocketAddrV4, SocketAddrV6},
+    net::{Shutdown, SocketAddr},
     os::fd::{AsRawFd, FromRawFd, RawFd},
     pin::Pin,
     task::{ready, Context, Poll},
@@ -27,13 +27,15 @@ use tokio::{
     net::TcpStream,
 };
 
+use super::socket::{sockaddr_v4, sockaddr_v6};
+
 /// A listening socket whose accepted connections are [`Conn`]s.
 pub struct Listener(AsyncFd<std::net::TcpListener>);
 
 impl Listener {
-    /// Take over a bound, listening socket (non-blocking).
-    pub fn new(listener: tokio::net::TcpListener) -> io::Result<Listener> {
-        let listener = listener.into_std()?;
+    /// Take over a bound, listening socket (made non-blocking here).
+    pub fn new(listener: std::net::TcpListener) -> io::Result<Listener> {
+        listener.set_nonblocking(true)?;
         // SAFETY: the listener owns its descriptor, which stays open as long as it does, and
         // the AsyncFd owns the listener.
         unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) }
@@ -91,15 +93,12 @@ fn socket_addr(s: &libc::sockaddr_storage) -> Option<SocketAddr> {
             // SAFETY: the family says the storage holds a sockaddr_in, which it is big and
             // aligned enough for.
             let a = unsafe { &*(s as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
-            let ip = Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
-            Some(SocketAddrV4::new(ip, u16::from_be(a.sin_port)).into())
+            Some(sockaddr_v4(a).into())
         }
         libc::AF_INET6 => {
             // SAFETY: as above, for sockaddr_in6.
             let a = unsafe { &*(s as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
-            let ip = Ipv6Addr::from(a.sin6_addr.s6_addr);
-            let port = u16::from_be(a.sin6_port);
-            Some(SocketAddrV6::new(ip, port, a.sin6_flowinfo, a.sin6_scope_id).into())
+            Some(sockaddr_v6(a).into())
         }
         _ => None,
     }
@@ -143,7 +142,8 @@ impl Conn {
     }
 
     /// Whether reads and writes now go through tokio's reactor.
-    pub fn is_registered(&self) -> bool {
+    #[cfg(test)]
+    fn is_registered(&self) -> bool {
         matches!(self.0, State::Registered(_))
     }
 
@@ -277,12 +277,14 @@ impl AsyncWrite for Conn {
 
 #[cfg(test)]
 mod tests {
+    use std::net::{Ipv6Addr, SocketAddrV6};
+
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
 
     async fn pair() -> (Conn, SocketAddr, tokio::net::TcpStream) {
-        let l = Listener::new(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()).unwrap();
+        let l = Listener::new(std::net::TcpListener::bind("127.0.0.1:0").unwrap()).unwrap();
         let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (conn, peer) = l.accept().await.unwrap();
         assert_eq!(peer, client.local_addr().unwrap());

@@ -1,11 +1,14 @@
 //! A redirected connection's original destination: `SO_ORIGINAL_DST` / `IP6T_SO_ORIGINAL_DST`.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     os::fd::AsRawFd,
 };
 
-use super::addr::{ClientAddr, OrigDstAddr};
+use super::{
+    addr::{ClientAddr, OrigDstAddr},
+    socket::{sockaddr_v4, sockaddr_v6},
+};
 
 /// `SO_ORIGINAL_DST`, and `IP6T_SO_ORIGINAL_DST` (the same number at the IPv6 level).
 const SO_ORIGINAL_DST: libc::c_int = 80;
@@ -20,17 +23,16 @@ pub fn original_dst(s: &impl AsRawFd, client: ClientAddr) -> Option<OrigDstAddr>
     let fd = s.as_raw_fd();
     // SAFETY: both are C sockaddr structs, valid when zeroed.
     let asked = match client.addr() {
-        SocketAddr::V4(_) => {
-            unsafe { original_dst_at::<libc::sockaddr_in>(fd, libc::SOL_IP) }.map(|a| {
-                let ip = Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
-                SocketAddr::new(ip.into(), u16::from_be(a.sin_port))
-            })
-        }
+        SocketAddr::V4(_) => unsafe { original_dst_at::<libc::sockaddr_in>(fd, libc::SOL_IP) }
+            .map(|a| sockaddr_v4(&a).into()),
         SocketAddr::V6(_) => unsafe { original_dst_at::<libc::sockaddr_in6>(fd, libc::SOL_IPV6) }
             .map(|a| {
-                let ip = Ipv6Addr::from(a.sin6_addr.s6_addr);
-                let ip = ip.to_ipv4_mapped().map_or(IpAddr::V6(ip), IpAddr::V4);
-                SocketAddr::new(ip, u16::from_be(a.sin6_port))
+                let a = sockaddr_v6(&a);
+                let ip = a
+                    .ip()
+                    .to_ipv4_mapped()
+                    .map_or(IpAddr::V6(*a.ip()), IpAddr::V4);
+                SocketAddr::new(ip, a.port())
             }),
     };
     asked.map(OrigDstAddr::new)

@@ -2,12 +2,13 @@
 
 use std::{
     io,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     time::Duration,
 };
 
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpSocket, TcpStream};
 
+use super::Listener;
 use crate::config::{Direction, DEFAULT_CONNECT_TIMEOUT_MS};
 
 /// The source of inbound passthrough connections to the app, as Istio's Envoy uses: the
@@ -31,11 +32,28 @@ fn socket_for(addr: SocketAddr) -> io::Result<TcpSocket> {
 }
 
 /// Bind a listener's address (SO_REUSEADDR, backlog 1024).
-pub fn bind(address: SocketAddr) -> io::Result<TcpListener> {
+pub fn bind(address: SocketAddr) -> io::Result<Listener> {
     let socket = socket_for(address)?;
     socket.set_reuseaddr(true)?;
     socket.bind(address)?;
-    socket.listen(BACKLOG)
+    Listener::new(socket.listen(BACKLOG)?.into_std()?)
+}
+
+/// The address in a C `sockaddr_in`.
+pub(super) fn sockaddr_v4(a: &libc::sockaddr_in) -> SocketAddrV4 {
+    let ip = Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
+    SocketAddrV4::new(ip, u16::from_be(a.sin_port))
+}
+
+/// The address in a C `sockaddr_in6`, flow label and scope included.
+pub(super) fn sockaddr_v6(a: &libc::sockaddr_in6) -> SocketAddrV6 {
+    let ip = Ipv6Addr::from(a.sin6_addr.s6_addr);
+    SocketAddrV6::new(
+        ip,
+        u16::from_be(a.sin6_port),
+        a.sin6_flowinfo,
+        a.sin6_scope_id,
+    )
 }
 
 /// Connect to `target`, from the inbound passthrough source for inbound traffic, within
