@@ -1,5 +1,6 @@
 //! HTTP/2 with prior knowledge (h2c) for the benchmark: keep-alive upstreams that answer every
-//! stream with `200 ok` (`h2c-keepalive`), and `bench-http --wire h2c`'s client.
+//! stream with `200 ok` (`h2c-keepalive`), `bench-http --wire h2c`'s client and
+//! `http-get --h2c`'s single GET.
 
 use std::{
     net::SocketAddr,
@@ -116,5 +117,33 @@ pub fn client(dst: SocketAddr, host: &str, new_conn: bool, end: Instant) -> Resu
             lat.push(micros(t));
         }
         Ok(lat)
+    })
+}
+
+/// One h2c GET of `path` from `host` over `s` (connected already): the response as
+/// "HTTP/2 <status>", a blank line and the body.
+pub fn get(s: std::net::TcpStream, host: &str, path: &str) -> Result<String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let uri: hyper::Uri = format!("http://{host}{path}").parse()?;
+    rt.block_on(async {
+        s.set_nonblocking(true)?;
+        let s = TcpStream::from_std(s)?;
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
+                .await
+                .context("h2c handshake")?;
+        tokio::spawn(conn);
+        let resp = send
+            .send_request(Request::get(uri).body(Empty::<Bytes>::new())?)
+            .await
+            .context("an h2c request")?;
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await?.to_bytes();
+        Ok(format!(
+            "HTTP/2 {status}\r\n\r\n{}",
+            String::from_utf8_lossy(&body)
+        ))
     })
 }

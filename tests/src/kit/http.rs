@@ -401,7 +401,9 @@ pub(crate) fn read_response(
     Ok(())
 }
 
-/// `http-get`: one HTTP/1.1 GET (credentials taken first); prints the whole response.
+/// `http-get`: one HTTP/1.1 GET, or with `--h2c` one HTTP/2 GET with prior knowledge
+/// (credentials taken first); prints the whole response (h2c's as "HTTP/2 <status>", a blank
+/// line and the body).
 #[derive(clap::Args, Clone, Debug, PartialEq, Eq)]
 pub struct HttpGet {
     pub dst: SocketAddr,
@@ -415,6 +417,9 @@ pub struct HttpGet {
     /// Shut the write side once the request is sent (as `nc -N` does), then read the response.
     #[arg(long)]
     pub half_close: bool,
+    /// HTTP/2 with prior knowledge (no extra headers, no half-close).
+    #[arg(long, conflicts_with_all = ["headers", "half_close"])]
+    pub h2c: bool,
     #[command(flatten)]
     pub id: Identity,
 }
@@ -428,12 +433,17 @@ impl HttpGet {
             host: host.into(),
             headers: Vec::new(),
             half_close: false,
+            h2c: false,
             id,
         }
     }
 
     pub fn run(self) -> Result<()> {
         let mut s = ConnectSpec::to(self.dst, self.id).open()?;
+        if self.h2c {
+            print!("{}", super::h2c::get(s, &self.host, &self.path)?);
+            return Ok(());
+        }
         let mut req = format!(
             "GET {} HTTP/1.1\r\nhost: {}\r\nconnection: close\r\n",
             self.path, self.host
@@ -462,13 +472,14 @@ impl Launch for HttpGet {
             .arg(self.dst)
             .opt("--path", &self.path)
             .opt("--host", &self.host);
-        let args = self.headers.iter().fold(args, |a, h| a.opt("--header", h));
+        let mut args = self.headers.iter().fold(args, |a, h| a.opt("--header", h));
         if self.half_close {
-            args.arg("--half-close")
-        } else {
-            args
+            args = args.arg("--half-close");
         }
-        .id(self.id)
+        if self.h2c {
+            args = args.arg("--h2c");
+        }
+        args.id(self.id)
     }
 }
 

@@ -322,6 +322,10 @@ mod tests {
             half_close: true,
             ..HttpGet::new(addr("10.96.0.10:80"), "/a", "reviews", Identity::APP)
         });
+        round_trip(HttpGet {
+            h2c: true,
+            ..HttpGet::new(addr("10.96.0.10:80"), "/", "ratings", Identity::APP)
+        });
         round_trip(HttpUpgrade::new(
             addr("10.96.0.10:80"),
             "reviews-v2",

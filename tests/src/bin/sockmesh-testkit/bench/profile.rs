@@ -1,10 +1,11 @@
 //! Where a proxy's CPU goes, per request (run by `cargo xtask profile`): sockmesh-proxy and
-//! HAProxy in section 5's role (the same pod, capture, upstreams and clients), each under
+//! HAProxy in section 5's HTTP roles (the same pod, capture, upstreams and clients), each under
 //! valgrind's callgrind, which counts the instructions a process runs in user space the same
-//! way on every run (these machines' timings are noisy). A run per client mode counts from
-//! start to exit, a baseline run (start, first answer, exit) is taken from it, and
-//! instructions per request are what is left over the requests the clients made. For sockmesh-proxy the instructions are also shared out by
-//! where they ran (the functions' crates and modules, from callgrind's symbols).
+//! way on every run (these machines' timings are noisy). A run per role counts from start to
+//! exit, a baseline run for the role's wire (start, first answers, exit) is taken from it, and
+//! instructions per request are what is left over the requests the clients made. For
+//! sockmesh-proxy the instructions are also shared out by where they ran (the functions' crates
+//! and modules, from callgrind's symbols).
 //!
 //! Kernel time (system calls, TCP) is not in those counts: section 5 of the benchmark measures
 //! both proxies' whole CPU time. Their system calls per request are, by call: each proxy runs
@@ -25,16 +26,39 @@ use sockmesh_tests::{
 
 use super::{
     host::SyscallCount,
-    proxies::{http, wait_for_http1, Proxies, HTTP_MODES},
+    proxies::{requests, wait_for_h2c, wait_for_http1, wait_for_requests, Proxies},
     Bench,
 };
 
-/// One proxy's counts, per client mode: (requests, instructions beyond the baseline, the
-/// run's counts file); and the baseline's file.
+/// The roles profiled: (name, what the clients speak, a new connection per request).
+const ROLES: [(&str, Wire, bool); 3] = [
+    ("HTTP/1.1 keep-alive", Wire::Http1, false),
+    ("HTTP/1.1 new connections", Wire::Http1, true),
+    ("h2c keep-alive", Wire::H2c, false),
+];
+
+/// One role's run under callgrind.
+struct Run {
+    requests: f64,
+    /// Instructions beyond the baseline of the role's wire.
+    instructions: f64,
+    /// The run's counts file; the baseline's.
+    file: PathBuf,
+    baseline: PathBuf,
+}
+
+/// One proxy's runs, per role.
 struct Counted {
     name: &'static str,
-    modes: Vec<(f64, f64, PathBuf)>,
-    baseline: PathBuf,
+    runs: Vec<Run>,
+}
+
+/// A proxy to run: its name in the report, its program and its arguments for a wire's
+/// clients (after the program's name in a command).
+struct Proxy<'a> {
+    name: &'static str,
+    program: PathBuf,
+    args: &'a dyn Fn(Wire, &mut Command),
 }
 
 /// Run the profile; the Markdown report. The counts files (for `callgrind_annotate`) are
@@ -52,31 +76,28 @@ pub fn run(smoke: bool, keep: Option<&Path>) -> Result<String> {
     // a file root made.
     std::os::unix::fs::chown(&dir, Some(1337), Some(1337))?;
     let bin = sibling_bin("sockmesh-proxy", "SOCKMESH_PROXY_BIN")?;
-    let ours = count(
-        &mut b,
-        &|cmd: &mut Command| proxies.ours(cmd.arg(&bin)),
-        "sockmesh-proxy",
-        &dir,
-    )?;
-    let theirs = count(
-        &mut b,
-        &|cmd: &mut Command| proxies.theirs(Wire::Http1, cmd.arg("haproxy")),
-        "HAProxy",
-        &dir,
-    )?;
+    // One configuration of sockmesh-proxy serves every wire; HAProxy has one per wire.
+    let ours = Proxy {
+        name: "sockmesh-proxy",
+        program: bin,
+        args: &|_, cmd| proxies.ours(cmd),
+    };
+    let theirs = Proxy {
+        name: "HAProxy",
+        program: "haproxy".into(),
+        args: &|wire, cmd| proxies.theirs(wire, cmd),
+    };
+    let our_counts = count(&mut b, &ours, &dir)?;
+    let their_counts = count(&mut b, &theirs, &dir)?;
     if let Some(keep) = keep {
         std::fs::create_dir_all(keep)?;
         for e in std::fs::read_dir(&dir)?.flatten() {
             std::fs::copy(e.path(), keep.join(e.file_name()))?;
         }
     }
-    let mut cmd = b.lab.command_at(b.sm.place(), &bin)?;
-    proxies.ours(&mut cmd);
-    let our_calls = syscalls(&mut b, cmd)?;
-    let mut cmd = b.lab.command_at(b.sm.place(), "haproxy")?;
-    proxies.theirs(Wire::Http1, &mut cmd);
-    let their_calls = syscalls(&mut b, cmd)?;
-    let mut r = report(&b, &ours, &theirs)?;
+    let our_calls = syscalls(&mut b, &ours)?;
+    let their_calls = syscalls(&mut b, &theirs)?;
+    let mut r = report(&b, &our_counts, &their_counts)?;
     report_syscalls(&mut r, &our_calls, &their_calls);
     Ok(r)
 }
@@ -113,71 +134,82 @@ const CALLS: [&str; 28] = [
     "madvise",
 ];
 
-/// Per client mode, a proxy's system calls per request by call ("all" for every call).
+/// Per role, a proxy's system calls per request by call ("all" for every call).
 type Calls = Vec<BTreeMap<String, f64>>;
 
-/// Run a proxy (`cmd`) natively and count its system calls per request in each client mode.
-fn syscalls(b: &mut Bench, cmd: Command) -> Result<Calls> {
-    let i = b.lab.spawn(cmd, None)?;
-    let result = (|| {
-        wait_for_http1(b, Duration::from_secs(10))?;
-        let pid = b.lab.pid(i).context("the proxy's pid")?;
-        let mut per_mode = Vec::new();
-        for (_, new_conn) in HTTP_MODES {
+/// Run a proxy natively, once per role, and count its system calls per request.
+fn syscalls(b: &mut Bench, proxy: &Proxy) -> Result<Calls> {
+    let mut per_role = Vec::new();
+    for (_, wire, new_conn) in ROLES {
+        let mut cmd = b.lab.command_at(b.sm.place(), &proxy.program)?;
+        (proxy.args)(wire, &mut cmd);
+        let i = b.lab.spawn(cmd, None)?;
+        let result = (|| -> Result<BTreeMap<String, f64>> {
+            wait_for_wire(b, wire, Duration::from_secs(10))?;
+            let pid = b.lab.pid(i).context("the proxy's pid")?;
             let count = SyscallCount::start(pid, &CALLS, &b.lab.dir.join("perf-calls.txt"))?;
-            let r = http(b, new_conn);
+            let r = requests(b, wire, new_conn, b.sizes.secs);
             let counts = count.stop()?;
             let requests = r?.0 * b.sizes.secs;
-            per_mode.push(counts.into_iter().map(|(c, n)| (c, n / requests)).collect());
-        }
-        Ok(per_mode)
-    })();
-    b.lab.kill(i)?;
-    result
+            Ok(counts.into_iter().map(|(c, n)| (c, n / requests)).collect())
+        })();
+        b.lab.kill(i)?;
+        per_role.push(result?);
+    }
+    Ok(per_role)
+}
+
+/// Wait until a proxy answers `wire`'s clients (HAProxy's h2c configuration serves no
+/// HTTP/1.1), at most `within`. HTTP waits with single requests: a baseline run then makes as
+/// many requests before its end as a role's run makes before its load.
+fn wait_for_wire(b: &Bench, wire: Wire, within: Duration) -> Result<()> {
+    match wire {
+        Wire::Http1 => wait_for_http1(b, within),
+        Wire::H2c => wait_for_h2c(b, within),
+        Wire::Tcp => wait_for_requests(b, wire, within),
+    }
 }
 
 /// The table of both proxies' system calls per request, by call.
 fn report_syscalls(r: &mut String, ours: &Calls, theirs: &Calls) {
     r.push_str(
         "## System calls per request, by call\n\n\
-         Each proxy again in the same role without valgrind, its calls counted by the kernel's \
+         Each proxy again in the same roles without valgrind, its calls counted by the kernel's \
          tracepoints (`perf stat -e syscalls:sys_enter_<call>`, all threads) while the clients \
          make the same requests. A system call costs the proxy kernel time that the \
          instruction counts above leave out.\n\n\
          | call |",
     );
-    for (mode, _) in HTTP_MODES {
-        r.push_str(&format!(" {mode}: HAProxy | {mode}: sockmesh-proxy |"));
+    for (role, _, _) in ROLES {
+        r.push_str(&format!(" {role}: HAProxy | {role}: sockmesh-proxy |"));
     }
-    r.push_str("\n|---|---|---|---|---|\n");
+    r.push_str(&format!("\n|---|{}\n", "---|".repeat(2 * ROLES.len())));
     let at = |c: &Calls, k: usize, call: &str| c[k].get(call).copied().unwrap_or(0.0);
-    let mut rows: Vec<(String, [f64; 4])> = Vec::new();
     for call in CALLS.iter().copied().chain(["other", "all"]) {
-        let mut v = [0.0; 4];
-        for k in 0..HTTP_MODES.len() {
-            for (j, c) in [theirs, ours].into_iter().enumerate() {
-                v[2 * k + j] = if call == "other" {
+        // Per role, HAProxy's then sockmesh-proxy's.
+        let v: Vec<f64> = (0..ROLES.len())
+            .flat_map(|k| [theirs, ours].map(|c| (c, k)))
+            .map(|(c, k)| {
+                if call == "other" {
                     at(c, k, "all") - CALLS.iter().map(|n| at(c, k, n)).sum::<f64>()
                 } else {
                     at(c, k, call)
-                };
-            }
-        }
+                }
+            })
+            .collect();
         // Calls neither proxy makes once per hundred requests are left out.
-        if call == "all" || call == "other" || v.iter().any(|x| *x >= 0.01) {
-            rows.push((call.to_string(), v));
+        if call != "all" && call != "other" && v.iter().all(|x| *x < 0.01) {
+            continue;
         }
-    }
-    for (call, v) in rows {
-        let name = if call == "all" {
-            "**all**".to_string()
+        if call == "all" {
+            r.push_str("| **all** |");
         } else {
-            format!("`{call}`")
-        };
-        r.push_str(&format!(
-            "| {name} | {:.2} | {:.2} | {:.2} | {:.2} |\n",
-            v[0], v[1], v[2], v[3]
-        ));
+            r.push_str(&format!("| `{call}` |"));
+        }
+        for x in v {
+            r.push_str(&format!(" {x:.2} |"));
+        }
+        r.push('\n');
     }
     r.push('\n');
 }
@@ -198,52 +230,61 @@ fn valgrind(b: &Bench, out: &Path) -> Result<Command> {
     Ok(cmd)
 }
 
-/// Run the proxy (`program`: its command line after valgrind's) under callgrind three times:
-/// once only until it answers (the baseline: start-up and the first requests), then once per
-/// client mode with that mode's requests after it. A mode's instructions are its run's less the
-/// baseline's. (valgrind's own control channel, `callgrind_control`, cannot reach a process
-/// running as another user than the one that started it, so each count is taken when the
-/// proxy exits on SIGTERM.)
-fn count(
-    b: &mut Bench,
-    program: &dyn Fn(&mut Command),
-    name: &'static str,
-    dir: &Path,
-) -> Result<Counted> {
-    let file = |run: &str| dir.join(format!("{}-{run}.out", name.replace(' ', "-")));
-    let base_file = file("baseline");
-    counted_run(b, program, &base_file, None)?;
-    let base = instructions(&base_file)?;
-    let mut modes = Vec::new();
-    for (k, (_, new_conn)) in HTTP_MODES.into_iter().enumerate() {
+/// Run the proxy under callgrind: per wire of the roles, once only until it answers (the
+/// wire's baseline: start-up and the first requests); then once per role with the role's
+/// requests after it. A role's instructions are its run's less its wire's baseline's.
+/// (valgrind's own control channel, `callgrind_control`, cannot reach a process running as
+/// another user than the one that started it, so each count is taken when the proxy exits on
+/// SIGTERM.)
+fn count(b: &mut Bench, proxy: &Proxy, dir: &Path) -> Result<Counted> {
+    let file = |run: &str| dir.join(format!("{}-{run}.out", proxy.name.replace(' ', "-")));
+    let mut baselines: Vec<(Wire, PathBuf, f64)> = Vec::new();
+    let mut runs = Vec::new();
+    for (k, (_, wire, new_conn)) in ROLES.into_iter().enumerate() {
+        let (baseline, base) = match baselines.iter().find(|(w, _, _)| *w == wire) {
+            Some((_, f, n)) => (f.clone(), *n),
+            None => {
+                let f = file(&format!("baseline-{}", wire.name()));
+                counted_run(b, proxy, wire, &f, None)?;
+                let n = instructions(&f)?;
+                baselines.push((wire, f.clone(), n));
+                (f, n)
+            }
+        };
         let f = file(&k.to_string());
-        let requests = counted_run(b, program, &f, Some(new_conn))?;
-        modes.push((requests, instructions(&f)? - base, f));
+        let requests = counted_run(b, proxy, wire, &f, Some(new_conn))?;
+        runs.push(Run {
+            requests,
+            instructions: instructions(&f)? - base,
+            file: f,
+            baseline,
+        });
     }
     Ok(Counted {
-        name,
-        modes,
-        baseline: base_file,
+        name: proxy.name,
+        runs,
     })
 }
 
-/// One run under callgrind: start, wait until it answers, make `load`'s requests (if any),
-/// stop it with SIGTERM; the requests made.
+/// One run under callgrind for `wire`'s clients: start, wait until it answers, make `load`'s
+/// requests (if any: a new connection per request or not), stop it with SIGTERM; the requests
+/// made.
 fn counted_run(
     b: &mut Bench,
-    program: &dyn Fn(&mut Command),
+    proxy: &Proxy,
+    wire: Wire,
     out: &Path,
     load: Option<bool>,
 ) -> Result<f64> {
     let mut cmd = valgrind(b, out)?;
-    program(&mut cmd);
+    (proxy.args)(wire, cmd.arg(&proxy.program));
     let i = b.lab.spawn(cmd, None)?;
     let result = (|| {
         // valgrind starts slowly.
-        wait_for_http1(b, Duration::from_secs(60))?;
+        wait_for_wire(b, wire, Duration::from_secs(60))?;
         let requests = match load {
             Some(new_conn) => {
-                let (rps, _, _) = http(b, new_conn)?;
+                let (rps, _, _) = requests(b, wire, new_conn, b.sizes.secs)?;
                 rps * b.sizes.secs
             }
             None => 0.0,
@@ -388,43 +429,50 @@ fn part(function: &str) -> String {
 fn report(b: &Bench, ours: &Counted, theirs: &Counted) -> Result<String> {
     let mut r = String::from("# Where the proxies' CPU goes\n\n");
     r.push_str(&format!(
-        "Written by `cargo xtask profile`{}. Machine: {}. Section 5's HTTP/1.1 role ({} clients in the \
-         sockmesh pod to a service VIP, captured to the proxy on 15001, round robin over two \
-         keep-alive upstreams), each proxy under valgrind's callgrind, {} s of requests per client \
-         mode, less a baseline run with none (start-up, first answer, exit). Instructions are the proxy's own, in user space, counted by \
-         callgrind (the same on every run); system calls and the kernel's TCP work are not \
-         counted (section 5 of benchmarks.md measures both proxies' whole CPU time).\n\n",
+        "Written by `cargo xtask profile`{}. Machine: {}. Section 5's HTTP roles ({} clients in \
+         the sockmesh pod to a service VIP, captured to the proxy on 15001, round robin over two \
+         keep-alive upstreams; HTTP/1.1 with keep-alive and with a new connection per request, \
+         h2c with keep-alive), each proxy under valgrind's callgrind, {} s of requests per role, \
+         less a baseline run of the same wire with none (start-up, first answers, exit). \
+         Instructions are the proxy's own, in user space, counted by callgrind (the same on \
+         every run); system calls and the kernel's TCP work are not counted (section 5 of \
+         benchmarks.md measures both proxies' whole CPU time).\n\n",
         if b.smoke { " --smoke" } else { "" },
         super::host::machine(),
         b.sizes.conns,
         b.sizes.secs
     ));
-    r.push_str("| clients | proxy | requests | instructions per request | against HAProxy |\n|---|---|---|---|---|\n");
-    for (k, (mode, _)) in HTTP_MODES.into_iter().enumerate() {
-        let per = |c: &Counted| c.modes[k].1 / c.modes[k].0;
+    r.push_str("| role | proxy | requests | instructions per request | against HAProxy |\n|---|---|---|---|---|\n");
+    for (k, (role, _, _)) in ROLES.into_iter().enumerate() {
+        let per = |c: &Counted| c.runs[k].instructions / c.runs[k].requests;
         let theirs_per = per(theirs);
         for c in [theirs, ours] {
             r.push_str(&format!(
-                "| {mode} | {} | {:.0} | {:.0} | {:.2} |\n",
+                "| {role} | {} | {:.0} | {:.0} | {:.2} |\n",
                 c.name,
-                c.modes[k].0,
+                c.runs[k].requests,
                 per(c),
                 per(c) / theirs_per
             ));
         }
     }
     r.push('\n');
-    for (k, (mode, _)) in HTTP_MODES.into_iter().enumerate() {
-        let (requests, total, file) = &ours.modes[k];
+    for (k, (role, _, _)) in ROLES.into_iter().enumerate() {
+        let Run {
+            requests,
+            instructions: total,
+            file,
+            baseline,
+        } = &ours.runs[k];
         let mut parts: BTreeMap<String, f64> = BTreeMap::new();
-        let fns = functions_beyond(file, &ours.baseline)?;
+        let fns = functions_beyond(file, baseline)?;
         for (n, f) in &fns {
             *parts.entry(part(f)).or_default() += n;
         }
         let mut parts: Vec<(String, f64)> = parts.into_iter().collect();
         parts.sort_by(|a, b| b.1.total_cmp(&a.1));
         r.push_str(&format!(
-            "### sockmesh-proxy, {mode}: where the instructions go\n\n\
+            "### sockmesh-proxy, {role}: where the instructions go\n\n\
              | part | instructions per request | share |\n|---|---|---|\n"
         ));
         for (name, n) in &parts {

@@ -292,7 +292,7 @@ fn proxy_round(
 
 /// Wait until a short run of `wire`'s requests through the sockmesh pod's 15001 gets answers
 /// (the proxy has started), at most `within`.
-fn wait_for_requests(b: &Bench, wire: Wire, within: Duration) -> Result<()> {
+pub fn wait_for_requests(b: &Bench, wire: Wire, within: Duration) -> Result<()> {
     let deadline = std::time::Instant::now() + within;
     loop {
         let r = requests(b, wire, false, 0.05);
@@ -309,15 +309,9 @@ fn wait_for_requests(b: &Bench, wire: Wire, within: Duration) -> Result<()> {
     }
 }
 
-/// (requests/s, p50 µs, p99 µs) of HTTP/1.1 GETs through whatever listens on the sockmesh
-/// pod's 15001; `new_conn`: a connection per request.
-pub fn http(b: &Bench, new_conn: bool) -> Result<HttpRound> {
-    requests(b, Wire::Http1, new_conn, b.sizes.secs)
-}
-
 /// (requests/s, p50 µs, p99 µs) of `wire`'s requests for `secs` through whatever listens on the
 /// sockmesh pod's 15001; `new_conn`: a connection per request.
-fn requests(b: &Bench, wire: Wire, new_conn: bool, secs: f64) -> Result<HttpRound> {
+pub fn requests(b: &Bench, wire: Wire, new_conn: bool, secs: f64) -> Result<HttpRound> {
     let (dst, host) = match wire {
         Wire::Http1 => (VIP, HTTP1_HOST),
         Wire::H2c => (VIP, H2C_HOST),
@@ -346,6 +340,17 @@ pub fn wait_for_http1(b: &Bench, within: Duration) -> Result<()> {
     wait_for_answer(&b.lab, b.sm.place(), VIP.parse()?, HTTP1_HOST, within)
 }
 
+/// Wait until one h2c GET of the h2c service through the sockmesh pod's 15001 is answered
+/// with a 200 (a proxy has started), at most `within`: a single request, where
+/// [`wait_for_requests`] makes as many as fit in its rounds.
+pub fn wait_for_h2c(b: &Bench, within: Duration) -> Result<()> {
+    let get = HttpGet {
+        h2c: true,
+        ..HttpGet::new(VIP.parse()?, "/", H2C_HOST, Identity::APP)
+    };
+    wait_for_get(&b.lab, b.sm.place(), &get, within)
+}
+
 /// Wait until the app's GET of `host` at `dst` from `place` is answered with a 200 (a proxy
 /// has started), at most `within`.
 pub fn wait_for_answer(
@@ -356,17 +361,26 @@ pub fn wait_for_answer(
     within: Duration,
 ) -> Result<()> {
     let get = HttpGet::new(dst, "/", host, Identity::APP);
+    wait_for_get(lab, place, &get, within)
+}
+
+/// Wait until `get` from `place` is answered with a 200, at most `within`.
+fn wait_for_get(lab: &Lab, place: Place, get: &HttpGet, within: Duration) -> Result<()> {
     let deadline = std::time::Instant::now() + within;
     loop {
-        let out = lab.output(place, &get);
-        if out
-            .as_ref()
-            .is_ok_and(|o| o.trim().starts_with("HTTP/1.1 200"))
-        {
+        let out = lab.output(place, get);
+        if out.as_ref().is_ok_and(|o| {
+            let o = o.trim_start();
+            o.starts_with("HTTP/1.1 200") || o.starts_with("HTTP/2 200")
+        }) {
             return Ok(());
         }
         if std::time::Instant::now() > deadline {
-            bail!("no answer from {host} at {dst} within {within:?}: {out:?}");
+            bail!(
+                "no answer from {} at {} within {within:?}: {out:?}",
+                get.host,
+                get.dst
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     }
