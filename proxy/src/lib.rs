@@ -9,6 +9,7 @@ pub mod alloc;
 pub mod cluster;
 pub mod config;
 pub mod control;
+pub mod exec;
 pub mod fxhash;
 pub mod http;
 pub mod listener;

@@ -103,7 +103,7 @@ pub async fn serve(
         counted.total.inc();
         let active = ListenerGauge::up(counted.active.clone());
         let own = own.map(ListenAddr::new);
-        tokio::spawn(async move {
+        crate::exec::spawn(async move {
             let _active = active;
             let client = ClientAddr::new(peer);
             if let Err(e) = connection(stream, client, own, &current, snapshot).await {

@@ -12,7 +12,7 @@ mod trace;
 use std::{convert::Infallible, io, sync::Arc, time::Instant};
 
 use hyper::{body::Incoming, server::conn, service::service_fn, Request, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 
 use crate::{
     snapshot::Snapshot,
@@ -58,7 +58,7 @@ pub async fn serve(
     let io = TokioIo::new(stream);
     match codec {
         Codec::Http2 => {
-            conn::http2::Builder::new(TokioExecutor::new())
+            conn::http2::Builder::new(crate::exec::Exec)
                 .serve_connection(io, svc)
                 .await
         }

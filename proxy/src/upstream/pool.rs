@@ -22,7 +22,7 @@ use hyper::{
     client::conn::http1::SendRequest,
     Request, Response, StatusCode,
 };
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 
 use super::{
     body::Body,
@@ -182,10 +182,9 @@ pub async fn h2_connection(to: Upstream) -> Result<H2, Failure> {
 
 /// A new HTTP/2 connection to the endpoint.
 async fn open_h2(to: Upstream) -> Result<H2, Failure> {
-    let (send, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), dial(&to).await?)
-            .await
-            .map_err(|e| Failure::Reset(e.to_string()))?;
+    let (send, conn) = hyper::client::conn::http2::handshake(crate::exec::Exec, dial(&to).await?)
+        .await
+        .map_err(|e| Failure::Reset(e.to_string()))?;
     tokio::spawn(conn);
     Ok(send)
 }
