@@ -11,12 +11,13 @@ mod trace;
 
 use std::{convert::Infallible, io, sync::Arc, time::Instant};
 
-use hyper::{body::Incoming, server::conn, service::service_fn, Request, StatusCode};
+use hyper::{body::Incoming, server::conn, service::service_fn, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 
 use crate::{
     snapshot::Snapshot,
     transport::{Accepted, Sniffed},
+    upstream::Body,
 };
 use headers::strip_hop_by_hop;
 pub use trace::set_access_log;
@@ -37,32 +38,21 @@ pub async fn serve(
     accepted: Accepted,
     snapshot: Arc<Snapshot>,
 ) -> io::Result<()> {
-    let svc = service_fn(move |req: Request<Incoming>| {
-        let snapshot = snapshot.clone();
-        async move {
-            let start = Instant::now();
-            // Only the access log needs the request line once the request has gone.
-            let line = trace::access_log_on()
-                .then(|| (req.method().clone(), req.uri().path().to_string()));
-            let mut trace = Trace::new(accepted.direction);
-            let mut resp = request::handle(req, accepted, &snapshot, &mut trace).await;
-            if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-                strip_hop_by_hop(resp.headers_mut());
-            }
-            trace.done(line.as_ref(), accepted, resp.status(), start);
-            Ok::<_, Infallible>(resp)
-        }
-    });
     // The protocol is known from the sniff: hyper's own codec for it, without hyper-util's
     // second detection (a read of its own).
     let io = TokioIo::new(stream);
     match codec {
         Codec::Http2 => {
+            // hyper spawns a task per stream with the request's future in it: boxed here, that
+            // task holds a pointer, and the future (some KiB) is not copied on its way in.
+            let svc = service_fn(move |req| Box::pin(respond(req, accepted, snapshot.clone())));
             conn::http2::Builder::new(crate::exec::Exec)
                 .serve_connection(io, svc)
                 .await
         }
         Codec::Http1 => {
+            // hyper keeps an HTTP/1.1 request's future in the connection's: not boxed.
+            let svc = service_fn(move |req| respond(req, accepted, snapshot.clone()));
             // Head and body in one buffer, one write: fewer instructions for the small
             // messages most requests are (`cargo xtask profile`), one copy more of a large body.
             // Half-close: a client that shuts its side after its request still gets the
@@ -79,4 +69,23 @@ pub async fn serve(
         }
     }
     .map_err(io::Error::other)
+}
+
+/// A client's request answered: routed and forwarded, its hop-by-hop headers stripped from
+/// the response, logged and counted.
+async fn respond(
+    req: Request<Incoming>,
+    accepted: Accepted,
+    snapshot: Arc<Snapshot>,
+) -> Result<Response<Body>, Infallible> {
+    let start = Instant::now();
+    // Only the access log needs the request line once the request has gone.
+    let line = trace::access_log_on().then(|| (req.method().clone(), req.uri().path().to_string()));
+    let mut trace = Trace::new(accepted.direction);
+    let mut resp = request::handle(req, accepted, &snapshot, &mut trace).await;
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        strip_hop_by_hop(resp.headers_mut());
+    }
+    trace.done(line.as_ref(), accepted, resp.status(), start);
+    Ok(resp)
 }
