@@ -3,19 +3,28 @@
 //! the codec without a second system call for the same bytes.
 
 use std::{
+    cell::RefCell,
+    future::poll_fn,
     io,
     pin::Pin,
-    task::{Context, Poll},
+    task::{ready, Context, Poll},
 };
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::Conn;
 
 /// How much one read of the first bytes takes: a request head usually fits; the rest of a
 /// larger first segment stays in the socket for the codec.
 const READ_SIZE: usize = 4096;
+
+thread_local! {
+    /// Where the first bytes are read, on this thread: they are then copied to a buffer of
+    /// their own size. A buffer of `READ_SIZE` per connection, freed again once the codec has
+    /// read the bytes, would cost an allocation of the allocator's slower size classes.
+    static SCRATCH: RefCell<[u8; READ_SIZE]> = const { RefCell::new([0; READ_SIZE]) };
+}
 
 /// An accepted connection and the first bytes read from it that nobody has read again yet.
 pub struct Sniffed {
@@ -42,8 +51,16 @@ impl Sniffed {
     /// is drained, so the codec's next read waits for readiness instead of trying (see
     /// [`Conn`]).
     pub async fn read_more(&mut self) -> io::Result<usize> {
-        self.first.reserve(READ_SIZE);
-        self.stream.read_buf(&mut self.first).await
+        poll_fn(|cx| self.poll_read_more(cx)).await
+    }
+
+    fn poll_read_more(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        SCRATCH.with_borrow_mut(|scratch| {
+            let mut buf = ReadBuf::new(scratch);
+            ready!(Pin::new(&mut self.stream).poll_read(cx, &mut buf))?;
+            self.first.extend_from_slice(buf.filled());
+            Poll::Ready(Ok(buf.filled().len()))
+        })
     }
 }
 
@@ -102,7 +119,7 @@ impl AsyncWrite for Sniffed {
 mod tests {
     use super::*;
     use tokio::{
-        io::AsyncWriteExt,
+        io::{AsyncReadExt, AsyncWriteExt},
         net::{TcpListener, TcpStream},
     };
 
