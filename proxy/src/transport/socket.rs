@@ -3,6 +3,7 @@
 use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    os::fd::RawFd,
     time::Duration,
 };
 
@@ -37,6 +38,29 @@ pub fn bind(address: SocketAddr) -> io::Result<Listener> {
     socket.set_reuseaddr(true)?;
     socket.bind(address)?;
     Listener::new(socket.listen(BACKLOG)?.into_std()?)
+}
+
+/// Set `TCP_NODELAY` on a socket.
+pub(super) fn set_nodelay(fd: RawFd) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: an int-sized option from an int, on a descriptor the caller owns.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!(
+            "setsockopt(TCP_NODELAY): {}",
+            io::Error::last_os_error()
+        )))
+    }
 }
 
 /// The address in a C `sockaddr_in`.
