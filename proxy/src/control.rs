@@ -5,7 +5,7 @@
 //! leaves everything as it was.
 
 use std::{
-    collections::HashMap,
+    collections::{hash_map::Entry, HashMap},
     io,
     net::SocketAddr,
     os::fd::{AsRawFd, RawFd},
@@ -64,6 +64,24 @@ impl Control {
             inherited,
             shared: None,
         }
+    }
+
+    /// Bind the file's listeners that were not inherited, without serving them yet: the
+    /// proxy binds as root and serves once it runs as its own user ([`Control::start`] takes
+    /// them up). A request served as root would open its upstream connection (and a health
+    /// check its probe) as root, which capture does not exclude: it would come back through
+    /// the proxy.
+    pub fn bind_file_listeners(&mut self) -> Result<(), Refused> {
+        for l in &self.file.listeners {
+            if let Entry::Vacant(e) = self.inherited.entry(l.address) {
+                e.insert(transport::listen(l.address).map_err(|error| Refused::Bind {
+                    name: l.name.clone(),
+                    address: l.address,
+                    error,
+                })?);
+            }
+        }
+        Ok(())
     }
 
     /// Every listening socket, for a successor.
@@ -180,5 +198,58 @@ impl xds::Install for Arc<Mutex<Control>> {
 
     fn install(&self, next: xds::Resources) -> Result<(), Refused> {
         self.lock().expect("control lock").set_dynamic(next)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::{ErrorKind, Read, Write},
+        net::TcpStream,
+        time::Duration,
+    };
+
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn file_listeners_are_bound_first_and_served_only_once_started() {
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = free.local_addr().unwrap();
+        drop(free);
+        let yaml =
+            format!("listeners:\n  - {{name: out, address: \"{address}\", direction: outbound}}\n");
+        let mut control = Control::new(Config::parse("t.yaml", &yaml).unwrap(), Inherited::new());
+        control.bind_file_listeners().unwrap();
+        assert!(control.listening().is_empty(), "nothing serves yet");
+        // Bound: the connection waits in the backlog, and nothing answers it.
+        let mut client = TcpStream::connect(address).unwrap();
+        client
+            .write_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+            .unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut buf = [0u8; 64];
+        let err = client.read(&mut buf).expect_err("answered before start");
+        assert!(
+            matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
+            "{err}"
+        );
+        // Started: the same socket serves. The connection came straight to the proxy, not
+        // redirected, so the proxy closes it (see `listener::connection`).
+        control.start().unwrap();
+        assert_eq!(control.listening().len(), 1);
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        // The request it did not read makes the close a reset.
+        let read = tokio::task::spawn_blocking(move || client.read(&mut buf))
+            .await
+            .unwrap();
+        let closed = match &read {
+            Ok(n) => *n == 0,
+            Err(e) => e.kind() == ErrorKind::ConnectionReset,
+        };
+        assert!(closed, "not closed by the proxy: {read:?}");
     }
 }

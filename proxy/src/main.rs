@@ -85,9 +85,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .as_ref()
         .and_then(|a| inherited.remove(&a.address));
     let mut control = control::Control::new(config.clone(), inherited);
-    // The file's listeners are bound before privileges go; later ones (from a reload or the
-    // control plane) are bound as the proxy's user.
-    control.start()?;
+    // The file's listeners are bound before privileges go, and served only after: nothing
+    // (a request's upstream connection, a health check) may connect as root, which capture
+    // does not exclude. Later listeners (from a reload or the control plane) are bound as the
+    // proxy's user.
+    control.bind_file_listeners()?;
     let successor = match &args.hot_restart {
         Some(path) => Some(
             restart::bind(path)
@@ -96,6 +98,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         None => None,
     };
     drop_privileges(args.uid, args.gid)?;
+    control.start()?;
     let shared = control.shared();
     tokio::spawn(upstream::reap_idle());
     let control = Arc::new(Mutex::new(control));

@@ -16,4 +16,4 @@ pub use detect::{detect_partial, sniff, Protocol};
 pub use orig_dst::original_dst;
 pub use sni::{client_hello, client_hello_sni, sni};
 pub use sniffed::Sniffed;
-pub use socket::{bind, connect, ORIG_DST_CONNECT_TIMEOUT};
+pub use socket::{bind, connect, listen, ORIG_DST_CONNECT_TIMEOUT};

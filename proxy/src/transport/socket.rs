@@ -34,10 +34,16 @@ fn socket_for(addr: SocketAddr) -> io::Result<TcpSocket> {
 
 /// Bind a listener's address (SO_REUSEADDR, backlog 1024).
 pub fn bind(address: SocketAddr) -> io::Result<Listener> {
+    Listener::new(listen(address)?)
+}
+
+/// A listening socket on `address` (SO_REUSEADDR, backlog 1024) that nothing accepts on yet:
+/// connections wait in its backlog.
+pub fn listen(address: SocketAddr) -> io::Result<std::net::TcpListener> {
     let socket = socket_for(address)?;
     socket.set_reuseaddr(true)?;
     socket.bind(address)?;
-    Listener::new(socket.listen(BACKLOG)?.into_std()?)
+    socket.listen(BACKLOG)?.into_std()
 }
 
 /// Set `TCP_NODELAY` on a socket.
