@@ -147,7 +147,8 @@ const WHY: &str = "Why, from the figures above: capture at connect costs sockmes
      serves more than the other on 2 shared cores.\n\n\
      Where sockmesh-proxy's CPU goes, from a profile: `cargo xtask profile` \
      (docs/profile.md) counts both proxies' user-space instructions per request in section \
-     5's HTTP/1.1 role under callgrind, and shares sockmesh-proxy's out: most go to hyper's \
+     5's HTTP roles (HTTP/1.1 with keep-alive and with new connections, h2c with keep-alive) \
+     under callgrind, and shares sockmesh-proxy's out. For HTTP/1.1 most go to hyper's \
      HTTP/1 codecs (the server's towards the client; the client's towards the upstream, \
      with its channel to the upstream connection's task), tokio's task and I/O machinery, \
      the allocator and memory copies (futures and messages moved by value), about a sixth \
@@ -160,7 +161,13 @@ const WHY: &str = "Why, from the figures above: capture at connect costs sockmes
      add and one to delete); sockmesh-proxy also asks each \
      connection's SO_ORIGINAL_DST (one getsockopt), which HAProxy's configuration here \
      does without (its by-call table in docs/profile.md counts these). h2c \
-     runs hyper's HTTP/2 (the h2 crate) on both sides, HAProxy its own multiplexer. The TCP \
+     runs hyper's HTTP/2 (the h2 crate) on both sides, HAProxy its own multiplexer: in the \
+     profile about half of sockmesh-proxy's instructions per h2c request are hyper's and \
+     the h2 crate's (frames, HPACK, stream state, a task per stream on each side), memory \
+     copies (frames queued by value, futures) about a seventh, the proxy's own handling \
+     under a tenth; so closing that gap takes a leaner HTTP/2 implementation, not routing \
+     or capture work. It makes fewer system calls per request than HAProxy (the by-call \
+     table), which is why its CPU gap in section 5 is smaller than its instruction gap. The TCP \
      relay parses nothing: there what is left is each proxy's event loop and system calls.\n\n\
      The mesh request (section 6) goes through two proxies, whose CPU is most of a \
      request's cost on 2 shared cores: capture removes conntrack and NAT from each of the \
