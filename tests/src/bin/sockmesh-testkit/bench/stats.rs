@@ -45,11 +45,27 @@ pub fn verdict(met: bool, by: String) -> String {
     }
 }
 
-/// A ratio's miss, with a third decimal when two would round it to nothing.
+/// A ratio's miss, with a third decimal when two would round it to nothing (and said in
+/// words when three would).
 pub fn miss(x: f64) -> String {
-    if x < 0.005 {
+    if x < 0.0005 {
+        "less than 0.001".to_string()
+    } else if x < 0.005 {
         format!("{x:.3}")
     } else {
         format!("{x:.2}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_miss_never_reads_as_nothing() {
+        assert_eq!(miss(0.13), "0.13");
+        assert_eq!(miss(0.004), "0.004");
+        assert_eq!(miss(0.0004), "less than 0.001");
+        assert_eq!(verdict(false, miss(0.0004)), "missed by less than 0.001");
     }
 }
