@@ -78,22 +78,28 @@ fn the_benchmark_suite_runs_and_reports_every_ratio() {
     }
 }
 
-/// A short run of `cargo xtask profile`: both proxies run under callgrind, each client mode's
-/// requests are counted, sockmesh-proxy's instructions are shared out by part, and both
-/// proxies' system calls are counted per request.
+/// A short run of `cargo xtask profile`: both proxies run under callgrind, each role's
+/// requests are counted (HTTP/1.1 keep-alive and new connections, h2c keep-alive),
+/// sockmesh-proxy's instructions are shared out by part, and both proxies' system calls are
+/// counted per request.
 #[test]
 fn the_profile_counts_both_proxies_instructions_per_request() {
     let out = run(std::process::Command::new(testkit_bin().unwrap()).args(["profile", "--smoke"]))
         .unwrap();
     let report = String::from_utf8_lossy(&out.stdout);
-    for mode in ["keep-alive", "new connections"] {
+    let roles = [
+        "HTTP/1.1 keep-alive",
+        "HTTP/1.1 new connections",
+        "h2c keep-alive",
+    ];
+    for role in roles {
         for proxy in ["HAProxy", "sockmesh-proxy"] {
-            let prefix = format!("| {mode} | {proxy} | ");
+            let prefix = format!("| {role} | {proxy} | ");
             let line = report
                 .lines()
                 .find(|l| l.starts_with(&prefix))
                 .unwrap_or_else(|| panic!("no {prefix:?} row:\n{report}"));
-            // | mode | proxy | requests | instructions per request | against HAProxy |
+            // | role | proxy | requests | instructions per request | against HAProxy |
             let cells: Vec<f64> = line
                 .split('|')
                 .filter_map(|c| c.trim().parse().ok())
@@ -103,7 +109,7 @@ fn the_profile_counts_both_proxies_instructions_per_request() {
         }
         assert!(
             report.contains(&format!(
-                "### sockmesh-proxy, {mode}: where the instructions go"
+                "### sockmesh-proxy, {role}: where the instructions go"
             )),
             "{report}"
         );
@@ -118,6 +124,7 @@ fn the_profile_counts_both_proxies_instructions_per_request() {
         .split('|')
         .filter_map(|c| c.trim().parse().ok())
         .collect();
-    assert_eq!(cells.len(), 4, "{all}");
+    // Per role, HAProxy's then sockmesh-proxy's.
+    assert_eq!(cells.len(), 2 * roles.len(), "{all}");
     assert!(cells.iter().all(|n| *n >= 1.0), "{all}");
 }
