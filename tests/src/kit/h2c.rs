@@ -90,12 +90,7 @@ pub fn client(dst: SocketAddr, host: &str, new_conn: bool, end: Instant) -> Resu
                 .await
                 .with_context(|| format!("connect {dst}"))?;
             s.set_nodelay(true)?;
-            let (send, conn) =
-                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
-                    .await
-                    .context("h2c handshake")?;
-            tokio::spawn(conn);
-            anyhow::Ok(send)
+            handshake(s).await
         };
         let mut conn: Option<Send> = if new_conn { None } else { Some(open().await?) };
         let mut lat = Vec::new();
@@ -129,12 +124,7 @@ pub fn get(s: std::net::TcpStream, host: &str, path: &str) -> Result<String> {
     let uri: hyper::Uri = format!("http://{host}{path}").parse()?;
     rt.block_on(async {
         s.set_nonblocking(true)?;
-        let s = TcpStream::from_std(s)?;
-        let (mut send, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
-                .await
-                .context("h2c handshake")?;
-        tokio::spawn(conn);
+        let mut send = handshake(TcpStream::from_std(s)?).await?;
         let resp = send
             .send_request(Request::get(uri).body(Empty::<Bytes>::new())?)
             .await
@@ -146,4 +136,18 @@ pub fn get(s: std::net::TcpStream, host: &str, path: &str) -> Result<String> {
             String::from_utf8_lossy(&body)
         ))
     })
+}
+
+/// An h2c client connection over `s`, its connection task spawned.
+async fn handshake<B>(s: TcpStream) -> Result<hyper::client::conn::http2::SendRequest<B>>
+where
+    B: hyper::body::Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
+        .await
+        .context("h2c handshake")?;
+    tokio::spawn(conn);
+    Ok(send)
 }

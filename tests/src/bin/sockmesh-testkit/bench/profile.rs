@@ -26,16 +26,19 @@ use sockmesh_tests::{
 
 use super::{
     host::SyscallCount,
-    proxies::{requests, wait_for_h2c, wait_for_http1, wait_for_requests, Proxies},
+    proxies::{requests, wait_for_h2c, wait_for_http1, wait_for_requests, Proxies, ROLES},
     Bench,
 };
 
-/// The roles profiled: (name, what the clients speak, a new connection per request).
-const ROLES: [(&str, Wire, bool); 3] = [
-    ("HTTP/1.1 keep-alive", Wire::Http1, false),
-    ("HTTP/1.1 new connections", Wire::Http1, true),
-    ("h2c keep-alive", Wire::H2c, false),
-];
+/// The roles profiled, section 5's HTTP ones (the TCP relay parses nothing): (name, what the
+/// clients speak, a new connection per request).
+fn roles() -> Vec<(String, Wire, bool)> {
+    ROLES
+        .iter()
+        .filter(|(wire, ..)| *wire != Wire::Tcp)
+        .map(|&(wire, protocol, mode, new_conn)| (format!("{protocol} {mode}"), wire, new_conn))
+        .collect()
+}
 
 /// One role's run under callgrind.
 struct Run {
@@ -140,7 +143,7 @@ type Calls = Vec<BTreeMap<String, f64>>;
 /// Run a proxy natively, once per role, and count its system calls per request.
 fn syscalls(b: &mut Bench, proxy: &Proxy) -> Result<Calls> {
     let mut per_role = Vec::new();
-    for (_, wire, new_conn) in ROLES {
+    for (_, wire, new_conn) in roles() {
         let mut cmd = b.lab.command_at(b.sm.place(), &proxy.program)?;
         (proxy.args)(wire, &mut cmd);
         let i = b.lab.spawn(cmd, None)?;
@@ -180,14 +183,15 @@ fn report_syscalls(r: &mut String, ours: &Calls, theirs: &Calls) {
          instruction counts above leave out.\n\n\
          | call |",
     );
-    for (role, _, _) in ROLES {
+    let roles = roles();
+    for (role, _, _) in &roles {
         r.push_str(&format!(" {role}: HAProxy | {role}: sockmesh-proxy |"));
     }
-    r.push_str(&format!("\n|---|{}\n", "---|".repeat(2 * ROLES.len())));
+    r.push_str(&format!("\n|---|{}\n", "---|".repeat(2 * roles.len())));
     let at = |c: &Calls, k: usize, call: &str| c[k].get(call).copied().unwrap_or(0.0);
     for call in CALLS.iter().copied().chain(["other", "all"]) {
         // Per role, HAProxy's then sockmesh-proxy's.
-        let v: Vec<f64> = (0..ROLES.len())
+        let v: Vec<f64> = (0..roles.len())
             .flat_map(|k| [theirs, ours].map(|c| (c, k)))
             .map(|(c, k)| {
                 if call == "other" {
@@ -240,7 +244,7 @@ fn count(b: &mut Bench, proxy: &Proxy, dir: &Path) -> Result<Counted> {
     let file = |run: &str| dir.join(format!("{}-{run}.out", proxy.name.replace(' ', "-")));
     let mut baselines: Vec<(Wire, PathBuf, f64)> = Vec::new();
     let mut runs = Vec::new();
-    for (k, (_, wire, new_conn)) in ROLES.into_iter().enumerate() {
+    for (k, (_, wire, new_conn)) in roles().into_iter().enumerate() {
         let (baseline, base) = match baselines.iter().find(|(w, _, _)| *w == wire) {
             Some((_, f, n)) => (f.clone(), *n),
             None => {
@@ -443,7 +447,7 @@ fn report(b: &Bench, ours: &Counted, theirs: &Counted) -> Result<String> {
         b.sizes.secs
     ));
     r.push_str("| role | proxy | requests | instructions per request | against HAProxy |\n|---|---|---|---|---|\n");
-    for (k, (role, _, _)) in ROLES.into_iter().enumerate() {
+    for (k, (role, _, _)) in roles().iter().enumerate() {
         let per = |c: &Counted| c.runs[k].instructions / c.runs[k].requests;
         let theirs_per = per(theirs);
         for c in [theirs, ours] {
@@ -457,7 +461,7 @@ fn report(b: &Bench, ours: &Counted, theirs: &Counted) -> Result<String> {
         }
     }
     r.push('\n');
-    for (k, (role, _, _)) in ROLES.into_iter().enumerate() {
+    for (k, (role, _, _)) in roles().iter().enumerate() {
         let Run {
             requests,
             instructions: total,
