@@ -5,6 +5,7 @@
 //! headers and query match.
 
 use std::{
+    borrow::Cow,
     net::{IpAddr, SocketAddr},
     time::Duration,
 };
@@ -213,17 +214,22 @@ impl Router {
 
     /// The virtual host for a request to `authority` that was sent to `orig_dst`.
     pub fn host(&self, authority: &str, orig_dst: SocketAddr) -> Option<&Host> {
-        let authority = authority.to_ascii_lowercase();
+        // Lowercased only when it has capitals: most clients send it in lowercase.
+        let authority = if authority.bytes().any(|b| b.is_ascii_uppercase()) {
+            Cow::Owned(authority.to_ascii_lowercase())
+        } else {
+            Cow::Borrowed(authority)
+        };
         let host = authority
             .rsplit_once(':')
             .filter(|(_, port)| port.parse::<u16>().is_ok() && !authority.ends_with(']'))
-            .map_or(authority.as_str(), |(h, _)| h);
+            .map_or(&*authority, |(h, _)| h);
         // Score: exact 3, suffix 2 (+len), prefix 1 (+len); original destination and `*` last.
         let mut best: Option<(u32, usize, &Host)> = None;
         for vh in &self.hosts {
             for d in &vh.domains {
                 let score = match d {
-                    Domain::Exact(e) if *e == authority || *e == host => Some((4, e.len())),
+                    Domain::Exact(e) if *e == *authority || *e == host => Some((4, e.len())),
                     Domain::Suffix(s) if host.ends_with(s.as_str()) && host.len() > s.len() => {
                         Some((3, s.len()))
                     }

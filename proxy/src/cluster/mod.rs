@@ -109,8 +109,12 @@ impl ClusterState {
     }
 
     /// Whether `addr` may get traffic: not ejected, not failing its active health check.
+    /// A cluster without outlier detection or health checks has no such records to look up
+    /// (each a lock and a hash lookup per endpoint per request).
     fn usable(&self, addr: SocketAddr) -> bool {
-        !self.outliers.ejected(addr) && !self.probes.failing(addr)
+        let ejected = self.config.outlier_detection.is_some() && self.outliers.ejected(addr);
+        let failing = self.config.health_check.is_some() && self.probes.failing(addr);
+        !ejected && !failing
     }
 
     /// Each endpoint: its address, weight, priority, requests in flight, and whether it is

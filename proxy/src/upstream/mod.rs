@@ -6,9 +6,7 @@ mod http2;
 mod pool;
 mod target;
 
-use std::{future::Future, time::Duration};
-
-use futures_util::{future::Either, FutureExt};
+use std::{future::Future, pin::Pin, time::Duration};
 
 use hyper::{Request, Response};
 
@@ -16,25 +14,36 @@ pub use body::{from_bytes, text_response, Body};
 pub use pool::reap_idle;
 pub use target::{Failure, Upstream};
 
+/// One attempt's future, on the heap.
+pub type Attempt<'a> = Pin<Box<dyn Future<Output = Result<Response<Body>, Failure>> + Send + 'a>>;
+
 /// One attempt: connect (or take a pooled connection), send, wait for the response head,
-/// within `limit` if there is one. Each protocol's future is returned as it is (no async fn
-/// around it): each level of async fn would hold its own copy of the request's space, and
-/// every move of the future copies it.
+/// within `limit` if there is one.
+///
+/// Boxed, each protocol's future in a box of its own size: the request's futures around it
+/// (the retries, the circuit breaker, the route, the response) hold a pointer instead of the
+/// KiB or so an attempt takes, and each of them is copied whole when it is made and moved
+/// (`cargo xtask profile`). One allocation per attempt costs less than those copies.
 pub fn send(
     req: Request<Body>,
     to: Upstream,
     authority: &str,
     limit: Option<Duration>,
-) -> impl Future<Output = Result<Response<Body>, Failure>> + '_ {
-    let go = if to.http2 {
-        Either::Left(http2::send(req, to, authority))
-    } else {
-        Either::Right(http1::send(req, to, authority))
-    };
-    match limit {
-        None => Either::Left(go),
-        Some(t) => Either::Right(
-            tokio::time::timeout(t, go).map(|r| r.unwrap_or_else(|_| Err(Failure::Timeout))),
-        ),
+) -> Attempt<'_> {
+    match (to.http2, limit) {
+        (true, None) => Box::pin(http2::send(req, to, authority)),
+        (false, None) => Box::pin(http1::send(req, to, authority)),
+        (true, Some(t)) => Box::pin(within(t, http2::send(req, to, authority))),
+        (false, Some(t)) => Box::pin(within(t, http1::send(req, to, authority))),
     }
+}
+
+/// `attempt`, or a timeout failure once `limit` has passed.
+async fn within<F>(limit: Duration, attempt: F) -> Result<Response<Body>, Failure>
+where
+    F: Future<Output = Result<Response<Body>, Failure>>,
+{
+    tokio::time::timeout(limit, attempt)
+        .await
+        .unwrap_or(Err(Failure::Timeout))
 }
