@@ -2,11 +2,7 @@
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use hyper::{
-    body::{Body as _, Incoming},
-    http::request::Parts,
-    HeaderMap, Method, Request, Uri, Version,
-};
+use hyper::{body::Body as _, http::request::Parts, HeaderMap, Method, Request, Uri, Version};
 
 use crate::upstream::{self, Body};
 
@@ -49,21 +45,18 @@ impl Head {
     }
 }
 
-/// The body to send first, and a copy of its bytes when `wanted` and it is known to fit the
-/// replay limit (read whole for that). A larger or unsized body streams, and is not kept.
-pub async fn keep_body(
-    body: Incoming,
-    wanted: bool,
-) -> Result<(Body, Option<Bytes>), hyper::Error> {
-    if !(wanted && fits(&body)) {
-        return Ok((body.boxed(), None));
+/// The body to send first, and a copy of its bytes when it is known to fit the replay limit
+/// (read whole for that). A larger or unsized body streams, and is not kept.
+pub async fn keep_body(body: Body) -> Result<(Body, Option<Bytes>), hyper::Error> {
+    if !fits(&body) {
+        return Ok((body, None));
     }
     let bytes = body.collect().await?.to_bytes();
     Ok((upstream::from_bytes(bytes.clone()), Some(bytes)))
 }
 
 /// Whether a request body is known to fit the replay limit (by its length or end).
-fn fits(b: &Incoming) -> bool {
+fn fits(b: &Body) -> bool {
     b.size_hint()
         .upper()
         .is_some_and(|u| u <= REPLAY_LIMIT as u64)

@@ -30,7 +30,7 @@ pub struct Attempts<'a> {
     pub retry: Option<&'a RetryPolicy>,
     pub direction: Direction,
     pub http2: bool,
-    pub authority: &'a str,
+    pub authority: String,
     pub hash: Option<u64>,
 }
 
@@ -53,7 +53,7 @@ impl Attempts<'_> {
                     Ok(req) => Either::Left(upstream::send(
                         req,
                         self.upstream(pick.addr),
-                        self.authority,
+                        &self.authority,
                         self.per_try(),
                     )),
                     Err(e) => Either::Right(std::future::ready(Err(e))),
