@@ -3,6 +3,7 @@
 use std::{
     collections::BTreeSet,
     io,
+    net::SocketAddr,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -63,45 +64,87 @@ pub async fn serve(
     let own = listener.local_addr().ok();
     // The spec in force when the last accept began: a connection accepted as the listener is
     // withdrawn is still served with it, never dropped.
-    let Some(mut last) = spec.borrow_and_update().clone() else {
+    let Some(first) = spec.borrow_and_update().clone() else {
         return;
     };
+    let mut in_force = InForce::of(first);
     // Changes as a stream: its wait for the next change stays registered from one accept to
     // the next, rather than being registered and removed again around each accept.
+    let mut between = spec.clone();
     let mut changes = WatchStream::from_changes(spec);
-    let mut counted = ListenerStats::of(last.name);
     loop {
+        // Accept first: the stream of changes is polled only when no connection waits, not
+        // once per connection (`cargo xtask profile`). While connections keep coming, a
+        // change is seen after each accept (a version compare).
         let accepted = tokio::select! {
             biased;
-            changed = changes.next() => {
-                match changed.flatten() {
-                    Some(s) => {
-                        if s.name != last.name {
-                            counted = ListenerStats::of(s.name);
-                        }
-                        last = s;
-                        continue;
-                    }
-                    None => {
-                        info!(address = ?own, "listener removed: no new connections (established ones go on)");
-                        return;
-                    }
-                }
-            }
             a = listener.accept() => a,
+            changed = changes.next() => {
+                if in_force.change(changed.flatten()) {
+                    continue;
+                }
+                info!(address = ?own, "listener removed: no new connections (established ones go on)");
+                return;
+            }
         };
-        let (stream, peer) = match accepted {
-            Ok(c) => c,
+        match accepted {
+            Ok((stream, peer)) => in_force.serve(stream, peer, own, shared.load()),
             Err(e) => {
                 warn!(error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
             }
+        }
+        // The stream gives the same change again later: putting it in force twice is as once.
+        let kept = match between.has_changed() {
+            Ok(false) => true,
+            Ok(true) => in_force.change(between.borrow_and_update().clone()),
+            // The sender dropped: withdrawn, as the stream's end says.
+            Err(_) => false,
         };
-        let current = last.clone();
-        let snapshot = shared.load();
-        counted.total.inc();
-        let active = ListenerGauge::up(counted.active.clone());
+        if !kept {
+            info!(address = ?own, "listener removed: no new connections (established ones go on)");
+            return;
+        }
+    }
+}
+
+/// A listener's spec in force, and its connection series.
+struct InForce {
+    spec: ListenerSpec,
+    counted: ListenerStats,
+}
+
+impl InForce {
+    fn of(spec: ListenerSpec) -> InForce {
+        InForce {
+            counted: ListenerStats::of(spec.name),
+            spec,
+        }
+    }
+
+    /// Put `change` in force; `false` when the listener is withdrawn (`None`).
+    fn change(&mut self, change: Option<ListenerSpec>) -> bool {
+        let Some(spec) = change else {
+            return false;
+        };
+        if spec.name != self.spec.name {
+            self.counted = ListenerStats::of(spec.name);
+        }
+        self.spec = spec;
+        true
+    }
+
+    /// Serve an accepted connection in a task of its own, with the spec in force.
+    fn serve(
+        &self,
+        stream: Conn,
+        peer: SocketAddr,
+        own: Option<SocketAddr>,
+        snapshot: Arc<Snapshot>,
+    ) {
+        let current = self.spec.clone();
+        self.counted.total.inc();
+        let active = ListenerGauge::up(self.counted.active.clone());
         let own = own.map(ListenAddr::new);
         crate::exec::spawn(async move {
             let _active = active;

@@ -56,11 +56,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if present == 0 {
         return;
     }
-    let named = connection_tokens(headers);
+    // Each header looked up only when the scan saw it.
+    let has = |name: &HeaderName| present & 1 << position(name) != 0;
+    let named = if has(&CONNECTION) {
+        connection_tokens(headers)
+    } else {
+        Vec::new()
+    };
     // `te: trailers` goes on (gRPC needs it) even when Connection names TE, as RFC 9110 10.1.4
     // asks a client to; other TE codings are this hop's.
-    let te_trailers = asks_for_trailers(headers);
-    let upgrade = is_upgrade(headers, &named);
+    let te_trailers = has(&TE) && asks_for_trailers(headers);
+    let upgrade = has(&UPGRADE) && is_upgrade(headers, &named);
     for name in &named {
         if !(upgrade && name == UPGRADE) {
             headers.remove(name);
@@ -79,13 +85,26 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// The position of `name` in [`HOP_BY_HOP`].
+fn position(name: &HeaderName) -> usize {
+    HOP_BY_HOP
+        .iter()
+        .position(|h| h == name)
+        .expect("a hop-by-hop header")
+}
+
 /// The header names the `Connection` headers list. `close` names none (it is the commonest
 /// token, and the list then stays empty, unallocated); neither does a token that is not a
-/// header name.
+/// header name. `keep-alive`, the other common value, names a header removed anyway.
 fn connection_tokens(headers: &HeaderMap) -> Vec<HeaderName> {
     headers
         .get_all(CONNECTION)
         .iter()
+        // The usual values, one token alone, need no split (`cargo xtask profile`).
+        .filter(|v| {
+            let v = v.as_bytes();
+            !(v.eq_ignore_ascii_case(b"close") || v.eq_ignore_ascii_case(b"keep-alive"))
+        })
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(str::trim)
@@ -182,6 +201,28 @@ mod tests {
         let mut h = headers(&[("host", "a"), ("x-end", "2")]);
         strip_hop_by_hop(&mut h);
         assert_eq!(names(&h), ["host: a", "x-end: 2"]);
+    }
+
+    #[test]
+    fn a_lone_close_or_keep_alive_takes_only_its_own_header() {
+        for value in ["close", "Close", "keep-alive", "Keep-Alive"] {
+            let mut h = headers(&[
+                ("host", "a"),
+                ("connection", value),
+                ("keep-alive", "timeout=5"),
+                ("x-end", "2"),
+            ]);
+            strip_hop_by_hop(&mut h);
+            assert_eq!(names(&h), ["host: a", "x-end: 2"], "{value}");
+        }
+        // Two Connection lines: the second's token is still honoured.
+        let mut h = headers(&[
+            ("connection", "close"),
+            ("connection", "x-hop"),
+            ("x-hop", "1"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(names(&h), Vec::<String>::new());
     }
 
     #[test]
