@@ -9,7 +9,7 @@ mod response;
 mod retry;
 mod trace;
 
-use std::{convert::Infallible, io, sync::Arc, time::Instant};
+use std::{convert::Infallible, future::Future, io, sync::Arc, time::Instant};
 
 use hyper::{body::Incoming, server::conn, service::service_fn, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -73,19 +73,24 @@ pub async fn serve(
 
 /// A client's request answered: routed and forwarded, its hop-by-hop headers stripped from
 /// the response, logged and counted.
-async fn respond(
+///
+/// The request line is read before the future is made: an async fn would keep a copy of the
+/// request that it borrowed, beside the one it hands on, for as long as it runs.
+fn respond(
     req: Request<Incoming>,
     accepted: Accepted,
     snapshot: Arc<Snapshot>,
-) -> Result<Response<Body>, Infallible> {
+) -> impl Future<Output = Result<Response<Body>, Infallible>> {
     let start = Instant::now();
     // Only the access log needs the request line once the request has gone.
     let line = trace::access_log_on().then(|| (req.method().clone(), req.uri().path().to_string()));
-    let mut trace = Trace::new(accepted.direction);
-    let mut resp = request::handle(req, accepted, &snapshot, &mut trace).await;
-    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-        strip_hop_by_hop(resp.headers_mut());
+    async move {
+        let mut trace = Trace::new(accepted.direction);
+        let mut resp = request::handle(req, accepted, &snapshot, &mut trace).await;
+        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            strip_hop_by_hop(resp.headers_mut());
+        }
+        trace.done(line.as_ref(), accepted, resp.status(), start);
+        Ok(resp)
     }
-    trace.done(line.as_ref(), accepted, resp.status(), start);
-    Ok(resp)
 }
