@@ -151,11 +151,13 @@ const WHY: &str = "Why, from the figures above: capture at connect costs sockmes
      under callgrind, and shares sockmesh-proxy's out. For HTTP/1.1 most go to hyper's \
      HTTP/1 codecs (the server's towards the client; the client's towards the upstream, \
      with its channel to the upstream connection's task), tokio's task and I/O machinery, \
-     the allocator and memory copies (futures and messages moved by value), about a sixth \
-     to the proxy's own request handling, routing and pool. That is the gap to HAProxy's event loop (one \
-     buffer per connection, no task per request, no future to move); closing it means \
-     fewer allocations and moves per request in the proxy and around hyper, not a capture \
-     change. With new connections each connection adds a task and hyper's buffers; like \
+     the allocator and memory copies (futures and messages moved by value), about a \
+     seventh to the proxy's own request handling, routing and pool. With keep-alive that \
+     is about as many instructions per request as HAProxy's event loop runs (one buffer \
+     per connection, no task per request, no future to move), and the CPU per request is \
+     as close; its requests/s and p99 then fall within what moves from round to round \
+     (the brackets), and a miss there by a few hundredths is that spread, not a cost. \
+     With new connections each connection adds a task and hyper's buffers; like \
      HAProxy, sockmesh-proxy reads and writes a new connection directly and registers it \
      with epoll only when it would wait (tokio alone registers each one: an epoll_ctl to \
      add and one to delete); sockmesh-proxy also asks each \
