@@ -155,8 +155,9 @@ const WHY: &str = "Why, from the figures above: capture at connect costs sockmes
      seventh to the proxy's own request handling, routing and pool. With keep-alive that \
      is about as many instructions per request as HAProxy's event loop runs (one buffer \
      per connection, no task per request, no future to move), and the CPU per request is \
-     as close; its requests/s and p99 then fall within what moves from round to round \
-     (the brackets), and a miss there by a few hundredths is that spread, not a cost. \
+     as close. Wherever sockmesh-proxy's CPU per request is at or below HAProxy's, its \
+     requests/s and p99 fall within what moves from round to round (the brackets), and a \
+     miss there by a few hundredths is that spread, not a cost. \
      With new connections each connection adds a task and hyper's buffers; like \
      HAProxy, sockmesh-proxy reads and writes a new connection directly and registers it \
      with epoll only when it would wait (tokio alone registers each one: an epoll_ctl to \
