@@ -83,8 +83,7 @@ pub async fn serve(
                 if in_force.change(changed.flatten()) {
                     continue;
                 }
-                info!(address = ?own, "listener removed: no new connections (established ones go on)");
-                return;
+                break;
             }
         };
         match accepted {
@@ -102,10 +101,10 @@ pub async fn serve(
             Err(_) => false,
         };
         if !kept {
-            info!(address = ?own, "listener removed: no new connections (established ones go on)");
-            return;
+            break;
         }
     }
+    info!(address = ?own, "listener removed: no new connections (established ones go on)");
 }
 
 /// A listener's spec in force, and its connection series.
