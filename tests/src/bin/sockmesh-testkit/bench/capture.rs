@@ -10,9 +10,16 @@ use sockmesh_tests::pods::{self, Mode, Pod};
 use super::{
     host::{prog_stats, ProgStats},
     lean_listener, peer80,
-    stats::{fmt, stats, Spread},
+    stats::{fmt, fmt2, ratio, reversed, stats, Spread},
     Bench,
 };
+
+/// The paths of a round.
+enum Path {
+    Direct,
+    Iptables,
+    Sockmesh,
+}
 
 pub struct Capture {
     /// No capture: connections go straight to its 127.0.0.1:15001.
@@ -46,19 +53,32 @@ impl Capture {
         })
     }
 
-    /// One round of each path. The sockmesh pod's listener on 15001 is started here and left
-    /// running for the sections after; its index is returned for the caller to stop it.
+    /// One round of each path, in reverse order every other round. The sockmesh pod's listener
+    /// on 15001 is started here and left running for the sections after; its index is
+    /// returned for the caller to stop it.
     pub fn round(&mut self, b: &mut Bench) -> Result<usize> {
-        let local: SocketAddr = "127.0.0.1:15001".parse()?;
-        self.direct_rate
-            .push(b.connects(&self.direct, false, local)?);
-        self.ipt_rate.push(b.connects(&self.ipt, false, peer80())?);
         let listener = lean_listener(&mut b.lab, &b.sm, true)?;
-        let before = prog_stats()?;
-        let rate = b.connects(&b.sm, true, peer80())?;
-        let after = prog_stats()?;
-        self.sm_rate.push(rate);
-        self.count_programs(&before, after, rate * b.sizes.secs);
+        let mut paths = [Path::Direct, Path::Iptables, Path::Sockmesh];
+        if reversed(self.direct_rate.len()) {
+            paths.reverse();
+        }
+        for path in paths {
+            match path {
+                Path::Direct => {
+                    let local: SocketAddr = "127.0.0.1:15001".parse()?;
+                    self.direct_rate
+                        .push(b.connects(&self.direct, false, local)?);
+                }
+                Path::Iptables => self.ipt_rate.push(b.connects(&self.ipt, false, peer80())?),
+                Path::Sockmesh => {
+                    let before = prog_stats()?;
+                    let rate = b.connects(&b.sm, true, peer80())?;
+                    let after = prog_stats()?;
+                    self.sm_rate.push(rate);
+                    self.count_programs(&before, after, rate * b.sizes.secs);
+                }
+            }
+        }
         Ok(listener)
     }
 
@@ -84,6 +104,11 @@ impl Capture {
         )
     }
 
+    /// sockmesh's connections per second against a direct connection's (the target).
+    pub fn to_direct(&self) -> Spread {
+        ratio(&self.sm_rate, &self.direct_rate)
+    }
+
     pub fn report(&self, r: &mut String) {
         let (d, i, m) = self.rates();
         r.push_str("## 1. Capture cost at connect time\n\n");
@@ -96,14 +121,21 @@ impl Capture {
              answers one line and closes.\n\n",
         );
         r.push_str("| path | connections/s | ratio to direct |\n|---|---|---|\n");
-        for (name, v) in [
-            ("direct (no capture)", d),
-            ("iptables REDIRECT (istio rules)", i),
-            ("sockmesh", m),
+        for (name, v, rates) in [
+            ("direct (no capture)", d, &self.direct_rate),
+            ("iptables REDIRECT (istio rules)", i, &self.ipt_rate),
+            ("sockmesh", m, &self.sm_rate),
         ] {
-            r.push_str(&format!("| {name} | {} | {:.2} |\n", fmt(v), v.0 / d.0));
+            r.push_str(&format!(
+                "| {name} | {} | {} |\n",
+                fmt(v),
+                fmt2(ratio(rates, &self.direct_rate))
+            ));
         }
-        r.push_str(&format!("\nsockmesh / iptables: {:.2}\n\n", m.0 / i.0));
+        r.push_str(&format!(
+            "\nsockmesh / iptables: {}\n\n",
+            fmt2(ratio(&self.sm_rate, &self.ipt_rate))
+        ));
         r.push_str(
             "Where a sockmesh connection's time goes in the kernel's programs (the kernel's BPF \
              run-time statistics, on during this run):\n\n\

@@ -17,7 +17,7 @@ use sockmesh_tests::{
 };
 
 use super::{
-    stats::{column, fmt, fmt1, Spread},
+    stats::{column, fmt, fmt1, fmt2, ratio_of, reversed, Spread},
     Bench,
 };
 use crate::hop::{HopBulk, HopDst, HopForward, HopRr, HopUpstream};
@@ -76,7 +76,7 @@ impl Hop {
         lab.start(pod.place().as_user(1337), &forward)
     }
 
-    /// One round of every path, each with its forwarder.
+    /// One round of every path, each with its forwarder, in reverse order every other round.
     pub fn round(&mut self, b: &mut Bench) -> Result<()> {
         let sm_sock = self.dir.join("hop.sock");
         let fi = self.forwarder(&mut b.lab, &self.ipt, &self.dir.join("hop-ipt.sock"))?;
@@ -88,20 +88,33 @@ impl Hop {
             (&b.sm, &tcp, true),
             (&b.sm, &HopDst::Unix(sm_sock.clone()), false),
         ];
-        for (k, (pod, dst, accel)) in paths.into_iter().enumerate() {
-            if k == 2 || k == 3 {
+        let mut order: Vec<_> = paths.into_iter().enumerate().collect();
+        if reversed(self.rounds[0].len()) {
+            order.reverse();
+        }
+        let mut results: [HopRound; 4] = Default::default();
+        for (k, (pod, dst, accel)) in order {
+            if k > 0 {
                 // The hop's app writes to its forwarder (the proxy): acceleration for all the
-                // pod's sockets.
+                // pod's sockets, or none.
                 let accel = if accel { "all" } else { "off" };
                 b.register(&b.sm, &b.profile, accel, true)?;
             }
             let (a50, a99) = round_trips(b, pod, dst, 64)?;
             let (b50, b99) = round_trips(b, pod, dst, 4096)?;
             let mb = bulk(b, pod, dst)?;
-            self.rounds[k].push([a50, a99, b50, b99, mb]);
+            results[k] = [a50, a99, b50, b99, mb];
+        }
+        for (k, result) in results.into_iter().enumerate() {
+            self.rounds[k].push(result);
         }
         b.lab.kill(fi)?;
         b.lab.kill(fs)
+    }
+
+    /// Path `a`'s figure `i` against path `b`'s (indices into [`PATHS`]), round by round.
+    pub fn ratio(&self, a: usize, b: usize, i: usize) -> Spread {
+        ratio_of(&self.rounds[a], &self.rounds[b], |x| x[i])
     }
 
     /// Per path, the spread of each figure.
@@ -138,18 +151,18 @@ impl Hop {
                 fmt(h[4])
             ));
         }
-        let (ipt_h, sm_h, msg_h, unix_h) = (&hop[0], &hop[1], &hop[2], &hop[3]);
+        let x = |a, b, i| fmt2(self.ratio(a, b, i));
         r.push_str(&format!(
-            "\n64 B p50 against iptables: sockmesh {:.2}, sockmesh + sk_msg {:.2}, Unix socket \
-             {:.2}; sockmesh + sk_msg against the Unix socket {:.2}. Bulk against iptables: \
-             sockmesh {:.2}, sockmesh + sk_msg {:.2}, Unix socket {:.2}.\n\n",
-            sm_h[0].0 / ipt_h[0].0,
-            msg_h[0].0 / ipt_h[0].0,
-            unix_h[0].0 / ipt_h[0].0,
-            msg_h[0].0 / unix_h[0].0,
-            sm_h[4].0 / ipt_h[4].0,
-            msg_h[4].0 / ipt_h[4].0,
-            unix_h[4].0 / ipt_h[4].0,
+            "\n64 B p50 against iptables: sockmesh {}, sockmesh + sk_msg {}, Unix socket {}; \
+             sockmesh + sk_msg against the Unix socket {}. Bulk against iptables: sockmesh {}, \
+             sockmesh + sk_msg {}, Unix socket {}.\n\n",
+            x(1, 0, 0),
+            x(2, 0, 0),
+            x(3, 0, 0),
+            x(2, 3, 0),
+            x(1, 0, 4),
+            x(2, 0, 4),
+            x(3, 0, 4),
         ));
     }
 }

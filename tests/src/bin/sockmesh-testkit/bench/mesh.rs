@@ -17,7 +17,7 @@ use sockmesh_tests::{
 use super::{
     host::cpu_secs,
     proxies::{wait_for_answer, HTTP_MODES},
-    stats::{column, fmt, Spread},
+    stats::{column, fmt, fmt2, ratio_of, reversed, Spread},
     Bench,
 };
 
@@ -94,10 +94,16 @@ impl Mesh {
         })
     }
 
-    /// One round: every topology and path, each with fresh proxies.
+    /// One round: every topology and path, each with fresh proxies, the paths in reverse order
+    /// every other round.
     pub fn round(&mut self, b: &mut Bench) -> Result<()> {
+        let reverse = reversed(self.rounds[0].len());
         for (t, (_, ipt, sm)) in self.pairs.iter().enumerate() {
-            for (path, pair) in [ipt, sm, sm].into_iter().enumerate() {
+            let mut order: Vec<_> = [ipt, sm, sm].into_iter().enumerate().collect();
+            if reverse {
+                order.reverse();
+            }
+            for (path, pair) in order {
                 if pair.mode == Mode::Sockmesh {
                     // sockmesh's default (the proxies' sockets), or off.
                     let accel = if path == 2 { "proxies" } else { "off" };
@@ -126,13 +132,22 @@ impl Mesh {
         ]
     }
 
+    /// Path `a`'s figure `i` against path `b`'s (indices into [`PATHS`]), in topology `t` with
+    /// client mode `k`, round by round.
+    fn ratio(&self, t: usize, k: usize, a: usize, b: usize, i: usize) -> Spread {
+        ratio_of(
+            &self.rounds[slot(t, a, k)],
+            &self.rounds[slot(t, b, k)],
+            |x| x[i],
+        )
+    }
+
     /// sockmesh's requests/s against iptables' on one node with new connections (the target),
     /// and acceleration's against sockmesh's without, per client mode on one node.
-    pub fn ratios(&self) -> (f64, [f64; 2]) {
-        let t = 0;
+    pub fn ratios(&self) -> (Spread, [Spread; 2]) {
         let new = HTTP_MODES.len() - 1;
-        let sm = self.figure(t, 1, new)[0].0 / self.figure(t, 0, new)[0].0;
-        let accel = [0, 1].map(|k| self.figure(t, 2, k)[0].0 / self.figure(t, 1, k)[0].0);
+        let sm = self.ratio(0, new, 1, 0, 0);
+        let accel = [0, 1].map(|k| self.ratio(0, k, 2, 1, 0));
         (sm, accel)
     }
 
@@ -174,18 +189,17 @@ impl Mesh {
         r.push('\n');
         for (t, topo) in Topology::ALL.into_iter().enumerate() {
             for (k, (mode, _)) in HTTP_MODES.into_iter().enumerate() {
-                let f = |path| self.figure(t, path, k);
-                let (ipt, sm, acc) = (f(0), f(1), f(2));
+                let x = |a, i| fmt2(self.ratio(t, k, a, 0, i));
                 r.push_str(&format!(
-                    "{}, {mode}, against iptables: sockmesh requests/s {:.2}, p99 {:.2}, CPU {:.2}; \
-                     sockmesh + acceleration requests/s {:.2}, p99 {:.2}, CPU {:.2}.\n\n",
+                    "{}, {mode}, against iptables: sockmesh requests/s {}, p99 {}, CPU {}; \
+                     sockmesh + acceleration requests/s {}, p99 {}, CPU {}.\n\n",
                     topo.name(),
-                    sm[0].0 / ipt[0].0,
-                    sm[2].0 / ipt[2].0,
-                    sm[3].0 / ipt[3].0,
-                    acc[0].0 / ipt[0].0,
-                    acc[2].0 / ipt[2].0,
-                    acc[3].0 / ipt[3].0,
+                    x(1, 0),
+                    x(1, 2),
+                    x(1, 3),
+                    x(2, 0),
+                    x(2, 2),
+                    x(2, 3),
                 ));
             }
         }

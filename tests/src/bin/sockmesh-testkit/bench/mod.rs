@@ -65,7 +65,7 @@ impl Sizes {
     };
 
     const FULL: Sizes = Sizes {
-        rounds: 5,
+        rounds: 7,
         secs: 2.0,
         conns: 4,
         rules: &[1, 100, 1000, 10_000],
@@ -213,8 +213,10 @@ pub fn run(smoke: bool) -> Result<String> {
 fn header(b: &Bench) -> String {
     format!(
         "# Benchmarks\n\nWritten by `cargo xtask bench`{}. Machine: {}. Each figure is the median \
-         of {} interleaved rounds of {} s, with the spread (min–max) in brackets; ratios are of \
-         medians measured in the same run.\n\n",
+         of {} interleaved rounds of {} s, with the spread (min–max) in brackets. A ratio of two \
+         paths or proxies is the median of the rounds' own ratios, with their spread: in each \
+         round both are measured one after the other (in reverse order every other round), so \
+         a round that was slow for both moves the ratio less than either figure.\n\n",
         if b.smoke {
             " --smoke (tiny sizes: not figures to quote)"
         } else {

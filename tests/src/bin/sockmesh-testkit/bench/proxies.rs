@@ -14,7 +14,7 @@ use sockmesh_tests::{
 
 use super::{
     host::{cpu_secs, SyscallCount},
-    stats::{column, fmt, stats, Spread},
+    stats::{column, fmt, fmt2, ratio, ratio_of, reversed, stats, Spread},
     Bench,
 };
 use crate::hop::HopUpstream;
@@ -158,16 +158,23 @@ impl Proxies {
         cmd.arg("-db").arg("-f").arg(&self.haproxy_cfgs[i]);
     }
 
-    /// One round: per wire, sockmesh-proxy, then HAProxy, on the same pod and upstreams.
+    /// One round: per wire, sockmesh-proxy, then HAProxy, on the same pod and upstreams
+    /// (HAProxy first every other round).
     pub fn round(&mut self, b: &mut Bench) -> Result<()> {
         let proxy = sibling_bin("sockmesh-proxy", "SOCKMESH_PROXY_BIN")?;
+        let haproxy_first = reversed(self.ours.cpu[0].len());
         for wire in WIRES {
-            let mut cmd = b.lab.command_at(b.sm.place(), &proxy)?;
-            self.ours(&mut cmd);
-            proxy_round(b, wire, cmd, Some("ready"), &mut self.ours)?;
-            let mut cmd = b.lab.command_at(b.sm.place(), "haproxy")?;
-            self.theirs(wire, &mut cmd);
-            proxy_round(b, wire, cmd, None, &mut self.theirs)?;
+            for theirs in [haproxy_first, !haproxy_first] {
+                if theirs {
+                    let mut cmd = b.lab.command_at(b.sm.place(), "haproxy")?;
+                    self.theirs(wire, &mut cmd);
+                    proxy_round(b, wire, cmd, None, &mut self.theirs)?;
+                } else {
+                    let mut cmd = b.lab.command_at(b.sm.place(), &proxy)?;
+                    self.ours(&mut cmd);
+                    proxy_round(b, wire, cmd, Some("ready"), &mut self.ours)?;
+                }
+            }
         }
         Ok(())
     }
@@ -180,6 +187,19 @@ impl Proxies {
         (0..ROLES.len())
             .map(|k| (three(&self.ours.http[k]), three(&self.theirs.http[k])))
             .collect()
+    }
+
+    /// Per role, sockmesh-proxy against HAProxy round by round: requests/s, p50, p99, CPU per
+    /// request, system calls per request.
+    pub fn ratios(&self, k: usize) -> [Spread; 5] {
+        let (o, h) = (&self.ours, &self.theirs);
+        [
+            ratio_of(&o.http[k], &h.http[k], |x| x.0),
+            ratio_of(&o.http[k], &h.http[k], |x| x.1),
+            ratio_of(&o.http[k], &h.http[k], |x| x.2),
+            ratio(&o.cpu[k], &h.cpu[k]),
+            ratio(&o.syscalls[k], &h.syscalls[k]),
+        ]
     }
 
     /// Per role: (sockmesh-proxy's CPU µs per request, HAProxy's).
@@ -238,18 +258,11 @@ impl Proxies {
         }
         r.push('\n');
         for (k, (_, proto, mode, _)) in ROLES.into_iter().enumerate() {
-            let (o, h) = proxies[k];
-            let (cpu_o, cpu_h) = self.cpu(k);
-            let (sys_o, sys_h) = self.syscalls(k);
+            let [rps, p50, p99, cpu, sys] = self.ratios(k).map(fmt2);
             r.push_str(&format!(
-                "sockmesh-proxy / HAProxy, {proto} {mode}: requests/s {:.2}, p50 {:.2}, p99 {:.2} \
-                 (below 1 is better for latency), CPU per request {:.2}, system calls per request \
-                 {:.2}.\n\n",
-                o.0 .0 / h.0 .0,
-                o.1 .0 / h.1 .0,
-                o.2 .0 / h.2 .0,
-                cpu_o / cpu_h,
-                sys_o / sys_h,
+                "sockmesh-proxy / HAProxy, {proto} {mode}: requests/s {rps}, p50 {p50}, p99 {p99} \
+                 (below 1 is better for latency), CPU per request {cpu}, system calls per \
+                 request {sys}.\n\n",
             ));
         }
         r.push_str(

@@ -21,6 +21,30 @@ pub fn column<T>(rounds: &[T], figure: impl Fn(&T) -> f64) -> Spread {
     stats(&rounds.iter().map(figure).collect::<Vec<_>>())
 }
 
+/// The ratio `a / b` of two series measured in the same rounds, one after the other: each
+/// round's own ratio, then their median and spread. A round that ran slow for both sides
+/// (the 2 shared cores busy elsewhere) moves its ratio less than either figure.
+pub fn ratio(a: &[f64], b: &[f64]) -> Spread {
+    assert_eq!(
+        a.len(),
+        b.len(),
+        "the two sides of a ratio have one figure per round"
+    );
+    stats(&a.iter().zip(b).map(|(x, y)| x / y).collect::<Vec<_>>())
+}
+
+/// [`ratio`] of one figure of each round of two series.
+pub fn ratio_of<T>(a: &[T], b: &[T], figure: impl Fn(&T) -> f64) -> Spread {
+    let col = |v: &[T]| v.iter().map(&figure).collect::<Vec<_>>();
+    ratio(&col(a), &col(b))
+}
+
+/// Whether round `n` (from 0) runs its paths in reverse: alternating the order cancels what
+/// going first or last in a round does to a figure.
+pub fn reversed(n: usize) -> bool {
+    n % 2 == 1
+}
+
 /// A spread with no decimals: `median [min–max]`.
 pub fn fmt((mid, lo, hi): Spread) -> String {
     format!("{mid:.0} [{lo:.0}–{hi:.0}]")
@@ -60,6 +84,23 @@ pub fn miss(x: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_ratio_is_the_median_of_each_rounds_own() {
+        // Round 2 ran slow for both sides: its ratio is as the others'.
+        let ours = [100.0, 50.0, 110.0];
+        let theirs = [100.0, 50.0, 100.0];
+        assert_eq!(ratio(&ours, &theirs), (1.0, 1.0, 1.1));
+        // One side's slow round is that round's ratio alone.
+        let ours = [100.0, 50.0, 100.0];
+        let theirs = [100.0, 100.0, 100.0];
+        assert_eq!(ratio(&ours, &theirs), (1.0, 0.5, 1.0));
+        assert_eq!(
+            ratio_of(&[(1.0, 4.0)], &[(2.0, 2.0)], |x| x.1),
+            (2.0, 2.0, 2.0)
+        );
+        assert!(!reversed(0) && reversed(1) && !reversed(2));
+    }
 
     #[test]
     fn a_miss_never_reads_as_nothing() {

@@ -8,7 +8,7 @@ use super::{
     pod_scale::PodScale,
     proxies::{Proxies, HTTP_MODES, ROLES},
     rules::Rules,
-    stats::{miss, verdict},
+    stats::{fmt2, miss, verdict},
 };
 
 /// The sections, measured.
@@ -28,36 +28,35 @@ fn row(r: &mut String, target: &str, measured: String, verdict: String) {
 
 pub fn report(f: &Figures, r: &mut String) {
     r.push_str("## Targets\n\n| target | measured | verdict |\n|---|---|---|\n");
-    let (d, _, m) = f.capture.rates();
-    let connect = m.0 / d.0;
+    let connect = f.capture.to_direct();
     row(
         r,
         "connect-time capture within 5% of direct (>= 0.95)",
-        format!("{connect:.2}"),
-        verdict(connect >= 0.95, miss(0.95 - connect)),
+        fmt2(connect),
+        verdict(connect.0 >= 0.95, miss(0.95 - connect.0)),
     );
-    let hop = f.hop.figures();
-    let (ipt_h, msg_h, unix_h) = (&hop[0], &hop[2], &hop[3]);
-    let p50 = msg_h[0].0 / ipt_h[0].0;
+    // Hop paths: iptables, sockmesh, sockmesh + sk_msg, Unix socket; figures: 64 B p50 first,
+    // bulk last.
+    let p50 = f.hop.ratio(2, 0, 0);
     row(
         r,
         "hop round-trip p50 at most 0.8x iptables' (sockmesh + sk_msg, 64 B)",
-        format!("{p50:.2}"),
-        verdict(p50 <= 0.8, miss(p50 - 0.8)),
+        fmt2(p50),
+        verdict(p50.0 <= 0.8, miss(p50.0 - 0.8)),
     );
-    let vs_unix = msg_h[0].0 / unix_h[0].0;
+    let vs_unix = f.hop.ratio(2, 3, 0);
     row(
         r,
         "hop round-trip p50 within 1.25x of the Unix socket's",
-        format!("{vs_unix:.2}"),
-        verdict(vs_unix <= 1.25, miss(vs_unix - 1.25)),
+        fmt2(vs_unix),
+        verdict(vs_unix.0 <= 1.25, miss(vs_unix.0 - 1.25)),
     );
-    let thr = msg_h[4].0 / ipt_h[4].0;
+    let thr = f.hop.ratio(2, 0, 4);
     row(
         r,
         "hop bulk throughput at least 1.5x iptables' (sockmesh + sk_msg)",
-        format!("{thr:.2}"),
-        verdict(thr >= 1.5, miss(1.5 - thr)),
+        fmt2(thr),
+        verdict(thr.0 >= 1.5, miss(1.5 - thr.0)),
     );
     let (scale, most_rules) = f.rules.sockmesh_scale();
     row(
@@ -81,29 +80,25 @@ pub fn report(f: &Figures, r: &mut String) {
         format!("{peak:.1} MiB"),
         verdict(peak < 30.0, format!("{:.1} MiB", peak - 30.0)),
     );
-    for (k, ((_, proto, mode, _), (o, h))) in ROLES.into_iter().zip(f.proxies.figures()).enumerate()
-    {
-        let rps = o.0 .0 / h.0 .0;
+    for (k, (_, proto, mode, _)) in ROLES.into_iter().enumerate() {
+        let [rps, _, p99, cpu, _] = f.proxies.ratios(k);
         row(
             r,
             &format!("proxy requests/s at least HAProxy's ({proto} {mode}, >= 1.00)"),
-            format!("{rps:.2}"),
-            verdict(rps >= 1.0, miss(1.0 - rps)),
+            fmt2(rps),
+            verdict(rps.0 >= 1.0, miss(1.0 - rps.0)),
         );
-        let p99 = o.2 .0 / h.2 .0;
         row(
             r,
             &format!("proxy p99 at most HAProxy's ({proto} {mode}, <= 1.00)"),
-            format!("{p99:.2}"),
-            verdict(p99 <= 1.0, miss(p99 - 1.0)),
+            fmt2(p99),
+            verdict(p99.0 <= 1.0, miss(p99.0 - 1.0)),
         );
-        let (cpu_o, cpu_h) = f.proxies.cpu(k);
-        let cpu = cpu_o / cpu_h;
         row(
             r,
             &format!("proxy CPU per request at most HAProxy's ({proto} {mode}, <= 1.00)"),
-            format!("{cpu:.2}"),
-            verdict(cpu <= 1.0, miss(cpu - 1.0)),
+            fmt2(cpu),
+            verdict(cpu.0 <= 1.0, miss(cpu.0 - 1.0)),
         );
     }
     let (sm, accel) = f.mesh.ratios();
@@ -111,8 +106,8 @@ pub fn report(f: &Figures, r: &mut String) {
         r,
         "mesh request through two sidecars, one node, new connections: sockmesh requests/s at \
          least 1.1x iptables'",
-        format!("{sm:.2}"),
-        verdict(sm >= 1.1, miss(1.1 - sm)),
+        fmt2(sm),
+        verdict(sm.0 >= 1.1, miss(1.1 - sm.0)),
     );
     for ((mode, _), a) in HTTP_MODES.into_iter().zip(accel) {
         row(
@@ -120,7 +115,7 @@ pub fn report(f: &Figures, r: &mut String) {
             &format!(
                 "acceleration's effect on the mesh request, one node, {mode} (shown as measured)"
             ),
-            format!("{a:.2}x sockmesh without it"),
+            format!("{} of sockmesh's without it", fmt2(a)),
             "shown".into(),
         );
     }
