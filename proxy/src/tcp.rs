@@ -11,7 +11,7 @@ use crate::{
     config::Direction,
     snapshot::Snapshot,
     transport::{
-        client_hello_sni, connect, Accepted, ClientAddr, Sniffed, ORIG_DST_CONNECT_TIMEOUT,
+        self, client_hello_sni, connect, Accepted, ClientAddr, Sniffed, ORIG_DST_CONNECT_TIMEOUT,
     },
 };
 
@@ -89,6 +89,5 @@ async fn relay(
     connect_timeout: Duration,
 ) -> io::Result<()> {
     let mut up = connect(target, direction, connect_timeout).await?;
-    tokio::io::copy_bidirectional(&mut down, &mut up).await?;
-    Ok(())
+    transport::relay(&mut down, &mut up).await
 }

@@ -72,7 +72,7 @@ fn to_origin_form(req: &mut Request<Body>) {
 fn relay_upgrade(down: OnUpgrade, up: OnUpgrade) {
     tokio::spawn(async move {
         if let (Ok(d), Ok(u)) = (down.await, up.await) {
-            let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(d), &mut TokioIo::new(u)).await;
+            let _ = crate::transport::relay(&mut TokioIo::new(d), &mut TokioIo::new(u)).await;
         }
     });
 }
