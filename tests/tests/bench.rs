@@ -79,7 +79,8 @@ fn the_benchmark_suite_runs_and_reports_every_ratio() {
 }
 
 /// A short run of `cargo xtask profile`: both proxies run under callgrind, each role's
-/// requests are counted (HTTP/1.1 keep-alive and new connections, h2c keep-alive),
+/// requests are counted (HTTP/1.1 keep-alive and new connections, h2c keep-alive, the TCP
+/// relay keep-alive and new connections),
 /// sockmesh-proxy's instructions are shared out by part, and both proxies' system calls are
 /// counted per request.
 #[test]
@@ -91,6 +92,8 @@ fn the_profile_counts_both_proxies_instructions_per_request() {
         "HTTP/1.1 keep-alive",
         "HTTP/1.1 new connections",
         "h2c keep-alive",
+        "TCP relay keep-alive",
+        "TCP relay new connections",
     ];
     for role in roles {
         for proxy in ["HAProxy", "sockmesh-proxy"] {
@@ -115,6 +118,10 @@ fn the_profile_counts_both_proxies_instructions_per_request() {
         );
     }
     assert!(report.contains("| hyper | "), "{report}");
+    assert!(
+        report.contains("| TCP relay (sockmesh-proxy) | "),
+        "{report}"
+    );
     // Both proxies' system calls per request, by call: every proxy reads and writes.
     let all = report
         .lines()

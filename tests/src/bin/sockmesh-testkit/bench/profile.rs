@@ -1,5 +1,5 @@
 //! Where a proxy's CPU goes, per request (run by `cargo xtask profile`): sockmesh-proxy and
-//! HAProxy in section 5's HTTP roles (the same pod, capture, upstreams and clients), each under
+//! HAProxy in section 5's roles (the same pod, capture, upstreams and clients), each under
 //! valgrind's callgrind, which counts the instructions a process runs in user space the same
 //! way on every run (these machines' timings are noisy). A run per role counts from start to
 //! exit, a baseline run for the role's wire (start, first answers, exit) is taken from it, and
@@ -30,12 +30,11 @@ use super::{
     Bench,
 };
 
-/// The roles profiled, section 5's HTTP ones (the TCP relay parses nothing): (name, what the
-/// clients speak, a new connection per request).
+/// The roles profiled, all of section 5's: (name, what the clients speak, a new connection
+/// per request).
 fn roles() -> Vec<(String, Wire, bool)> {
     ROLES
         .iter()
-        .filter(|(wire, ..)| *wire != Wire::Tcp)
         .map(|&(wire, protocol, mode, new_conn)| (format!("{protocol} {mode}"), wire, new_conn))
         .collect()
 }
@@ -391,6 +390,7 @@ fn part(function: &str) -> String {
         ("sockmesh_proxy::upstream", "upstream pool (sockmesh-proxy)"),
         ("sockmesh_proxy::cluster", "upstream pool (sockmesh-proxy)"),
         ("sockmesh_proxy::http", "request handling (sockmesh-proxy)"),
+        ("sockmesh_proxy::tcp", "TCP relay (sockmesh-proxy)"),
         ("sockmesh_proxy", "other (sockmesh-proxy)"),
         ("hyper_util", "hyper"),
         ("hyper", "hyper"),
@@ -433,10 +433,12 @@ fn part(function: &str) -> String {
 fn report(b: &Bench, ours: &Counted, theirs: &Counted) -> Result<String> {
     let mut r = String::from("# Where the proxies' CPU goes\n\n");
     r.push_str(&format!(
-        "Written by `cargo xtask profile`{}. Machine: {}. Section 5's HTTP roles ({} clients in \
-         the sockmesh pod to a service VIP, captured to the proxy on 15001, round robin over two \
-         keep-alive upstreams; HTTP/1.1 with keep-alive and with a new connection per request, \
-         h2c with keep-alive), each proxy under valgrind's callgrind, {} s of requests per role, \
+        "Written by `cargo xtask profile`{}. Machine: {}. Section 5's roles ({} clients in the \
+         sockmesh pod to a service VIP, captured to the proxy on 15001, round robin over two \
+         upstreams; HTTP/1.1 with keep-alive and with a new connection per request, h2c with \
+         keep-alive, each with keep-alive upstreams; a TCP relay of 64-byte exchanges with \
+         keep-alive and with a new connection per exchange, each client connection relayed on \
+         a new upstream connection), each proxy under valgrind's callgrind, {} s of requests per role, \
          less a baseline run of the same wire with none (start-up, first answers, exit). \
          Instructions are the proxy's own, in user space, counted by callgrind (the same on \
          every run); system calls and the kernel's TCP work are not counted (section 5 of \
