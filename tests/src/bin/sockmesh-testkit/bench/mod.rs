@@ -112,7 +112,17 @@ impl Bench {
 
     /// Short connections per second from the app of `pod` to `dst` for the round's seconds.
     pub fn connects(&self, pod: &Pod, in_cgroup: bool, dst: SocketAddr) -> Result<f64> {
-        let secs = self.sizes.secs;
+        self.connects_for(pod, in_cgroup, dst, self.sizes.secs)
+    }
+
+    /// [`Bench::connects`] for `secs` seconds.
+    pub fn connects_for(
+        &self,
+        pod: &Pod,
+        in_cgroup: bool,
+        dst: SocketAddr,
+        secs: f64,
+    ) -> Result<f64> {
         let program = BenchConnect {
             dst,
             secs,
@@ -174,9 +184,6 @@ pub fn run(smoke: bool) -> Result<String> {
     let mut mesh = mesh::Mesh::new(&mut b)?;
     let mut rules = rules::Rules::new(&mut b)?;
     let mut pod_scale = pod_scale::PodScale::new(&b)?;
-    // Why: the programs' cost per connection (runs per connection, ns per run), the proxies'
-    // and the agent's CPU time per request and per registration.
-    let _stats = host::BpfStats::on()?;
     for _ in 0..b.sizes.rounds {
         // The sockmesh pod's listener on 15001 serves sections 1, 3 and 4; then the hop's
         // forwarder and the proxies take the port.
