@@ -35,8 +35,14 @@ fn lands_with(r: &[(String, Outcome)], label: &str, want: &str, orig: &str) {
 
 /// Run every case of `p` both ways; return the iptables outcomes for extra checks.
 fn conformance(p: &Profile) -> Vec<(String, Outcome)> {
+    conformance_with(p, &[]).0
+}
+
+/// [`conformance`] with the agent started with `agent_args`; also the lab (its agent's log).
+fn conformance_with(p: &Profile, agent_args: &[&str]) -> (Vec<(String, Outcome)>, Lab) {
     sockmesh_tests::lab::require_tools(&["ip", "iptables-restore", "ip6tables-restore"]).unwrap();
     let mut lab = Lab::new("conf").unwrap();
+    lab.agent_args = agent_args.iter().map(|a| a.to_string()).collect();
     lab.start_agent().unwrap();
     let ipt = pods::pod(&mut lab, "i", p, Mode::Iptables).unwrap();
     pods::apply_iptables(&ipt, p).unwrap();
@@ -87,7 +93,7 @@ fn conformance(p: &Profile) -> Vec<(String, Outcome)> {
     let live = dump["original_destinations"].as_array().unwrap();
     assert!(live.is_empty(), "records outlived their sockets: {live:?}");
     assert_eq!(dump["pods"].as_array().unwrap().len(), 1, "{dump}");
-    reference
+    (reference, lab)
 }
 
 fn outcome<'a>(r: &'a [(String, Outcome)], label: &str) -> &'a Outcome {
@@ -95,6 +101,25 @@ fn outcome<'a>(r: &'a [(String, Outcome)], label: &str) -> &'a Outcome {
         .find(|(l, _)| l == label)
         .unwrap_or_else(|| panic!("no case {label}"))
         .1
+}
+
+/// Without the kernel's BTF the connect programs cannot read a socket's creator from the
+/// socket: `sock_create` records it for every socket instead, and every case still lands as
+/// under istio-iptables, a socket made by root and connected as the proxy's uid included.
+#[test]
+fn default_sidecar_without_the_kernels_btf() {
+    let (r, lab) = conformance_with(
+        &profile("default-sidecar"),
+        &["--kernel-btf", "/nonexistent/vmlinux"],
+    );
+    let log = std::fs::read_to_string(lab.agent_log_path()).unwrap();
+    assert!(
+        log.contains("the kernel's BTF does not place a socket's creator"),
+        "{log}"
+    );
+    // iptables' owner match sees the socket's creator (root), not the proxy's uid: captured.
+    let root_socket = format!("proxy-on-a-root-socket -> {}:80", pods::PEER_V4);
+    lands_with(&r, &root_socket, "pod:15001", "192.0.2.20:80");
 }
 
 #[test]

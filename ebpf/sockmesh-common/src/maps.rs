@@ -257,7 +257,7 @@ pub mod counters {
 mod pod_impls {
     use crate::{
         accel::{AccelSock, KernelOffsets, SockKey},
-        pod::{NetnsCookie, PodConfig},
+        pod::{CredOffsets, NetnsCookie, PodConfig},
     };
 
     // SAFETY: all of these are #[repr(C)] (or transparent) plain data with explicit padding.
@@ -272,5 +272,6 @@ mod pod_impls {
     unsafe impl aya::Pod for super::ListenerKey {}
     unsafe impl aya::Pod for SockKey {}
     unsafe impl aya::Pod for KernelOffsets {}
+    unsafe impl aya::Pod for CredOffsets {}
     unsafe impl aya::Pod for AccelSock {}
 }

@@ -262,6 +262,36 @@ pub struct SockOwner {
     pub gid: u32,
 }
 
+/// Where the running kernel keeps a socket's creator (iptables' owner match reads the socket
+/// file's credentials, `sk->sk_socket->file->f_cred`, their `fsuid` and `fsgid`): the agent
+/// reads these offsets from the kernel's BTF and gives them to the programs at load time. The
+/// connect programs then read the creator from the socket itself; with an offset unknown
+/// (zero), `sock_create` records every socket's creator in `SOCK_OWNER` instead.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CredOffsets {
+    /// `struct sock`'s `sk_socket`.
+    pub sk_socket: u32,
+    /// `struct socket`'s `file`.
+    pub socket_file: u32,
+    /// `struct file`'s `f_cred`.
+    pub file_cred: u32,
+    /// `struct cred`'s `fsuid` and `fsgid`.
+    pub cred_fsuid: u32,
+    pub cred_fsgid: u32,
+}
+
+impl CredOffsets {
+    /// Every offset found (none of these members is a struct's first).
+    pub const fn known(&self) -> bool {
+        self.sk_socket != 0
+            && self.socket_file != 0
+            && self.file_cred != 0
+            && self.cred_fsuid != 0
+            && self.cred_fsgid != 0
+    }
+}
+
 /// Defines a `#[repr(u32)]` kind of per-pod set from one list of variants and values, with
 /// `ALL` and `from_u32` (the values are map keys: never reuse one).
 macro_rules! set_kinds {

@@ -39,7 +39,7 @@ pub fn accelerate(ctx: &SockOpsContext, netns: NetnsCookie) -> Option<u32> {
         return None;
     }
     let pod = pod(netns)?;
-    if pod.has(PodFlags::NO_ACCEL) {
+    if !on_for(pod) {
         return None;
     }
     // One key on the stack (the connect programs' frames leave little room).
@@ -64,6 +64,13 @@ pub fn accelerate(ctx: &SockOpsContext, netns: NetnsCookie) -> Option<u32> {
         }
         Err(_) => Some(counters::ACCEL_SOCK_FULL),
     }
+}
+
+/// Whether acceleration is on for the node and for `pod`.
+#[inline(always)]
+pub fn on_for(pod: &PodConfig) -> bool {
+    let node = unsafe { ptr::read_volatile(&SOCKMESH_ACCEL) };
+    node != 0 && !pod.has(PodFlags::NO_ACCEL)
 }
 
 /// Whether the socket is `pod`'s proxy's: its creator (or its listener's, for an accepted

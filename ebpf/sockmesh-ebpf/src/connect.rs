@@ -11,13 +11,14 @@ use aya_ebpf::{
 };
 use sockmesh_common::{
     counters, decide, is_loopback, is_unspecified, is_v4_mapped, local_origin, v4_mapped, Action,
-    Addr, Conn, NetnsCookie, OrigDst, PodConfig, PodFlags, Proto, Reason, Verdict, AF_INET,
-    AF_INET6, V4_LOOPBACK, V6_LOOPBACK,
+    Addr, Conn, NetnsCookie, OrigDst, PodConfig, PodFlags, Proto, Reason, SockOwner, Verdict,
+    AF_INET, AF_INET6, V4_LOOPBACK, V6_LOOPBACK,
 };
 
 use crate::{
     ctx::{self, read_words, v4_word, write_words, SOCK_DGRAM, SOCK_STREAM},
     maps::{count, is_local, pod, route_source, PodRules, SOCK_DST, SOCK_OWNER},
+    sock_create,
 };
 
 #[cgroup_sock_addr(connect4)]
@@ -110,16 +111,23 @@ fn read_conn<const V6: bool>(ctx: &SockAddrContext, netns: NetnsCookie, conn: &m
             v4_mapped(V4_LOOPBACK)
         };
     }
-    // The socket's creator, as iptables' owner match; the current task for sockets created
-    // before the pod was registered.
-    let owner = SOCK_OWNER.get(unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk }.cast());
-    let (uid, gid) = if owner.is_null() {
-        let ids = bpf_get_current_uid_gid();
-        (ids as u32, (ids >> 32) as u32)
-    } else {
-        let o = unsafe { *owner };
-        (o.uid, o.gid)
-    };
+    // The socket's creator, as iptables' owner match: read from the socket, else as
+    // `sock_create` recorded it, else (a socket created before the pod was registered) the
+    // current task.
+    let mut owner = SockOwner { uid: 0, gid: 0 };
+    if !sock_create::creator(sk, &mut owner) {
+        let stored = SOCK_OWNER.get(unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk }.cast());
+        owner = if stored.is_null() {
+            let ids = bpf_get_current_uid_gid();
+            SockOwner {
+                uid: ids as u32,
+                gid: (ids >> 32) as u32,
+            }
+        } else {
+            unsafe { *stored }
+        };
+    }
+    let (uid, gid) = (owner.uid, owner.gid);
     conn.dst = dst;
     conn.src = src;
     conn.dport = u16::from_be(unsafe { (*sa).user_port } as u16);

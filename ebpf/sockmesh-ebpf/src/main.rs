@@ -11,7 +11,8 @@
 //! - [`sk_lookup`]: steers new inbound connections to the pod's proxy.
 //! - [`forward`]: tc ingress and egress on `-k` interfaces: connections forwarded through the
 //!   pod go to its outbound proxy, translated as REDIRECT translates them.
-//! - [`sock_create`]: remembers each socket's creator (iptables' owner match).
+//! - [`sock_create`]: a socket's creator (iptables' owner match): read from the socket, or
+//!   remembered at `socket()` where that cannot be done or acceleration needs it.
 //! - [`accel`]: opt-in socket acceleration (sock_ops + sk_msg).
 //!
 //! [`maps`] holds the maps they share; [`ctx`] the context reads and writes. Every program acts

@@ -12,8 +12,8 @@ use aya_ebpf::{
 };
 use sockmesh_common::{
     is_v4_mapped, sizes, AccelSock, Addr, Arrival, CidrKey, CidrKind, ConnKey, CounterKey,
-    KernelOffsets, ListenerKey, LocalAddrKey, Lookups, MemberKey, MemberKind, NetnsCookie, OrigDst,
-    PodConfig, Reason, Rules, SockKey, SockOwner, CIDR_KEY_FIXED_BITS,
+    CredOffsets, KernelOffsets, ListenerKey, LocalAddrKey, Lookups, MemberKey, MemberKind,
+    NetnsCookie, OrigDst, PodConfig, Reason, Rules, SockKey, SockOwner, CIDR_KEY_FIXED_BITS,
 };
 
 // The hash maps that hold what registrations write are not preallocated (BPF_F_NO_PREALLOC):
@@ -97,7 +97,18 @@ pub static SOCKMESH_KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     tcp_copied_seq: 0,
 };
 
-/// Who created each socket of a registered pod.
+/// Where the kernel keeps a socket's creator (see `CredOffsets`), set by the agent at load;
+/// zero: unknown, `sock_create` records every creator in `SOCK_OWNER`.
+#[no_mangle]
+pub static SOCKMESH_CRED_OFFSETS: CredOffsets = CredOffsets {
+    sk_socket: 0,
+    socket_file: 0,
+    file_cred: 0,
+    cred_fsuid: 0,
+    cred_fsgid: 0,
+};
+
+/// Who created each socket of a registered pod, where `sock_create` records it.
 /// Accepted sockets inherit their listener's (the map is made with BPF_F_CLONE), so a proxy's
 /// accepted connections are known as the proxy's.
 #[btf_map(name = "SM_SOCK_OWNER")]

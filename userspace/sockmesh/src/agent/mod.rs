@@ -62,6 +62,12 @@ pub struct AgentArgs {
     #[arg(long, default_value_t = sockmesh_common::sizes::ORIG_DST,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub orig_dst_entries: u32,
+    /// The kernel's BTF (its type information), where the programs' kernel field offsets are
+    /// found: those that lead from a socket to its creator (without them, every socket of a
+    /// registered pod gets its creator recorded when it is made, a socket storage each) and
+    /// those acceleration reads (it needs them).
+    #[arg(long, default_value = crate::core::btf::VMLINUX)]
+    pub kernel_btf: PathBuf,
 }
 
 /// Block SIGTERM/SIGINT in every thread and return a thread that waits for them: on either, it
@@ -152,7 +158,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     loader::prepare_bpffs(&args.bpffs)?;
     let cgroup = loader::open_cgroup2(&args.cgroup)?;
     let accel = args.acceleration == "on";
-    let mut ebpf = loader::load(&args.bpffs, accel, args.orig_dst_entries)?;
+    let mut ebpf = loader::load(&args.bpffs, accel, args.orig_dst_entries, &args.kernel_btf)?;
     kernel_log::forward_kernel_logs(&mut ebpf);
     let (actions, in_force) = loader::attach_all(&mut ebpf, cgroup.as_fd(), &args.bpffs)?;
     if accel {

@@ -3,7 +3,9 @@
 //! `struct tcp_sock` (see [`KernelOffsets`]) whose places change between kernels. The format is the kernel's
 //! Documentation/bpf/btf.rst: a header, a type section, a string section.
 
-use sockmesh_common::KernelOffsets;
+use std::path::{Path, PathBuf};
+
+use sockmesh_common::{CredOffsets, KernelOffsets};
 
 const MAGIC: u16 = 0xeb9f;
 const KIND_STRUCT: u32 = 4;
@@ -11,9 +13,9 @@ const KIND_STRUCT: u32 = 4;
 /// Why a member's offset could not be found.
 #[derive(Debug, thiserror::Error)]
 pub enum BtfError {
-    #[error("reading {path}: {source}")]
+    #[error("reading {}: {source}", path.display())]
     Read {
-        path: &'static str,
+        path: PathBuf,
         #[source]
         source: std::io::Error,
     },
@@ -106,10 +108,34 @@ impl<'a> Btf<'a> {
     }
 }
 
-/// The running kernel's offsets of the fields the acceleration programs read.
-pub fn kernel_offsets() -> Result<KernelOffsets, BtfError> {
-    const PATH: &str = "/sys/kernel/btf/vmlinux";
-    let data = std::fs::read(PATH).map_err(|source| BtfError::Read { path: PATH, source })?;
+/// Where the running kernel shows its BTF.
+pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
+
+fn read(path: &Path) -> Result<Vec<u8>, BtfError> {
+    std::fs::read(path).map_err(|source| BtfError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// The kernel's offsets of the fields that lead from a socket to its creator's credentials,
+/// from its BTF at `path`.
+pub fn cred_offsets(path: &Path) -> Result<CredOffsets, BtfError> {
+    let data = read(path)?;
+    let btf = Btf::parse(&data)?;
+    let cred = |member| btf.member_offset("cred", member);
+    Ok(CredOffsets {
+        sk_socket: btf.member_offset("sock", "sk_socket")?,
+        socket_file: btf.member_offset("socket", "file")?,
+        file_cred: btf.member_offset("file", "f_cred")?,
+        cred_fsuid: cred("fsuid")?,
+        cred_fsgid: cred("fsgid")?,
+    })
+}
+
+/// The kernel's offsets of the fields the acceleration programs read, from its BTF at `path`.
+pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, BtfError> {
+    let data = read(path)?;
     let btf = Btf::parse(&data)?;
     let tcp = |member| btf.member_offset("tcp_sock", member);
     Ok(KernelOffsets {
@@ -194,11 +220,19 @@ mod tests {
         assert!(Btf::parse(b"not btf at all, not btf at all").is_err());
     }
 
+    /// The running kernel's BTF has the fields that lead to a socket's creator.
+    #[test]
+    fn the_running_kernel_has_the_fields_to_a_sockets_creator() {
+        let off = cred_offsets(Path::new(VMLINUX)).expect("kernel BTF");
+        assert!(off.known(), "{off:?}");
+        assert_eq!(off.cred_fsgid, off.cred_fsuid + 4, "{off:?}");
+    }
+
     /// The running kernel's BTF parses and has the fields acceleration reads
     /// (the machines sockmesh is built and tested on expose it).
     #[test]
     fn the_running_kernel_has_the_fields_acceleration_reads() {
-        let off = kernel_offsets().expect("kernel BTF");
+        let off = kernel_offsets(Path::new(VMLINUX)).expect("kernel BTF");
         assert!(off.known(), "{off:?}");
     }
 }

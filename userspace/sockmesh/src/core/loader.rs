@@ -19,7 +19,7 @@ use aya::{
     },
     Ebpf, EbpfLoader,
 };
-use sockmesh_common::{names, KernelOffsets, NetnsCookie, SockKey};
+use sockmesh_common::{names, CredOffsets, KernelOffsets, NetnsCookie, SockKey};
 
 use super::{
     maps::{check_pinned_layouts, maps_dir},
@@ -245,7 +245,13 @@ pub fn open_cgroup2(dir: &Path) -> Result<fs::File, BpfError> {
 }
 
 /// Load the object with every map pinned (or reused) under `bpffs/maps`.
-pub fn load(bpffs: &Path, accel: bool, orig_dst_entries: u32) -> Result<Ebpf, BpfError> {
+/// `btf`: the kernel's BTF, where the offsets of the kernel fields the programs read are found.
+pub fn load(
+    bpffs: &Path,
+    accel: bool,
+    orig_dst_entries: u32,
+    btf: &Path,
+) -> Result<Ebpf, BpfError> {
     let dir = maps_dir(bpffs);
     check_pinned_layouts(&dir)?;
     // A pinned map is reused as it is: its size must be the one asked for.
@@ -270,15 +276,27 @@ pub fn load(bpffs: &Path, accel: bool, orig_dst_entries: u32) -> Result<Ebpf, Bp
     // sk_msg reads a few kernel fields whose offsets the BTF gives; without acceleration they
     // are left unknown (nothing is redirected).
     let offsets = if accel {
-        super::btf::kernel_offsets().map_err(BpfError::Btf)?
+        super::btf::kernel_offsets(btf).map_err(BpfError::Btf)?
     } else {
         KernelOffsets::default()
     };
+    // The connect programs read a socket's creator from the socket, through fields the BTF
+    // places; without them `sock_create` records every socket's creator (the same answer, at
+    // a socket storage per socket).
+    let creds = super::btf::cred_offsets(btf).unwrap_or_else(|e| {
+        tracing::warn!(
+            error = %e,
+            "the kernel's BTF does not place a socket's creator: every socket of a registered pod \
+             gets its creator recorded at creation instead (a socket storage each)"
+        );
+        CredOffsets::default()
+    });
     let accel = u8::from(accel);
     let mut loader = EbpfLoader::new();
     loader.map_max_entries(names::ORIG_DST, orig_dst_entries);
     loader.override_global("SOCKMESH_ACCEL", &accel, true);
     loader.override_global("SOCKMESH_KERNEL_OFFSETS", &offsets, true);
+    loader.override_global("SOCKMESH_CRED_OFFSETS", &creds, true);
     let paths: Vec<(&'static str, PathBuf)> =
         names::ALL.iter().map(|n| (*n, dir.join(n))).collect();
     for (name, path) in &paths {
