@@ -126,8 +126,9 @@ pub fn report(f: &Figures, r: &mut String) {
 
 /// Why, from the figures.
 const WHY: &str = "Why, from the figures above: capture at connect costs sockmesh its programs' time \
-     per connection (section 1's program table) plus what any redirected connection pays \
-     (iptables' path is as far from direct); a round trip through the hop has four legs \
+     per connection (section 1's program table, measured with the kernel's statistics on, \
+     which add to each run) plus what any redirected connection pays (iptables' path is as \
+     far from direct); a round trip through the hop has four legs \
      (app to forwarder, forwarder to upstream and back over the veth, forwarder to app) \
      and sk_msg shortcuts only the first (an app's socket never receives redirected data, \
      so the answer reaches it by TCP; the veth legs are not local; the Unix socket \
@@ -142,8 +143,7 @@ const WHY: &str = "Why, from the figures above: capture at connect costs sockmes
      serves more than the other on 2 shared cores.\n\n\
      Where sockmesh-proxy's CPU goes, from a profile: `cargo xtask profile` \
      (docs/profile.md) counts both proxies' user-space instructions per request in section \
-     5's HTTP roles (HTTP/1.1 with keep-alive and with new connections, h2c with keep-alive) \
-     under callgrind, and shares sockmesh-proxy's out. For HTTP/1.1 most go to hyper's \
+     5's roles under callgrind, and shares sockmesh-proxy's out. For HTTP/1.1 most go to hyper's \
      HTTP/1 codecs (the server's towards the client; the client's towards the upstream, \
      with its channel to the upstream connection's task), tokio's task and I/O machinery, \
      the allocator and memory copies (futures and messages moved by value), about a \
@@ -166,7 +166,12 @@ const WHY: &str = "Why, from the figures above: capture at connect costs sockmes
      under a tenth; so closing that gap takes a leaner HTTP/2 implementation, not routing \
      or capture work. It makes fewer system calls per request than HAProxy (the by-call \
      table), which is why its CPU gap in section 5 is smaller than its instruction gap. The TCP \
-     relay parses nothing: there what is left is each proxy's event loop and system calls.\n\n\
+     relay parses nothing: each proxy's event loop and system calls are what is left. In the \
+     profile sockmesh-proxy runs fewer instructions than HAProxy per exchange with keep-alive \
+     and per connection with new connections (its relay's buffers are not zeroed: tokio's \
+     copy zeroed 16 KiB per connection, half of a new connection's instructions before), \
+     with about as many system calls; so there too a requests/s or p99 miss of a few \
+     hundredths, with CPU per request at or below HAProxy's, is the spread between rounds.\n\n\
      The mesh request (section 6) goes through two proxies, whose CPU is most of a \
      request's cost on 2 shared cores: capture removes conntrack and NAT from each of the \
      four legs' connects, which shows with new connections and little with keep-alive \
