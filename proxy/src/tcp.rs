@@ -8,7 +8,7 @@ use tracing::{debug, warn};
 
 use crate::{
     cluster::hash_bytes,
-    config::Direction,
+    config::{Direction, LbPolicy},
     snapshot::Snapshot,
     transport::{
         self, client_hello_sni, connect, Accepted, ClientAddr, Sniffed, ORIG_DST_CONNECT_TIMEOUT,
@@ -63,12 +63,14 @@ async fn to_cluster(
         warn!(cluster = name, "TCP route to a cluster not defined: closed");
         return Ok(());
     };
-    let hash = hash_bytes(client.addr().ip().to_string().as_bytes());
     if cl.connections_full() {
         warn!(cluster = name, "circuit breaker: max_connections reached");
         return Ok(());
     }
-    let Some(pick) = cl.pick(Some(hash)) else {
+    // Only the consistent hashes look at it.
+    let hash = matches!(cl.config.lb_policy, LbPolicy::RingHash | LbPolicy::Maglev)
+        .then(|| hash_bytes(client.addr().ip().to_string().as_bytes()));
+    let Some(pick) = cl.pick(hash) else {
         return Ok(());
     };
     let _open = cl.connection_opened();

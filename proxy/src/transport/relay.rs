@@ -45,12 +45,15 @@ impl Half {
         }
     }
 
-    /// Copy from `r` to `w` until `r` ends and `w` is shut down.
+    /// Copy from `r` to `w` until `r` ends, then shut `w` down, unless `last`: the other
+    /// direction has ended, so `w` has nothing left to read and its close, as the relay ends,
+    /// tells its peer the same (a system call fewer).
     fn poll_copy<R, W>(
         &mut self,
         cx: &mut Context<'_>,
         mut r: Pin<&mut R>,
         mut w: Pin<&mut W>,
+        last: bool,
     ) -> Poll<io::Result<()>>
     where
         R: AsyncRead + ?Sized,
@@ -90,7 +93,13 @@ impl Half {
                 self.unflushed = true;
             }
             if self.eof {
-                ready!(w.as_mut().poll_shutdown(cx))?;
+                if last {
+                    if self.unflushed {
+                        ready!(w.as_mut().poll_flush(cx))?;
+                    }
+                } else {
+                    ready!(w.as_mut().poll_shutdown(cx))?;
+                }
                 self.done = true;
                 return Poll::Ready(Ok(()));
             }
@@ -98,8 +107,9 @@ impl Half {
     }
 }
 
-/// Relay `a`'s bytes to `b` and `b`'s to `a` until both have ended, each end passed on as a
-/// shutdown of the other's writing side; the first error of either direction ends both.
+/// Relay `a`'s bytes to `b` and `b`'s to `a` until both have ended, the first end passed on
+/// as a shutdown of the other's writing side (the second goes with the caller's close); the
+/// first error of either direction ends both. The caller closes both once this returns.
 pub async fn relay<A, B>(a: &mut A, b: &mut B) -> io::Result<()>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -108,12 +118,16 @@ where
     let (mut a_to_b, mut b_to_a) = (Half::new(), Half::new());
     poll_fn(|cx| {
         if !a_to_b.done {
-            if let Poll::Ready(r) = a_to_b.poll_copy(cx, Pin::new(&mut *a), Pin::new(&mut *b)) {
+            let last = b_to_a.done;
+            if let Poll::Ready(r) = a_to_b.poll_copy(cx, Pin::new(&mut *a), Pin::new(&mut *b), last)
+            {
                 r?;
             }
         }
         if !b_to_a.done {
-            if let Poll::Ready(r) = b_to_a.poll_copy(cx, Pin::new(&mut *b), Pin::new(&mut *a)) {
+            let last = a_to_b.done;
+            if let Poll::Ready(r) = b_to_a.poll_copy(cx, Pin::new(&mut *b), Pin::new(&mut *a), last)
+            {
                 r?;
             }
         }
