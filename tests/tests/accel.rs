@@ -320,6 +320,33 @@ fn by_default_proxies_are_accelerated_and_apps_are_not() {
     assert!(received_by_tcp(&down) <= HEAD_START, "{down}");
 }
 
+/// A proxy that listened while its pod had acceleration off is known as the pod's proxy once
+/// the pod turns it on (registered again): its listener's creator was recorded when it
+/// listened, and the sockets it accepts inherit it, so the app's writes to it skip TCP/IP.
+#[test]
+fn a_proxy_listening_before_its_pod_turns_acceleration_on_is_known() {
+    let (lab, pod, _) = lab("accl", Accel::OffForThePod);
+    let before = case(&lab, &pod, "small-writes");
+    assert!(before.contains(" path=tcp "), "{before}");
+    sockmesh_tests::lab::run(lab.sockmesh_in(&pod.ns).unwrap().args([
+        "init",
+        "istio",
+        "--cleanup-only",
+    ]))
+    .unwrap();
+    let p = Profile::default_sidecar();
+    pods::apply_sockmesh_env(&lab, &pod, &p, &[("SOCKMESH_ACCELERATION", "all")]).unwrap();
+    let line = case(&lab, &pod, "small-writes");
+    let by_tcp: u64 = line
+        .rsplit_once(" path=tcp ")
+        .map_or(0, |(_, n)| n.parse().unwrap());
+    assert!(
+        line.ends_with(" path=skipped-tcp") || by_tcp <= HEAD_START,
+        "{line}\nagent log:\n{}",
+        lab.agent_log()
+    );
+}
+
 /// From a `download-path` line: the bytes that came through TCP/IP (the count includes the
 /// FIN's one).
 fn received_by_tcp(line: &str) -> u64 {

@@ -14,7 +14,7 @@ use aya_ebpf::{
 };
 use sockmesh_common::{
     counters, tcp_drained, v4_mapped, window_has_room, AccelSock, KernelOffsets, NetnsCookie,
-    PodConfig, PodFlags, SockKey, AF_INET, SK_USER_DATA_FLAGS,
+    PodConfig, PodFlags, SockKey, SockOwner, AF_INET, SK_USER_DATA_FLAGS,
 };
 
 use crate::{
@@ -23,6 +23,7 @@ use crate::{
         count, pod, ADDR_POD, PEER_SK, SOCKMESH_ACCEL, SOCKMESH_KERNEL_OFFSETS, SOCKS, SOCK_OWNER,
         SOCK_TCP,
     },
+    sock_create,
     sockops::{self, sock_key},
 };
 
@@ -80,8 +81,13 @@ fn is_proxy_socket(ctx: &SockOpsContext, pod: &PodConfig) -> bool {
     let Some(sk) = sockops::sk(ctx) else {
         return false;
     };
-    let owner = SOCK_OWNER.get(sk.cast());
-    !owner.is_null() && pod.is_proxy(unsafe { &*owner })
+    // An accepted socket's, copied from its listener; else read from the socket's file.
+    let stored = SOCK_OWNER.get(sk.cast());
+    if !stored.is_null() {
+        return pod.is_proxy(unsafe { &*stored });
+    }
+    let mut owner = SockOwner { uid: 0, gid: 0 };
+    sock_create::creator(sk, &mut owner) && pod.is_proxy(&owner)
 }
 
 /// An accelerated socket closed: its entry in `PEER_SK` goes, so that the LRU map only ever

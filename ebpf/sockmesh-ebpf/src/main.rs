@@ -11,8 +11,9 @@
 //! - [`sk_lookup`]: steers new inbound connections to the pod's proxy.
 //! - [`forward`]: tc ingress and egress on `-k` interfaces: connections forwarded through the
 //!   pod go to its outbound proxy, translated as REDIRECT translates them.
-//! - [`sock_create`]: a socket's creator (iptables' owner match): read from the socket, or
-//!   remembered at `socket()` where that cannot be done or acceleration needs it.
+//! - [`sock_create`]: a socket's creator (iptables' owner match): read from the socket's file,
+//!   recorded for listeners (their accepted sockets inherit it), or remembered at `socket()`
+//!   where the file cannot be read.
 //! - [`accel`]: opt-in socket acceleration (sock_ops + sk_msg).
 //!
 //! [`maps`] holds the maps they share; [`ctx`] the context reads and writes. Every program acts

@@ -1,7 +1,8 @@
 //! Who created a socket (iptables' owner match looks at the socket's creator, not at the task
-//! that later connects): read from the socket's file when the connect programs need it, or,
-//! where that cannot be done or acceleration needs it for accepted sockets, recorded by
-//! `cgroup/sock_create` in `SOCK_OWNER`.
+//! that later connects): read from the socket's file when the connect programs or acceleration
+//! need it. An accepted socket has no file of its own yet when it is established: it inherits
+//! the `SOCK_OWNER` record its listener got when it listened. Where the socket's file cannot be
+//! read (no kernel BTF), `cgroup/sock_create` records every creator in `SOCK_OWNER` instead.
 
 use core::ptr;
 
@@ -14,7 +15,7 @@ use aya_ebpf::{
 use sockmesh_common::{CredOffsets, SockOwner};
 
 use crate::{
-    accel, ctx,
+    ctx,
     maps::{pod, SOCKMESH_CRED_OFFSETS, SOCK_OWNER},
 };
 
@@ -25,15 +26,12 @@ pub fn sockmesh_sock_create(ctx: SockContext) -> i32 {
     1
 }
 
-/// Record the creator of a registered pod's socket, unless the connect programs can read it
-/// from the socket and acceleration (which looks up an accepted socket's listener's creator,
-/// copied with the record) is off for the pod: a socket storage per socket saved.
+/// Record the creator of a registered pod's socket, unless it can be read from the socket
+/// (then only listeners get a record, see [`record_listener`]): a socket storage per socket
+/// saved.
 #[inline(always)]
 fn try_sock_create(ctx: &SockContext) {
-    let Some(cfg) = pod(ctx::netns(ctx)) else {
-        return;
-    };
-    if offsets().known() && !accel::on_for(cfg) {
+    if offsets().known() || pod(ctx::netns(ctx)).is_none() {
         return;
     }
     let ids = bpf_get_current_uid_gid();
@@ -52,6 +50,28 @@ fn try_sock_create(ctx: &SockContext) {
                 gid: (ids >> 32) as u32,
             }
         };
+    }
+}
+
+/// Record a listening socket's creator in `SOCK_OWNER` (the map copies it to the sockets it
+/// accepts, by which acceleration tells a proxy's), whether or not its pod is registered yet,
+/// as listeners are recorded. Without the offsets `sock_create` has recorded it.
+#[inline(never)]
+pub fn record_listener(sk: *mut bpf_sock) {
+    let mut owner = SockOwner { uid: 0, gid: 0 };
+    if !creator(sk, &mut owner) {
+        return;
+    }
+    let stored = unsafe {
+        bpf_sk_storage_get(
+            SOCK_OWNER.as_ptr(),
+            sk.cast(),
+            ptr::null_mut(),
+            BPF_SK_STORAGE_GET_F_CREATE as u64,
+        )
+    };
+    if !stored.is_null() {
+        unsafe { *stored.cast::<SockOwner>() = owner };
     }
 }
 

@@ -22,6 +22,7 @@ use crate::{
     accel,
     ctx::{self, read_words},
     maps::{count, is_local, pod, sk_storage_of, LISTENERS, ORIG_DST, SOCK_DST},
+    sock_create,
 };
 
 #[sock_ops]
@@ -101,6 +102,9 @@ fn try_sockops(ctx: &SockOpsContext) {
     let netns = ctx::netns(ctx);
     if op == BPF_SOCK_OPS_TCP_LISTEN_CB {
         record_listener(ctx, netns);
+        if let Some(sk) = sk(ctx) {
+            sock_create::record_listener(sk);
+        }
         return;
     }
     if op == BPF_SOCK_OPS_STATE_CB {
