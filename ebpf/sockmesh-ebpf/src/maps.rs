@@ -108,9 +108,10 @@ pub static SOCKMESH_CRED_OFFSETS: CredOffsets = CredOffsets {
     cred_fsgid: 0,
 };
 
-/// Who created each socket of a registered pod, where `sock_create` records it.
-/// Accepted sockets inherit their listener's (the map is made with BPF_F_CLONE), so a proxy's
-/// accepted connections are known as the proxy's.
+/// Who created a socket: every listener (recorded by sock_ops when it listens), and without
+/// the kernel's BTF every socket of a registered pod (recorded by `sock_create`). Accepted
+/// sockets inherit their listener's (the map is made with BPF_F_CLONE), so a proxy's accepted
+/// connections are known as the proxy's.
 #[btf_map(name = "SM_SOCK_OWNER")]
 pub static SOCK_OWNER: ClonedSkStorage<SockOwner> = ClonedSkStorage::new();
 
