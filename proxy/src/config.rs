@@ -264,6 +264,14 @@ pub enum LbPolicy {
     Maglev,
 }
 
+impl LbPolicy {
+    /// Whether the policy picks by a request's hash (the consistent hashes); the others ignore
+    /// it.
+    pub const fn hashes(self) -> bool {
+        matches!(self, LbPolicy::RingHash | LbPolicy::Maglev)
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Cluster {
@@ -538,8 +546,7 @@ impl Config {
                     ));
                 }
             }
-            let hashing = matches!(c.lb_policy, LbPolicy::RingHash | LbPolicy::Maglev);
-            if hashing != c.hash_policy.is_some() {
+            if c.lb_policy.hashes() != c.hash_policy.is_some() {
                 return Err(Invalid::new(
                     format!("{f}.hash_policy"),
                     "ring_hash and maglev need a hash_policy, and only they use one",

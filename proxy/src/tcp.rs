@@ -8,7 +8,7 @@ use tracing::{debug, warn};
 
 use crate::{
     cluster::hash_bytes,
-    config::{Direction, LbPolicy},
+    config::Direction,
     snapshot::Snapshot,
     transport::{
         self, client_hello_sni, connect, Accepted, ClientAddr, Sniffed, ORIG_DST_CONNECT_TIMEOUT,
@@ -67,8 +67,10 @@ async fn to_cluster(
         warn!(cluster = name, "circuit breaker: max_connections reached");
         return Ok(());
     }
-    // Only the consistent hashes look at it.
-    let hash = matches!(cl.config.lb_policy, LbPolicy::RingHash | LbPolicy::Maglev)
+    let hash = cl
+        .config
+        .lb_policy
+        .hashes()
         .then(|| hash_bytes(client.addr().ip().to_string().as_bytes()));
     let Some(pick) = cl.pick(hash) else {
         return Ok(());

@@ -43,7 +43,7 @@ pub fn cluster(
     let lb_policy = lb_policy(c.lb_policy)?;
     // Envoy hashes on the routes' hash_policy; without one, this proxy uses the client's
     // address.
-    let hash_policy = matches!(lb_policy, LbPolicy::RingHash | LbPolicy::Maglev).then(|| {
+    let hash_policy = lb_policy.hashes().then(|| {
         hash.cloned().unwrap_or(HashPolicy {
             header: None,
             source_ip: true,
