@@ -10,7 +10,7 @@ use sockmesh_tests::pods::{self, Mode, Pod};
 use super::{
     host::{prog_stats, BpfStats, ProgStats},
     lean_listener, peer80,
-    stats::{fmt, fmt2, ratio, reversed, stats, Spread},
+    stats::{fmt, fmt2, in_order, ratio, stats, Spread},
     Bench,
 };
 
@@ -66,17 +66,13 @@ impl Capture {
         let secs = b.sizes.secs / SLICES as f64;
         let mut sums = [0.0; 3];
         for turn in 0..SLICES {
-            let mut paths = [Path::Direct, Path::Iptables, Path::Sockmesh];
-            if reversed(turn) {
-                paths.reverse();
-            }
-            for path in paths {
-                let (k, rate) = match path {
-                    Path::Direct => (0, b.connects_for(&self.direct, false, local, secs)?),
-                    Path::Iptables => (1, b.connects_for(&self.ipt, false, peer80(), secs)?),
-                    Path::Sockmesh => (2, b.connects_for(&b.sm, true, peer80(), secs)?),
+            let paths = [Path::Direct, Path::Iptables, Path::Sockmesh];
+            for (k, path) in in_order(paths, turn) {
+                sums[k] += match path {
+                    Path::Direct => b.connects_for(&self.direct, false, local, secs)?,
+                    Path::Iptables => b.connects_for(&self.ipt, false, peer80(), secs)?,
+                    Path::Sockmesh => b.connects_for(&b.sm, true, peer80(), secs)?,
                 };
-                sums[k] += rate;
             }
         }
         let n = SLICES as f64;

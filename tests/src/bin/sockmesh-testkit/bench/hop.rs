@@ -17,7 +17,7 @@ use sockmesh_tests::{
 };
 
 use super::{
-    stats::{column, fmt, fmt1, fmt2, ratio_of, reversed, Spread},
+    stats::{column, fmt, fmt1, fmt2, in_order, ratio_of, Spread},
     Bench,
 };
 use crate::hop::{HopBulk, HopDst, HopForward, HopRr, HopUpstream};
@@ -88,12 +88,8 @@ impl Hop {
             (&b.sm, &tcp, true),
             (&b.sm, &HopDst::Unix(sm_sock.clone()), false),
         ];
-        let mut order: Vec<_> = paths.into_iter().enumerate().collect();
-        if reversed(self.rounds[0].len()) {
-            order.reverse();
-        }
         let mut results: [HopRound; 4] = Default::default();
-        for (k, (pod, dst, accel)) in order {
+        for (k, (pod, dst, accel)) in in_order(paths, self.rounds[0].len()) {
             if k > 0 {
                 // The hop's app writes to its forwarder (the proxy): acceleration for all the
                 // pod's sockets, or none.

@@ -17,7 +17,7 @@ use sockmesh_tests::{
 use super::{
     host::cpu_secs,
     proxies::{wait_for_answer, HTTP_MODES},
-    stats::{column, fmt, fmt2, ratio_of, reversed, Spread},
+    stats::{column, fmt, fmt2, in_order, ratio_of, Spread},
     Bench,
 };
 
@@ -97,13 +97,9 @@ impl Mesh {
     /// One round: every topology and path, each with fresh proxies, the paths in reverse order
     /// every other round.
     pub fn round(&mut self, b: &mut Bench) -> Result<()> {
-        let reverse = reversed(self.rounds[0].len());
+        let round = self.rounds[0].len();
         for (t, (_, ipt, sm)) in self.pairs.iter().enumerate() {
-            let mut order: Vec<_> = [ipt, sm, sm].into_iter().enumerate().collect();
-            if reverse {
-                order.reverse();
-            }
-            for (path, pair) in order {
+            for (path, pair) in in_order([ipt, sm, sm], round) {
                 if pair.mode == Mode::Sockmesh {
                     // sockmesh's default (the proxies' sockets), or off.
                     let accel = if path == 2 { "proxies" } else { "off" };

@@ -14,7 +14,7 @@ use sockmesh_tests::{
 
 use super::{
     host::{cpu_secs, SyscallCount},
-    stats::{column, fmt, fmt2, ratio, ratio_of, reversed, stats, Spread},
+    stats::{column, fmt, fmt2, in_order, ratio, ratio_of, stats, Spread},
     Bench,
 };
 use crate::hop::HopUpstream;
@@ -162,9 +162,9 @@ impl Proxies {
     /// (HAProxy first every other round).
     pub fn round(&mut self, b: &mut Bench) -> Result<()> {
         let proxy = sibling_bin("sockmesh-proxy", "SOCKMESH_PROXY_BIN")?;
-        let haproxy_first = reversed(self.ours.cpu[0].len());
+        let round = self.ours.cpu[0].len();
         for wire in WIRES {
-            for theirs in [haproxy_first, !haproxy_first] {
+            for (_, theirs) in in_order([false, true], round) {
                 if theirs {
                     let mut cmd = b.lab.command_at(b.sm.place(), "haproxy")?;
                     self.theirs(wire, &mut cmd);

@@ -39,10 +39,14 @@ pub fn ratio_of<T>(a: &[T], b: &[T], figure: impl Fn(&T) -> f64) -> Spread {
     ratio(&col(a), &col(b))
 }
 
-/// Whether round `n` (from 0) runs its paths in reverse: alternating the order cancels what
-/// going first or last in a round does to a figure.
-pub fn reversed(n: usize) -> bool {
-    n % 2 == 1
+/// `items` with their indices, in turn `n`'s order (from 0): reversed every other turn, which
+/// cancels what going first or last in a round does to a figure.
+pub fn in_order<T, const N: usize>(items: [T; N], n: usize) -> impl Iterator<Item = (usize, T)> {
+    let mut v: Vec<(usize, T)> = items.into_iter().enumerate().collect();
+    if n % 2 == 1 {
+        v.reverse();
+    }
+    v.into_iter()
 }
 
 /// A spread with no decimals: `median [min–max]`.
@@ -99,7 +103,10 @@ mod tests {
             ratio_of(&[(1.0, 4.0)], &[(2.0, 2.0)], |x| x.1),
             (2.0, 2.0, 2.0)
         );
-        assert!(!reversed(0) && reversed(1) && !reversed(2));
+        let order = |n| in_order(['a', 'b', 'c'], n).collect::<Vec<_>>();
+        assert_eq!(order(0), [(0, 'a'), (1, 'b'), (2, 'c')]);
+        assert_eq!(order(1), [(2, 'c'), (1, 'b'), (0, 'a')]);
+        assert_eq!(order(2), order(0));
     }
 
     #[test]
