@@ -111,7 +111,8 @@ impl<'a> Btf<'a> {
 /// Where the running kernel shows its BTF.
 pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 
-fn read(path: &Path) -> Result<Vec<u8>, BtfError> {
+/// The kernel's BTF at `path`, read once for every offset the programs need.
+pub fn read(path: &Path) -> Result<Vec<u8>, BtfError> {
     std::fs::read(path).map_err(|source| BtfError::Read {
         path: path.to_owned(),
         source,
@@ -119,10 +120,9 @@ fn read(path: &Path) -> Result<Vec<u8>, BtfError> {
 }
 
 /// The kernel's offsets of the fields that lead from a socket to its creator's credentials,
-/// from its BTF at `path`.
-pub fn cred_offsets(path: &Path) -> Result<CredOffsets, BtfError> {
-    let data = read(path)?;
-    let btf = Btf::parse(&data)?;
+/// from its BTF (`data`, as [`read`] gives it).
+pub fn cred_offsets(data: &[u8]) -> Result<CredOffsets, BtfError> {
+    let btf = Btf::parse(data)?;
     let cred = |member| btf.member_offset("cred", member);
     Ok(CredOffsets {
         sk_socket: btf.member_offset("sock", "sk_socket")?,
@@ -133,10 +133,10 @@ pub fn cred_offsets(path: &Path) -> Result<CredOffsets, BtfError> {
     })
 }
 
-/// The kernel's offsets of the fields the acceleration programs read, from its BTF at `path`.
-pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, BtfError> {
-    let data = read(path)?;
-    let btf = Btf::parse(&data)?;
+/// The kernel's offsets of the fields the acceleration programs read, from its BTF (`data`, as
+/// [`read`] gives it).
+pub fn kernel_offsets(data: &[u8]) -> Result<KernelOffsets, BtfError> {
+    let btf = Btf::parse(data)?;
     let tcp = |member| btf.member_offset("tcp_sock", member);
     Ok(KernelOffsets {
         sk_user_data: btf.member_offset("sock", "sk_user_data")?,
@@ -223,7 +223,7 @@ mod tests {
     /// The running kernel's BTF has the fields that lead to a socket's creator.
     #[test]
     fn the_running_kernel_has_the_fields_to_a_sockets_creator() {
-        let off = cred_offsets(Path::new(VMLINUX)).expect("kernel BTF");
+        let off = cred_offsets(&read(Path::new(VMLINUX)).unwrap()).expect("kernel BTF");
         assert!(off.known(), "{off:?}");
         assert_eq!(off.cred_fsgid, off.cred_fsuid + 4, "{off:?}");
     }
@@ -232,7 +232,7 @@ mod tests {
     /// (the machines sockmesh is built and tested on expose it).
     #[test]
     fn the_running_kernel_has_the_fields_acceleration_reads() {
-        let off = kernel_offsets(Path::new(VMLINUX)).expect("kernel BTF");
+        let off = kernel_offsets(&read(Path::new(VMLINUX)).unwrap()).expect("kernel BTF");
         assert!(off.known(), "{off:?}");
     }
 }

@@ -273,24 +273,36 @@ pub fn load(
             });
         }
     }
-    // sk_msg reads a few kernel fields whose offsets the BTF gives; without acceleration they
-    // are left unknown (nothing is redirected).
-    let offsets = if accel {
-        super::btf::kernel_offsets(btf).map_err(BpfError::Btf)?
-    } else {
-        KernelOffsets::default()
-    };
-    // The connect programs read a socket's creator from the socket, through fields the BTF
-    // places; without them `sock_create` records every socket's creator (the same answer, at
-    // a socket storage per socket).
-    let creds = super::btf::cred_offsets(btf).unwrap_or_else(|e| {
+    // The kernel's BTF, read once. The programs read a socket's creator from the socket,
+    // through fields it places; without them `sock_create` records every socket's creator (the
+    // same answer, at a socket storage per socket). sk_msg reads a few kernel fields it places
+    // too, which acceleration cannot do without; without acceleration they are left unknown
+    // (nothing is redirected).
+    let no_creator = |e: &super::btf::BtfError| {
         tracing::warn!(
             error = %e,
             "the kernel's BTF does not place a socket's creator: every socket of a registered pod \
              gets its creator recorded at creation instead (a socket storage each)"
         );
         CredOffsets::default()
-    });
+    };
+    let data = match super::btf::read(btf) {
+        Ok(data) => Some(data),
+        Err(e) if accel => return Err(BpfError::Btf(e)),
+        Err(e) => {
+            no_creator(&e);
+            None
+        }
+    };
+    let offsets = match &data {
+        Some(data) if accel => super::btf::kernel_offsets(data).map_err(BpfError::Btf)?,
+        _ => KernelOffsets::default(),
+    };
+    let creds = match data.as_deref().map(super::btf::cred_offsets) {
+        Some(Ok(creds)) => creds,
+        Some(Err(e)) => no_creator(&e),
+        None => CredOffsets::default(),
+    };
     let accel = u8::from(accel);
     let mut loader = EbpfLoader::new();
     loader.map_max_entries(names::ORIG_DST, orig_dst_entries);
