@@ -4,11 +4,7 @@
 
 use core::ptr::{self, addr_of_mut};
 
-use aya_ebpf::{
-    helpers::{bpf_get_current_uid_gid, generated::bpf_bind},
-    macros::cgroup_sock_addr,
-    programs::SockAddrContext,
-};
+use aya_ebpf::{helpers::generated::bpf_bind, macros::cgroup_sock_addr, programs::SockAddrContext};
 use sockmesh_common::{
     counters, decide, is_loopback, is_unspecified, is_v4_mapped, local_origin, v4_mapped, Action,
     Addr, Conn, NetnsCookie, OrigDst, PodConfig, PodFlags, Proto, Reason, SockOwner, Verdict,
@@ -118,11 +114,7 @@ fn read_conn<const V6: bool>(ctx: &SockAddrContext, netns: NetnsCookie, conn: &m
     if !sock_create::creator(sk, &mut owner) {
         let stored = SOCK_OWNER.get(unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk }.cast());
         owner = if stored.is_null() {
-            let ids = bpf_get_current_uid_gid();
-            SockOwner {
-                uid: ids as u32,
-                gid: (ids >> 32) as u32,
-            }
+            sock_create::current_task()
         } else {
             unsafe { *stored }
         };

@@ -4,7 +4,7 @@
 //! the `SOCK_OWNER` record its listener got when it listened. Where the socket's file cannot be
 //! read (no kernel BTF), `cgroup/sock_create` records every creator in `SOCK_OWNER` instead.
 
-use core::ptr;
+use core::{ffi::c_void, ptr};
 
 use aya_ebpf::{
     bindings::{bpf_sock, BPF_SK_STORAGE_GET_F_CREATE},
@@ -34,23 +34,7 @@ fn try_sock_create(ctx: &SockContext) {
     if offsets().known() || pod(ctx::netns(ctx)).is_none() {
         return;
     }
-    let ids = bpf_get_current_uid_gid();
-    let owner = unsafe {
-        bpf_sk_storage_get(
-            SOCK_OWNER.as_ptr(),
-            ctx.sock.cast(),
-            ptr::null_mut(),
-            BPF_SK_STORAGE_GET_F_CREATE as u64,
-        )
-    };
-    if !owner.is_null() {
-        unsafe {
-            *owner.cast::<SockOwner>() = SockOwner {
-                uid: ids as u32,
-                gid: (ids >> 32) as u32,
-            }
-        };
-    }
+    store(ctx.sock.cast(), current_task());
 }
 
 /// Record a listening socket's creator in `SOCK_OWNER` (the map copies it to the sockets it
@@ -59,19 +43,35 @@ fn try_sock_create(ctx: &SockContext) {
 #[inline(never)]
 pub fn record_listener(sk: *mut bpf_sock) {
     let mut owner = SockOwner { uid: 0, gid: 0 };
-    if !creator(sk, &mut owner) {
-        return;
+    if creator(sk, &mut owner) {
+        store(sk.cast(), owner);
     }
+}
+
+/// `owner` as the socket `sk`'s record in `SOCK_OWNER`, made if it has none (left out if the
+/// kernel cannot make one).
+#[inline(always)]
+fn store(sk: *mut c_void, owner: SockOwner) {
     let stored = unsafe {
         bpf_sk_storage_get(
             SOCK_OWNER.as_ptr(),
-            sk.cast(),
+            sk,
             ptr::null_mut(),
             BPF_SK_STORAGE_GET_F_CREATE as u64,
         )
     };
     if !stored.is_null() {
         unsafe { *stored.cast::<SockOwner>() = owner };
+    }
+}
+
+/// The current task's uid and gid.
+#[inline(always)]
+pub fn current_task() -> SockOwner {
+    let ids = bpf_get_current_uid_gid();
+    SockOwner {
+        uid: ids as u32,
+        gid: (ids >> 32) as u32,
     }
 }
 
