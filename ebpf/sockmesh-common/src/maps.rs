@@ -22,7 +22,8 @@ pub mod names {
     pub const SOCKS: &str = "SM_SOCKS";
     pub const SOCK_TCP: &str = "SM_SOCK_TCP";
     pub const PEER_SK: &str = "SM_PEER_SK";
-    pub const ALL: [&str; 14] = [
+    pub const LISTENER_OWNER: &str = "SM_LISTENER_OWNER";
+    pub const ALL: [&str; 15] = [
         PODS,
         MEMBERS,
         CIDRS,
@@ -37,6 +38,7 @@ pub mod names {
         SOCKS,
         SOCK_TCP,
         PEER_SK,
+        LISTENER_OWNER,
     ];
 }
 
@@ -166,6 +168,7 @@ impl OrigDst {
 
 /// Key of the `LISTENERS` sockhash: a listening TCP socket of netns `netns` on `port`.
 /// `family` is `AF_INET` or `AF_INET6` (a dual-stack IPv6 listener is stored as `AF_INET6`).
+/// Also the key of `LISTENER_OWNER`, with `slot` 0.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ListenerKey {

@@ -7,7 +7,9 @@
 use core::{ffi::c_void, ptr};
 
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_F_INGRESS, BPF_SK_STORAGE_GET_F_CREATE},
+    bindings::{
+        BPF_ANY, BPF_F_INGRESS, BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+    },
     helpers::{bpf_probe_read_kernel, generated::bpf_sk_storage_get},
     macros::sk_msg,
     programs::{SkMsgContext, SockOpsContext},
@@ -20,11 +22,11 @@ use sockmesh_common::{
 use crate::{
     ctx::{self, read_words},
     maps::{
-        count, pod, ADDR_POD, PEER_SK, SOCKMESH_ACCEL, SOCKMESH_KERNEL_OFFSETS, SOCKS, SOCK_OWNER,
-        SOCK_TCP,
+        count, pod, sk_storage_of, ADDR_POD, LISTENER_OWNER, PEER_SK, SOCKMESH_ACCEL,
+        SOCKMESH_KERNEL_OFFSETS, SOCKS, SOCK_OWNER, SOCK_TCP,
     },
     sock_create,
-    sockops::{self, sock_key},
+    sockops::{self, listener_key, sock_key},
 };
 
 /// sk_msg's verdict: let the message go (redirected, or by TCP).
@@ -49,7 +51,7 @@ pub fn accelerate(ctx: &SockOpsContext, netns: NetnsCookie) -> Option<u32> {
         return None;
     }
     // The proxy's sockets; an app's only if the pod says so (all).
-    let proxy = is_proxy_socket(ctx, pod);
+    let proxy = is_proxy_socket(ctx, netns, pod);
     if !proxy && !pod.has(PodFlags::ACCEL_APPS) {
         return None;
     }
@@ -77,17 +79,24 @@ pub fn on_for(pod: &PodConfig) -> bool {
 /// Whether the socket is `pod`'s proxy's: its creator (or its listener's, for an accepted
 /// one) is one of the proxy's uids or gids.
 #[inline(never)]
-fn is_proxy_socket(ctx: &SockOpsContext, pod: &PodConfig) -> bool {
+fn is_proxy_socket(ctx: &SockOpsContext, netns: NetnsCookie, pod: &PodConfig) -> bool {
+    // An accepted socket has no file yet: its listener's creator.
+    if ctx.op() == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+        if let Some(owner) = unsafe { LISTENER_OWNER.get(&listener_key(ctx, netns, 0)) } {
+            return pod.is_proxy(owner);
+        }
+    }
     let Some(sk) = sockops::sk(ctx) else {
         return false;
     };
-    // An accepted socket's, copied from its listener; else read from the socket's file.
-    let stored = SOCK_OWNER.get(sk.cast());
-    if !stored.is_null() {
-        return pod.is_proxy(unsafe { &*stored });
-    }
+    // Read from the socket's file, else as `sock_create` recorded it (no BTF), or as an earlier
+    // release recorded a listener's, copied to the sockets it accepts.
     let mut owner = SockOwner { uid: 0, gid: 0 };
-    sock_create::creator(sk, &mut owner) && pod.is_proxy(&owner)
+    if sock_create::creator(sk, &mut owner) {
+        return pod.is_proxy(&owner);
+    }
+    let stored = sk_storage_of(&SOCK_OWNER, sk.cast());
+    !stored.is_null() && pod.is_proxy(unsafe { &*stored })
 }
 
 /// An accelerated socket closed: its entry in `PEER_SK` goes, so that the LRU map only ever

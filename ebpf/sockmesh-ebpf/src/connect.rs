@@ -112,7 +112,7 @@ fn read_conn<const V6: bool>(ctx: &SockAddrContext, netns: NetnsCookie, conn: &m
     // current task.
     let mut owner = SockOwner { uid: 0, gid: 0 };
     if !sock_create::creator(sk, &mut owner) {
-        let stored = SOCK_OWNER.get(unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk }.cast());
+        let stored = unsafe { SOCK_OWNER.get_ptr_mut(ctx) };
         owner = if stored.is_null() {
             sock_create::current_task()
         } else {

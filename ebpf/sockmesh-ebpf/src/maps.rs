@@ -4,7 +4,7 @@
 use core::{ffi::c_void, ptr};
 
 use aya_ebpf::{
-    bindings::{bpf_map_type, BPF_F_CLONE, BPF_F_NO_PREALLOC, BPF_NOEXIST},
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE},
     btf_maps::SkStorage,
     helpers::generated::bpf_sk_storage_get,
     macros::{btf_map, map},
@@ -108,51 +108,19 @@ pub static SOCKMESH_CRED_OFFSETS: CredOffsets = CredOffsets {
     cred_fsgid: 0,
 };
 
-/// Who created a socket: every listener (recorded by sock_ops when it listens), and without
-/// the kernel's BTF every socket of a registered pod (recorded by `sock_create`). Accepted
-/// sockets inherit their listener's (the map is made with BPF_F_CLONE), so a proxy's accepted
-/// connections are known as the proxy's.
+/// Who created a socket, without the kernel's BTF: every socket of a registered pod (recorded
+/// by `sock_create`). With it the creator is read from the socket and nothing is recorded.
 #[btf_map(name = "SM_SOCK_OWNER")]
-pub static SOCK_OWNER: ClonedSkStorage<SockOwner> = ClonedSkStorage::new();
+pub static SOCK_OWNER: SkStorage<SockOwner> = SkStorage::new();
 
-/// Socket storage whose values are copied to the sockets a listener accepts (BPF_F_CLONE),
-/// which aya's `SkStorage` does not offer. Laid out as aya's BTF map definitions are: the
-/// loader reads the map's type, flags and sizes from these fields' types.
-#[repr(C)]
-pub struct ClonedSkStorage<T> {
-    r#type: *const [i32; bpf_map_type::BPF_MAP_TYPE_SK_STORAGE as usize],
-    key: *const i32,
-    value: *const T,
-    max_entries: *const [i32; 0],
-    map_flags: *const [i32; (BPF_F_NO_PREALLOC | BPF_F_CLONE) as usize],
-}
-
-// SAFETY: placeholders the loader patches; never dereferenced.
-unsafe impl<T> Sync for ClonedSkStorage<T> {}
-
-impl<T> ClonedSkStorage<T> {
-    const fn new() -> Self {
-        Self {
-            r#type: ptr::null(),
-            key: ptr::null(),
-            value: ptr::null(),
-            max_entries: ptr::null(),
-            map_flags: ptr::null(),
-        }
-    }
-
-    /// The map, as helpers take it.
-    #[inline(always)]
-    pub fn as_ptr(&self) -> *mut c_void {
-        ptr::from_ref(self).cast_mut().cast::<c_void>()
-    }
-
-    /// The value of socket `sk` (a kernel socket pointer), if it has one.
-    #[inline(always)]
-    pub fn get(&self, sk: *mut c_void) -> *mut T {
-        unsafe { bpf_sk_storage_get(self.as_ptr(), sk, ptr::null_mut(), 0) }.cast()
-    }
-}
+/// Who created the listener of each (netns, port, family) (`ListenerKey`, slot 0), recorded by
+/// sock_ops when it listens: an accepted socket has no file to read its creator from until it
+/// is accepted, and takes its listener's (acceleration tells a proxy's sockets by it). An LRU
+/// map: an entry outlives its listener until the next listener of its port replaces it or
+/// room is needed; only a socket that listener accepted reads it.
+#[map(name = "SM_LISTENER_OWNER")]
+pub static LISTENER_OWNER: LruHashMap<ListenerKey, SockOwner> =
+    LruHashMap::with_max_entries(sizes::LISTENERS, 0);
 
 /// Socket `sk`'s value in socket storage `map` (a kernel socket pointer), if it has one:
 /// what aya's `SkStorage` offers only for sock_addr contexts.
@@ -160,6 +128,15 @@ impl<T> ClonedSkStorage<T> {
 pub fn sk_storage_of<T>(map: &SkStorage<T>, sk: *mut c_void) -> *mut T {
     let map = ptr::from_ref(map).cast_mut().cast::<c_void>();
     unsafe { bpf_sk_storage_get(map, sk, ptr::null_mut(), 0) }.cast()
+}
+
+/// Socket `sk`'s value in socket storage `map`, made (zeroed) if it has none; null if the
+/// kernel could not make it.
+#[inline(always)]
+pub fn sk_storage_create<T>(map: &SkStorage<T>, sk: *mut c_void) -> *mut T {
+    let map = ptr::from_ref(map).cast_mut().cast::<c_void>();
+    let create = u64::from(BPF_SK_STORAGE_GET_F_CREATE);
+    unsafe { bpf_sk_storage_get(map, sk, ptr::null_mut(), create) }.cast()
 }
 
 /// The registered pod of netns `netns`, if it is one.

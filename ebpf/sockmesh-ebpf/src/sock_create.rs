@@ -1,22 +1,23 @@
 //! Who created a socket (iptables' owner match looks at the socket's creator, not at the task
 //! that later connects): read from the socket's file when the connect programs or acceleration
-//! need it. An accepted socket has no file of its own yet when it is established: it inherits
-//! the `SOCK_OWNER` record its listener got when it listened. Where the socket's file cannot be
-//! read (no kernel BTF), `cgroup/sock_create` records every creator in `SOCK_OWNER` instead.
+//! need it. An accepted socket has no file of its own yet when it is established: it takes its
+//! listener's creator, recorded in `LISTENER_OWNER` when it listened. Where the socket's file
+//! cannot be read (no kernel BTF), `cgroup/sock_create` records every creator in `SOCK_OWNER`
+//! instead.
 
-use core::{ffi::c_void, ptr};
+use core::ptr;
 
 use aya_ebpf::{
-    bindings::{bpf_sock, BPF_SK_STORAGE_GET_F_CREATE},
-    helpers::{bpf_get_current_uid_gid, bpf_probe_read_kernel, generated::bpf_sk_storage_get},
+    bindings::bpf_sock,
+    helpers::{bpf_get_current_uid_gid, bpf_probe_read_kernel},
     macros::cgroup_sock,
     programs::SockContext,
 };
-use sockmesh_common::{CredOffsets, SockOwner};
+use sockmesh_common::{CredOffsets, ListenerKey, SockOwner};
 
 use crate::{
     ctx,
-    maps::{pod, SOCKMESH_CRED_OFFSETS, SOCK_OWNER},
+    maps::{pod, sk_storage_create, LISTENER_OWNER, SOCKMESH_CRED_OFFSETS, SOCK_OWNER},
 };
 
 #[cgroup_sock(sock_create)]
@@ -26,43 +27,28 @@ pub fn sockmesh_sock_create(ctx: SockContext) -> i32 {
     1
 }
 
-/// Record the creator of a registered pod's socket, unless it can be read from the socket
-/// (then only listeners get a record, see [`record_listener`]): a socket storage per socket
-/// saved.
+/// Record the creator of a registered pod's socket, unless it can be read from the socket: a
+/// socket storage per socket saved.
 #[inline(always)]
 fn try_sock_create(ctx: &SockContext) {
     if offsets().known() || pod(ctx::netns(ctx)).is_none() {
         return;
     }
-    store(ctx.sock.cast(), current_task());
-}
-
-/// Record a listening socket's creator in `SOCK_OWNER` (the map copies it to the sockets it
-/// accepts, by which acceleration tells a proxy's), whether or not its pod is registered yet,
-/// as listeners are recorded. Without the offsets `sock_create` has recorded it.
-#[inline(never)]
-pub fn record_listener(sk: *mut bpf_sock) {
-    let mut owner = SockOwner { uid: 0, gid: 0 };
-    if creator(sk, &mut owner) {
-        store(sk.cast(), owner);
-    }
-}
-
-/// `owner` as the socket `sk`'s record in `SOCK_OWNER`, made if it has none (left out if the
-/// kernel cannot make one).
-#[inline(always)]
-fn store(sk: *mut c_void, owner: SockOwner) {
-    let stored = unsafe {
-        bpf_sk_storage_get(
-            SOCK_OWNER.as_ptr(),
-            sk,
-            ptr::null_mut(),
-            BPF_SK_STORAGE_GET_F_CREATE as u64,
-        )
-    };
+    let stored = sk_storage_create(&SOCK_OWNER, ctx.sock.cast());
     if !stored.is_null() {
-        unsafe { *stored.cast::<SockOwner>() = owner };
+        unsafe { *stored = current_task() };
     }
+}
+
+/// Record a listening socket's creator in `LISTENER_OWNER` under `key` (the sockets it accepts
+/// take it, by which acceleration tells a proxy's), whether or not its pod is registered yet,
+/// as listeners are recorded: read from the socket, else the task calling listen().
+/// Acceleration, the map's only reader, needs the kernel's BTF, which places the creator.
+#[inline(never)]
+pub fn record_listener(sk: *mut bpf_sock, key: &ListenerKey) {
+    let mut owner = current_task();
+    creator(sk, &mut owner);
+    let _ = LISTENER_OWNER.insert(key, &owner, 0);
 }
 
 /// The current task's uid and gid.
@@ -82,7 +68,8 @@ fn offsets() -> CredOffsets {
 }
 
 /// Fill `owner` with the credentials `sk`'s file was opened with (`fsuid`, `fsgid`: what
-/// iptables' owner match compares); false if the offsets are unknown or a read failed.
+/// iptables' owner match compares); false (`owner` untouched) if the offsets are unknown or a
+/// read failed.
 #[inline(never)]
 pub fn creator(sk: *mut bpf_sock, owner: &mut SockOwner) -> bool {
     let off = offsets();

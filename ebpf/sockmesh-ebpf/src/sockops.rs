@@ -103,7 +103,7 @@ fn try_sockops(ctx: &SockOpsContext) {
     if op == BPF_SOCK_OPS_TCP_LISTEN_CB {
         record_listener(ctx, netns);
         if let Some(sk) = sk(ctx) {
-            sock_create::record_listener(sk);
+            sock_create::record_listener(sk, &listener_key(ctx, netns, 0));
         }
         return;
     }
@@ -162,19 +162,26 @@ fn watch_forwarded(ctx: &SockOpsContext, netns: NetnsCookie) {
     }
 }
 
+/// The key of the socket's (netns, local port, family) in `LISTENERS` at `slot`, and (slot 0)
+/// in `LISTENER_OWNER`.
+#[inline(always)]
+pub fn listener_key(ctx: &SockOpsContext, netns: NetnsCookie, slot: u32) -> ListenerKey {
+    ListenerKey {
+        netns,
+        port: ctx.local_port(),
+        family: ctx.family(),
+        slot,
+        _pad: 0,
+    }
+}
+
 /// Several sockets may listen on one port (SO_REUSEPORT workers): each takes a free slot, so
 /// one closing (its entry leaves with it) does not hide the others.
 #[inline(always)]
 fn record_listener(ctx: &SockOpsContext, netns: NetnsCookie) {
     let mut slot = 0;
     while slot < LISTENER_SLOTS {
-        let mut key = ListenerKey {
-            netns,
-            port: ctx.local_port(),
-            family: ctx.family(),
-            slot,
-            _pad: 0,
-        };
+        let mut key = listener_key(ctx, netns, slot);
         if LISTENERS
             .update(&mut key, unsafe { &mut *ctx.ops }, BPF_NOEXIST as u64)
             .is_ok()

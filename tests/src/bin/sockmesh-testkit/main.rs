@@ -31,6 +31,10 @@ enum Cmd {
         /// Write the report here as well.
         #[arg(long)]
         out: Option<std::path::PathBuf>,
+        /// Section 1 alone (capture at connect time), full sizes: for working on the
+        /// programs. Its report has no targets table.
+        #[arg(long)]
+        capture_only: bool,
     },
     /// Where the proxies' CPU goes (run by `cargo xtask profile`): sockmesh-proxy and HAProxy
     /// under callgrind in the benchmark's proxy section. Prints a Markdown report.
@@ -97,8 +101,16 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
     match cmd {
         Cmd::Kit(program) => program.run(),
         Cmd::Hop(program) => program.run(),
-        Cmd::Bench { smoke, out } => {
-            let report = bench::run(smoke)?;
+        Cmd::Bench {
+            smoke,
+            out,
+            capture_only,
+        } => {
+            let report = if capture_only {
+                bench::run_capture(smoke)?
+            } else {
+                bench::run(smoke)?
+            };
             print!("{report}");
             if let Some(path) = out {
                 std::fs::write(&path, &report)?;

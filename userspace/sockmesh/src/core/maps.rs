@@ -20,7 +20,7 @@ pub fn maps_dir(bpffs: &Path) -> PathBuf {
 }
 
 /// Key and value sizes of every pinned map, as this build lays them out.
-fn map_layouts() -> [(&'static str, usize, usize); 14] {
+fn map_layouts() -> [(&'static str, usize, usize); 15] {
     use std::mem::size_of;
     // LPM-trie keys carry a 4-byte prefix length before the data.
     let lpm = 4 + size_of::<CidrKey>();
@@ -43,6 +43,11 @@ fn map_layouts() -> [(&'static str, usize, usize); 14] {
         (names::SOCKS, size_of::<SockKey>(), 4),
         (names::SOCK_TCP, 4, 1),
         (names::PEER_SK, size_of::<SockKey>(), size_of::<AccelSock>()),
+        (
+            names::LISTENER_OWNER,
+            size_of::<ListenerKey>(),
+            size_of::<SockOwner>(),
+        ),
     ]
 }
 

@@ -216,6 +216,20 @@ pub fn run(smoke: bool) -> Result<String> {
     Ok(r)
 }
 
+/// Section 1 alone, for working on the programs: capture's rounds and its report, no targets.
+pub fn run_capture(smoke: bool) -> Result<String> {
+    require_tools(&["ip", "iptables-restore"])?;
+    let mut b = Bench::new(smoke)?;
+    let mut capture = capture::Capture::new(&mut b)?;
+    for _ in 0..b.sizes.rounds {
+        let listener = capture.round(&mut b)?;
+        b.lab.kill(listener)?;
+    }
+    let mut r = header(&b);
+    capture.report(&mut r);
+    Ok(r)
+}
+
 /// The report's title and how to read it.
 fn header(b: &Bench) -> String {
     format!(
