@@ -412,6 +412,7 @@ fn beyond_the_original_destination_limit_a_proxy_sees_its_own_address() {
         dst: peer80.parse().unwrap(),
         count: HELD,
         listen: Some(15001),
+        keep: false,
         id: Identity::APP,
     };
     let out = lab.output(pod.place(), &hold).unwrap();

@@ -2,9 +2,11 @@
 //! iptables-restore, and in a pod captured by sockmesh, in fresh namespaces. Both must land on
 //! the same listener, report the same SO_ORIGINAL_DST, and show the app the same peer.
 
+use std::net::SocketAddr;
+
 use sockmesh_tests::{
-    kit::Outcome,
-    lab::Lab,
+    kit::{Connect, Hold, Identity, Outcome},
+    lab::{run, Lab, Place},
     pods::{self, Mode, POD_V4},
     profiles::{self, Profile},
 };
@@ -94,6 +96,61 @@ fn conformance_with(p: &Profile, agent_args: &[&str]) -> (Vec<(String, Outcome)>
     assert!(live.is_empty(), "records outlived their sockets: {live:?}");
     assert_eq!(dump["pods"].as_array().unwrap().len(), 1, "{dump}");
     (reference, lab)
+}
+
+/// A TCP connect that fails before its SYN (no local port free for it) leaves nothing that a
+/// later connect of the same socket would take for its own: the socket then connects to the
+/// app's own port, which neither iptables nor sockmesh captures, and the listener's
+/// SO_ORIGINAL_DST and the app's peer are its own, as under iptables.
+#[test]
+fn a_connect_that_failed_before_its_syn_leaves_no_record() {
+    sockmesh_tests::lab::require_tools(&["ip", "iptables-restore", "sysctl"]).unwrap();
+    let p = profile("default-sidecar");
+    let mut lab = Lab::new("conf").unwrap();
+    lab.start_agent().unwrap();
+    let ipt = pods::pod(&mut lab, "i", &p, Mode::Iptables).unwrap();
+    pods::apply_iptables(&ipt, &p).unwrap();
+    let smp = pods::pod(&mut lab, "s", &p, Mode::Sockmesh).unwrap();
+    pods::apply_sockmesh(&lab, &smp, &p).unwrap();
+    let peer: SocketAddr = format!("{}:80", pods::PEER_V4).parse().unwrap();
+    let own: SocketAddr = format!("{POD_V4}:8080").parse().unwrap();
+    let mut outcomes = Vec::new();
+    for pod in [&ipt, &smp] {
+        // One local port, held by a captured connection to `peer`.
+        run(pod
+            .ns
+            .exec("sysctl")
+            .args(["-w", "net.ipv4.ip_local_port_range=40000 40000"]))
+        .unwrap();
+        let place = Place::new(&pod.ns, pod.in_cgroup);
+        let holder = Hold {
+            dst: peer,
+            count: 1,
+            listen: None,
+            keep: true,
+            id: Identity::APP,
+        };
+        let cmd = lab.testkit(place, &holder).unwrap();
+        let held = lab.spawn(cmd, Some("\"opened\":1")).unwrap();
+        let retry = Connect {
+            first: Some(peer),
+            ..Connect::new(own, Identity::APP)
+        };
+        outcomes.push(pods::connect(&lab, Place::new(&pod.ns, pod.in_cgroup), &retry).unwrap());
+        lab.kill(held).unwrap();
+    }
+    let (want, got) = (&outcomes[0], &outcomes[1]);
+    assert_eq!(
+        listener(want),
+        Some(("pod:8080", "192.0.2.10:8080")),
+        "iptables: {want:?}"
+    );
+    assert_eq!(
+        want,
+        got,
+        "iptables: {want:?}\nsockmesh: {got:?}\n{}",
+        lab.agent_log()
+    );
 }
 
 fn outcome<'a>(r: &'a [(String, Outcome)], label: &str) -> &'a Outcome {

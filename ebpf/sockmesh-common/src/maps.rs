@@ -23,7 +23,8 @@ pub mod names {
     pub const SOCK_TCP: &str = "SM_SOCK_TCP";
     pub const PEER_SK: &str = "SM_PEER_SK";
     pub const LISTENER_OWNER: &str = "SM_LISTENER_OWNER";
-    pub const ALL: [&str; 15] = [
+    pub const CONNECTING: &str = "SM_CONNECTING";
+    pub const ALL: [&str; 16] = [
         PODS,
         MEMBERS,
         CIDRS,
@@ -39,6 +40,7 @@ pub mod names {
         SOCK_TCP,
         PEER_SK,
         LISTENER_OWNER,
+        CONNECTING,
     ];
 }
 
@@ -55,6 +57,8 @@ pub mod sizes {
     pub const ADDR_POD: u32 = 65_536;
     pub const ROUTE_SRC: u32 = 65_536;
     pub const SOCKS: u32 = 65_536;
+    /// Redirected TCP connects between `connect4`/`connect6` and their SYN: microseconds each.
+    pub const CONNECTING: u32 = 16_384;
 }
 
 /// Key of the `MEMBERS` hash: "is `value` in set `kind` of pod `netns`".
@@ -147,7 +151,8 @@ impl ConnKey {
     }
 }
 
-/// Value of `ORIG_DST` and of the per-socket `SOCK_DST` storage: where the connection was going.
+/// Value of `ORIG_DST`, `CONNECTING` and the per-socket `SOCK_DST` storage: where the connection
+/// was going.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OrigDst {

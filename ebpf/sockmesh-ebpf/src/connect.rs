@@ -1,6 +1,7 @@
 //! `cgroup/connect4`, `connect6` and (for DNS over unconnected UDP) `sendmsg4`, `sendmsg6`:
 //! decide with [`sockmesh_common::decide`], rewrite a captured call to localhost at the capture
-//! port, and keep the original destination in the socket's storage.
+//! port, and keep the original destination: a TCP socket's in `CONNECTING` until sock_ops
+//! publishes it, a UDP socket's in its socket storage.
 
 use core::ptr::{self, addr_of_mut};
 
@@ -13,7 +14,7 @@ use sockmesh_common::{
 
 use crate::{
     ctx::{self, read_words, v4_word, write_words, SOCK_DGRAM, SOCK_STREAM},
-    maps::{count, is_local, pod, route_source, PodRules, SOCK_DST, SOCK_OWNER},
+    maps::{count, is_local, pod, route_source, PodRules, CONNECTING, SOCK_DST, SOCK_OWNER},
     sock_create,
 };
 
@@ -72,16 +73,33 @@ fn try_connect<const CONNECT: bool, const V6: bool>(ctx: &SockAddrContext) -> i3
             let local_origin = Verdict::tproxy(0, Reason::LocalOrigin);
             return redirect::<CONNECT, V6>(ctx, cfg, &conn, &local_origin);
         }
-        // A socket connected again (UDP can) must not keep an earlier capture's record.
         if CONNECT {
-            let sk = unsafe { (*sa).__bindgen_anon_1.sk };
-            if !unsafe { SOCK_DST.get_ptr_mut(ctx) }.is_null() {
-                let _ = unsafe { SOCK_DST.delete(sk) };
-            }
+            forget(ctx, proto);
         }
         return 1;
     }
     redirect::<CONNECT, V6>(ctx, cfg, &conn, &verdict)
+}
+
+/// A socket connected again must not keep an earlier capture's record: UDP can connect again,
+/// and so can TCP after a connect() that failed (before its SYN, the record is still in
+/// `CONNECTING`).
+#[inline(always)]
+fn forget(ctx: &SockAddrContext, proto: Proto) {
+    match proto {
+        Proto::Udp => {
+            if !unsafe { SOCK_DST.get_ptr_mut(ctx) }.is_null() {
+                let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
+                let _ = unsafe { SOCK_DST.delete(sk) };
+            }
+        }
+        Proto::Tcp => {
+            let cookie = ctx::cookie(ctx);
+            if unsafe { CONNECTING.get(&cookie) }.is_some() {
+                let _ = CONNECTING.remove(&cookie);
+            }
+        }
+    }
 }
 
 /// Fill `conn` from the context: destination (0.0.0.0 / :: read as localhost), bound source,
@@ -151,12 +169,10 @@ fn redirect<const CONNECT: bool, const V6: bool>(
         family: if v4_dst { AF_INET } else { AF_INET6 },
         reason: verdict.reason as u32,
     };
-    let stored = unsafe { SOCK_DST.get_or_insert_ptr_mut(ctx, Some(&mut record)) };
-    if stored.is_null() {
+    if !store(ctx, conn.proto, &mut record) {
         count(ctx::netns(ctx), counters::ORIG_DST_STORE_FAILED);
         return 0;
     }
-    unsafe { *stored = record };
     if !rewrite {
         return 1;
     }
@@ -168,6 +184,23 @@ fn redirect<const CONNECT: bool, const V6: bool>(
     };
     ctx::write_user_addr(ctx, &target, verdict.port, V6);
     1
+}
+
+/// Keep a redirected socket's original destination: a TCP socket's until its SYN (sock_ops
+/// publishes it under the 4-tuple), a UDP socket's for its life. False if it could not be kept.
+#[inline(always)]
+fn store(ctx: &SockAddrContext, proto: Proto, record: &mut OrigDst) -> bool {
+    match proto {
+        Proto::Tcp => CONNECTING.insert(&ctx::cookie(ctx), record, 0).is_ok(),
+        Proto::Udp => {
+            let stored = unsafe { SOCK_DST.get_or_insert_ptr_mut(ctx, Some(record)) };
+            if stored.is_null() {
+                return false;
+            }
+            unsafe { *stored = *record };
+            true
+        }
+    }
 }
 
 #[repr(C)]

@@ -3,7 +3,11 @@
 
 use core::ptr::{self, addr_of_mut};
 
-use aya_ebpf::{helpers::generated::bpf_get_netns_cookie, programs::SockAddrContext, EbpfContext};
+use aya_ebpf::{
+    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    programs::SockAddrContext,
+    EbpfContext,
+};
 use sockmesh_common::{Addr, NetnsCookie};
 
 pub const SOL_IP: i32 = 0;
@@ -12,6 +16,12 @@ pub const SO_ORIGINAL_DST: i32 = 80;
 pub const IPPROTO_TCP: u32 = 6;
 pub const SOCK_STREAM: u32 = 1;
 pub const SOCK_DGRAM: u32 = 2;
+
+/// The context's socket's cookie (made on first use, unique while the machine runs).
+#[inline(always)]
+pub fn cookie<C: EbpfContext>(ctx: &C) -> u64 {
+    unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+}
 
 /// The network namespace of the context's socket.
 #[inline(always)]

@@ -1,12 +1,12 @@
 //! `cgroup/getpeername4`, `getpeername6`: the app sees the peer it dialed, not the proxy, as
 //! with NAT.
 
-use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
-use sockmesh_common::counters;
+use aya_ebpf::{bindings::bpf_sock, macros::cgroup_sock_addr, programs::SockAddrContext};
+use sockmesh_common::{counters, is_loopback, v4_mapped, ConnKey, OrigDst, AF_INET};
 
 use crate::{
-    ctx,
-    maps::{count, SOCK_DST},
+    ctx::{self, read_words, SOCK_DGRAM},
+    maps::{count, ORIG_DST, SOCK_DST},
 };
 
 #[cgroup_sock_addr(getpeername4)]
@@ -23,11 +23,48 @@ pub fn sockmesh_getpeername6(ctx: SockAddrContext) -> i32 {
 
 #[inline(always)]
 fn try_getpeername(ctx: &SockAddrContext, v6: bool) {
-    let record = unsafe { SOCK_DST.get_ptr_mut(ctx) };
-    if record.is_null() {
-        return;
-    }
-    let record = unsafe { *record };
+    let record = if unsafe { (*ctx.sock_addr).type_ } == SOCK_DGRAM {
+        let record = unsafe { SOCK_DST.get_ptr_mut(ctx) };
+        if record.is_null() {
+            return;
+        }
+        unsafe { *record }
+    } else {
+        match tcp_record(ctx) {
+            Some(record) => record,
+            None => return,
+        }
+    };
     ctx::write_user_addr(ctx, &record.addr, record.port, v6);
     count(ctx::netns(ctx), counters::PEERNAME_REWRITE);
+}
+
+/// A TCP socket's record in `ORIG_DST`, under its own 4-tuple as the client: looked up only
+/// for a socket whose peer is on loopback (where a redirected connection goes; a proxy's
+/// accepted sockets mostly have the pod's address as peer).
+#[inline(never)]
+fn tcp_record(ctx: &SockAddrContext) -> Option<OrigDst> {
+    let sk: *mut bpf_sock = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
+    let (client, server) = unsafe {
+        if (*sk).family == AF_INET as u32 {
+            (
+                v4_mapped((*sk).src_ip4.to_ne_bytes()),
+                v4_mapped((*sk).dst_ip4.to_ne_bytes()),
+            )
+        } else {
+            (read_words!(sk, src_ip6), read_words!(sk, dst_ip6))
+        }
+    };
+    if !is_loopback(&server) {
+        return None;
+    }
+    let key = ConnKey {
+        netns: ctx::netns(ctx),
+        client,
+        server,
+        client_port: unsafe { (*sk).src_port } as u16,
+        server_port: u16::from_be(unsafe { (*sk).dst_port }),
+        _pad: 0,
+    };
+    unsafe { ORIG_DST.get(&key) }.copied()
 }

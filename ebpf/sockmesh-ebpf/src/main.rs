@@ -2,17 +2,18 @@
 //!
 //! - [`connect`]: `connect4`/`connect6` (and `sendmsg4`/`sendmsg6` for DNS) decide with
 //!   [`sockmesh_common::decide`] and rewrite captured calls to localhost:15001 (or :15006,
-//!   :15053), keeping the original destination in per-socket storage.
-//! - [`sockops`]: re-keys that record by the connection's 4-tuple once it is established, so
-//!   the proxy's accepted socket can find it, drops it when the socket closes, and records
-//!   listening sockets.
+//!   :15053), keeping the original destination (a TCP socket's by its cookie until its SYN, a
+//!   UDP socket's in its socket storage).
+//! - [`sockops`]: re-keys a TCP socket's record by the connection's 4-tuple as its SYN goes
+//!   out, so the proxy's accepted socket can find it, drops it when the connection closes, and
+//!   records listening sockets.
 //! - [`getsockopt`]: answers SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST as conntrack would.
 //! - [`getpeername`], [`recvmsg`]: show the app its original peer.
 //! - [`sk_lookup`]: steers new inbound connections to the pod's proxy.
 //! - [`forward`]: tc ingress and egress on `-k` interfaces: connections forwarded through the
 //!   pod go to its outbound proxy, translated as REDIRECT translates them.
 //! - [`sock_create`]: a socket's creator (iptables' owner match): read from the socket's file,
-//!   recorded for listeners (their accepted sockets inherit it), or remembered at `socket()`
+//!   recorded for listeners (their accepted sockets take it), or remembered at `socket()`
 //!   where the file cannot be read.
 //! - [`accel`]: opt-in socket acceleration (sock_ops + sk_msg).
 //!

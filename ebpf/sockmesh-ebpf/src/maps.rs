@@ -43,9 +43,18 @@ pub static ORIG_DST: LruHashMap<ConnKey, OrigDst> =
 static COUNTERS: PerCpuHashMap<CounterKey, u64> =
     PerCpuHashMap::with_max_entries(sizes::COUNTERS, BPF_F_NO_PREALLOC);
 
-/// The original destination of a redirected socket, for as long as the socket lives.
+/// The original destination of a redirected UDP socket (DNS), for as long as the socket lives.
 #[btf_map(name = "SM_SOCK_DST")]
 pub static SOCK_DST: SkStorage<OrigDst> = SkStorage::new();
+
+/// The original destination of a redirected TCP socket, by socket cookie, from `connect4` or
+/// `connect6` to sock_ops' `TCP_CONNECT_CB` in the same connect() call, which moves it to
+/// `ORIG_DST` under the connection's 4-tuple. A socket storage would cost an allocation and a
+/// free per connection. An LRU map: a record left by a connect() that failed before its SYN
+/// gives way.
+#[map(name = "SM_CONNECTING")]
+pub static CONNECTING: LruHashMap<u64, OrigDst> =
+    LruHashMap::with_max_entries(sizes::CONNECTING, 0);
 
 /// Listening TCP sockets of the attached cgroup, by (netns, port, family): where sk_lookup finds
 /// a pod's inbound proxy. Recorded whether or not the pod is registered yet, so a proxy that

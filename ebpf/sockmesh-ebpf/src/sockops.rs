@@ -1,7 +1,7 @@
-//! `sock_ops`: publish a redirected connection's original destination under its 4-tuple once
-//! established (for SO_ORIGINAL_DST and sk_lookup), forget it on close; record listening
-//! sockets (where sk_lookup finds a pod's proxy); and hand established local connections to
-//! acceleration ([`crate::accel`]).
+//! `sock_ops`: publish a redirected connection's original destination under its 4-tuple as its
+//! SYN goes out (for SO_ORIGINAL_DST, getpeername and sk_lookup), forget it on close; record
+//! listening sockets (where sk_lookup finds a pod's proxy); and hand established local
+//! connections to acceleration ([`crate::accel`]).
 
 use aya_ebpf::{
     bindings::{
@@ -14,14 +14,14 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use sockmesh_common::{
-    counters, v4_mapped, ConnKey, ListenerKey, NetnsCookie, OrigDst, PodFlags, Reason, SockKey,
-    AF_INET, LISTENER_SLOTS,
+    counters, v4_mapped, ConnKey, ListenerKey, NetnsCookie, OrigDst, PodFlags, SockKey, AF_INET,
+    LISTENER_SLOTS,
 };
 
 use crate::{
     accel,
     ctx::{self, read_words},
-    maps::{count, is_local, pod, sk_storage_of, LISTENERS, ORIG_DST, SOCK_DST},
+    maps::{count, is_local, pod, CONNECTING, LISTENERS, ORIG_DST},
     sock_create,
 };
 
@@ -91,24 +91,17 @@ pub fn watch_state(ctx: &SockOpsContext) {
 #[inline(never)]
 fn try_sockops(ctx: &SockOpsContext) {
     let op = ctx.op();
-    if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
-        && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB
+    if op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB
         && op != BPF_SOCK_OPS_STATE_CB
         && op != BPF_SOCK_OPS_TCP_LISTEN_CB
         && op != BPF_SOCK_OPS_TCP_CONNECT_CB
     {
         return;
     }
-    let netns = ctx::netns(ctx);
-    if op == BPF_SOCK_OPS_TCP_LISTEN_CB {
-        record_listener(ctx, netns);
-        if let Some(sk) = sk(ctx) {
-            sock_create::record_listener(sk, &listener_key(ctx, netns, 0));
-        }
-        return;
-    }
     if op == BPF_SOCK_OPS_STATE_CB {
+        // Called at every change of state of a watched socket: only its close matters.
         if ctx.arg(1) == BPF_TCP_CLOSE {
+            let netns = ctx::netns(ctx);
             // The client's socket holds its record; the proxy's socket holds a forwarded one.
             if ORIG_DST.remove(&conn_key(ctx, netns)).is_ok()
                 || ORIG_DST.remove(&server_key(ctx, netns)).is_ok()
@@ -119,11 +112,19 @@ fn try_sockops(ctx: &SockOpsContext) {
         }
         return;
     }
+    let netns = ctx::netns(ctx);
+    if op == BPF_SOCK_OPS_TCP_LISTEN_CB {
+        record_listener(ctx, netns);
+        if let Some(sk) = sk(ctx) {
+            sock_create::record_listener(sk, &listener_key(ctx, netns, 0));
+        }
+        return;
+    }
     if op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
         watch_forwarded(ctx, netns);
         return;
     }
-    publish(ctx, netns, op == BPF_SOCK_OPS_TCP_CONNECT_CB);
+    publish(ctx, netns);
 }
 
 /// The connection's key in `ORIG_DST`, seen from this socket as the server (the proxy's
@@ -193,22 +194,17 @@ fn record_listener(ctx: &SockOpsContext, netns: NetnsCookie) {
     count(netns, counters::LISTENER_STORE_FAILED);
 }
 
-/// Publish the socket's original destination (its `SOCK_DST` record) under its 4-tuple. A
-/// TPROXY record must be published before the SYN goes out (`connecting`), for sk_lookup to
-/// see it; redirected connections are published once established.
+/// Publish the socket's original destination (its `CONNECTING` record, made by the connect
+/// program in this same connect() call) under its 4-tuple, before the SYN goes out: sk_lookup
+/// needs a TPROXY record by then, and the proxy may accept at once.
 #[inline(always)]
-fn publish(ctx: &SockOpsContext, netns: NetnsCookie, connecting: bool) {
-    let Some(sk) = sk(ctx) else {
+fn publish(ctx: &SockOpsContext, netns: NetnsCookie) {
+    let cookie = ctx::cookie(ctx);
+    let Some(record) = (unsafe { CONNECTING.get(&cookie) }) else {
         return;
     };
-    let record = sk_storage_of(&SOCK_DST, sk.cast());
-    if record.is_null() {
-        return;
-    }
-    let record: OrigDst = unsafe { *record };
-    if connecting && !record.is(Reason::TproxyToLocal) && !record.is(Reason::LocalOrigin) {
-        return;
-    }
+    let record: OrigDst = *record;
+    let _ = CONNECTING.remove(&cookie);
     if ORIG_DST.insert(&conn_key(ctx, netns), &record, 0).is_err() {
         count(netns, counters::ORIG_DST_STORE_FAILED);
         aya_log_ebpf::error!(

@@ -371,6 +371,9 @@ pub struct Hold {
     pub count: usize,
     #[arg(long)]
     pub listen: Option<u16>,
+    /// After printing, keep the connections open until killed.
+    #[arg(long)]
+    pub keep: bool,
     #[command(flatten)]
     pub id: Identity,
 }
@@ -391,6 +394,7 @@ impl Launch for Hold {
             .arg(self.dst)
             .opt("--count", self.count)
             .opt_some("--listen", self.listen)
+            .switch("--keep", self.keep)
             .id(self.id)
     }
 }
@@ -426,6 +430,12 @@ impl Hold {
             }
         }
         println!("{}", serde_json::to_string(&report)?);
+        if self.keep {
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
+        drop(open);
         Ok(())
     }
 

@@ -176,6 +176,9 @@ pub struct ConnectSpec {
     pub creds_after_socket: bool,
     /// Send one UDP datagram instead of connecting over TCP.
     pub udp: Option<UdpMode>,
+    /// First connect the same socket here, which must fail before its SYN (EADDRNOTAVAIL: no
+    /// local port free for it), then go on to `dst`.
+    pub first: Option<SocketAddr>,
 }
 
 impl ConnectSpec {

@@ -208,6 +208,10 @@ pub struct Connect {
     /// Send one UDP datagram (connected or unconnected socket) instead of TCP.
     #[arg(long, value_enum)]
     pub udp: Option<UdpMode>,
+    /// First connect the socket here, which must fail before its SYN (EADDRNOTAVAIL), then go
+    /// on to the destination.
+    #[arg(long)]
+    pub first: Option<SocketAddr>,
 }
 
 impl Connect {
@@ -222,6 +226,7 @@ impl Connect {
             hold_ms: 0,
             creds_after_socket: false,
             udp: None,
+            first: None,
         }
     }
 
@@ -233,6 +238,7 @@ impl Connect {
             hold: Duration::from_millis(self.hold_ms),
             creds_after_socket: self.creds_after_socket,
             udp: self.udp,
+            first: self.first,
             ..ConnectSpec::to(self.dst, self.id)
         });
         println!("{}", serde_json::to_string(&outcome)?);
@@ -253,6 +259,7 @@ impl Launch for Connect {
             .opt("--hold-ms", self.hold_ms)
             .switch("--creds-after-socket", self.creds_after_socket)
             .opt_some("--udp", self.udp.map(UdpMode::name))
+            .opt_some("--first", self.first)
     }
 }
 
@@ -295,6 +302,16 @@ fn connect_inner(spec: &ConnectSpec) -> Result<Outcome> {
     }
     if let Some(mode) = spec.udp {
         return udp::exchange(sock, dial, mode);
+    }
+    if let Some(first) = spec.first {
+        match connect_to(fd, first) {
+            Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {}
+            other => {
+                return Ok(Outcome::Error {
+                    error: format!("first connect to {first}: {other:?}, not EADDRNOTAVAIL"),
+                })
+            }
+        }
     }
     if let Err(e) = connect_to(fd, dial) {
         return Ok(match e.raw_os_error() {

@@ -97,6 +97,7 @@ pub fn run(pods: usize, per_pod: usize) -> Result<String> {
         dst: peer80,
         count: 1,
         listen: None,
+        keep: false,
         id: Identity::APP,
     };
     let late_report: HoldReport = serde_json::from_str(lab.output(late.place(), &hold)?.trim())?;
