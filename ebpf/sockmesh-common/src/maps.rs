@@ -57,8 +57,8 @@ pub mod sizes {
     pub const ADDR_POD: u32 = 65_536;
     pub const ROUTE_SRC: u32 = 65_536;
     pub const SOCKS: u32 = 65_536;
-    /// Redirected TCP connects between `connect4`/`connect6` and their SYN: microseconds each.
-    pub const CONNECTING: u32 = 16_384;
+    /// Redirected TCP connects between `connect4`/`connect6` and their handshake's end, node-wide.
+    pub const CONNECTING: u32 = 32_768;
 }
 
 /// Key of the `MEMBERS` hash: "is `value` in set `kind` of pod `netns`".

@@ -82,8 +82,7 @@ fn try_connect<const CONNECT: bool, const V6: bool>(ctx: &SockAddrContext) -> i3
 }
 
 /// A socket connected again must not keep an earlier capture's record: UDP can connect again,
-/// and so can TCP after a connect() that failed (before its SYN, the record is still in
-/// `CONNECTING`).
+/// and so can TCP after a connect() that failed (its record is still in `CONNECTING`).
 #[inline(always)]
 fn forget(ctx: &SockAddrContext, proto: Proto) {
     match proto {
@@ -186,8 +185,8 @@ fn redirect<const CONNECT: bool, const V6: bool>(
     1
 }
 
-/// Keep a redirected socket's original destination: a TCP socket's until its SYN (sock_ops
-/// publishes it under the 4-tuple), a UDP socket's for its life. False if it could not be kept.
+/// Keep a redirected socket's original destination: a TCP socket's until sock_ops publishes it
+/// under the 4-tuple, a UDP socket's for its life. False if it could not be kept.
 #[inline(always)]
 fn store(ctx: &SockAddrContext, proto: Proto, record: &mut OrigDst) -> bool {
     match proto {

@@ -48,9 +48,9 @@ static COUNTERS: PerCpuHashMap<CounterKey, u64> =
 pub static SOCK_DST: SkStorage<OrigDst> = SkStorage::new();
 
 /// The original destination of a redirected TCP socket, by socket cookie, from `connect4` or
-/// `connect6` to sock_ops' `TCP_CONNECT_CB` in the same connect() call, which moves it to
-/// `ORIG_DST` under the connection's 4-tuple. A socket storage would cost an allocation and a
-/// free per connection. An LRU map: a record left by a connect() that failed before its SYN
+/// `connect6` until sock_ops moves it to `ORIG_DST` under the connection's 4-tuple (once
+/// established; a TPROXY record at `TCP_CONNECT_CB`). A socket storage would cost an
+/// allocation and a free per connection. An LRU map: a record left by a connect that failed
 /// gives way.
 #[map(name = "SM_CONNECTING")]
 pub static CONNECTING: LruHashMap<u64, OrigDst> =

@@ -1,5 +1,6 @@
-//! `sock_ops`: publish a redirected connection's original destination under its 4-tuple as its
-//! SYN goes out (for SO_ORIGINAL_DST, getpeername and sk_lookup), forget it on close; record
+//! `sock_ops`: publish a redirected connection's original destination under its 4-tuple once
+//! established, a TPROXY one as its SYN goes out (for SO_ORIGINAL_DST, getpeername and
+//! sk_lookup), forget it on close; record
 //! listening sockets (where sk_lookup finds a pod's proxy); and hand established local
 //! connections to acceleration ([`crate::accel`]).
 
@@ -14,8 +15,8 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use sockmesh_common::{
-    counters, v4_mapped, ConnKey, ListenerKey, NetnsCookie, OrigDst, PodFlags, SockKey, AF_INET,
-    LISTENER_SLOTS,
+    counters, v4_mapped, ConnKey, ListenerKey, NetnsCookie, OrigDst, PodFlags, Reason, SockKey,
+    AF_INET, LISTENER_SLOTS,
 };
 
 use crate::{
@@ -91,7 +92,8 @@ pub fn watch_state(ctx: &SockOpsContext) {
 #[inline(never)]
 fn try_sockops(ctx: &SockOpsContext) {
     let op = ctx.op();
-    if op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB
+    if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
+        && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB
         && op != BPF_SOCK_OPS_STATE_CB
         && op != BPF_SOCK_OPS_TCP_LISTEN_CB
         && op != BPF_SOCK_OPS_TCP_CONNECT_CB
@@ -124,7 +126,7 @@ fn try_sockops(ctx: &SockOpsContext) {
         watch_forwarded(ctx, netns);
         return;
     }
-    publish(ctx, netns);
+    publish(ctx, netns, op == BPF_SOCK_OPS_TCP_CONNECT_CB);
 }
 
 /// The connection's key in `ORIG_DST`, seen from this socket as the server (the proxy's
@@ -195,15 +197,20 @@ fn record_listener(ctx: &SockOpsContext, netns: NetnsCookie) {
 }
 
 /// Publish the socket's original destination (its `CONNECTING` record, made by the connect
-/// program in this same connect() call) under its 4-tuple, before the SYN goes out: sk_lookup
-/// needs a TPROXY record by then, and the proxy may accept at once.
+/// program) under its 4-tuple. A TPROXY record must be published before the SYN goes out
+/// (`connecting`), for sk_lookup to see it; a redirected connection's once established, before
+/// its last ACK, so before the proxy's socket exists. Watching the socket's state only from
+/// then spares a callback per connection (the move to established).
 #[inline(always)]
-fn publish(ctx: &SockOpsContext, netns: NetnsCookie) {
+fn publish(ctx: &SockOpsContext, netns: NetnsCookie, connecting: bool) {
     let cookie = ctx::cookie(ctx);
     let Some(record) = (unsafe { CONNECTING.get(&cookie) }) else {
         return;
     };
     let record: OrigDst = *record;
+    if connecting && !record.is(Reason::TproxyToLocal) && !record.is(Reason::LocalOrigin) {
+        return;
+    }
     let _ = CONNECTING.remove(&cookie);
     if ORIG_DST.insert(&conn_key(ctx, netns), &record, 0).is_err() {
         count(netns, counters::ORIG_DST_STORE_FAILED);
