@@ -1,8 +1,7 @@
 //! `sock_ops`: publish a redirected connection's original destination under its 4-tuple once
 //! established, a TPROXY one as its SYN goes out (for SO_ORIGINAL_DST, getpeername and
-//! sk_lookup), forget it on close; record
-//! listening sockets (where sk_lookup finds a pod's proxy); and hand established local
-//! connections to acceleration ([`crate::accel`]).
+//! sk_lookup), forget it on close; record listening sockets (where sk_lookup finds a pod's
+//! proxy); and hand established local connections to acceleration ([`crate::accel`]).
 
 use aya_ebpf::{
     bindings::{
