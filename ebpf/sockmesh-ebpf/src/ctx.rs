@@ -4,11 +4,12 @@
 use core::ptr::{self, addr_of_mut};
 
 use aya_ebpf::{
+    bindings::bpf_sock,
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::SockAddrContext,
     EbpfContext,
 };
-use sockmesh_common::{Addr, NetnsCookie};
+use sockmesh_common::{v4_mapped, Addr, NetnsCookie, AF_INET};
 
 pub const SOL_IP: i32 = 0;
 pub const SOL_IPV6: i32 = 41;
@@ -60,6 +61,21 @@ macro_rules! read_words {
     }};
 }
 pub(crate) use read_words;
+
+/// A socket's local and remote addresses (IPv4 ones v4-mapped).
+#[inline(always)]
+pub fn sock_addrs(sk: *mut bpf_sock) -> (Addr, Addr) {
+    unsafe {
+        if (*sk).family == AF_INET as u32 {
+            (
+                v4_mapped((*sk).src_ip4.to_ne_bytes()),
+                v4_mapped((*sk).dst_ip4.to_ne_bytes()),
+            )
+        } else {
+            (read_words!(sk, src_ip6), read_words!(sk, dst_ip6))
+        }
+    }
+}
 
 /// Write a `[u32; 4]` context field word by word (see [`read_words`]).
 macro_rules! write_words {

@@ -2,10 +2,10 @@
 //! with NAT.
 
 use aya_ebpf::{bindings::bpf_sock, macros::cgroup_sock_addr, programs::SockAddrContext};
-use sockmesh_common::{counters, is_loopback, v4_mapped, ConnKey, OrigDst, AF_INET};
+use sockmesh_common::{counters, is_loopback, ConnKey, OrigDst};
 
 use crate::{
-    ctx::{self, read_words, SOCK_DGRAM},
+    ctx::{self, SOCK_DGRAM},
     maps::{count, ORIG_DST, SOCK_DST},
 };
 
@@ -45,16 +45,7 @@ fn try_getpeername(ctx: &SockAddrContext, v6: bool) {
 #[inline(never)]
 fn tcp_record(ctx: &SockAddrContext) -> Option<OrigDst> {
     let sk: *mut bpf_sock = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
-    let (client, server) = unsafe {
-        if (*sk).family == AF_INET as u32 {
-            (
-                v4_mapped((*sk).src_ip4.to_ne_bytes()),
-                v4_mapped((*sk).dst_ip4.to_ne_bytes()),
-            )
-        } else {
-            (read_words!(sk, src_ip6), read_words!(sk, dst_ip6))
-        }
-    };
+    let (client, server) = ctx::sock_addrs(sk);
     if !is_loopback(&server) {
         return None;
     }

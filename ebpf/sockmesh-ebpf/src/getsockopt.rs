@@ -5,12 +5,10 @@
 use core::ptr::{self, addr_of_mut};
 
 use aya_ebpf::{bindings::bpf_sock, macros::cgroup_sockopt, programs::SockoptContext};
-use sockmesh_common::{
-    counters, is_v4_mapped, v4_mapped, Addr, ConnKey, PodFlags, AF_INET, AF_INET6,
-};
+use sockmesh_common::{counters, is_v4_mapped, Addr, ConnKey, PodFlags, AF_INET, AF_INET6};
 
 use crate::{
-    ctx::{self, read_words, IPPROTO_TCP, SOL_IP, SOL_IPV6, SO_ORIGINAL_DST},
+    ctx::{self, IPPROTO_TCP, SOL_IP, SOL_IPV6, SO_ORIGINAL_DST},
     maps::{count, pod, ORIG_DST},
 };
 
@@ -31,24 +29,15 @@ fn try_getsockopt(ctx: &SockoptContext) {
     if sk.is_null() {
         return;
     }
-    let (family, protocol) = unsafe { ((*sk).family, (*sk).protocol) };
-    if protocol != IPPROTO_TCP {
+    if unsafe { (*sk).protocol } != IPPROTO_TCP {
         return;
     }
     let netns = ctx::netns(ctx);
     let Some(cfg) = pod(netns) else {
         return;
     };
-    let (client, server) = unsafe {
-        if family == AF_INET as u32 {
-            (
-                v4_mapped((*sk).dst_ip4.to_ne_bytes()),
-                v4_mapped((*sk).src_ip4.to_ne_bytes()),
-            )
-        } else {
-            (read_words!(sk, dst_ip6), read_words!(sk, src_ip6))
-        }
-    };
+    // The proxy's accepted socket: its peer is the connection's client.
+    let (server, client) = ctx::sock_addrs(sk);
     let client_port = u16::from_be(unsafe { (*sk).dst_port });
     if client_port == 0 {
         // Not connected: conntrack has nothing for it either.
