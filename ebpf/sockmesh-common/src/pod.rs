@@ -155,7 +155,12 @@ pub struct PodConfig {
     pub loopback_v4_prefix: u8,
     pub n_uids: u8,
     pub n_gids: u8,
-    pub _pad: [u8; 3],
+    /// The member sets ([`MemberKind::bit`]) the agent wrote no entry of for this pod, so the
+    /// kernel skips looking them up. Set by the agent from what it writes, never taken from
+    /// the caller; zero (as an earlier release left it) means every set is looked up.
+    pub empty_members: u8,
+    /// The same for the prefix lists ([`CidrKind::bit`]).
+    pub empty_lists: u16,
     /// Address of `ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR`, network order.
     pub loopback_v4: [u8; 4],
     pub uids: [u32; MAX_OWNERS],
@@ -189,7 +194,8 @@ impl PodConfig {
             loopback_v4_prefix: 32,
             n_uids: 0,
             n_gids: 0,
-            _pad: [0; 3],
+            empty_members: 0,
+            empty_lists: 0,
             loopback_v4: [127, 0, 0, 1],
             uids: [0; MAX_OWNERS],
             gids: [0; MAX_OWNERS],
@@ -221,6 +227,30 @@ impl PodConfig {
     /// The proxy's `-g` gids, in order.
     pub fn proxy_gids(&self) -> &[u32] {
         &self.gids[..(self.n_gids as usize).min(MAX_OWNERS)]
+    }
+
+    /// The same with every set not in `members` or `lists` known empty (see
+    /// [`PodConfig::empty_members`]).
+    pub fn with_sets_present(
+        mut self,
+        members: impl IntoIterator<Item = MemberKind>,
+        lists: impl IntoIterator<Item = CidrKind>,
+    ) -> Self {
+        self.empty_members = members.into_iter().fold(u8::MAX, |e, k| e & !k.bit());
+        self.empty_lists = lists.into_iter().fold(u16::MAX, |e, k| e & !k.bit());
+        self
+    }
+
+    /// Whether the pod has no entry in member set `kind` (known from the agent).
+    #[inline(always)]
+    pub const fn no_members(&self, kind: MemberKind) -> bool {
+        self.empty_members & kind.bit() != 0
+    }
+
+    /// Whether the pod has no entry in prefix list `kind` (known from the agent).
+    #[inline(always)]
+    pub const fn no_list(&self, kind: CidrKind) -> bool {
+        self.empty_lists & kind.bit() != 0
     }
 
     /// Whether any bit of `flag` is set.
@@ -342,6 +372,11 @@ set_kinds! {
 }
 
 impl MemberKind {
+    /// This set's bit in [`PodConfig::empty_members`].
+    pub const fn bit(self) -> u8 {
+        1 << (self as u32 - 1)
+    }
+
     /// The istio-iptables flag or variable this set comes from.
     pub const fn istio_name(self) -> &'static str {
         match self {
@@ -393,6 +428,11 @@ set_kinds! {
 }
 
 impl CidrKind {
+    /// This list's bit in [`PodConfig::empty_lists`].
+    pub const fn bit(self) -> u16 {
+        1 << (self as u32 - 1)
+    }
+
     pub const fn is_v6(self) -> bool {
         matches!(
             self,
@@ -432,6 +472,43 @@ mod tests {
         // Entries past the counts do not count.
         cfg.uids[1] = 1000;
         assert!(!cfg.is_proxy(&owner(1000, 1000)));
+    }
+
+    #[test]
+    fn every_set_has_a_bit_of_its_own() {
+        let members = MemberKind::ALL.iter().fold(0u32, |acc, k| {
+            assert_eq!(acc & k.bit() as u32, 0, "{k:?}");
+            acc | k.bit() as u32
+        });
+        assert_eq!(members.count_ones() as usize, MemberKind::ALL.len());
+        let lists = CidrKind::ALL.iter().fold(0u32, |acc, k| {
+            assert_eq!(acc & k.bit() as u32, 0, "{k:?}");
+            acc | k.bit() as u32
+        });
+        assert_eq!(lists.count_ones() as usize, CidrKind::ALL.len());
+    }
+
+    #[test]
+    fn sets_present_are_looked_up_and_the_rest_skipped() {
+        let cfg = PodConfig::new(PodFlags::NONE, 15001, 15006, 15008);
+        assert!(
+            !cfg.no_members(MemberKind::OutboundExcludePort),
+            "unknown: look"
+        );
+        assert!(!cfg.no_list(CidrKind::ExcludeV4), "unknown: look");
+        let cfg = cfg.with_sets_present([MemberKind::InboundExcludePort], [CidrKind::IncludeV4]);
+        assert!(!cfg.no_members(MemberKind::InboundExcludePort));
+        assert!(cfg.no_members(MemberKind::OutboundExcludePort));
+        assert!(!cfg.no_list(CidrKind::IncludeV4));
+        assert!(cfg.no_list(CidrKind::ExcludeV4));
+        assert!(cfg.no_list(CidrKind::RouteV6));
+    }
+
+    #[test]
+    fn the_config_keeps_its_layout() {
+        // Pinned maps of an earlier release hold this layout: a new field takes padding only.
+        assert_eq!(core::mem::size_of::<PodConfig>(), 112);
+        assert_eq!(core::mem::offset_of!(PodConfig, empty_lists), 14);
     }
 
     #[test]

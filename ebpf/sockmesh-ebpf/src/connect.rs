@@ -65,7 +65,7 @@ fn try_connect<const CONNECT: bool, const V6: bool>(ctx: &SockAddrContext) -> i3
         mark: 0,
     };
     read_conn::<V6>(ctx, netns, &mut conn);
-    let rules = PodRules { netns };
+    let rules = PodRules::of(netns, cfg);
     let verdict = decide(cfg, &rules, &conn);
     count(netns, verdict.reason() as u32);
     if verdict.action == Action::Pass {

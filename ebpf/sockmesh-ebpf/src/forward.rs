@@ -215,7 +215,7 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, i64> {
         dport: seg.dport,
         ifindex,
     };
-    let Some(verdict) = decide_forwarded(cfg, &PodRules { netns }, &arrival) else {
+    let Some(verdict) = decide_forwarded(cfg, &PodRules::of(netns, cfg), &arrival) else {
         return Ok(OK);
     };
     count(netns, verdict.reason as u32);

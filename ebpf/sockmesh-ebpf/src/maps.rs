@@ -154,14 +154,42 @@ pub fn pod(netns: NetnsCookie) -> Option<&'static PodConfig> {
     unsafe { PODS.get(&netns) }
 }
 
-/// Set lookups of one pod, answered from the maps.
+/// Set lookups of one pod, answered from the maps, but for the sets its config says are
+/// empty.
 pub struct PodRules {
     pub netns: NetnsCookie,
+    empty_members: u8,
+    empty_lists: u16,
+}
+
+impl PodRules {
+    /// The lookups of pod `netns`, whose config is `cfg`.
+    #[inline(always)]
+    pub fn of(netns: NetnsCookie, cfg: &PodConfig) -> Self {
+        PodRules {
+            netns,
+            empty_members: cfg.empty_members,
+            empty_lists: cfg.empty_lists,
+        }
+    }
+
+    /// The lookups of pod `netns` with every set looked up (for its addresses alone).
+    #[inline(always)]
+    pub fn addrs(netns: NetnsCookie) -> Self {
+        PodRules {
+            netns,
+            empty_members: 0,
+            empty_lists: 0,
+        }
+    }
 }
 
 impl Rules for PodRules {
     #[inline(always)]
     fn member(&self, kind: MemberKind, value: u32) -> bool {
+        if self.empty_members & kind.bit() != 0 {
+            return false;
+        }
         let key = MemberKey {
             netns: self.netns,
             kind: kind as u32,
@@ -172,6 +200,9 @@ impl Rules for PodRules {
 
     #[inline(always)]
     fn cidr(&self, kind: CidrKind, addr: &Addr) -> bool {
+        if self.empty_lists & kind.bit() != 0 {
+            return false;
+        }
         let bits = if kind.is_v6() { 128 } else { 32 };
         let key = Key::new(
             CIDR_KEY_FIXED_BITS + bits,
@@ -189,6 +220,9 @@ impl Rules for PodRules {
 
     #[inline(always)]
     fn port_range(&self, kind: CidrKind, port: u16) -> bool {
+        if self.empty_lists & kind.bit() != 0 {
+            return false;
+        }
         let key = Key::new(
             CIDR_KEY_FIXED_BITS + 16,
             CidrKey::port(self.netns, kind, port),
@@ -239,7 +273,7 @@ pub fn route_source(netns: NetnsCookie, dst: &Addr) -> Option<Addr> {
 /// A BPF subprogram (not inlined) to keep its callers' stack frames small.
 #[inline(never)]
 pub fn is_local(netns: NetnsCookie, dst: &Addr) -> bool {
-    sockmesh_common::is_local(&PodRules { netns }, dst)
+    sockmesh_common::is_local(&PodRules::addrs(netns), dst)
 }
 
 /// Add one to pod `netns`'s `counter` (a [`Reason`]'s value, or one of `counters`).

@@ -60,7 +60,7 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
         dport: port as u16,
         ifindex,
     };
-    let Some(verdict) = decide_arrival(cfg, &PodRules { netns }, &arrival) else {
+    let Some(verdict) = decide_arrival(cfg, &PodRules::of(netns, cfg), &arrival) else {
         return SK_PASS;
     };
     if verdict.action == Action::Pass {

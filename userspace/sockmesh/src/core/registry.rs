@@ -134,6 +134,19 @@ impl PodKeys {
         }
     }
 
+    /// `config` as written with these keys: the sets they have no entry in are marked empty,
+    /// so the kernel does not look them up (whatever the caller's config said).
+    pub fn config_for(&self, config: PodConfig) -> PodConfig {
+        config.with_sets_present(
+            self.members
+                .iter()
+                .filter_map(|(k, _)| MemberKind::from_u32(*k)),
+            self.cidrs
+                .iter()
+                .filter_map(|c| CidrKind::from_u32(u32::from_be_bytes(c.1))),
+        )
+    }
+
     /// The spec these keys were written from, with the pod's `config` (from the maps).
     pub fn spec(&self, config: PodConfig) -> PodSpec {
         let members = self
@@ -285,12 +298,13 @@ pub fn register(
         PodKeys::default()
     };
     let new = PodKeys::from_spec(netns, spec, local);
+    let config = new.config_for(spec.config);
     let mut undo = Undo::default();
     if let Err(e) = write_sets(maps, netns, &old, &new, &mut undo) {
         undo.run(maps, netns);
         return Err(e);
     }
-    if let Err(e) = maps.pods.insert(netns, spec.config, 0) {
+    if let Err(e) = maps.pods.insert(netns, config, 0) {
         undo.run(maps, netns);
         return Err(map_err(names::PODS, e));
     }
@@ -299,7 +313,7 @@ pub fn register(
     // The new config is in force; drop what only the old one had.
     drop_extras(maps, netns, &old, &new);
     if let Some(t) = maps.tracked.as_mut() {
-        t.insert(netns, (spec.config, new));
+        t.insert(netns, (config, new));
     }
     Ok(())
 }
@@ -519,4 +533,37 @@ pub fn unregister(maps: &mut PinnedMaps, netns: NetnsCookie) -> Result<bool, Reg
         t.remove(&netns);
     }
     Ok(was)
+}
+
+#[cfg(test)]
+mod tests {
+    use sockmesh_common::PodFlags;
+
+    use super::*;
+
+    #[test]
+    fn the_written_config_marks_the_sets_it_leaves_empty() {
+        let caller = PodConfig::new(PodFlags::OUTBOUND_ALL, 15001, 15006, 15008);
+        // A caller's claim that a set is empty is not believed.
+        let mut lying = caller;
+        lying.empty_members = u8::MAX;
+        lying.empty_lists = u16::MAX;
+        let spec = PodSpec::new(
+            lying,
+            vec![(MemberKind::OutboundExcludePort, 22)],
+            vec![(CidrKind::ExcludeV4, Cidr::parse("10.96.0.0/12").unwrap())],
+            vec![],
+        );
+        let netns = NetnsCookie(7);
+        let config = PodKeys::from_spec(netns, &spec, &[]).config_for(spec.config);
+        assert!(!config.no_members(MemberKind::OutboundExcludePort));
+        assert!(config.no_members(MemberKind::OutboundIncludePort));
+        assert!(!config.no_list(CidrKind::ExcludeV4));
+        assert!(config.no_list(CidrKind::ExcludeV6));
+        assert!(config.no_list(CidrKind::IncludeV4));
+        // Everything else is the caller's.
+        let mut rest = config;
+        (rest.empty_members, rest.empty_lists) = (0, 0);
+        assert_eq!(rest, caller);
+    }
 }
