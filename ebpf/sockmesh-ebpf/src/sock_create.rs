@@ -88,6 +88,17 @@ pub fn creator(sk: *mut bpf_sock, owner: &mut SockOwner) -> bool {
     else {
         return false;
     };
+    // `fsgid` follows `fsuid` in every kernel's `struct cred`: one read of both.
+    if off.cred_fsgid == off.cred_fsuid + 4 {
+        let at = (cred + u64::from(off.cred_fsuid)) as *const SockOwner;
+        return match unsafe { bpf_probe_read_kernel(at) } {
+            Ok(read) => {
+                *owner = read;
+                true
+            }
+            Err(_) => false,
+        };
+    }
     let read = |at: u32| unsafe { bpf_probe_read_kernel((cred + u64::from(at)) as *const u32) };
     match (read(off.cred_fsuid), read(off.cred_fsgid)) {
         (Ok(uid), Ok(gid)) => {
