@@ -471,3 +471,31 @@ fn a_pinned_map_of_another_size_is_refused() {
         "{err}"
     );
 }
+
+/// `sock_create` is put in force only where the programs cannot read a socket's creator from
+/// the socket (no kernel BTF); an agent that can drops the link an earlier one left, and the
+/// program leaves the cgroup.
+#[test]
+fn sock_create_is_in_force_only_without_the_kernels_btf() {
+    let mut lab = Lab::new("create").unwrap();
+    let link = lab.bpffs.join("links").join("sock_create");
+    let attached = |lab: &Lab| {
+        let out = run(Command::new("bpftool")
+            .args(["-j", "cgroup", "show"])
+            .arg(&lab.cgroup))
+        .unwrap();
+        String::from_utf8_lossy(&out.stdout).contains("sockmesh_sock_create")
+    };
+    lab.agent_args = vec!["--kernel-btf".into(), "/nonexistent/vmlinux".into()];
+    lab.start_agent().unwrap();
+    assert!(link.exists(), "{}", lab.agent_log());
+    assert!(attached(&lab), "{}", lab.agent_log());
+    lab.stop_agent(libc::SIGTERM).unwrap();
+    lab.agent_args.clear();
+    lab.start_agent().unwrap();
+    assert!(!link.exists(), "{}", lab.agent_log());
+    assert!(!attached(&lab), "{}", lab.agent_log());
+    assert!(lab.agent_log().contains("Removed"), "{}", lab.agent_log());
+    // The other programs are in force.
+    assert!(lab.bpffs.join("links").join("connect4").exists());
+}

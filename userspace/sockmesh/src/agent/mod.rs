@@ -158,9 +158,10 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     loader::prepare_bpffs(&args.bpffs)?;
     let cgroup = loader::open_cgroup2(&args.cgroup)?;
     let accel = args.acceleration == "on";
-    let mut ebpf = loader::load(&args.bpffs, accel, args.orig_dst_entries, &args.kernel_btf)?;
-    kernel_log::forward_kernel_logs(&mut ebpf);
-    let (actions, in_force) = loader::attach_all(&mut ebpf, cgroup.as_fd(), &args.bpffs)?;
+    let mut loaded = loader::load(&args.bpffs, accel, args.orig_dst_entries, &args.kernel_btf)?;
+    kernel_log::forward_kernel_logs(&mut loaded.ebpf);
+    let (actions, in_force) = loader::attach_all(&mut loaded, cgroup.as_fd(), &args.bpffs)?;
+    let mut ebpf = loaded.ebpf;
     if accel {
         loader::attach_sk_msg(&mut ebpf)?;
         info!("socket acceleration on: local connections of registered pods skip TCP/IP");
@@ -183,7 +184,18 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         info!("socket acceleration off (the default; --acceleration on turns it on)");
     }
     for (link, action) in &actions {
-        info!(link, ?action, cgroup = %args.cgroup.display(), "program in force");
+        let cgroup = args.cgroup.display();
+        match action {
+            loader::LinkAction::Created | loader::LinkAction::Updated => {
+                info!(link, ?action, %cgroup, "program in force")
+            }
+            loader::LinkAction::Removed => info!(
+                link,
+                ?action,
+                %cgroup,
+                "program not needed with the kernel's BTF: an earlier agent's link dropped"
+            ),
+        }
     }
     let sk_lookup = loader::load_sk_lookup(&mut ebpf)?;
     let forward = loader::load_forward(&mut ebpf)?;

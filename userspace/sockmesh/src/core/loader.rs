@@ -112,6 +112,16 @@ pub struct Attachment {
     pub attach_type: u32,
     pub link_name: &'static str,
     kind: ProgKind,
+    need: Need,
+}
+
+/// When a cgroup program is put in force.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Need {
+    Always,
+    /// Only where the programs cannot read a socket's creator from the socket (no kernel
+    /// BTF): `sock_create` records it instead.
+    WithoutCreator,
 }
 
 #[derive(Clone, Copy)]
@@ -144,66 +154,77 @@ pub const ATTACHMENTS: [Attachment; 11] = [
         attach_type: BPF_CGROUP_UDP4_SENDMSG,
         link_name: "sendmsg4",
         kind: ProgKind::SockAddr,
+        need: Need::Always,
     },
     Attachment {
         program: "sockmesh_sendmsg6",
         attach_type: BPF_CGROUP_UDP6_SENDMSG,
         link_name: "sendmsg6",
         kind: ProgKind::SockAddr,
+        need: Need::Always,
     },
     Attachment {
         program: "sockmesh_recvmsg4",
         attach_type: BPF_CGROUP_UDP4_RECVMSG,
         link_name: "recvmsg4",
         kind: ProgKind::SockAddr,
+        need: Need::Always,
     },
     Attachment {
         program: "sockmesh_recvmsg6",
         attach_type: BPF_CGROUP_UDP6_RECVMSG,
         link_name: "recvmsg6",
         kind: ProgKind::SockAddr,
+        need: Need::Always,
     },
     Attachment {
         program: "sockmesh_sock_create",
         attach_type: BPF_CGROUP_INET_SOCK_CREATE,
         link_name: "sock_create",
         kind: ProgKind::Sock,
+        need: Need::WithoutCreator,
     },
     Attachment {
         program: "sockmesh_connect4",
         attach_type: BPF_CGROUP_INET4_CONNECT,
         link_name: "connect4",
         kind: ProgKind::SockAddr,
+        need: Need::Always,
     },
     Attachment {
         program: "sockmesh_connect6",
         attach_type: BPF_CGROUP_INET6_CONNECT,
         link_name: "connect6",
         kind: ProgKind::SockAddr,
+        need: Need::Always,
     },
     Attachment {
         program: "sockmesh_getpeername4",
         attach_type: BPF_CGROUP_INET4_GETPEERNAME,
         link_name: "getpeername4",
         kind: ProgKind::SockAddr,
+        need: Need::Always,
     },
     Attachment {
         program: "sockmesh_getpeername6",
         attach_type: BPF_CGROUP_INET6_GETPEERNAME,
         link_name: "getpeername6",
         kind: ProgKind::SockAddr,
+        need: Need::Always,
     },
     Attachment {
         program: "sockmesh_sockops",
         attach_type: BPF_CGROUP_SOCK_OPS,
         link_name: "sockops",
         kind: ProgKind::SockOps,
+        need: Need::Always,
     },
     Attachment {
         program: "sockmesh_getsockopt",
         attach_type: BPF_CGROUP_GETSOCKOPT,
         link_name: "getsockopt",
         kind: ProgKind::Sockopt,
+        need: Need::Always,
     },
 ];
 
@@ -244,6 +265,14 @@ pub fn open_cgroup2(dir: &Path) -> Result<fs::File, BpfError> {
     })
 }
 
+/// The loaded object, and what its programs were told of the kernel.
+pub struct Loaded {
+    pub ebpf: Ebpf,
+    /// The programs read a socket's creator from the socket (the kernel's BTF placed the
+    /// fields): `sock_create` is not needed.
+    pub creator_known: bool,
+}
+
 /// Load the object with every map pinned (or reused) under `bpffs/maps`.
 /// `btf`: the kernel's BTF, where the offsets of the kernel fields the programs read are found.
 pub fn load(
@@ -251,7 +280,7 @@ pub fn load(
     accel: bool,
     orig_dst_entries: u32,
     btf: &Path,
-) -> Result<Ebpf, BpfError> {
+) -> Result<Loaded, BpfError> {
     let dir = maps_dir(bpffs);
     check_pinned_layouts(&dir)?;
     // A pinned map is reused as it is: its size must be the one asked for.
@@ -314,7 +343,10 @@ pub fn load(
     for (name, path) in &paths {
         loader.map_pin_path(name, path.clone());
     }
-    Ok(loader.load(OBJECT)?)
+    Ok(Loaded {
+        ebpf: loader.load(OBJECT)?,
+        creator_known: creds.known(),
+    })
 }
 
 fn bpf_syscall(cmd: u32, attr: &mut [u64; 8], call: &'static str) -> Result<i64, SyscallError> {
@@ -416,6 +448,9 @@ macro_rules! load_fd {
 pub enum LinkAction {
     Created,
     Updated,
+    /// Not needed by this agent (see [`Loaded::creator_known`]): an earlier agent's link was
+    /// dropped.
+    Removed,
 }
 
 /// A cgroup program the agent keeps in force: which link, and the loaded program.
@@ -509,18 +544,28 @@ impl InForce {
     }
 }
 
-/// Load every cgroup program and put it in force on `cgroup` through a link pinned under
-/// `bpffs/links`: a new link if none is pinned, else the pinned link is switched to the new
-/// program atomically. Returns what was done, and the programs to keep in force.
+/// Load every cgroup program `loaded` needs and put it in force on `cgroup` through a link
+/// pinned under `bpffs/links`: a new link if none is pinned, else the pinned link is switched
+/// to the new program atomically. The link of a program it does not need (left by an earlier
+/// agent) is dropped. Returns what was done, and the programs to keep in force.
 #[allow(clippy::type_complexity)]
 pub fn attach_all(
-    ebpf: &mut Ebpf,
+    loaded: &mut Loaded,
     cgroup: BorrowedFd<'_>,
     bpffs: &Path,
 ) -> Result<(Vec<(&'static str, LinkAction)>, Vec<InForce>), BpfError> {
+    let ebpf = &mut loaded.ebpf;
+    let needed = |a: &Attachment| match a.need {
+        Need::Always => true,
+        Need::WithoutCreator => !loaded.creator_known,
+    };
+    let mut done = Vec::new();
     // Load every program first, so a verifier rejection leaves nothing half attached.
-    let mut loaded = Vec::new();
+    let mut progs = Vec::new();
     for a in &ATTACHMENTS {
+        if !needed(a) {
+            continue;
+        }
         let prog = program(ebpf, a.program)?;
         let fd = match a.kind {
             ProgKind::Sock => load_fd!(prog, CgroupSock, a.program),
@@ -528,11 +573,16 @@ pub fn attach_all(
             ProgKind::SockOps => load_fd!(prog, SockOps, a.program),
             ProgKind::Sockopt => load_fd!(prog, CgroupSockopt, a.program),
         };
-        loaded.push((a, fd));
+        progs.push((a, fd));
     }
-    let mut done = Vec::new();
+    for a in ATTACHMENTS.iter().filter(|a| !needed(a)) {
+        // Dropping the pin releases the link, which detaches its program.
+        if fs::remove_file(links_dir(bpffs).join(a.link_name)).is_ok() {
+            done.push((a.link_name, LinkAction::Removed));
+        }
+    }
     let mut in_force = Vec::new();
-    for (a, fd) in loaded {
+    for (a, fd) in progs {
         let pin = links_dir(bpffs).join(a.link_name);
         let action = if pin.exists() {
             let link = obj_get(&pin)?;
