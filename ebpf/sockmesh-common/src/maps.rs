@@ -1,6 +1,7 @@
 //! The maps' names, sizes, keys and values: one definition for the kernel and for userspace.
 
 use crate::{
+    accel::SockKey,
     addr::Addr,
     decision::{Arrival, Reason},
     pod::{CidrKind, NetnsCookie},
@@ -149,6 +150,32 @@ impl ConnKey {
             _pad: 0,
         }
     }
+
+    /// The key of the connection socket `s` (its own 4-tuple) is the client of: an app's
+    /// redirected socket.
+    pub const fn of_client(s: &SockKey) -> Self {
+        ConnKey {
+            netns: s.netns,
+            client: s.local,
+            server: s.remote,
+            client_port: s.local_port,
+            server_port: s.remote_port,
+            _pad: 0,
+        }
+    }
+
+    /// The key of the connection socket `s` is the server of: a proxy's accepted socket, whose
+    /// peer is the client.
+    pub const fn of_server(s: &SockKey) -> Self {
+        ConnKey {
+            netns: s.netns,
+            client: s.remote,
+            server: s.local,
+            client_port: s.remote_port,
+            server_port: s.local_port,
+            _pad: 0,
+        }
+    }
 }
 
 /// Value of `ORIG_DST`, `CONNECTING` and the per-socket `SOCK_DST` storage: where the connection
@@ -282,4 +309,36 @@ mod pod_impls {
     unsafe impl aya::Pod for KernelOffsets {}
     unsafe impl aya::Pod for CredOffsets {}
     unsafe impl aya::Pod for AccelSock {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::addr::v4_mapped;
+
+    #[test]
+    fn both_ends_of_a_connection_find_one_key() {
+        let netns = NetnsCookie(7);
+        let (app, lo) = (v4_mapped([10, 0, 0, 5]), v4_mapped([127, 0, 0, 1]));
+        let app_end = SockKey {
+            netns,
+            local: app,
+            remote: lo,
+            local_port: 40000,
+            remote_port: 15001,
+            _pad: 0,
+        };
+        let proxy_end = SockKey {
+            netns,
+            local: lo,
+            remote: app,
+            local_port: 15001,
+            remote_port: 40000,
+            _pad: 0,
+        };
+        let key = ConnKey::of_client(&app_end);
+        assert_eq!(ConnKey::of_server(&proxy_end), key);
+        assert_eq!((key.client, key.client_port), (app, 40000));
+        assert_eq!((key.server, key.server_port), (lo, 15001));
+    }
 }

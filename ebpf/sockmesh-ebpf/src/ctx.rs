@@ -9,7 +9,7 @@ use aya_ebpf::{
     programs::SockAddrContext,
     EbpfContext,
 };
-use sockmesh_common::{v4_mapped, Addr, NetnsCookie, AF_INET};
+use sockmesh_common::{v4_mapped, Addr, NetnsCookie, SockKey, AF_INET};
 
 pub const SOL_IP: i32 = 0;
 pub const SOL_IPV6: i32 = 41;
@@ -62,17 +62,26 @@ macro_rules! read_words {
 }
 pub(crate) use read_words;
 
-/// A socket's local and remote addresses (IPv4 ones v4-mapped).
+/// Socket `sk`'s own 4-tuple in pod `netns` (IPv4 addresses v4-mapped, ports in host order;
+/// a remote port of 0: not connected).
 #[inline(always)]
-pub fn sock_addrs(sk: *mut bpf_sock) -> (Addr, Addr) {
+pub fn sock_key(sk: *mut bpf_sock, netns: NetnsCookie) -> SockKey {
     unsafe {
-        if (*sk).family == AF_INET as u32 {
+        let (local, remote) = if (*sk).family == AF_INET as u32 {
             (
                 v4_mapped((*sk).src_ip4.to_ne_bytes()),
                 v4_mapped((*sk).dst_ip4.to_ne_bytes()),
             )
         } else {
             (read_words!(sk, src_ip6), read_words!(sk, dst_ip6))
+        };
+        SockKey {
+            netns,
+            local,
+            remote,
+            local_port: (*sk).src_port as u16,
+            remote_port: u16::from_be((*sk).dst_port),
+            _pad: 0,
         }
     }
 }

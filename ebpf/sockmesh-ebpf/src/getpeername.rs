@@ -45,17 +45,9 @@ fn try_getpeername(ctx: &SockAddrContext, v6: bool) {
 #[inline(never)]
 fn tcp_record(ctx: &SockAddrContext) -> Option<OrigDst> {
     let sk: *mut bpf_sock = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
-    let (client, server) = ctx::sock_addrs(sk);
-    if !is_loopback(&server) {
+    let sock = ctx::sock_key(sk, ctx::netns(ctx));
+    if !is_loopback(&sock.remote) {
         return None;
     }
-    let key = ConnKey {
-        netns: ctx::netns(ctx),
-        client,
-        server,
-        client_port: unsafe { (*sk).src_port } as u16,
-        server_port: u16::from_be(unsafe { (*sk).dst_port }),
-        _pad: 0,
-    };
-    unsafe { ORIG_DST.get(&key) }.copied()
+    unsafe { ORIG_DST.get(&ConnKey::of_client(&sock)) }.copied()
 }

@@ -37,28 +37,19 @@ fn try_getsockopt(ctx: &SockoptContext) {
         return;
     };
     // The proxy's accepted socket: its peer is the connection's client.
-    let (server, client) = ctx::sock_addrs(sk);
-    let client_port = u16::from_be(unsafe { (*sk).dst_port });
-    if client_port == 0 {
+    let sock = ctx::sock_key(sk, netns);
+    if sock.remote_port == 0 {
         // Not connected: conntrack has nothing for it either.
         return;
     }
-    let server_port = unsafe { (*sk).src_port } as u16;
     // conntrack answers SOL_IP for IPv4 flows (v4 sockets, or v6 sockets with a v4-mapped peer)
     // and SOL_IPV6 for IPv6 flows.
-    let v4_flow = is_v4_mapped(&client);
+    let v4_flow = is_v4_mapped(&sock.remote);
     if (level == SOL_IP) != v4_flow {
         return;
     }
-    let key = ConnKey {
-        netns,
-        client,
-        server,
-        client_port,
-        server_port,
-        _pad: 0,
-    };
-    let (addr, port, counter) = match unsafe { ORIG_DST.get(&key) } {
+    let (server, server_port) = (sock.local, sock.local_port);
+    let (addr, port, counter) = match unsafe { ORIG_DST.get(&ConnKey::of_server(&sock)) } {
         Some(o) => (o.addr, o.port, counters::ORIG_DST_HIT),
         None => {
             // A flow that was not redirected: conntrack reports its own destination, but only

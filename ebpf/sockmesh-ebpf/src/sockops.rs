@@ -39,10 +39,10 @@ pub fn sockmesh_sockops(ctx: SockOpsContext) -> u32 {
     1
 }
 
-/// The connection's key in `ORIG_DST`, seen from this socket: it is the client.
+/// The socket's own 4-tuple: its key in `SOCKS` and `PEER_SK`.
 #[inline(always)]
-fn conn_key(ctx: &SockOpsContext, netns: NetnsCookie) -> ConnKey {
-    let (client, server) = if ctx.family() == AF_INET as u32 {
+pub fn sock_key(ctx: &SockOpsContext, netns: NetnsCookie) -> SockKey {
+    let (local, remote) = if ctx.family() == AF_INET as u32 {
         (
             v4_mapped(ctx.local_ip4().to_ne_bytes()),
             v4_mapped(ctx.remote_ip4().to_ne_bytes()),
@@ -51,28 +51,20 @@ fn conn_key(ctx: &SockOpsContext, netns: NetnsCookie) -> ConnKey {
         let ops = ctx.ops;
         unsafe { (read_words!(ops, local_ip6), read_words!(ops, remote_ip6)) }
     };
-    ConnKey {
+    SockKey {
         netns,
-        client,
-        server,
-        client_port: ctx.local_port() as u16,
-        server_port: u32::from_be(ctx.remote_port()) as u16,
+        local,
+        remote,
+        local_port: ctx.local_port() as u16,
+        remote_port: u32::from_be(ctx.remote_port()) as u16,
         _pad: 0,
     }
 }
 
-/// The socket's key in `SOCKS` and `PEER_SK`: its 4-tuple as [`conn_key`] reads it.
+/// The connection's key in `ORIG_DST`, seen from this socket as the client.
 #[inline(always)]
-pub fn sock_key(ctx: &SockOpsContext, netns: NetnsCookie) -> SockKey {
-    let k = conn_key(ctx, netns);
-    SockKey {
-        netns,
-        local: k.client,
-        remote: k.server,
-        local_port: k.client_port,
-        remote_port: k.server_port,
-        _pad: 0,
-    }
+fn conn_key(ctx: &SockOpsContext, netns: NetnsCookie) -> ConnKey {
+    ConnKey::of_client(&sock_key(ctx, netns))
 }
 
 /// The sock_ops context's socket, if it has one.
@@ -132,15 +124,7 @@ fn try_sockops(ctx: &SockOpsContext) {
 /// accepted socket).
 #[inline(always)]
 fn server_key(ctx: &SockOpsContext, netns: NetnsCookie) -> ConnKey {
-    let k = conn_key(ctx, netns);
-    ConnKey {
-        netns,
-        client: k.server,
-        server: k.client,
-        client_port: k.server_port,
-        server_port: k.client_port,
-        _pad: 0,
-    }
+    ConnKey::of_server(&sock_key(ctx, netns))
 }
 
 /// A proxy's socket accepting a connection forwarded from a `-k` interface (its record was
