@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use sockmesh_tests::{
     kit::{Connect, Hold, Identity, Outcome},
     lab::{run, Lab, Place},
-    pods::{self, Mode, POD_V4},
+    pods::{self, Mode, Pod, POD_V4},
     profiles::{self, Profile},
 };
 
@@ -40,8 +40,9 @@ fn conformance(p: &Profile) -> Vec<(String, Outcome)> {
     conformance_with(p, &[]).0
 }
 
-/// [`conformance`] with the agent started with `agent_args`; also the lab (its agent's log).
-fn conformance_with(p: &Profile, agent_args: &[&str]) -> (Vec<(String, Outcome)>, Lab) {
+/// A lab whose agent runs with `agent_args`, and two pods with profile `p`: one with
+/// istio-iptables' rules loaded by the real iptables, one registered with sockmesh.
+fn pod_pair(p: &Profile, agent_args: &[&str]) -> (Lab, Pod, Pod) {
     sockmesh_tests::lab::require_tools(&["ip", "iptables-restore", "ip6tables-restore"]).unwrap();
     let mut lab = Lab::new("conf").unwrap();
     lab.agent_args = agent_args.iter().map(|a| a.to_string()).collect();
@@ -50,6 +51,12 @@ fn conformance_with(p: &Profile, agent_args: &[&str]) -> (Vec<(String, Outcome)>
     pods::apply_iptables(&ipt, p).unwrap();
     let smp = pods::pod(&mut lab, "s", p, Mode::Sockmesh).unwrap();
     pods::apply_sockmesh(&lab, &smp, p).unwrap();
+    (lab, ipt, smp)
+}
+
+/// [`conformance`] with the agent started with `agent_args`; also the lab (its agent's log).
+fn conformance_with(p: &Profile, agent_args: &[&str]) -> (Vec<(String, Outcome)>, Lab) {
+    let (lab, ipt, smp) = pod_pair(p, agent_args);
 
     let mut diffs = Vec::new();
     let mut reference = Vec::new();
@@ -104,14 +111,8 @@ fn conformance_with(p: &Profile, agent_args: &[&str]) -> (Vec<(String, Outcome)>
 /// SO_ORIGINAL_DST and the app's peer are its own, as under iptables.
 #[test]
 fn a_connect_that_failed_before_its_syn_leaves_no_record() {
-    sockmesh_tests::lab::require_tools(&["ip", "iptables-restore", "sysctl"]).unwrap();
-    let p = profile("default-sidecar");
-    let mut lab = Lab::new("conf").unwrap();
-    lab.start_agent().unwrap();
-    let ipt = pods::pod(&mut lab, "i", &p, Mode::Iptables).unwrap();
-    pods::apply_iptables(&ipt, &p).unwrap();
-    let smp = pods::pod(&mut lab, "s", &p, Mode::Sockmesh).unwrap();
-    pods::apply_sockmesh(&lab, &smp, &p).unwrap();
+    sockmesh_tests::lab::require_tools(&["sysctl"]).unwrap();
+    let (mut lab, ipt, smp) = pod_pair(&profile("default-sidecar"), &[]);
     let peer: SocketAddr = format!("{}:80", pods::PEER_V4).parse().unwrap();
     let own: SocketAddr = format!("{POD_V4}:8080").parse().unwrap();
     let mut outcomes = Vec::new();

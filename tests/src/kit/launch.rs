@@ -292,6 +292,10 @@ mod tests {
             udp: Some(UdpMode::Unconnected),
             ..tcp::Connect::new(addr("192.0.2.20:53"), Identity::of(0, 1337))
         });
+        round_trip(tcp::Connect {
+            first: Some(addr("192.0.2.20:80")),
+            ..tcp::Connect::new(addr("192.0.2.10:8080"), Identity::APP)
+        });
         round_trip(tcp::Fetch::new(addr("192.0.2.11:8080"), Identity::APP));
         round_trip(tcp::Fetch::new(addr("192.0.2.11:8080"), Identity::ROOT));
         round_trip(proxy::Proxy::new("A"));
@@ -305,6 +309,13 @@ mod tests {
             PathBuf::from("/tmp/stop"),
             Identity::APP,
         ));
+        round_trip(load::Hold {
+            dst: addr("192.0.2.20:80"),
+            count: 3,
+            listen: Some(15001),
+            keep: true,
+            id: Identity::APP,
+        });
     }
 
     #[test]
