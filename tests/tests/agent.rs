@@ -442,6 +442,20 @@ fn beyond_the_original_destination_limit_a_proxy_sees_its_own_address() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    // Logged at powers of two of each CPU's count, not once each: a pod must not be able to
+    // flood the agent's log at connection rate.
+    std::thread::sleep(Duration::from_secs(1));
+    let lines = lab
+        .agent_log()
+        .matches("no original destination for a connection to capture port")
+        .count();
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    let per_cpu = (usize::BITS - own.leading_zeros()) as usize;
+    assert!(
+        lines >= 1 && lines < own && lines <= cpus * per_cpu,
+        "{lines} log lines for {own} losses on {cpus} CPUs:\n{}",
+        lab.agent_log()
+    );
     // A proxy that reads as it accepts: every one right, however many are held.
     pods::listen(&mut lab, &pod.ns, true, "pod", &[15001]).unwrap();
     let hold = Hold {

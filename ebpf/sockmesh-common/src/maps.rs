@@ -269,6 +269,14 @@ pub mod counters {
     /// drops what arrives on an interface without an address.
     pub const FORWARD_NO_ADDRESS: u32 = 111;
 
+    /// Whether the kernel logs an event whose count so far (per pod and CPU) is `n`: the 1st,
+    /// 2nd, 4th, 8th... Every one is counted, but what a pod or its peers can repeat at
+    /// connection rate must not cost a log line each: the agent, which writes the kernel's
+    /// lines, would spend more on them than the kernel on the connections.
+    pub const fn worth_logging(n: u64) -> bool {
+        n & n.wrapping_sub(1) == 0
+    }
+
     pub const fn name(c: u32) -> Option<&'static str> {
         match c {
             ORIG_DST_HIT => Some("orig_dst_hit"),
@@ -315,6 +323,13 @@ mod pod_impls {
 mod tests {
     use super::*;
     use crate::addr::v4_mapped;
+
+    #[test]
+    fn repeated_events_are_logged_at_powers_of_two() {
+        let logged: Vec<u64> = (1..=100).filter(|&n| counters::worth_logging(n)).collect();
+        assert_eq!(logged, [1, 2, 4, 8, 16, 32, 64]);
+        assert!(counters::worth_logging(1 << 40));
+    }
 
     #[test]
     fn both_ends_of_a_connection_find_one_key() {

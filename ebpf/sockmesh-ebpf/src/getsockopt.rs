@@ -60,13 +60,6 @@ fn try_getsockopt(ctx: &SockoptContext) {
             if server_port == cfg.outbound_port {
                 // On the outbound capture port a record was expected: it was evicted (or never
                 // stored). The proxy sees its own address, never another connection's.
-                aya_log_ebpf::warn!(
-                    ctx,
-                    "pod netns {}: no original destination for a connection to capture port {}: \
-                     more live connections than --orig-dst-entries, the oldest records went",
-                    netns.get(),
-                    server_port
-                );
                 (server, server_port, counters::ORIG_DST_LOST)
             } else {
                 (server, server_port, counters::ORIG_DST_LOCAL)
@@ -91,7 +84,18 @@ fn try_getsockopt(ctx: &SockoptContext) {
         ptr::write_volatile(addr_of_mut!((*so).optlen), len as i32);
         ptr::write_volatile(addr_of_mut!((*so).retval), 0);
     }
-    count(netns, counter);
+    let n = count(netns, counter);
+    if counter == counters::ORIG_DST_LOST && counters::worth_logging(n) {
+        aya_log_ebpf::warn!(
+            ctx,
+            "pod netns {}: no original destination for a connection to capture port {} \
+             ({} on this CPU so far, logged at powers of two, all counted as orig_dst_lost): \
+             more live connections than --orig-dst-entries, the oldest records went",
+            netns.get(),
+            port,
+            n
+        );
+    }
 }
 
 /// `struct sockaddr_in` into the first 16 bytes of `out` (bounds checked by the caller).

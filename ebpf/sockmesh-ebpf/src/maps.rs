@@ -276,18 +276,23 @@ pub fn is_local(netns: NetnsCookie, dst: &Addr) -> bool {
     sockmesh_common::is_local(&PodRules::addrs(netns), dst)
 }
 
-/// Add one to pod `netns`'s `counter` (a [`Reason`]'s value, or one of `counters`).
+/// Add one to pod `netns`'s `counter` (a [`Reason`]'s value, or one of `counters`); returns
+/// this CPU's count of it so far (see `counters::worth_logging`).
 #[inline(never)]
-pub fn count(netns: NetnsCookie, counter: u32) {
+pub fn count(netns: NetnsCookie, counter: u32) -> u64 {
     let key = CounterKey {
         netns,
         counter,
         _pad: 0,
     };
     match COUNTERS.get_ptr_mut(&key) {
-        Some(v) => unsafe { *v += 1 },
+        Some(v) => unsafe {
+            *v += 1;
+            *v
+        },
         None => {
             let _ = COUNTERS.insert(&key, &1, BPF_NOEXIST as u64);
+            1
         }
     }
 }

@@ -5,8 +5,8 @@ use core::ptr;
 
 use aya_ebpf::{macros::sk_lookup, programs::SkLookupContext};
 use sockmesh_common::{
-    decide_arrival, is_v4_mapped, listener_families, v4_mapped, Action, Addr, Arrival, ListenerKey,
-    NetnsCookie, Verdict, AF_INET, LISTENER_SLOTS,
+    counters, decide_arrival, is_v4_mapped, listener_families, v4_mapped, Action, Addr, Arrival,
+    ListenerKey, NetnsCookie, Verdict, AF_INET, LISTENER_SLOTS,
 };
 
 use crate::{
@@ -96,12 +96,16 @@ fn steer(ctx: &SkLookupContext, netns: NetnsCookie, verdict: &Verdict, v4: bool)
         f += 1;
     }
     let refused = Verdict::no_listener(port);
-    count(netns, refused.reason as u32);
-    aya_log_ebpf::warn!(
-        ctx,
-        "pod netns {}: inbound connection refused: no listener on capture port {}",
-        netns.get(),
-        port
-    );
+    let n = count(netns, refused.reason as u32);
+    if counters::worth_logging(n) {
+        aya_log_ebpf::warn!(
+            ctx,
+            "pod netns {}: inbound connection refused: no listener on capture port {} ({} on \
+             this CPU so far, logged at powers of two)",
+            netns.get(),
+            port,
+            n
+        );
+    }
     SK_DROP
 }

@@ -196,13 +196,16 @@ fn publish(ctx: &SockOpsContext, netns: NetnsCookie, connecting: bool) {
     }
     let _ = CONNECTING.remove(&cookie);
     if ORIG_DST.insert(&conn_key(ctx, netns), &record, 0).is_err() {
-        count(netns, counters::ORIG_DST_STORE_FAILED);
-        aya_log_ebpf::error!(
-            ctx,
-            "pod netns {}: original destination not stored (map full?): the proxy will see \
-             the capture port",
-            netns.get()
-        );
+        let n = count(netns, counters::ORIG_DST_STORE_FAILED);
+        if counters::worth_logging(n) {
+            aya_log_ebpf::error!(
+                ctx,
+                "pod netns {}: original destination not stored (map full?): the proxy will \
+                 see the capture port ({} on this CPU so far, logged at powers of two)",
+                netns.get(),
+                n
+            );
+        }
         return;
     }
     watch_state(ctx);
