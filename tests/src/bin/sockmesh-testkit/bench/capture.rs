@@ -1,6 +1,8 @@
 //! Section 1, capture cost at connect time: short connections per second from an app to the
 //! outbound port, directly (no capture), redirected by istio's rules (real iptables), and
-//! redirected by sockmesh, with the kernel's run-time statistics of each sockmesh program.
+//! redirected by sockmesh, with the kernel's run-time statistics of each sockmesh program; and
+//! the same app in sockmesh's pod calling the port directly, which every program sees and none
+//! redirects (what having them attached costs a connection).
 
 use std::{collections::BTreeMap, net::SocketAddr};
 
@@ -22,6 +24,7 @@ enum Path {
     Direct,
     Iptables,
     Sockmesh,
+    Uncaptured,
 }
 
 pub struct Capture {
@@ -33,6 +36,7 @@ pub struct Capture {
     direct_rate: Vec<f64>,
     ipt_rate: Vec<f64>,
     sm_rate: Vec<f64>,
+    uncaptured_rate: Vec<f64>,
     /// Per sockmesh program, each round: runs per connection, ns per run.
     progs: BTreeMap<String, (Vec<f64>, Vec<f64>)>,
 }
@@ -52,6 +56,7 @@ impl Capture {
             direct_rate: Vec::new(),
             ipt_rate: Vec::new(),
             sm_rate: Vec::new(),
+            uncaptured_rate: Vec::new(),
             progs: BTreeMap::new(),
         })
     }
@@ -64,14 +69,20 @@ impl Capture {
         let listener = lean_listener(&mut b.lab, &b.sm, true)?;
         let local: SocketAddr = "127.0.0.1:15001".parse()?;
         let secs = b.sizes.secs / SLICES as f64;
-        let mut sums = [0.0; 3];
+        let mut sums = [0.0; 4];
         for turn in 0..SLICES {
-            let paths = [Path::Direct, Path::Iptables, Path::Sockmesh];
+            let paths = [
+                Path::Direct,
+                Path::Iptables,
+                Path::Sockmesh,
+                Path::Uncaptured,
+            ];
             for (k, path) in in_order(paths, turn) {
                 sums[k] += match path {
                     Path::Direct => b.connects_for(&self.direct, false, local, secs)?,
                     Path::Iptables => b.connects_for(&self.ipt, false, peer80(), secs)?,
                     Path::Sockmesh => b.connects_for(&b.sm, true, peer80(), secs)?,
+                    Path::Uncaptured => b.connects_for(&b.sm, true, local, secs)?,
                 };
             }
         }
@@ -79,6 +90,7 @@ impl Capture {
         self.direct_rate.push(sums[0] / n);
         self.ipt_rate.push(sums[1] / n);
         self.sm_rate.push(sums[2] / n);
+        self.uncaptured_rate.push(sums[3] / n);
         // Where sockmesh's time goes: its connections once more, with the kernel's BPF
         // run-time statistics on. Only then: they cost every program run two clock reads,
         // which the rates above would pay and iptables' would not.
@@ -127,14 +139,23 @@ impl Capture {
              and to a remote address redirected to 15001 by istio's rules (real iptables) or by \
              sockmesh. The listener is the same on every path and does per connection what a \
              transparent proxy does before routing: accept, read SO_ORIGINAL_DST once, then it \
-             answers one line and closes. A round gives each path {SLICES} turns of 1/{SLICES} \
-             of its time, the paths' order reversed every other turn.\n\n",
+             answers one line and closes. Last, the same app in sockmesh's pod calls its \
+             127.0.0.1:15001 directly: every sockmesh program runs for it (connect, sock_ops, \
+             sk_lookup, getpeername at accept, getsockopt) and none redirects it, so its ratio is \
+             what the programs being there cost a connection, before any capture. A round gives \
+             each path {SLICES} turns of 1/{SLICES} of its time, the paths' order reversed every \
+             other turn.\n\n",
         ));
         r.push_str("| path | connections/s | ratio to direct |\n|---|---|---|\n");
         for (name, v, rates) in [
             ("direct (no capture)", d, &self.direct_rate),
             ("iptables REDIRECT (istio rules)", i, &self.ipt_rate),
             ("sockmesh", m, &self.sm_rate),
+            (
+                "sockmesh, not captured (to 127.0.0.1:15001)",
+                stats(&self.uncaptured_rate),
+                &self.uncaptured_rate,
+            ),
         ] {
             r.push_str(&format!(
                 "| {name} | {} | {} |\n",

@@ -128,7 +128,10 @@ pub fn report(f: &Figures, r: &mut String) {
 const WHY: &str = "Why, from the figures above: capture at connect costs sockmesh its programs' time \
      per connection (section 1's program table, measured with the kernel's statistics on, \
      which add to each run) plus what any redirected connection pays (iptables' path is as \
-     far from direct); a round trip through the hop has four legs \
+     far from direct); section 1's row of connections sockmesh's programs see but do not \
+     redirect measures what their being there costs (each hook's run, and the kernel's calls \
+     to sock_ops at every step of the handshake whether or not the program has work), and \
+     the distance from that row to sockmesh's is capture's own work; a round trip through the hop has four legs \
      (app to forwarder, forwarder to upstream and back over the veth, forwarder to app) \
      and sk_msg shortcuts only the first (an app's socket never receives redirected data, \
      so the answer reaches it by TCP; the veth legs are not local; the Unix socket \
