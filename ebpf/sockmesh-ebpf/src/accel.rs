@@ -33,14 +33,12 @@ use crate::{
 pub const SK_PASS: u32 = 1;
 
 /// Put an established socket of a registered pod in `SOCKS` when its peer is local (loopback,
-/// or a pod address of this node) and acceleration is on for the node and the pod. The kernel
-/// takes the entry out when the socket closes. The counter to count, if any (counted by the
-/// caller: three frames deep would pass the verifier's stack limit).
+/// or a pod address of this node) and acceleration is on for the pod (the caller checked the
+/// node's, [`on_for_node`]). The kernel takes the entry out when the socket closes. The counter
+/// to count, if any (counted by the caller: three frames deep would pass the verifier's stack
+/// limit).
 #[inline(never)]
 pub fn accelerate(ctx: &SockOpsContext, netns: NetnsCookie) -> Option<u32> {
-    if unsafe { ptr::read_volatile(&SOCKMESH_ACCEL) } == 0 {
-        return None;
-    }
     let pod = pod(netns)?;
     if !on_for(pod) {
         return None;
@@ -69,11 +67,17 @@ pub fn accelerate(ctx: &SockOpsContext, netns: NetnsCookie) -> Option<u32> {
     }
 }
 
+/// Whether the agent turned acceleration on for the node: without it sock_ops has nothing to
+/// do for acceleration (nothing to add, nothing to forget).
+#[inline(always)]
+pub fn on_for_node() -> bool {
+    (unsafe { ptr::read_volatile(&SOCKMESH_ACCEL) }) != 0
+}
+
 /// Whether acceleration is on for the node and for `pod`.
 #[inline(always)]
 pub fn on_for(pod: &PodConfig) -> bool {
-    let node = unsafe { ptr::read_volatile(&SOCKMESH_ACCEL) };
-    node != 0 && !pod.has(PodFlags::NO_ACCEL)
+    on_for_node() && !pod.has(PodFlags::NO_ACCEL)
 }
 
 /// Whether the socket is `pod`'s proxy's: its creator (or its listener's, for an accepted

@@ -29,7 +29,9 @@ use crate::{
 pub fn sockmesh_sockops(ctx: SockOpsContext) -> u32 {
     // Acceleration and the rest each in their own frame (the verifier adds up nested frames).
     let op = ctx.op();
-    if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB || op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+    let established =
+        op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB || op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB;
+    if established && accel::on_for_node() {
         let netns = ctx::netns(&ctx);
         if let Some(counter) = accel::accelerate(&ctx, netns) {
             count(netns, counter);
@@ -101,7 +103,9 @@ fn try_sockops(ctx: &SockOpsContext) {
             {
                 count(netns, counters::ORIG_DST_RELEASED);
             }
-            accel::forget_address(ctx, netns);
+            if accel::on_for_node() {
+                accel::forget_address(ctx, netns);
+            }
         }
         return;
     }
