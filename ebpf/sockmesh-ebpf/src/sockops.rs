@@ -14,8 +14,8 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use sockmesh_common::{
-    counters, v4_mapped, ConnKey, ListenerKey, NetnsCookie, OrigDst, PodFlags, Reason, SockKey,
-    AF_INET, LISTENER_SLOTS,
+    counters, is_loopback, v4_mapped, ConnKey, ListenerKey, NetnsCookie, OrigDst, PodFlags, Reason,
+    SockKey, AF_INET, LISTENER_SLOTS,
 };
 
 use crate::{
@@ -190,6 +190,12 @@ fn record_listener(ctx: &SockOpsContext, netns: NetnsCookie) {
 /// then spares a callback per connection (the move to established).
 #[inline(always)]
 fn publish(ctx: &SockOpsContext, netns: NetnsCookie, connecting: bool) {
+    // Once established, only a redirect is left to publish, and a redirect's peer is on
+    // loopback: the connections left alone (a proxy's upstream ones among them) skip the
+    // lookup.
+    if !connecting && !is_loopback(&sock_key(ctx, netns).remote) {
+        return;
+    }
     let cookie = ctx::cookie(ctx);
     let Some(record) = (unsafe { CONNECTING.get(&cookie) }) else {
         return;
