@@ -31,9 +31,20 @@ pub const fn forward_key(ifindex: u32, mac: [u8; 6]) -> Addr {
 
 /// `::ffff:a.b.c.d` from four octets.
 pub const fn v4_mapped(o: [u8; 4]) -> Addr {
-    [
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, o[0], o[1], o[2], o[3],
-    ]
+    from_words([
+        0,
+        0,
+        u32::from_ne_bytes([0, 0, 0xff, 0xff]),
+        u32::from_ne_bytes(o),
+    ])
+}
+
+/// An address from four 32-bit words, in memory order. Built so, an address's zeroes are
+/// stored a word at a time: byte by byte, the kernel programs' compiler zeroes them through
+/// its `memset`, a call and a loop of one byte per turn.
+pub const fn from_words(w: [u32; 4]) -> Addr {
+    // SAFETY: 16 bytes either way, and every bit pattern is a valid `[u8; 16]`.
+    unsafe { core::mem::transmute::<[u32; 4], Addr>(w) }
 }
 
 pub const fn is_v4_mapped(a: &Addr) -> bool {

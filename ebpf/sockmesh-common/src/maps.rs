@@ -2,7 +2,7 @@
 
 use crate::{
     accel::SockKey,
-    addr::Addr,
+    addr::{from_words, Addr},
     decision::{Arrival, Reason},
     pod::{CidrKind, NetnsCookie},
 };
@@ -93,21 +93,22 @@ impl CidrKey {
         CidrKey {
             netns: netns.get().to_be_bytes(),
             kind: (kind as u32).to_be_bytes(),
-            addr: [p[0], p[1], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            addr: from_words([u32::from_ne_bytes([p[0], p[1], 0, 0]), 0, 0, 0]),
         }
     }
 
     /// The key for `kind` of pod `netns`; `addr` is in [`Addr`] form (v4-mapped for IPv4).
     pub fn new(netns: NetnsCookie, kind: CidrKind, addr: &Addr) -> Self {
-        let mut a = [0u8; 16];
-        if kind.is_v6() {
-            a = *addr;
+        let a = if kind.is_v6() {
+            *addr
         } else {
-            a[0] = addr[12];
-            a[1] = addr[13];
-            a[2] = addr[14];
-            a[3] = addr[15];
-        }
+            from_words([
+                u32::from_ne_bytes([addr[12], addr[13], addr[14], addr[15]]),
+                0,
+                0,
+                0,
+            ])
+        };
         CidrKey {
             netns: netns.get().to_be_bytes(),
             kind: (kind as u32).to_be_bytes(),

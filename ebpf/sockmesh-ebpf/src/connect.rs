@@ -54,17 +54,7 @@ fn try_connect<const CONNECT: bool, const V6: bool>(ctx: &SockAddrContext) -> i3
         SOCK_DGRAM if cfg.has(PodFlags::DNS) => Proto::Udp,
         _ => return 1,
     };
-    let mut conn = Conn {
-        proto,
-        dst: [0; 16],
-        dport: 0,
-        src: [0; 16],
-        uid: 0,
-        gid: 0,
-        dst_is_local: false,
-        mark: 0,
-    };
-    read_conn::<V6>(ctx, netns, &mut conn);
+    let conn = read_conn::<V6>(ctx, netns, proto);
     let rules = PodRules::of(netns, cfg);
     let verdict = decide(cfg, &rules, &conn);
     count(netns, verdict.reason() as u32);
@@ -101,11 +91,12 @@ fn forget(ctx: &SockAddrContext, proto: Proto) {
     }
 }
 
-/// Fill `conn` from the context: destination (0.0.0.0 / :: read as localhost), bound source,
-/// port, the socket owner's credentials, and whether the destination is local. A BPF subprogram
-/// (not inlined) to keep the caller's stack frame small.
+/// The `proto` connection the context describes: destination (0.0.0.0 / :: read as
+/// localhost), bound source, port, the socket owner's credentials, and whether the destination
+/// is local. A BPF subprogram (not inlined) to keep the caller's stack frame small; it writes
+/// every field, so the caller zeroes nothing first.
 #[inline(never)]
-fn read_conn<const V6: bool>(ctx: &SockAddrContext, netns: NetnsCookie, conn: &mut Conn) {
+fn read_conn<const V6: bool>(ctx: &SockAddrContext, netns: NetnsCookie, proto: Proto) -> Conn {
     let v6 = V6;
     let sa = ctx.sock_addr;
     let sk = unsafe { (*sa).__bindgen_anon_1.sk };
@@ -136,14 +127,16 @@ fn read_conn<const V6: bool>(ctx: &SockAddrContext, netns: NetnsCookie, conn: &m
             unsafe { *stored }
         };
     }
-    let (uid, gid) = (owner.uid, owner.gid);
-    conn.dst = dst;
-    conn.src = src;
-    conn.dport = u16::from_be(unsafe { (*sa).user_port } as u16);
-    conn.uid = uid;
-    conn.gid = gid;
-    conn.dst_is_local = is_local(netns, &dst);
-    conn.mark = unsafe { (*sk).mark };
+    Conn {
+        proto,
+        dst,
+        dport: u16::from_be(unsafe { (*sa).user_port } as u16),
+        src,
+        uid: owner.uid,
+        gid: owner.gid,
+        dst_is_local: is_local(netns, &dst),
+        mark: unsafe { (*sk).mark },
+    }
 }
 
 /// Record the original destination and rewrite the call to localhost at the verdict's port;
