@@ -193,7 +193,8 @@ fn publish(ctx: &SockOpsContext, netns: NetnsCookie, connecting: bool) {
     // Once established, only a redirect is left to publish, and a redirect's peer is on
     // loopback: the connections left alone (a proxy's upstream ones among them) skip the
     // lookup.
-    if !connecting && !is_loopback(&sock_key(ctx, netns).remote) {
+    let sock = sock_key(ctx, netns);
+    if !connecting && !is_loopback(&sock.remote) {
         return;
     }
     let cookie = ctx::cookie(ctx);
@@ -205,7 +206,10 @@ fn publish(ctx: &SockOpsContext, netns: NetnsCookie, connecting: bool) {
         return;
     }
     let _ = CONNECTING.remove(&cookie);
-    if ORIG_DST.insert(&conn_key(ctx, netns), &record, 0).is_err() {
+    if ORIG_DST
+        .insert(&ConnKey::of_client(&sock), &record, 0)
+        .is_err()
+    {
         let n = count(netns, counters::ORIG_DST_STORE_FAILED);
         if counters::worth_logging(n) {
             aya_log_ebpf::error!(
