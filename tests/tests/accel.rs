@@ -441,4 +441,19 @@ fn thousands_of_concurrent_connections_and_the_map_follows_the_sockets() {
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
+    // And so do their kernel addresses, which sock_ops forgets as each closes (not left for
+    // the LRU map to drop when it needs room).
+    assert_eq!(peer_addresses(&lab), 0, "addresses left in SM_PEER_SK");
+}
+
+/// Entries in the pinned map of accelerated sockets' kernel addresses (bpftool).
+fn peer_addresses(lab: &Lab) -> usize {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(lab.bpffs.join("maps/SM_PEER_SK"))
+        .output()
+        .expect("bpftool");
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool's JSON");
+    v.as_array().expect("a list of entries").len()
 }

@@ -103,10 +103,17 @@ fn is_proxy_socket(ctx: &SockOpsContext, netns: NetnsCookie, pod: &PodConfig) ->
     !stored.is_null() && pod.is_proxy(unsafe { &*stored })
 }
 
-/// An accelerated socket closed: its entry in `PEER_SK` goes, so that the LRU map only ever
-/// has to make room by dropping closed sockets' entries that this missed.
+/// A watched socket closed: if its pod accelerates, its entry in `PEER_SK` goes, so that the
+/// LRU map only ever has to make room by dropping closed sockets' entries that this missed. A
+/// pod that does not accelerate has none there, and its closing sockets (watched for their
+/// original destination) skip the deletion, a locked LRU operation, for a pod lookup. Missed
+/// here, and left to the LRU: the entries of a pod that turned acceleration off, or left,
+/// while its sockets were accelerated.
 #[inline(never)]
 pub fn forget_address(ctx: &SockOpsContext, netns: NetnsCookie) {
+    if !pod(netns).is_some_and(on_for) {
+        return;
+    }
     let _ = PEER_SK.remove(&sock_key(ctx, netns));
 }
 
