@@ -2,18 +2,24 @@
 //! outbound port, directly (no capture), redirected by istio's rules (real iptables), and
 //! redirected by sockmesh, with the kernel's run-time statistics of each sockmesh program; and
 //! the same app in sockmesh's pod calling the port directly, which every program sees and none
-//! redirects (what having them attached costs a connection).
+//! redirects (what having them attached costs a connection). In a lab of its own, whose agent
+//! runs as installed (its defaults: acceleration off for the node), not with the node setting
+//! that sections 2 and 6 need.
 
 use std::{collections::BTreeMap, net::SocketAddr};
 
 use anyhow::Result;
-use sockmesh_tests::pods::{self, Mode, Pod};
+use sockmesh_tests::{
+    lab::Lab,
+    pods::{self, Mode, Pod},
+    profiles::Profile,
+};
 
 use super::{
+    connects_in,
     host::{prog_stats, BpfStats, ProgStats},
     lean_listener, peer80,
     stats::{fmt, fmt2, in_order, ratio, stats, Spread},
-    Bench,
 };
 
 /// Turns of each path in a round, of equal length.
@@ -28,6 +34,10 @@ enum Path {
 }
 
 pub struct Capture {
+    /// The section's lab and its agent, with the agent's defaults.
+    lab: Lab,
+    /// Captured by sockmesh.
+    sm: Pod,
     /// No capture: connections go straight to its 127.0.0.1:15001.
     direct: Pod,
     /// Captured by istio's iptables rules.
@@ -42,15 +52,22 @@ pub struct Capture {
 }
 
 impl Capture {
-    /// The pods with no capture and with istio's rules, each with its listener on 15001.
-    pub fn new(b: &mut Bench) -> Result<Capture> {
-        let p = b.profile.clone();
-        let direct = pods::pod_with(&mut b.lab, "d", &p, Mode::Iptables, &[])?;
-        lean_listener(&mut b.lab, &direct, false)?;
-        let ipt = pods::pod_with(&mut b.lab, "i", &p, Mode::Iptables, &[])?;
-        lean_listener(&mut b.lab, &ipt, false)?;
-        pods::apply_iptables(&ipt, &p)?;
+    /// The section's lab, its agent started with no settings but the lab's own (cgroup,
+    /// bpffs, socket), and its pods, each with its listener on 15001: with no capture, with
+    /// istio's rules (`p`), and registered with sockmesh with the same profile.
+    pub fn new(p: &Profile) -> Result<Capture> {
+        let mut lab = Lab::with_agent("capture")?;
+        let direct = pods::pod_with(&mut lab, "d", p, Mode::Iptables, &[])?;
+        lean_listener(&mut lab, &direct, false)?;
+        let ipt = pods::pod_with(&mut lab, "i", p, Mode::Iptables, &[])?;
+        lean_listener(&mut lab, &ipt, false)?;
+        pods::apply_iptables(&ipt, p)?;
+        let sm = pods::pod_with(&mut lab, "s", p, Mode::Sockmesh, &[])?;
+        pods::apply_sockmesh_env(&lab, &sm, p, &[])?;
+        lean_listener(&mut lab, &sm, true)?;
         Ok(Capture {
+            lab,
+            sm,
             direct,
             ipt,
             direct_rate: Vec::new(),
@@ -61,14 +78,15 @@ impl Capture {
         })
     }
 
-    /// One round of each path: [`SLICES`] turns of each, the paths in reverse order every
-    /// other turn, so that what the machine does meanwhile falls on all of them alike. The
-    /// sockmesh pod's listener on 15001 is started here and left running for the sections
-    /// after; its index is returned for the caller to stop it.
-    pub fn round(&mut self, b: &mut Bench) -> Result<usize> {
-        let listener = lean_listener(&mut b.lab, &b.sm, true)?;
+    /// One round of `secs` seconds of each path: [`SLICES`] turns of each, the paths in
+    /// reverse order every other turn, so that what the machine does meanwhile falls on all of
+    /// them alike.
+    pub fn round(&mut self, secs: f64) -> Result<()> {
         let local: SocketAddr = "127.0.0.1:15001".parse()?;
-        let secs = b.sizes.secs / SLICES as f64;
+        let turn_secs = secs / SLICES as f64;
+        let connects = |pod: &Pod, in_cgroup: bool, dst: SocketAddr, secs: f64| {
+            connects_in(&self.lab, pod, in_cgroup, dst, secs)
+        };
         let mut sums = [0.0; 4];
         for turn in 0..SLICES {
             let paths = [
@@ -79,10 +97,10 @@ impl Capture {
             ];
             for (k, path) in in_order(paths, turn) {
                 sums[k] += match path {
-                    Path::Direct => b.connects_for(&self.direct, false, local, secs)?,
-                    Path::Iptables => b.connects_for(&self.ipt, false, peer80(), secs)?,
-                    Path::Sockmesh => b.connects_for(&b.sm, true, peer80(), secs)?,
-                    Path::Uncaptured => b.connects_for(&b.sm, true, local, secs)?,
+                    Path::Direct => connects(&self.direct, false, local, turn_secs)?,
+                    Path::Iptables => connects(&self.ipt, false, peer80(), turn_secs)?,
+                    Path::Sockmesh => connects(&self.sm, true, peer80(), turn_secs)?,
+                    Path::Uncaptured => connects(&self.sm, true, local, turn_secs)?,
                 };
             }
         }
@@ -93,14 +111,15 @@ impl Capture {
         self.uncaptured_rate.push(sums[3] / n);
         // Where sockmesh's time goes: its connections once more, with the kernel's BPF
         // run-time statistics on. Only then: they cost every program run two clock reads,
-        // which the rates above would pay and iptables' would not.
+        // which the rates above would pay and iptables' would not. The counts are every
+        // sockmesh program's on the machine: the other sections' lab is idle meanwhile.
         let stats = BpfStats::on()?;
         let before = prog_stats()?;
-        let rate = b.connects(&b.sm, true, peer80())?;
+        let rate = connects(&self.sm, true, peer80(), secs)?;
         let after = prog_stats()?;
         drop(stats);
-        self.count_programs(&before, after, rate * b.sizes.secs);
-        Ok(listener)
+        self.count_programs(&before, after, rate * secs);
+        Ok(())
     }
 
     /// Add each program's runs per connection and ns per run between `before` and `after`,
@@ -142,9 +161,11 @@ impl Capture {
              answers one line and closes. Last, the same app in sockmesh's pod calls its \
              127.0.0.1:15001 directly: every sockmesh program runs for it (connect, sock_ops, \
              sk_lookup, getpeername at accept, getsockopt) and none redirects it, so its ratio is \
-             what the programs being there cost a connection, before any capture. A round gives \
-             each path {SLICES} turns of 1/{SLICES} of its time, the paths' order reversed every \
-             other turn.\n\n",
+             what the programs being there cost a connection, before any capture. These pods have \
+             a lab of their own, whose agent runs with its defaults, as installed (acceleration \
+             off for the node; the other sections' agent has it on, for sections 2 and 6). A \
+             round gives each path {SLICES} turns of 1/{SLICES} of its time, the paths' order \
+             reversed every other turn.\n\n",
         ));
         r.push_str("| path | connections/s | ratio to direct |\n|---|---|---|\n");
         for (name, v, rates) in [

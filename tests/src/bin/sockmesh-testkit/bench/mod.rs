@@ -5,7 +5,8 @@
 //! Measured (the numbers of issue #6), a module each:
 //! 1. `capture`: capture cost at connect time: short connections per second to the outbound
 //!    port, direct, through istio's iptables rules (real iptables), and through sockmesh, with
-//!    the kernel's run-time statistics of each sockmesh program;
+//!    the kernel's run-time statistics of each sockmesh program (in a lab of its own, its agent
+//!    with the defaults);
 //! 2. `hop`: the app-to-proxy hop through a minimal forwarder: round trips and bulk, under
 //!    iptables, sockmesh, sockmesh with sk_msg, and over a Unix socket;
 //! 3. `rules`: rule scale: 1 to 10,000 excluded CIDRs and ports, iptables against sockmesh;
@@ -54,6 +55,15 @@ pub struct Sizes {
 }
 
 impl Sizes {
+    /// Tiny sizes if `smoke`, else the full ones.
+    fn of(smoke: bool) -> Sizes {
+        if smoke {
+            Sizes::SMOKE
+        } else {
+            Sizes::FULL
+        }
+    }
+
     /// Tiny sizes: the suite runs, the figures mean nothing.
     const SMOKE: Sizes = Sizes {
         rounds: 1,
@@ -74,9 +84,9 @@ impl Sizes {
     };
 }
 
-/// What the sections share: the lab and its agent (acceleration on for the node; each pod says
-/// whether it wants it), the profile (istio's default sidecar), and the pod captured by
-/// sockmesh, which every section measures.
+/// What the sections after the first share: the lab and its agent (acceleration on for the
+/// node; each pod says whether it wants it), the profile (istio's default sidecar), and the pod
+/// captured by sockmesh, which every one of them measures.
 pub struct Bench {
     pub lab: Lab,
     pub sizes: Sizes,
@@ -94,7 +104,7 @@ impl Bench {
         let sm = pods::pod_with(&mut lab, "s", &profile, Mode::Sockmesh, &[])?;
         let b = Bench {
             lab,
-            sizes: if smoke { Sizes::SMOKE } else { Sizes::FULL },
+            sizes: Sizes::of(smoke),
             smoke,
             profile,
             sm,
@@ -123,16 +133,7 @@ impl Bench {
         dst: SocketAddr,
         secs: f64,
     ) -> Result<f64> {
-        let program = BenchConnect {
-            dst,
-            secs,
-            id: Identity::APP,
-        };
-        let n: f64 = self
-            .output(pod, in_cgroup, &program)?
-            .parse()
-            .context("bench-connect output")?;
-        Ok(n / secs)
+        connects_in(&self.lab, pod, in_cgroup, dst, secs)
     }
 
     /// Register `pod` with `prof` (after unregistering it, if `again`), with the pod's socket
@@ -154,6 +155,25 @@ impl Bench {
     pub fn reregister(&self, prof: &Profile) -> Result<()> {
         self.register(&self.sm, prof, "off", true)
     }
+}
+
+/// Short connections per second from the app of `pod` in `lab` (in the lab's cgroup if
+/// `in_cgroup`) to `dst` for `secs` seconds.
+pub fn connects_in(
+    lab: &Lab,
+    pod: &Pod,
+    in_cgroup: bool,
+    dst: SocketAddr,
+    secs: f64,
+) -> Result<f64> {
+    let program = BenchConnect {
+        dst,
+        secs,
+        id: Identity::APP,
+    };
+    let out = lab.output(Place::new(&pod.ns, in_cgroup), &program)?;
+    let n: f64 = out.trim().parse().context("bench-connect output")?;
+    Ok(n / secs)
 }
 
 /// The connection benchmarks' listener on the pod's 15001 (the testkit's lean one: it reads the
@@ -178,16 +198,17 @@ fn peer80() -> SocketAddr {
 pub fn run(smoke: bool) -> Result<String> {
     require_tools(&["ip", "iptables-restore", "haproxy", "perf"])?;
     let mut b = Bench::new(smoke)?;
-    let mut capture = capture::Capture::new(&mut b)?;
+    let mut capture = capture::Capture::new(&b.profile)?;
     let mut hop = hop::Hop::new(&mut b)?;
     let mut proxies = proxies::Proxies::new(&mut b)?;
     let mut mesh = mesh::Mesh::new(&mut b)?;
     let mut rules = rules::Rules::new(&mut b)?;
     let mut pod_scale = pod_scale::PodScale::new(&b)?;
     for _ in 0..b.sizes.rounds {
-        // The sockmesh pod's listener on 15001 serves sections 1, 3 and 4; then the hop's
+        capture.round(b.sizes.secs)?;
+        // The sockmesh pod's listener on 15001 serves sections 3 and 4; then the hop's
         // forwarder and the proxies take the port.
-        let listener = capture.round(&mut b)?;
+        let listener = lean_listener(&mut b.lab, &b.sm, true)?;
         rules.round(&b)?;
         pod_scale.round(&b)?;
         b.lab.kill(listener)?;
@@ -195,7 +216,7 @@ pub fn run(smoke: bool) -> Result<String> {
         proxies.round(&mut b)?;
         mesh.round(&mut b)?;
     }
-    let mut r = header(&b);
+    let mut r = header(smoke, &b.sizes);
     capture.report(&mut r);
     hop.report(&b, &mut r);
     rules.report(&mut r);
@@ -219,32 +240,31 @@ pub fn run(smoke: bool) -> Result<String> {
 /// Section 1 alone, for working on the programs: capture's rounds and its report, no targets.
 pub fn run_capture(smoke: bool) -> Result<String> {
     require_tools(&["ip", "iptables-restore"])?;
-    let mut b = Bench::new(smoke)?;
-    let mut capture = capture::Capture::new(&mut b)?;
-    for _ in 0..b.sizes.rounds {
-        let listener = capture.round(&mut b)?;
-        b.lab.kill(listener)?;
+    let sizes = Sizes::of(smoke);
+    let mut capture = capture::Capture::new(&Profile::default_sidecar())?;
+    for _ in 0..sizes.rounds {
+        capture.round(sizes.secs)?;
     }
-    let mut r = header(&b);
+    let mut r = header(smoke, &sizes);
     capture.report(&mut r);
     Ok(r)
 }
 
 /// The report's title and how to read it.
-fn header(b: &Bench) -> String {
+fn header(smoke: bool, sizes: &Sizes) -> String {
     format!(
         "# Benchmarks\n\nWritten by `cargo xtask bench`{}. Machine: {}. Each figure is the median \
          of {} interleaved rounds of {} s, with the spread (min–max) in brackets. A ratio of two \
          paths or proxies is the median of the rounds' own ratios, with their spread: in each \
          round both are measured one after the other (in reverse order every other round), so \
          a round that was slow for both moves the ratio less than either figure.\n\n",
-        if b.smoke {
+        if smoke {
             " --smoke (tiny sizes: not figures to quote)"
         } else {
             ""
         },
         host::machine(),
-        b.sizes.rounds,
-        b.sizes.secs
+        sizes.rounds,
+        sizes.secs
     )
 }
