@@ -197,6 +197,13 @@ impl OrigDst {
     pub const fn is(&self, reason: Reason) -> bool {
         self.reason == reason as u32
     }
+
+    /// Whether the connection was steered by TPROXY (its destination left alone, the inbound
+    /// proxy reached by sk_lookup), not redirected to the proxy: sock_ops publishes a TPROXY
+    /// record before the SYN goes out.
+    pub const fn is_tproxy(&self) -> bool {
+        self.is(Reason::TproxyToLocal) || self.is(Reason::LocalOrigin)
+    }
 }
 
 /// Key of the `LISTENERS` sockhash: a listening TCP socket of netns `netns` on `port`.
@@ -356,5 +363,21 @@ mod tests {
         assert_eq!(ConnKey::of_server(&proxy_end), key);
         assert_eq!((key.client, key.client_port), (app, 40000));
         assert_eq!((key.server, key.server_port), (lo, 15001));
+    }
+
+    #[test]
+    fn tproxy_records_are_told_from_redirects() {
+        let record = |reason: Reason| OrigDst {
+            addr: v4_mapped([10, 0, 0, 9]),
+            port: 80,
+            family: crate::AF_INET,
+            reason: reason as u32,
+        };
+        let tproxy: Vec<Reason> = Reason::ALL
+            .iter()
+            .copied()
+            .filter(|&r| record(r).is_tproxy())
+            .collect();
+        assert_eq!(tproxy, [Reason::TproxyToLocal, Reason::LocalOrigin]);
     }
 }

@@ -49,9 +49,11 @@ pub static SOCK_DST: SkStorage<OrigDst> = SkStorage::new();
 
 /// The original destination of a redirected TCP socket, by socket cookie, from `connect4` or
 /// `connect6` until sock_ops moves it to `ORIG_DST` under the connection's 4-tuple (once
-/// established; a TPROXY record at `TCP_CONNECT_CB`). A socket storage would cost an
-/// allocation and a free per connection. An LRU map: a record left by a connect that failed
-/// gives way.
+/// established; a TPROXY record at `TCP_CONNECT_CB`). Not in the socket's storage, as UDP's
+/// record is: that costs each connection two allocations (charged to its memory cgroup) and
+/// their release when the socket is destroyed, more than this map's insert and delete by a
+/// perf profile of `sockmesh-testkit bench --capture-only` (socket storage tried in place of
+/// this map). An LRU map: a record left by a connect that failed gives way.
 #[map(name = "SM_CONNECTING")]
 pub static CONNECTING: LruHashMap<u64, OrigDst> =
     LruHashMap::with_max_entries(sizes::CONNECTING, 0);

@@ -14,7 +14,7 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use sockmesh_common::{
-    counters, is_loopback, v4_mapped, ConnKey, ListenerKey, NetnsCookie, OrigDst, PodFlags, Reason,
+    counters, is_loopback, v4_mapped, ConnKey, ListenerKey, NetnsCookie, OrigDst, PodFlags,
     SockKey, AF_INET, LISTENER_SLOTS,
 };
 
@@ -202,7 +202,7 @@ fn publish(ctx: &SockOpsContext, netns: NetnsCookie, connecting: bool) {
         return;
     };
     let record: OrigDst = *record;
-    if connecting && !record.is(Reason::TproxyToLocal) && !record.is(Reason::LocalOrigin) {
+    if connecting && !record.is_tproxy() {
         return;
     }
     let _ = CONNECTING.remove(&cookie);
