@@ -2,7 +2,7 @@
 //! with NAT.
 
 use aya_ebpf::{bindings::bpf_sock, macros::cgroup_sock_addr, programs::SockAddrContext};
-use sockmesh_common::{counters, is_loopback, ConnKey, OrigDst};
+use sockmesh_common::{counters, is_loopback, ConnKey, NetnsCookie, OrigDst};
 
 use crate::{
     ctx::{self, SOCK_DGRAM},
@@ -42,12 +42,14 @@ fn try_getpeername(ctx: &SockAddrContext, v6: bool) {
 /// A TCP socket's record in `ORIG_DST`, under its own 4-tuple as the client: looked up only
 /// for a socket whose peer is on loopback (where a redirected connection goes; a proxy's
 /// accepted sockets mostly have the pod's address as peer).
-#[inline(never)]
+#[inline(always)]
 fn tcp_record(ctx: &SockAddrContext) -> Option<OrigDst> {
     let sk: *mut bpf_sock = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
-    let sock = ctx::sock_key(sk, ctx::netns(ctx));
+    // The netns only once the peer is known to be on loopback: most are not.
+    let mut sock = ctx::sock_key(sk, NetnsCookie(0));
     if !is_loopback(&sock.remote) {
         return None;
     }
+    sock.netns = ctx::netns(ctx);
     unsafe { ORIG_DST.get(&ConnKey::of_client(&sock)) }.copied()
 }
