@@ -177,6 +177,35 @@ pub struct PodConfig {
     pub tproxy_table: u32,
 }
 
+/// The sets a pod's config marks empty ([`PodConfig::empty_members`], `empty_lists`): the
+/// kernel answers "not in it" without a lookup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EmptySets {
+    members: u8,
+    lists: u16,
+}
+
+impl EmptySets {
+    /// None known empty (a pod registered by an earlier release, or the pod's addresses
+    /// alone): every set is looked up.
+    pub const UNKNOWN: EmptySets = EmptySets {
+        members: 0,
+        lists: 0,
+    };
+
+    /// Whether member set `kind` is known to be empty.
+    #[inline(always)]
+    pub const fn no_members(self, kind: MemberKind) -> bool {
+        self.members & kind.bit() != 0
+    }
+
+    /// Whether prefix list `kind` is known to be empty.
+    #[inline(always)]
+    pub const fn no_list(self, kind: CidrKind) -> bool {
+        self.lists & kind.bit() != 0
+    }
+}
+
 impl PodConfig {
     /// A config with `flags` and the capture ports, istio's default loopback CIDR
     /// (127.0.0.1/32), and no owner, source address or TPROXY setting yet.
@@ -241,16 +270,13 @@ impl PodConfig {
         self
     }
 
-    /// Whether the pod has no entry in member set `kind` (known from the agent).
+    /// The sets the agent marked empty for the pod.
     #[inline(always)]
-    pub const fn no_members(&self, kind: MemberKind) -> bool {
-        self.empty_members & kind.bit() != 0
-    }
-
-    /// Whether the pod has no entry in prefix list `kind` (known from the agent).
-    #[inline(always)]
-    pub const fn no_list(&self, kind: CidrKind) -> bool {
-        self.empty_lists & kind.bit() != 0
+    pub const fn empty_sets(&self) -> EmptySets {
+        EmptySets {
+            members: self.empty_members,
+            lists: self.empty_lists,
+        }
     }
 
     /// Whether any bit of `flag` is set.
@@ -491,17 +517,20 @@ mod tests {
     #[test]
     fn sets_present_are_looked_up_and_the_rest_skipped() {
         let cfg = PodConfig::new(PodFlags::NONE, 15001, 15006, 15008);
+        let empty = cfg.empty_sets();
+        assert_eq!(empty, EmptySets::UNKNOWN);
         assert!(
-            !cfg.no_members(MemberKind::OutboundExcludePort),
+            !empty.no_members(MemberKind::OutboundExcludePort),
             "unknown: look"
         );
-        assert!(!cfg.no_list(CidrKind::ExcludeV4), "unknown: look");
+        assert!(!empty.no_list(CidrKind::ExcludeV4), "unknown: look");
         let cfg = cfg.with_sets_present([MemberKind::InboundExcludePort], [CidrKind::IncludeV4]);
-        assert!(!cfg.no_members(MemberKind::InboundExcludePort));
-        assert!(cfg.no_members(MemberKind::OutboundExcludePort));
-        assert!(!cfg.no_list(CidrKind::IncludeV4));
-        assert!(cfg.no_list(CidrKind::ExcludeV4));
-        assert!(cfg.no_list(CidrKind::RouteV6));
+        let empty = cfg.empty_sets();
+        assert!(!empty.no_members(MemberKind::InboundExcludePort));
+        assert!(empty.no_members(MemberKind::OutboundExcludePort));
+        assert!(!empty.no_list(CidrKind::IncludeV4));
+        assert!(empty.no_list(CidrKind::ExcludeV4));
+        assert!(empty.no_list(CidrKind::RouteV6));
     }
 
     #[test]

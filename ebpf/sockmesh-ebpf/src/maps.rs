@@ -12,8 +12,9 @@ use aya_ebpf::{
 };
 use sockmesh_common::{
     is_v4_mapped, sizes, AccelSock, Addr, Arrival, CidrKey, CidrKind, ConnKey, CounterKey,
-    CredOffsets, KernelOffsets, ListenerKey, LocalAddrKey, Lookups, MemberKey, MemberKind,
-    NetnsCookie, OrigDst, PodConfig, Reason, Rules, SockKey, SockOwner, CIDR_KEY_FIXED_BITS,
+    CredOffsets, EmptySets, KernelOffsets, ListenerKey, LocalAddrKey, Lookups, MemberKey,
+    MemberKind, NetnsCookie, OrigDst, PodConfig, Reason, Rules, SockKey, SockOwner,
+    CIDR_KEY_FIXED_BITS,
 };
 
 // The hash maps that hold what registrations write are not preallocated (BPF_F_NO_PREALLOC):
@@ -160,8 +161,7 @@ pub fn pod(netns: NetnsCookie) -> Option<&'static PodConfig> {
 /// empty.
 pub struct PodRules {
     pub netns: NetnsCookie,
-    empty_members: u8,
-    empty_lists: u16,
+    empty: EmptySets,
 }
 
 impl PodRules {
@@ -170,8 +170,7 @@ impl PodRules {
     pub fn of(netns: NetnsCookie, cfg: &PodConfig) -> Self {
         PodRules {
             netns,
-            empty_members: cfg.empty_members,
-            empty_lists: cfg.empty_lists,
+            empty: cfg.empty_sets(),
         }
     }
 
@@ -180,8 +179,7 @@ impl PodRules {
     pub fn addrs(netns: NetnsCookie) -> Self {
         PodRules {
             netns,
-            empty_members: 0,
-            empty_lists: 0,
+            empty: EmptySets::UNKNOWN,
         }
     }
 }
@@ -189,7 +187,7 @@ impl PodRules {
 impl Rules for PodRules {
     #[inline(always)]
     fn member(&self, kind: MemberKind, value: u32) -> bool {
-        if self.empty_members & kind.bit() != 0 {
+        if self.empty.no_members(kind) {
             return false;
         }
         let key = MemberKey {
@@ -202,7 +200,7 @@ impl Rules for PodRules {
 
     #[inline(always)]
     fn cidr(&self, kind: CidrKind, addr: &Addr) -> bool {
-        if self.empty_lists & kind.bit() != 0 {
+        if self.empty.no_list(kind) {
             return false;
         }
         let bits = if kind.is_v6() { 128 } else { 32 };
@@ -222,7 +220,7 @@ impl Rules for PodRules {
 
     #[inline(always)]
     fn port_range(&self, kind: CidrKind, port: u16) -> bool {
-        if self.empty_lists & kind.bit() != 0 {
+        if self.empty.no_list(kind) {
             return false;
         }
         let key = Key::new(

@@ -556,11 +556,12 @@ mod tests {
         );
         let netns = NetnsCookie(7);
         let config = PodKeys::from_spec(netns, &spec, &[]).config_for(spec.config);
-        assert!(!config.no_members(MemberKind::OutboundExcludePort));
-        assert!(config.no_members(MemberKind::OutboundIncludePort));
-        assert!(!config.no_list(CidrKind::ExcludeV4));
-        assert!(config.no_list(CidrKind::ExcludeV6));
-        assert!(config.no_list(CidrKind::IncludeV4));
+        let empty = config.empty_sets();
+        assert!(!empty.no_members(MemberKind::OutboundExcludePort));
+        assert!(empty.no_members(MemberKind::OutboundIncludePort));
+        assert!(!empty.no_list(CidrKind::ExcludeV4));
+        assert!(empty.no_list(CidrKind::ExcludeV6));
+        assert!(empty.no_list(CidrKind::IncludeV4));
         // Everything else is the caller's.
         let mut rest = config;
         (rest.empty_members, rest.empty_lists) = (0, 0);

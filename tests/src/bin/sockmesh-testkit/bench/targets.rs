@@ -125,62 +125,59 @@ pub fn report(f: &Figures, r: &mut String) {
 }
 
 /// Why, from the figures.
-const WHY: &str = "Why, from the figures above: capture at connect costs sockmesh its programs' time \
-     per connection (section 1's program table, measured with the kernel's statistics on, \
-     which add to each run) plus what any redirected connection pays (iptables' path is as \
-     far from direct); section 1's row of connections sockmesh's programs see but do not \
-     redirect measures what their being there costs (each hook's run, and the kernel's calls \
-     to sock_ops at every step of the handshake whether or not the program has work), and \
-     the distance from that row to sockmesh's is capture's own work; a round trip through the hop has four legs \
-     (app to forwarder, forwarder to upstream and back over the veth, forwarder to app) \
-     and sk_msg shortcuts only the first (an app's socket never receives redirected data, \
-     so the answer reaches it by TCP; the veth legs are not local; the Unix socket \
-     skips TCP/IP on both legs between app and forwarder), while the forwarder's and the \
-     upstream's wakeups take most of the time, so it changes latency little; in bulk the app outruns the forwarder (whose upstream is \
-     slower than a local write), so sk_msg fills the forwarder's 1 MiB window, the rest \
-     goes by TCP with TCP's back pressure, and bulk gains little (before sk_msg kept back \
-     pressure, this hop measured 1.64x to 2.75x iptables by letting the app's writes pile \
-     up unbounded in kernel memory); a registration's wall time against \
-     the agent's CPU time in it (section 4) says how much is the agent's work and how \
-     much the API round trip; the proxies' CPU time per request (section 5) is why one \
-     serves more than the other on 2 shared cores.\n\n\
-     Where sockmesh-proxy's CPU goes, from a profile: `cargo xtask profile` \
-     (docs/profile.md) counts both proxies' user-space instructions per request in section \
-     5's roles under callgrind, and shares sockmesh-proxy's out. For HTTP/1.1 most go to hyper's \
-     HTTP/1 codecs (the server's towards the client; the client's towards the upstream, \
-     with its channel to the upstream connection's task), tokio's task and I/O machinery, \
-     the allocator and memory copies (futures and messages moved by value), about a \
-     seventh to the proxy's own request handling, routing and pool. With keep-alive that \
-     is about as many instructions per request as HAProxy's event loop runs (one buffer \
-     per connection, no task per request, no future to move), and the CPU per request is \
-     as close. Wherever sockmesh-proxy's CPU per request is at or below HAProxy's, its \
-     requests/s and p99 fall within what moves from round to round (the brackets), and a \
-     miss there by a few hundredths is that spread, not a cost. \
-     With new connections each connection adds a task and hyper's buffers; like \
-     HAProxy, sockmesh-proxy reads and writes a new connection directly and registers it \
-     with epoll only when it would wait (tokio alone registers each one: an epoll_ctl to \
-     add and one to delete); sockmesh-proxy also asks each \
-     connection's SO_ORIGINAL_DST (one getsockopt), which HAProxy's configuration here \
-     does without (its by-call table in docs/profile.md counts these). h2c \
-     runs hyper's HTTP/2 (the h2 crate) on both sides, HAProxy its own multiplexer: in the \
-     profile about half of sockmesh-proxy's instructions per h2c request are hyper's and \
-     the h2 crate's (frames, HPACK, stream state, a task per stream on each side), memory \
-     copies (frames queued by value, futures) about a seventh, the proxy's own handling \
-     under a tenth; so closing that gap takes a leaner HTTP/2 implementation, not routing \
-     or capture work. It makes fewer system calls per request than HAProxy (the by-call \
-     table), which is why its CPU gap in section 5 is smaller than its instruction gap. The TCP \
-     relay parses nothing: each proxy's event loop and system calls are what is left. In the \
-     profile sockmesh-proxy runs fewer instructions than HAProxy per exchange with keep-alive \
-     and per connection with new connections (its relay's buffers are not zeroed: tokio's \
-     copy zeroed 16 KiB per connection, half of a new connection's instructions before), \
-     with about as many system calls; so there too a requests/s or p99 miss of a few \
-     hundredths, with CPU per request at or below HAProxy's, is the spread between rounds.\n\n\
-     The mesh request (section 6) goes through two proxies, whose CPU is most of a \
-     request's cost on 2 shared cores: capture removes conntrack and NAT from each of the \
-     four legs' connects, which shows with new connections and little with keep-alive \
-     (connections made once). Acceleration shortcuts only proxy-to-proxy sockets on one \
-     node, a leg that is one of several and dominated by the proxies' own work; its effect \
-     is shown as measured.\n\n";
+const WHY: &str = "Why, from the figures above: capture at connect costs sockmesh its programs' \
+     time per connection (section 1's program table, measured with the kernel's statistics on, \
+     which add to each run) plus what any redirected connection pays (iptables' path is as far \
+     from direct); section 1's row of connections sockmesh's programs see but do not redirect \
+     measures what their being there costs (each hook's run, and the kernel's calls to sock_ops \
+     at every step of the handshake whether or not the program has work), and the distance from \
+     that row to sockmesh's is capture's own work; a round trip through the hop has four legs \
+     (app to forwarder, forwarder to upstream and back over the veth, forwarder to app) and \
+     sk_msg shortcuts only the first (an app's socket never receives redirected data, so the \
+     answer reaches it by TCP; the veth legs are not local; the Unix socket skips TCP/IP on \
+     both legs between app and forwarder), while the forwarder's and the upstream's wakeups \
+     take most of the time, so it changes latency little; in bulk the app outruns the forwarder \
+     (whose upstream is slower than a local write), so sk_msg fills the forwarder's 1 MiB \
+     window, the rest goes by TCP with TCP's back pressure, and bulk gains little (before \
+     sk_msg kept back pressure, this hop measured 1.64x to 2.75x iptables by letting the app's \
+     writes pile up unbounded in kernel memory); a registration's wall time against the agent's \
+     CPU time in it (section 4) says how much is the agent's work and how much the API round \
+     trip; the proxies' CPU time per request (section 5) is why one serves more than the other \
+     on 2 shared cores.\n\nWhere sockmesh-proxy's CPU goes, from a profile: `cargo xtask \
+     profile` (docs/profile.md) counts both proxies' user-space instructions per request in \
+     section 5's roles under callgrind, and shares sockmesh-proxy's out. For HTTP/1.1 most go \
+     to hyper's HTTP/1 codecs (the server's towards the client; the client's towards the \
+     upstream, with its channel to the upstream connection's task), tokio's task and I/O \
+     machinery, the allocator and memory copies (futures and messages moved by value), about a \
+     seventh to the proxy's own request handling, routing and pool. With keep-alive that is \
+     about as many instructions per request as HAProxy's event loop runs (one buffer per \
+     connection, no task per request, no future to move), and the CPU per request is as close. \
+     Wherever sockmesh-proxy's CPU per request is at or below HAProxy's, its requests/s and p99 \
+     fall within what moves from round to round (the brackets), and a miss there by a few \
+     hundredths is that spread, not a cost. With new connections each connection adds a task \
+     and hyper's buffers; like HAProxy, sockmesh-proxy reads and writes a new connection \
+     directly and registers it with epoll only when it would wait (tokio alone registers each \
+     one: an epoll_ctl to add and one to delete); sockmesh-proxy also asks each connection's \
+     SO_ORIGINAL_DST (one getsockopt), which HAProxy's configuration here does without (its \
+     by-call table in docs/profile.md counts these). h2c runs hyper's HTTP/2 (the h2 crate) on \
+     both sides, HAProxy its own multiplexer: in the profile about half of sockmesh-proxy's \
+     instructions per h2c request are hyper's and the h2 crate's (frames, HPACK, stream state, \
+     a task per stream on each side), memory copies (frames queued by value, futures) about a \
+     seventh, the proxy's own handling under a tenth; so closing that gap takes a leaner HTTP/2 \
+     implementation, not routing or capture work. It makes fewer system calls per request than \
+     HAProxy (the by-call table), which is why its CPU gap in section 5 is smaller than its \
+     instruction gap. The TCP relay parses nothing: each proxy's event loop and system calls \
+     are what is left. In the profile sockmesh-proxy runs fewer instructions than HAProxy per \
+     exchange with keep-alive and per connection with new connections (its relay's buffers are \
+     not zeroed: tokio's copy zeroed 16 KiB per connection, half of a new connection's \
+     instructions before), with about as many system calls; so there too a requests/s or p99 \
+     miss of a few hundredths, with CPU per request at or below HAProxy's, is the spread \
+     between rounds.\n\nThe mesh request (section 6) goes through two proxies, whose CPU is \
+     most of a request's cost on 2 shared cores: capture removes conntrack and NAT from each of \
+     the four legs' connects, which shows with new connections and little with keep-alive \
+     (connections made once). Acceleration shortcuts only proxy-to-proxy sockets on one node, a \
+     leg that is one of several and dominated by the proxies' own work; its effect is shown as \
+     measured.\n\n";
 
 /// How the proxies and acceleration were set up.
 const NOTES: &str =
