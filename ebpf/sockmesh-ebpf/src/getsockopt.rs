@@ -33,9 +33,6 @@ fn try_getsockopt(ctx: &SockoptContext) {
         return;
     }
     let netns = ctx::netns(ctx);
-    let Some(cfg) = pod(netns) else {
-        return;
-    };
     // The proxy's accepted socket: its peer is the connection's client.
     let sock = ctx::sock_key(sk, netns);
     if sock.remote_port == 0 {
@@ -49,9 +46,14 @@ fn try_getsockopt(ctx: &SockoptContext) {
         return;
     }
     let (server, server_port) = (sock.local, sock.local_port);
+    // A record exists only for a connection captured in a registered pod: the pod's config is
+    // looked up only without one.
     let (addr, port, counter) = match unsafe { ORIG_DST.get(&ConnKey::of_server(&sock)) } {
         Some(o) => (o.addr, o.port, counters::ORIG_DST_HIT),
         None => {
+            let Some(cfg) = pod(netns) else {
+                return;
+            };
             // A flow that was not redirected: conntrack reports its own destination, but only
             // where the pod has rules for that family.
             if !v4_flow && !cfg.has(PodFlags::IPV6) {
