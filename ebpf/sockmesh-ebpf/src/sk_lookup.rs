@@ -5,8 +5,8 @@ use core::ptr;
 
 use aya_ebpf::{macros::sk_lookup, programs::SkLookupContext};
 use sockmesh_common::{
-    counters, decide_arrival, is_v4_mapped, listener_families, v4_mapped, Action, Addr, Arrival,
-    ListenerKey, NetnsCookie, Verdict, AF_INET, LISTENER_SLOTS,
+    counters, decide_arrival, is_loopback, is_v4_mapped, listener_families, v4_mapped, Action,
+    Addr, Arrival, ListenerKey, NetnsCookie, Verdict, AF_INET, LISTENER_SLOTS,
 };
 
 use crate::{
@@ -42,6 +42,12 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
     } else {
         unsafe { read_words!(l, local_ip6) }
     };
+    // Loopback is every pod's own and never a pod address (the agent registers routable ones
+    // only): a local connection, a redirected one to the capture port among them, needs no
+    // lookup.
+    if is_loopback(&local) {
+        return SK_PASS;
+    }
     let Some(&netns) = (unsafe { ADDR_POD.get(&local) }) else {
         return SK_PASS;
     };

@@ -76,16 +76,21 @@ pub struct PodKeys {
     pub pod_addrs: BTreeSet<Addr>,
 }
 
-/// Addresses inbound traffic can reach the pod at: not loopback, not link-local, not ::6.
+/// Addresses inbound traffic can reach the pod at: not loopback, not link-local, not ::6. A
+/// v4-mapped IPv6 address is judged as its IPv4 address (the kernel's programs key both
+/// alike; sk_lookup takes a loopback address for no pod's without a lookup).
 pub fn routable(ip: &IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_link_local() && !v4.is_unspecified(),
-        IpAddr::V6(v6) => {
-            !v6.is_loopback()
-                && !v6.is_unspecified()
-                && (v6.segments()[0] & 0xffc0) != 0xfe80
-                && *v6 != std::net::Ipv6Addr::from(6u128)
-        }
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => routable(&IpAddr::V4(v4)),
+            None => {
+                !v6.is_loopback()
+                    && !v6.is_unspecified()
+                    && (v6.segments()[0] & 0xffc0) != 0xfe80
+                    && *v6 != std::net::Ipv6Addr::from(6u128)
+            }
+        },
     }
 }
 
@@ -540,6 +545,27 @@ mod tests {
     use sockmesh_common::PodFlags;
 
     use super::*;
+
+    #[test]
+    fn loopback_link_local_and_unspecified_addresses_are_not_a_pods() {
+        for ip in [
+            "127.0.0.1",
+            "127.1.2.3",
+            "::1",
+            "::ffff:127.0.0.1",
+            "169.254.1.1",
+            "::ffff:169.254.1.1",
+            "fe80::1",
+            "0.0.0.0",
+            "::",
+            "::6",
+        ] {
+            assert!(!routable(&ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["10.0.0.5", "::ffff:10.0.0.5", "fd00::5", "2001:db8::5"] {
+            assert!(routable(&ip.parse().unwrap()), "{ip}");
+        }
+    }
 
     #[test]
     fn the_written_config_marks_the_sets_it_leaves_empty() {
