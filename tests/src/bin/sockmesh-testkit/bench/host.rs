@@ -17,13 +17,34 @@ use std::{
 use anyhow::{bail, Context, Result};
 use sockmesh_tests::lab::{proc_stat, run as run_cmd};
 
-/// CPU time a process (all its threads) has used, in seconds.
+/// CPU time a process (all its threads) has used, in seconds: in user space, and in the
+/// kernel on its behalf (its system calls, and the network work done in its context).
+#[derive(Clone, Copy, Debug)]
+pub struct CpuTime {
+    pub user: f64,
+    pub system: f64,
+}
+
+impl CpuTime {
+    pub fn of(pid: u32) -> Result<CpuTime> {
+        let f = proc_stat(pid as i32).with_context(|| format!("/proc/{pid}/stat"))?;
+        // SAFETY: sysconf reads a constant.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        Ok(CpuTime {
+            user: f[11].parse::<f64>()? / hz,
+            system: f[12].parse::<f64>()? / hz,
+        })
+    }
+
+    /// User and system time together.
+    pub fn total(self) -> f64 {
+        self.user + self.system
+    }
+}
+
+/// CPU time a process (all its threads) has used, user and system, in seconds.
 pub fn cpu_secs(pid: u32) -> Result<f64> {
-    let f = proc_stat(pid as i32).with_context(|| format!("/proc/{pid}/stat"))?;
-    let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
-    // SAFETY: sysconf reads a constant.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Ok(ticks / hz)
+    CpuTime::of(pid).map(CpuTime::total)
 }
 
 /// A process's resident memory, MiB.

@@ -13,7 +13,7 @@ use sockmesh_tests::{
 };
 
 use super::{
-    host::{cpu_secs, SyscallCount},
+    host::{CpuTime, SyscallCount},
     stats::{column, fmt, fmt2, in_order, ratio, ratio_of, stats, Spread},
     Bench,
 };
@@ -49,11 +49,12 @@ const H2C_HOST: &str = "ratings";
 type HttpRound = (f64, f64, f64);
 
 /// One proxy's figures: per role, each round's (requests/s, p50, p99), its CPU µs per request
-/// and its system calls per request.
+/// (all, and of it in the kernel) and its system calls per request.
 #[derive(Default)]
 struct Runs {
     http: [Vec<HttpRound>; ROLES.len()],
     cpu: [Vec<f64>; ROLES.len()],
+    system: [Vec<f64>; ROLES.len()],
     syscalls: [Vec<f64>; ROLES.len()],
 }
 
@@ -202,9 +203,24 @@ impl Proxies {
         ]
     }
 
-    /// Per role: (sockmesh-proxy's CPU µs per request, HAProxy's).
-    pub fn cpu(&self, k: usize) -> (f64, f64) {
-        (stats(&self.ours.cpu[k]).0, stats(&self.theirs.cpu[k]).0)
+    /// Per role, sockmesh-proxy's CPU per request against HAProxy's round by round, in user
+    /// space and in the kernel.
+    pub fn cpu_ratios(&self, k: usize) -> [Spread; 2] {
+        let (o, h) = (&self.ours, &self.theirs);
+        let user = |r: &Runs| -> Vec<f64> {
+            r.cpu[k]
+                .iter()
+                .zip(&r.system[k])
+                .map(|(all, sys)| all - sys)
+                .collect()
+        };
+        [ratio(&user(o), &user(h)), ratio(&o.system[k], &h.system[k])]
+    }
+
+    /// Per role: (sockmesh-proxy's CPU µs per request, HAProxy's), each as (all, system).
+    pub fn cpu(&self, k: usize) -> ((f64, f64), (f64, f64)) {
+        let of = |r: &Runs| (stats(&r.cpu[k]).0, stats(&r.system[k]).0);
+        (of(&self.ours), of(&self.theirs))
     }
 
     /// Per role: (sockmesh-proxy's system calls per request, HAProxy's).
@@ -229,27 +245,29 @@ impl Proxies {
              clients keep theirs, one stream at a time. Same pod, upstreams and capture for both \
              proxies, one after the other in each round. Equal cores: each proxy serves on one \
              thread (sockmesh-proxy's default `--workers 1`, HAProxy's `nbthread 1`). CPU is the \
-             proxy's time per request (user and system, all threads, from /proc); system calls \
-             are the proxy's per request (all threads), counted by the kernel's \
-             `raw_syscalls:sys_enter` tracepoint (`perf stat`).\n\n",
+             proxy's time per request (user and system, all threads, from /proc), with the system \
+             part (in the kernel: the proxy's system calls, and the network work done in its \
+             context) in brackets; system calls are the proxy's per request (all threads), \
+             counted by the kernel's `raw_syscalls:sys_enter` tracepoint (`perf stat`).\n\n",
             b.sizes.conns,
             sockmesh_tests::kit::load::EXCHANGE,
         ));
         r.push_str(
-            "| protocol | clients | proxy | requests/s | p50 µs | p99 µs | CPU µs per request | \
-             system calls per request |\n|---|---|---|---|---|---|---|---|\n",
+            "| protocol | clients | proxy | requests/s | p50 µs | p99 µs | CPU µs per request \
+             (system) | system calls per request |\n|---|---|---|---|---|---|---|---|\n",
         );
         let proxies = self.figures();
         for (k, (_, proto, mode, _)) in ROLES.into_iter().enumerate() {
             let (o, h) = proxies[k];
             let (cpu_o, cpu_h) = self.cpu(k);
             let (sys_o, sys_h) = self.syscalls(k);
-            for (name, (rps, p50, p99), cpu, sys) in [
+            for (name, (rps, p50, p99), (cpu, system), sys) in [
                 ("HAProxy", h, cpu_h, sys_h),
                 ("sockmesh-proxy", o, cpu_o, sys_o),
             ] {
                 r.push_str(&format!(
-                    "| {proto} | {mode} | {name} | {} | {} | {} | {cpu:.1} | {sys:.2} |\n",
+                    "| {proto} | {mode} | {name} | {} | {} | {} | {cpu:.1} ({system:.1}) | \
+                     {sys:.2} |\n",
                     fmt(rps),
                     fmt(p50),
                     fmt(p99),
@@ -259,10 +277,11 @@ impl Proxies {
         r.push('\n');
         for (k, (_, proto, mode, _)) in ROLES.into_iter().enumerate() {
             let [rps, p50, p99, cpu, sys] = self.ratios(k).map(fmt2);
+            let [user_cpu, system_cpu] = self.cpu_ratios(k).map(fmt2);
             r.push_str(&format!(
                 "sockmesh-proxy / HAProxy, {proto} {mode}: requests/s {rps}, p50 {p50}, p99 {p99} \
-                 (below 1 is better for latency), CPU per request {cpu}, system calls per \
-                 request {sys}.\n\n",
+                 (below 1 is better for latency), CPU per request {cpu} (user {user_cpu}, \
+                 system {system_cpu}), system calls per request {sys}.\n\n",
             ));
         }
         r.push_str(
@@ -290,13 +309,14 @@ fn proxy_round(
             continue;
         }
         let calls = SyscallCount::start(pid, &[], &b.lab.dir.join("perf-stat.txt"))?;
-        let cpu0 = cpu_secs(pid)?;
+        let cpu0 = CpuTime::of(pid)?;
         let r = requests(b, wire, new_conn, b.sizes.secs);
-        let cpu = cpu_secs(pid)? - cpu0;
+        let cpu1 = CpuTime::of(pid)?;
         let calls = calls.stop()?;
         let r = r?;
         let n = r.0 * b.sizes.secs;
-        runs.cpu[k].push(cpu / n * 1e6);
+        runs.cpu[k].push((cpu1.total() - cpu0.total()) / n * 1e6);
+        runs.system[k].push((cpu1.system - cpu0.system) / n * 1e6);
         runs.syscalls[k].push(calls["all"] / n);
         runs.http[k].push(r);
     }
