@@ -44,6 +44,10 @@ struct Run {
     requests: f64,
     /// Instructions beyond the baseline of the role's wire.
     instructions: f64,
+    /// First-level cache misses (data: reads and writes; instructions) beyond the baseline, as
+    /// callgrind's cache simulation counts them.
+    data_misses: f64,
+    instruction_misses: f64,
     /// The run's counts file; the baseline's.
     file: PathBuf,
     baseline: PathBuf,
@@ -228,6 +232,9 @@ fn valgrind(b: &Bench, out: &Path) -> Result<Command> {
     let mut cmd = b.lab.command_at(b.sm.place(), "valgrind")?;
     cmd.arg("--tool=callgrind")
         .arg("--vgdb=no")
+        // Its model of this machine's first-level caches, for the proxy alone: how much code
+        // and data a request touches, not the time the real, shared caches cost it.
+        .arg("--cache-sim=yes")
         .arg(format!("--callgrind-out-file={}", out.display()))
         .arg("--quiet");
     Ok(cmd)
@@ -241,7 +248,7 @@ fn valgrind(b: &Bench, out: &Path) -> Result<Command> {
 /// SIGTERM.)
 fn count(b: &mut Bench, proxy: &Proxy, dir: &Path) -> Result<Counted> {
     let file = |run: &str| dir.join(format!("{}-{run}.out", proxy.name.replace(' ', "-")));
-    let mut baselines: Vec<(Wire, PathBuf, f64)> = Vec::new();
+    let mut baselines: Vec<(Wire, PathBuf, Totals)> = Vec::new();
     let mut runs = Vec::new();
     for (k, (_, wire, new_conn)) in roles().into_iter().enumerate() {
         let (baseline, base) = match baselines.iter().find(|(w, _, _)| *w == wire) {
@@ -249,16 +256,19 @@ fn count(b: &mut Bench, proxy: &Proxy, dir: &Path) -> Result<Counted> {
             None => {
                 let f = file(&format!("baseline-{}", wire.name()));
                 counted_run(b, proxy, wire, &f, None)?;
-                let n = instructions(&f)?;
+                let n = Totals::of(&f)?;
                 baselines.push((wire, f.clone(), n));
                 (f, n)
             }
         };
         let f = file(&k.to_string());
         let requests = counted_run(b, proxy, wire, &f, Some(new_conn))?;
+        let run = Totals::of(&f)?;
         runs.push(Run {
             requests,
-            instructions: instructions(&f)? - base,
+            instructions: run.instructions - base.instructions,
+            data_misses: run.data_misses - base.data_misses,
+            instruction_misses: run.instruction_misses - base.instruction_misses,
             file: f,
             baseline,
         });
@@ -311,18 +321,41 @@ fn counted_run(
     result
 }
 
-/// The instructions counted in a dump (its `totals:` line).
-fn instructions(file: &Path) -> Result<f64> {
-    let text = std::fs::read_to_string(file)?;
-    let line = text
-        .lines()
-        .find_map(|l| l.strip_prefix("totals:"))
-        .with_context(|| format!("no totals in {}", file.display()))?;
-    line.split_whitespace()
-        .next()
-        .context("an empty totals line")?
-        .parse()
-        .context("the totals line")
+/// What a dump counted in all (its `events:` and `totals:` lines).
+#[derive(Clone, Copy)]
+struct Totals {
+    instructions: f64,
+    data_misses: f64,
+    instruction_misses: f64,
+}
+
+impl Totals {
+    fn of(file: &Path) -> Result<Totals> {
+        let text = std::fs::read_to_string(file)?;
+        let line = |prefix: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(prefix))
+                .with_context(|| format!("no {prefix} line in {}", file.display()))
+        };
+        let events: Vec<&str> = line("events:")?.split_whitespace().collect();
+        let values: Vec<f64> = line("totals:")?
+            .split_whitespace()
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .context("the totals line")?;
+        let event = |name: &str| -> Result<f64> {
+            events
+                .iter()
+                .position(|e| *e == name)
+                .and_then(|i| values.get(i).copied())
+                .with_context(|| format!("no {name} count in {}", file.display()))
+        };
+        Ok(Totals {
+            instructions: event("Ir")?,
+            data_misses: event("D1mr")? + event("D1mw")?,
+            instruction_misses: event("I1mr")?,
+        })
+    }
 }
 
 /// Self instructions per function of a dump, from callgrind_annotate.
@@ -334,6 +367,7 @@ fn functions(file: &Path) -> Result<Vec<(f64, String)>> {
                 "--threshold=100",
                 "--auto=no",
                 "--show-percs=no",
+                "--show=Ir",
             ])
             .arg(file),
     )?;
@@ -442,23 +476,34 @@ fn report(b: &Bench, ours: &Counted, theirs: &Counted) -> Result<String> {
          less a baseline run of the same wire with none (start-up, first answers, exit). \
          Instructions are the proxy's own, in user space, counted by callgrind (the same on \
          every run); system calls and the kernel's TCP work are not counted (section 5 of \
-         benchmarks.md measures both proxies' whole CPU time).\n\n",
+         benchmarks.md measures both proxies' whole CPU time, user and system). First-level \
+         cache misses (data read and written; instructions) are callgrind's cache simulation, \
+         its model of this machine's L1 caches for the proxy alone: how much code and data a \
+         request touches, not what the real caches, shared with the clients, upstreams and \
+         kernel, cost it.\n\n",
         if b.smoke { " --smoke" } else { "" },
         super::host::machine(),
         b.sizes.conns,
         b.sizes.secs
     ));
-    r.push_str("| role | proxy | requests | instructions per request | against HAProxy |\n|---|---|---|---|---|\n");
+    r.push_str(
+        "| role | proxy | requests | instructions per request | against HAProxy | L1 data \
+         misses per request | L1 instruction misses per request |\n|---|---|---|---|---|---|---|\n",
+    );
     for (k, (role, _, _)) in roles().iter().enumerate() {
         let per = |c: &Counted| c.runs[k].instructions / c.runs[k].requests;
         let theirs_per = per(theirs);
         for c in [theirs, ours] {
+            let run = &c.runs[k];
             r.push_str(&format!(
-                "| {role} | {} | {:.0} | {:.0} | {:.2} |\n",
+                "| {role} | {} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} |\n",
                 c.name,
-                c.runs[k].requests,
+                run.requests,
                 per(c),
-                per(c) / theirs_per
+                per(c) / theirs_per,
+                // A baseline with as many (start-up alone) is none per request.
+                (run.data_misses / run.requests).max(0.0),
+                (run.instruction_misses / run.requests).max(0.0),
             ));
         }
     }
@@ -469,6 +514,7 @@ fn report(b: &Bench, ours: &Counted, theirs: &Counted) -> Result<String> {
             instructions: total,
             file,
             baseline,
+            ..
         } = &ours.runs[k];
         let mut parts: BTreeMap<String, f64> = BTreeMap::new();
         let fns = functions_beyond(file, baseline)?;
