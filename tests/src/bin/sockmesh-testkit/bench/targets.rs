@@ -163,24 +163,28 @@ const WHY: &str = "Why, from the figures above: capture at connect costs sockmes
      request into user and system time, measured in the same rounds, so a CPU gap shows on \
      which side it lies: the user side is what the profile counts; the system side is the \
      proxy's system calls and the kernel's TCP work done in its context (a loopback peer's \
-     receive among it). h2c runs hyper's HTTP/2 (the h2 crate) on both sides, HAProxy its own \
-     multiplexer: in the profile about half of sockmesh-proxy's instructions per h2c request \
-     are hyper's and the h2 crate's (frames, HPACK, stream state, a task per stream on each \
-     side), memory copies (frames queued by value, futures) about a seventh, the proxy's own \
-     handling under a tenth; so closing that gap takes a leaner HTTP/2 implementation, not \
-     routing or capture work. It makes fewer system calls per request than HAProxy (the by-call \
-     table), which is why its CPU gap in section 5 is smaller than its instruction gap. The TCP \
-     relay parses nothing: each proxy's event loop and system calls are what is left. In the \
-     profile sockmesh-proxy runs fewer instructions than HAProxy per exchange with keep-alive \
-     and per connection with new connections (its relay's buffers are not zeroed: tokio's copy \
-     zeroed 16 KiB per connection, half of a new connection's instructions before), with about \
-     as many system calls; so there too a requests/s or p99 miss of a few hundredths, with CPU \
-     per request at or below HAProxy's, is the spread between rounds.\n\nThe mesh request \
-     (section 6) goes through two proxies, whose CPU is most of a request's cost on 2 shared \
-     cores: capture removes conntrack and NAT from each of the four legs' connects, which shows \
-     with new connections and little with keep-alive (connections made once). Acceleration \
-     shortcuts only proxy-to-proxy sockets on one node, a leg that is one of several and \
-     dominated by the proxies' own work; its effect is shown as measured.\n\n";
+     receive among it). The profile also counts, by callgrind's cache simulation, each proxy's \
+     first-level cache misses per request, a measure of how much code and data a request \
+     touches: where a role's user-time ratio in section 5 is above its instruction ratio in the \
+     profile, the excess is time per instruction (misses and stalls), not more work. h2c runs \
+     hyper's HTTP/2 (the h2 crate) on both sides, HAProxy its own multiplexer: in the profile \
+     about half of sockmesh-proxy's instructions per h2c request are hyper's and the h2 crate's \
+     (frames, HPACK, stream state, a task per stream on each side), memory copies (frames \
+     queued by value, futures) about a seventh, the proxy's own handling under a tenth; so \
+     closing that gap takes a leaner HTTP/2 implementation, not routing or capture work. It \
+     makes fewer system calls per request than HAProxy (the by-call table), which is why its \
+     CPU gap in section 5 is smaller than its instruction gap. The TCP relay parses nothing: \
+     each proxy's event loop and system calls are what is left. In the profile sockmesh-proxy \
+     runs fewer instructions than HAProxy per exchange with keep-alive and per connection with \
+     new connections (its relay's buffers are not zeroed: tokio's copy zeroed 16 KiB per \
+     connection, half of a new connection's instructions before), with about as many system \
+     calls; so there too a requests/s or p99 miss of a few hundredths, with CPU per request at \
+     or below HAProxy's, is the spread between rounds.\n\nThe mesh request (section 6) goes \
+     through two proxies, whose CPU is most of a request's cost on 2 shared cores: capture \
+     removes conntrack and NAT from each of the four legs' connects, which shows with new \
+     connections and little with keep-alive (connections made once). Acceleration shortcuts \
+     only proxy-to-proxy sockets on one node, a leg that is one of several and dominated by the \
+     proxies' own work; its effect is shown as measured.\n\n";
 
 /// How the proxies and acceleration were set up.
 const NOTES: &str =
