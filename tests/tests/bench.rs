@@ -80,9 +80,9 @@ fn the_benchmark_suite_runs_and_reports_every_ratio() {
 
 /// A short run of `cargo xtask profile`: both proxies run under callgrind, each role's
 /// requests are counted (HTTP/1.1 keep-alive and new connections, h2c keep-alive, the TCP
-/// relay keep-alive and new connections),
-/// sockmesh-proxy's instructions are shared out by part, and both proxies' system calls are
-/// counted per request.
+/// relay keep-alive and new connections), with their instructions and simulated L1 misses
+/// per request; sockmesh-proxy's instructions are shared out by part, and both proxies' system
+/// calls are counted per request.
 #[test]
 fn the_profile_counts_both_proxies_instructions_per_request() {
     let out = run(std::process::Command::new(testkit_bin().unwrap()).args(["profile", "--smoke"]))
@@ -102,13 +102,20 @@ fn the_profile_counts_both_proxies_instructions_per_request() {
                 .lines()
                 .find(|l| l.starts_with(&prefix))
                 .unwrap_or_else(|| panic!("no {prefix:?} row:\n{report}"));
-            // | role | proxy | requests | instructions per request | against HAProxy |
+            // | role | proxy | requests | instructions per request | against HAProxy | L1 data
+            // misses per request | L1 instruction misses per request |
             let cells: Vec<f64> = line
                 .split('|')
                 .filter_map(|c| c.trim().parse().ok())
                 .collect();
-            assert_eq!(cells.len(), 3, "{line}");
+            assert_eq!(cells.len(), 5, "{line}");
             assert!(cells[0] >= 10.0 && cells[1] > 1000.0, "{line}");
+            assert!(cells[3] >= 0.0 && cells[4] >= 0.0, "{line}");
+            // An HTTP request runs more code than fits the first-level cache: a simulation
+            // that counted no misses did not run.
+            if role.starts_with("HTTP/1.1") {
+                assert!(cells[4] > 0.0, "no instruction misses counted: {line}");
+            }
         }
         assert!(
             report.contains(&format!(
