@@ -14,7 +14,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     config::{self, Direction},
-    http::{self, Codec},
+    http,
     snapshot::{Shared, Snapshot},
     stats, tcp,
     transport::{
@@ -235,8 +235,8 @@ async fn connection(
     // tokio moves it (the accept loop's spawn, the task's stage) without copying a codec's
     // whole state each time (`cargo xtask profile`).
     match protocol {
-        Protocol::Http1 => Box::pin(http::serve(stream, Codec::Http1, accepted, snapshot)).await,
-        Protocol::Http2 => Box::pin(http::serve(stream, Codec::Http2, accepted, snapshot)).await,
+        Protocol::Http1 => Box::pin(http::serve_http1(stream, accepted, snapshot)).await,
+        Protocol::Http2 => Box::pin(http::serve_http2(stream, accepted, snapshot)).await,
         Protocol::Tls => {
             Box::pin(tcp::serve(
                 stream,

@@ -11,6 +11,7 @@ mod trace;
 
 use std::{convert::Infallible, future::Future, io, sync::Arc, time::Instant};
 
+use futures_util::FutureExt;
 use hyper::{body::Incoming, server::conn, service::service_fn, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 
@@ -23,52 +24,47 @@ use headers::strip_hop_by_hop;
 pub use trace::set_access_log;
 use trace::Trace;
 
-/// The HTTP version a client speaks, as its first bytes said.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Codec {
-    Http1,
-    Http2,
-}
-
-/// Serve a client's connection in `codec` until it ends, with the routes and clusters of
-/// `snapshot`. The codec reads the sniffed first bytes first.
-pub async fn serve(
+/// Serve a client's HTTP/1.1 connection until it ends, with the routes and clusters of
+/// `snapshot`. hyper's codec reads the sniffed first bytes first.
+///
+/// The connection's future is returned as it is: an async fn around it would keep its
+/// arguments beside it, and every move of the future (into the box the listener puts it in)
+/// copies the whole of it (`cargo xtask profile`).
+pub fn serve_http1(
     stream: Sniffed,
-    codec: Codec,
     accepted: Accepted,
     snapshot: Arc<Snapshot>,
-) -> io::Result<()> {
-    // The protocol is known from the sniff: hyper's own codec for it, without hyper-util's
-    // second detection (a read of its own).
-    let io = TokioIo::new(stream);
-    match codec {
-        Codec::Http2 => {
-            // hyper spawns a task per stream with the request's future in it: boxed here, that
-            // task holds a pointer, and the future (some KiB) is not copied on its way in.
-            let svc = service_fn(move |req| Box::pin(respond(req, accepted, snapshot.clone())));
-            conn::http2::Builder::new(crate::exec::Exec)
-                .serve_connection(io, svc)
-                .await
-        }
-        Codec::Http1 => {
-            // hyper keeps an HTTP/1.1 request's future in the connection's: not boxed.
-            let svc = service_fn(move |req| respond(req, accepted, snapshot.clone()));
-            // Head and body in one buffer, one write: fewer instructions for the small
-            // messages most requests are (`cargo xtask profile`), one copy more of a large body.
-            // Half-close: a client that shuts its side after its request still gets the
-            // response (HAProxy's default too). And hyper does not read while a request is out
-            // just to notice a close, a read that would register every connection with the
-            // reactor (see `transport::Conn`); a client that left is noticed when its
-            // response is written.
-            conn::http1::Builder::new()
-                .writev(false)
-                .half_close(true)
-                .serve_connection(io, svc)
-                .with_upgrades()
-                .await
-        }
-    }
-    .map_err(io::Error::other)
+) -> impl Future<Output = io::Result<()>> {
+    // hyper keeps an HTTP/1.1 request's future in the connection's: not boxed (a trial of
+    // the box with `cargo xtask profile` showed no clear change in misses per request).
+    let svc = service_fn(move |req| respond(req, accepted, snapshot.clone()));
+    // Head and body in one buffer, one write: fewer instructions for the small messages most
+    // requests are (`cargo xtask profile`), one copy more of a large body.
+    // Half-close: a client that shuts its side after its request still gets the response
+    // (HAProxy's default too). And hyper does not read while a request is out just to notice a
+    // close, a read that would register every connection with the reactor (see
+    // `transport::Conn`); a client that left is noticed when its response is written.
+    conn::http1::Builder::new()
+        .writev(false)
+        .half_close(true)
+        .serve_connection(TokioIo::new(stream), svc)
+        .with_upgrades()
+        .map(|done| done.map_err(io::Error::other))
+}
+
+/// Serve a client's HTTP/2 (prior knowledge) connection until it ends, as
+/// [`serve_http1`] does.
+pub fn serve_http2(
+    stream: Sniffed,
+    accepted: Accepted,
+    snapshot: Arc<Snapshot>,
+) -> impl Future<Output = io::Result<()>> {
+    // hyper spawns a task per stream with the request's future in it: boxed here, that task
+    // holds a pointer, and the future (some KiB) is not copied on its way in.
+    let svc = service_fn(move |req| Box::pin(respond(req, accepted, snapshot.clone())));
+    conn::http2::Builder::new(crate::exec::Exec)
+        .serve_connection(TokioIo::new(stream), svc)
+        .map(|done| done.map_err(io::Error::other))
 }
 
 /// A client's request answered: routed and forwarded, its hop-by-hop headers stripped from

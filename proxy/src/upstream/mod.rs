@@ -8,6 +8,7 @@ mod target;
 
 use std::{future::Future, pin::Pin, time::Duration};
 
+use futures_util::FutureExt;
 use hyper::{Request, Response};
 
 pub use body::{from_bytes, text_response, Body};
@@ -38,12 +39,11 @@ pub fn send(
     }
 }
 
-/// `attempt`, or a timeout failure once `limit` has passed.
-async fn within<F>(limit: Duration, attempt: F) -> Result<Response<Body>, Failure>
+/// `attempt`, or a timeout failure once `limit` has passed. A combinator, not an async fn,
+/// which would keep `attempt` beside the timeout that holds it.
+fn within<F>(limit: Duration, attempt: F) -> impl Future<Output = Result<Response<Body>, Failure>>
 where
     F: Future<Output = Result<Response<Body>, Failure>>,
 {
-    tokio::time::timeout(limit, attempt)
-        .await
-        .unwrap_or(Err(Failure::Timeout))
+    tokio::time::timeout(limit, attempt).map(|done| done.unwrap_or(Err(Failure::Timeout)))
 }

@@ -8,6 +8,7 @@
 //! HTTP/2 ones are shared: one connection per endpoint carries every request as a stream.
 
 use std::{
+    future::Future,
     net::SocketAddr,
     pin::Pin,
     sync::{LazyLock, Mutex},
@@ -16,10 +17,14 @@ use std::{
 };
 
 use bytes::Bytes;
+use futures_util::{
+    future::{ready, Either},
+    FutureExt,
+};
 use http_body_util::BodyExt;
 use hyper::{
     body::{Body as _, Frame, Incoming, SizeHint},
-    client::conn::http1::SendRequest,
+    client::conn::{http1::SendRequest, TrySendError},
     Request, Response, StatusCode,
 };
 use hyper_util::rt::TokioIo;
@@ -117,24 +122,43 @@ async fn open(to: Upstream) -> Result<Sender, Failure> {
 
 /// Send `req` (origin-form URI) to `to` over a pooled connection, or a new one. A request
 /// that a pooled connection closed on before sending any of it goes again on a new one.
-pub async fn send_http1(req: Request<Body>, to: Upstream) -> Result<Response<Body>, Failure> {
+///
+/// Made of combinators, not an async block: each step's future takes the place of the one
+/// before, where an async block would keep its captures (the request's space among them)
+/// beside the future it awaits, and each move of the attempt copies the whole of it
+/// (`cargo xtask profile`). A pooled connection takes the request at once. A new connection,
+/// or a second try, is boxed: its connect and handshake futures are large and rarely needed.
+pub fn send_http1(
+    req: Request<Body>,
+    to: Upstream,
+) -> impl Future<Output = Result<Response<Body>, Failure>> {
     let key = to.pool_key();
-    // A new connection is boxed: a request's future would otherwise carry the connect and
-    // handshake futures' space (and copy it at each move) while it reuses a pooled
-    // connection, which is most of the time.
-    let (resp, send) = match checkout(key) {
-        Some(mut send) => match send.try_send_request(req).await {
-            Ok(resp) => (resp, send),
-            Err(mut e) => match e.take_message() {
-                Some(req) => Box::pin(send_new(req, to)).await?,
-                None => return Err(Failure::Reset(e.into_error().to_string())),
-            },
-        },
-        None => Box::pin(send_new(req, to)).await?,
+    let answered = match checkout(key) {
+        Some(mut send) => {
+            Either::Left(send.try_send_request(req).then(move |answer| match answer {
+                Ok(resp) => Either::Left(ready(Ok((resp, send)))),
+                Err(e) => Either::Right(Box::pin(resend(e, to))),
+            }))
+        }
+        None => Either::Right(Box::pin(send_new(req, to))),
     };
-    // An upgraded connection is the client's now.
-    let home = (resp.status() != StatusCode::SWITCHING_PROTOCOLS).then_some((key, send));
-    Ok(resp.map(|body| Returning { body, home }.boxed()))
+    answered.map(move |answer| {
+        let (resp, send) = answer?;
+        // An upgraded connection is the client's now.
+        let home = (resp.status() != StatusCode::SWITCHING_PROTOCOLS).then_some((key, send));
+        Ok(resp.map(|body| Returning { body, home }.boxed()))
+    })
+}
+
+/// The request a pooled connection closed on, on a new connection if none of it was sent.
+async fn resend(
+    mut e: TrySendError<Request<Body>>,
+    to: Upstream,
+) -> Result<(Response<Incoming>, Sender), Failure> {
+    match e.take_message() {
+        Some(req) => send_new(req, to).await,
+        None => Err(Failure::Reset(e.into_error().to_string())),
+    }
 }
 
 /// `req` on a new connection, and the connection.
