@@ -139,16 +139,46 @@ pub fn hash_bytes(b: &[u8]) -> u64 {
 pub struct Pick {
     /// The endpoint to send the request to.
     pub addr: SocketAddr,
+    counts: Arc<Counts>,
+}
+
+impl Pick {
     /// `addr` written out once for the endpoint (its stats label).
-    pub label: Arc<str>,
+    pub fn label(&self) -> &str {
+        &self.counts.label
+    }
+
     /// The endpoint's request counters, by status class.
-    pub requests: Arc<stats::ByClass>,
-    active: Arc<AtomicU64>,
+    pub fn requests(&self) -> &stats::ByClass {
+        &self.counts.requests
+    }
 }
 
 impl Drop for Pick {
     fn drop(&mut self) {
-        self.active.fetch_sub(1, Ordering::Relaxed);
+        self.counts.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// An endpoint's label and counters, in one allocation: a pick takes one reference to them
+/// and gives it back (two atomic operations on one cache line per request, where a reference
+/// each took six on three; `cargo xtask profile`). Kept across endpoint updates while the
+/// endpoint stays or a pick of it lives.
+#[derive(Debug)]
+struct Counts {
+    label: Box<str>,
+    requests: stats::ByClass,
+    /// Picks alive.
+    active: AtomicU64,
+}
+
+impl Counts {
+    fn of(addr: SocketAddr) -> Counts {
+        Counts {
+            label: addr.to_string().into(),
+            requests: stats::ByClass::new(),
+            active: AtomicU64::new(0),
+        }
     }
 }
 
@@ -212,12 +242,10 @@ impl Balancer {
         for level in &set.levels {
             if let Some(i) = self.pick_in(level, hash, healthy) {
                 let member = &level.members[i];
-                member.active.fetch_add(1, Ordering::Relaxed);
+                member.counts.active.fetch_add(1, Ordering::Relaxed);
                 return Some(Pick {
                     addr: member.addr,
-                    label: Arc::clone(&member.label),
-                    requests: Arc::clone(&member.requests),
-                    active: Arc::clone(&member.active),
+                    counts: Arc::clone(&member.counts),
                 });
             }
         }
@@ -234,7 +262,7 @@ impl Balancer {
         self.current()
             .counters
             .get(&addr)
-            .map_or(0, |c| c.load(Ordering::Relaxed))
+            .map_or(0, |c| c.active.load(Ordering::Relaxed))
     }
 
     fn current(&self) -> Arc<EndpointSet> {
@@ -315,7 +343,7 @@ impl Balancer {
         }
         keyed
             .iter()
-            .map(|&(key, i)| (members[i].active.load(Ordering::Relaxed), key, i))
+            .map(|&(key, i)| (members[i].counts.active.load(Ordering::Relaxed), key, i))
             .min_by(|a, b| a.0.cmp(&b.0).then(b.1.total_cmp(&a.1)))
             .map(|(_, _, i)| i)
     }
@@ -327,8 +355,8 @@ struct EndpointSet {
     endpoints: Vec<Endpoint>,
     /// Priority levels, highest priority (lowest number) first; none is empty.
     levels: Vec<Level>,
-    /// Active counters of the current endpoints and of removed ones still in use.
-    counters: HashMap<SocketAddr, Arc<AtomicU64>>,
+    /// Counts of the current endpoints and of removed ones still in use.
+    counters: HashMap<SocketAddr, Arc<Counts>>,
 }
 
 /// The endpoints of one priority level.
@@ -340,10 +368,8 @@ struct Level {
 /// One endpoint as seen by the policies.
 struct Member {
     addr: SocketAddr,
-    label: Arc<str>,
-    requests: Arc<stats::ByClass>,
     weight: u32,
-    active: Arc<AtomicU64>,
+    counts: Arc<Counts>,
 }
 
 /// Per-level state of the policy.
@@ -385,7 +411,7 @@ impl EndpointSet {
                 // More means a live Pick or an older endpoint set still in use by a pick.
                 let own = 1 + usize::from(old_members.contains(addr));
                 if seen.contains(addr)
-                    || counter.load(Ordering::Relaxed) > 0
+                    || counter.active.load(Ordering::Relaxed) > 0
                     || Arc::strong_count(counter) > own
                 {
                     counters.insert(*addr, Arc::clone(counter));
@@ -403,13 +429,13 @@ impl EndpointSet {
 
         let mut by_priority: BTreeMap<u32, Vec<Member>> = BTreeMap::new();
         for e in &endpoints {
-            let active = Arc::clone(counters.entry(e.addr).or_default());
+            let counts = counters
+                .entry(e.addr)
+                .or_insert_with(|| Arc::new(Counts::of(e.addr)));
             by_priority.entry(e.priority).or_default().push(Member {
                 addr: e.addr,
-                label: e.addr.to_string().into(),
-                requests: Arc::default(),
                 weight: e.weight,
-                active,
+                counts: Arc::clone(counts),
             });
         }
         let levels = by_priority
@@ -1004,10 +1030,8 @@ mod tests {
             let members: Vec<Member> = (0..n)
                 .map(|i| Member {
                     addr: addr(i),
-                    label: addr(i).to_string().into(),
-                    requests: Arc::default(),
                     weight: w,
-                    active: Arc::default(),
+                    counts: Arc::new(Counts::of(addr(i))),
                 })
                 .collect();
             build_ring(&members, min).len()
@@ -1030,10 +1054,8 @@ mod tests {
         let members: Vec<Member> = (0..3)
             .map(|i| Member {
                 addr: addr(i),
-                label: addr(i).to_string().into(),
-                requests: Arc::default(),
                 weight: [1, 2, 3][i as usize],
-                active: Arc::default(),
+                counts: Arc::new(Counts::of(addr(i))),
             })
             .collect();
         let table = build_table(&members, 1000);

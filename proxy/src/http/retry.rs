@@ -136,12 +136,12 @@ fn count(cluster: &str, pick: &Pick, outcome: &Result<Response<Body>, Failure>) 
         Ok(r) => r.status().as_u16(),
         Err(_) => 500,
     };
-    pick.requests.inc(status, |class| {
+    pick.requests().inc(status, |class| {
         stats::counter(
             "sockmesh_proxy_upstream_rq_total",
             &[
                 ("cluster", cluster),
-                ("endpoint", &pick.label),
+                ("endpoint", pick.label()),
                 ("code_class", class),
             ],
         )
