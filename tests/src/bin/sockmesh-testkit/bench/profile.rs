@@ -42,12 +42,8 @@ fn roles() -> Vec<(String, Wire, bool)> {
 /// One role's run under callgrind.
 struct Run {
     requests: f64,
-    /// Instructions beyond the baseline of the role's wire.
-    instructions: f64,
-    /// First-level cache misses (data: reads and writes; instructions) beyond the baseline, as
-    /// callgrind's cache simulation counts them.
-    data_misses: f64,
-    instruction_misses: f64,
+    /// The run's counts beyond the baseline of the role's wire.
+    beyond: Totals,
     /// The run's counts file; the baseline's.
     file: PathBuf,
     baseline: PathBuf,
@@ -263,12 +259,9 @@ fn count(b: &mut Bench, proxy: &Proxy, dir: &Path) -> Result<Counted> {
         };
         let f = file(&k.to_string());
         let requests = counted_run(b, proxy, wire, &f, Some(new_conn))?;
-        let run = Totals::of(&f)?;
         runs.push(Run {
             requests,
-            instructions: run.instructions - base.instructions,
-            data_misses: run.data_misses - base.data_misses,
-            instruction_misses: run.instruction_misses - base.instruction_misses,
+            beyond: Totals::of(&f)?.less(base),
             file: f,
             baseline,
         });
@@ -321,7 +314,9 @@ fn counted_run(
     result
 }
 
-/// What a dump counted in all (its `events:` and `totals:` lines).
+/// What a dump counted in all (its `events:` and `totals:` lines): instructions, and
+/// first-level cache misses (data: reads and writes; instructions) as callgrind's cache
+/// simulation counts them.
 #[derive(Clone, Copy)]
 struct Totals {
     instructions: f64,
@@ -330,6 +325,15 @@ struct Totals {
 }
 
 impl Totals {
+    /// What these counts have beyond `base`'s.
+    fn less(self, base: Totals) -> Totals {
+        Totals {
+            instructions: self.instructions - base.instructions,
+            data_misses: self.data_misses - base.data_misses,
+            instruction_misses: self.instruction_misses - base.instruction_misses,
+        }
+    }
+
     fn of(file: &Path) -> Result<Totals> {
         let text = std::fs::read_to_string(file)?;
         let line = |prefix: &str| {
@@ -491,7 +495,7 @@ fn report(b: &Bench, ours: &Counted, theirs: &Counted) -> Result<String> {
          misses per request | L1 instruction misses per request |\n|---|---|---|---|---|---|---|\n",
     );
     for (k, (role, _, _)) in roles().iter().enumerate() {
-        let per = |c: &Counted| c.runs[k].instructions / c.runs[k].requests;
+        let per = |c: &Counted| c.runs[k].beyond.instructions / c.runs[k].requests;
         let theirs_per = per(theirs);
         for c in [theirs, ours] {
             let run = &c.runs[k];
@@ -502,8 +506,8 @@ fn report(b: &Bench, ours: &Counted, theirs: &Counted) -> Result<String> {
                 per(c),
                 per(c) / theirs_per,
                 // A baseline with as many (start-up alone) is none per request.
-                (run.data_misses / run.requests).max(0.0),
-                (run.instruction_misses / run.requests).max(0.0),
+                (run.beyond.data_misses / run.requests).max(0.0),
+                (run.beyond.instruction_misses / run.requests).max(0.0),
             ));
         }
     }
@@ -511,11 +515,11 @@ fn report(b: &Bench, ours: &Counted, theirs: &Counted) -> Result<String> {
     for (k, (role, _, _)) in roles().iter().enumerate() {
         let Run {
             requests,
-            instructions: total,
+            beyond,
             file,
             baseline,
-            ..
         } = &ours.runs[k];
+        let total = beyond.instructions;
         let mut parts: BTreeMap<String, f64> = BTreeMap::new();
         let fns = functions_beyond(file, baseline)?;
         for (n, f) in &fns {
