@@ -484,7 +484,10 @@ fn report(b: &Bench, ours: &Counted, theirs: &Counted) -> Result<String> {
          cache misses (data read and written; instructions) are callgrind's cache simulation, \
          its model of this machine's L1 caches for the proxy alone: how much code and data a \
          request touches, not what the real caches, shared with the clients, upstreams and \
-         kernel, cost it.\n\n",
+         kernel, cost it. sockmesh-proxy's parts below go by the function each instruction ran \
+         in as built (fat LTO): code the compiler inlined counts to the function it was \
+         inlined into (hyper's setup of a client's connection, for one, to the listener's, \
+         under accept).\n\n",
         if b.smoke { " --smoke" } else { "" },
         super::host::machine(),
         b.sizes.conns,
