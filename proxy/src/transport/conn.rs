@@ -11,7 +11,7 @@
 //! tokio takes it: the next read registers without trying (no `recvfrom` that returns EAGAIN).
 //!
 //! hyper's HTTP/1.1 server is set not to read while a request is out only to notice a close
-//! (`half_close`, see `http::serve`): that read would register every connection.
+//! (`half_close`, see `http::serve_http1`): that read would register every connection.
 
 use std::{
     io::{self, Write},

@@ -110,7 +110,7 @@ async fn dial(to: &Upstream) -> Result<TokioIo<tokio::net::TcpStream>, Failure> 
 
 /// A new HTTP/1.1 connection to the endpoint.
 async fn open(to: Upstream) -> Result<Sender, Failure> {
-    // One buffer per message, as the server side writes (see `http::serve`).
+    // One buffer per message, as the server side writes (see `http::serve_http1`).
     let (send, conn) = hyper::client::conn::http1::Builder::new()
         .writev(false)
         .handshake(dial(&to).await?)
