@@ -25,7 +25,9 @@ pub use trace::set_access_log;
 use trace::Trace;
 
 /// Serve a client's HTTP/1.1 connection until it ends, with the routes and clusters of
-/// `snapshot`. hyper's codec reads the sniffed first bytes first.
+/// `snapshot`. The protocol is known from the sniff: hyper's own codec for it, without
+/// hyper-util's second detection (a read of its own). The codec reads the sniffed first bytes
+/// first.
 ///
 /// The connection's future is returned as it is: an async fn around it would keep its
 /// arguments beside it, and every move of the future (into the box the listener puts it in)
