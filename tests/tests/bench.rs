@@ -142,3 +142,29 @@ fn the_profile_counts_both_proxies_instructions_per_request() {
     assert_eq!(cells.len(), 2 * roles.len(), "{all}");
     assert!(cells.iter().all(|n| *n >= 1.0), "{all}");
 }
+
+/// The proxy section alone (`bench --proxies-only`, for comparing builds of sockmesh-proxy):
+/// both proxies' rows and ratios in every role, and no other section or targets table.
+#[test]
+fn the_proxy_section_runs_alone() {
+    let out = run(std::process::Command::new(testkit_bin().unwrap()).args([
+        "bench",
+        "--smoke",
+        "--proxies-only",
+    ]))
+    .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "## 5. The proxy against HAProxy",
+        "| HTTP/1.1 | new connections | sockmesh-proxy |",
+        "| h2c | keep-alive | HAProxy |",
+        "| TCP relay | new connections | sockmesh-proxy |",
+        "sockmesh-proxy / HAProxy, HTTP/1.1 new connections: requests/s ",
+        "sockmesh-proxy / HAProxy, TCP relay keep-alive: requests/s ",
+    ] {
+        assert!(report.contains(needle), "no {needle:?} in:\n{report}");
+    }
+    for absent in ["## 1.", "## 6.", "## Targets"] {
+        assert!(!report.contains(absent), "{absent:?} in:\n{report}");
+    }
+}

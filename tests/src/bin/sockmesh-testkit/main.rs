@@ -35,6 +35,10 @@ enum Cmd {
         /// programs. Its report has no targets table.
         #[arg(long)]
         capture_only: bool,
+        /// Section 5 alone (the proxy against HAProxy), full sizes: for working on the proxy.
+        /// Its report has no targets table.
+        #[arg(long, conflicts_with = "capture_only")]
+        proxies_only: bool,
     },
     /// Where the proxies' CPU goes (run by `cargo xtask profile`): sockmesh-proxy and HAProxy
     /// under callgrind in the benchmark's proxy section. Prints a Markdown report.
@@ -105,9 +109,12 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             smoke,
             out,
             capture_only,
+            proxies_only,
         } => {
             let report = if capture_only {
                 bench::run_capture(smoke)?
+            } else if proxies_only {
+                bench::run_proxies(smoke)?
             } else {
                 bench::run(smoke)?
             };

@@ -250,6 +250,21 @@ pub fn run_capture(smoke: bool) -> Result<String> {
     Ok(r)
 }
 
+/// Section 5 alone, for working on the proxy: the proxies' rounds and their report, no
+/// targets. Its ratios against HAProxy compare one build of sockmesh-proxy with another
+/// (`SOCKMESH_PROXY_BIN`) across runs.
+pub fn run_proxies(smoke: bool) -> Result<String> {
+    require_tools(&["ip", "iptables-restore", "haproxy", "perf"])?;
+    let mut b = Bench::new(smoke)?;
+    let mut proxies = proxies::Proxies::new(&mut b)?;
+    for _ in 0..b.sizes.rounds {
+        proxies.round(&mut b)?;
+    }
+    let mut r = header(smoke, &b.sizes);
+    proxies.report(&b, &mut r);
+    Ok(r)
+}
+
 /// The report's title and how to read it.
 fn header(smoke: bool, sizes: &Sizes) -> String {
     format!(
