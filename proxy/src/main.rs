@@ -30,8 +30,11 @@ struct Args {
     /// Run as this gid after binding (if started as root).
     #[arg(long, default_value = "1337")]
     gid: u32,
-    /// Threads serving connections. One (the default, as linkerd2-proxy) runs everything on
-    /// one event loop, with no wakeups across threads; more spread the work over cores.
+    /// Threads serving connections. One (the default, as linkerd2-proxy) runs everything,
+    /// the control loop included, on one event loop in the process's only thread: no wakeups
+    /// across threads, and no other thread shares the file table, so the kernel need not
+    /// count references to a socket's file at each system call. More spread the work over
+    /// cores.
     #[arg(long, default_value = "1", value_parser = clap::value_parser!(u16).range(1..=256))]
     workers: u16,
     /// Hot restart through this Unix socket: a proxy started with the same path takes this
@@ -132,15 +135,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     if let Some(l) = successor {
         let control = control.clone();
-        std::thread::spawn(move || {
+        tokio::spawn(async move {
             let current = || {
                 let mut v = control.lock().expect("control lock").listening();
                 v.extend(admin_fd);
                 v
             };
-            match restart::wait_for_successor(&l, current) {
+            match restart::wait_for_successor(&l, current).await {
                 Ok(()) => {
-                    let _ = drain_tx.blocking_send(());
+                    let _ = drain_tx.send(()).await;
                 }
                 Err(e) => warn!("hot restart: {e}"),
             }
@@ -214,12 +217,20 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
-    // The multi-threaded scheduler even for one worker: in a trial here (not part of the
-    // bench) it served more requests per second than the current-thread one.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.workers.into())
-        .enable_all()
-        .build();
+    // One worker: tokio's current-thread scheduler on this thread, so the process has no
+    // other (the hot-restart wait and the config watch are tasks on it). In six runs each of
+    // the bench's proxy section it cost no more CPU per request than one worker of the
+    // multi-threaded scheduler beside this thread, in every role, and less in most.
+    let rt = if args.workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.workers.into())
+            .enable_all()
+            .build()
+    };
     let rt = match rt {
         Ok(rt) => rt,
         Err(e) => {

@@ -9,15 +9,17 @@
 
 use std::{
     collections::HashMap,
-    io::{self, Read, Write},
+    io::{self, Write},
     net::{SocketAddr, TcpListener},
     os::{
         fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
-        unix::net::{UnixListener, UnixStream},
+        unix::net::UnixStream,
     },
     path::Path,
     time::Duration,
 };
+
+use tokio::{io::AsyncReadExt, io::Interest, net::UnixListener};
 
 /// The most listening sockets one hand-over carries.
 const MAX_FDS: usize = 64;
@@ -72,30 +74,34 @@ pub fn taken(mut old: UnixStream) -> io::Result<()> {
 }
 
 /// Take `path` for this proxy's own successor (a predecessor that served it has been
-/// answered already, on its own connection).
+/// answered already, on its own connection). Within a tokio runtime.
 pub fn bind(path: &Path) -> io::Result<UnixListener> {
     let _ = std::fs::remove_file(path);
     UnixListener::bind(path)
 }
 
 /// Serve a successor on `l`: hand it the listening sockets `current` gives (called once one
-/// asks) and return once it has taken over.
-pub fn wait_for_successor(
+/// asks) and return once it has taken over. A task on the proxy's runtime, not a thread of its
+/// own: the proxy keeps to one thread (see `--workers`).
+pub async fn wait_for_successor(
     l: &UnixListener,
     current: impl Fn() -> Vec<(SocketAddr, RawFd)>,
 ) -> io::Result<()> {
     loop {
-        let (mut s, _) = l.accept()?;
+        let (mut s, _) = l.accept().await?;
         let mut ask = [0u8; 1];
-        if s.read_exact(&mut ask).is_err() || ask != *b"?" {
+        if s.read_exact(&mut ask).await.is_err() || ask != *b"?" {
             continue;
         }
         let list = current();
         let text: String = list.iter().map(|(a, _)| format!("{a}\n")).collect();
         let fds: Vec<RawFd> = list.iter().map(|(_, fd)| *fd).collect();
-        send_with_fds(&s, text.as_bytes(), &fds)?;
+        s.async_io(Interest::WRITABLE, || {
+            send_with_fds(&s, text.as_bytes(), &fds)
+        })
+        .await?;
         let mut done = [0u8; 1];
-        if s.read_exact(&mut done).is_ok() && done == *b"!" {
+        if s.read_exact(&mut done).await.is_ok() && done == *b"!" {
             // The successor binds the path anew for its own successor.
             return Ok(());
         }
@@ -103,7 +109,7 @@ pub fn wait_for_successor(
 }
 
 /// Send `bytes` with `fds` attached.
-fn send_with_fds(s: &UnixStream, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
+fn send_with_fds(s: &impl AsRawFd, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
     if fds.len() > MAX_FDS {
         return Err(io::Error::other(format!("more than {MAX_FDS} listeners")));
     }
@@ -185,8 +191,8 @@ mod tests {
 
     /// A hand-over between two ends in this process: the socket that comes out is the one that
     /// went in (a connection made to it before is accepted from it after).
-    #[test]
-    fn listeners_are_handed_over_with_their_queues() {
+    #[tokio::test]
+    async fn listeners_are_handed_over_with_their_queues() {
         let dir =
             std::env::temp_dir().join(format!("sockmesh-proxy-restart-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -195,12 +201,19 @@ mod tests {
         let addr = l.local_addr().unwrap();
         let fd = l.as_raw_fd();
         let ul = bind(&path).unwrap();
-        let server = std::thread::spawn(move || wait_for_successor(&ul, || vec![(addr, fd)]));
+        let server =
+            tokio::spawn(async move { wait_for_successor(&ul, || vec![(addr, fd)]).await });
         // Queued before the hand-over.
         let _early = std::net::TcpStream::connect(addr).unwrap();
-        let (inherited, old) = take_over(&path).unwrap().expect("a proxy serves the path");
+        // The successor's side blocks: off the runtime, which serves the running side.
+        let asked = path.clone();
+        let (inherited, old) = tokio::task::spawn_blocking(move || take_over(&asked))
+            .await
+            .unwrap()
+            .unwrap()
+            .expect("a proxy serves the path");
         taken(old).unwrap();
-        server.join().unwrap().unwrap();
+        server.await.unwrap().unwrap();
         drop(l);
         let got = &inherited[&addr];
         got.set_nonblocking(false).unwrap();

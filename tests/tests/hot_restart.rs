@@ -1,7 +1,8 @@
 //! Hot restart of sockmesh-proxy under load, under iptables and under sockmesh: a second
 //! instance started with the same `--hot-restart` path takes the first one's listening sockets;
 //! the first stops accepting, lets its connections finish and exits. No connection fails, and
-//! a response streaming through the first instance when the second takes over completes.
+//! a response streaming through the first instance when the second takes over completes. The
+//! first runs on one thread while it waits for the second.
 
 use std::{
     process::{Command, Stdio},
@@ -77,6 +78,15 @@ fn run(mode: Mode) -> (LoadReport, String, i32) {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(700));
+    // Under load and waiting for a successor, the first instance runs on one thread (its
+    // default `--workers 1`): the hot-restart wait is a task, not a thread.
+    let pid = lab.pid(first).unwrap();
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
+    assert_eq!(comm.trim(), "sockmesh-proxy", "{mode:?}: pid {pid}");
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .count();
+    assert_eq!(threads, 1, "{mode:?}: sockmesh-proxy's threads");
     lab.spawn(proxy(&lab, &pod), Some("ready")).unwrap();
     // The first drains (the stream takes 3 s in all) and exits.
     let exited = lab.wait_exit(first, Duration::from_secs(20)).unwrap();
