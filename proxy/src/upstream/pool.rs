@@ -391,6 +391,69 @@ mod tests {
         assert_eq!(accepted.load(Ordering::SeqCst), 3);
     }
 
+    /// The race [`resend`] is for: an idle pooled connection that the upstream closes after
+    /// the proxy checks it out and before hyper's connection task has read the close. Here
+    /// the test's runtime (one thread) is blocked while the close arrives, so the task reads
+    /// it only once the request is queued on the connection: the request comes back unsent,
+    /// and goes again on a new connection.
+    #[tokio::test]
+    async fn a_request_its_pooled_connection_closed_on_unsent_goes_on_a_new_one() {
+        // The upstream on a thread of its own: it runs while the runtime is blocked.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let (close, closed) = std::sync::mpsc::channel::<()>();
+        let upstream = std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            let mut heads = Vec::new();
+            for _ in 0..2 {
+                let (mut c, _) = l.accept().unwrap();
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && c.read(&mut byte).unwrap() == 1 {
+                    head.push(byte[0]);
+                }
+                c.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .unwrap();
+                heads.push(head.len());
+                if heads.len() == 1 {
+                    // Idle in the proxy's pool until the test says; then closed.
+                    closed.recv().unwrap();
+                } else {
+                    // What else came on the second connection: nothing, until it closes.
+                    let mut rest = Vec::new();
+                    let _ = c.read_to_end(&mut rest);
+                    heads.push(rest.len());
+                }
+            }
+            heads
+        });
+        let r = send_http1(get(), to(addr)).await.ok().unwrap();
+        assert_eq!(read_all(r).await, 2);
+        close.send(()).unwrap();
+        // Blocking, not awaiting: the close arrives, and the connection's task cannot run.
+        std::thread::sleep(Duration::from_millis(200));
+        // tokio's current-thread scheduler polls its I/O driver (the close makes the
+        // connection's task ready to run) and then resumes this test before that task.
+        tokio::task::yield_now().await;
+        let r = match send_http1(get(), to(addr)).await {
+            Ok(r) => r,
+            Err(e) => panic!("{e:?}"),
+        };
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(read_all(r).await, 2);
+        // Close the pool's connections to this upstream, so its thread sees the end.
+        // (Joined off the runtime, which runs the connection's task that closes it.)
+        IDLE.lock().unwrap().remove(&to(addr).pool_key());
+        let heads = tokio::task::spawn_blocking(move || upstream.join().unwrap())
+            .await
+            .unwrap();
+        assert!(heads[0] > 0 && heads[1] > 0, "{heads:?}");
+        assert_eq!(
+            heads[2], 0,
+            "a second request on the new connection: {heads:?}"
+        );
+    }
+
     /// An upstream that answers 401 as soon as a request's head is in and then reads (and
     /// drops) whatever else comes, for ever. Counts connections.
     async fn early_answers() -> (SocketAddr, Arc<AtomicUsize>) {
