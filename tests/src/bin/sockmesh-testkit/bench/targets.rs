@@ -166,7 +166,11 @@ const WHY: &str = "Why, from the figures above: capture at connect costs sockmes
      receive among it). The profile also counts, by callgrind's cache simulation, each proxy's \
      first-level cache misses per request, a measure of how much code and data a request \
      touches: where a role's user-time ratio in section 5 is above its instruction ratio in the \
-     profile, the excess is time per instruction (misses and stalls), not more work. h2c runs \
+     profile, the excess is more time per instruction, not more instructions. The simulation \
+     shows that sockmesh-proxy touches more code and data per request than HAProxy, but it \
+     sees neither the kernel's work between two requests (which evicts much of either proxy's \
+     cache) nor the processor's prefetching, so its miss counts rank the proxies and do not \
+     measure that time. h2c runs \
      hyper's HTTP/2 (the h2 crate) on both sides, HAProxy its own multiplexer: in the profile \
      about half of sockmesh-proxy's instructions per h2c request are hyper's and the h2 crate's \
      (frames, HPACK, stream state, a task per stream on each side), memory copies (frames \
