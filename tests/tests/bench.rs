@@ -78,16 +78,44 @@ fn the_benchmark_suite_runs_and_reports_every_ratio() {
     }
 }
 
+/// A folder removed when the test ends, failed or not.
+struct Removed(std::path::PathBuf);
+
+impl Drop for Removed {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A short run of `cargo xtask profile`: both proxies run under callgrind, each role's
 /// requests are counted (HTTP/1.1 keep-alive and new connections, h2c keep-alive, the TCP
 /// relay keep-alive and new connections), with their instructions and simulated L1 misses
 /// per request; sockmesh-proxy's instructions are shared out by part, and both proxies' system
-/// calls are counted per request.
+/// calls are counted per request (and sampled by `perf record`, a file per proxy and role).
 #[test]
 fn the_profile_counts_both_proxies_instructions_per_request() {
-    let out = run(std::process::Command::new(testkit_bin().unwrap()).args(["profile", "--smoke"]))
-        .unwrap();
+    let samples =
+        Removed(std::env::temp_dir().join(format!("sockmesh-profile-perf-{}", std::process::id())));
+    let out = run(std::process::Command::new(testkit_bin().unwrap())
+        .args(["profile", "--smoke", "--perf-record"])
+        .arg(&samples.0))
+    .unwrap();
     let report = String::from_utf8_lossy(&out.stdout);
+    // `--perf-record`: a file of samples per proxy and role.
+    let mut files: Vec<String> = std::fs::read_dir(&samples.0)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 10, "{files:?}");
+    assert!(
+        files.contains(&"sockmesh-proxy-http-1-1-new-connections.data".to_string()),
+        "{files:?}"
+    );
+    assert!(
+        files.contains(&"haproxy-tcp-relay-keep-alive.data".to_string()),
+        "{files:?}"
+    );
     let roles = [
         "HTTP/1.1 keep-alive",
         "HTTP/1.1 new connections",

@@ -43,7 +43,8 @@ enum Task {
     },
     /// Where the proxies' CPU goes: sockmesh-proxy and HAProxy under valgrind's callgrind in the
     /// benchmark's proxy section, instructions per request; writes docs/profile.md (and the
-    /// counts files to target/profile-callgrind).
+    /// counts files to target/profile-callgrind, each proxy's `perf record` samples of its
+    /// native runs to target/profile-perf).
     Profile {
         /// Short rounds, to check that it runs (written to target/profile.md instead).
         #[arg(long)]
@@ -407,7 +408,9 @@ fn profile(smoke: bool) -> Result<()> {
         root().join("docs/profile.md")
     };
     cmd.arg("--keep")
-        .arg(root().join("target/profile-callgrind"));
+        .arg(root().join("target/profile-callgrind"))
+        .arg("--perf-record")
+        .arg(root().join("target/profile-perf"));
     let result = status(cmd.arg("--out").arg(out));
     let clean = check_clean();
     result?;

@@ -52,6 +52,10 @@ enum Cmd {
         /// Copy callgrind's counts files into this folder (for callgrind_annotate).
         #[arg(long)]
         keep: Option<std::path::PathBuf>,
+        /// Also sample each proxy's stacks (user and kernel) with `perf record` in its native
+        /// run per role, one file per proxy and role in this folder (for `perf report -i`).
+        #[arg(long)]
+        perf_record: Option<std::path::PathBuf>,
     },
     /// The demo lab: pods in netns, the agent, a listener on 15001, real connections, dump.
     Lab,
@@ -124,8 +128,13 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Profile { smoke, out, keep } => {
-            let report = bench::profile::run(smoke, keep.as_deref())?;
+        Cmd::Profile {
+            smoke,
+            out,
+            keep,
+            perf_record,
+        } => {
+            let report = bench::profile::run(smoke, keep.as_deref(), perf_record.as_deref())?;
             print!("{report}");
             if let Some(path) = out {
                 std::fs::write(&path, &report)?;

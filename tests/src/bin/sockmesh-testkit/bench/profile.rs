@@ -64,8 +64,9 @@ struct Proxy<'a> {
 }
 
 /// Run the profile; the Markdown report. The counts files (for `callgrind_annotate`) are
-/// copied to `keep`, if given.
-pub fn run(smoke: bool, keep: Option<&Path>) -> Result<String> {
+/// copied to `keep`, if given. With `perf_record`, each proxy's native run per role is also
+/// sampled by `perf record` (see [`PerfRecord`]) into that folder.
+pub fn run(smoke: bool, keep: Option<&Path>, perf_record: Option<&Path>) -> Result<String> {
     require_tools(&["ip", "haproxy", "valgrind", "callgrind_annotate", "perf"])?;
     let mut b = Bench::new(smoke)?;
     // Under valgrind a proxy runs some 50 times slower: longer rounds give enough requests.
@@ -97,8 +98,11 @@ pub fn run(smoke: bool, keep: Option<&Path>) -> Result<String> {
             std::fs::copy(e.path(), keep.join(e.file_name()))?;
         }
     }
-    let our_calls = syscalls(&mut b, &ours)?;
-    let their_calls = syscalls(&mut b, &theirs)?;
+    if let Some(dir) = perf_record {
+        std::fs::create_dir_all(dir)?;
+    }
+    let our_calls = syscalls(&mut b, &ours, perf_record)?;
+    let their_calls = syscalls(&mut b, &theirs, perf_record)?;
     let mut r = report(&b, &our_counts, &their_counts)?;
     report_syscalls(&mut r, &our_calls, &their_calls);
     Ok(r)
@@ -140,9 +144,9 @@ const CALLS: [&str; 28] = [
 type Calls = Vec<BTreeMap<String, f64>>;
 
 /// Run a proxy natively, once per role, and count its system calls per request.
-fn syscalls(b: &mut Bench, proxy: &Proxy) -> Result<Calls> {
+fn syscalls(b: &mut Bench, proxy: &Proxy, perf_record: Option<&Path>) -> Result<Calls> {
     let mut per_role = Vec::new();
-    for (_, wire, new_conn) in roles() {
+    for (role, wire, new_conn) in roles() {
         let mut cmd = b.lab.command_at(b.sm.place(), &proxy.program)?;
         (proxy.args)(wire, &mut cmd);
         let i = b.lab.spawn(cmd, None)?;
@@ -150,8 +154,18 @@ fn syscalls(b: &mut Bench, proxy: &Proxy) -> Result<Calls> {
             wait_for_wire(b, wire, Duration::from_secs(10))?;
             let pid = b.lab.pid(i).context("the proxy's pid")?;
             let count = SyscallCount::start(pid, &CALLS, &b.lab.dir.join("perf-calls.txt"))?;
+            let record = match perf_record {
+                Some(dir) => Some(PerfRecord::start(
+                    pid,
+                    &dir.join(record_name(proxy, &role)),
+                )?),
+                None => None,
+            };
             let r = requests(b, wire, new_conn, b.sizes.secs);
             let counts = count.stop()?;
+            if let Some(record) = record {
+                record.stop()?;
+            }
             let requests = r?.0 * b.sizes.secs;
             Ok(counts.into_iter().map(|(c, n)| (c, n / requests)).collect())
         })();
@@ -159,6 +173,74 @@ fn syscalls(b: &mut Bench, proxy: &Proxy) -> Result<Calls> {
         per_role.push(result?);
     }
     Ok(per_role)
+}
+
+/// The file of `proxy`'s samples in `role`: `sockmesh-proxy-http-1-1-new-connections.data`.
+fn record_name(proxy: &Proxy, role: &str) -> String {
+    let slug: String = role
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    format!("{}-{slug}.data", proxy.name.to_lowercase())
+}
+
+/// `perf record` sampling one process's stacks, user and kernel (`-g`, 2999 Hz; the
+/// machine's clock event where it has no hardware counters), for `perf report -i FILE`.
+struct PerfRecord {
+    perf: std::process::Child,
+    out: PathBuf,
+}
+
+impl PerfRecord {
+    fn start(pid: u32, out: &Path) -> Result<PerfRecord> {
+        let perf = Command::new("perf")
+            .args([
+                "record",
+                "-q",
+                "-F",
+                "2999",
+                "-g",
+                "-p",
+                &pid.to_string(),
+                "-o",
+            ])
+            .arg(out)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .context("starting perf record")?;
+        // perf attaches to the process within a moment; samples before that are not missed
+        // by much (the role's run lasts seconds).
+        std::thread::sleep(Duration::from_millis(200));
+        Ok(PerfRecord {
+            perf,
+            out: out.to_path_buf(),
+        })
+    }
+
+    /// Stop (SIGINT, as perf expects: it writes its file, then ends by that signal) and
+    /// check that the file is perf's.
+    fn stop(mut self) -> Result<()> {
+        use std::{io::Read, os::unix::process::ExitStatusExt};
+        // SAFETY: a signal to the child this struct started.
+        unsafe { libc::kill(self.perf.id() as libc::pid_t, libc::SIGINT) };
+        let status = self.perf.wait()?;
+        let mut magic = [0u8; 8];
+        let read = std::fs::File::open(&self.out).and_then(|mut f| f.read_exact(&mut magic));
+        let ended = status.success() || status.signal() == Some(libc::SIGINT);
+        if !ended || read.is_err() || magic != *b"PERFILE2" {
+            bail!(
+                "perf record into {} ended with {status} and wrote no perf data there",
+                self.out.display()
+            );
+        }
+        Ok(())
+    }
 }
 
 /// Wait until a proxy answers `wire`'s clients (HAProxy's h2c configuration serves no
