@@ -303,3 +303,72 @@ impl SyscallCount {
         Ok(counts)
     }
 }
+
+/// `perf record` sampling one process's stacks, user and kernel (`-g`, 2999 Hz; the
+/// machine's clock event where it has no hardware counters), for `perf report -i FILE`.
+pub struct PerfRecord {
+    perf: Child,
+    out: PathBuf,
+}
+
+impl PerfRecord {
+    /// Start sampling `pid` into `out`. Returns once perf samples, as
+    /// [`SyscallCount::start`] does: its `enable` acknowledged on the control fifo.
+    pub fn start(pid: u32, out: &Path) -> Result<PerfRecord> {
+        let (ctl, ack) = (out.with_extension("ctl"), out.with_extension("ack"));
+        let (mut ctl_fd, ack_fd) = (fifo(&ctl)?, fifo(&ack)?);
+        let mut perf = Command::new("perf")
+            .args(["record", "-q", "-F", "2999", "-g", "-o"])
+            .arg(out)
+            .arg(format!(
+                "--control=fifo:{},{}",
+                ctl.display(),
+                ack.display()
+            ))
+            .arg("-p")
+            .arg(pid.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting perf record (apt package linux-perf; `cargo xtask setup`)")?;
+        ctl_fd.write_all(b"enable\n")?;
+        let started = wait_for_ack(&ack_fd, &mut perf);
+        for f in [&ctl, &ack] {
+            let _ = std::fs::remove_file(f);
+        }
+        if let Err(e) = started {
+            let _ = perf.kill();
+            let out = perf.wait_with_output()?;
+            bail!(
+                "perf record did not start sampling pid {pid}: {e} (perf: {}, {})",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(PerfRecord {
+            perf,
+            out: out.to_path_buf(),
+        })
+    }
+
+    /// Stop (SIGINT, as perf expects: it writes its file, then ends by that signal) and
+    /// check that the file is perf's.
+    pub fn stop(self) -> Result<()> {
+        use std::os::unix::process::ExitStatusExt;
+        // SAFETY: a signal to our own child.
+        unsafe { libc::kill(self.perf.id() as libc::pid_t, libc::SIGINT) };
+        let done = self.perf.wait_with_output()?;
+        let mut magic = [0u8; 8];
+        let read = std::fs::File::open(&self.out).and_then(|mut f| f.read_exact(&mut magic));
+        let ended = done.status.success() || done.status.signal() == Some(libc::SIGINT);
+        if !ended || read.is_err() || magic != *b"PERFILE2" {
+            bail!(
+                "perf record into {} ended with {} and wrote no perf data there: {}",
+                self.out.display(),
+                done.status,
+                String::from_utf8_lossy(&done.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+}

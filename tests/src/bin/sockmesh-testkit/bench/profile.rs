@@ -25,7 +25,7 @@ use sockmesh_tests::{
 };
 
 use super::{
-    host::SyscallCount,
+    host::{PerfRecord, SyscallCount},
     proxies::{requests, wait_for_h2c, wait_for_http1, wait_for_requests, Proxies, ROLES},
     Bench,
 };
@@ -65,7 +65,7 @@ struct Proxy<'a> {
 
 /// Run the profile; the Markdown report. The counts files (for `callgrind_annotate`) are
 /// copied to `keep`, if given. With `perf_record`, each proxy's native run per role is also
-/// sampled by `perf record` (see [`PerfRecord`]) into that folder.
+/// sampled by [`PerfRecord`] into that folder.
 pub fn run(smoke: bool, keep: Option<&Path>, perf_record: Option<&Path>) -> Result<String> {
     require_tools(&["ip", "haproxy", "valgrind", "callgrind_annotate", "perf"])?;
     let mut b = Bench::new(smoke)?;
@@ -188,59 +188,6 @@ fn record_name(proxy: &Proxy, role: &str) -> String {
         })
         .collect();
     format!("{}-{slug}.data", proxy.name.to_lowercase())
-}
-
-/// `perf record` sampling one process's stacks, user and kernel (`-g`, 2999 Hz; the
-/// machine's clock event where it has no hardware counters), for `perf report -i FILE`.
-struct PerfRecord {
-    perf: std::process::Child,
-    out: PathBuf,
-}
-
-impl PerfRecord {
-    fn start(pid: u32, out: &Path) -> Result<PerfRecord> {
-        let perf = Command::new("perf")
-            .args([
-                "record",
-                "-q",
-                "-F",
-                "2999",
-                "-g",
-                "-p",
-                &pid.to_string(),
-                "-o",
-            ])
-            .arg(out)
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .context("starting perf record")?;
-        // perf attaches to the process within a moment; samples before that are not missed
-        // by much (the role's run lasts seconds).
-        std::thread::sleep(Duration::from_millis(200));
-        Ok(PerfRecord {
-            perf,
-            out: out.to_path_buf(),
-        })
-    }
-
-    /// Stop (SIGINT, as perf expects: it writes its file, then ends by that signal) and
-    /// check that the file is perf's.
-    fn stop(mut self) -> Result<()> {
-        use std::{io::Read, os::unix::process::ExitStatusExt};
-        // SAFETY: a signal to the child this struct started.
-        unsafe { libc::kill(self.perf.id() as libc::pid_t, libc::SIGINT) };
-        let status = self.perf.wait()?;
-        let mut magic = [0u8; 8];
-        let read = std::fs::File::open(&self.out).and_then(|mut f| f.read_exact(&mut magic));
-        let ended = status.success() || status.signal() == Some(libc::SIGINT);
-        if !ended || read.is_err() || magic != *b"PERFILE2" {
-            bail!(
-                "perf record into {} ended with {status} and wrote no perf data there",
-                self.out.display()
-            );
-        }
-        Ok(())
-    }
 }
 
 /// Wait until a proxy answers `wire`'s clients (HAProxy's h2c configuration serves no
