@@ -514,9 +514,10 @@ fn report(b: &Bench, ours: &Counted, theirs: &Counted) -> Result<String> {
          its model of this machine's L1 caches for the proxy alone: how much code and data a \
          request touches, not what the real caches, shared with the clients, upstreams and \
          kernel, cost it. sockmesh-proxy's parts below go by the function each instruction ran \
-         in as built (fat LTO): code the compiler inlined counts to the function it was \
-         inlined into (hyper's setup of a client's connection, for one, to the listener's, \
-         under accept).\n\n",
+         in as built (fat LTO, profile-guided as `cargo xtask profile` builds it, see \
+         xtask/src/pgo.rs): code the compiler inlined counts to the function it was inlined \
+         into (hyper's setup of a client's connection, for one, to the listener's, under \
+         accept; much of tokio's task and I/O code, to its callers).\n\n",
         if b.smoke { " --smoke" } else { "" },
         super::host::machine(),
         b.sizes.conns,

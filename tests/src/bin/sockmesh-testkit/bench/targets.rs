@@ -148,10 +148,13 @@ const WHY: &str = "Why, from the figures above: capture at connect costs sockmes
      section 5's roles under callgrind, and shares sockmesh-proxy's out. For HTTP/1.1 most go \
      to hyper's HTTP/1 codecs (the server's towards the client; the client's towards the \
      upstream, with its channel to the upstream connection's task), tokio's task and I/O \
-     machinery, the allocator and memory copies (futures and messages moved by value), about a \
-     seventh to the proxy's own request handling, routing and pool. With keep-alive that is \
-     about as many instructions per request as HAProxy's event loop runs (one buffer per \
-     connection, no task per request, no future to move), and the CPU per request is as close. \
+     machinery (much of it inlined into its callers), the allocator and memory copies \
+     (futures and messages moved by value), about a fifth to the proxy's own request \
+     handling, routing and pool. With keep-alive and with new connections that is fewer \
+     instructions per request than HAProxy's event loop runs (which has one buffer per \
+     connection, no task per request, no future to move): the profile-guided build (below) \
+     inlines and lays out the code by the paths requests take, where a plain build of the \
+     same code runs about as many instructions as HAProxy. \
      Wherever sockmesh-proxy's CPU per request is at or below HAProxy's, its requests/s and p99 \
      fall within what moves from round to round (the brackets), and a miss there by a few \
      hundredths is that spread, not a cost. With new connections each connection adds a task \
@@ -167,17 +170,18 @@ const WHY: &str = "Why, from the figures above: capture at connect costs sockmes
      first-level cache misses per request, a measure of how much code and data a request \
      touches: where a role's user-time ratio in section 5 is above its instruction ratio in the \
      profile, the excess is more time per instruction, not more instructions. The simulation \
-     shows that sockmesh-proxy touches more code and data per request than HAProxy, but it \
-     sees neither the kernel's work between two requests (which evicts much of either proxy's \
+     counts more data misses per request for sockmesh-proxy than for HAProxy (its futures, \
+     tasks and buffers) and about as many instruction misses or fewer, but it sees neither the kernel's work between two requests (which evicts much of either proxy's \
      cache) nor the processor's prefetching, so its miss counts rank the proxies and do not \
      measure that time. h2c runs \
      hyper's HTTP/2 (the h2 crate) on both sides, HAProxy its own multiplexer: in the profile \
-     about half of sockmesh-proxy's instructions per h2c request are hyper's and the h2 crate's \
-     (frames, HPACK, stream state, a task per stream on each side), memory copies (frames \
-     queued by value, futures) about a seventh, the proxy's own handling under a tenth; so \
-     closing that gap takes a leaner HTTP/2 implementation, not routing or capture work. It \
-     makes fewer system calls per request than HAProxy (the by-call table), which is why its \
-     CPU gap in section 5 is smaller than its instruction gap. The TCP relay parses nothing: \
+     sockmesh-proxy runs more instructions per h2c request than HAProxy: over half are \
+     hyper's and the h2 crate's (frames, HPACK, stream state, a task per stream on each side), \
+     memory copies (frames queued by value, futures) and the rest of the C library about a \
+     fifth, the proxy's own handling about a tenth; so what is left of that gap is the HTTP/2 \
+     implementation's, not routing or capture work. It makes fewer system calls per request \
+     than HAProxy (the by-call table), which is why its CPU per request in section 5 can be \
+     below HAProxy's with more instructions. The TCP relay parses nothing: \
      each proxy's event loop and system calls are what is left. In the profile sockmesh-proxy \
      runs fewer instructions than HAProxy per exchange with keep-alive and per connection with \
      new connections (its relay's buffers are not zeroed: tokio's copy zeroed 16 KiB per \
