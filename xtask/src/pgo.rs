@@ -24,10 +24,14 @@ use sha2::{Digest, Sha256};
 
 use crate::{cargo, output, root, say, status};
 
-/// The instrumented build's flags. Its processes are stopped with SIGKILL when a lab ends, so
-/// they never write a profile at exit: continuous mode keeps the counters in the profile file
-/// itself as they run (it needs runtime counter relocation, and does without value profiling).
-const GENERATE_FLAGS: &str = "-Cllvm-args=-runtime-counter-relocation -Cllvm-args=-disable-vp=true";
+/// The instrumented build's flags, after `-Cprofile-generate`. Its processes are stopped with
+/// SIGKILL when a lab ends, so they never write a profile at exit: continuous mode keeps the
+/// counters in the profile file itself as they run (it needs runtime counter relocation, and
+/// does without value profiling).
+const GENERATE_FLAGS: [&str; 2] = [
+    "-Cllvm-args=-runtime-counter-relocation",
+    "-Cllvm-args=-disable-vp=true",
+];
 
 /// Build the instrumented proxy, train it, build the optimised one and put it in
 /// target/release. The plain release build (with the testkit that trains) must be done.
@@ -39,7 +43,11 @@ pub fn build_proxy() -> Result<()> {
     let generate = cargo_build(
         &dir.join("generate"),
         &host,
-        &format!("-Cprofile-generate={} {GENERATE_FLAGS}", raw.display()),
+        &[
+            &format!("-Cprofile-generate={}", raw.display()),
+            GENERATE_FLAGS[0],
+            GENERATE_FLAGS[1],
+        ],
     )?;
     let merged = dir.join("sockmesh-proxy.profdata");
     if is_newer(&merged, &generate)? {
@@ -54,10 +62,10 @@ pub fn build_proxy() -> Result<()> {
         &host,
         // Value profiling was off in the instrumented build: off here too, so LLVM does not
         // look for its counts.
-        &format!(
-            "-Cprofile-use={} -Cllvm-args=-disable-vp=true",
-            profile.display()
-        ),
+        &[
+            &format!("-Cprofile-use={}", profile.display()),
+            "-Cllvm-args=-disable-vp=true",
+        ],
     )?;
     let installed = root().join("target/release/sockmesh-proxy");
     // Not through the hard link cargo made to its own copy in target/release/deps.
@@ -102,8 +110,9 @@ fn llvm_profdata(host: &str) -> Result<PathBuf> {
     Ok(tool)
 }
 
-/// A release build of sockmesh-proxy for `host` in `target_dir` with `rustflags`; the binary.
-fn cargo_build(target_dir: &Path, host: &str, rustflags: &str) -> Result<PathBuf> {
+/// A release build of sockmesh-proxy for `host` in `target_dir` with `rustflags` (passed one
+/// by one, so a path with a space stays whole; they replace any RUSTFLAGS); the binary.
+fn cargo_build(target_dir: &Path, host: &str, rustflags: &[&str]) -> Result<PathBuf> {
     status(
         cargo()
             .args([
@@ -118,8 +127,7 @@ fn cargo_build(target_dir: &Path, host: &str, rustflags: &str) -> Result<PathBuf
                 "--target-dir",
             ])
             .arg(target_dir)
-            .env_remove("CARGO_ENCODED_RUSTFLAGS")
-            .env("RUSTFLAGS", rustflags),
+            .env("CARGO_ENCODED_RUSTFLAGS", rustflags.join("\x1f")),
     )?;
     Ok(target_dir.join(host).join("release/sockmesh-proxy"))
 }
