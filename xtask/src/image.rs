@@ -224,7 +224,8 @@ fn header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
     h
 }
 
-fn digest(bytes: &[u8]) -> String {
+/// `bytes`' SHA-256 as OCI writes it: "sha256:" and 64 hex digits.
+pub fn digest(bytes: &[u8]) -> String {
     let d = Sha256::digest(bytes);
     let mut s = String::from("sha256:");
     for b in d {

@@ -20,9 +20,8 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use sha2::{Digest, Sha256};
 
-use crate::{cargo, output, root, say, status};
+use crate::{cargo, image, output, root, say, status};
 
 /// The instrumented build's flags, after `-Cprofile-generate`. Its processes are stopped with
 /// SIGKILL when a lab ends, so they never write a profile at exit: continuous mode keeps the
@@ -204,14 +203,8 @@ fn merge(tool: &Path, raw: &Path, merged: &Path) -> Result<()> {
 /// other such copies are removed).
 fn by_digest(dir: &Path, merged: &Path) -> Result<PathBuf> {
     let bytes = fs::read(merged).with_context(|| format!("reading {}", merged.display()))?;
-    let digest = Sha256::digest(&bytes);
-    let name = format!(
-        "sockmesh-proxy-{}.profdata",
-        digest[..8]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    );
+    // The digest's first 16 hex digits, after image's "sha256:".
+    let name = format!("sockmesh-proxy-{}.profdata", &image::digest(&bytes)[7..23]);
     let path = dir.join(&name);
     for e in fs::read_dir(dir)?.flatten() {
         let n = e.file_name().to_string_lossy().into_owned();

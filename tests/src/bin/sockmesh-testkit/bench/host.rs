@@ -201,46 +201,60 @@ fn wait_for_ack(ack: &std::fs::File, perf: &mut Child) -> Result<()> {
     Ok(())
 }
 
+/// Start `perf` (`cmd`: its subcommand and options) on process `pid`, with its control and
+/// acknowledgement fifos beside `out`, and return once it has acknowledged `enable`: perf
+/// answers only from its main loop, once its counters are open and its SIGINT handler is set
+/// (a SIGINT before that would end it with nothing written). The fifos are removed then;
+/// `what` and `doing` name perf's command and its work in errors.
+fn start_perf(mut cmd: Command, pid: u32, out: &Path, what: &str, doing: &str) -> Result<Child> {
+    let (ctl, ack) = (out.with_extension("ctl"), out.with_extension("ack"));
+    let (mut ctl_fd, ack_fd) = (fifo(&ctl)?, fifo(&ack)?);
+    let mut perf = cmd
+        .arg(format!(
+            "--control=fifo:{},{}",
+            ctl.display(),
+            ack.display()
+        ))
+        .arg("-p")
+        .arg(pid.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| {
+            format!("starting {what} (apt package linux-perf; `cargo xtask setup`)")
+        })?;
+    ctl_fd.write_all(b"enable\n")?;
+    let started = wait_for_ack(&ack_fd, &mut perf);
+    for f in [&ctl, &ack] {
+        let _ = std::fs::remove_file(f);
+    }
+    if let Err(e) = started {
+        let _ = perf.kill();
+        let out = perf.wait_with_output()?;
+        bail!(
+            "{what} did not start {doing} pid {pid}: {e} (perf: {}, {})",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(perf)
+}
+
 /// The event that counts every system call.
 const ALL_SYSCALLS: &str = "raw_syscalls:sys_enter";
 
 impl SyscallCount {
     /// Start counting `pid`'s calls: all of them, and each of `calls` by name; `out` is
-    /// perf's report file. Returns once perf has its counters open and counting: perf answers
-    /// an `enable` on its control fifo only from its main loop, after its counters are open
-    /// and its SIGINT handler is set (a SIGINT before that would end perf with no report).
+    /// perf's report file. Returns once perf counts (see [`start_perf`]).
     pub fn start(pid: u32, calls: &[&str], out: &Path) -> Result<SyscallCount> {
         let mut events = vec![ALL_SYSCALLS.to_string()];
         events.extend(calls.iter().map(|c| format!("syscalls:sys_enter_{c}")));
-        let (ctl, ack) = (out.with_extension("ctl"), out.with_extension("ack"));
-        let (mut ctl_fd, ack_fd) = (fifo(&ctl)?, fifo(&ack)?);
         let mut cmd = Command::new("perf");
         cmd.args(["stat", "-x", ","]).arg("-o").arg(out);
         for e in &events {
             cmd.arg("-e").arg(e);
         }
-        let mut perf = cmd
-            .arg(format!(
-                "--control=fifo:{},{}",
-                ctl.display(),
-                ack.display()
-            ))
-            .arg("-p")
-            .arg(pid.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting perf stat (apt package linux-perf; `cargo xtask setup`)")?;
-        ctl_fd.write_all(b"enable\n")?;
-        if let Err(e) = wait_for_ack(&ack_fd, &mut perf) {
-            let _ = perf.kill();
-            let out = perf.wait_with_output()?;
-            bail!(
-                "perf stat did not start counting pid {pid}: {e} (perf: {}, {})",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
+        let perf = start_perf(cmd, pid, out, "perf stat", "counting")?;
         Ok(SyscallCount {
             perf,
             out: out.to_path_buf(),
@@ -312,39 +326,12 @@ pub struct PerfRecord {
 }
 
 impl PerfRecord {
-    /// Start sampling `pid` into `out`. Returns once perf samples, as
-    /// [`SyscallCount::start`] does: its `enable` acknowledged on the control fifo.
+    /// Start sampling `pid` into `out`. Returns once perf samples (see [`start_perf`]).
     pub fn start(pid: u32, out: &Path) -> Result<PerfRecord> {
-        let (ctl, ack) = (out.with_extension("ctl"), out.with_extension("ack"));
-        let (mut ctl_fd, ack_fd) = (fifo(&ctl)?, fifo(&ack)?);
-        let mut perf = Command::new("perf")
-            .args(["record", "-q", "-F", "2999", "-g", "-o"])
-            .arg(out)
-            .arg(format!(
-                "--control=fifo:{},{}",
-                ctl.display(),
-                ack.display()
-            ))
-            .arg("-p")
-            .arg(pid.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting perf record (apt package linux-perf; `cargo xtask setup`)")?;
-        ctl_fd.write_all(b"enable\n")?;
-        let started = wait_for_ack(&ack_fd, &mut perf);
-        for f in [&ctl, &ack] {
-            let _ = std::fs::remove_file(f);
-        }
-        if let Err(e) = started {
-            let _ = perf.kill();
-            let out = perf.wait_with_output()?;
-            bail!(
-                "perf record did not start sampling pid {pid}: {e} (perf: {}, {})",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
+        let mut cmd = Command::new("perf");
+        cmd.args(["record", "-q", "-F", "2999", "-g", "-o"])
+            .arg(out);
+        let perf = start_perf(cmd, pid, out, "perf record", "sampling")?;
         Ok(PerfRecord {
             perf,
             out: out.to_path_buf(),
