@@ -9,6 +9,7 @@
 //! - [`maps`]: the maps' names, sizes, keys and values.
 //! - [`decision`]: every verdict, behind lookups the kernel and `explain` both answer.
 //! - [`accel`]: socket acceleration's pairing of local connections and its window.
+//! - [`timing`]: the sections `--section-timing` times in the programs.
 #![cfg_attr(not(any(test, feature = "user")), no_std)]
 
 pub mod accel;
@@ -16,6 +17,7 @@ pub mod addr;
 pub mod decision;
 pub mod maps;
 pub mod pod;
+pub mod timing;
 
 pub use accel::*;
 pub use addr::*;

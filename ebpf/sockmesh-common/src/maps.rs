@@ -25,7 +25,8 @@ pub mod names {
     pub const PEER_SK: &str = "SM_PEER_SK";
     pub const LISTENER_OWNER: &str = "SM_LISTENER_OWNER";
     pub const CONNECTING: &str = "SM_CONNECTING";
-    pub const ALL: [&str; 16] = [
+    pub const TIMING: &str = "SM_TIMING";
+    pub const ALL: [&str; 17] = [
         PODS,
         MEMBERS,
         CIDRS,
@@ -42,6 +43,7 @@ pub mod names {
         PEER_SK,
         LISTENER_OWNER,
         CONNECTING,
+        TIMING,
     ];
 }
 

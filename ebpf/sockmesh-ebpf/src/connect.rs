@@ -16,6 +16,7 @@ use crate::{
     ctx::{self, read_words, v4_word, write_words, SOCK_DGRAM, SOCK_STREAM},
     maps::{count, is_local, pod, route_source, PodRules, CONNECTING, SOCK_DST, SOCK_OWNER},
     sock_create,
+    timing::{self, Section},
 };
 
 #[cgroup_sock_addr(connect4)]
@@ -43,11 +44,13 @@ pub fn sockmesh_sendmsg6(ctx: SockAddrContext) -> i32 {
 /// call could not be recorded, so nothing escapes capture.
 #[inline(always)]
 fn try_connect<const CONNECT: bool, const V6: bool>(ctx: &SockAddrContext) -> i32 {
+    let begin = timing::lap(Section::Timer, timing::start());
     let sa = ctx.sock_addr;
     let netns = ctx::netns(ctx);
     let Some(cfg) = pod(netns) else {
         return 1;
     };
+    timing::lap(Section::ConnectPod, begin);
     let proto = match unsafe { (*sa).type_ } {
         SOCK_STREAM => Proto::Tcp,
         // UDP is only ever captured for DNS.
@@ -56,19 +59,27 @@ fn try_connect<const CONNECT: bool, const V6: bool>(ctx: &SockAddrContext) -> i3
     };
     let conn = read_conn::<V6>(ctx, netns, proto);
     let rules = PodRules::of(netns, cfg);
+    let t = timing::start();
     let verdict = decide(cfg, &rules, &conn);
+    let t = timing::lap(Section::ConnectDecide, t);
     count(netns, verdict.reason() as u32);
+    timing::lap(Section::ConnectCount, t);
     if verdict.action == Action::Pass {
         if CONNECT && local_origin(&rules, &conn) {
             let local_origin = Verdict::tproxy(0, Reason::LocalOrigin);
-            return redirect::<CONNECT, V6>(ctx, cfg, &conn, &local_origin);
+            let r = redirect::<CONNECT, V6>(ctx, cfg, &conn, &local_origin);
+            timing::lap(Section::ConnectRedirected, begin);
+            return r;
         }
         if CONNECT {
             forget(ctx, proto);
         }
+        timing::lap(Section::ConnectPassed, begin);
         return 1;
     }
-    redirect::<CONNECT, V6>(ctx, cfg, &conn, &verdict)
+    let r = redirect::<CONNECT, V6>(ctx, cfg, &conn, &verdict);
+    timing::lap(Section::ConnectRedirected, begin);
+    r
 }
 
 /// A socket connected again must not keep an earlier capture's record: UDP can connect again,
@@ -118,6 +129,7 @@ fn read_conn<const V6: bool>(ctx: &SockAddrContext, netns: NetnsCookie, proto: P
     // The socket's creator, as iptables' owner match: read from the socket, else as
     // `sock_create` recorded it, else (a socket created before the pod was registered) the
     // current task.
+    let t = timing::start();
     let mut owner = SockOwner { uid: 0, gid: 0 };
     if !sock_create::creator(sk, &mut owner) {
         let stored = unsafe { SOCK_OWNER.get_ptr_mut(ctx) };
@@ -127,6 +139,9 @@ fn read_conn<const V6: bool>(ctx: &SockAddrContext, netns: NetnsCookie, proto: P
             unsafe { *stored }
         };
     }
+    let t = timing::lap(Section::ConnectCreator, t);
+    let dst_is_local = is_local(netns, &dst);
+    timing::lap(Section::ConnectLocal, t);
     Conn {
         proto,
         dst,
@@ -134,7 +149,7 @@ fn read_conn<const V6: bool>(ctx: &SockAddrContext, netns: NetnsCookie, proto: P
         src,
         uid: owner.uid,
         gid: owner.gid,
-        dst_is_local: is_local(netns, &dst),
+        dst_is_local,
         mark: unsafe { (*sk).mark },
     }
 }
@@ -161,7 +176,10 @@ fn redirect<const CONNECT: bool, const V6: bool>(
         family: if v4_dst { AF_INET } else { AF_INET6 },
         reason: verdict.reason as u32,
     };
-    if !store(ctx, conn.proto, &mut record) {
+    let t = timing::start();
+    let stored = store(ctx, conn.proto, &mut record);
+    timing::lap(Section::ConnectRecord, t);
+    if !stored {
         count(ctx::netns(ctx), counters::ORIG_DST_STORE_FAILED);
         return 0;
     }
@@ -244,7 +262,10 @@ fn set_source<const CONNECT: bool, const V6: bool>(
     cfg: &PodConfig,
     conn: &Conn,
 ) {
-    let Some(source) = natural_source(ctx::netns(ctx), cfg, conn) else {
+    let t = timing::start();
+    let source = natural_source(ctx::netns(ctx), cfg, conn);
+    let t = timing::lap(Section::ConnectSource, t);
+    let Some(source) = source else {
         return;
     };
     let sa = ctx.sock_addr;
@@ -282,4 +303,5 @@ fn set_source<const CONNECT: bool, const V6: bool>(
             );
         }
     }
+    timing::lap(Section::ConnectBind, t);
 }

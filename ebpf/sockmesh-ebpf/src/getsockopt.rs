@@ -10,6 +10,7 @@ use sockmesh_common::{counters, is_v4_mapped, Addr, ConnKey, PodFlags, AF_INET, 
 use crate::{
     ctx::{self, IPPROTO_TCP, SOL_IP, SOL_IPV6, SO_ORIGINAL_DST},
     maps::{count, pod, ORIG_DST},
+    timing::{self, Section},
 };
 
 #[cgroup_sockopt(getsockopt)]
@@ -25,6 +26,16 @@ fn try_getsockopt(ctx: &SockoptContext) {
     if optname != SO_ORIGINAL_DST || (level != SOL_IP && level != SOL_IPV6) {
         return;
     }
+    let begin = timing::start();
+    original_dst(ctx);
+    timing::lap(Section::GetsockoptOrigDst, begin);
+}
+
+/// Answer SO_ORIGINAL_DST or IP6T_SO_ORIGINAL_DST.
+#[inline(always)]
+fn original_dst(ctx: &SockoptContext) {
+    let so = ctx.sockopt;
+    let level = unsafe { (*so).level };
     let sk: *mut bpf_sock = unsafe { (*so).__bindgen_anon_1.sk };
     if sk.is_null() {
         return;
@@ -48,7 +59,10 @@ fn try_getsockopt(ctx: &SockoptContext) {
     let (server, server_port) = (sock.local, sock.local_port);
     // A record exists only for a connection captured in a registered pod: the pod's config is
     // looked up only without one.
-    let (addr, port, counter) = match unsafe { ORIG_DST.get(&ConnKey::of_server(&sock)) } {
+    let t = timing::start();
+    let record = unsafe { ORIG_DST.get(&ConnKey::of_server(&sock)) };
+    timing::lap(Section::GetsockoptLookup, t);
+    let (addr, port, counter) = match record {
         Some(o) => (o.addr, o.port, counters::ORIG_DST_HIT),
         None => {
             let Some(cfg) = pod(netns) else {

@@ -17,8 +17,9 @@
 //!   where the file cannot be read.
 //! - [`accel`]: opt-in socket acceleration (sock_ops + sk_msg).
 //!
-//! [`maps`] holds the maps they share; [`ctx`] the context reads and writes. Every program acts
-//! only on sockets of registered pods (netns cookie in `SM_PODS`).
+//! [`maps`] holds the maps they share; [`ctx`] the context reads and writes; [`timing`] the
+//! section timing of `--section-timing`. Every program acts only on sockets of registered pods
+//! (netns cookie in `SM_PODS`).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
@@ -44,6 +45,8 @@ mod sk_lookup;
 mod sock_create;
 #[cfg(target_arch = "bpf")]
 mod sockops;
+#[cfg(target_arch = "bpf")]
+mod timing;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

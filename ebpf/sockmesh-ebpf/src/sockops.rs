@@ -23,10 +23,12 @@ use crate::{
     ctx::{self, read_words},
     maps::{count, is_local, pod, CONNECTING, LISTENERS, ORIG_DST},
     sock_create,
+    timing::{self, Section},
 };
 
 #[sock_ops]
 pub fn sockmesh_sockops(ctx: SockOpsContext) -> u32 {
+    let begin = timing::start();
     // Acceleration and the rest each in their own frame (the verifier adds up nested frames).
     let op = ctx.op();
     let established =
@@ -38,7 +40,22 @@ pub fn sockmesh_sockops(ctx: SockOpsContext) -> u32 {
         }
     }
     try_sockops(&ctx);
+    timing::lap(section(&ctx, op), begin);
     1
+}
+
+/// The timing section of callback `op`.
+#[inline(always)]
+fn section(ctx: &SockOpsContext, op: u32) -> Section {
+    match op {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => Section::SockopsConnect,
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => Section::SockopsActive,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => Section::SockopsPassive,
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => Section::SockopsClose,
+        BPF_SOCK_OPS_STATE_CB => Section::SockopsState,
+        BPF_SOCK_OPS_TCP_LISTEN_CB => Section::SockopsListen,
+        _ => Section::SockopsIdle,
+    }
 }
 
 /// The socket's own 4-tuple: its key in `SOCKS` and `PEER_SK`.

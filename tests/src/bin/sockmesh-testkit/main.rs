@@ -56,6 +56,10 @@ enum Cmd {
         /// run per role, one file per proxy and role in this folder (for `perf report -i`).
         #[arg(long)]
         perf_record: Option<std::path::PathBuf>,
+        /// Only where the capture programs' time goes (section timing), not the proxies: for
+        /// working on the programs.
+        #[arg(long, conflicts_with_all = ["keep", "perf_record"])]
+        programs_only: bool,
     },
     /// The demo lab: pods in netns, the agent, a listener on 15001, real connections, dump.
     Lab,
@@ -133,8 +137,13 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             out,
             keep,
             perf_record,
+            programs_only,
         } => {
-            let report = bench::profile::run(smoke, keep.as_deref(), perf_record.as_deref())?;
+            let report = if programs_only {
+                bench::programs::run(smoke)?
+            } else {
+                bench::profile::run(smoke, keep.as_deref(), perf_record.as_deref())?
+            };
             print!("{report}");
             if let Some(path) = out {
                 std::fs::write(&path, &report)?;

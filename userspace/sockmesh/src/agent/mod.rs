@@ -55,6 +55,12 @@ pub struct AgentArgs {
     /// early (see docs/operations.md). Needs the kernel's BTF.
     #[arg(long, default_value = "off", value_parser = ["on", "off"])]
     pub acceleration: String,
+    /// Time the programs section by section (creator, decision, record, bind, each sock_ops
+    /// callback, SO_ORIGINAL_DST's lookup) into the SM_TIMING map, for `cargo xtask profile`
+    /// (docs/profile.md). Costs two clock reads per section: a profiling aid, not for
+    /// production. Off, the programs carry no timing code (the verifier removes it).
+    #[arg(long)]
+    pub section_timing: bool,
     /// Live captured connections the original-destination map holds (node-wide; an LRU map).
     /// Beyond it the oldest records are evicted: a proxy that asks for one of those reads its
     /// own listener's address (never another connection's), `orig_dst_lost` counts it and the
@@ -158,7 +164,19 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     loader::prepare_bpffs(&args.bpffs)?;
     let cgroup = loader::open_cgroup2(&args.cgroup)?;
     let accel = args.acceleration == "on";
-    let mut loaded = loader::load(&args.bpffs, accel, args.orig_dst_entries, &args.kernel_btf)?;
+    if args.section_timing {
+        warn!(
+            "--section-timing: the programs time their sections into SM_TIMING, two clock \
+             reads per section: for profiling (cargo xtask profile), not for production"
+        );
+    }
+    let settings = loader::LoadSettings {
+        accel,
+        orig_dst_entries: args.orig_dst_entries,
+        btf: &args.kernel_btf,
+        timing: args.section_timing,
+    };
+    let mut loaded = loader::load(&args.bpffs, &settings)?;
     kernel_log::forward_kernel_logs(&mut loaded.ebpf);
     let (actions, in_force) = loader::attach_all(&mut loaded, cgroup.as_fd(), &args.bpffs)?;
     let mut ebpf = loaded.ebpf;

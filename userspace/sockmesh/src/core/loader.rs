@@ -273,14 +273,27 @@ pub struct Loaded {
     pub creator_known: bool,
 }
 
+/// How the agent loads the object: its settings that the programs read.
+#[derive(Clone, Copy)]
+pub struct LoadSettings<'a> {
+    /// Socket acceleration for the node (`--acceleration on`).
+    pub accel: bool,
+    /// `ORIG_DST`'s size (`--orig-dst-entries`).
+    pub orig_dst_entries: u32,
+    /// The kernel's BTF, where the offsets of the kernel fields the programs read are found.
+    pub btf: &'a Path,
+    /// Section timing into `SM_TIMING` (`--section-timing`).
+    pub timing: bool,
+}
+
 /// Load the object with every map pinned (or reused) under `bpffs/maps`.
-/// `btf`: the kernel's BTF, where the offsets of the kernel fields the programs read are found.
-pub fn load(
-    bpffs: &Path,
-    accel: bool,
-    orig_dst_entries: u32,
-    btf: &Path,
-) -> Result<Loaded, BpfError> {
+pub fn load(bpffs: &Path, settings: &LoadSettings) -> Result<Loaded, BpfError> {
+    let LoadSettings {
+        accel,
+        orig_dst_entries,
+        btf,
+        timing,
+    } = *settings;
     let dir = maps_dir(bpffs);
     check_pinned_layouts(&dir)?;
     // A pinned map is reused as it is: its size must be the one asked for.
@@ -338,6 +351,8 @@ pub fn load(
     loader.override_global("SOCKMESH_ACCEL", &accel, true);
     loader.override_global("SOCKMESH_KERNEL_OFFSETS", &offsets, true);
     loader.override_global("SOCKMESH_CRED_OFFSETS", &creds, true);
+    let timing = u8::from(timing);
+    loader.override_global("SOCKMESH_TIMING", &timing, true);
     let paths: Vec<(&'static str, PathBuf)> =
         names::ALL.iter().map(|n| (*n, dir.join(n))).collect();
     for (name, path) in &paths {

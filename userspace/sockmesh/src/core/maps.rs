@@ -20,7 +20,7 @@ pub fn maps_dir(bpffs: &Path) -> PathBuf {
 }
 
 /// Key and value sizes of every pinned map, as this build lays them out.
-fn map_layouts() -> [(&'static str, usize, usize); 16] {
+fn map_layouts() -> [(&'static str, usize, usize); 17] {
     use std::mem::size_of;
     // LPM-trie keys carry a 4-byte prefix length before the data.
     let lpm = 4 + size_of::<CidrKey>();
@@ -49,6 +49,7 @@ fn map_layouts() -> [(&'static str, usize, usize); 16] {
             size_of::<SockOwner>(),
         ),
         (names::CONNECTING, 8, size_of::<OrigDst>()),
+        (names::TIMING, 4, 8),
     ]
 }
 

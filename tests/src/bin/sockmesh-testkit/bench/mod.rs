@@ -26,6 +26,7 @@ mod host;
 mod mesh;
 mod pod_scale;
 pub mod profile;
+pub mod programs;
 mod proxies;
 mod rules;
 mod stats;

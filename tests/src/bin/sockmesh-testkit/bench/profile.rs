@@ -105,6 +105,8 @@ pub fn run(smoke: bool, keep: Option<&Path>, perf_record: Option<&Path>) -> Resu
     let their_calls = syscalls(&mut b, &theirs, perf_record)?;
     let mut r = report(&b, &our_counts, &their_counts)?;
     report_syscalls(&mut r, &our_calls, &their_calls);
+    drop(b);
+    r.push_str(&super::programs::run(smoke)?);
     Ok(r)
 }
 
