@@ -207,11 +207,12 @@ fn record_listener(ctx: &SockOpsContext, netns: NetnsCookie) {
 /// then spares a callback per connection (the move to established).
 #[inline(always)]
 fn publish(ctx: &SockOpsContext, netns: NetnsCookie, connecting: bool) {
-    // Once established, only a redirect is left to publish, and a redirect's peer is on
-    // loopback: the connections left alone (a proxy's upstream ones among them) skip the
-    // lookup.
+    // A redirect's peer is on loopback, a TPROXY record's never is (its peer is one of the
+    // pod's own addresses, other than a loopback one): as the SYN goes out only a peer off
+    // loopback can have a record to publish, once established only one on loopback. The
+    // others (a proxy's upstream connections among them) skip the lookup.
     let sock = sock_key(ctx, netns);
-    if !connecting && !is_loopback(&sock.remote) {
+    if is_loopback(&sock.remote) == connecting {
         return;
     }
     let cookie = ctx::cookie(ctx);

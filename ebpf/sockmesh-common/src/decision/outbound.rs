@@ -7,7 +7,7 @@ use super::{
 };
 use crate::{
     addr::{
-        addr_eq, is_inbound_passthrough, is_unspecified, is_v4_mapped, v4_octets, Addr,
+        addr_eq, is_inbound_passthrough, is_loopback, is_unspecified, is_v4_mapped, v4_octets, Addr,
         V6_INBOUND_PASSTHROUGH, V6_LOOPBACK,
     },
     pod::{CidrKind, MemberKind, PodConfig, PodFlags, SockOwner, MAX_OWNERS},
@@ -260,14 +260,16 @@ fn decide_nat<R: Rules>(cfg: &PodConfig, rules: &R, conn: &Conn) -> Verdict {
 }
 
 /// Whether a connection the rules left alone must still be remembered (as
-/// [`Reason::LocalOrigin`]): TCP to one of the pod's own addresses from a source that is not
-/// the pod's (a transparent socket: the TPROXY proxy's original-source upstream). iptables
-/// leaves such a connection alone on its way in through lo; inbound capture, which cannot see
-/// the interface it came from, knows it by this record.
+/// [`Reason::LocalOrigin`]): TCP to one of the pod's own addresses, other than a loopback one,
+/// from a source that is not the pod's (a transparent socket: the TPROXY proxy's
+/// original-source upstream). iptables leaves such a connection alone on its way in through lo;
+/// inbound capture, which cannot see the interface it came from, knows it by this record.
+/// Inbound capture never takes a connection to a loopback address, so none is kept for one.
 #[inline(never)]
 pub fn local_origin<L: Lookups>(lookups: &L, conn: &Conn) -> bool {
     conn.proto == Proto::Tcp
         && conn.dst_is_local
+        && !is_loopback(&conn.dst)
         && !is_unspecified(&conn.src)
         && !is_local(lookups, &conn.src)
 }

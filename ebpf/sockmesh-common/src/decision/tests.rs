@@ -804,6 +804,11 @@ fn a_transparent_connection_of_the_pod_is_remembered_and_left_alone() {
     udp.src = PEER;
     udp.proto = Proto::Udp;
     assert!(!local_origin(&s, &udp));
+    // To a loopback address (local, but never captured inbound): not remembered.
+    let mut lo = conn([127, 0, 0, 1], 8080, 0, 1337);
+    lo.src = PEER;
+    assert!(lo.dst_is_local);
+    assert!(!local_origin(&s, &lo));
     // Its arrival looks like inbound traffic from PEER, but is left alone by its record.
     s.records.push((PEER, 40000, Reason::LocalOrigin));
     assert_eq!(decide_arrival(&c, &s, &arr(PEER, 8080)), None);
