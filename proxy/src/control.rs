@@ -98,6 +98,21 @@ impl Control {
         self.fds.clear();
     }
 
+    /// Stop accepting on the inbound listeners (the pod is going away: no new request is to
+    /// reach it) and keep the outbound ones, so the app can still call out as it shuts down;
+    /// established connections go on.
+    pub fn stop_inbound(&mut self) {
+        let fds = &mut self.fds;
+        self.listeners.retain(|address, tx| {
+            let inbound = matches!(&*tx.borrow(), Some(s) if s.direction == crate::config::Direction::Inbound);
+            if inbound {
+                let _ = tx.send(None);
+                fds.remove(address);
+            }
+            !inbound
+        });
+    }
+
     /// The snapshot connections use (after the first install).
     pub fn shared(&self) -> Shared {
         self.shared.clone().expect("installed")

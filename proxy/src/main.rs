@@ -41,7 +41,10 @@ struct Args {
     /// one's listening sockets, and this one then stops accepting, drains and exits.
     #[arg(long)]
     hot_restart: Option<PathBuf>,
-    /// Seconds a replaced proxy waits for its connections to end before it exits.
+    /// Seconds a draining proxy waits for its connections to end before it exits: one replaced
+    /// by a hot restart, or sent SIGTERM or SIGINT (as when its pod is deleted: it stops
+    /// accepting inbound, serves outbound for at least 5 s, and exits once no connection is
+    /// left; a second signal ends the wait at once).
     #[arg(long, default_value = "30")]
     drain_timeout: u64,
 }
@@ -149,7 +152,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
         });
     }
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup())?;
+    // SIGTERM (a pod being deleted) or SIGINT: drain and exit; a second one: exit at once.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let limit = std::time::Duration::from_secs(args.drain_timeout);
     let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     let mut seen = modified(&args.config);
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
@@ -157,7 +165,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         // SIGHUP, or the file changed (checked every second).
         tokio::select! {
             Some(()) = drain_rx.recv() => {
-                drain(&control, std::time::Duration::from_secs(args.drain_timeout)).await;
+                drain(&control, limit).await;
+                return Ok(());
+            }
+            _ = term.recv() => {
+                drain_or_quit(&control, limit, "SIGTERM", &mut term, &mut int).await;
+                return Ok(());
+            }
+            _ = int.recv() => {
+                drain_or_quit(&control, limit, "SIGINT", &mut term, &mut int).await;
                 return Ok(());
             }
             _ = hup.recv() => {}
@@ -176,16 +192,52 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
 }
 
-/// A successor serves: stop accepting, and wait for the connections there are to end (at most
-/// `limit`).
-async fn drain(control: &Mutex<control::Control>, limit: std::time::Duration) {
-    control.lock().expect("control lock").stop_accepting();
-    let active = || listener::ACTIVE.load(std::sync::atomic::Ordering::SeqCst);
-    info!(connections = active(), "replaced: draining");
+/// How long a proxy asked to stop serves at least, whether connections are left or not (as
+/// istio's MINIMUM_DRAIN_DURATION): the app, sent the same signal, may still call out.
+const MIN_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Asked to stop (`why`: SIGTERM or SIGINT, its pod is going away): stop accepting inbound,
+/// keep serving outbound, and exit once no connection is left (after [`MIN_DRAIN`]) or at
+/// `limit`, unless SIGTERM or SIGINT comes again, which ends the wait at once.
+async fn drain_or_quit(
+    control: &Mutex<control::Control>,
+    limit: std::time::Duration,
+    why: &str,
+    term: &mut tokio::signal::unix::Signal,
+    int: &mut tokio::signal::unix::Signal,
+) {
+    control.lock().expect("control lock").stop_inbound();
+    info!(connections = active(), "{why}: inbound closed, draining");
+    let wait = async {
+        tokio::time::sleep(MIN_DRAIN.min(limit)).await;
+        wait_idle(limit.saturating_sub(MIN_DRAIN)).await;
+    };
+    tokio::select! {
+        () = wait => info!(left = active(), "drained: exiting"),
+        _ = term.recv() => warn!(left = active(), "SIGTERM again: exiting now"),
+        _ = int.recv() => warn!(left = active(), "SIGINT again: exiting now"),
+    }
+}
+
+/// Wait for the connections there are to end, at most `limit`.
+async fn wait_idle(limit: std::time::Duration) {
     let until = tokio::time::Instant::now() + limit;
     while active() > 0 && tokio::time::Instant::now() < until {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+}
+
+/// Connections accepted and not yet ended.
+fn active() -> usize {
+    listener::ACTIVE.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// A successor serves: stop accepting, and wait for the connections there are to end (at most
+/// `limit`).
+async fn drain(control: &Mutex<control::Control>, limit: std::time::Duration) {
+    control.lock().expect("control lock").stop_accepting();
+    info!(connections = active(), "replaced: draining");
+    wait_idle(limit).await;
     info!(left = active(), "drained: exiting");
 }
 

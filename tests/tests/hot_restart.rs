@@ -3,6 +3,10 @@
 //! the first stops accepting, lets its connections finish and exits. No connection fails, and
 //! a response streaming through the first instance when the second takes over completes. The
 //! first runs on one thread while it waits for the second.
+//!
+//! And the end of a pod's proxy: SIGTERM closes its inbound listener, its outbound one keeps
+//! serving the app, a response streaming through it completes, and it exits on its own once
+//! nothing is left; a second SIGTERM ends it at once.
 
 use std::{
     process::{Command, Stdio},
@@ -10,7 +14,9 @@ use std::{
 };
 
 use sockmesh_tests::{
-    kit::{HttpServe, HttpStream, HttpUpstream, Identity, Load, LoadReport},
+    kit::{
+        Connect, HttpGet, HttpServe, HttpStream, HttpUpstream, Identity, Load, LoadReport, Outcome,
+    },
     lab::{sibling_bin, Lab},
     pods::{self, Mode, PEER_V4},
     profiles::Profile,
@@ -120,4 +126,118 @@ fn a_second_instance_takes_over_with_no_failed_connection() {
             "{mode:?}: the stream through the first instance"
         );
     }
+}
+
+/// sockmesh-proxy in `pod` with an outbound and an inbound listener, as a pod's sidecar.
+fn sidecar(lab: &Lab, pod: &pods::Pod) -> Command {
+    let cfg = lab.dir.join("sidecar.yaml");
+    std::fs::write(
+        &cfg,
+        "admin: {address: \"127.0.0.1:15000\"}\n\
+         listeners:\n  - {name: outbound, address: \"0.0.0.0:15001\", direction: outbound}\n\
+         \x20 - {name: inbound, address: \"0.0.0.0:15006\", direction: inbound}\n",
+    )
+    .unwrap();
+    let bin = sibling_bin("sockmesh-proxy", "SOCKMESH_PROXY_BIN").unwrap();
+    let mut cmd = lab.command_at(pod.place(), bin).unwrap();
+    cmd.arg("--config").arg(cfg).args(["--drain-timeout", "20"]);
+    cmd
+}
+
+fn signal(lab: &Lab, index: usize, sig: i32) {
+    let pid = lab.pid(index).expect("the proxy runs");
+    // SAFETY: kill on the lab's own child.
+    assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0, "kill {pid}");
+}
+
+#[test]
+fn sigterm_closes_inbound_serves_outbound_and_drains_and_a_second_ends_it() {
+    let mode = Mode::Sockmesh;
+    let mut lab = pods::lab_for("term", mode).unwrap();
+    let p = Profile::default_sidecar();
+    let pod = pods::captured(&mut lab, "t", &p, mode, &[]).unwrap();
+    let upstream = format!("{PEER_V4}:18081").parse().unwrap();
+    lab.start(
+        pod.peer_place(),
+        &HttpServe::new([HttpUpstream::new("s1", upstream)]),
+    )
+    .unwrap();
+    let stream = |lab: &Lab| {
+        let stream = HttpStream {
+            chunks: CHUNKS,
+            ..HttpStream::new(upstream, "up", Identity::APP)
+        };
+        lab.testkit(pod.place(), &stream)
+            .unwrap()
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let inbound = "127.0.0.1:15006".parse().unwrap();
+
+    // One SIGTERM: inbound closed, outbound served, the stream completes, then it exits.
+    let proxy = lab.spawn(sidecar(&lab, &pod), Some("ready")).unwrap();
+    let streaming = stream(&lab);
+    std::thread::sleep(Duration::from_millis(700));
+    let termed = std::time::Instant::now();
+    signal(&lab, proxy, libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(300));
+    let out = lab
+        .output(pod.place(), &Connect::new(inbound, Identity::APP))
+        .unwrap();
+    let outcome: Outcome = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(
+        outcome,
+        Outcome::Refused,
+        "the inbound listener after SIGTERM"
+    );
+    let got = lab
+        .output(
+            pod.place(),
+            &HttpGet::new(upstream, "/", "up", Identity::APP),
+        )
+        .unwrap();
+    assert!(
+        got.starts_with("HTTP/1.1 200"),
+        "an outbound request after SIGTERM: {got}"
+    );
+    let streamed = streaming.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&streamed.stdout).trim(),
+        format!("chunks={CHUNKS} streamed=true"),
+        "the stream through the proxy when SIGTERM came"
+    );
+    let exited = lab.wait_exit(proxy, Duration::from_secs(15)).unwrap();
+    assert_eq!(exited.code(), Some(0), "the proxy's exit after SIGTERM");
+    let served = termed.elapsed();
+    assert!(
+        served >= Duration::from_secs(4),
+        "exited {served:?} after SIGTERM: it serves at least 5 s"
+    );
+
+    // A second SIGTERM ends the wait with the stream still going.
+    let proxy = lab.spawn(sidecar(&lab, &pod), Some("ready")).unwrap();
+    let streaming = stream(&lab);
+    std::thread::sleep(Duration::from_millis(700));
+    signal(&lab, proxy, libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(200));
+    let again = std::time::Instant::now();
+    signal(&lab, proxy, libc::SIGTERM);
+    let exited = lab.wait_exit(proxy, Duration::from_secs(5)).unwrap();
+    assert_eq!(
+        exited.code(),
+        Some(0),
+        "the proxy's exit after a second SIGTERM"
+    );
+    assert!(
+        again.elapsed() < Duration::from_secs(1),
+        "a second SIGTERM ended it after {:?}",
+        again.elapsed()
+    );
+    let streamed = streaming.wait_with_output().unwrap();
+    assert_ne!(
+        String::from_utf8_lossy(&streamed.stdout).trim(),
+        format!("chunks={CHUNKS} streamed=true"),
+        "the stream cut by the proxy's exit"
+    );
 }

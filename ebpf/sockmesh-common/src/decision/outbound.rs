@@ -7,8 +7,8 @@ use super::{
 };
 use crate::{
     addr::{
-        addr_eq, is_inbound_passthrough, is_loopback, is_unspecified, is_v4_mapped, v4_octets, Addr,
-        V6_INBOUND_PASSTHROUGH, V6_LOOPBACK,
+        addr_eq, is_inbound_passthrough, is_loopback, is_unspecified, is_v4_mapped, v4_octets,
+        Addr, V6_INBOUND_PASSTHROUGH, V6_LOOPBACK,
     },
     pod::{CidrKind, MemberKind, PodConfig, PodFlags, SockOwner, MAX_OWNERS},
 };
