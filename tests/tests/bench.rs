@@ -169,6 +169,56 @@ fn the_profile_counts_both_proxies_instructions_per_request() {
     // Per role, HAProxy's then sockmesh-proxy's.
     assert_eq!(cells.len(), 2 * roles.len(), "{all}");
     assert!(cells.iter().all(|n| *n >= 1.0), "{all}");
+    // Last, the capture programs timed part by part (`--section-timing`): a captured
+    // connection runs connect4's redirect, its bind and the publish once each, and the
+    // connections left alone run connect4's other end.
+    let (captured, left_alone) = report.split_once("### left alone").unwrap_or_else(|| {
+        panic!(
+            "no section timing of connections left alone:
+{report}"
+        )
+    });
+    assert!(
+        captured.contains("## Where the capture programs' time goes"),
+        "{report}"
+    );
+    let runs = |table: &str, section: &str| -> f64 {
+        let line = table
+            .lines()
+            .find(|l| l.starts_with(&format!("| {section} | ")))
+            .unwrap_or_else(|| {
+                panic!(
+                    "no {section:?} row:
+{table}"
+                )
+            });
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        // | section | runs per connection | ns per run | ...
+        assert!(cells[3].parse::<f64>().unwrap() > 0.0, "{line}");
+        cells[2].parse().unwrap()
+    };
+    for section in [
+        "connect4: whole, redirected",
+        "connect4: bpf_bind",
+        "sock_ops: client established (publish)",
+        "sock_ops: close (release)",
+        "getsockopt: ORIG_DST lookup",
+    ] {
+        let n = runs(captured, section);
+        assert!(
+            (0.9..=1.1).contains(&n),
+            "{section}: {n} runs per connection"
+        );
+    }
+    assert!(
+        !left_alone.contains("connect4: whole, redirected"),
+        "{left_alone}"
+    );
+    let n = runs(left_alone, "connect4: whole, left alone");
+    assert!(
+        (0.9..=1.1).contains(&n),
+        "left alone: {n} runs per connection"
+    );
 }
 
 /// The proxy section alone (`bench --proxies-only`, for comparing builds of sockmesh-proxy):
