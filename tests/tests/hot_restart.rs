@@ -9,6 +9,7 @@
 //! nothing is left; a second SIGTERM ends it at once.
 
 use std::{
+    net::SocketAddr,
     process::{Command, Stdio},
     time::Duration,
 };
@@ -24,31 +25,30 @@ use sockmesh_tests::{
 
 const CHUNKS: usize = 15;
 
-fn proxy(lab: &Lab, pod: &pods::Pod) -> Command {
-    let cfg = lab.dir.join("proxy.yaml");
-    std::fs::write(
-        &cfg,
-        "admin: {address: \"127.0.0.1:15000\"}\n\
-         listeners:\n  - {name: outbound, address: \"0.0.0.0:15001\", direction: outbound}\n\
-         tcp_routes:\n  - {destination: \"80\"}\n",
-    )
-    .unwrap();
+/// sockmesh-proxy in `pod` with `config` (its listeners and routes, after the admin line),
+/// draining for at most 20 s.
+fn proxy_with(lab: &Lab, pod: &pods::Pod, name: &str, config: &str) -> Command {
+    let cfg = lab.dir.join(name);
+    let admin = "admin: {address: \"127.0.0.1:15000\"}\n";
+    std::fs::write(&cfg, format!("{admin}{config}")).unwrap();
     let bin = sibling_bin("sockmesh-proxy", "SOCKMESH_PROXY_BIN").unwrap();
     let mut cmd = lab.command_at(pod.place(), bin).unwrap();
-    cmd.arg("--config")
-        .arg(cfg)
-        .arg("--hot-restart")
-        .arg(lab.dir.join("restart.sock"))
-        .args(["--drain-timeout", "20"]);
+    cmd.arg("--config").arg(cfg).args(["--drain-timeout", "20"]);
     cmd
 }
 
-/// (load report, what the stream saw, how the first instance exited)
-fn run(mode: Mode) -> (LoadReport, String, i32) {
-    let tag = match mode {
-        Mode::Iptables => "hoti",
-        Mode::Sockmesh => "hots",
-    };
+/// The proxy of the hot-restart test: outbound, TCP to port 80 relayed.
+fn proxy(lab: &Lab, pod: &pods::Pod) -> Command {
+    let config =
+        "listeners:\n  - {name: outbound, address: \"0.0.0.0:15001\", direction: outbound}\n\
+                  tcp_routes:\n  - {destination: \"80\"}\n";
+    let mut cmd = proxy_with(lab, pod, "proxy.yaml", config);
+    cmd.arg("--hot-restart").arg(lab.dir.join("restart.sock"));
+    cmd
+}
+
+/// A lab in `mode` with a captured pod, and an HTTP upstream on the peer host (its address).
+fn captured_pod(tag: &str, mode: Mode) -> (Lab, pods::Pod, SocketAddr) {
     let mut lab = pods::lab_for(tag, mode).unwrap();
     let p = Profile::default_sidecar();
     let pod = pods::captured(&mut lab, "h", &p, mode, &[]).unwrap();
@@ -58,6 +58,30 @@ fn run(mode: Mode) -> (LoadReport, String, i32) {
         &HttpServe::new([HttpUpstream::new("s1", upstream)]),
     )
     .unwrap();
+    (lab, pod, upstream)
+}
+
+/// A response of [`CHUNKS`] chunks (3 s) streaming from `upstream` to the app in `pod`; it
+/// prints what it saw.
+fn stream(lab: &Lab, pod: &pods::Pod, upstream: SocketAddr) -> std::process::Child {
+    let stream = HttpStream {
+        chunks: CHUNKS,
+        ..HttpStream::new(upstream, "up", Identity::APP)
+    };
+    lab.testkit(pod.place(), &stream)
+        .unwrap()
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// (load report, what the stream saw, how the first instance exited)
+fn run(mode: Mode) -> (LoadReport, String, i32) {
+    let tag = match mode {
+        Mode::Iptables => "hoti",
+        Mode::Sockmesh => "hots",
+    };
+    let (mut lab, pod, upstream) = captured_pod(tag, mode);
     let first = lab.spawn(proxy(&lab, &pod), Some("ready")).unwrap();
 
     let stop = lab.dir.join("stop-load");
@@ -73,16 +97,7 @@ fn run(mode: Mode) -> (LoadReport, String, i32) {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let stream = HttpStream {
-        chunks: CHUNKS,
-        ..HttpStream::new(upstream, "up", Identity::APP)
-    };
-    let stream = lab
-        .testkit(pod.place(), &stream)
-        .unwrap()
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let stream = stream(&lab, &pod, upstream);
     std::thread::sleep(Duration::from_millis(700));
     // Under load and waiting for a successor, the first instance runs on one thread (its
     // default `--workers 1`): the hot-restart wait is a task, not a thread.
@@ -130,18 +145,10 @@ fn a_second_instance_takes_over_with_no_failed_connection() {
 
 /// sockmesh-proxy in `pod` with an outbound and an inbound listener, as a pod's sidecar.
 fn sidecar(lab: &Lab, pod: &pods::Pod) -> Command {
-    let cfg = lab.dir.join("sidecar.yaml");
-    std::fs::write(
-        &cfg,
-        "admin: {address: \"127.0.0.1:15000\"}\n\
-         listeners:\n  - {name: outbound, address: \"0.0.0.0:15001\", direction: outbound}\n\
-         \x20 - {name: inbound, address: \"0.0.0.0:15006\", direction: inbound}\n",
-    )
-    .unwrap();
-    let bin = sibling_bin("sockmesh-proxy", "SOCKMESH_PROXY_BIN").unwrap();
-    let mut cmd = lab.command_at(pod.place(), bin).unwrap();
-    cmd.arg("--config").arg(cfg).args(["--drain-timeout", "20"]);
-    cmd
+    let config =
+        "listeners:\n  - {name: outbound, address: \"0.0.0.0:15001\", direction: outbound}\n\
+                  \x20 - {name: inbound, address: \"0.0.0.0:15006\", direction: inbound}\n";
+    proxy_with(lab, pod, "sidecar.yaml", config)
 }
 
 fn signal(lab: &Lab, index: usize, sig: i32) {
@@ -152,32 +159,12 @@ fn signal(lab: &Lab, index: usize, sig: i32) {
 
 #[test]
 fn sigterm_closes_inbound_serves_outbound_and_drains_and_a_second_ends_it() {
-    let mode = Mode::Sockmesh;
-    let mut lab = pods::lab_for("term", mode).unwrap();
-    let p = Profile::default_sidecar();
-    let pod = pods::captured(&mut lab, "t", &p, mode, &[]).unwrap();
-    let upstream = format!("{PEER_V4}:18081").parse().unwrap();
-    lab.start(
-        pod.peer_place(),
-        &HttpServe::new([HttpUpstream::new("s1", upstream)]),
-    )
-    .unwrap();
-    let stream = |lab: &Lab| {
-        let stream = HttpStream {
-            chunks: CHUNKS,
-            ..HttpStream::new(upstream, "up", Identity::APP)
-        };
-        lab.testkit(pod.place(), &stream)
-            .unwrap()
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
+    let (mut lab, pod, upstream) = captured_pod("term", Mode::Sockmesh);
     let inbound = "127.0.0.1:15006".parse().unwrap();
 
     // One SIGTERM: inbound closed, outbound served, the stream completes, then it exits.
     let proxy = lab.spawn(sidecar(&lab, &pod), Some("ready")).unwrap();
-    let streaming = stream(&lab);
+    let streaming = stream(&lab, &pod, upstream);
     std::thread::sleep(Duration::from_millis(700));
     let termed = std::time::Instant::now();
     signal(&lab, proxy, libc::SIGTERM);
@@ -217,7 +204,7 @@ fn sigterm_closes_inbound_serves_outbound_and_drains_and_a_second_ends_it() {
 
     // A second SIGTERM ends the wait with the stream still going.
     let proxy = lab.spawn(sidecar(&lab, &pod), Some("ready")).unwrap();
-    let streaming = stream(&lab);
+    let streaming = stream(&lab, &pod, upstream);
     std::thread::sleep(Duration::from_millis(700));
     signal(&lab, proxy, libc::SIGTERM);
     std::thread::sleep(Duration::from_millis(200));
