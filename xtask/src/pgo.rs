@@ -29,8 +29,12 @@ use crate::{cargo, image, output, root, say, status};
 /// does without value profiling).
 const GENERATE_FLAGS: [&str; 2] = [
     "-Cllvm-args=-runtime-counter-relocation",
-    "-Cllvm-args=-disable-vp=true",
+    NO_VALUE_PROFILING,
 ];
+
+/// Value profiling off: continuous mode cannot keep its counts, and the optimised build must not
+/// look for them.
+const NO_VALUE_PROFILING: &str = "-Cllvm-args=-disable-vp=true";
 
 /// Build the instrumented proxy, train it, build the optimised one and put it in
 /// target/release. The plain release build (with the testkit that trains) must be done.
@@ -63,7 +67,7 @@ pub fn build_proxy() -> Result<()> {
         // look for its counts.
         &[
             &format!("-Cprofile-use={}", profile.display()),
-            "-Cllvm-args=-disable-vp=true",
+            NO_VALUE_PROFILING,
         ],
     )?;
     let installed = root().join("target/release/sockmesh-proxy");

@@ -51,6 +51,15 @@ pub struct Capture {
     progs: BTreeMap<String, (Vec<f64>, Vec<f64>)>,
 }
 
+/// The section's sockmesh pod in `lab`: registered with profile `p`, its listener on 15001 in
+/// the lab's cgroup (where the programs run).
+pub fn sockmesh_pod(lab: &mut Lab, p: &Profile) -> Result<Pod> {
+    let sm = pods::pod_with(lab, "s", p, Mode::Sockmesh, &[])?;
+    pods::apply_sockmesh_env(lab, &sm, p, &[])?;
+    lean_listener(lab, &sm, true)?;
+    Ok(sm)
+}
+
 impl Capture {
     /// The section's lab, its agent started with no settings but the lab's own (cgroup,
     /// bpffs, socket), and its pods, each with its listener on 15001: with no capture, with
@@ -62,9 +71,7 @@ impl Capture {
         let ipt = pods::pod_with(&mut lab, "i", p, Mode::Iptables, &[])?;
         lean_listener(&mut lab, &ipt, false)?;
         pods::apply_iptables(&ipt, p)?;
-        let sm = pods::pod_with(&mut lab, "s", p, Mode::Sockmesh, &[])?;
-        pods::apply_sockmesh_env(&lab, &sm, p, &[])?;
-        lean_listener(&mut lab, &sm, true)?;
+        let sm = sockmesh_pod(&mut lab, p)?;
         Ok(Capture {
             lab,
             sm,

@@ -13,11 +13,10 @@ use sockmesh_common::{
 };
 use sockmesh_tests::{
     lab::{require_tools, run as run_cmd, Lab},
-    pods::{self, Mode},
     profiles::Profile,
 };
 
-use super::{connects_in, lean_listener, peer80};
+use super::{capture::sockmesh_pod, connects_in, peer80};
 
 /// Each section's nanoseconds and runs, summed over the CPUs.
 type Totals = BTreeMap<u32, (u64, u64)>;
@@ -29,10 +28,7 @@ pub fn run(smoke: bool) -> Result<String> {
     let mut lab = Lab::new("programs")?;
     lab.agent_args.push("--section-timing".into());
     lab.start_agent()?;
-    let p = Profile::default_sidecar();
-    let sm = pods::pod_with(&mut lab, "s", &p, Mode::Sockmesh, &[])?;
-    pods::apply_sockmesh_env(&lab, &sm, &p, &[])?;
-    lean_listener(&mut lab, &sm, true)?;
+    let sm = sockmesh_pod(&mut lab, &Profile::default_sidecar())?;
     let local: SocketAddr = "127.0.0.1:15001".parse()?;
     let mut r = String::from(
         "## Where the capture programs' time goes\n\n\
