@@ -200,7 +200,7 @@ fn the_profile_counts_both_proxies_instructions_per_request() {
     for section in [
         "connect4: whole, redirected",
         "connect4: bpf_bind",
-        "sock_ops: client established (publish)",
+        "sock_ops: SYN out, TCP_CONNECT_CB (publish)",
         "sock_ops: close (release)",
         "getsockopt: ORIG_DST lookup",
     ] {

@@ -154,6 +154,62 @@ fn a_connect_that_failed_before_its_syn_leaves_no_record() {
     );
 }
 
+/// TCP Fast Open without a cookie (`net.ipv4.tcp_fastopen` 5) defers a connect's SYN to its
+/// first write; meanwhile the app connects another socket from the same thread. Both are
+/// captured, and the deferred connection reaches the proxy with its own original destination,
+/// as under iptables: sockmesh's connect programs leave each record in the task's slot for
+/// sock_ops as the SYN goes out, so the second connect parks the first's record, and the first
+/// SYN takes it back (the parked record leaves the map then).
+#[test]
+fn a_fast_open_syn_deferred_behind_another_connect_keeps_its_destination() {
+    sockmesh_tests::lab::require_tools(&["sysctl", "bpftool"]).unwrap();
+    let (lab, ipt, smp) = pod_pair(&profile("default-sidecar"), &[]);
+    let deferred: SocketAddr = format!("{}:80", pods::PEER_V4).parse().unwrap();
+    let meanwhile: SocketAddr = format!("{}:9090", pods::PEER_V4).parse().unwrap();
+    let mut outcomes = Vec::new();
+    for pod in [&ipt, &smp] {
+        run(pod
+            .ns
+            .exec("sysctl")
+            .args(["-w", "net.ipv4.tcp_fastopen=5"]))
+        .unwrap();
+        let c = Connect {
+            fastopen_behind: Some(meanwhile),
+            ..Connect::new(deferred, Identity::APP)
+        };
+        outcomes.push(pods::connect(&lab, Place::new(&pod.ns, pod.in_cgroup), &c).unwrap());
+    }
+    let (want, got) = (&outcomes[0], &outcomes[1]);
+    assert_eq!(
+        listener(want),
+        Some(("pod:15001", "192.0.2.20:80")),
+        "iptables: {want:?}"
+    );
+    assert_eq!(
+        want,
+        got,
+        "iptables: {want:?}\nsockmesh: {got:?}\n{}",
+        lab.agent_log()
+    );
+    // The record was parked (the path this case is for) and taken back.
+    let parked = pinned_map(&lab, "SM_PARKED");
+    assert_eq!(parked[0]["value"][0], "0x01", "SM_PARKED: {parked:?}");
+    let left = pinned_map(&lab, "SM_CONNECTING");
+    assert!(left.is_empty(), "parked records left: {left:?}");
+}
+
+/// The entries of the lab's pinned map `name` (bpftool's JSON, keys and values as bytes).
+fn pinned_map(lab: &Lab, name: &str) -> Vec<serde_json::Value> {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(lab.bpffs.join("maps").join(name))
+        .output()
+        .expect("bpftool");
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool's JSON");
+    v.as_array().expect("a list of entries").clone()
+}
+
 fn outcome<'a>(r: &'a [(String, Outcome)], label: &str) -> &'a Outcome {
     &r.iter()
         .find(|(l, _)| l == label)

@@ -26,7 +26,9 @@ pub mod names {
     pub const LISTENER_OWNER: &str = "SM_LISTENER_OWNER";
     pub const CONNECTING: &str = "SM_CONNECTING";
     pub const TIMING: &str = "SM_TIMING";
-    pub const ALL: [&str; 17] = [
+    pub const HANDOFF: &str = "SM_HANDOFF";
+    pub const PARKED: &str = "SM_PARKED";
+    pub const ALL: [&str; 19] = [
         PODS,
         MEMBERS,
         CIDRS,
@@ -44,6 +46,8 @@ pub mod names {
         LISTENER_OWNER,
         CONNECTING,
         TIMING,
+        HANDOFF,
+        PARKED,
     ];
 }
 
@@ -206,6 +210,21 @@ impl OrigDst {
     pub const fn is_tproxy(&self) -> bool {
         self.is(Reason::TproxyToLocal) || self.is(Reason::LocalOrigin)
     }
+}
+
+/// A task's last redirected TCP connect, from `connect4`/`connect6` to sock_ops'
+/// `TCP_CONNECT_CB` (value of the task storage `HANDOFF`): both run in the task's connect(), so
+/// the record passes without a map insert and delete. `cookie` 0: taken (or none yet).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Handoff {
+    /// The socket cookie of the connect.
+    pub cookie: u64,
+    pub record: OrigDst,
+    /// The port the connect was rewritten to (on loopback), 0 if its destination was left
+    /// alone (TPROXY): a record is published only for a socket still going there.
+    pub target_port: u16,
+    pub _pad: u16,
 }
 
 /// Key of the `LISTENERS` sockhash: a listening TCP socket of netns `netns` on `port`.

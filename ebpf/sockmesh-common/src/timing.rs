@@ -20,7 +20,7 @@ pub enum Section {
     ConnectDecide,
     /// connect4/6: the decision's counter.
     ConnectCount,
-    /// connect4/6: keeping the original destination (socket cookie, `CONNECTING` insert).
+    /// connect4/6: keeping the original destination (socket cookie, the task's `HANDOFF` slot).
     ConnectRecord,
     /// connect4/6: the source address the socket would have had (route source lookup).
     ConnectSource,
@@ -32,9 +32,9 @@ pub enum Section {
     ConnectPassed,
     /// sock_ops: the callbacks with nothing to do (timeout, window and ECN init, ...).
     SockopsIdle,
-    /// sock_ops: the SYN about to go out (`TCP_CONNECT_CB`).
+    /// sock_ops: the SYN about to go out (`TCP_CONNECT_CB`: publish the record).
     SockopsConnect,
-    /// sock_ops: the client's end established (publish the record).
+    /// sock_ops: the client's end established.
     SockopsActive,
     /// sock_ops: the server's end established.
     SockopsPassive,
@@ -87,14 +87,14 @@ impl Section {
             Section::ConnectLocal => "connect4: destination local?",
             Section::ConnectDecide => "connect4: decision",
             Section::ConnectCount => "connect4: decision counter",
-            Section::ConnectRecord => "connect4: record (cookie, CONNECTING insert)",
+            Section::ConnectRecord => "connect4: record (cookie, task slot)",
             Section::ConnectSource => "connect4: source address lookup",
             Section::ConnectBind => "connect4: bpf_bind",
             Section::ConnectRedirected => "connect4: whole, redirected",
             Section::ConnectPassed => "connect4: whole, left alone",
             Section::SockopsIdle => "sock_ops: callbacks with nothing to do",
-            Section::SockopsConnect => "sock_ops: SYN out (TCP_CONNECT_CB)",
-            Section::SockopsActive => "sock_ops: client established (publish)",
+            Section::SockopsConnect => "sock_ops: SYN out, TCP_CONNECT_CB (publish)",
+            Section::SockopsActive => "sock_ops: client established",
             Section::SockopsPassive => "sock_ops: server established",
             Section::SockopsState => "sock_ops: state change",
             Section::SockopsClose => "sock_ops: close (release)",

@@ -1,20 +1,23 @@
 //! `cgroup/connect4`, `connect6` and (for DNS over unconnected UDP) `sendmsg4`, `sendmsg6`:
 //! decide with [`sockmesh_common::decide`], rewrite a captured call to localhost at the capture
-//! port, and keep the original destination: a TCP socket's in `CONNECTING` until sock_ops
-//! publishes it, a UDP socket's in its socket storage.
+//! port, and keep the original destination: a TCP socket's in its task's `HANDOFF` slot until
+//! sock_ops publishes it, a UDP socket's in its socket storage.
 
 use core::ptr::{self, addr_of_mut};
 
 use aya_ebpf::{helpers::generated::bpf_bind, macros::cgroup_sock_addr, programs::SockAddrContext};
 use sockmesh_common::{
     counters, decide, is_loopback, is_unspecified, is_v4_mapped, local_origin, v4_mapped, Action,
-    Addr, Conn, NetnsCookie, OrigDst, PodConfig, PodFlags, Proto, Reason, SockOwner, Verdict,
-    AF_INET, AF_INET6, V4_LOOPBACK, V6_LOOPBACK,
+    Addr, Conn, Handoff, NetnsCookie, OrigDst, PodConfig, PodFlags, Proto, Reason, SockOwner,
+    Verdict, AF_INET, AF_INET6, V4_LOOPBACK, V6_LOOPBACK,
 };
 
 use crate::{
     ctx::{self, read_words, v4_word, write_words, SOCK_DGRAM, SOCK_STREAM},
-    maps::{count, is_local, pod, route_source, PodRules, CONNECTING, SOCK_DST, SOCK_OWNER},
+    maps::{
+        count, handoff, is_local, pod, route_source, PodRules, CONNECTING, PARKED, SOCK_DST,
+        SOCK_OWNER,
+    },
     sock_create,
     timing::{self, Section},
 };
@@ -83,7 +86,9 @@ fn try_connect<const CONNECT: bool, const V6: bool>(ctx: &SockAddrContext) -> i3
 }
 
 /// A socket connected again must not keep an earlier capture's record: UDP can connect again,
-/// and so can TCP after a connect() that failed (its record is still in `CONNECTING`).
+/// and so can TCP after a connect() that failed before its SYN (its record still in its task's
+/// slot; one parked in `CONNECTING` is refused at publication, its socket not going to the
+/// capture port, see `sockops::publish`).
 #[inline(always)]
 fn forget(ctx: &SockAddrContext, proto: Proto) {
     match proto {
@@ -94,9 +99,9 @@ fn forget(ctx: &SockAddrContext, proto: Proto) {
             }
         }
         Proto::Tcp => {
-            let cookie = ctx::cookie(ctx);
-            if unsafe { CONNECTING.get(&cookie) }.is_some() {
-                let _ = CONNECTING.remove(&cookie);
+            let slot = handoff(false);
+            if !slot.is_null() && unsafe { (*slot).cookie } == ctx::cookie(ctx) {
+                unsafe { (*slot).cookie = 0 };
             }
         }
     }
@@ -177,7 +182,8 @@ fn redirect<const CONNECT: bool, const V6: bool>(
         reason: verdict.reason as u32,
     };
     let t = timing::start();
-    let stored = store(ctx, conn.proto, &mut record);
+    let target_port = if rewrite { verdict.port } else { 0 };
+    let stored = store(ctx, conn.proto, &mut record, target_port);
     timing::lap(Section::ConnectRecord, t);
     if !stored {
         count(ctx::netns(ctx), counters::ORIG_DST_STORE_FAILED);
@@ -196,12 +202,13 @@ fn redirect<const CONNECT: bool, const V6: bool>(
     1
 }
 
-/// Keep a redirected socket's original destination: a TCP socket's until sock_ops publishes it
-/// under the 4-tuple, a UDP socket's for its life. False if it could not be kept.
+/// Keep a redirected socket's original destination: a TCP socket's in its task's `HANDOFF`
+/// slot until sock_ops publishes it under the 4-tuple (`target_port`: where the connect was
+/// rewritten to), a UDP socket's for its life. False if it could not be kept.
 #[inline(always)]
-fn store(ctx: &SockAddrContext, proto: Proto, record: &mut OrigDst) -> bool {
+fn store(ctx: &SockAddrContext, proto: Proto, record: &mut OrigDst, target_port: u16) -> bool {
     match proto {
-        Proto::Tcp => CONNECTING.insert(&ctx::cookie(ctx), record, 0).is_ok(),
+        Proto::Tcp => hand_off(ctx::cookie(ctx), record, target_port),
         Proto::Udp => {
             let stored = unsafe { SOCK_DST.get_or_insert_ptr_mut(ctx, Some(record)) };
             if stored.is_null() {
@@ -211,6 +218,35 @@ fn store(ctx: &SockAddrContext, proto: Proto, record: &mut OrigDst) -> bool {
             true
         }
     }
+}
+
+/// Leave socket `cookie`'s record in its task's slot for `TCP_CONNECT_CB`, which runs later in
+/// the same connect(). A record the slot still holds for another socket was not taken (its
+/// connect stopped before the SYN): it is parked in `CONNECTING` first.
+#[inline(always)]
+fn hand_off(cookie: u64, record: &OrigDst, target_port: u16) -> bool {
+    let slot = handoff(true);
+    if slot.is_null() {
+        return false;
+    }
+    let slot = unsafe { &mut *slot };
+    if slot.cookie != 0 && slot.cookie != cookie {
+        if CONNECTING.insert(&slot.cookie, &*slot, 0).is_err() {
+            return false;
+        }
+        if let Some(parked) = PARKED.get_ptr_mut(0) {
+            if unsafe { *parked } == 0 {
+                unsafe { *parked = 1 };
+            }
+        }
+    }
+    *slot = Handoff {
+        cookie,
+        record: *record,
+        target_port,
+        _pad: 0,
+    };
+    true
 }
 
 #[repr(C)]

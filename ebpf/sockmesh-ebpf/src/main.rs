@@ -2,11 +2,11 @@
 //!
 //! - [`connect`]: `connect4`/`connect6` (and `sendmsg4`/`sendmsg6` for DNS) decide with
 //!   [`sockmesh_common::decide`] and rewrite captured calls to localhost:15001 (or :15006,
-//!   :15053), keeping the original destination (a TCP socket's by its cookie, a UDP socket's in
-//!   its socket storage).
-//! - [`sockops`]: re-keys a TCP socket's record by the connection's 4-tuple once it is
-//!   established (a TPROXY one as its SYN goes out), so the proxy's accepted socket can find
-//!   it, drops it when the connection closes, and records listening sockets.
+//!   :15053), keeping the original destination (a TCP socket's in its task's storage until
+//!   sock_ops takes it, a UDP socket's in its socket storage).
+//! - [`sockops`]: re-keys a TCP socket's record by the connection's 4-tuple as its SYN goes
+//!   out, so the proxy's accepted socket can find it, drops it when the connection closes, and
+//!   records listening sockets.
 //! - [`getsockopt`]: answers SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST as conntrack would.
 //! - [`getpeername`], [`recvmsg`]: show the app its original peer.
 //! - [`sk_lookup`]: steers new inbound connections to the pod's proxy.

@@ -4,15 +4,18 @@
 use core::{ffi::c_void, ptr};
 
 use aya_ebpf::{
-    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE},
+    bindings::{
+        bpf_map_type::BPF_MAP_TYPE_TASK_STORAGE, BPF_F_NO_PREALLOC, BPF_LOCAL_STORAGE_GET_F_CREATE,
+        BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE,
+    },
     btf_maps::SkStorage,
-    helpers::generated::bpf_sk_storage_get,
+    helpers::generated::{bpf_get_current_task_btf, bpf_sk_storage_get, bpf_task_storage_get},
     macros::{btf_map, map},
-    maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuHashMap, SockHash},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuHashMap, SockHash},
 };
 use sockmesh_common::{
     is_v4_mapped, sizes, AccelSock, Addr, Arrival, CidrKey, CidrKind, ConnKey, CounterKey,
-    CredOffsets, EmptySets, KernelOffsets, ListenerKey, LocalAddrKey, Lookups, MemberKey,
+    CredOffsets, EmptySets, Handoff, KernelOffsets, ListenerKey, LocalAddrKey, Lookups, MemberKey,
     MemberKind, NetnsCookie, OrigDst, PodConfig, Reason, Rules, SockKey, SockOwner,
     CIDR_KEY_FIXED_BITS,
 };
@@ -48,16 +51,66 @@ static COUNTERS: PerCpuHashMap<CounterKey, u64> =
 #[btf_map(name = "SM_SOCK_DST")]
 pub static SOCK_DST: SkStorage<OrigDst> = SkStorage::new();
 
-/// The original destination of a redirected TCP socket, by socket cookie, from `connect4` or
-/// `connect6` until sock_ops moves it to `ORIG_DST` under the connection's 4-tuple (once
-/// established; a TPROXY record at `TCP_CONNECT_CB`). Not in the socket's storage, as UDP's
-/// record is: that costs each connection two allocations (charged to its memory cgroup) and
-/// their release when the socket is destroyed, more than this map's insert and delete by a
-/// perf profile of `sockmesh-testkit bench --capture-only` (socket storage tried in place of
-/// this map). An LRU map: a record left by a connect that failed gives way.
+/// The original destination of a redirected TCP socket, from `connect4` or `connect6` to
+/// sock_ops' `TCP_CONNECT_CB`, which moves it to `ORIG_DST` under the connection's 4-tuple: in
+/// the connecting task's storage (`HANDOFF`), since both run in the task's connect(). The slot
+/// is made once per task and overwritten by each connect, where a map keyed by socket cookie
+/// cost each connection an insert and a delete in a shared hash table (and socket storage an
+/// allocation and its release). See [`handoff`].
+#[btf_map(name = "SM_HANDOFF")]
+pub static HANDOFF: TaskStorage<Handoff> = TaskStorage::new();
+
+/// Records `HANDOFF` could not pass on (their connect stopped before its SYN: it failed, or TCP
+/// Fast Open deferred the SYN to the first write), by socket cookie: the next connect of their
+/// task parks its slot's record here, where `TCP_CONNECT_CB` looks for it when its task's slot
+/// is another socket's. An LRU map: a failed connect's record gives way.
 #[map(name = "SM_CONNECTING")]
-pub static CONNECTING: LruHashMap<u64, OrigDst> =
+pub static CONNECTING: LruHashMap<u64, Handoff> =
     LruHashMap::with_max_entries(sizes::CONNECTING, 0);
+
+/// Slot 0: 1 once a record was parked in `CONNECTING` (until then `TCP_CONNECT_CB` does not
+/// look there).
+#[map(name = "SM_PARKED")]
+pub static PARKED: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Task storage (`BPF_MAP_TYPE_TASK_STORAGE`), which aya-ebpf does not define yet: a BTF map
+/// definition as its own socket storage's, for the loader.
+#[repr(C)]
+pub struct TaskStorage<T> {
+    r#type: *const [i32; BPF_MAP_TYPE_TASK_STORAGE as usize],
+    key: *const i32,
+    value: *const T,
+    max_entries: *const [i32; 0],
+    map_flags: *const [i32; BPF_F_NO_PREALLOC as usize],
+}
+
+// SAFETY: the fields are placeholders the loader reads from BTF; nothing dereferences them.
+unsafe impl<T> Sync for TaskStorage<T> {}
+
+impl<T> TaskStorage<T> {
+    pub const fn new() -> Self {
+        TaskStorage {
+            r#type: ptr::null(),
+            key: ptr::null(),
+            value: ptr::null(),
+            max_entries: ptr::null(),
+            map_flags: ptr::null(),
+        }
+    }
+}
+
+/// The current task's `HANDOFF` slot, made (zeroed) if `create` and it has none; null if it
+/// has none (or it could not be made).
+#[inline(always)]
+pub fn handoff(create: bool) -> *mut Handoff {
+    let map = ptr::from_ref(&HANDOFF).cast_mut().cast::<c_void>();
+    let flags = if create {
+        u64::from(BPF_LOCAL_STORAGE_GET_F_CREATE)
+    } else {
+        0
+    };
+    unsafe { bpf_task_storage_get(map, bpf_get_current_task_btf(), ptr::null_mut(), flags) }.cast()
+}
 
 /// Listening TCP sockets of the attached cgroup, by (netns, port, family): where sk_lookup finds
 /// a pod's inbound proxy. Recorded whether or not the pod is registered yet, so a proxy that

@@ -1,6 +1,6 @@
-//! `sock_ops`: publish a redirected connection's original destination under its 4-tuple once
-//! established, a TPROXY one as its SYN goes out (for SO_ORIGINAL_DST, getpeername and
-//! sk_lookup), forget it on close; record listening sockets (where sk_lookup finds a pod's
+//! `sock_ops`: publish a redirected or TPROXY connection's original destination under its
+//! 4-tuple as its SYN goes out (for SO_ORIGINAL_DST, getpeername and sk_lookup), forget it on
+//! close; record listening sockets (where sk_lookup finds a pod's
 //! proxy); and hand established local connections to acceleration ([`crate::accel`]).
 
 use aya_ebpf::{
@@ -14,14 +14,14 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use sockmesh_common::{
-    counters, is_loopback, v4_mapped, ConnKey, ListenerKey, NetnsCookie, OrigDst, PodFlags,
+    counters, is_loopback, v4_mapped, ConnKey, Handoff, ListenerKey, NetnsCookie, PodFlags,
     SockKey, AF_INET, LISTENER_SLOTS,
 };
 
 use crate::{
     accel,
     ctx::{self, read_words},
-    maps::{count, is_local, pod, CONNECTING, LISTENERS, ORIG_DST},
+    maps::{count, handoff, is_local, pod, CONNECTING, LISTENERS, ORIG_DST, PARKED},
     sock_create,
     timing::{self, Section},
 };
@@ -105,8 +105,7 @@ pub fn watch_state(ctx: &SockOpsContext) {
 #[inline(never)]
 fn try_sockops(ctx: &SockOpsContext) {
     let op = ctx.op();
-    if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
-        && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB
+    if op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB
         && op != BPF_SOCK_OPS_STATE_CB
         && op != BPF_SOCK_OPS_TCP_LISTEN_CB
         && op != BPF_SOCK_OPS_TCP_CONNECT_CB
@@ -141,7 +140,7 @@ fn try_sockops(ctx: &SockOpsContext) {
         watch_forwarded(ctx, netns);
         return;
     }
-    publish(ctx, netns, op == BPF_SOCK_OPS_TCP_CONNECT_CB);
+    publish(ctx, netns);
 }
 
 /// The connection's key in `ORIG_DST`, seen from this socket as the server (the proxy's
@@ -203,30 +202,29 @@ fn record_listener(ctx: &SockOpsContext, netns: NetnsCookie) {
     count(netns, counters::LISTENER_STORE_FAILED);
 }
 
-/// Publish the socket's original destination (its `CONNECTING` record, made by the connect
-/// program) under its 4-tuple. A TPROXY record must be published before the SYN goes out
-/// (`connecting`), for sk_lookup to see it; a redirected connection's once established, before
-/// its last ACK, so before the proxy's socket exists. Watching the socket's state only from
-/// then spares a callback per connection (the move to established).
+/// Publish the socket's original destination, left by the connect program in the task's slot
+/// (or parked in `CONNECTING`), under its 4-tuple as its SYN goes out: before sk_lookup runs for
+/// a TPROXY one, before the proxy's socket exists for a redirected one. Only for a socket still
+/// going where its connect was sent: a redirected one to the capture port on loopback, a TPROXY
+/// one to its original destination (a socket whose captured connect failed may connect again,
+/// uncaptured, elsewhere). From then its state is watched, for its close.
 #[inline(always)]
-fn publish(ctx: &SockOpsContext, netns: NetnsCookie, connecting: bool) {
-    // A redirect's peer is on loopback, a TPROXY record's never is (its peer is one of the
-    // pod's own addresses, other than a loopback one): as the SYN goes out only a peer off
-    // loopback can have a record to publish, once established only one on loopback. The
-    // others (a proxy's upstream connections among them) skip the lookup.
-    let sock = sock_key(ctx, netns);
-    if is_loopback(&sock.remote) == connecting {
-        return;
-    }
+fn publish(ctx: &SockOpsContext, netns: NetnsCookie) {
     let cookie = ctx::cookie(ctx);
-    let Some(record) = (unsafe { CONNECTING.get(&cookie) }) else {
+    let Some(handoff) = take(cookie) else {
         return;
     };
-    let record: OrigDst = *record;
-    if connecting && !record.is_tproxy() {
+    let record = handoff.record;
+    let sock = sock_key(ctx, netns);
+    let going = if handoff.target_port == 0 {
+        // Left alone (TPROXY).
+        sock.remote == record.addr && sock.remote_port == record.port
+    } else {
+        is_loopback(&sock.remote) && sock.remote_port == handoff.target_port
+    };
+    if !going {
         return;
     }
-    let _ = CONNECTING.remove(&cookie);
     if ORIG_DST
         .insert(&ConnKey::of_client(&sock), &record, 0)
         .is_err()
@@ -244,4 +242,21 @@ fn publish(ctx: &SockOpsContext, netns: NetnsCookie, connecting: bool) {
         return;
     }
     watch_state(ctx);
+}
+
+/// Socket `cookie`'s record: from its task's slot (emptied), else, once any was parked, from
+/// `CONNECTING` (removed).
+#[inline(always)]
+fn take(cookie: u64) -> Option<Handoff> {
+    let slot = handoff(false);
+    if !slot.is_null() && unsafe { (*slot).cookie } == cookie {
+        unsafe { (*slot).cookie = 0 };
+        return Some(unsafe { *slot });
+    }
+    if PARKED.get(0).copied().unwrap_or(0) == 0 {
+        return None;
+    }
+    let parked: Handoff = *unsafe { CONNECTING.get(&cookie) }?;
+    let _ = CONNECTING.remove(&cookie);
+    Some(parked)
 }

@@ -179,6 +179,11 @@ pub struct ConnectSpec {
     /// First connect the same socket here, which must fail before its SYN (EADDRNOTAVAIL: no
     /// local port free for it), then go on to `dst`.
     pub first: Option<SocketAddr>,
+    /// Connect with TCP_FASTOPEN_CONNECT and TCP Fast Open without a cookie (the pod's
+    /// `net.ipv4.tcp_fastopen` 5), so the SYN waits for the first write; meanwhile connect
+    /// another socket here from the same thread (and read it to the end); then write nothing,
+    /// which sends the SYN.
+    pub fastopen_behind: Option<SocketAddr>,
 }
 
 impl ConnectSpec {

@@ -15,7 +15,7 @@ use anyhow::{Context, Result};
 
 use super::{
     sockaddr::{original_dst_text, other_sockopts, unmap},
-    socket::{bind_listener, bind_to, connect_to, new_socket, set_timeouts},
+    socket::{bind_listener, bind_to, connect_to, new_socket, set_timeouts, turn_on},
     take_credentials, udp, Args, ConnectSpec, Identity, Launch, Outcome, UdpMode,
 };
 
@@ -212,6 +212,11 @@ pub struct Connect {
     /// on to the destination.
     #[arg(long)]
     pub first: Option<SocketAddr>,
+    /// Connect with TCP_FASTOPEN_CONNECT (the pod's `net.ipv4.tcp_fastopen` 5: the SYN waits
+    /// for the first write), connect another socket here from the same thread meanwhile, then
+    /// send the SYN.
+    #[arg(long)]
+    pub fastopen_behind: Option<SocketAddr>,
 }
 
 impl Connect {
@@ -227,6 +232,7 @@ impl Connect {
             creds_after_socket: false,
             udp: None,
             first: None,
+            fastopen_behind: None,
         }
     }
 
@@ -239,6 +245,7 @@ impl Connect {
             creds_after_socket: self.creds_after_socket,
             udp: self.udp,
             first: self.first,
+            fastopen_behind: self.fastopen_behind,
             ..ConnectSpec::to(self.dst, self.id)
         });
         println!("{}", serde_json::to_string(&outcome)?);
@@ -260,6 +267,7 @@ impl Launch for Connect {
             .switch("--creds-after-socket", self.creds_after_socket)
             .opt_some("--udp", self.udp.map(UdpMode::name))
             .opt_some("--first", self.first)
+            .opt_some("--fastopen-behind", self.fastopen_behind)
     }
 }
 
@@ -313,6 +321,14 @@ fn connect_inner(spec: &ConnectSpec) -> Result<Outcome> {
             }
         }
     }
+    if spec.fastopen_behind.is_some() {
+        turn_on(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_FASTOPEN_CONNECT,
+            "TCP_FASTOPEN_CONNECT",
+        )?;
+    }
     if let Err(e) = connect_to(fd, dial) {
         return Ok(match e.raw_os_error() {
             Some(libc::ECONNREFUSED) => Outcome::Refused,
@@ -323,6 +339,9 @@ fn connect_inner(spec: &ConnectSpec) -> Result<Outcome> {
                 error: format!("connect: {e}"),
             },
         });
+    }
+    if let Some(other) = spec.fastopen_behind {
+        fastopen_behind(fd, other, spec.timeout)?;
     }
     let mut stream = TcpStream::from(sock);
     let peername = stream
@@ -340,6 +359,25 @@ fn connect_inner(spec: &ConnectSpec) -> Result<Outcome> {
     }
     std::thread::sleep(spec.hold);
     Ok(Outcome::from_report(&report, peername))
+}
+
+/// With socket `fd`'s SYN deferred by TCP Fast Open: connect to `other` from this thread and
+/// read it to the end, then write nothing to `fd`, which sends its SYN.
+fn fastopen_behind(fd: libc::c_int, other: SocketAddr, timeout: Duration) -> Result<()> {
+    let mut s = TcpStream::connect_timeout(&other, timeout)
+        .with_context(|| format!("connect {other} while the SYN waits"))?;
+    s.set_read_timeout(Some(timeout))?;
+    let mut report = String::new();
+    s.read_to_string(&mut report)
+        .with_context(|| format!("read {other}"))?;
+    // SAFETY: a send of no bytes on an fd this function's caller owns.
+    if unsafe { libc::send(fd, std::ptr::null(), 0, 0) } < 0 {
+        anyhow::bail!(
+            "send of nothing (the deferred SYN): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
 }
 
 /// `fetch`: connect once and print everything the server sends.

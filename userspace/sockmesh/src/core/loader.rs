@@ -347,6 +347,9 @@ pub fn load(bpffs: &Path, settings: &LoadSettings) -> Result<Loaded, BpfError> {
     };
     let accel = u8::from(accel);
     let mut loader = EbpfLoader::new();
+    // SM_HANDOFF is task storage, which aya creates and pins without a typed wrapper (the
+    // agent never reads it).
+    loader.allow_unsupported_maps();
     loader.map_max_entries(names::ORIG_DST, orig_dst_entries);
     loader.override_global("SOCKMESH_ACCEL", &accel, true);
     loader.override_global("SOCKMESH_KERNEL_OFFSETS", &offsets, true);

@@ -8,8 +8,8 @@ use std::{
 
 use aya::maps::{lpm_trie::LpmTrie, HashMap, Map, MapData, MapError, PerCpuHashMap, SockHash};
 use sockmesh_common::{
-    counters, names, AccelSock, Addr, CidrKey, ConnKey, CounterKey, ListenerKey, LocalAddrKey,
-    MemberKey, NetnsCookie, OrigDst, PodConfig, Reason, SockKey, SockOwner,
+    counters, names, AccelSock, Addr, CidrKey, ConnKey, CounterKey, Handoff, ListenerKey,
+    LocalAddrKey, MemberKey, NetnsCookie, OrigDst, PodConfig, Reason, SockKey, SockOwner,
 };
 
 use super::loader::BpfError;
@@ -20,7 +20,7 @@ pub fn maps_dir(bpffs: &Path) -> PathBuf {
 }
 
 /// Key and value sizes of every pinned map, as this build lays them out.
-fn map_layouts() -> [(&'static str, usize, usize); 17] {
+fn map_layouts() -> [(&'static str, usize, usize); 19] {
     use std::mem::size_of;
     // LPM-trie keys carry a 4-byte prefix length before the data.
     let lpm = 4 + size_of::<CidrKey>();
@@ -48,8 +48,10 @@ fn map_layouts() -> [(&'static str, usize, usize); 17] {
             size_of::<ListenerKey>(),
             size_of::<SockOwner>(),
         ),
-        (names::CONNECTING, 8, size_of::<OrigDst>()),
+        (names::CONNECTING, 8, size_of::<Handoff>()),
         (names::TIMING, 4, 8),
+        (names::HANDOFF, 4, size_of::<Handoff>()),
+        (names::PARKED, 4, 4),
     ]
 }
 

@@ -133,10 +133,10 @@ const WHY: &str = "Why, from the figures above: capture at connect costs sockmes
      at every step of the handshake whether or not the program has work), and the distance from \
      that row to sockmesh's is capture's own work; docs/profile.md times the programs part by \
      part (the agent's `--section-timing`, on these connections): the largest parts of a \
-     captured connection's program time are keeping its original destination (inserted by \
-     socket cookie at connect, moved under the connection's 4-tuple once established, looked \
-     up for SO_ORIGINAL_DST and removed at close: hash-map operations, the record's map sized \
-     for the node's live connections), then bpf_bind (the source address the connection would \
+     captured connection's program time are keeping its original destination (left in the \
+     connecting task's storage at connect, put under the connection's 4-tuple as the SYN goes \
+     out, looked up for SO_ORIGINAL_DST and removed at close: the last three hash-map \
+     operations, in a map sized for the node's live connections), then bpf_bind (the source address the connection would \
      have had, which the proxy sees as its peer as after iptables' REDIRECT) and the socket \
      creator's read for the owner rules, each a few hundred ns, none alone the distance to the \
      target; a round trip through the hop has four legs \
