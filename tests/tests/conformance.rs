@@ -162,8 +162,33 @@ fn a_connect_that_failed_before_its_syn_leaves_no_record() {
 /// SYN takes it back (the parked record leaves the map then).
 #[test]
 fn a_fast_open_syn_deferred_behind_another_connect_keeps_its_destination() {
+    let lab = fast_open_behind_another(&[]);
+    let parked = pinned_map(&lab, "SM_PARKED");
+    assert_eq!(parked[0]["value"][0], "0x01", "SM_PARKED: {parked:?}");
+}
+
+/// [`a_fast_open_syn_deferred_behind_another_connect_keeps_its_destination`] where the agent
+/// finds no kernel BTF, as on kernels whose connect and sock_ops programs cannot use task
+/// storage (before 6.16): the records go through `SM_CONNECTING` by socket cookie, and none is
+/// parked.
+#[test]
+fn a_fast_open_syn_deferred_behind_another_connect_without_task_storage() {
+    let lab = fast_open_behind_another(&["--kernel-btf", "/nonexistent/vmlinux"]);
+    let log = std::fs::read_to_string(lab.agent_log_path()).unwrap();
+    assert!(
+        log.contains("keep their records in SM_CONNECTING until established"),
+        "{log}"
+    );
+    let parked = pinned_map(&lab, "SM_PARKED");
+    assert_eq!(parked[0]["value"][0], "0x00", "SM_PARKED: {parked:?}");
+}
+
+/// The Fast Open case of both tests above, in a pod pair whose agent runs with `agent_args`:
+/// iptables and sockmesh agree, the deferred connection lands on the outbound port with its own
+/// destination, and no record is left in `SM_CONNECTING`.
+fn fast_open_behind_another(agent_args: &[&str]) -> Lab {
     sockmesh_tests::lab::require_tools(&["sysctl", "bpftool"]).unwrap();
-    let (lab, ipt, smp) = pod_pair(&profile("default-sidecar"), &[]);
+    let (lab, ipt, smp) = pod_pair(&profile("default-sidecar"), agent_args);
     let deferred: SocketAddr = format!("{}:80", pods::PEER_V4).parse().unwrap();
     let meanwhile: SocketAddr = format!("{}:9090", pods::PEER_V4).parse().unwrap();
     let mut outcomes = Vec::new();
@@ -191,11 +216,9 @@ fn a_fast_open_syn_deferred_behind_another_connect_keeps_its_destination() {
         "iptables: {want:?}\nsockmesh: {got:?}\n{}",
         lab.agent_log()
     );
-    // The record was parked (the path this case is for) and taken back.
-    let parked = pinned_map(&lab, "SM_PARKED");
-    assert_eq!(parked[0]["value"][0], "0x01", "SM_PARKED: {parked:?}");
     let left = pinned_map(&lab, "SM_CONNECTING");
-    assert!(left.is_empty(), "parked records left: {left:?}");
+    assert!(left.is_empty(), "records left in SM_CONNECTING: {left:?}");
+    lab
 }
 
 /// The entries of the lab's pinned map `name` (bpftool's JSON, keys and values as bytes).

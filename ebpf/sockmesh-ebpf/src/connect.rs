@@ -15,8 +15,8 @@ use sockmesh_common::{
 use crate::{
     ctx::{self, read_words, v4_word, write_words, SOCK_DGRAM, SOCK_STREAM},
     maps::{
-        count, handoff, is_local, pod, route_source, PodRules, CONNECTING, PARKED, SOCK_DST,
-        SOCK_OWNER,
+        count, handoff_slot, is_local, pod, route_source, task_handoff, PodRules, CONNECTING,
+        PARKED, SOCK_DST, SOCK_OWNER,
     },
     sock_create,
     timing::{self, Section},
@@ -98,10 +98,16 @@ fn forget(ctx: &SockAddrContext, proto: Proto) {
                 let _ = unsafe { SOCK_DST.delete(sk) };
             }
         }
-        Proto::Tcp => {
-            let slot = handoff(false);
+        Proto::Tcp if task_handoff() => {
+            let slot = handoff_slot(false);
             if !slot.is_null() && unsafe { (*slot).cookie } == ctx::cookie(ctx) {
                 unsafe { (*slot).cookie = 0 };
+            }
+        }
+        Proto::Tcp => {
+            let cookie = ctx::cookie(ctx);
+            if unsafe { CONNECTING.get(&cookie) }.is_some() {
+                let _ = CONNECTING.remove(&cookie);
             }
         }
     }
@@ -208,7 +214,19 @@ fn redirect<const CONNECT: bool, const V6: bool>(
 #[inline(always)]
 fn store(ctx: &SockAddrContext, proto: Proto, record: &mut OrigDst, target_port: u16) -> bool {
     match proto {
-        Proto::Tcp => hand_off(ctx::cookie(ctx), record, target_port),
+        Proto::Tcp => {
+            let handoff = Handoff {
+                cookie: ctx::cookie(ctx),
+                record: *record,
+                target_port,
+                _pad: 0,
+            };
+            if task_handoff() {
+                hand_off(&handoff)
+            } else {
+                CONNECTING.insert(&handoff.cookie, &handoff, 0).is_ok()
+            }
+        }
         Proto::Udp => {
             let stored = unsafe { SOCK_DST.get_or_insert_ptr_mut(ctx, Some(record)) };
             if stored.is_null() {
@@ -220,17 +238,17 @@ fn store(ctx: &SockAddrContext, proto: Proto, record: &mut OrigDst, target_port:
     }
 }
 
-/// Leave socket `cookie`'s record in its task's slot for `TCP_CONNECT_CB`, which runs later in
-/// the same connect(). A record the slot still holds for another socket was not taken (its
-/// connect stopped before the SYN): it is parked in `CONNECTING` first.
+/// Leave a socket's record in its task's slot for `TCP_CONNECT_CB`, which runs later in the
+/// same connect(). A record the slot still holds for another socket was not taken (its connect
+/// stopped before the SYN): it is parked in `CONNECTING` first.
 #[inline(always)]
-fn hand_off(cookie: u64, record: &OrigDst, target_port: u16) -> bool {
-    let slot = handoff(true);
+fn hand_off(handoff: &Handoff) -> bool {
+    let slot = handoff_slot(true);
     if slot.is_null() {
         return false;
     }
     let slot = unsafe { &mut *slot };
-    if slot.cookie != 0 && slot.cookie != cookie {
+    if slot.cookie != 0 && slot.cookie != handoff.cookie {
         if CONNECTING.insert(&slot.cookie, &*slot, 0).is_err() {
             return false;
         }
@@ -240,12 +258,7 @@ fn hand_off(cookie: u64, record: &OrigDst, target_port: u16) -> bool {
             }
         }
     }
-    *slot = Handoff {
-        cookie,
-        record: *record,
-        target_port,
-        _pad: 0,
-    };
+    *slot = *handoff;
     true
 }
 

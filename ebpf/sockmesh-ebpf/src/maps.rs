@@ -56,14 +56,28 @@ pub static SOCK_DST: SkStorage<OrigDst> = SkStorage::new();
 /// the connecting task's storage (`HANDOFF`), since both run in the task's connect(). The slot
 /// is made once per task and overwritten by each connect, where a map keyed by socket cookie
 /// cost each connection an insert and a delete in a shared hash table (and socket storage an
-/// allocation and its release). See [`handoff`].
+/// allocation and its release). See [`handoff_slot`]; used where [`task_handoff`].
 #[btf_map(name = "SM_HANDOFF")]
 pub static HANDOFF: TaskStorage<Handoff> = TaskStorage::new();
+
+/// The node's record handoff (1: through `HANDOFF`), set by the agent when the kernel lets the
+/// connect and sock_ops programs use task storage (Linux 6.16); 0: through `CONNECTING` by
+/// socket cookie, published once established. A constant to the verifier, which removes the
+/// other way's code (and its helper calls, unknown to older kernels).
+#[no_mangle]
+pub static SOCKMESH_TASK_HANDOFF: u8 = 0;
+
+/// Whether records go through `HANDOFF`.
+#[inline(always)]
+pub fn task_handoff() -> bool {
+    (unsafe { ptr::read_volatile(&SOCKMESH_TASK_HANDOFF) }) != 0
+}
 
 /// Records `HANDOFF` could not pass on (their connect stopped before its SYN: it failed, or TCP
 /// Fast Open deferred the SYN to the first write), by socket cookie: the next connect of their
 /// task parks its slot's record here, where `TCP_CONNECT_CB` looks for it when its task's slot
-/// is another socket's. An LRU map: a failed connect's record gives way.
+/// is another socket's. An LRU map: a failed connect's record gives way. Without
+/// `SOCKMESH_TASK_HANDOFF`, every redirected TCP connect's record, until established.
 #[map(name = "SM_CONNECTING")]
 pub static CONNECTING: LruHashMap<u64, Handoff> =
     LruHashMap::with_max_entries(sizes::CONNECTING, 0);
@@ -102,7 +116,7 @@ impl<T> TaskStorage<T> {
 /// The current task's `HANDOFF` slot, made (zeroed) if `create` and it has none; null if it
 /// has none (or it could not be made).
 #[inline(always)]
-pub fn handoff(create: bool) -> *mut Handoff {
+pub fn handoff_slot(create: bool) -> *mut Handoff {
     let map = ptr::from_ref(&HANDOFF).cast_mut().cast::<c_void>();
     let flags = if create {
         u64::from(BPF_LOCAL_STORAGE_GET_F_CREATE)

@@ -21,7 +21,9 @@ use sockmesh_common::{
 use crate::{
     accel,
     ctx::{self, read_words},
-    maps::{count, handoff, is_local, pod, CONNECTING, LISTENERS, ORIG_DST, PARKED},
+    maps::{
+        count, handoff_slot, is_local, pod, task_handoff, CONNECTING, LISTENERS, ORIG_DST, PARKED,
+    },
     sock_create,
     timing::{self, Section},
 };
@@ -105,7 +107,8 @@ pub fn watch_state(ctx: &SockOpsContext) {
 #[inline(never)]
 fn try_sockops(ctx: &SockOpsContext) {
     let op = ctx.op();
-    if op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB
+    if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
+        && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB
         && op != BPF_SOCK_OPS_STATE_CB
         && op != BPF_SOCK_OPS_TCP_LISTEN_CB
         && op != BPF_SOCK_OPS_TCP_CONNECT_CB
@@ -140,7 +143,7 @@ fn try_sockops(ctx: &SockOpsContext) {
         watch_forwarded(ctx, netns);
         return;
     }
-    publish(ctx, netns);
+    publish(ctx, netns, op == BPF_SOCK_OPS_TCP_CONNECT_CB);
 }
 
 /// The connection's key in `ORIG_DST`, seen from this socket as the server (the proxy's
@@ -203,15 +206,25 @@ fn record_listener(ctx: &SockOpsContext, netns: NetnsCookie) {
 }
 
 /// Publish the socket's original destination, left by the connect program in the task's slot
-/// (or parked in `CONNECTING`), under its 4-tuple as its SYN goes out: before sk_lookup runs for
-/// a TPROXY one, before the proxy's socket exists for a redirected one. Only for a socket still
-/// going where its connect was sent: a redirected one to the capture port on loopback, a TPROXY
-/// one to its original destination (a socket whose captured connect failed may connect again,
-/// uncaptured, elsewhere). From then its state is watched, for its close.
+/// (or parked in `CONNECTING`), under its 4-tuple as its SYN goes out (`connecting`): before
+/// sk_lookup runs for a TPROXY one, before the proxy's socket exists for a redirected one. Only
+/// for a socket still going where its connect sent it: a redirected one to the capture port on
+/// loopback, a TPROXY one to its original destination (a socket whose captured connect failed
+/// may connect again, uncaptured, elsewhere). From then its state is watched, for its close.
+/// Without the task's slot (`task_handoff`), from `CONNECTING`: a TPROXY record as the SYN goes
+/// out, a redirected one once established, before its last ACK (so before the proxy's socket
+/// exists too).
 #[inline(always)]
-fn publish(ctx: &SockOpsContext, netns: NetnsCookie) {
-    let cookie = ctx::cookie(ctx);
-    let Some(handoff) = take(cookie) else {
+fn publish(ctx: &SockOpsContext, netns: NetnsCookie, connecting: bool) {
+    let handoff = if task_handoff() {
+        if !connecting {
+            return;
+        }
+        take(ctx::cookie(ctx))
+    } else {
+        take_connecting(ctx, netns, connecting)
+    };
+    let Some(handoff) = handoff else {
         return;
     };
     let record = handoff.record;
@@ -248,7 +261,7 @@ fn publish(ctx: &SockOpsContext, netns: NetnsCookie) {
 /// `CONNECTING` (removed).
 #[inline(always)]
 fn take(cookie: u64) -> Option<Handoff> {
-    let slot = handoff(false);
+    let slot = handoff_slot(false);
     if !slot.is_null() && unsafe { (*slot).cookie } == cookie {
         unsafe { (*slot).cookie = 0 };
         return Some(unsafe { *slot });
@@ -259,4 +272,23 @@ fn take(cookie: u64) -> Option<Handoff> {
     let parked: Handoff = *unsafe { CONNECTING.get(&cookie) }?;
     let _ = CONNECTING.remove(&cookie);
     Some(parked)
+}
+
+/// Without the task's slot: the socket's record from `CONNECTING` (removed), a TPROXY one
+/// (its destination left alone) as the SYN goes out (`connecting`), a redirected one once
+/// established. A redirect's peer is on loopback, a TPROXY record's never is (its peer is one of
+/// the pod's own addresses): the other sockets (a proxy's upstream connections among them) skip
+/// the lookup.
+#[inline(always)]
+fn take_connecting(ctx: &SockOpsContext, netns: NetnsCookie, connecting: bool) -> Option<Handoff> {
+    if is_loopback(&sock_key(ctx, netns).remote) == connecting {
+        return None;
+    }
+    let cookie = ctx::cookie(ctx);
+    let record: Handoff = *unsafe { CONNECTING.get(&cookie) }?;
+    if connecting != (record.target_port == 0) {
+        return None;
+    }
+    let _ = CONNECTING.remove(&cookie);
+    Some(record)
 }

@@ -345,6 +345,7 @@ pub fn load(bpffs: &Path, settings: &LoadSettings) -> Result<Loaded, BpfError> {
         Some(Err(e)) => no_creator(&e),
         None => CredOffsets::default(),
     };
+    let handoff = task_handoff(data.is_some());
     let accel = u8::from(accel);
     let mut loader = EbpfLoader::new();
     // SM_HANDOFF is task storage, which aya creates and pins without a typed wrapper (the
@@ -356,6 +357,8 @@ pub fn load(bpffs: &Path, settings: &LoadSettings) -> Result<Loaded, BpfError> {
     loader.override_global("SOCKMESH_CRED_OFFSETS", &creds, true);
     let timing = u8::from(timing);
     loader.override_global("SOCKMESH_TIMING", &timing, true);
+    let handoff = u8::from(handoff);
+    loader.override_global("SOCKMESH_TASK_HANDOFF", &handoff, true);
     let paths: Vec<(&'static str, PathBuf)> =
         names::ALL.iter().map(|n| (*n, dir.join(n))).collect();
     for (name, path) in &paths {
@@ -365,6 +368,40 @@ pub fn load(bpffs: &Path, settings: &LoadSettings) -> Result<Loaded, BpfError> {
         ebpf: loader.load(OBJECT)?,
         creator_known: creds.known(),
     })
+}
+
+/// Whether a redirected connect can hand its record to sock_ops through the connecting task's
+/// storage (`SM_HANDOFF`): the connect and sock_ops programs may call the task storage helpers
+/// (Linux 6.16 and later) and the kernel has BTF (`btf`: the agent read it), which the current
+/// task's pointer needs. Otherwise the record goes through `SM_CONNECTING` by socket cookie,
+/// published once established (one insert, lookup and delete more per connection).
+fn task_handoff(btf: bool) -> bool {
+    use aya::{
+        programs::ProgramType,
+        sys::{is_helper_supported, BpfHelper},
+    };
+    let helpers = [
+        BpfHelper::BPF_FUNC_get_current_task_btf,
+        BpfHelper::BPF_FUNC_task_storage_get,
+    ];
+    let supported = [ProgramType::CgroupSockAddr, ProgramType::SockOps]
+        .into_iter()
+        .all(|ty| {
+            helpers
+                .iter()
+                .all(|h| matches!(is_helper_supported(ty, *h), Ok(true)))
+        });
+    if btf && supported {
+        tracing::info!("redirected connects hand their records over in task storage");
+    } else {
+        tracing::info!(
+            kernel_btf = btf,
+            task_storage_helpers = supported,
+            "redirected connects keep their records in SM_CONNECTING until established (task \
+             storage needs Linux 6.16 or later and the kernel's BTF)"
+        );
+    }
+    btf && supported
 }
 
 fn bpf_syscall(cmd: u32, attr: &mut [u64; 8], call: &'static str) -> Result<i64, SyscallError> {
