@@ -64,7 +64,9 @@ pub mod sizes {
     pub const ADDR_POD: u32 = 65_536;
     pub const ROUTE_SRC: u32 = 65_536;
     pub const SOCKS: u32 = 65_536;
-    /// Redirected TCP connects between `connect4`/`connect6` and their handshake's end, node-wide.
+    /// Redirected TCP connects whose SYN waits while their task connects again (TCP Fast Open,
+    /// a connect that failed before its SYN), node-wide; where the programs cannot use task
+    /// storage, every redirected connect until its handshake's end.
     pub const CONNECTING: u32 = 32_768;
 }
 
