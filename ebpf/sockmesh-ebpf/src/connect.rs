@@ -87,8 +87,8 @@ fn try_connect<const CONNECT: bool, const V6: bool>(ctx: &SockAddrContext) -> i3
 
 /// A socket connected again must not keep an earlier capture's record: UDP can connect again,
 /// and so can TCP after a connect() that failed before its SYN (its record still in its task's
-/// slot; one parked in `CONNECTING` is refused at publication, its socket not going to the
-/// capture port, see `sockops::publish`).
+/// slot, or in `CONNECTING` where the slot is not used; one parked there from the slot is
+/// refused at publication, its socket not going to the capture port, see `sockops::publish`).
 #[inline(always)]
 fn forget(ctx: &SockAddrContext, proto: Proto) {
     match proto {
