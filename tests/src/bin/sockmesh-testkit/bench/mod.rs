@@ -103,6 +103,13 @@ impl Bench {
         lab.start_agent()?;
         let profile = Profile::default_sidecar();
         let sm = pods::pod_with(&mut lab, "s", &profile, Mode::Sockmesh, &[])?;
+        // The proxies' upstream connections made per exchange would otherwise use up the pod's
+        // ports toward their upstreams within seconds (see section 5's text).
+        sockmesh_tests::lab::run(
+            sm.ns
+                .exec("sysctl")
+                .args(["-qw", "net.ipv4.tcp_tw_reuse=1"]),
+        )?;
         let b = Bench {
             lab,
             sizes: Sizes::of(smoke),

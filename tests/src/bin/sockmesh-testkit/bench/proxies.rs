@@ -243,7 +243,12 @@ impl Proxies {
              Client modes: each client keeps its connection alive, or opens a new connection per \
              request (HTTP/1.1 asks `connection: close`; its latency includes the connect); h2c \
              clients keep theirs, one stream at a time. Same pod, upstreams and capture for both \
-             proxies, one after the other in each round. Equal cores: each proxy serves on one \
+             proxies, one after the other in each round. The pod reuses its ports' TIME_WAIT \
+             connections for new ones (`net.ipv4.tcp_tw_reuse=1`, as on nodes that open many \
+             short connections): each exchange of the TCP relay with new connections has its own \
+             upstream connection, which the proxy closes first, so without it the pod's ports \
+             toward the two upstreams run out within seconds on a fast enough machine and both \
+             proxies' connects stall searching for one. Equal cores: each proxy serves on one \
              thread (sockmesh-proxy's default `--workers 1`, HAProxy's `nbthread 1`). CPU is the \
              proxy's time per request (user and system, all threads, from /proc), with the system \
              part (in the kernel: the proxy's system calls, and the network work done in its \
