@@ -140,16 +140,18 @@ fn a_connect_that_failed_before_its_syn_leaves_no_record() {
         outcomes.push(pods::connect(&lab, Place::new(&pod.ns, pod.in_cgroup), &retry).unwrap());
         lab.kill(held).unwrap();
     }
-    let (want, got) = (&outcomes[0], &outcomes[1]);
+    agree_on(&lab, &outcomes, ("pod:8080", "192.0.2.10:8080"));
+}
+
+/// A case's outcomes in a pod pair, iptables' first: iptables' landed on `want` (listener and
+/// original destination), and sockmesh's is the same.
+fn agree_on(lab: &Lab, outcomes: &[Outcome], want: (&str, &str)) {
+    let (ipt, sm) = (&outcomes[0], &outcomes[1]);
+    assert_eq!(listener(ipt), Some(want), "iptables: {ipt:?}");
     assert_eq!(
-        listener(want),
-        Some(("pod:8080", "192.0.2.10:8080")),
-        "iptables: {want:?}"
-    );
-    assert_eq!(
-        want,
-        got,
-        "iptables: {want:?}\nsockmesh: {got:?}\n{}",
+        ipt,
+        sm,
+        "iptables: {ipt:?}\nsockmesh: {sm:?}\n{}",
         lab.agent_log()
     );
 }
@@ -204,18 +206,7 @@ fn fast_open_behind_another(agent_args: &[&str]) -> Lab {
         };
         outcomes.push(pods::connect(&lab, Place::new(&pod.ns, pod.in_cgroup), &c).unwrap());
     }
-    let (want, got) = (&outcomes[0], &outcomes[1]);
-    assert_eq!(
-        listener(want),
-        Some(("pod:15001", "192.0.2.20:80")),
-        "iptables: {want:?}"
-    );
-    assert_eq!(
-        want,
-        got,
-        "iptables: {want:?}\nsockmesh: {got:?}\n{}",
-        lab.agent_log()
-    );
+    agree_on(&lab, &outcomes, ("pod:15001", "192.0.2.20:80"));
     let left = pinned_map(&lab, "SM_CONNECTING");
     assert!(left.is_empty(), "records left in SM_CONNECTING: {left:?}");
     lab
