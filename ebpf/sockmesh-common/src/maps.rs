@@ -229,6 +229,27 @@ pub struct Handoff {
     pub _pad: u16,
 }
 
+impl Handoff {
+    /// Whether the connect's destination was left alone (TPROXY): its record is published as
+    /// the SYN goes out, before sk_lookup runs. A redirected one's may wait until established
+    /// where records go by socket cookie (before the proxy's socket exists all the same).
+    pub const fn left_alone(&self) -> bool {
+        self.target_port == 0
+    }
+
+    /// Whether a socket whose peer is `remote`:`remote_port` is still going where its connect
+    /// sent it: a redirected one to the capture port on loopback, a TPROXY one to its original
+    /// destination. A socket whose captured connect failed may connect again, uncaptured,
+    /// elsewhere: its record is not published for that connection.
+    pub fn still_going(&self, remote: &Addr, remote_port: u16) -> bool {
+        if self.left_alone() {
+            *remote == self.record.addr && remote_port == self.record.port
+        } else {
+            crate::is_loopback(remote) && remote_port == self.target_port
+        }
+    }
+}
+
 /// Key of the `LISTENERS` sockhash: a listening TCP socket of netns `netns` on `port`.
 /// `family` is `AF_INET` or `AF_INET6` (a dual-stack IPv6 listener is stored as `AF_INET6`).
 /// Also the key of `LISTENER_OWNER`, with `slot` 0.
@@ -386,6 +407,45 @@ mod tests {
         assert_eq!(ConnKey::of_server(&proxy_end), key);
         assert_eq!((key.client, key.client_port), (app, 40000));
         assert_eq!((key.server, key.server_port), (lo, 15001));
+    }
+
+    #[test]
+    fn a_record_is_published_only_while_its_socket_goes_where_its_connect_sent_it() {
+        let dst = v4_mapped([10, 0, 0, 9]);
+        let lo = v4_mapped([127, 0, 0, 1]);
+        let record = OrigDst {
+            addr: dst,
+            port: 80,
+            family: crate::AF_INET,
+            reason: Reason::CaptureAll as u32,
+        };
+        let redirected = Handoff {
+            cookie: 7,
+            record,
+            target_port: 15001,
+            _pad: 0,
+        };
+        assert!(!redirected.left_alone());
+        assert!(redirected.still_going(&lo, 15001));
+        assert!(redirected.still_going(&v4_mapped([127, 0, 0, 6]), 15001));
+        assert!(redirected.still_going(&crate::V6_LOOPBACK, 15001));
+        // Connected again elsewhere after a failed connect: not the capture port, or not local.
+        assert!(!redirected.still_going(&lo, 15006));
+        assert!(!redirected.still_going(&dst, 80));
+        assert!(!redirected.still_going(&dst, 15001));
+        let tproxy = Handoff {
+            target_port: 0,
+            record: OrigDst {
+                reason: Reason::TproxyToLocal as u32,
+                ..record
+            },
+            ..redirected
+        };
+        assert!(tproxy.left_alone());
+        assert!(tproxy.still_going(&dst, 80));
+        assert!(!tproxy.still_going(&dst, 81));
+        assert!(!tproxy.still_going(&lo, 80));
+        assert!(!tproxy.still_going(&v4_mapped([10, 0, 0, 8]), 80));
     }
 
     #[test]

@@ -131,6 +131,10 @@ fn try_sockops(ctx: &SockOpsContext) {
         }
         return;
     }
+    if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && task_handoff() {
+        // Records went out with the SYN (`TCP_CONNECT_CB`).
+        return;
+    }
     let netns = ctx::netns(ctx);
     if op == BPF_SOCK_OPS_TCP_LISTEN_CB {
         record_listener(ctx, netns);
@@ -208,38 +212,29 @@ fn record_listener(ctx: &SockOpsContext, netns: NetnsCookie) {
 /// Publish the socket's original destination, left by the connect program in the task's slot
 /// (or parked in `CONNECTING`), under its 4-tuple as its SYN goes out (`connecting`): before
 /// sk_lookup runs for a TPROXY one, before the proxy's socket exists for a redirected one. Only
-/// for a socket still going where its connect sent it: a redirected one to the capture port on
-/// loopback, a TPROXY one to its original destination (a socket whose captured connect failed
-/// may connect again, uncaptured, elsewhere). From then its state is watched, for its close.
-/// Without the task's slot (`task_handoff`), from `CONNECTING`: a TPROXY record as the SYN goes
-/// out, a redirected one once established, before its last ACK (so before the proxy's socket
-/// exists too).
+/// for a socket still going where its connect sent it ([`Handoff::still_going`]). From then its
+/// state is watched, for its close. Without the task's slot (`task_handoff`), from
+/// `CONNECTING`: a TPROXY record as the SYN goes out, a redirected one once established, before
+/// its last ACK (so before the proxy's socket exists too).
 #[inline(always)]
 fn publish(ctx: &SockOpsContext, netns: NetnsCookie, connecting: bool) {
-    let handoff = if task_handoff() {
-        if !connecting {
+    let (handoff, sock) = if task_handoff() {
+        let Some(handoff) = take(ctx::cookie(ctx)) else {
             return;
-        }
-        take(ctx::cookie(ctx))
+        };
+        (handoff, sock_key(ctx, netns))
     } else {
-        take_connecting(ctx, netns, connecting)
+        let sock = sock_key(ctx, netns);
+        let Some(handoff) = take_connecting(ctx, &sock, connecting) else {
+            return;
+        };
+        (handoff, sock)
     };
-    let Some(handoff) = handoff else {
-        return;
-    };
-    let record = handoff.record;
-    let sock = sock_key(ctx, netns);
-    let going = if handoff.target_port == 0 {
-        // Left alone (TPROXY).
-        sock.remote == record.addr && sock.remote_port == record.port
-    } else {
-        is_loopback(&sock.remote) && sock.remote_port == handoff.target_port
-    };
-    if !going {
+    if !handoff.still_going(&sock.remote, sock.remote_port) {
         return;
     }
     if ORIG_DST
-        .insert(&ConnKey::of_client(&sock), &record, 0)
+        .insert(&ConnKey::of_client(&sock), &handoff.record, 0)
         .is_err()
     {
         let n = count(netns, counters::ORIG_DST_STORE_FAILED);
@@ -280,13 +275,13 @@ fn take(cookie: u64) -> Option<Handoff> {
 /// the pod's own addresses): the other sockets (a proxy's upstream connections among them) skip
 /// the lookup.
 #[inline(always)]
-fn take_connecting(ctx: &SockOpsContext, netns: NetnsCookie, connecting: bool) -> Option<Handoff> {
-    if is_loopback(&sock_key(ctx, netns).remote) == connecting {
+fn take_connecting(ctx: &SockOpsContext, sock: &SockKey, connecting: bool) -> Option<Handoff> {
+    if is_loopback(&sock.remote) == connecting {
         return None;
     }
     let cookie = ctx::cookie(ctx);
     let record: Handoff = *unsafe { CONNECTING.get(&cookie) }?;
-    if connecting != (record.target_port == 0) {
+    if connecting != record.left_alone() {
         return None;
     }
     let _ = CONNECTING.remove(&cookie);
