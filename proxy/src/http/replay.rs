@@ -4,7 +4,7 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::{body::Body as _, http::request::Parts, HeaderMap, Method, Request, Uri, Version};
 
-use crate::upstream::{self, Body};
+use crate::upstream::{self, Body, BodyError};
 
 /// Largest request body kept for retries and mirrors; a larger one is sent once, unmirrored.
 const REPLAY_LIMIT: usize = 64 * 1024;
@@ -47,7 +47,7 @@ impl Head {
 
 /// The body to send first, and a copy of its bytes when it is known to fit the replay limit
 /// (read whole for that). A larger or unsized body streams, and is not kept.
-pub async fn keep_body(body: Body) -> Result<(Body, Option<Bytes>), hyper::Error> {
+pub async fn keep_body(body: Body) -> Result<(Body, Option<Bytes>), BodyError> {
     if !fits(&body) {
         return Ok((body, None));
     }

@@ -4,7 +4,6 @@
 
 use std::future::Future;
 
-use http_body_util::BodyExt;
 use hyper::{body::Incoming, upgrade::OnUpgrade, Request, Response, StatusCode, Version};
 use tracing::debug;
 
@@ -24,7 +23,7 @@ use crate::{
     snapshot::Snapshot,
     stats::{self, RouteStats},
     transport::{Accepted, ORIG_DST_CONNECT_TIMEOUT},
-    upstream::{self, text_response, Body, Upstream},
+    upstream::{self, text_response, Body, BodyError, Upstream},
 };
 
 /// Route and forward one request.
@@ -103,7 +102,7 @@ fn plan(mut req: Request<Incoming>, conn: Accepted, snap: &Snapshot) -> Plan<'_>
             connect_timeout: ORIG_DST_CONNECT_TIMEOUT,
         };
         return Plan::Passthrough {
-            req: req.map(|b| b.boxed()),
+            req: req.map(upstream::boxed),
             to,
             authority,
         };
@@ -179,7 +178,7 @@ impl<'s> Forward<'s> {
                 cluster,
                 name,
                 head: Some(head),
-                body: Some(body.boxed()),
+                body: Some(upstream::boxed(body)),
                 kept: None,
                 on_upgrade,
                 retry: route.retry.as_ref(),
@@ -231,7 +230,7 @@ impl<'s> Forward<'s> {
 
     /// Read the body whole to send it again, if it is small enough, and mirror the request
     /// with it.
-    async fn keep_and_mirror(&mut self) -> Result<(), hyper::Error> {
+    async fn keep_and_mirror(&mut self) -> Result<(), BodyError> {
         let a = &mut self.attempts;
         let Some(body) = a.body.take() else {
             return Ok(());

@@ -11,7 +11,7 @@ use std::{future::Future, pin::Pin, time::Duration};
 use futures_util::FutureExt;
 use hyper::{Request, Response};
 
-pub use body::{from_bytes, text_response, Body};
+pub use body::{boxed, from_bytes, text_response, Body, BodyError};
 pub use pool::reap_idle;
 pub use target::{Failure, Upstream};
 

@@ -11,7 +11,10 @@ use std::{
     future::Future,
     net::SocketAddr,
     pin::Pin,
-    sync::{LazyLock, Mutex},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, LazyLock, Mutex,
+    },
     task::{Context, Poll},
     time::{Duration, Instant},
 };
@@ -21,7 +24,6 @@ use futures_util::{
     future::{ready, Either},
     FutureExt,
 };
-use http_body_util::BodyExt;
 use hyper::{
     body::{Body as _, Frame, Incoming, SizeHint},
     client::conn::{http1::SendRequest, TrySendError},
@@ -68,8 +70,7 @@ fn reap(now: Instant) {
     });
     // A slot being opened (locked) stays.
     H2_POOL.lock().expect("h2 pool lock").retain(|_, slot| {
-        slot.try_lock()
-            .map_or(true, |s| s.as_ref().is_some_and(|send| !send.is_closed()))
+        slot.opening.try_lock().is_err() || slot.open.as_ref().is_some_and(|h| !h.is_closed())
     });
 }
 
@@ -146,7 +147,7 @@ pub fn send_http1(
         let (resp, send) = answer?;
         // An upgraded connection is the client's now.
         let home = (resp.status() != StatusCode::SWITCHING_PROTOCOLS).then_some((key, send));
-        Ok(resp.map(|body| Returning { body, home }.boxed()))
+        Ok(resp.map(|body| super::body::boxed(Returning { body, home })))
     })
 }
 
@@ -174,43 +175,107 @@ async fn send_new(
     Ok((resp, send))
 }
 
-pub type H2 = hyper::client::conn::http2::SendRequest<Body>;
+/// An endpoint's HTTP/2 connection: h2's handle to open streams on it, and whether its
+/// connection task has ended.
+#[derive(Clone)]
+pub struct H2 {
+    send: h2::client::SendRequest<Bytes>,
+    closed: Arc<AtomicBool>,
+}
 
-/// One endpoint's HTTP/2 connection (none yet, or closed), behind an async lock that is held
-/// while it is opened.
-type H2Slot = std::sync::Arc<tokio::sync::Mutex<Option<H2>>>;
+impl H2 {
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Wait until the connection can open another stream (its peer's limit on streams).
+    pub fn ready(self) -> impl Future<Output = Result<h2::client::SendRequest<Bytes>, h2::Error>> {
+        self.send.ready()
+    }
+}
+
+/// One endpoint's HTTP/2 connection (none yet, or closed), and the async lock held while one
+/// is opened.
+#[derive(Default)]
+struct H2Slot {
+    open: Option<H2>,
+    opening: Arc<tokio::sync::Mutex<()>>,
+}
 
 /// HTTP/2 upstream connections, one per endpoint and direction, shared by all requests
 /// (streams multiplexed); a closed one is replaced on next use.
 static H2_POOL: LazyLock<Mutex<FxHashMap<Key, H2Slot>>> = LazyLock::new(Default::default);
 
-/// The pooled HTTP/2 (h2c, prior knowledge) connection to `to`, opened if needed.
-/// Requests that arrive while it is being opened wait for it rather than open their own; if
-/// opening fails, the next of them tries in turn.
-pub async fn h2_connection(to: Upstream) -> Result<H2, Failure> {
-    let slot = H2_POOL
-        .lock()
-        .expect("h2 pool lock")
-        .entry(to.pool_key())
-        .or_default()
-        .clone();
-    let mut slot = slot.lock().await;
-    if let Some(send) = slot.as_ref().filter(|s| !s.is_closed()) {
-        return Ok(send.clone());
-    }
-    // Boxed, as HTTP/1.1's new connections are.
-    let send = Box::pin(open_h2(to)).await?;
-    *slot = Some(send.clone());
-    Ok(send)
+/// The endpoint's open HTTP/2 connection, if it has one.
+fn h2_open(key: Key) -> Option<H2> {
+    let pool = H2_POOL.lock().expect("h2 pool lock");
+    pool.get(&key)?
+        .open
+        .as_ref()
+        .filter(|h| !h.is_closed())
+        .cloned()
 }
 
-/// A new HTTP/2 connection to the endpoint.
+/// The pooled HTTP/2 (h2c, prior knowledge) connection to `to`, opened if needed: at once
+/// when it is open (no future of its own to move around), else boxed. Requests that arrive
+/// while it is being opened wait for it rather than open their own; if opening fails, the
+/// next of them tries in turn.
+pub fn h2_connection(to: Upstream) -> impl Future<Output = Result<H2, Failure>> {
+    match h2_open(to.pool_key()) {
+        Some(h) => Either::Left(ready(Ok(h))),
+        None => Either::Right(Box::pin(h2_connection_opened(to))),
+    }
+}
+
+async fn h2_connection_opened(to: Upstream) -> Result<H2, Failure> {
+    let key = to.pool_key();
+    let opening = H2_POOL
+        .lock()
+        .expect("h2 pool lock")
+        .entry(key)
+        .or_default()
+        .opening
+        .clone();
+    let _opening = opening.lock().await;
+    if let Some(h) = h2_open(key) {
+        return Ok(h);
+    }
+    let h = open_h2(to).await?;
+    H2_POOL
+        .lock()
+        .expect("h2 pool lock")
+        .entry(key)
+        .or_default()
+        .open = Some(h.clone());
+    Ok(h)
+}
+
+/// A new HTTP/2 connection to the endpoint, with hyper's client settings (windows of 2 MiB
+/// per stream and 5 MiB per connection, no server push), its connection driven by a task of
+/// its own.
 async fn open_h2(to: Upstream) -> Result<H2, Failure> {
-    let (send, conn) = hyper::client::conn::http2::handshake(crate::exec::Exec, dial(&to).await?)
+    let tcp = connect(to.addr, to.direction, to.connect_timeout)
         .await
-        .map_err(|e| Failure::Reset(e.to_string()))?;
-    tokio::spawn(conn);
-    Ok(send)
+        .map_err(|e| Failure::Connect(e.to_string()))?;
+    let (send, conn) = h2::client::Builder::new()
+        .initial_window_size(2 << 20)
+        .initial_connection_window_size(5 << 20)
+        .max_frame_size(16 << 10)
+        .max_header_list_size(16 << 10)
+        .max_send_buffer_size(1 << 20)
+        .enable_push(false)
+        .handshake(tcp)
+        .await
+        .map_err(|e| Failure::Connect(e.to_string()))?;
+    let closed = Arc::new(AtomicBool::new(false));
+    let ended = closed.clone();
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "HTTP/2 upstream connection ended");
+        }
+        ended.store(true, Ordering::Release);
+    });
+    Ok(H2 { send, closed })
 }
 
 /// A response body that puts its connection back in the pool once it has been read to the
@@ -266,12 +331,9 @@ impl Drop for Returning {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{
-        atomic::{AtomicUsize, Ordering},
-        Arc,
-    };
+    use std::sync::atomic::AtomicUsize;
 
-    use http_body_util::Empty;
+    use http_body_util::{BodyExt, Empty};
     use tokio::{
         io::{AsyncReadExt, AsyncWriteExt},
         net::TcpListener,
@@ -279,6 +341,7 @@ mod tests {
 
     use super::*;
     use crate::config::Direction;
+    use crate::upstream::BodyError;
 
     /// An upstream on loopback answering "ok" to each request; after `per_conn` answers it
     /// closes the connection (without saying so, as an idle timeout does). Counts connections.
@@ -475,7 +538,7 @@ mod tests {
     async fn a_connection_still_sending_its_request_is_not_waited_for() {
         let (addr, accepted) = early_answers().await;
         // An upload whose client stalls after its first piece: the answer comes first.
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, hyper::Error>>(1);
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BodyError>>(1);
         tx.send(Ok(Frame::data(Bytes::from_static(b"first piece"))))
             .await
             .unwrap();

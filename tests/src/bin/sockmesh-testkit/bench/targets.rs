@@ -182,9 +182,11 @@ const WHY: &str = "Why, from the figures above: capture at connect costs sockmes
      tasks and buffers) and about as many instruction misses or fewer, but it sees neither the kernel's work between two requests (which evicts much of either proxy's \
      cache) nor the processor's prefetching, so its miss counts rank the proxies and do not \
      measure that time. h2c runs \
-     hyper's HTTP/2 (the h2 crate) on both sides, HAProxy its own multiplexer: in the profile \
+     the h2 crate on both sides (under hyper's server towards the client; directly towards \
+     the upstream, the request's task opening its stream, where hyper's client added a \
+     dispatch task and a task per response), HAProxy its own multiplexer: in the profile \
      sockmesh-proxy runs more instructions per h2c request than HAProxy: over half are \
-     hyper's and the h2 crate's (frames, HPACK, stream state, a task per stream on each side), \
+     hyper's and the h2 crate's (frames, HPACK, stream state, a task per client stream), \
      memory copies (frames queued by value, futures) and the rest of the C library about a \
      fifth, the proxy's own handling about a tenth; so what is left of that gap is the HTTP/2 \
      implementation's, not routing or capture work. It makes fewer system calls per request \
