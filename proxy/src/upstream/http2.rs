@@ -46,29 +46,37 @@ pub fn send(
         Ok(req) => req,
         Err(e) => return Either::Left(done(Err(e))),
     };
-    Either::Right(pool::h2_connection(to).and_then(move |send| {
-        send.ready().map_err(reset).and_then(|mut send| {
-            let (head, body) = req.into_parts();
-            let eos = body.is_end_stream();
-            let opened = send
-                .send_request(Request::from_parts(head, ()), eos)
-                .map_err(reset);
-            match opened {
-                Ok((answer, stream)) => {
-                    if !eos {
-                        tokio::spawn(pipe(body, stream));
-                    }
-                    Either::Left(answer.map(|resp| match resp {
-                        Ok(resp) => {
-                            let length = content_length(resp.headers());
-                            Ok(resp.map(|stream| Recv::new(stream, length).boxed()))
-                        }
-                        Err(e) => Err(reset(e)),
-                    }))
-                }
-                Err(e) => Either::Right(done(Err(e))),
-            }
+    let ready = pool::h2_connection(to).and_then(move |h| {
+        h.ready().then(move |ready| match ready {
+            Ok(send) => Either::Left(done(Ok(send))),
+            // The connection went, or its peer is going away (GOAWAY), before this request's
+            // stream: nothing was sent, so once more on a new connection.
+            Err(_) => Either::Right(Box::pin(
+                pool::h2_connection(to).and_then(|h| h.ready().map_err(reset)),
+            )),
         })
+    });
+    Either::Right(ready.and_then(move |mut send| {
+        let (head, body) = req.into_parts();
+        let eos = body.is_end_stream();
+        let opened = send
+            .send_request(Request::from_parts(head, ()), eos)
+            .map_err(reset);
+        match opened {
+            Ok((answer, stream)) => {
+                if !eos {
+                    tokio::spawn(pipe(body, stream));
+                }
+                Either::Left(answer.map(|resp| match resp {
+                    Ok(resp) => {
+                        let length = content_length(resp.headers());
+                        Ok(resp.map(|stream| Recv::new(stream, length).boxed()))
+                    }
+                    Err(e) => Err(reset(e)),
+                }))
+            }
+            Err(e) => Either::Right(done(Err(e))),
+        }
     }))
 }
 
@@ -252,46 +260,66 @@ mod tests {
 
     /// An h2c upstream answering each request with its body's length and the headers it got
     /// (by name), then a trailer.
-    /// Also how many connections it accepted.
-    async fn counting_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+    /// Also how many connections it accepted. `going_away`: a connection tells its peer it is
+    /// going away (GOAWAY) as its first stream arrives; the first connection holds that
+    /// stream's end (its trailers, so the connection stays) until the next connection comes.
+    async fn counting_upstream(going_away: bool) -> (SocketAddr, Arc<AtomicUsize>) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let count = accepted.clone();
+        let next = Arc::new(tokio::sync::Notify::new());
         tokio::spawn(async move {
             loop {
                 let (tcp, _) = l.accept().await.unwrap();
-                count.fetch_add(1, Ordering::SeqCst);
+                let first = count.fetch_add(1, Ordering::SeqCst) == 0;
+                if !first {
+                    next.notify_one();
+                }
+                let next = next.clone();
                 tokio::spawn(async move {
                     let mut conn = h2::server::handshake(tcp).await.unwrap();
-                    while let Some(Ok((req, mut respond))) = conn.accept().await {
-                        tokio::spawn(async move {
-                            let (head, mut body) = req.into_parts();
-                            let mut n = 0;
-                            while let Some(data) = body.data().await {
-                                let data = data.unwrap();
-                                n += data.len();
-                                body.flow_control().release_capacity(data.len()).unwrap();
-                            }
-                            let mut names: Vec<&str> =
-                                head.headers.keys().map(|k| k.as_str()).collect();
-                            names.sort();
-                            let text = format!("{n} {} {}", head.uri, names.join(","));
-                            let resp = Response::builder()
-                                .header(CONTENT_LENGTH, text.len())
-                                .body(())
-                                .unwrap();
-                            let mut send = respond.send_response(resp, false).unwrap();
-                            send.send_data(Bytes::from(text), false).unwrap();
-                            let mut trailers = HeaderMap::new();
-                            trailers.insert("grpc-status", "0".parse().unwrap());
-                            send.send_trailers(trailers).unwrap();
-                        });
+                    while let Some(Ok((req, respond))) = conn.accept().await {
+                        if going_away {
+                            conn.graceful_shutdown();
+                        }
+                        let next = (going_away && first).then(|| next.clone());
+                        tokio::spawn(answer(req, respond, next));
                     }
                 });
             }
         });
         (addr, accepted)
+    }
+
+    /// The request's body length, URI and header names; the trailer once `next` (if any) says.
+    async fn answer(
+        req: Request<h2::RecvStream>,
+        mut respond: h2::server::SendResponse<Bytes>,
+        next: Option<Arc<tokio::sync::Notify>>,
+    ) {
+        let (head, mut body) = req.into_parts();
+        let mut n = 0;
+        while let Some(data) = body.data().await {
+            let data = data.unwrap();
+            n += data.len();
+            body.flow_control().release_capacity(data.len()).unwrap();
+        }
+        let mut names: Vec<&str> = head.headers.keys().map(|k| k.as_str()).collect();
+        names.sort();
+        let text = format!("{n} {} {}", head.uri, names.join(","));
+        let resp = Response::builder()
+            .header(CONTENT_LENGTH, text.len())
+            .body(())
+            .unwrap();
+        let mut send = respond.send_response(resp, false).unwrap();
+        send.send_data(Bytes::from(text), false).unwrap();
+        if let Some(next) = next {
+            next.notified().await;
+        }
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", "0".parse().unwrap());
+        send.send_trailers(trailers).unwrap();
     }
 
     fn to(addr: SocketAddr) -> Upstream {
@@ -305,7 +333,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_request_body_larger_than_the_window_goes_and_the_answer_keeps_its_trailers() {
-        let (addr, _) = counting_upstream().await;
+        let (addr, _) = counting_upstream(false).await;
         // 3 MiB in 64 KiB pieces: more than the upstream's window (h2's default, 64 KiB).
         let pieces =
             (0..48).map(|_| Ok::<_, BodyError>(Frame::data(Bytes::from(vec![7; 64 << 10]))));
@@ -337,7 +365,7 @@ mod tests {
 
     #[tokio::test]
     async fn requests_share_the_endpoints_connection_and_an_empty_body_ends_the_stream() {
-        let (addr, accepted) = counting_upstream().await;
+        let (addr, accepted) = counting_upstream(false).await;
         let get = || {
             let body = http_body_util::Empty::new()
                 .map_err(|never| match never {})
@@ -350,5 +378,31 @@ mod tests {
             assert_eq!(got, "0 http://localhost/ ");
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_request_after_the_upstream_said_it_is_going_away_goes_on_a_new_connection() {
+        let (addr, accepted) = counting_upstream(true).await;
+        let get = || {
+            let body = http_body_util::Empty::new()
+                .map_err(|never| match never {})
+                .boxed();
+            Request::get("/").body(body).unwrap()
+        };
+        let exchange = async {
+            // The first response's end waits for the second connection: its connection is
+            // still open, going away, when the second request comes.
+            let first = send(get(), to(addr), "").await.ok().unwrap();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let second = send(get(), to(addr), "").await.ok().unwrap();
+            for resp in [second, first] {
+                let got = resp.into_body().collect().await.unwrap().to_bytes();
+                assert_eq!(got, "0 http://localhost/ ");
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), exchange)
+            .await
+            .expect("the second request waited for the first one's connection");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 }

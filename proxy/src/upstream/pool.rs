@@ -22,7 +22,7 @@ use std::{
 use bytes::Bytes;
 use futures_util::{
     future::{ready, Either},
-    FutureExt,
+    FutureExt, TryFutureExt,
 };
 use hyper::{
     body::{Body as _, Frame, Incoming, SizeHint},
@@ -188,9 +188,14 @@ impl H2 {
         self.closed.load(Ordering::Acquire)
     }
 
-    /// Wait until the connection can open another stream (its peer's limit on streams).
+    /// Wait until the connection can open another stream (its peer's limit on streams). A
+    /// connection that can open none (it failed, or its peer is going away) counts as closed
+    /// from then: the next request opens a new one.
     pub fn ready(self) -> impl Future<Output = Result<h2::client::SendRequest<Bytes>, h2::Error>> {
-        self.send.ready()
+        let closed = self.closed;
+        self.send
+            .ready()
+            .inspect_err(move |_| closed.store(true, Ordering::Release))
     }
 }
 
