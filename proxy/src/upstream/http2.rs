@@ -126,10 +126,27 @@ fn strip_connection_headers(headers: &mut HeaderMap) {
     }
 }
 
-/// A request body into its stream, as the peer's window allows; its trailers last. A body
-/// that fails resets the stream.
+/// A request body into its stream: each piece whole, with the stream's end on the last one
+/// (as hyper's client sends it, no empty frame to end it), its trailers last. h2 queues a piece and sends it as the peer's window allows; the next piece
+/// is read only once the stream has some room, so a slow peer holds back at most a piece. A
+/// body that fails resets the stream.
 async fn pipe(mut body: Body, mut stream: h2::SendStream<Bytes>) {
-    while let Some(frame) = body.frame().await {
+    loop {
+        if stream.capacity() == 0 {
+            stream.reserve_capacity(1);
+            loop {
+                match poll_fn(|cx| stream.poll_capacity(cx)).await {
+                    Some(Ok(0)) => {}
+                    Some(Ok(_)) => break,
+                    // Reset by the peer, or the connection went.
+                    Some(Err(_)) | None => return,
+                }
+            }
+        }
+        let Some(frame) = body.frame().await else {
+            let _ = stream.send_data(Bytes::new(), true);
+            return;
+        };
         let frame = match frame {
             Ok(frame) => frame,
             Err(_) => {
@@ -137,30 +154,21 @@ async fn pipe(mut body: Body, mut stream: h2::SendStream<Bytes>) {
                 return;
             }
         };
-        let frame = match frame.into_data() {
-            Ok(mut data) => {
-                while !data.is_empty() {
-                    stream.reserve_capacity(data.len());
-                    let room = match poll_fn(|cx| stream.poll_capacity(cx)).await {
-                        Some(Ok(room)) => room,
-                        // Reset by the peer, or the connection went.
-                        Some(Err(_)) | None => return,
-                    };
-                    let piece = data.split_to(room.min(data.len()));
-                    if stream.send_data(piece, false).is_err() {
-                        return;
-                    }
+        match frame.into_data() {
+            Ok(data) => {
+                let end = body.is_end_stream();
+                if stream.send_data(data, end).is_err() || end {
+                    return;
                 }
-                continue;
             }
-            Err(frame) => frame,
-        };
-        if let Ok(trailers) = frame.into_trailers() {
-            let _ = stream.send_trailers(trailers);
-            return;
+            Err(frame) => {
+                if let Ok(trailers) = frame.into_trailers() {
+                    let _ = stream.send_trailers(trailers);
+                }
+                return;
+            }
         }
     }
-    let _ = stream.send_data(Bytes::new(), true);
 }
 
 /// A response's `Content-Length`, if it has one that parses.
