@@ -24,7 +24,7 @@ const HOP_BY_HOP: [HeaderName; 6] = [
 pub fn authority<B>(req: &Request<B>) -> String {
     req.uri()
         .authority()
-        .map(|a| a.to_string())
+        .map(|a| a.as_str().to_owned())
         .or_else(|| {
             req.headers()
                 .get(HOST)
