@@ -103,7 +103,7 @@ fn for_http2(mut req: Request<Body>, authority: &str) -> Result<Request<Body>, F
     let length = req.body().size_hint().exact();
     let payload = !matches!(
         *req.method(),
-        Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS | Method::CONNECT
+        Method::GET | Method::HEAD | Method::DELETE | Method::CONNECT
     );
     let headers = req.headers_mut();
     headers.remove(HOST);
@@ -330,6 +330,13 @@ mod tests {
         send.send_trailers(trailers).unwrap();
     }
 
+    fn get() -> Request<Body> {
+        let body = http_body_util::Empty::new()
+            .map_err(|never| match never {})
+            .boxed();
+        Request::get("/").body(body).unwrap()
+    }
+
     fn to(addr: SocketAddr) -> Upstream {
         Upstream {
             addr,
@@ -374,12 +381,6 @@ mod tests {
     #[tokio::test]
     async fn requests_share_the_endpoints_connection_and_an_empty_body_ends_the_stream() {
         let (addr, accepted) = counting_upstream(false).await;
-        let get = || {
-            let body = http_body_util::Empty::new()
-                .map_err(|never| match never {})
-                .boxed();
-            Request::get("/").body(body).unwrap()
-        };
         let (a, b) = tokio::join!(send(get(), to(addr), ""), send(get(), to(addr), ""));
         for resp in [a.ok().unwrap(), b.ok().unwrap()] {
             let got = resp.into_body().collect().await.unwrap().to_bytes();
@@ -391,12 +392,6 @@ mod tests {
     #[tokio::test]
     async fn a_request_after_the_upstream_said_it_is_going_away_goes_on_a_new_connection() {
         let (addr, accepted) = counting_upstream(true).await;
-        let get = || {
-            let body = http_body_util::Empty::new()
-                .map_err(|never| match never {})
-                .boxed();
-            Request::get("/").body(body).unwrap()
-        };
         let exchange = async {
             // The first response's end waits for the second connection: its connection is
             // still open, going away, when the second request comes.
