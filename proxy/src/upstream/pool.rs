@@ -232,6 +232,8 @@ pub fn h2_connection(to: Upstream) -> impl Future<Output = Result<H2, Failure>> 
     }
 }
 
+/// The endpoint's connection, opened under its slot's async lock unless a request that held
+/// the lock first opened it.
 async fn h2_connection_opened(to: Upstream) -> Result<H2, Failure> {
     let key = to.pool_key();
     let opening = H2_POOL
