@@ -127,9 +127,10 @@ fn strip_connection_headers(headers: &mut HeaderMap) {
 }
 
 /// A request body into its stream: each piece whole, with the stream's end on the last one
-/// (as hyper's client sends it, no empty frame to end it), its trailers last. h2 queues a piece and sends it as the peer's window allows; the next piece
-/// is read only once the stream has some room, so a slow peer holds back at most a piece. A
-/// body that fails resets the stream.
+/// (as hyper's client sends it, no empty frame to end it), its trailers last. h2 queues a
+/// piece and sends it as the peer's window allows; the next piece is read only once the stream
+/// has some room, so a slow peer holds back at most a piece. A body that fails resets the
+/// stream.
 async fn pipe(mut body: Body, mut stream: h2::SendStream<Bytes>) {
     loop {
         if stream.capacity() == 0 {

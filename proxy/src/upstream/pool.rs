@@ -102,10 +102,9 @@ fn checkin(key: Key, send: Sender) {
 }
 
 /// A new TCP connection to the endpoint, for either protocol.
-async fn dial(to: &Upstream) -> Result<TokioIo<tokio::net::TcpStream>, Failure> {
+async fn dial(to: &Upstream) -> Result<tokio::net::TcpStream, Failure> {
     connect(to.addr, to.direction, to.connect_timeout)
         .await
-        .map(TokioIo::new)
         .map_err(|e| Failure::Connect(e.to_string()))
 }
 
@@ -114,7 +113,7 @@ async fn open(to: Upstream) -> Result<Sender, Failure> {
     // One buffer per message, as the server side writes (see `http::serve_http1`).
     let (send, conn) = hyper::client::conn::http1::Builder::new()
         .writev(false)
-        .handshake(dial(&to).await?)
+        .handshake(TokioIo::new(dial(&to).await?))
         .await
         .map_err(|e| Failure::Connect(e.to_string()))?;
     tokio::spawn(conn.with_upgrades());
@@ -261,9 +260,7 @@ async fn h2_connection_opened(to: Upstream) -> Result<H2, Failure> {
 /// per stream and 5 MiB per connection, no server push), its connection driven by a task of
 /// its own.
 async fn open_h2(to: Upstream) -> Result<H2, Failure> {
-    let tcp = connect(to.addr, to.direction, to.connect_timeout)
-        .await
-        .map_err(|e| Failure::Connect(e.to_string()))?;
+    let tcp = dial(&to).await?;
     let (send, conn) = h2::client::Builder::new()
         .initial_window_size(2 << 20)
         .initial_connection_window_size(5 << 20)
