@@ -601,19 +601,23 @@ fn reply_within(s: &TcpStream, wait: Duration) -> String {
     }
 }
 
-/// 2,000 connections open at once, each echoing 10 KB; how many came back whole.
+/// 2,000 connections open at once, each echoing 10 KB; how many came back whole, and how
+/// many of them skipped TCP/IP. Each connection's first write (`echo`) goes right after its
+/// connect returns, which can be before the server's side is in the map: those few bytes go by
+/// TCP (the head start), so such a connection counts apart, as long as nothing else did.
 fn many(spec: &ConnectSpec) -> Result<String> {
     crate::api::raise_nofile()?;
     const N: usize = 2000;
+    const FIRST: &[u8] = b"echo\n";
     let data = pattern(10_000);
     let mut conns = Vec::with_capacity(N);
     for _ in 0..N {
         let mut s = connect(spec)?;
-        s.write_all(b"echo\n")?;
+        s.write_all(FIRST)?;
         conns.push(s);
     }
     let mut whole = 0;
-    let mut skipped = 0;
+    let (mut skipped, mut head_start) = (0, 0);
     for (i, s) in conns.iter_mut().enumerate() {
         s.write_all(&data)
             .with_context(|| format!("connection {i}: writing"))?;
@@ -623,14 +627,17 @@ fn many(spec: &ConnectSpec) -> Result<String> {
         if back.to_string() == Sum::of(&data).to_string() {
             whole += 1;
         }
-        if tcp_bytes_sent(s)? == 0 {
-            skipped += 1;
+        match tcp_bytes_sent(s)? {
+            0 => skipped += 1,
+            n if n == FIRST.len() as u64 => head_start += 1,
+            _ => {}
         }
     }
-    let path = match skipped {
-        0 => "tcp".to_string(),
-        n if n == N => "skipped-tcp".to_string(),
-        n => format!("mixed ({n} of {N} skipped tcp)"),
+    let path = match (skipped, head_start) {
+        (0, 0) => "tcp".to_string(),
+        (n, 0) if n == N => "skipped-tcp".to_string(),
+        (n, h) if n + h == N => format!("skipped-tcp but {h} first writes"),
+        (n, h) => format!("mixed ({n} of {N} skipped tcp, {h} but their first write)"),
     };
     Ok(format!(
         "{whole} of {N} connections echoed 10000 bytes whole path={path}"
