@@ -467,23 +467,35 @@ fn beyond_the_original_destination_limit_a_proxy_sees_its_own_address() {
     assert_eq!(report.orig.get(&peer80), Some(&HELD), "{report:?}");
 }
 
-/// A pinned original-destination map of another size is refused by name, with the fix.
+/// Pinned maps of another size than the settings ask for (the original destinations', the
+/// pods') are refused by name, with the fix.
 #[test]
 fn a_pinned_map_of_another_size_is_refused() {
     let mut lab = Lab::with_agent("resize").unwrap();
     lab.stop_agent(libc::SIGTERM).unwrap();
-    let mut argv = lab.agent_argv();
-    argv.extend(["--orig-dst-entries".into(), "1024".into()]);
-    let out = Command::new(sockmesh_bin().unwrap())
-        .args(&argv)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "started: {err}");
-    assert!(
-        err.contains("SM_ORIG_DST holds 262144 entries, --orig-dst-entries asks for 1024"),
-        "{err}"
-    );
+    let cases = [
+        (
+            ["--orig-dst-entries", "1024"],
+            "SM_ORIG_DST holds 262144 entries, --orig-dst-entries asks for 1024",
+            "pass --orig-dst-entries 262144",
+        ),
+        (
+            ["--max-pods", "100"],
+            "SM_PODS holds 16384 entries, --max-pods 100 asks for 100",
+            "pass --max-pods 16384",
+        ),
+    ];
+    for (args, what, fix) in cases {
+        let mut argv = lab.agent_argv();
+        argv.extend(args.map(Into::into));
+        let out = Command::new(sockmesh_bin().unwrap())
+            .args(&argv)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "started: {err}");
+        assert!(err.contains(what) && err.contains(fix), "{err}");
+    }
 }
 
 /// `sock_create` is put in force only where the programs cannot read a socket's creator from

@@ -19,7 +19,13 @@ use tonic::Code;
 ///
 /// The agent runs in a lab "node" namespace, which the tests pass as "the agent's own".
 fn lab_with_pods(tag: &str, n: usize) -> (Lab, Netns, Vec<Netns>) {
+    lab_with_pods_and(tag, n, &[])
+}
+
+/// [`lab_with_pods`], the agent started with `agent_args`.
+fn lab_with_pods_and(tag: &str, n: usize, agent_args: &[&str]) -> (Lab, Netns, Vec<Netns>) {
     let mut lab = Lab::new(tag).unwrap();
+    lab.agent_args = agent_args.iter().map(|a| a.to_string()).collect();
     let node = lab.netns("node").unwrap();
     lab.start_agent_in(Some(&node)).unwrap();
     let pods = (0..n)
@@ -453,4 +459,136 @@ fn a_flood_of_api_calls_while_traffic_is_captured() {
         "the agent died:\n{}",
         lab.agent_log()
     );
+}
+
+/// Entries of each map a registration writes, and the pods' sk_lookup links: what a refused
+/// registration must leave as it found it.
+fn what_pods_hold(lab: &Lab) -> Vec<(&'static str, usize)> {
+    use sockmesh_common::names;
+    let mut held: Vec<(&'static str, usize)> = [
+        names::PODS,
+        names::MEMBERS,
+        names::CIDRS,
+        names::LOCAL_ADDRS,
+        names::ADDR_POD,
+        names::ROUTE_SRC,
+    ]
+    .into_iter()
+    .map(|name| {
+        let out = sockmesh_tests::lab::run(std::process::Command::new("bpftool").args([
+            "-j",
+            "map",
+            "dump",
+            "pinned",
+            &lab.bpffs.join("maps").join(name).to_string_lossy(),
+        ]))
+        .unwrap();
+        let entries: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (name, entries.as_array().unwrap().len())
+    })
+    .collect();
+    let links = std::fs::read_dir(lab.bpffs.join("links")).unwrap().count();
+    held.push(("links", links));
+    held
+}
+
+/// Outbound ports to leave alone: `n` set members.
+fn excluded_ports(n: u32) -> Vec<pb::Member> {
+    (0..n)
+        .map(|i| pb::Member {
+            kind: sockmesh_common::MemberKind::OutboundExcludePort as u32,
+            value: 20_000 + i,
+        })
+        .collect()
+}
+
+/// The node's maps sized for 3 pods (`--max-pods 3`: 48 set members, 12 addresses): a
+/// registration that finds one full is refused whole, with the map and the fix named, by the
+/// API (RESOURCE_EXHAUSTED) and by `init` (exit status non-zero); a re-registration that does
+/// not fit leaves the pod's earlier capture in force; once pods leave, it fits.
+#[test]
+fn a_full_map_refuses_a_registration_whole() {
+    sockmesh_tests::lab::require_tools(&["bpftool"]).unwrap();
+    let (lab, _node, pods) = lab_with_pods_and("apifull", 4, &["--max-pods", "3"]);
+    let members = |n| {
+        let mut s = api::default_settings();
+        s.members.extend(excluded_ports(n));
+        s
+    };
+    let full = |r: Result<pb::PodReply, tonic::Status>, map: &str| {
+        expect_refused(r, Code::ResourceExhausted, &format!("map {map} is full"));
+    };
+    runtime().block_on(async {
+        // 3 + 43 of the 48 set members.
+        register(&lab, &pods[0], members(43)).await.unwrap();
+        let held = what_pods_hold(&lab);
+        assert_eq!(held[1], ("SM_MEMBERS", 46), "{held:?}");
+
+        // The next pod's 3 members: 2 go in, the third finds the map full, and all of it goes.
+        let r = register(&lab, &pods[1], api::default_settings()).await;
+        assert!(
+            matches!(&r, Err(s) if s.message().contains("--max-pods")),
+            "{r:?}"
+        );
+        full(r, "SM_MEMBERS");
+        assert!(!status(&lab, &pods[1]).await.registered);
+        assert_eq!(what_pods_hold(&lab), held);
+
+        // A registered pod whose new settings do not fit keeps its old ones.
+        full(register(&lab, &pods[0], members(46)).await, "SM_MEMBERS");
+        assert!(status(&lab, &pods[0]).await.registered);
+        assert_eq!(what_pods_hold(&lab), held);
+        let settings = |dump: serde_json::Value| dump["pods"][0]["settings"].clone();
+        let before = settings(lab.dump().unwrap());
+
+        // Fewer entries fit, and leave room.
+        register(&lab, &pods[0], api::default_settings())
+            .await
+            .unwrap();
+        assert_ne!(settings(lab.dump().unwrap()), before);
+        register(&lab, &pods[1], api::default_settings())
+            .await
+            .unwrap();
+        register(&lab, &pods[2], api::default_settings())
+            .await
+            .unwrap();
+
+        // A fourth pod finds a map full (its addresses', or the pods'), and nothing of it stays.
+        let held = what_pods_hold(&lab);
+        assert_eq!(held[0], ("SM_PODS", 3), "{held:?}");
+        let r = register(&lab, &pods[3], api::default_settings()).await;
+        let e = r.unwrap_err();
+        assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+        assert!(e.message().contains(" is full") && e.message().contains("--max-pods"));
+        assert!(!status(&lab, &pods[3]).await.registered);
+        assert_eq!(what_pods_hold(&lab), held);
+    });
+
+    // init says so and fails.
+    let out = lab
+        .sockmesh_in(&pods[3])
+        .unwrap()
+        .args([
+            "init", "istio", "-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT",
+        ])
+        .args(["-i", "*", "-x", "", "-b", "*", "-d", "15090,15021,15020"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("ResourceExhausted")
+            && stderr.contains(" is full")
+            && stderr.contains("--max-pods"),
+        "{stderr}"
+    );
+
+    runtime().block_on(async {
+        assert!(!status(&lab, &pods[3]).await.registered);
+        let mut c = api::pod_client(&lab.socket, &pods[1].path()).await.unwrap();
+        c.unregister(pb::UnregisterRequest {}).await.unwrap();
+        register(&lab, &pods[3], api::default_settings())
+            .await
+            .unwrap();
+    });
 }

@@ -52,17 +52,54 @@ pub mod names {
 }
 
 /// Map sizes. Per-pod sets share one map keyed by netns cookie, so there is no per-pod cap other
-/// than the map's total.
+/// than the map's total. The maps written for registered pods are sized by the node's pod limit
+/// (the agent's `--max-pods`, [`PODS`] by default) times their entries per pod ([`per_pod`]).
 pub mod sizes {
     pub const PODS: u32 = 16_384;
-    pub const MEMBERS: u32 = 262_144;
-    pub const CIDRS: u32 = 262_144;
-    pub const LOCAL_ADDRS: u32 = 65_536;
+    pub const MEMBERS: u32 = PODS * per_pod::MEMBERS;
+    pub const CIDRS: u32 = PODS * per_pod::CIDRS;
+    pub const LOCAL_ADDRS: u32 = PODS * per_pod::LOCAL_ADDRS;
+    pub const COUNTERS: u32 = PODS * per_pod::COUNTERS;
+    pub const LISTENERS: u32 = PODS * per_pod::LISTENERS;
+    pub const ADDR_POD: u32 = PODS * per_pod::ADDR_POD;
+    pub const ROUTE_SRC: u32 = PODS * per_pod::ROUTE_SRC;
+
+    /// Entries per pod, on average over the node's pods, of the maps sized by the pod limit
+    /// (a pod may take more, leaving less for the others).
+    pub mod per_pod {
+        /// Set members (ports, groups, interface indexes).
+        pub const MEMBERS: u32 = 16;
+        /// CIDRs, port ranges and routes.
+        pub const CIDRS: u32 = 16;
+        /// Interface addresses.
+        pub const LOCAL_ADDRS: u32 = 4;
+        /// Routable addresses (and forwarded interfaces' keys).
+        pub const ADDR_POD: u32 = 4;
+        /// Routes' source addresses.
+        pub const ROUTE_SRC: u32 = 4;
+        /// Listening sockets.
+        pub const LISTENERS: u32 = 4;
+        /// Counters.
+        pub const COUNTERS: u32 = 4;
+    }
+
+    /// The maps sized by the pod limit, each with its entries per pod.
+    pub const BY_PODS: [(&str, u32); 9] = [
+        (super::names::PODS, 1),
+        (super::names::MEMBERS, per_pod::MEMBERS),
+        (super::names::CIDRS, per_pod::CIDRS),
+        (super::names::LOCAL_ADDRS, per_pod::LOCAL_ADDRS),
+        (super::names::ADDR_POD, per_pod::ADDR_POD),
+        (super::names::ROUTE_SRC, per_pod::ROUTE_SRC),
+        (super::names::LISTENERS, per_pod::LISTENERS),
+        (super::names::LISTENER_OWNER, per_pod::LISTENERS),
+        (super::names::COUNTERS, per_pod::COUNTERS),
+    ];
+
+    /// The largest pod limit: every map's size must fit a u32.
+    pub const MAX_PODS: u32 = u32::MAX / per_pod::MEMBERS;
+
     pub const ORIG_DST: u32 = 262_144;
-    pub const COUNTERS: u32 = 65_536;
-    pub const LISTENERS: u32 = 65_536;
-    pub const ADDR_POD: u32 = 65_536;
-    pub const ROUTE_SRC: u32 = 65_536;
     pub const SOCKS: u32 = 65_536;
     /// Redirected TCP connects whose SYN waits while their task connects again (TCP Fast Open,
     /// a connect that failed before its SYN), node-wide; where the programs cannot use task
@@ -375,6 +412,28 @@ mod pod_impls {
 mod tests {
     use super::*;
     use crate::addr::v4_mapped;
+
+    /// The agent sizes these maps by `--max-pods`: at its default they keep the sizes the
+    /// kernel object declares.
+    #[test]
+    fn maps_sized_by_pods_keep_their_declared_sizes_by_default() {
+        let declared = |name| match name {
+            names::PODS => sizes::PODS,
+            names::MEMBERS => sizes::MEMBERS,
+            names::CIDRS => sizes::CIDRS,
+            names::LOCAL_ADDRS => sizes::LOCAL_ADDRS,
+            names::ADDR_POD => sizes::ADDR_POD,
+            names::ROUTE_SRC => sizes::ROUTE_SRC,
+            names::LISTENERS | names::LISTENER_OWNER => sizes::LISTENERS,
+            names::COUNTERS => sizes::COUNTERS,
+            other => panic!("{other} is not sized by pods"),
+        };
+        for (name, per_pod) in sizes::BY_PODS {
+            assert_eq!(sizes::PODS * per_pod, declared(name), "{name}");
+            assert!(sizes::MAX_PODS.checked_mul(per_pod).is_some(), "{name}");
+        }
+        assert_eq!(sizes::MEMBERS, 262_144);
+    }
 
     #[test]
     fn repeated_events_are_logged_at_powers_of_two() {

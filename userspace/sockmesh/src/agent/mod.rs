@@ -68,6 +68,14 @@ pub struct AgentArgs {
     #[arg(long, default_value_t = sockmesh_common::sizes::ORIG_DST,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub orig_dst_entries: u32,
+    /// Pods the node can register: sizes the maps written for pods (SM_PODS, and for each pod
+    /// on average 16 set members, 16 CIDR entries, 4 addresses, 4 listening sockets). A
+    /// registration that finds a map full is refused whole (RESOURCE_EXHAUSTED, naming the
+    /// map). Fixed once the maps are pinned.
+    #[arg(long, default_value_t = sockmesh_common::sizes::PODS,
+          value_parser = clap::value_parser!(u32)
+              .range(1..=i64::from(sockmesh_common::sizes::MAX_PODS)))]
+    pub max_pods: u32,
     /// The kernel's BTF (its type information), where the programs' kernel field offsets are
     /// found: those that lead from a socket to its creator (without them, every socket of a
     /// registered pod gets its creator recorded when it is made, a socket storage each) and
@@ -173,6 +181,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     let settings = loader::LoadSettings {
         accel,
         orig_dst_entries: args.orig_dst_entries,
+        max_pods: args.max_pods,
         btf: &args.kernel_btf,
         timing: args.section_timing,
     };

@@ -16,7 +16,12 @@ use super::{
     routing,
     transport::Caller,
 };
-use crate::core::{loader, registry, spec::PodSpec, sys};
+use crate::core::{
+    loader,
+    registry::{self, RegistryError},
+    spec::PodSpec,
+    sys,
+};
 
 /// The gRPC service: each call acts on the network namespace its connection's preamble carried.
 pub struct Api {
@@ -85,8 +90,15 @@ impl Api {
                     ));
                 }
             }
-            pods::register(&state, netns, fd.as_fd(), &spec)
-                .map_err(|e| refused(&caller.peer, Status::failed_precondition(e.to_string())))?;
+            pods::register(&state, netns, fd.as_fd(), &spec).map_err(|e| {
+                let status = match e {
+                    pods::RegisterError::Registry(RegistryError::Full { .. }) => {
+                        Status::resource_exhausted(e.to_string())
+                    }
+                    _ => Status::failed_precondition(e.to_string()),
+                };
+                refused(&caller.peer, status)
+            })?;
             let what = if existing_only {
                 "pod updated"
             } else {

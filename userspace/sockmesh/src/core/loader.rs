@@ -19,7 +19,7 @@ use aya::{
     },
     Ebpf, EbpfLoader,
 };
-use sockmesh_common::{names, CredOffsets, KernelOffsets, NetnsCookie, SockKey};
+use sockmesh_common::{names, sizes, CredOffsets, KernelOffsets, NetnsCookie, SockKey};
 
 use super::{
     maps::{check_pinned_layouts, maps_dir},
@@ -89,14 +89,18 @@ pub enum BpfError {
         wanted: (usize, usize),
     },
     #[error(
-        "pinned map {path} holds {pinned} entries, --orig-dst-entries asks for {wanted}: a map's \
-         size is fixed when it is made; pass --orig-dst-entries {pinned}, or start on a new \
-         --bpffs folder (a node restart) to resize it"
+        "pinned map {path} holds {pinned} entries, {setting} asks for {wanted}: a map's size is \
+         fixed when it is made; pass {fix}, or start on a new --bpffs folder (a node restart) to \
+         resize it"
     )]
     PinnedSize {
         path: PathBuf,
         pinned: u32,
+        /// The setting as given (`--max-pods 2`), or its name where it is the size.
+        setting: String,
         wanted: u32,
+        /// The setting that fits the pinned map.
+        fix: String,
     },
     #[error(
         "socket acceleration reads how much each reader has left unread from a kernel field \
@@ -280,6 +284,8 @@ pub struct LoadSettings<'a> {
     pub accel: bool,
     /// `ORIG_DST`'s size (`--orig-dst-entries`).
     pub orig_dst_entries: u32,
+    /// The node's pod limit (`--max-pods`), which sizes the maps written for pods.
+    pub max_pods: u32,
     /// The kernel's BTF, where the offsets of the kernel fields the programs read are found.
     pub btf: &'a Path,
     /// Section timing into `SM_TIMING` (`--section-timing`).
@@ -291,29 +297,30 @@ pub fn load(bpffs: &Path, settings: &LoadSettings) -> Result<Loaded, BpfError> {
     let LoadSettings {
         accel,
         orig_dst_entries,
+        max_pods,
         btf,
         timing,
     } = *settings;
     let dir = maps_dir(bpffs);
     check_pinned_layouts(&dir)?;
     // A pinned map is reused as it is: its size must be the one asked for.
-    let orig_dst = dir.join(names::ORIG_DST);
-    if orig_dst.exists() {
-        let pinned = MapData::from_pin(&orig_dst)
-            .and_then(|m| m.info())
-            .map(|i| i.max_entries())
-            .map_err(|source| BpfError::Map {
-                name: names::ORIG_DST,
-                path: orig_dst.clone(),
-                source,
-            })?;
-        if pinned != orig_dst_entries {
-            return Err(BpfError::PinnedSize {
-                path: orig_dst,
-                pinned,
-                wanted: orig_dst_entries,
-            });
-        }
+    let orig_dst = SizedMap {
+        name: names::ORIG_DST,
+        entries: orig_dst_entries,
+        setting: "--orig-dst-entries".into(),
+        flag: "--orig-dst-entries",
+        per: 1,
+    };
+    orig_dst.check_pinned(&dir)?;
+    let by_pods = sizes::BY_PODS.map(|(name, per)| SizedMap {
+        name,
+        entries: max_pods * per,
+        setting: format!("--max-pods {max_pods}"),
+        flag: "--max-pods",
+        per,
+    });
+    for map in &by_pods {
+        map.check_pinned(&dir)?;
     }
     // The kernel's BTF, read once. The programs read a socket's creator from the socket,
     // through fields it places; without them `sock_create` records every socket's creator (the
@@ -352,6 +359,9 @@ pub fn load(bpffs: &Path, settings: &LoadSettings) -> Result<Loaded, BpfError> {
     // agent never reads it).
     loader.allow_unsupported_maps();
     loader.map_max_entries(names::ORIG_DST, orig_dst_entries);
+    for map in &by_pods {
+        loader.map_max_entries(map.name, map.entries);
+    }
     loader.override_global("SOCKMESH_ACCEL", &accel, true);
     loader.override_global("SOCKMESH_KERNEL_OFFSETS", &offsets, true);
     loader.override_global("SOCKMESH_CRED_OFFSETS", &creds, true);
@@ -368,6 +378,44 @@ pub fn load(bpffs: &Path, settings: &LoadSettings) -> Result<Loaded, BpfError> {
         ebpf: loader.load(OBJECT)?,
         creator_known: creds.known(),
     })
+}
+
+/// A map whose size a setting gives: `entries`, `per` entries for each unit of `flag`.
+struct SizedMap {
+    name: &'static str,
+    entries: u32,
+    /// The setting as given, for the error.
+    setting: String,
+    flag: &'static str,
+    per: u32,
+}
+
+impl SizedMap {
+    /// A pinned map of this name must have the size asked for (it is reused as it is).
+    fn check_pinned(&self, dir: &Path) -> Result<(), BpfError> {
+        let path = dir.join(self.name);
+        if !path.exists() {
+            return Ok(());
+        }
+        let pinned = MapData::from_pin(&path)
+            .and_then(|m| m.info())
+            .map(|i| i.max_entries())
+            .map_err(|source| BpfError::Map {
+                name: self.name,
+                path: path.clone(),
+                source,
+            })?;
+        if pinned == self.entries {
+            return Ok(());
+        }
+        Err(BpfError::PinnedSize {
+            path,
+            pinned,
+            setting: self.setting.clone(),
+            wanted: self.entries,
+            fix: format!("{} {}", self.flag, pinned / self.per),
+        })
+    }
 }
 
 /// Whether a redirected connect can hand its record to sock_ops through the connecting task's

@@ -26,7 +26,9 @@ use super::{
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     #[error(
-        "map {map} is full ({source}): raise its size or register fewer pods/entries; \
+        "map {map} is full ({source}): the node's pods take all of its entries, whose number \
+         the agent's --max-pods sets; unregister pods or register fewer entries, or restart the \
+         agent with a larger --max-pods on a new --bpffs folder (a pinned map keeps its size); \
          nothing was changed for this pod"
     )]
     Full {
