@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use tracing::info;
 
 use crate::{
-    config::Config,
+    config::{Config, Direction},
     listener::{self, ListenerSpec},
     restart::Inherited,
     snapshot::{Shared, Snapshot},
@@ -52,6 +52,29 @@ pub struct Control {
     /// Listening sockets taken over from a predecessor, used instead of binding.
     inherited: Inherited,
     shared: Option<Shared>,
+    /// Which listeners a change may bind: once the proxy stops accepting on some, a later
+    /// change (a reload, the control plane's update) does not bind them again.
+    accepting: Accepting,
+}
+
+/// The listeners the proxy accepts on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Accepting {
+    All,
+    /// Its pod is going away: only the outbound ones, for the app's calls as it shuts down.
+    Outbound,
+    /// A successor accepts on them.
+    None,
+}
+
+impl Accepting {
+    fn allows(self, direction: Direction) -> bool {
+        match self {
+            Accepting::All => true,
+            Accepting::Outbound => direction == Direction::Outbound,
+            Accepting::None => false,
+        }
+    }
 }
 
 impl Control {
@@ -63,6 +86,7 @@ impl Control {
             fds: HashMap::new(),
             inherited,
             shared: None,
+            accepting: Accepting::All,
         }
     }
 
@@ -92,6 +116,7 @@ impl Control {
     /// Stop accepting on every listener (a successor accepts on them now); established
     /// connections go on.
     pub fn stop_accepting(&mut self) {
+        self.accepting = Accepting::None;
         for (_, tx) in self.listeners.drain() {
             let _ = tx.send(None);
         }
@@ -102,9 +127,12 @@ impl Control {
     /// reach it) and keep the outbound ones, so the app can still call out as it shuts down;
     /// established connections go on.
     pub fn stop_inbound(&mut self) {
+        if self.accepting == Accepting::All {
+            self.accepting = Accepting::Outbound;
+        }
         let fds = &mut self.fds;
         self.listeners.retain(|address, tx| {
-            let inbound = matches!(&*tx.borrow(), Some(s) if s.direction == crate::config::Direction::Inbound);
+            let inbound = matches!(&*tx.borrow(), Some(s) if s.direction == Direction::Inbound);
             if inbound {
                 let _ = tx.send(None);
                 fds.remove(address);
@@ -142,9 +170,10 @@ impl Control {
 
     fn install(&mut self, c: &Config) -> Result<(), Refused> {
         // Bind what is new first: a listener that cannot be bound refuses the whole change.
+        // What the proxy no longer accepts on stays unbound.
         let mut bound = Vec::new();
         for l in &c.listeners {
-            if !self.listeners.contains_key(&l.address) {
+            if !self.listeners.contains_key(&l.address) && self.accepting.allows(l.direction) {
                 let bind_err = |error| Refused::Bind {
                     name: l.name.clone(),
                     address: l.address,
@@ -266,5 +295,65 @@ mod tests {
             Err(e) => e.kind() == ErrorKind::ConnectionReset,
         };
         assert!(closed, "not closed by the proxy: {read:?}");
+    }
+
+    /// A free port's address on loopback.
+    fn free_address() -> SocketAddr {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    }
+
+    /// Whether `address` refuses connections within 2 s (a closed listener goes with its task).
+    async fn refused(address: SocketAddr) -> bool {
+        for _ in 0..40 {
+            match tokio::net::TcpStream::connect(address).await {
+                Err(e) if e.kind() == ErrorKind::ConnectionRefused => return true,
+                _ => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        false
+    }
+
+    /// A change after the proxy stopped accepting on some listeners (its pod going away, or a
+    /// successor serving) does not bind them again: a reload, as the control plane's updates
+    /// do, leaves them closed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_change_while_draining_binds_no_stopped_listener() {
+        let (out, inb) = (free_address(), free_address());
+        let yaml = format!(
+            "listeners:\n  - {{name: out, address: \"{out}\", direction: outbound}}\n  - \
+             {{name: in, address: \"{inb}\", direction: inbound}}\n"
+        );
+        let config = Config::parse("t.yaml", &yaml).unwrap();
+        let mut control = Control::new(config.clone(), Inherited::new());
+        control.start().unwrap();
+        assert_eq!(control.listening().len(), 2);
+
+        control.stop_inbound();
+        assert!(
+            refused(inb).await,
+            "inbound still accepts after stop_inbound"
+        );
+        control.set_file(config.clone()).unwrap();
+        let listening: Vec<SocketAddr> = control.listening().iter().map(|(a, _)| *a).collect();
+        assert_eq!(listening, [out]);
+        assert!(
+            refused(inb).await,
+            "a reload bound the inbound listener again"
+        );
+
+        control.stop_accepting();
+        assert!(
+            refused(out).await,
+            "outbound still accepts after stop_accepting"
+        );
+        control.set_file(config).unwrap();
+        assert!(control.listening().is_empty());
+        assert!(
+            refused(out).await && refused(inb).await,
+            "a reload bound a listener again"
+        );
     }
 }
