@@ -401,3 +401,42 @@ fn chained_after_bridge_captures_injected_pods_as_istio_cni_would() {
     assert_eq!(after, rt.primary);
     assert!(!rt.bin.join("sockmesh").exists());
 }
+
+/// A node whose maps are full (the agent's `--max-pods 1`, one pod in): the next pod's ADD
+/// fails with an error the runtime shows (code 101, naming the full map and the setting), the
+/// pod is not captured at all, the first stays captured, and once the first's DEL has run the
+/// second's ADD succeeds (as the kubelet retries it).
+#[test]
+fn on_a_full_node_the_add_fails_and_captures_nothing() {
+    let mut lab = Lab::new("cnifull").unwrap();
+    lab.agent_args = vec!["--max-pods".into(), "1".into()];
+    let node = lab.netns("node").unwrap();
+    lab.start_agent_in(Some(&node)).unwrap();
+    let rt = Runtime::new(&mut lab, node);
+    let injected = json!({ "sidecar.istio.io/status": "{}" });
+    let first = lab.netns("first").unwrap();
+    let a = rt.add(&lab, &first, "first", &injected);
+    assert!(a.ok, "{:?} {}", a.out, a.stderr);
+    assert!(registered(&lab, &first));
+
+    let second = lab.netns("second").unwrap();
+    let b = rt.add(&lab, &second, "second", &injected);
+    assert!(!b.ok, "ADD on a full node succeeded: {:?}", b.out);
+    assert_eq!(b.out["code"], 101, "{}", b.out);
+    let details = b.out["details"].as_str().unwrap_or_default();
+    assert!(
+        details.contains(" is full") && details.contains("--max-pods"),
+        "{}",
+        b.out
+    );
+    assert!(!registered(&lab, &second));
+    assert!(registered(&lab, &first));
+    rt.del(&lab, &second, "second", &injected);
+
+    rt.del(&lab, &first, "first", &injected);
+    assert!(!registered(&lab, &first));
+    let b = rt.add(&lab, &second, "second", &injected);
+    assert!(b.ok, "{:?} {}", b.out, b.stderr);
+    assert!(registered(&lab, &second));
+    rt.del(&lab, &second, "second", &injected);
+}
