@@ -117,10 +117,7 @@ impl Control {
     /// connections go on.
     pub fn stop_accepting(&mut self) {
         self.accepting = Accepting::None;
-        for (_, tx) in self.listeners.drain() {
-            let _ = tx.send(None);
-        }
-        self.fds.clear();
+        self.close_stopped();
     }
 
     /// Stop accepting on the inbound listeners (the pod is going away: no new request is to
@@ -130,14 +127,20 @@ impl Control {
         if self.accepting == Accepting::All {
             self.accepting = Accepting::Outbound;
         }
-        let fds = &mut self.fds;
+        self.close_stopped();
+    }
+
+    /// Close the listeners the proxy no longer accepts on (`accepting`), as
+    /// [`Control::install`] leaves them unbound.
+    fn close_stopped(&mut self) {
+        let (fds, accepting) = (&mut self.fds, self.accepting);
         self.listeners.retain(|address, tx| {
-            let inbound = matches!(&*tx.borrow(), Some(s) if s.direction == Direction::Inbound);
-            if inbound {
+            let keep = matches!(&*tx.borrow(), Some(s) if accepting.allows(s.direction));
+            if !keep {
                 let _ = tx.send(None);
                 fds.remove(address);
             }
-            !inbound
+            keep
         });
     }
 
